@@ -1,0 +1,86 @@
+"""The ``dvemb`` command line.
+
+Core subcommands live here; packages installed next to the core (the server, the worker) add
+theirs through the ``dvemb.commands`` entry-point group, so the core never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+
+from dvemb.errors import DvembError
+from dvemb.reader import open_log
+
+__all__ = ["main"]
+
+Register = Callable[[argparse._SubParsersAction], None]  # type: ignore[type-arg]
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    log = open_log(args.log_dir)
+    if args.verify:
+        log.validate()
+    summary = {
+        "log": str(log.directory),
+        "status": log.end_note(),
+        "verified": bool(args.verify),
+        "steps": log.num_steps,
+        "world_size": log.world_size,
+        "dtype": log.manifest["dtype"],
+        "loss_reduction": log.loss_reduction,
+        "curvature": log.manifest["curvature"],
+        "optimizer": (log.manifest.get("optimizer") or {}).get("type"),
+        "tracked_parameters": log.manifest.get("tracked_parameters"),
+        "total_parameters": log.manifest.get("total_parameters"),
+        "layers": [{"name": layer.name, "kind": layer.kind, "dim": layer.dim} for layer in log.layers],
+        "shards": log.num_shards(),
+        "query_sets": log.query_set_names(),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    print(
+        "dvemb demo is not there yet: it lands with the demo issue (it will train real models with the recorder,\n"
+        "compute influence and serve the dashboard). Until then, see README.md for recording your own loop\n"
+        "and `dvemb inspect LOG_DIR --verify` for checking a log."
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with core subcommands and those registered by installed dvemb packages."""
+    parser = argparse.ArgumentParser(prog="dvemb", description="Data value embeddings for PyTorch training runs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="summarise (and with --verify, fully validate) a gradient log")
+    inspect.add_argument("log_dir")
+    inspect.add_argument("--verify", action="store_true", help="read every file and check checksums and values")
+    inspect.set_defaults(func=_inspect)
+    demo = sub.add_parser("demo", help="train real models with the recorder and show their influence")
+    demo.add_argument("--quick", action="store_true")
+    demo.add_argument("--no-browser", action="store_true")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(func=_demo)
+    for entry in entry_points(group="dvemb.commands"):
+        register: Register = entry.load()
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dvemb`` command; errors of dvemb are printed as one line and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DvembError as exc:
+        print(f"dvemb: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Adapters that turn a module's forward input and output gradient into projected per-example gradients.
+
+A supported layer's per-example weight gradient is ``G = sum_l u_l v_l^T`` over positions ``l``
+(sequence positions, convolution windows; one position for a plain 2-D input). Each adapter says
+which side comes from the forward input and which from the output gradient, and projects both:
+
+- :class:`LinearAdapter`: ``u`` = output gradient (d_out), ``v`` = input (d_in, +1 for the bias).
+- :class:`Conv2dAdapter`: ``u`` = output gradient per window (C_out), ``v`` = unfolded input window
+  (C_in*kh*kw, +1 for the bias). ``groups > 1`` is not supported.
+- :class:`EmbeddingAdapter`: weight (V, D); ``u`` = one-hot token (V, gathered from ``P_out``, never
+  built), ``v`` = output gradient (D).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dvemb.errors import ConfigError
+from dvemb.projection import LayerProjection
+
+__all__ = ["SUPPORTED_TYPES", "Conv2dAdapter", "EmbeddingAdapter", "LayerAdapter", "LinearAdapter", "make_adapter"]
+
+
+class LayerAdapter(ABC):
+    """Projects per-example gradients of one module.
+
+    Args:
+        name: the module's qualified name in the model.
+        module: the module itself.
+        projection: its seeded projection (dimensions must match :meth:`gradient_shape`).
+    """
+
+    kind: ClassVar[str]
+    #: True when the forward input gives the out side ``u`` (embedding), False when it gives ``v``.
+    forward_is_out: ClassVar[bool] = False
+
+    def __init__(self, name: str, module: nn.Module, projection: LayerProjection) -> None:
+        self.name = name
+        self.module = module
+        self.projection = projection
+        self._matrices: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    @staticmethod
+    @abstractmethod
+    def gradient_shape(module: nn.Module) -> tuple[int, int]:
+        """(out_dim, in_dim) of the module's weight-gradient matrix, bias column included."""
+
+    @abstractmethod
+    def forward_factor(self, inputs: tuple[object, ...]) -> torch.Tensor:
+        """Projected forward-side factor, (B, L, k) with k = k_out or k_in, detached."""
+
+    @abstractmethod
+    def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """Projected backward-side factor from the output gradient, (B, L, k), detached."""
+
+    def parameter_count(self) -> int:
+        """Number of parameters whose gradient this adapter records (weight and bias)."""
+        return sum(p.numel() for p in self.module.parameters(recurse=False))
+
+    def combine(self, forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
+        """Per-example projected gradients from both factors.
+
+        Args:
+            forward: (B, L, k_f) from :meth:`forward_factor`.
+            backward: (B, L, k_b) from :meth:`backward_factor`.
+
+        Returns:
+            (B, k_out * k_in) in the layout of the weight matrix (out rows, in columns), flattened.
+        """
+        out_side, in_side = (forward, backward) if self.forward_is_out else (backward, forward)
+        projected = torch.einsum("blo,bli->boi", out_side, in_side)  # (B, k_out, k_in)
+        return projected.flatten(1)
+
+    def _matrix(self, side: str, like: torch.Tensor) -> torch.Tensor:
+        key = (side, like.dtype, like.device)
+        if key not in self._matrices:
+            p = self.projection
+            make = p.p_out if side == "out" else p.p_in
+            self._matrices[key] = make(dtype=like.dtype, device=like.device)
+        return self._matrices[key]
+
+    def _project(self, side: str, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, dim) @ P_side (dim, k) -> (B, L, k); the identity is skipped."""
+        p = self.projection
+        if (side == "out" and p.k_out == p.out_dim) or (side == "in" and p.k_in == p.in_dim):
+            return x
+        return x @ self._matrix(side, x)
+
+
+def _as_positions(x: torch.Tensor, feature_dim: int) -> torch.Tensor:
+    """(B, *, d) -> (B, L, d) with L the product of the middle dimensions (1 for a 2-D input)."""
+    if x.dim() == 1:
+        raise ConfigError(f"layer input has shape {tuple(x.shape)}; dvemb needs a leading batch dimension")
+    return x.reshape(x.shape[0], -1, feature_dim)
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear`` with inputs (B, d_in) or (B, ..., d_in); positions are summed."""
+
+    kind = "linear"
+
+    @staticmethod
+    def gradient_shape(module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module, nn.Linear)
+        return module.out_features, module.in_features + (1 if module.bias is not None else 0)
+
+    def forward_factor(self, inputs: tuple[object, ...]) -> torch.Tensor:
+        assert isinstance(self.module, nn.Linear)
+        x = inputs[0]
+        assert isinstance(x, torch.Tensor)
+        a = _as_positions(x.detach(), self.module.in_features)  # (B, L, d_in)
+        if self.module.bias is None:
+            return self._project("in", a)
+        if self.projection.k_in == self.projection.in_dim:
+            return torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)  # (B, L, d_in + 1)
+        p_in = self._matrix("in", a)  # (d_in + 1, k_in): the last row multiplies the bias's constant 1
+        return a @ p_in[:-1] + p_in[-1]  # (B, L, k_in)
+
+    def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
+        assert isinstance(self.module, nn.Linear)
+        delta = _as_positions(grad_output.detach(), self.module.out_features)  # (B, L, d_out)
+        return self._project("out", delta)
+
+
+class Conv2dAdapter(LayerAdapter):
+    """``nn.Conv2d`` (groups=1, any padding mode): windows are unfolded and summed over positions."""
+
+    kind = "conv2d"
+
+    @staticmethod
+    def gradient_shape(module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module, nn.Conv2d)
+        if module.groups != 1:
+            raise ConfigError(
+                f"Conv2d with groups={module.groups} is not supported (its weight gradient is block-diagonal); "
+                "leave this layer out with layers=[...]"
+            )
+        kh, kw = module.kernel_size
+        return module.out_channels, module.in_channels * kh * kw + (1 if module.bias is not None else 0)
+
+    def forward_factor(self, inputs: tuple[object, ...]) -> torch.Tensor:
+        conv = self.module
+        assert isinstance(conv, nn.Conv2d)
+        x = inputs[0]
+        assert isinstance(x, torch.Tensor)
+        x = x.detach()
+        # Pad exactly as the module does (zeros, reflect, replicate, circular, or 'same'), then unfold unpadded.
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        windows = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (B, C_in*kh*kw, L)
+        a = windows.transpose(1, 2)  # (B, L, C_in*kh*kw)
+        if conv.bias is not None:
+            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+        return self._project("in", a)
+
+    def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
+        delta = grad_output.detach().flatten(2).transpose(1, 2)  # (B, C_out, H', W') -> (B, L, C_out)
+        return self._project("out", delta)
+
+
+class EmbeddingAdapter(LayerAdapter):
+    """``nn.Embedding`` (dense gradients); rows at ``padding_idx`` get no gradient, as in PyTorch."""
+
+    kind = "embedding"
+    forward_is_out = True
+
+    @staticmethod
+    def gradient_shape(module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module, nn.Embedding)
+        if module.sparse or module.scale_grad_by_freq:
+            raise ConfigError(
+                "nn.Embedding with sparse=True or scale_grad_by_freq=True is not supported; "
+                "leave this layer out with layers=[...]"
+            )
+        return module.num_embeddings, module.embedding_dim
+
+    def forward_factor(self, inputs: tuple[object, ...]) -> torch.Tensor:
+        emb = self.module
+        assert isinstance(emb, nn.Embedding)
+        idx = inputs[0]
+        assert isinstance(idx, torch.Tensor)
+        if idx.dim() < 1:
+            raise ConfigError("embedding input needs a leading batch dimension")
+        idx = idx.reshape(idx.shape[0], -1)  # (B, L)
+        p_out = self._matrix("out", emb.weight)  # (V, k_out); the identity when not projected
+        rows = p_out[idx]  # (B, L, k_out): P_out^T e_idx without building the one-hot
+        if emb.padding_idx is not None:
+            rows = rows * (idx != emb.padding_idx).unsqueeze(-1).to(rows.dtype)
+        return rows
+
+    def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
+        assert isinstance(self.module, nn.Embedding)
+        delta = _as_positions(grad_output.detach(), self.module.embedding_dim)  # (B, L, D)
+        return self._project("in", delta)
+
+
+SUPPORTED_TYPES: dict[type[nn.Module], type[LayerAdapter]] = {
+    nn.Linear: LinearAdapter,
+    nn.Conv2d: Conv2dAdapter,
+    nn.Embedding: EmbeddingAdapter,
+}
+
+
+def make_adapter(name: str, module: nn.Module, projection: LayerProjection) -> LayerAdapter:
+    """The adapter for ``module``, or a :class:`ConfigError` naming the unsupported type."""
+    adapter_type = SUPPORTED_TYPES.get(type(module))
+    if adapter_type is None:
+        supported = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+        raise ConfigError(f"layer {name!r} is a {type(module).__name__}; dvemb records {supported}")
+    return adapter_type(name, module, projection)

@@ -1,0 +1,174 @@
+"""Constants and small codecs shared by the gradient-log writer and reader (see docs/format.md).
+
+A log is a directory::
+
+    manifest.json                 rank 0 (or the only process): layers, projection, optimizer, shards
+    manifest.rank{R}.json         other ranks of a distributed run: their own shards
+    shard-r{R}-{NNNNNN}.safetensors   consecutive steps of one rank
+    queries-{NAME}.safetensors    gradients of a named query set at the final model
+    examples-{NNNNNN}.jsonl       optional metadata of training examples (text, label, source, image)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dvemb.errors import ConfigError, HeaderMismatchError, NotSafetensorsError, TruncatedFileError
+
+FORMAT_NAME = "dvemb-gradient-log"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,  # for exactness checks on small models
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "U8": torch.uint8,
+}
+QUERY_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_HEADER_BYTES = 100_000_000  # the safetensors limit
+
+
+def rank_manifest_name(rank: int) -> str:
+    """File name of a rank's manifest (rank 0 owns ``manifest.json``)."""
+    return MANIFEST if rank == 0 else f"manifest.rank{rank}.json"
+
+
+def shard_name(rank: int, index: int) -> str:
+    """File name of a rank's ``index``-th shard."""
+    return f"shard-r{rank}-{index:06d}.safetensors"
+
+
+def grad_key(layer: str) -> str:
+    """Tensor name of a layer's projected gradients in a shard or query file."""
+    return f"grad.{layer}"
+
+
+def curvature_key(layer: str) -> str:
+    """Tensor name of a layer's curvature factors in a shard."""
+    return f"curv.{layer}"
+
+
+def encode_ids(ids: Sequence[int | str]) -> dict[str, torch.Tensor]:
+    """Example ids as tensors: ``example_id`` (R,) int64, or UTF-8 bytes with offsets for strings."""
+    if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return {"example_id": torch.tensor(list(ids), dtype=torch.int64)}
+    if all(isinstance(i, str) for i in ids):
+        encoded = [str(i).encode("utf-8") for i in ids]
+        offsets = [0]
+        for e in encoded:
+            offsets.append(offsets[-1] + len(e))
+        data = (
+            torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8)
+            if offsets[-1]
+            else torch.zeros(0, dtype=torch.uint8)
+        )
+        return {"example_id_utf8": data, "example_id_offsets": torch.tensor(offsets, dtype=torch.int64)}
+    kinds = sorted({type(i).__name__ for i in ids})
+    raise ConfigError(f"example ids must be all int or all str; got {', '.join(kinds)}")
+
+
+def decode_ids(tensors: dict[str, torch.Tensor]) -> list[int] | list[str]:
+    """Inverse of :func:`encode_ids`."""
+    if "example_id" in tensors:
+        return [int(i) for i in tensors["example_id"].tolist()]
+    data = bytes(tensors["example_id_utf8"].numpy().tobytes())
+    offsets = tensors["example_id_offsets"].tolist()
+    return [data[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets)]
+
+
+def id_type(ids: Sequence[int | str]) -> str:
+    """``"int"`` or ``"str"``."""
+    return "str" if ids and isinstance(ids[0], str) else "int"
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """Parse and check a safetensors header without trusting it.
+
+    Checks that the file starts with a sane header length and a JSON header, that every tensor's
+    dtype is known, that its byte span equals ``prod(shape) * itemsize``, that spans are contiguous
+    from 0, and that the file holds exactly the bytes the header describes.
+
+    Returns:
+        (tensors: name -> {dtype, shape, data_offsets}, metadata, total file size).
+
+    Raises:
+        NotSafetensorsError: not a safetensors file (for example a pickle).
+        HeaderMismatchError: the header contradicts itself.
+        TruncatedFileError: the file is shorter than the header says.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise NotSafetensorsError(path, f"not a safetensors file: only {size} bytes")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len <= 0 or header_len > MAX_HEADER_BYTES or header_len > size - 8:
+            raise NotSafetensorsError(path, f"not a safetensors file: header length field says {header_len} bytes")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NotSafetensorsError(path, f"not a safetensors file: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise NotSafetensorsError(path, "not a safetensors file: header is not a JSON object")
+    metadata = header.pop("__metadata__", {}) or {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        _check_tensor_entry(path, name, info)
+        begin, end = info["data_offsets"]
+        spans.append((begin, end, name))
+    spans.sort()
+    expected_begin = 0
+    for begin, end, name in spans:
+        if begin != expected_begin:
+            raise HeaderMismatchError(path, f"tensor {name!r} starts at byte {begin}, expected {expected_begin}")
+        expected_begin = end
+    data_bytes = size - 8 - header_len
+    if data_bytes < expected_begin:
+        raise TruncatedFileError(
+            path, f"truncated: the header describes {expected_begin} data bytes but the file holds {data_bytes}"
+        )
+    if data_bytes > expected_begin:
+        raise HeaderMismatchError(
+            path, f"the file holds {data_bytes - expected_begin} bytes after the last tensor the header describes"
+        )
+    return header, metadata, size
+
+
+def _check_tensor_entry(path: Path, name: str, info: Any) -> None:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise HeaderMismatchError(path, f"tensor {name!r} has a malformed header entry")
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise HeaderMismatchError(path, f"tensor {name!r} has dtype {info['dtype']!r}, which dvemb does not use")
+    shape, offsets = info["shape"], info["data_offsets"]
+    valid = isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)
+    valid = valid and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if not valid:
+        raise HeaderMismatchError(path, f"tensor {name!r} has a malformed shape or offsets")
+    count = 1
+    for s in shape:
+        count *= s
+    claimed = count * torch.empty(0, dtype=dtype).element_size()
+    if offsets[1] - offsets[0] != claimed:
+        raise HeaderMismatchError(
+            path,
+            f"tensor {name!r} claims shape {shape} {info['dtype']} = {claimed} bytes "
+            f"but its data offsets span {offsets[1] - offsets[0]} bytes",
+        )

@@ -1,0 +1,438 @@
+"""Validating reader of gradient logs (see docs/format.md).
+
+Nothing in a log is trusted: the manifest's version and structure, each file's header, size,
+sha256, tensor names, shapes and dtypes, the finiteness of every value and the continuity of
+steps are all checked, and each failure raises its own :mod:`dvemb.errors` class naming the file.
+Shards are read one at a time (forwards or backwards), so memory is bounded by one shard;
+a distributed run's ranks are merged step by step.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dvemb import logformat as fmt
+from dvemb.errors import (
+    ChecksumError,
+    HeaderMismatchError,
+    LogFormatError,
+    LogVersionError,
+    NonFiniteValueError,
+    StepContinuityError,
+    TruncatedFileError,
+)
+from dvemb.projection import LayerProjection
+from dvemb.writer import sha256_file
+
+__all__ = ["GradientLog", "LayerInfo", "QuerySet", "ShardData", "open_log"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A tracked layer as described by the manifest."""
+
+    name: str
+    kind: str
+    projection: LayerProjection
+
+    @property
+    def dim(self) -> int:
+        """Length of the layer's projected gradient."""
+        return self.projection.dim
+
+
+@dataclass
+class ShardData:
+    """The contents of one shard (or of aligned shards of all ranks, merged), gradients as float32.
+
+    Attributes:
+        steps: (S,) consecutive global step numbers.
+        batch_size: (S,) rows per step.
+        lr: (S, n_layers) learning rate per step and layer.
+        weight_decay: (S, n_layers) weight decay per step and layer.
+        loss: (S,) training loss (NaN where not logged).
+        row_step: (R,) step of each row, non-decreasing.
+        example_ids: R example ids.
+        grads: layer -> (R, d_l).
+        curvature: layer -> (R, C, d_l); empty in empirical mode.
+    """
+
+    steps: torch.Tensor
+    batch_size: torch.Tensor
+    lr: torch.Tensor
+    weight_decay: torch.Tensor
+    loss: torch.Tensor
+    row_step: torch.Tensor
+    example_ids: list[int] | list[str]
+    grads: dict[str, torch.Tensor]
+    curvature: dict[str, torch.Tensor]
+
+
+@dataclass
+class QuerySet:
+    """Gradients of a named query set at the final model.
+
+    Attributes:
+        name: the set's name.
+        ids: Q query ids.
+        grads: layer -> (Q, d_l) float32.
+        loss: (Q,) loss of each query at the final model.
+        labels: (Q,) integer labels, or None.
+        texts: Q texts, or None.
+        step: number of training steps taken before the queries were recorded.
+    """
+
+    name: str
+    ids: list[int] | list[str]
+    grads: dict[str, torch.Tensor]
+    loss: torch.Tensor
+    labels: torch.Tensor | None
+    texts: list[str] | None
+    step: int
+
+
+_REQUIRED = (
+    "format",
+    "version",
+    "rank",
+    "world_size",
+    "complete",
+    "dtype",
+    "layers",
+    "shards",
+    "loss_reduction",
+    "curvature",
+    "num_steps",
+)
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LogFormatError(path, "missing: this is not a dvemb gradient log (no manifest)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LogFormatError(path, f"manifest is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
+        raise LogFormatError(path, f"not a dvemb gradient log manifest (format is not {fmt.FORMAT_NAME!r})")
+    version = manifest.get("version")
+    if version != fmt.FORMAT_VERSION:
+        raise LogVersionError(
+            path,
+            f"format version {version!r} is not supported (this dvemb reads version {fmt.FORMAT_VERSION}); "
+            "upgrade dvemb or re-record the log",
+        )
+    missing = [k for k in _REQUIRED if k not in manifest]
+    if missing:
+        raise LogFormatError(path, f"manifest lacks {', '.join(missing)}")
+    if manifest["dtype"] not in fmt.STORAGE_DTYPES:
+        raise LogFormatError(path, f"unknown storage dtype {manifest['dtype']!r}")
+    return manifest
+
+
+def _layer_info(path: Path, entry: Any) -> LayerInfo:
+    try:
+        projection = LayerProjection(
+            out_dim=int(entry["out_dim"]),
+            in_dim=int(entry["in_dim"]),
+            k_out=int(entry["k_out"]),
+            k_in=int(entry["k_in"]),
+            seed_out=int(entry["seed_out"]),
+            seed_in=int(entry["seed_in"]),
+        )
+        return LayerInfo(name=str(entry["name"]), kind=str(entry["kind"]), projection=projection)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LogFormatError(path, f"malformed layer entry in manifest ({exc!r})") from None
+
+
+class GradientLog:
+    """A gradient log opened for reading.
+
+    Args:
+        directory: the log directory.
+
+    Raises:
+        LogFormatError (or a subclass): the manifest is missing, malformed or of another version.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.manifest = _load_manifest(self.directory / fmt.MANIFEST)
+        self.world_size = int(self.manifest["world_size"])
+        self.rank_manifests = [self.manifest] + [
+            _load_manifest(self.directory / fmt.rank_manifest_name(r)) for r in range(1, self.world_size)
+        ]
+        manifest_path = self.directory / fmt.MANIFEST
+        self.layers = [_layer_info(manifest_path, e) for e in self.manifest["layers"]]
+        self.dtype = fmt.STORAGE_DTYPES[self.manifest["dtype"]]
+        self._check_shard_list()
+
+    # -- summary ----------------------------------------------------------------------------------
+
+    @property
+    def num_steps(self) -> int:
+        """Number of steps the log holds (common to all ranks)."""
+        return min(int(m["shards"][-1]["last_step"]) + 1 if m["shards"] else 0 for m in self.rank_manifests)
+
+    @property
+    def complete(self) -> bool:
+        """True when every rank's recorder was closed normally."""
+        return all(bool(m["complete"]) for m in self.rank_manifests)
+
+    @property
+    def loss_reduction(self) -> str:
+        """``"mean"`` or ``"sum"``: how the training loss reduced per-example losses within a step."""
+        return str(self.manifest["loss_reduction"])
+
+    @property
+    def curvature_mode(self) -> str:
+        """``"empirical"`` or ``"ggn"``."""
+        return str(self.manifest["curvature"]["mode"])
+
+    def end_note(self) -> str:
+        """One sentence on where the log ends and whether it is complete."""
+        n = self.num_steps
+        if self.complete:
+            return f"complete log of {n} steps"
+        last = self.manifest["shards"][-1]["file"] if self.manifest["shards"] else None
+        where = f"after the last complete shard {last}" if last else "before any shard was complete"
+        return (
+            (
+                f"incomplete log: recording stopped {where}; it holds steps 0 to {n - 1} ({n} steps) "
+                "and later steps were not saved"
+            )
+            if n
+            else f"incomplete log: recording stopped {where}; it holds no steps"
+        )
+
+    # -- shards -----------------------------------------------------------------------------------
+
+    def _check_shard_list(self) -> None:
+        for rank, manifest in enumerate(self.rank_manifests):
+            path = self.directory / fmt.rank_manifest_name(rank)
+            next_step = 0
+            for entry in manifest["shards"]:
+                first, last = int(entry["first_step"]), int(entry["last_step"])
+                if first != next_step or last < first:
+                    raise StepContinuityError(
+                        path,
+                        f"shard {entry['file']} covers steps {first} to {last}, expected it to start at {next_step}",
+                    )
+                next_step = last + 1
+        if self.world_size > 1:
+            ranges = [[(e["first_step"], e["last_step"]) for e in m["shards"]] for m in self.rank_manifests]
+            shortest = min(len(r) for r in ranges)
+            if any(r[:shortest] != ranges[0][:shortest] for r in ranges):
+                raise LogFormatError(
+                    self.directory,
+                    "the ranks' shards cover different step ranges; record with the same shard_steps on every rank",
+                )
+
+    def num_shards(self) -> int:
+        """Number of (merged) shards that :meth:`iter_shards` yields."""
+        return min(len(m["shards"]) for m in self.rank_manifests)
+
+    def iter_shards(self, *, reverse: bool = False) -> Iterator[ShardData]:
+        """Yield shards, each fully validated, from the first step (or the last with ``reverse``)."""
+        order = range(self.num_shards() - 1, -1, -1) if reverse else range(self.num_shards())
+        for index in order:
+            yield self.read_shard(index)
+
+    def read_shard(self, index: int) -> ShardData:
+        """Read, validate and (across ranks) merge the ``index``-th shard."""
+        parts = [self._read_rank_shard(rank, index) for rank in range(self.world_size)]
+        return parts[0] if len(parts) == 1 else _merge_ranks(parts)
+
+    def _read_rank_shard(self, rank: int, index: int) -> ShardData:
+        entry = self.rank_manifests[rank]["shards"][index]
+        path = self._checked_file(entry)
+        tensors = load_file(str(path))
+        first, last = int(entry["first_step"]), int(entry["last_step"])
+        expected_steps = torch.arange(first, last + 1)
+        steps = self._tensor(path, tensors, "steps", (len(expected_steps),), torch.int64)
+        if not torch.equal(steps, expected_steps):
+            raise StepContinuityError(path, f"steps are not the consecutive range {first} to {last}")
+        num_steps, num_rows, n_layers = len(expected_steps), int(entry["num_rows"]), len(self.layers)
+        batch_size = self._tensor(path, tensors, "batch_size", (num_steps,), torch.int64)
+        row_step = self._tensor(path, tensors, "row_step", (num_rows,), torch.int64)
+        if int(batch_size.sum()) != num_rows or not torch.equal(row_step, steps.repeat_interleave(batch_size)):
+            raise StepContinuityError(path, "rows do not match the per-step batch sizes")
+        lr = self._finite(path, "lr", self._tensor(path, tensors, "lr", (num_steps, n_layers), torch.float64))
+        weight_decay = self._finite(
+            path, "weight_decay", self._tensor(path, tensors, "weight_decay", (num_steps, n_layers), torch.float64)
+        )
+        grads, curvature = {}, {}
+        for layer in self.layers:
+            key = fmt.grad_key(layer.name)
+            grads[layer.name] = self._finite(
+                path, key, self._tensor(path, tensors, key, (num_rows, layer.dim), self.dtype)
+            )
+            if self.curvature_mode == "ggn":
+                key = fmt.curvature_key(layer.name)
+                factors = self._tensor(path, tensors, key, None, self.dtype)
+                if factors.dim() != 3 or factors.shape[0] != num_rows or factors.shape[2] != layer.dim:
+                    raise HeaderMismatchError(
+                        path, f"{key} has shape {tuple(factors.shape)}, expected ({num_rows}, C, {layer.dim})"
+                    )
+                curvature[layer.name] = self._finite(path, key, factors)
+        return ShardData(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            loss=self._tensor(path, tensors, "loss", (num_steps,), torch.float64),
+            row_step=row_step,
+            example_ids=self._ids(path, tensors, num_rows),
+            grads=grads,
+            curvature=curvature,
+        )
+
+    # -- validation helpers -----------------------------------------------------------------------
+
+    def _checked_file(self, entry: dict[str, Any]) -> Path:
+        """Path of a listed file after checking its name, header, size and sha256."""
+        name = str(entry["file"])
+        path = self.directory / name
+        if Path(name).name != name or not path.is_file():
+            raise LogFormatError(path, "listed in the manifest but missing from the log directory")
+        if name.endswith(".safetensors"):
+            fmt.read_safetensors_header(path)
+        size = path.stat().st_size
+        if size != int(entry["bytes"]):
+            raise TruncatedFileError(path, f"the manifest records {entry['bytes']} bytes but the file holds {size}")
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise ChecksumError(
+                path, f"sha256 is {digest}, the manifest records {entry['sha256']}; the file is corrupt"
+            )
+        return path
+
+    @staticmethod
+    def _tensor(
+        path: Path, tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...] | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        if key not in tensors:
+            raise HeaderMismatchError(path, f"tensor {key!r} is missing")
+        t = tensors[key]
+        if t.dtype != dtype or (shape is not None and tuple(t.shape) != shape):
+            raise HeaderMismatchError(
+                path, f"tensor {key!r} is {t.dtype} {tuple(t.shape)}, the manifest implies {dtype} {shape}"
+            )
+        return t
+
+    @staticmethod
+    def _finite(path: Path, key: str, t: torch.Tensor) -> torch.Tensor:
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise NonFiniteValueError(path, f"tensor {key!r} holds {bad} NaN or infinite values")
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+    @staticmethod
+    def _ids(path: Path, tensors: dict[str, torch.Tensor], count: int) -> list[int] | list[str]:
+        try:
+            ids = fmt.decode_ids(tensors)
+        except (KeyError, UnicodeDecodeError, ValueError) as exc:
+            raise HeaderMismatchError(path, f"example ids cannot be decoded ({exc!r})") from None
+        if len(ids) != count:
+            raise HeaderMismatchError(path, f"{len(ids)} example ids for {count} rows")
+        return ids
+
+    # -- query sets and examples ------------------------------------------------------------------
+
+    def query_set_names(self) -> list[str]:
+        """Names of the recorded query sets."""
+        return [str(q["name"]) for q in self.manifest.get("query_sets", [])]
+
+    def load_query_set(self, name: str) -> QuerySet:
+        """Load and validate a query set by name."""
+        entries = [q for q in self.manifest.get("query_sets", []) if q["name"] == name]
+        if not entries:
+            raise LogFormatError(self.directory, f"no query set named {name!r}; the log has {self.query_set_names()}")
+        path = self._checked_file(entries[0])
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("info", "{}"))
+        tensors = load_file(str(path))
+        n = int(entries[0]["num_queries"])
+        grads = {
+            layer.name: self._finite(
+                path,
+                fmt.grad_key(layer.name),
+                self._tensor(path, tensors, fmt.grad_key(layer.name), (n, layer.dim), self.dtype),
+            )
+            for layer in self.layers
+        }
+        labels = self._tensor(path, tensors, "labels", (n,), torch.int64) if "labels" in tensors else None
+        texts = info.get("texts")
+        return QuerySet(
+            name=name,
+            ids=self._ids(path, tensors, n),
+            grads=grads,
+            loss=self._tensor(path, tensors, "loss", (n,), torch.float64),
+            labels=labels,
+            texts=list(texts) if texts is not None else None,
+            step=int(entries[0]["step"]),
+        )
+
+    def iter_examples(self) -> Iterator[dict[str, Any]]:
+        """Yield example metadata records (id, and any of text, label, source, image as uint8 array)."""
+        for entry in self.manifest.get("example_files", []):
+            path = self._checked_file(entry)
+            with path.open(encoding="utf-8") as f:
+                for line_number, line in enumerate(f, 1):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise LogFormatError(path, f"line {line_number} is not JSON") from None
+                    if "image" in record:
+                        image = record["image"]
+                        record["image"] = np.frombuffer(base64.b64decode(image["base64"]), dtype=np.uint8).reshape(
+                            image["shape"]
+                        )
+                    yield record
+
+    def validate(self) -> None:
+        """Read every file of the log once and raise on the first problem."""
+        for _ in self.iter_shards():
+            pass
+        for name in self.query_set_names():
+            self.load_query_set(name)
+        for _ in self.iter_examples():
+            pass
+
+
+def _merge_ranks(parts: list[ShardData]) -> ShardData:
+    """Merge aligned shards of all ranks: a step's rows are rank 0's rows, then rank 1's, ..."""
+    first = parts[0]
+    for part in parts[1:]:
+        if not torch.equal(part.lr, first.lr):
+            raise LogFormatError("<ranks>", "ranks recorded different learning rates for the same steps")
+    row_step = torch.cat([p.row_step for p in parts])
+    order = torch.sort(row_step, stable=True).indices  # stable: rank order within a step
+    ids: list[Any] = [i for p in parts for i in p.example_ids]
+    return ShardData(
+        steps=first.steps,
+        batch_size=sum((p.batch_size for p in parts), torch.zeros_like(first.batch_size)),
+        lr=first.lr,
+        weight_decay=first.weight_decay,
+        loss=torch.stack([p.loss for p in parts]).mean(0),
+        row_step=row_step[order],
+        example_ids=[ids[i] for i in order.tolist()],
+        grads={k: torch.cat([p.grads[k] for p in parts])[order] for k in first.grads},
+        curvature={k: torch.cat([p.curvature[k] for p in parts])[order] for k in first.curvature},
+    )
+
+
+def open_log(directory: str | Path) -> GradientLog:
+    """Open a gradient log for reading; see :class:`GradientLog`."""
+    return GradientLog(directory)

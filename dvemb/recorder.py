@@ -1,0 +1,619 @@
+"""The recorder: projected per-example gradients from the user's own training loop.
+
+Forward hooks on the tracked modules project each input as it passes; a hook on each module's
+output tensor projects the output gradient when the user's ``loss.backward()`` reaches it, and
+the two are combined into one projected gradient per example. Nothing is recomputed: the only
+extra autograd work is the optional curvature pass of the ``ggn`` mode and the query gradients.
+
+Typical use::
+
+    rec = dvemb.Recorder(model, "runs/exp1", proj_dim=256, curvature="ggn")
+    for x, y, ids in loader:
+        with rec.step(ids, optimizer):
+            logits = model(x)
+            rec.curvature(logits)                  # ggn mode only, before loss.backward()
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            optimizer.step(); optimizer.zero_grad()
+    rec.record_queries("validation", val_loader)
+    rec.close()
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dvemb import logformat as fmt
+from dvemb.curvature import logit_factor_rows
+from dvemb.errors import ConfigError, RecorderError
+from dvemb.layers import SUPPORTED_TYPES, LayerAdapter, make_adapter
+from dvemb.optim import OptimizerInfo, describe_optimizer
+from dvemb.projection import LayerProjection
+from dvemb.writer import LogWriter, StepRecord
+
+__all__ = ["DEFAULT_PROJ_DIM", "Recorder"]
+
+#: Default projected size per layer (16 x 16); see BENCHMARKS.md for the overhead it costs.
+DEFAULT_PROJ_DIM = 256
+ProjDim = int | tuple[int, int] | None
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_MAX_IMAGE_PIXELS = 128 * 128 * 4
+
+
+@dataclass
+class _Slots:
+    """One layer's captures within a step, one slot per forward call (micro-batch)."""
+
+    forward: list[torch.Tensor] = field(default_factory=list)  # (B, L, k_f) each
+    grads: list[torch.Tensor | None] = field(default_factory=list)  # (B, d) each
+    outputs: list[torch.Tensor | None] = field(default_factory=list)  # kept only where a second backward needs them
+    curvature: list[torch.Tensor | None] = field(default_factory=list)  # (B, R, d) each
+
+
+def _resolve_proj_dim(spec: ProjDim, out_dim: int, in_dim: int, name: str) -> tuple[int, int]:
+    if spec is None:
+        return out_dim, in_dim
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        side = math.isqrt(spec)
+        if spec <= 0 or side * side != spec:
+            raise ConfigError(f"proj_dim={spec} for layer {name!r} is not a positive square; pass (k_out, k_in)")
+        k_out, k_in = side, side
+    elif isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(k, int) and k > 0 for k in spec):
+        k_out, k_in = spec
+    else:
+        raise ConfigError(f"proj_dim for layer {name!r} must be None, a square int or (k_out, k_in); got {spec!r}")
+    # Projecting a side to more dimensions than it has only adds noise: keep such a side whole.
+    return min(k_out, out_dim), min(k_in, in_dim)
+
+
+def _default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy: (B, C) with (B,) targets, or (B, L, V) with (B, L) averaged over positions."""
+    if outputs.dim() == 2:
+        return F.cross_entropy(outputs, targets, reduction="none")
+    per_position = F.cross_entropy(outputs.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+    valid = (targets != -100).to(per_position.dtype)
+    return (per_position * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
+
+
+def _as_id_list(ids: Any) -> list[int] | list[str]:
+    if isinstance(ids, torch.Tensor | np.ndarray):
+        if ids.dtype.is_floating_point if isinstance(ids, torch.Tensor) else ids.dtype.kind == "f":
+            raise ConfigError("example ids must be integers or strings, not floats")
+        return [int(i) for i in ids.tolist()]
+    out = [i.item() if isinstance(i, np.generic) else i for i in ids]
+    fmt.encode_ids(out)  # raises a ConfigError on mixed types
+    return out
+
+
+class Recorder:
+    """Records projected per-example gradients of a model during training.
+
+    Args:
+        model: the model being trained (or its DistributedDataParallel wrapper).
+        log_dir: directory of the gradient log to write (must not hold a log unless ``overwrite``).
+        proj_dim: projected size per layer: a square int ``k*k`` (k per side), ``(k_out, k_in)``,
+            ``None`` for no projection, or a dict from layer name (or glob) to one of those.
+        layers: ``None`` for every ``nn.Linear``, ``"all"`` for every supported layer
+            (Linear, Conv2d, Embedding), or a list of module names or glob patterns.
+        curvature: ``"empirical"`` (the paper: curvature from the gradients themselves) or
+            ``"ggn"`` (Gauss-Newton factors from :meth:`curvature`).
+        curvature_samples: labels sampled per example in ggn mode; ``None`` uses all classes for
+            (B, C) logits with at most 32 classes and one sample otherwise.
+        loss_reduction: ``"mean"`` if the step's gradient is the mean of its examples' gradients
+            (``F.cross_entropy`` default, also with gradient accumulation over the ids of the
+            step), ``"sum"`` if it is their sum. Recorded gradients are always per-example.
+        dtype: storage dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` or ``"float64"``.
+        seed: seed of the projections and of sampled curvature labels.
+        shard_size_mb: a shard is written when this many MB of gradients are buffered.
+        shard_steps: write a shard every this many steps instead (keeps distributed ranks aligned).
+        rank: this process's rank; defaults to ``torch.distributed`` when initialised, else 0.
+        world_size: number of ranks; same default.
+        overwrite: replace a log already in ``log_dir``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        log_dir: str | Path,
+        *,
+        proj_dim: ProjDim | Mapping[str, ProjDim] = DEFAULT_PROJ_DIM,
+        layers: Sequence[str] | str | None = None,
+        curvature: str = "empirical",
+        curvature_samples: int | None = None,
+        loss_reduction: str = "mean",
+        dtype: str = "float32",
+        seed: int = 0,
+        shard_size_mb: float = 256.0,
+        shard_steps: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        _check_choice("curvature", curvature, ("empirical", "ggn"))
+        _check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        _check_choice("dtype", dtype, tuple(fmt.STORAGE_DTYPES))
+        if curvature_samples is not None and curvature_samples < 1:
+            raise ConfigError(f"curvature_samples must be None or at least 1, got {curvature_samples}")
+        if shard_size_mb <= 0 or (shard_steps is not None and shard_steps < 1):
+            raise ConfigError("shard_size_mb must be positive and shard_steps None or at least 1")
+        self.model = model
+        self.curvature_mode = curvature
+        self.curvature_samples = curvature_samples
+        self.loss_reduction = loss_reduction
+        self.seed = seed
+        self.rank, self.world_size = _distributed_defaults(rank, world_size)
+        self.adapters = self._make_adapters(layers, proj_dim)
+        self.tracked_parameters = sum(a.parameter_count() for a in self.adapters)
+        self.total_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self._mode = "off"
+        self._slots: list[_Slots] = []
+        self._step = 0
+        self._loss: float | None = None
+        self._optimizer: OptimizerInfo | None = None
+        self._hooks = [
+            a.module.register_forward_hook(partial(self._on_forward, i)) for i, a in enumerate(self.adapters)
+        ]
+        self._writer = LogWriter(
+            log_dir,
+            self._manifest(),
+            rank=self.rank,
+            dtype=dtype,
+            shard_bytes=int(shard_size_mb * (1 << 20)),
+            shard_steps=shard_steps,
+            overwrite=overwrite,
+        )
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _make_adapters(self, layers: Sequence[str] | str | None, proj_dim: Any) -> list[LayerAdapter]:
+        named = [(n, m) for n, m in self.model.named_modules() if n]
+        if layers is None:
+            chosen = [(n, m) for n, m in named if type(m) is nn.Linear]
+        elif layers == "all":
+            chosen = [(n, m) for n, m in named if type(m) in SUPPORTED_TYPES]
+        else:
+            patterns = [layers] if isinstance(layers, str) else list(layers)
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
+                    raise ConfigError(f"layers: no module matches {pattern!r}; module names look like {named[0][0]!r}")
+            chosen = [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        chosen = [(n, m) for n, m in chosen if any(p.requires_grad for p in m.parameters(recurse=False))]
+        if not chosen:
+            raise ConfigError(
+                "no trainable layer to record; pass layers=[...] with names of Linear, Conv2d or Embedding modules"
+            )
+        adapters = []
+        for index, (name, module) in enumerate(chosen):
+            if type(module) not in SUPPORTED_TYPES:
+                make_adapter(name, module, LayerProjection(1, 1, 1, 1, 0, 0))  # raises the ConfigError
+            out_dim, in_dim = SUPPORTED_TYPES[type(module)].gradient_shape(module)
+            spec = _proj_spec_for(name, proj_dim)
+            k_out, k_in = _resolve_proj_dim(spec, out_dim, in_dim, name)
+            base = self.seed * 100_003 + 2 * index
+            projection = LayerProjection(out_dim, in_dim, k_out, k_in, seed_out=base, seed_in=base + 1)
+            adapters.append(make_adapter(name, module, projection))
+        return adapters
+
+    def _manifest(self) -> dict[str, Any]:
+        from dvemb import __version__
+
+        return {
+            "world_size": self.world_size,
+            "dvemb_version": __version__,
+            "torch_version": torch.__version__,
+            "model": type(self.model).__name__,
+            "loss_reduction": self.loss_reduction,
+            "curvature": {"mode": self.curvature_mode, "samples": self.curvature_samples, "rows_per_example": None},
+            "projection": {"kind": "kronecker-gaussian", "seed": self.seed},
+            "layers": [
+                {
+                    "name": a.name,
+                    "kind": a.kind,
+                    "out_dim": a.projection.out_dim,
+                    "in_dim": a.projection.in_dim,
+                    "k_out": a.projection.k_out,
+                    "k_in": a.projection.k_in,
+                    "seed_out": a.projection.seed_out,
+                    "seed_in": a.projection.seed_in,
+                    "has_bias": getattr(a.module, "bias", None) is not None,
+                    "parameters": a.parameter_count(),
+                }
+                for a in self.adapters
+            ],
+            "tracked_parameters": self.tracked_parameters,
+            "total_parameters": self.total_parameters,
+            "optimizer": None,
+        }
+
+    @property
+    def tracked_fraction(self) -> float:
+        """Share of the model's trainable parameters whose gradients are recorded."""
+        return self.tracked_parameters / max(self.total_parameters, 1)
+
+    @property
+    def log_dir(self) -> Path:
+        """Directory of the log being written."""
+        return self._writer.directory
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def _on_forward(self, index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._mode == "off" or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        slots = self._slots[index]
+        slot = len(slots.forward)
+        slots.forward.append(self.adapters[index].forward_factor(args))
+        slots.grads.append(None)
+        slots.curvature.append(None)
+        keep_output = self._mode == "query" or self.curvature_mode == "ggn"
+        slots.outputs.append(output if keep_output else None)
+        if self._mode == "train":
+            output.register_hook(partial(self._on_output_grad, index, slot))
+
+    def _on_output_grad(self, index: int, slot: int, grad: torch.Tensor) -> None:
+        if self._mode != "train":
+            return
+        slots = self._slots[index]
+        rows = self.adapters[index].combine(slots.forward[slot], self.adapters[index].backward_factor(grad))  # (B, d)
+        previous = slots.grads[slot]
+        slots.grads[slot] = rows if previous is None else previous + rows  # a second backward adds, as autograd does
+
+    def _rows_from_output_grads(
+        self, slot_of: list[int], output_grads: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        """(B, d) projected rows per layer from gradients with respect to the layers' outputs."""
+        rows = []
+        for index, grad in enumerate(output_grads):
+            slots, adapter = self._slots[index], self.adapters[index]
+            forward = slots.forward[slot_of[index]]
+            if grad is None:
+                rows.append(forward.new_zeros(forward.shape[0], adapter.projection.dim))
+            else:
+                rows.append(adapter.combine(forward, adapter.backward_factor(grad)))
+        return rows
+
+    def _latest_outputs(self, what: str) -> tuple[list[int], list[torch.Tensor]]:
+        slot_of, outputs = [], []
+        for adapter, slots in zip(self.adapters, self._slots, strict=True):
+            if not slots.outputs or slots.outputs[-1] is None:
+                raise RecorderError(
+                    f"{what}: layer {adapter.name!r} was not run with gradients since the last call; call it right "
+                    "after the forward pass, once per forward pass, or leave the layer out with layers=[...]"
+                )
+            slot_of.append(len(slots.outputs) - 1)
+            outputs.append(slots.outputs[-1])
+        return slot_of, outputs
+
+    # -- training steps ---------------------------------------------------------------------------
+
+    @contextmanager
+    def step(
+        self, ids: Any, optimizer: torch.optim.Optimizer | None = None, *, lr: float | None = None
+    ) -> Iterator[None]:
+        """Record one optimizer step.
+
+        Args:
+            ids: example ids of every example in the step (all micro-batches, in forward order);
+                ints or strings, a list, tensor or array.
+            optimizer: the optimizer whose ``step()`` applies the update; its learning rate and
+                weight decay are read when ``step()`` runs.
+            lr: the learning rate, for hand-written updates without an optimizer.
+        """
+        if self._mode != "off":
+            raise RecorderError("rec.step() cannot be nested or used inside record_queries()")
+        if optimizer is None and lr is None:
+            raise ConfigError("rec.step() needs the optimizer (or lr=... for a hand-written update)")
+        id_list = _as_id_list(ids)
+        if not id_list:
+            raise ConfigError("rec.step() got no example ids")
+        if optimizer is not None:
+            self._watch(optimizer)
+        self._begin("train")
+        try:
+            yield
+            self._finish_step(id_list, lr)
+        finally:
+            self._end()
+
+    def _watch(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._optimizer is not None and self._optimizer.optimizer is optimizer:
+            return
+        if self._optimizer is not None:
+            self._optimizer.remove()
+        try:
+            self._optimizer = OptimizerInfo(optimizer, [_weight(a.module) for a in self.adapters])
+        except ValueError as exc:
+            raise ConfigError(f"{exc}; pass the optimizer that trains the model") from None
+        if self._writer.manifest["optimizer"] is None:
+            self._writer.manifest["optimizer"] = describe_optimizer(self._optimizer)
+
+    def _begin(self, mode: str) -> None:
+        self._mode = mode
+        self._slots = [_Slots() for _ in self.adapters]
+        self._loss = None
+
+    def _end(self) -> None:
+        self._mode = "off"
+        self._slots = []
+
+    def log_loss(self, loss: torch.Tensor | float) -> None:
+        """Record the step's training loss (optional; shown next to the phase plot)."""
+        if self._mode != "train":
+            raise RecorderError("rec.log_loss() must be called inside rec.step()")
+        self._loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+    def curvature(self, logits: torch.Tensor, *, position_reduction: str = "mean") -> None:
+        """Record Gauss-Newton curvature factors for the latest forward pass (ggn mode).
+
+        Call it after the forward pass and before ``loss.backward()`` (or after
+        ``loss.backward(retain_graph=True)``), once per forward pass.
+
+        Args:
+            logits: (B, C) or (B, L, V) logits of the softmax cross-entropy loss.
+            position_reduction: for (B, L, V) logits, whether an example's loss is the ``"mean"``
+                or the ``"sum"`` over its positions.
+        """
+        if self.curvature_mode != "ggn":
+            raise RecorderError("rec.curvature() is for curvature='ggn'; the empirical mode needs no extra call")
+        if self._mode != "train":
+            raise RecorderError("rec.curvature() must be called inside rec.step()")
+        _check_choice("position_reduction", position_reduction, ("mean", "sum"))
+        slot_of, outputs = self._latest_outputs("rec.curvature()")
+        samples = self.curvature_samples
+        if samples is None and (logits.dim() != 2 or logits.shape[-1] > 32):
+            samples = 1
+        generator = torch.Generator(device=logits.device).manual_seed(self.seed * 1_000_003 + self._step)
+        per_layer: list[list[torch.Tensor]] = [[] for _ in self.adapters]
+        for row in logit_factor_rows(
+            logits, samples=samples, position_reduction=position_reduction, generator=generator
+        ):
+            try:
+                grads = torch.autograd.grad(logits, outputs, grad_outputs=row, retain_graph=True, allow_unused=True)
+            except RuntimeError as exc:
+                if "second time" in str(exc) or "freed" in str(exc):
+                    raise RecorderError(
+                        "rec.curvature() needs the autograd graph: call it before loss.backward(), "
+                        "or use loss.backward(retain_graph=True)"
+                    ) from exc
+                raise
+            for index, rows in enumerate(self._rows_from_output_grads(slot_of, grads)):
+                per_layer[index].append(rows)
+        for index, slot in enumerate(slot_of):
+            self._slots[index].curvature[slot] = torch.stack(per_layer[index], dim=1)  # (B, R, d)
+
+    def _finish_step(self, ids: list[int] | list[str], lr: float | None) -> None:
+        grads: dict[str, torch.Tensor] = {}
+        curvature: dict[str, torch.Tensor] = {}
+        for adapter, slots in zip(self.adapters, self._slots, strict=True):
+            grads[adapter.name] = self._collect(adapter, slots.grads, "gradient", ids)
+            if self.curvature_mode == "ggn":
+                curvature[adapter.name] = self._collect(adapter, slots.curvature, "curvature", ids)
+        if self.loss_reduction == "mean":
+            # The step's gradient was the mean over its examples: recover each example's own gradient.
+            grads = {k: v * len(ids) for k, v in grads.items()}
+        self._check_finite(grads, curvature)
+        if self._optimizer is not None and lr is None:
+            lrs, decays = self._optimizer.take_step_values()
+        else:
+            lrs, decays = [float(lr or 0.0)] * len(self.adapters), [0.0] * len(self.adapters)
+        if self.curvature_mode == "ggn" and self._writer.manifest["curvature"]["rows_per_example"] is None:
+            self._writer.manifest["curvature"]["rows_per_example"] = int(next(iter(curvature.values())).shape[1])
+        self._writer.append_step(StepRecord(self._step, ids, lrs, decays, self._loss, grads, curvature))
+        self._step += 1
+
+    def _collect(
+        self, adapter: LayerAdapter, parts: list[torch.Tensor | None], what: str, ids: Sequence[Any]
+    ) -> torch.Tensor:
+        if not parts:
+            raise RecorderError(
+                f"layer {adapter.name!r} was not run with gradients in step {self._step}; run the forward pass inside "
+                "rec.step(), or leave the layer out with layers=[...]"
+            )
+        if any(p is None for p in parts):
+            hint = (
+                "call loss.backward() inside rec.step()"
+                if what == "gradient"
+                else "call rec.curvature(logits) after every forward pass"
+            )
+            raise RecorderError(f"no {what} reached layer {adapter.name!r} in step {self._step}; {hint}")
+        rows = torch.cat([p for p in parts if p is not None])
+        if rows.shape[0] != len(ids):
+            raise RecorderError(
+                f"layer {adapter.name!r} saw {rows.shape[0]} examples in step {self._step} "
+                f"but {len(ids)} ids were given; "
+                "pass the ids of every micro-batch of the step, in order (a layer called twice per forward pass "
+                "cannot be tracked: leave it out with layers=[...])"
+            )
+        return rows
+
+    def _check_finite(self, grads: dict[str, torch.Tensor], curvature: dict[str, torch.Tensor]) -> None:
+        for name, t in (*grads.items(), *curvature.items()):
+            if not bool(torch.isfinite(t).all()):
+                self._writer.flush()
+                raise RecorderError(
+                    f"non-finite gradient in layer {name!r} at step {self._step} (learning rate too large, or "
+                    f"float16 overflow?); the log keeps steps 0 to {self._step - 1}"
+                )
+
+    # -- queries and example metadata -------------------------------------------------------------
+
+    def record_queries(
+        self,
+        name: str,
+        batches: Iterable[Sequence[Any]],
+        *,
+        loss_fn: LossFn | None = None,
+        texts: Sequence[str] | None = None,
+    ) -> int:
+        """Record the per-example gradients of a named query set at the current (final) model.
+
+        The model is put in eval mode for the pass (and restored after); parameter ``.grad`` is
+        not touched. In a distributed run only rank 0 records queries.
+
+        Args:
+            name: query-set name, e.g. ``"validation"`` (letters, digits, ``_.-``).
+            batches: iterable of ``(inputs, targets, ids)`` or ``(inputs, targets)`` (ids then
+                count from 0).
+            loss_fn: per-example loss ``(outputs, targets) -> (B,)``; default cross-entropy (averaged
+                over positions for (B, L, V) outputs).
+            texts: optional text of each query, in order.
+
+        Returns:
+            The number of queries recorded.
+        """
+        if not fmt.QUERY_SET_NAME.match(name):
+            raise ConfigError(f"query set name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        if self._mode != "off":
+            raise RecorderError("record_queries() cannot run inside rec.step()")
+        if self.rank != 0:
+            return 0
+        loss_fn = loss_fn or _default_loss
+        parts: list[list[torch.Tensor]] = [[] for _ in self.adapters]
+        ids: list[Any] = []
+        labels: list[torch.Tensor] = []
+        losses: list[torch.Tensor] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in batches:
+                inputs, targets = batch[0], batch[1]
+                batch_ids = _as_id_list(batch[2]) if len(batch) > 2 else list(range(len(ids), len(ids) + len(targets)))
+                self._begin("query")
+                with torch.enable_grad():
+                    per_example = loss_fn(self.model(inputs), targets)  # (B,)
+                    slot_of, outputs = self._latest_outputs("record_queries()")
+                    grads = torch.autograd.grad(per_example.sum(), outputs, allow_unused=True)
+                for index, rows in enumerate(self._rows_from_output_grads(slot_of, grads)):
+                    parts[index].append(rows.detach())
+                self._end()
+                ids.extend(batch_ids)
+                losses.append(per_example.detach().double().cpu())
+                if targets.dim() == 1 and not targets.is_floating_point():
+                    labels.append(targets.detach().cpu().long())
+        finally:
+            self._end()
+            self.model.train(was_training)
+        if not ids:
+            raise ConfigError(f"query set {name!r} is empty")
+        if texts is not None and len(texts) != len(ids):
+            raise ConfigError(f"{len(texts)} texts for {len(ids)} queries in query set {name!r}")
+        tensors = {fmt.grad_key(a.name): torch.cat(p) for a, p in zip(self.adapters, parts, strict=True)}
+        tensors.update(fmt.encode_ids(ids), loss=torch.cat(losses))
+        if len(labels) and sum(len(lab) for lab in labels) == len(ids):
+            tensors["labels"] = torch.cat(labels)
+        info = {"num_queries": len(ids), "step": self._step, "texts": list(texts) if texts is not None else None}
+        self._writer.write_query_set(name, tensors, info)
+        return len(ids)
+
+    def describe(
+        self,
+        ids: Any,
+        *,
+        texts: Sequence[str] | None = None,
+        labels: Sequence[int | str] | None = None,
+        sources: Sequence[str] | None = None,
+        images: Any = None,
+    ) -> None:
+        """Attach metadata to training examples so the dashboard can show what they are.
+
+        Args:
+            ids: the examples' ids.
+            texts: text of each example.
+            labels: label of each example (int or str).
+            sources: where each example comes from (file, dataset, shard).
+            images: (N, H, W) or (N, H, W, C) small images, uint8 or floats in [0, 1].
+        """
+        id_list = _as_id_list(ids)
+        columns = {"text": texts, "label": labels, "source": sources}
+        for key, values in columns.items():
+            if values is not None and len(values) != len(id_list):
+                raise ConfigError(f"describe(): {len(values)} {key}s for {len(id_list)} ids")
+        records: list[dict[str, Any]] = [{"id": i} for i in id_list]
+        for key, values in columns.items():
+            if values is not None:
+                for record, value in zip(records, values, strict=True):
+                    record[key] = value.item() if isinstance(value, torch.Tensor | np.generic) else value
+        if images is not None:
+            for record, image in zip(records, _encode_images(images, len(id_list)), strict=True):
+                record["image"] = image
+        self._writer.add_examples(records)
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Write everything buffered, mark the log complete and remove the hooks."""
+        updates: dict[str, Any] = {"num_steps": self._step}
+        if self._optimizer is not None:
+            optimizer_entry = dict(self._writer.manifest["optimizer"] or {})
+            optimizer_entry["final_state"] = self._optimizer.state_summary()
+            updates["optimizer"] = optimizer_entry
+            self._optimizer.remove()
+        self._writer.close(updates)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
+
+
+def _proj_spec_for(name: str, proj_dim: Any) -> ProjDim:
+    if not isinstance(proj_dim, Mapping):
+        return proj_dim  # type: ignore[no-any-return]
+    for pattern, spec in proj_dim.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return spec  # type: ignore[no-any-return]
+    return DEFAULT_PROJ_DIM
+
+
+def _weight(module: nn.Module) -> nn.Parameter:
+    weight = getattr(module, "weight", None)
+    assert isinstance(weight, nn.Parameter)
+    return weight
+
+
+def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if rank is None:
+        rank = torch.distributed.get_rank() if initialised else 0
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if initialised else 1
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
+    return rank, world_size
+
+
+def _encode_images(images: Any, count: int) -> list[dict[str, Any]]:
+    array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if array.dtype.kind == "f":
+        array = np.clip(np.rint(array * 255.0), 0, 255)
+    array = array.astype(np.uint8)
+    if array.ndim not in (3, 4) or array.shape[0] != count or array[0].size > _MAX_IMAGE_PIXELS:
+        raise ConfigError(
+            f"describe(): images must be (N, H, W) or (N, H, W, C) with N={count} and at most "
+            f"{_MAX_IMAGE_PIXELS} values each; got {array.shape}"
+        )
+    return [{"shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode("ascii")} for a in array]

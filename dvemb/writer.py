@@ -1,0 +1,286 @@
+"""Streaming, crash-safe writer of gradient logs (see docs/format.md).
+
+Steps are buffered until a shard's worth of bytes is reached, then written to a temporary file,
+fsynced and renamed into place; only then is the manifest (itself replaced atomically) updated to
+list the shard. A process killed at any moment therefore leaves a valid log that ends at the last
+complete shard, and memory is bounded by one shard whatever the run length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from dvemb import logformat as fmt
+from dvemb.errors import ConfigError
+
+__all__ = ["LogWriter", "StepRecord", "sha256_file", "write_json_atomic"]
+
+
+@dataclass
+class StepRecord:
+    """Everything recorded about one optimizer step.
+
+    Attributes:
+        step: global step number (0-based, consecutive).
+        ids: example ids of the step's rows, in row order.
+        lr: learning rate per tracked layer, (n_layers,).
+        weight_decay: weight decay per tracked layer, (n_layers,).
+        loss: training loss of the step, or None when not logged.
+        grads: layer name -> (B, d_l) projected per-example gradients.
+        curvature: layer name -> (B, C, d_l) curvature factors (ggn mode), else empty.
+    """
+
+    step: int
+    ids: Sequence[int | str]
+    lr: list[float]
+    weight_decay: list[float]
+    loss: float | None
+    grads: dict[str, torch.Tensor]
+    curvature: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON to ``path`` through a fsynced temporary file and an atomic rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+class LogWriter:
+    """Writes one rank's part of a gradient log.
+
+    Args:
+        directory: the log directory (created if missing).
+        manifest: the static part of the manifest (layers, projection, optimizer, ...).
+        rank: this process's rank (0 when not distributed).
+        dtype: storage dtype of gradients, one of ``float32``, ``float16``, ``bfloat16``.
+        shard_bytes: a shard is written once its buffered gradients reach this many bytes.
+        shard_steps: if set, a shard is written every ``shard_steps`` steps instead (use it in
+            distributed runs with unequal local batch sizes so that ranks' shards stay aligned).
+        overwrite: replace an existing log in ``directory`` instead of refusing.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        manifest: dict[str, Any],
+        *,
+        rank: int = 0,
+        dtype: str = "float32",
+        shard_bytes: int = 256 << 20,
+        shard_steps: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.directory = Path(directory)
+        self.rank = rank
+        self.storage_dtype = fmt.STORAGE_DTYPES[dtype]
+        self.shard_bytes = shard_bytes
+        self.shard_steps = shard_steps
+        self._prepare_directory(overwrite)
+        self.manifest: dict[str, Any] = {
+            "format": fmt.FORMAT_NAME,
+            "version": fmt.FORMAT_VERSION,
+            "rank": rank,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "complete": False,
+            "dtype": dtype,
+            "id_type": None,
+            "num_steps": 0,
+            **manifest,
+            "shards": [],
+            "query_sets": [],
+            "example_files": [],
+        }
+        self._pending: list[StepRecord] = []
+        self._pending_bytes = 0
+        self._examples: list[dict[str, Any]] = []
+        self._examples_bytes = 0
+        self._closed = False
+        self._save_manifest()
+
+    # -- directory and manifest -------------------------------------------------------------------
+
+    def _prepare_directory(self, overwrite: bool) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        manifest_path = self.directory / fmt.rank_manifest_name(self.rank)
+        if manifest_path.exists() and not overwrite:
+            raise ConfigError(
+                f"{self.directory} already holds a gradient log ({manifest_path.name}); "
+                "choose a new directory or pass overwrite=True to replace it"
+            )
+        if overwrite:
+            # Remove only files this writer would create: never anything else the directory holds.
+            patterns = (
+                ["shard-*", "queries-*", "examples-*", "manifest*.json*"]
+                if self.rank == 0
+                else [f"shard-r{self.rank}-*", f"{fmt.rank_manifest_name(self.rank)}*"]
+            )
+            for pattern in patterns:
+                for old in self.directory.glob(pattern):
+                    if old.is_file():
+                        old.unlink()
+
+    def _save_manifest(self) -> None:
+        write_json_atomic(self.directory / fmt.rank_manifest_name(self.rank), self.manifest)
+
+    def _write_tensors_atomic(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+        final = self.directory / name
+        tmp = final.with_name(name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.directory)
+        return final
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def append_step(self, record: StepRecord) -> None:
+        """Buffer one step; writes a shard when the buffer is full."""
+        self._check_open()
+        expected = self.manifest["num_steps"] + len(self._pending)
+        if record.step != expected:
+            raise ConfigError(f"step {record.step} appended where step {expected} was expected")
+        kind = fmt.id_type(record.ids)
+        if self.manifest["id_type"] is None:
+            self.manifest["id_type"] = kind
+        elif kind != self.manifest["id_type"]:
+            raise ConfigError(
+                f"step {record.step} has {kind} example ids but earlier steps had {self.manifest['id_type']} ids; "
+                "use one id type for the whole run"
+            )
+        record.grads = {k: v.detach().to("cpu", self.storage_dtype) for k, v in record.grads.items()}
+        record.curvature = {k: v.detach().to("cpu", self.storage_dtype) for k, v in record.curvature.items()}
+        self._pending.append(record)
+        self._pending_bytes += sum(
+            t.numel() * t.element_size() for t in (*record.grads.values(), *record.curvature.values())
+        )
+        full = len(self._pending) >= self.shard_steps if self.shard_steps else self._pending_bytes >= self.shard_bytes
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered steps (and example metadata) to disk now."""
+        self._check_open()
+        if self._pending:
+            self._write_shard()
+        if self._examples:
+            self._write_examples()
+
+    def _write_shard(self) -> None:
+        records = self._pending
+        layers = list(records[0].grads)
+        row_step = torch.cat([torch.full((len(r.ids),), r.step, dtype=torch.int64) for r in records])
+        all_ids = [i for r in records for i in r.ids]
+        nan = float("nan")
+        tensors: dict[str, torch.Tensor] = {
+            "steps": torch.tensor([r.step for r in records], dtype=torch.int64),
+            "batch_size": torch.tensor([len(r.ids) for r in records], dtype=torch.int64),
+            "lr": torch.tensor([r.lr for r in records], dtype=torch.float64),
+            "weight_decay": torch.tensor([r.weight_decay for r in records], dtype=torch.float64),
+            "loss": torch.tensor([nan if r.loss is None else r.loss for r in records], dtype=torch.float64),
+            "row_step": row_step,
+            **fmt.encode_ids(all_ids),
+        }
+        for layer in layers:
+            tensors[fmt.grad_key(layer)] = torch.cat([r.grads[layer] for r in records])
+            if records[0].curvature:
+                tensors[fmt.curvature_key(layer)] = torch.cat([r.curvature[layer] for r in records])
+        index = len(self.manifest["shards"])
+        path = self._write_tensors_atomic(fmt.shard_name(self.rank, index), tensors, {"format": fmt.FORMAT_NAME})
+        entry = _file_entry(path)
+        entry.update(first_step=records[0].step, last_step=records[-1].step, num_rows=int(row_step.numel()))
+        self.manifest["shards"].append(entry)
+        self.manifest["num_steps"] = records[-1].step + 1
+        self._pending, self._pending_bytes = [], 0
+        self._save_manifest()
+
+    # -- query sets and example metadata ----------------------------------------------------------
+
+    def write_query_set(self, name: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Write a named query set (replacing one of the same name) and list it in the manifest."""
+        self._check_open()
+        stored = {
+            k: (v.to("cpu", self.storage_dtype) if v.is_floating_point() and k.startswith("grad.") else v.cpu())
+            for k, v in tensors.items()
+        }
+        path = self._write_tensors_atomic(f"queries-{name}.safetensors", stored, {"info": json.dumps(info)})
+        entry = _file_entry(path)
+        entry.update(name=name, num_queries=int(info["num_queries"]), step=int(info["step"]))
+        self.manifest["query_sets"] = [q for q in self.manifest["query_sets"] if q["name"] != name] + [entry]
+        self._save_manifest()
+
+    def add_examples(self, records: list[dict[str, Any]], *, flush_bytes: int = 8 << 20) -> None:
+        """Buffer example metadata records; written as JSON lines with the next shard or at close."""
+        self._check_open()
+        self._examples.extend(records)
+        self._examples_bytes += sum(len(json.dumps(r)) for r in records)
+        if self._examples_bytes >= flush_bytes:
+            self._write_examples()
+
+    def _write_examples(self) -> None:
+        index = len(self.manifest["example_files"])
+        final = self.directory / f"examples-{index:06d}.jsonl"
+        tmp = final.with_name(final.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for record in self._examples:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        entry = _file_entry(final)
+        entry["num_examples"] = len(self._examples)
+        self.manifest["example_files"].append(entry)
+        self._examples, self._examples_bytes = [], 0
+        self._save_manifest()
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    def close(self, updates: dict[str, Any] | None = None) -> None:
+        """Write what is buffered, merge ``updates`` into the manifest and mark the log complete."""
+        if self._closed:
+            return
+        self.flush()
+        self.manifest.update(updates or {})
+        self.manifest["complete"] = True
+        self._save_manifest()
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("the log writer is closed; start a new Recorder to record more")

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up everything the project needs on a fresh machine: a virtual environment in .venv with the
+# CPU build of PyTorch (installed first, so that no CUDA build is pulled) and the project with its
+# development extras. Idempotent: re-running it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# The CPU build lies on this machine's disk; an unpinned torch would download a CUDA build of several GB.
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[dev]"
