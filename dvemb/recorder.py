@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from dvemb import logformat as fmt
 from dvemb.curvature import logit_factor_rows
@@ -59,7 +60,9 @@ class _Slots:
 
     forward: list[torch.Tensor] = field(default_factory=list)  # (B, L, k_f) each
     grads: list[torch.Tensor | None] = field(default_factory=list)  # (B, d) each
-    outputs: list[torch.Tensor | None] = field(default_factory=list)  # kept only where a second backward needs them
+    # Gradient edges of the outputs, for the curvature and query passes. An edge taken at forward time still
+    # names the layer's own output after an in-place op (e.g. ReLU(inplace=True)) rebinds the tensor.
+    outputs: list[GradientEdge | None] = field(default_factory=list)
     curvature: list[torch.Tensor | None] = field(default_factory=list)  # (B, R, d) each
 
 
@@ -261,7 +264,7 @@ class Recorder:
         slots.grads.append(None)
         slots.curvature.append(None)
         keep_output = self._mode == "query" or self.curvature_mode == "ggn"
-        slots.outputs.append(output if keep_output else None)
+        slots.outputs.append(get_gradient_edge(output) if keep_output else None)
         if self._mode == "train":
             output.register_hook(partial(self._on_output_grad, index, slot))
 
@@ -287,8 +290,9 @@ class Recorder:
                 rows.append(adapter.combine(forward, adapter.backward_factor(grad)))
         return rows
 
-    def _latest_outputs(self, what: str) -> tuple[list[int], list[torch.Tensor]]:
-        slot_of, outputs = [], []
+    def _latest_outputs(self, what: str) -> tuple[list[int], list[GradientEdge]]:
+        slot_of: list[int] = []
+        outputs: list[GradientEdge] = []
         for adapter, slots in zip(self.adapters, self._slots, strict=True):
             if not slots.outputs or slots.outputs[-1] is None:
                 raise RecorderError(
@@ -296,7 +300,9 @@ class Recorder:
                     "after the forward pass, once per forward pass, or leave the layer out with layers=[...]"
                 )
             slot_of.append(len(slots.outputs) - 1)
-            outputs.append(slots.outputs[-1])
+            edge = slots.outputs[-1]
+            assert edge is not None
+            outputs.append(edge)
         return slot_of, outputs
 
     # -- training steps ---------------------------------------------------------------------------
@@ -379,6 +385,24 @@ class Recorder:
             samples = 1
         generator = torch.Generator(device=logits.device).manual_seed(self.seed * 1_000_003 + self._step)
         per_layer: list[list[torch.Tensor]] = [[] for _ in self.adapters]
+        self._mode = "curvature"  # the training hooks must not take these gradients for the loss's
+        try:
+            self._curvature_rows(logits, samples, position_reduction, generator, slot_of, outputs, per_layer)
+        finally:
+            self._mode = "train"
+        for index, slot in enumerate(slot_of):
+            self._slots[index].curvature[slot] = torch.stack(per_layer[index], dim=1)  # (B, R, d)
+
+    def _curvature_rows(
+        self,
+        logits: torch.Tensor,
+        samples: int | None,
+        position_reduction: str,
+        generator: torch.Generator,
+        slot_of: list[int],
+        outputs: list[GradientEdge],
+        per_layer: list[list[torch.Tensor]],
+    ) -> None:
         for row in logit_factor_rows(
             logits, samples=samples, position_reduction=position_reduction, generator=generator
         ):
@@ -393,8 +417,6 @@ class Recorder:
                 raise
             for index, rows in enumerate(self._rows_from_output_grads(slot_of, grads)):
                 per_layer[index].append(rows)
-        for index, slot in enumerate(slot_of):
-            self._slots[index].curvature[slot] = torch.stack(per_layer[index], dim=1)  # (B, R, d)
 
     def _finish_step(self, ids: list[int] | list[str], lr: float | None) -> None:
         grads: dict[str, torch.Tensor] = {}

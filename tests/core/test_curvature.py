@@ -1,0 +1,94 @@
+"""Curvature factors of the ggn mode reproduce the Gauss-Newton matrix built directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyLM, mlp
+from reference import ce_mean_over_positions, layer_matrix, per_example_ggn, per_example_grads
+from torch import nn
+
+import dvemb
+
+
+def _record_factors(model: nn.Module, log_dir: Path, x: torch.Tensor, y: torch.Tensor, **kwargs: object
+                    ) -> dvemb.ShardData:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0 keeps the model at the reference point
+    rec = dvemb.Recorder(model, log_dir, curvature="ggn", dtype="float64", **kwargs)  # type: ignore[arg-type]
+    with rec.step(list(range(len(x))), optimizer):
+        logits = model(x)
+        rec.curvature(logits)
+        F.cross_entropy(logits.flatten(0, -2), y.flatten()).backward()
+        optimizer.step()
+    rec.close()
+    return next(dvemb.open_log(log_dir).iter_shards())
+
+
+@pytest.mark.parametrize("proj_dim", [None, (2, 3)], ids=["whole", "projected"])
+def test_all_class_factors_give_the_exact_ggn(log_dir: Path, proj_dim: object) -> None:
+    model = mlp(classes=4)
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    shard = _record_factors(model, log_dir, x, y, proj_dim=proj_dim)
+    reference = per_example_grads(model, ce_mean_over_positions, x, y)
+    log = dvemb.open_log(log_dir)
+    assert log.manifest["curvature"]["rows_per_example"] == 4  # all classes
+    for layer in log.layers:
+        factors = shard.curvature[layer.name]  # (N, C, d)
+        from_factors = torch.einsum("ncd,nce->nde", factors, factors)  # per-example sum_c f f^T
+        ggn = per_example_ggn(model, layer.name, x)  # (N, D, D)
+        p_out = layer.projection.p_out(dtype=torch.float64, device=torch.device("cpu"))
+        p_in = layer.projection.p_in(dtype=torch.float64, device=torch.device("cpu"))
+        proj = torch.kron(p_out, p_in)  # (D, d): row-major flattening of P_out^T G P_in
+        expected = proj.T @ ggn @ proj
+        err = (from_factors - expected).abs().max() / expected.abs().max()
+        assert err < 1e-10, f"{layer.name}: {err:.2e}"
+        batch_err = (from_factors.sum(0) - expected.sum(0)).abs().max() / expected.sum(0).abs().max()
+        assert batch_err < 1e-10
+        # the curvature pass must leave the ordinary per-example gradients untouched
+        grads = layer.projection.project_matrix(layer_matrix(model, layer.name, reference))
+        assert (shard.grads[layer.name] - grads).abs().max() < 1e-10 * grads.abs().max()
+
+
+def test_sampled_factors_are_unbiased_for_sequences(log_dir: Path) -> None:
+    """Sampled labels at every position: the mean of f f^T converges to (1/L) sum_t J_t^T H_t J_t."""
+    model = TinyLM(vocab=5, width=3, hidden=3)
+    tokens, targets = torch.randint(1, 5, (2, 3)), torch.randint(0, 5, (2, 3))
+    samples = 3000
+    shard = _record_factors(model, log_dir, tokens, targets, proj_dim=None, curvature_samples=samples,
+                            layers=["head"])
+    factors = shard.curvature["head"]  # (N, samples, d)
+    assert factors.shape[1] == samples
+    estimate = torch.einsum("nsd,nse->nde", factors, factors)
+    exact = per_example_ggn(model, "head", tokens)
+    rel = (estimate - exact).norm() / exact.norm()
+    assert rel < 0.08, f"Monte Carlo estimate is off by {rel:.3f} (a wrong 1/sqrt(L) scale gives > 0.5)"
+
+
+def test_curvature_after_a_plain_backward_says_how_to_fix_it(log_dir: Path) -> None:
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = dvemb.Recorder(model, log_dir, curvature="ggn")
+    with pytest.raises(dvemb.RecorderError, match="before loss.backward"), rec.step([0, 1], optimizer):
+        logits = model(torch.randn(2, 6))
+        F.cross_entropy(logits, torch.tensor([0, 1])).backward()
+        rec.curvature(logits)
+
+
+def test_missing_curvature_call_is_reported(log_dir: Path) -> None:
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = dvemb.Recorder(model, log_dir, curvature="ggn")
+    with pytest.raises(dvemb.RecorderError, match="rec.curvature"), rec.step([0, 1], optimizer):
+        F.cross_entropy(model(torch.randn(2, 6)), torch.tensor([0, 1])).backward()
+        optimizer.step()
+    assert dvemb.open_log(log_dir).num_steps == 0  # nothing half-recorded
+
+
+def test_curvature_in_empirical_mode_is_refused(log_dir: Path) -> None:
+    model = mlp()
+    rec = dvemb.Recorder(model, log_dir)
+    with pytest.raises(dvemb.RecorderError, match="ggn"), rec.step([0], torch.optim.SGD(model.parameters(), lr=0.1)):
+        rec.curvature(model(torch.randn(1, 6)))
