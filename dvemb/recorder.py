@@ -193,6 +193,9 @@ class Recorder:
                 if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
                     raise ConfigError(f"layers: no module matches {pattern!r}; module names look like {named[0][0]!r}")
             chosen = [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        for name, module in chosen:
+            if type(module) not in SUPPORTED_TYPES:
+                make_adapter(name, module, LayerProjection(1, 1, 1, 1, 0, 0))  # raises the ConfigError naming it
         chosen = [(n, m) for n, m in chosen if any(p.requires_grad for p in m.parameters(recurse=False))]
         if not chosen:
             raise ConfigError(
@@ -200,8 +203,6 @@ class Recorder:
             )
         adapters = []
         for index, (name, module) in enumerate(chosen):
-            if type(module) not in SUPPORTED_TYPES:
-                make_adapter(name, module, LayerProjection(1, 1, 1, 1, 0, 0))  # raises the ConfigError
             out_dim, in_dim = SUPPORTED_TYPES[type(module)].gradient_shape(module)
             spec = _proj_spec_for(name, proj_dim)
             k_out, k_in = _resolve_proj_dim(spec, out_dim, in_dim, name)

@@ -1,0 +1,223 @@
+"""Writer/reader round trip, and every kind of damaged log rejected with its own clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import mlp
+from safetensors.torch import load_file, save_file
+
+import dvemb
+from dvemb.writer import sha256_file
+
+
+def _train(log_dir: Path, steps: int = 6, batch: int = 4, **kwargs: object) -> tuple[torch.nn.Module, list[list[int]]]:
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = dvemb.Recorder(model, log_dir, **{"proj_dim": 4, "shard_steps": 2, **kwargs})  # type: ignore[arg-type]
+    all_ids = []
+    for step in range(steps):
+        ids = [step * batch + i for i in range(batch)]
+        with rec.step(ids, optimizer):
+            loss = F.cross_entropy(model(torch.randn(batch, 6)), torch.randint(0, 3, (batch,)))
+            loss.backward()
+            rec.log_loss(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        all_ids.append(ids)
+    rec.record_queries("validation", [(torch.randn(3, 6), torch.tensor([0, 1, 2]), ["q0", "q1", "q2"])],
+                       texts=["a", "b", "c"])
+    rec.describe([0, 1], texts=["first", "second"], labels=[2, 1], sources=["train.csv"] * 2,
+                 images=torch.rand(2, 8, 8))
+    rec.close()
+    return model, all_ids
+
+
+def test_round_trip(log_dir: Path) -> None:
+    _, all_ids = _train(log_dir)
+    log = dvemb.open_log(log_dir)
+    log.validate()
+    assert log.complete and log.num_steps == 6 and log.num_shards() == 3
+    assert log.end_note() == "complete log of 6 steps"
+    shards = list(log.iter_shards(reverse=True))
+    assert [int(s.steps[0]) for s in shards] == [4, 2, 0]
+    assert shards[-1].example_ids == all_ids[0] + all_ids[1]
+    assert torch.isfinite(shards[0].loss).all() and shards[0].grads["0"].dtype == torch.float32
+    queries = log.load_query_set("validation")
+    assert queries.ids == ["q0", "q1", "q2"] and queries.texts == ["a", "b", "c"]
+    assert queries.labels is not None and queries.labels.tolist() == [0, 1, 2] and queries.step == 6
+    examples = list(log.iter_examples())
+    assert examples[0]["text"] == "first" and examples[1]["label"] == 1 and examples[0]["image"].shape == (8, 8)
+    assert log.manifest["optimizer"]["type"] == "SGD" and log.manifest["optimizer"]["exact_sgd"] is True
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_storage(log_dir: Path, dtype: str) -> None:
+    _train(log_dir, dtype=dtype)
+    log = dvemb.open_log(log_dir)
+    shard = log.read_shard(0)
+    assert shard.grads["0"].dtype == torch.float32  # converted on read
+    assert load_file(str(log_dir / log.manifest["shards"][0]["file"]))["grad.0"].dtype == getattr(torch, dtype)
+    assert log.manifest["shards"][0]["bytes"] < 2000
+
+
+def test_string_ids_round_trip(log_dir: Path) -> None:
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dvemb.Recorder(model, log_dir) as rec:
+        with rec.step(["doc/α", "doc/β"], optimizer):
+            F.cross_entropy(model(torch.randn(2, 6)), torch.tensor([0, 1])).backward()
+            optimizer.step()
+        with pytest.raises(dvemb.ConfigError, match="one id type"), rec.step([1, 2], optimizer):
+            F.cross_entropy(model(torch.randn(2, 6)), torch.tensor([0, 1])).backward()
+    assert dvemb.open_log(log_dir).read_shard(0).example_ids == ["doc/α", "doc/β"]
+
+
+def test_existing_log_is_never_overwritten_silently(log_dir: Path) -> None:
+    _train(log_dir, steps=2)
+    before = sha256_file(log_dir / "manifest.json")
+    with pytest.raises(dvemb.ConfigError, match="overwrite=True"):
+        dvemb.Recorder(mlp(), log_dir)
+    assert sha256_file(log_dir / "manifest.json") == before
+    dvemb.Recorder(mlp(), log_dir, overwrite=True).close()
+    assert dvemb.open_log(log_dir).num_steps == 0
+
+
+# -- damaged logs ---------------------------------------------------------------------------------
+
+
+def _shard(log_dir: Path) -> Path:
+    return log_dir / dvemb.open_log(log_dir).manifest["shards"][1]["file"]
+
+
+def _reseal(log_dir: Path, path: Path) -> None:
+    """Record a tampered file's true size and checksum, so that only the tampering itself is caught."""
+    manifest = json.loads((log_dir / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        if entry["file"] == path.name:
+            entry.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    (log_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _read_all(log_dir: Path) -> None:
+    dvemb.open_log(log_dir).validate()
+
+
+def test_truncated_shard(log_dir: Path) -> None:
+    _train(log_dir)
+    path = _shard(log_dir)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(dvemb.TruncatedFileError, match=rf"{path.name}.*truncated"):
+        _read_all(log_dir)
+
+
+def test_wrong_checksum(log_dir: Path) -> None:
+    _train(log_dir)
+    path = _shard(log_dir)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # flip a bit of a stored value: still a well-formed file
+    path.write_bytes(bytes(data))
+    with pytest.raises(dvemb.ChecksumError, match=rf"{path.name}.*sha256"):
+        _read_all(log_dir)
+
+
+def test_wrong_version(log_dir: Path) -> None:
+    _train(log_dir)
+    manifest = json.loads((log_dir / "manifest.json").read_text())
+    manifest["version"] = 99
+    (log_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(dvemb.LogVersionError, match="version 99 is not supported"):
+        dvemb.open_log(log_dir)
+
+
+def test_nan_values(log_dir: Path) -> None:
+    _train(log_dir)
+    path = _shard(log_dir)
+    tensors = load_file(str(path))
+    tensors["grad.2"][1, 0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "dvemb-gradient-log"})
+    _reseal(log_dir, path)
+    with pytest.raises(dvemb.NonFiniteValueError, match=r"grad\.2.*1 NaN"):
+        _read_all(log_dir)
+
+
+def test_header_that_lies_about_sizes(log_dir: Path) -> None:
+    _train(log_dir)
+    path = _shard(log_dir)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    rows, dim = header["grad.0"]["shape"]
+    header["grad.0"]["shape"] = [rows * 2, dim]  # claims twice the rows its byte span holds
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    _reseal(log_dir, path)
+    with pytest.raises(dvemb.HeaderMismatchError, match=r"grad\.0.*claims shape"):
+        _read_all(log_dir)
+
+
+def test_pickle_renamed_as_shard(log_dir: Path) -> None:
+    _train(log_dir)
+    path = _shard(log_dir)
+    path.write_bytes(pickle.dumps({"grad.0": [1.0, 2.0]}))  # never unpickled: recognised as not safetensors
+    _reseal(log_dir, path)
+    with pytest.raises(dvemb.NotSafetensorsError, match="not a safetensors file"):
+        _read_all(log_dir)
+
+
+def test_missing_shard_and_step_gap(log_dir: Path) -> None:
+    _train(log_dir)
+    manifest = json.loads((log_dir / "manifest.json").read_text())
+    del manifest["shards"][1]
+    (log_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(dvemb.StepContinuityError, match="expected it to start at 2"):
+        dvemb.open_log(log_dir)
+
+
+def test_not_a_log(tmp_path: Path) -> None:
+    with pytest.raises(dvemb.LogFormatError, match="not a dvemb gradient log"):
+        dvemb.open_log(tmp_path)
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, torch, torch.nn.functional as F, dvemb
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = dvemb.Recorder(model, sys.argv[1], proj_dim=None, shard_steps=3)
+    step = 0
+    while True:
+        with rec.step([4 * step + i for i in range(4)], optimizer):
+            F.cross_entropy(model(torch.randn(4, 6)), torch.randint(0, 3, (4,))).backward()
+            optimizer.step(); optimizer.zero_grad()
+        step += 1
+        if step == 7:
+            print("ready", flush=True)
+    """
+)
+
+
+def test_killed_writer_leaves_a_readable_prefix(log_dir: Path) -> None:
+    with subprocess.Popen([sys.executable, "-c", _WRITER, str(log_dir)], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)  # keep writing shards, then die mid-run without any clean-up
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log = dvemb.open_log(log_dir)
+    log.validate()
+    assert not log.complete and log.num_steps >= 6 and log.num_steps % 3 == 0
+    assert log.end_note().startswith("incomplete log: recording stopped after the last complete shard")
+    assert f"steps 0 to {log.num_steps - 1}" in log.end_note()
