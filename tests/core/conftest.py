@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+
 class TinyLM(nn.Module):
     """Embedding -> Linear on (B, L, d) -> tanh -> Linear to (B, L, V) logits."""
 

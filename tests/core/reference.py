@@ -20,13 +20,17 @@ def layer_matrix(model: nn.Module, layer: str, per_param: dict[str, torch.Tensor
     """(N, out, in[+1]) gradient matrices of one layer from per-parameter tensors with a leading N."""
     module = model.get_submodule(layer)
     weight = per_param[f"{layer}.weight"]
-    weight = weight.flatten(2) if weight.dim() > 3 else weight  # conv (N, C_out, C_in, kh, kw) -> (N, C_out, C_in*kh*kw)
+    weight = (
+        weight.flatten(2) if weight.dim() > 3 else weight
+    )  # conv (N, C_out, C_in, kh, kw) -> (N, C_out, C_in*kh*kw)
     if getattr(module, "bias", None) is not None:
         weight = torch.cat([weight, per_param[f"{layer}.bias"].unsqueeze(-1)], dim=-1)
     return weight
 
 
-def per_example_grads(model: nn.Module, loss: LossOfOutputs, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def per_example_grads(
+    model: nn.Module, loss: LossOfOutputs, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-example gradients of ``loss(model(x_i), y_i)``, {param name: (N, *shape)}."""
     params = _params(model)
 

@@ -14,8 +14,9 @@ from torch import nn
 import dvemb
 
 
-def _record_factors(model: nn.Module, log_dir: Path, x: torch.Tensor, y: torch.Tensor, **kwargs: object
-                    ) -> dvemb.ShardData:
+def _record_factors(
+    model: nn.Module, log_dir: Path, x: torch.Tensor, y: torch.Tensor, **kwargs: object
+) -> dvemb.ShardData:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0 keeps the model at the reference point
     rec = dvemb.Recorder(model, log_dir, curvature="ggn", dtype="float64", **kwargs)  # type: ignore[arg-type]
     with rec.step(list(range(len(x))), optimizer):
@@ -57,8 +58,7 @@ def test_sampled_factors_are_unbiased_for_sequences(log_dir: Path) -> None:
     model = TinyLM(vocab=5, width=3, hidden=3)
     tokens, targets = torch.randint(1, 5, (2, 3)), torch.randint(0, 5, (2, 3))
     samples = 3000
-    shard = _record_factors(model, log_dir, tokens, targets, proj_dim=None, curvature_samples=samples,
-                            layers=["head"])
+    shard = _record_factors(model, log_dir, tokens, targets, proj_dim=None, curvature_samples=samples, layers=["head"])
     factors = shard.curvature["head"]  # (N, samples, d)
     assert factors.shape[1] == samples
     estimate = torch.einsum("nsd,nse->nde", factors, factors)

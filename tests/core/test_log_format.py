@@ -37,10 +37,12 @@ def _train(log_dir: Path, steps: int = 6, batch: int = 4, **kwargs: object) -> t
             optimizer.step()
             optimizer.zero_grad()
         all_ids.append(ids)
-    rec.record_queries("validation", [(torch.randn(3, 6), torch.tensor([0, 1, 2]), ["q0", "q1", "q2"])],
-                       texts=["a", "b", "c"])
-    rec.describe([0, 1], texts=["first", "second"], labels=[2, 1], sources=["train.csv"] * 2,
-                 images=torch.rand(2, 8, 8))
+    rec.record_queries(
+        "validation", [(torch.randn(3, 6), torch.tensor([0, 1, 2]), ["q0", "q1", "q2"])], texts=["a", "b", "c"]
+    )
+    rec.describe(
+        [0, 1], texts=["first", "second"], labels=[2, 1], sources=["train.csv"] * 2, images=torch.rand(2, 8, 8)
+    )
     rec.close()
     return model, all_ids
 

@@ -17,8 +17,15 @@ TOL = 1e-10
 
 
 def _record_one_step(
-    model: nn.Module, log_dir: Path, x: torch.Tensor, y: torch.Tensor, *, micro_batches: list[slice],
-    reduction: str, proj_dim: object, layers: object = None,
+    model: nn.Module,
+    log_dir: Path,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    micro_batches: list[slice],
+    reduction: str,
+    proj_dim: object,
+    layers: object = None,
 ) -> dvemb.ShardData:
     """One optimizer step, possibly over several micro-batches, with the loss scaled as users do."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -36,8 +43,14 @@ def _record_one_step(
     return next(dvemb.open_log(log_dir).iter_shards())
 
 
-def _assert_matches_reference(model: nn.Module, params_before: dict[str, torch.Tensor], log_dir: Path,
-                              shard: dvemb.ShardData, x: torch.Tensor, y: torch.Tensor) -> None:
+def _assert_matches_reference(
+    model: nn.Module,
+    params_before: dict[str, torch.Tensor],
+    log_dir: Path,
+    shard: dvemb.ShardData,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(params_before[name])  # the reference is taken at the parameters the step saw
@@ -73,8 +86,9 @@ def test_recorded_gradients_equal_reference(
     x, y = make_data()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     parts = [slice(0, 4), slice(4, 6)] if accumulate else [slice(0, 6)]
-    shard = _record_one_step(model, log_dir, x, y, micro_batches=parts, reduction=reduction, proj_dim=proj_dim,
-                             layers=layers)
+    shard = _record_one_step(
+        model, log_dir, x, y, micro_batches=parts, reduction=reduction, proj_dim=proj_dim, layers=layers
+    )
     if reduction == "sum":
         # the per-example loss of a sequence under a summed loss is the sum over its positions
         positions = y[0].numel()
@@ -85,8 +99,16 @@ def test_recorded_gradients_equal_reference(
 def test_embedding_padding_rows_get_no_gradient(log_dir: Path) -> None:
     model = TinyLM()
     tokens = torch.zeros(3, 4, dtype=torch.long)  # every token is the padding index
-    shard = _record_one_step(model, log_dir, tokens, torch.randint(0, 7, (3, 4)), micro_batches=[slice(0, 3)],
-                             reduction="mean", proj_dim=None, layers=["embed"])
+    shard = _record_one_step(
+        model,
+        log_dir,
+        tokens,
+        torch.randint(0, 7, (3, 4)),
+        micro_batches=[slice(0, 3)],
+        reduction="mean",
+        proj_dim=None,
+        layers=["embed"],
+    )
     assert shard.grads["embed"].abs().max() == 0
 
 
@@ -95,8 +117,9 @@ def test_projection_is_reproducible_from_the_manifest(log_dir: Path) -> None:
     x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
     shard = _record_one_step(model, log_dir, x, y, micro_batches=[slice(0, 5)], reduction="mean", proj_dim=9)
     layer = dvemb.open_log(log_dir).layers[0]
-    rebuilt = dvemb.LayerProjection(**{f: getattr(layer.projection, f) for f in
-                                       ("out_dim", "in_dim", "k_out", "k_in", "seed_out", "seed_in")})
+    rebuilt = dvemb.LayerProjection(
+        **{f: getattr(layer.projection, f) for f in ("out_dim", "in_dim", "k_out", "k_in", "seed_out", "seed_in")}
+    )
     p = rebuilt.p_out(dtype=torch.float64, device=torch.device("cpu"))
     assert p.shape == (5, 3)
     assert torch.equal(p, layer.projection.p_out(dtype=torch.float64, device=torch.device("cpu")))

@@ -42,11 +42,14 @@ def test_learning_rate_is_the_one_optimizer_step_used(log_dir: Path) -> None:
     assert shard.weight_decay[:, 0].tolist() == [0.01] * 3 and shard.weight_decay[:, 1].tolist() == [0.0] * 3
 
 
-@pytest.mark.parametrize(("make", "mode"), [
-    (lambda p: torch.optim.Adam(p, lr=1e-3), "l2"),
-    (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), "decoupled"),
-    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "l2"),
-])
+@pytest.mark.parametrize(
+    ("make", "mode"),
+    [
+        (lambda p: torch.optim.Adam(p, lr=1e-3), "l2"),
+        (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), "decoupled"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "l2"),
+    ],
+)
 def test_non_sgd_optimizers_warn_once_and_are_described(log_dir: Path, make: object, mode: str) -> None:
     model = mlp()
     optimizer = make(model.parameters())  # type: ignore[operator]
@@ -87,8 +90,10 @@ def test_wrong_number_of_ids(log_dir: Path) -> None:
 def test_step_without_backward(log_dir: Path) -> None:
     model = mlp()
     rec = dvemb.Recorder(model, log_dir)
-    with pytest.raises(dvemb.RecorderError, match=r"call loss\.backward\(\) inside"), \
-            rec.step([0, 1], torch.optim.SGD(model.parameters(), lr=0.1)):
+    with (
+        pytest.raises(dvemb.RecorderError, match=r"call loss\.backward\(\) inside"),
+        rec.step([0, 1], torch.optim.SGD(model.parameters(), lr=0.1)),
+    ):
         model(torch.randn(2, 6))
 
 
@@ -109,8 +114,10 @@ def test_non_finite_gradient_stops_with_the_step(log_dir: Path) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = dvemb.Recorder(model, log_dir)
     _one_step(rec, model, optimizer)
-    with pytest.raises(dvemb.RecorderError, match="non-finite gradient .* at step 1 .*keeps steps 0 to 0"), \
-            rec.step([0], optimizer):
+    with (
+        pytest.raises(dvemb.RecorderError, match="non-finite gradient .* at step 1 .*keeps steps 0 to 0"),
+        rec.step([0], optimizer),
+    ):
         (model(torch.full((1, 6), float("inf"))).sum()).backward()
     assert dvemb.open_log(log_dir).num_steps == 1  # the good step was flushed
 
@@ -124,16 +131,19 @@ def test_hand_written_update_with_lr(log_dir: Path) -> None:
     assert dvemb.open_log(log_dir).read_shard(0).lr.tolist() == [[0.3, 0.3]]
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"proj_dim": 10}, "not a positive square"),
-    ({"proj_dim": "big"}, "must be None, a square int"),
-    ({"curvature": "fisher"}, "curvature='fisher' is not one of"),
-    ({"loss_reduction": "avg"}, "loss_reduction='avg'"),
-    ({"dtype": "int8"}, "dtype='int8'"),
-    ({"layers": ["nope"]}, "no module matches 'nope'"),
-    ({"layers": ["1"]}, "is a ReLU; dvemb records Linear, Conv2d, Embedding"),
-    ({"curvature_samples": 0}, "curvature_samples"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"proj_dim": 10}, "not a positive square"),
+        ({"proj_dim": "big"}, "must be None, a square int"),
+        ({"curvature": "fisher"}, "curvature='fisher' is not one of"),
+        ({"loss_reduction": "avg"}, "loss_reduction='avg'"),
+        ({"dtype": "int8"}, "dtype='int8'"),
+        ({"layers": ["nope"]}, "no module matches 'nope'"),
+        ({"layers": ["1"]}, "is a ReLU; dvemb records Linear, Conv2d, Embedding"),
+        ({"curvature_samples": 0}, "curvature_samples"),
+    ],
+)
 def test_bad_arguments_name_the_problem(log_dir: Path, kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(dvemb.ConfigError, match=message):
         dvemb.Recorder(mlp(), log_dir, **kwargs)  # type: ignore[arg-type]
