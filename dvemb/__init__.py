@@ -22,6 +22,7 @@ from dvemb.optim import DvembWarning
 from dvemb.projection import LayerProjection
 from dvemb.reader import GradientLog, LayerInfo, QuerySet, ShardData, open_log
 from dvemb.recorder import DEFAULT_PROJ_DIM, Recorder
+from dvemb.testgrad import project_model_gradient
 
 __version__ = "0.1.0"
 
@@ -48,4 +49,5 @@ __all__ = [
     "TruncatedFileError",
     "__version__",
     "open_log",
+    "project_model_gradient",
 ]

@@ -34,7 +34,7 @@ from dvemb.errors import (
 from dvemb.projection import LayerProjection
 from dvemb.writer import sha256_file
 
-__all__ = ["GradientLog", "LayerInfo", "QuerySet", "ShardData", "open_log"]
+__all__ = ["GradientLog", "LayerInfo", "QuerySet", "ShardData", "layers_from_manifest", "open_log"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,11 @@ def _layer_info(path: Path, entry: Any) -> LayerInfo:
         raise LogFormatError(path, f"malformed layer entry in manifest ({exc!r})") from None
 
 
+def layers_from_manifest(manifest: dict[str, Any], path: str | Path = "manifest.json") -> list[LayerInfo]:
+    """The tracked layers (with their projections) described by a manifest."""
+    return [_layer_info(Path(path), entry) for entry in manifest["layers"]]
+
+
 class GradientLog:
     """A gradient log opened for reading.
 
@@ -173,7 +178,7 @@ class GradientLog:
             _load_manifest(self.directory / fmt.rank_manifest_name(r)) for r in range(1, self.world_size)
         ]
         manifest_path = self.directory / fmt.MANIFEST
-        self.layers = [_layer_info(manifest_path, e) for e in self.manifest["layers"]]
+        self.layers = layers_from_manifest(self.manifest, manifest_path)
         self.dtype = fmt.STORAGE_DTYPES[self.manifest["dtype"]]
         self._check_shard_list()
 

@@ -192,3 +192,22 @@ def test_query_set_name_is_checked(log_dir: Path) -> None:
     rec = dvemb.Recorder(mlp(), log_dir)
     with pytest.raises(dvemb.ConfigError, match="query set name '../x'"):
         rec.record_queries("../x", [])
+
+
+def test_a_later_test_gradient_lands_in_the_query_space(log_dir: Path) -> None:
+    """project_model_gradient (client side, manifest only) equals what record_queries stored."""
+    model = TinyLM()
+    rec = dvemb.Recorder(model, log_dir, layers="all", proj_dim=(3, 2), dtype="float64")
+    tokens, targets = torch.randint(0, 7, (1, 4)), torch.randint(0, 7, (1, 4))
+    rec.record_queries("one", [(tokens, targets)])
+    rec.close()
+    log = dvemb.open_log(log_dir)
+    model.zero_grad()
+    F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten()).backward()
+    projected = dvemb.project_model_gradient(log.manifest, model)
+    stored = log.load_query_set("one").grads
+    assert set(projected) == {"embed", "mix", "head"}
+    for name, vector in projected.items():
+        assert (vector - stored[name][0]).abs().max() < 1e-12
+    with pytest.raises(dvemb.ConfigError, match="pass the recorded model"):
+        dvemb.project_model_gradient(log.manifest, mlp())
