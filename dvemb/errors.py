@@ -6,6 +6,7 @@ only know Python's builtins still catch it::
     DvembError
     ├── ConfigError(ValueError)            a bad argument; the message names it and the fix
     ├── RecorderError(RuntimeError)        the recorder was used in a way it cannot record
+    ├── NumericalError(FloatingPointError) the engine met NaN or infinity; names the step and a likely cause
     └── LogFormatError(ValueError)         a gradient log that cannot be trusted; names the file
         ├── LogVersionError                written by an unknown format version
         ├── NotSafetensorsError            a shard that is not a safetensors file (e.g. a pickle)
@@ -31,6 +32,10 @@ class ConfigError(DvembError, ValueError):
 
 class RecorderError(DvembError, RuntimeError):
     """The recorder was used in a way it cannot record correctly."""
+
+
+class NumericalError(DvembError, FloatingPointError):
+    """The computation produced NaN or infinity (the message names the step and a likely cause)."""
 
 
 class LogFormatError(DvembError, ValueError):

@@ -253,6 +253,32 @@ class GradientLog:
         for index in order:
             yield self.read_shard(index)
 
+    def read_index(self, index: int) -> tuple[torch.Tensor, list[int] | list[str]]:
+        """Step and example id of every row of the ``index``-th (merged) shard, without loading gradients.
+
+        Headers are checked; checksums and values are checked when the shard itself is read.
+        """
+        steps: list[torch.Tensor] = []
+        ids: list[Any] = []
+        for rank in range(self.world_size):
+            entry = self.rank_manifests[rank]["shards"][index]
+            path = self.directory / str(entry["file"])
+            header, _, _ = fmt.read_safetensors_header(path)
+            with safe_open(str(path), framework="pt") as f:
+                steps.append(f.get_tensor("row_step"))
+                ids.extend(
+                    self._ids(
+                        path, {k: f.get_tensor(k) for k in header if k.startswith("example_id")}, int(entry["num_rows"])
+                    )
+                )
+        row_step = torch.cat(steps)
+        order = torch.sort(row_step, stable=True).indices
+        return row_step[order], [ids[i] for i in order.tolist()]
+
+    def num_rows(self, index: int) -> int:
+        """Rows of the ``index``-th (merged) shard."""
+        return sum(int(m["shards"][index]["num_rows"]) for m in self.rank_manifests)
+
     def read_shard(self, index: int) -> ShardData:
         """Read, validate and (across ranks) merge the ``index``-th shard."""
         parts = [self._read_rank_shard(rank, index) for rank in range(self.world_size)]

@@ -1,0 +1,547 @@
+"""Offline computation of data value embeddings, scores and phases from a gradient log.
+
+:func:`compute` streams the log's shards from the last step to the first, runs the blocked
+recursion per layer group (or on the full concatenated vector), scores every occurrence against
+every query set, and writes the results documented in docs/results.md. Memory holds the ``M``
+blocks, one shard and the aggregates; embeddings and per-occurrence scores go to memory-mapped
+files. A checkpoint after every shard makes an interrupted run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dvemb import logformat as fmt
+from dvemb.engine.phases import find_phases
+from dvemb.engine.recursion import BlockedRecursion, Chunk
+from dvemb.engine.scoring import RunningTopK
+from dvemb.errors import ConfigError, NumericalError
+from dvemb.reader import GradientLog, QuerySet, ShardData, open_log
+from dvemb.writer import write_json_atomic
+
+__all__ = ["RESULTS_VERSION", "ComputeArguments", "ComputeProgress", "compute"]
+
+RESULTS_VERSION = 1
+_CHECKPOINT = "checkpoint.safetensors"
+_SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class ComputeArguments:
+    """Options of :func:`compute`.
+
+    Attributes:
+        curvature: ``None`` (the log's own mode), ``"empirical"`` or ``"ggn"`` (needs a ggn log).
+        blocks: ``"layer"`` (one ``M`` block per layer, the default) or ``"full"`` (one ``M`` over all layers).
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+        accumulate_dtype: ``"float32"`` or ``"float64"`` for ``M`` and the recursion.
+        block_rows: curvature rows processed together (whole steps; capped by memory).
+        top_k: helpful and harmful examples kept per query and per query set.
+        query_sets: names to score, or ``None`` for all query sets of the log.
+        save_embeddings: write every occurrence's embedding to ``embeddings.npy``.
+    """
+
+    curvature: str | None = None
+    blocks: str = "layer"
+    device: str = "auto"
+    accumulate_dtype: str = "float32"
+    block_rows: int = 4096
+    top_k: int = 100
+    query_sets: tuple[str, ...] | None = None
+    save_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("curvature", self.curvature, (None, "empirical", "ggn")),
+            ("blocks", self.blocks, ("layer", "full")),
+            ("device", self.device, ("auto", "cpu", "cuda")),
+            ("accumulate_dtype", self.accumulate_dtype, ("float32", "float64")),
+        ]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+        if self.block_rows < 1 or self.top_k < 1:
+            raise ConfigError("block_rows and top_k must be at least 1")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
+
+
+@dataclass(frozen=True)
+class ComputeProgress:
+    """Where a computation stands (steps are counted backwards from the end of training)."""
+
+    steps_done: int
+    total_steps: int
+    current_step: int
+    elapsed_s: float
+    eta_s: float | None
+
+    @property
+    def fraction(self) -> float:
+        """Share of steps processed, 0 to 1."""
+        return self.steps_done / max(self.total_steps, 1)
+
+
+ProgressCallback = Callable[[ComputeProgress], None]
+
+
+@dataclass
+class _Group:
+    layers: list[int]
+    dim: int
+    recursion: BlockedRecursion
+
+
+@dataclass
+class _QueryScores:
+    """Aggregates of one query set."""
+
+    queries: QuerySet
+    matrix: torch.Tensor  # (Q, D)
+    helpful: RunningTopK
+    harmful: RunningTopK
+    set_helpful: RunningTopK
+    set_harmful: RunningTopK
+    totals: torch.Tensor  # (N, Q) float64
+    step_mean: torch.Tensor  # (T,) mean over the step's rows of the query-set mean score
+    step_abs: torch.Tensor  # (T,) sum over the step's rows of |query-set mean score|
+    scores: np.memmap | None = None  # (R, Q) float32
+    curves: np.memmap | None = None  # (T, Q) float32: per-query mean score of the step's rows
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fingerprint(log: GradientLog, args: ComputeArguments) -> str:
+    manifest_bytes = (log.directory / fmt.MANIFEST).read_bytes()
+    payload = manifest_bytes + json.dumps(asdict(args), sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _device(args: ComputeArguments) -> torch.device:
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+class _Run:
+    """One computation: the log, the options, the state, the output directory."""
+
+    def __init__(self, log: GradientLog, out: Path, args: ComputeArguments, progress: ProgressCallback | None) -> None:
+        self.log, self.out, self.args, self.progress = log, out, args, progress
+        self.device = _device(args)
+        self.dtype = torch.float64 if args.accumulate_dtype == "float64" else torch.float32
+        self.mode = args.curvature or log.curvature_mode
+        if self.mode == "ggn" and log.curvature_mode != "ggn":
+            raise ConfigError("curvature='ggn' needs a log recorded with curvature='ggn'; this log is empirical")
+        self.fingerprint = _fingerprint(log, args)
+        self.layer_dims = [layer.dim for layer in log.layers]
+        self.offsets = np.cumsum([0, *self.layer_dims]).tolist()
+        self.total_dim = int(self.offsets[-1])
+        self.num_steps = log.num_steps
+        self.groups = self._make_groups()
+        self._index()
+        self.scorers = {name: self._scorer(name) for name in self._query_set_names()}
+        self.embeddings: np.memmap | None = None
+        self.step_lr = torch.zeros(self.num_steps, dtype=torch.float64)  # first layer's rate: the phase plot's
+        self.step_batch = torch.zeros(self.num_steps, dtype=torch.int64)
+        self.step_loss = torch.full((self.num_steps,), float("nan"), dtype=torch.float64)
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _make_groups(self) -> list[_Group]:
+        if self.args.blocks == "full":
+            layers = list(range(len(self.layer_dims)))
+            recursion = BlockedRecursion(1, self.total_dim, dtype=self.dtype, device=self.device)
+            return [_Group(layers, self.total_dim, recursion)]
+        by_dim: dict[int, list[int]] = {}
+        for index, dim in enumerate(self.layer_dims):
+            by_dim.setdefault(dim, []).append(index)
+        return [
+            _Group(layers, dim, BlockedRecursion(len(layers), dim, dtype=self.dtype, device=self.device))
+            for dim, layers in by_dim.items()
+        ]
+
+    def _index(self) -> None:
+        """Occurrence table: step, example index and epoch of every row, in chronological order."""
+        steps: list[torch.Tensor] = []
+        ids: list[Any] = []
+        self.shard_offsets = [0]
+        for index in range(self.log.num_shards()):
+            row_step, shard_ids = self.log.read_index(index)
+            steps.append(row_step)
+            ids.extend(shard_ids)
+            self.shard_offsets.append(self.shard_offsets[-1] + len(shard_ids))
+        self.row_step = torch.cat(steps) if steps else torch.zeros(0, dtype=torch.int64)
+        table: dict[Any, int] = {}
+        self.example_index = torch.tensor([table.setdefault(i, len(table)) for i in ids], dtype=torch.int64)
+        self.example_ids: list[Any] = list(table)
+        ex = self.example_index.numpy()
+        order = np.argsort(ex, kind="stable")
+        sorted_ex = ex[order]
+        starts = np.flatnonzero(np.r_[True, np.diff(sorted_ex) != 0]) if len(ex) else np.zeros(0, dtype=np.int64)
+        lengths = np.diff(np.r_[starts, len(ex)])
+        epoch = np.empty(len(ex), dtype=np.int64)
+        epoch[order] = np.arange(len(ex)) - np.repeat(starts, lengths)
+        self.epoch = torch.from_numpy(epoch)
+
+    def _query_set_names(self) -> list[str]:
+        available = self.log.query_set_names()
+        wanted = list(self.args.query_sets) if self.args.query_sets is not None else available
+        missing = [name for name in wanted if name not in available]
+        if missing:
+            raise ConfigError(f"query set(s) {missing} are not in the log, which has {available}")
+        return wanted
+
+    def _scorer(self, name: str) -> _QueryScores:
+        queries = self.log.load_query_set(name)
+        matrix = torch.cat([queries.grads[layer.name] for layer in self.log.layers], dim=1)  # (Q, D)
+        q = matrix.shape[0]
+        k = self.args.top_k
+        return _QueryScores(
+            queries=queries,
+            matrix=matrix.to(self.device, self.dtype),
+            helpful=RunningTopK(q, k, largest=True),
+            harmful=RunningTopK(q, k, largest=False),
+            set_helpful=RunningTopK(1, k, largest=True),
+            set_harmful=RunningTopK(1, k, largest=False),
+            totals=torch.zeros(len(self.example_ids), q, dtype=torch.float64),
+            step_mean=torch.zeros(self.num_steps, dtype=torch.float64),
+            step_abs=torch.zeros(self.num_steps, dtype=torch.float64),
+        )
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def _open_arrays(self, resume: bool) -> None:
+        rows = len(self.row_step)
+        mode = "r+" if resume else "w+"
+
+        def array(name: str, shape: tuple[int, ...]) -> np.memmap:
+            path = self.out / name
+            if resume:
+                return np.load(path, mmap_mode="r+")  # type: ignore[no-any-return]
+            # float64 accumulation keeps float64 files: the exactness tests read them at 1e-10.
+            dtype = np.float64 if self.dtype == torch.float64 else np.float32
+            return np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape)
+
+        if self.args.save_embeddings:
+            self.embeddings = array("embeddings.npy", (rows, self.total_dim))
+        for name, scorer in self.scorers.items():
+            q = scorer.matrix.shape[0]
+            scorer.scores = array(f"scores-{name}.npy", (rows, q))
+            scorer.curves = array(f"curves-{name}.npy", (self.num_steps, q))
+
+    def _flush_arrays(self) -> None:
+        for array in [
+            self.embeddings,
+            *(s.scores for s in self.scorers.values()),
+            *(s.curves for s in self.scorers.values()),
+        ]:
+            if array is not None:
+                array.flush()
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {
+            "step_lr": self.step_lr,
+            "step_batch": self.step_batch,
+            "step_loss": self.step_loss,
+        }
+        for g, group in enumerate(self.groups):
+            state[f"M.{g}"] = group.recursion.M.cpu()
+            state[f"log_scale.{g}"] = group.recursion.log_scale
+        for name, s in self.scorers.items():
+            for part in ("helpful", "harmful", "set_helpful", "set_harmful"):
+                state.update(getattr(s, part).state(f"{name}.{part}"))
+            state.update({f"{name}.totals": s.totals, f"{name}.step_mean": s.step_mean, f"{name}.step_abs": s.step_abs})
+        return state
+
+    def _save_checkpoint(self, next_shard: int) -> None:
+        self._flush_arrays()
+        tmp = self.out / (_CHECKPOINT + ".tmp")
+        meta = {"fingerprint": self.fingerprint, "next_shard": str(next_shard)}
+        save_file({k: v.contiguous() for k, v in self._state().items()}, str(tmp), metadata=meta)
+        os.replace(tmp, self.out / _CHECKPOINT)
+
+    def _load_checkpoint(self) -> int | None:
+        """The shard to continue from, after restoring the state; None when there is nothing to resume."""
+        path = self.out / _CHECKPOINT
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("fingerprint") != self.fingerprint:
+            return None
+        state = load_file(str(path))
+        self.step_lr, self.step_batch, self.step_loss = state["step_lr"], state["step_batch"], state["step_loss"]
+        for g, group in enumerate(self.groups):
+            group.recursion.M.copy_(state[f"M.{g}"])
+            group.recursion.log_scale = state[f"log_scale.{g}"]
+        for name, s in self.scorers.items():
+            for part in ("helpful", "harmful", "set_helpful", "set_harmful"):
+                getattr(s, part).load(f"{name}.{part}", state)
+            s.totals, s.step_mean, s.step_abs = (
+                state[f"{name}.totals"],
+                state[f"{name}.step_mean"],
+                state[f"{name}.step_abs"],
+            )
+        return int(meta["next_shard"])
+
+    # -- the backward pass ------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        resume_from = self._load_checkpoint()
+        self._open_arrays(resume=resume_from is not None)
+        if resume_from is None:
+            self._write_index()
+            resume_from = self.log.num_shards() - 1
+            self._save_checkpoint(resume_from)
+        done_steps = self.num_steps - (
+            int(self.log.manifest["shards"][resume_from]["last_step"]) + 1 if resume_from >= 0 else 0
+        )
+        for index in range(resume_from, -1, -1):
+            shard = self.log.read_shard(index)
+            self._process_shard(shard, self.shard_offsets[index])
+            self._save_checkpoint(index - 1)
+            done_steps += len(shard.steps)
+            self._report(done_steps, int(shard.steps[0]), started)
+        summary = self._finish(time.monotonic() - started)
+        (self.out / _CHECKPOINT).unlink(missing_ok=True)
+        return summary
+
+    def _report(self, done: int, current: int, started: float) -> None:
+        if self.progress is None:
+            return
+        elapsed = time.monotonic() - started
+        eta = elapsed / done * (self.num_steps - done) if done else None
+        self.progress(ComputeProgress(done, self.num_steps, current, elapsed, eta))
+
+    def _process_shard(self, shard: ShardData, row_offset: int) -> None:
+        self.step_lr[shard.steps], self.step_batch[shard.steps] = shard.lr[:, 0], shard.batch_size
+        self.step_loss[shard.steps] = shard.loss
+        rows_per_step = shard.batch_size.tolist()
+        factor_rows = 1
+        if self.mode == "ggn":
+            factor_rows = next(iter(shard.curvature.values())).shape[1]
+        budget = self._row_budget()
+        step_rows = np.cumsum([0, *rows_per_step])
+        end = len(rows_per_step)
+        while end > 0:
+            start = end - 1
+            while start > 0 and (step_rows[end] - step_rows[start - 1]) * factor_rows <= budget:
+                start -= 1
+            self._process_chunk(shard, start, end, int(step_rows[start]), int(step_rows[end]), row_offset)
+            end = start
+
+    def _row_budget(self) -> int:
+        # Each group holds a (G, n, n) Gram matrix: keep it under about 1 GiB.
+        widest = max(len(g.layers) for g in self.groups)
+        return max(1, min(self.args.block_rows, int((2**30 / (8 * widest)) ** 0.5)))
+
+    def _rates(self, shard: ShardData, s0: int, s1: int, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        lr = shard.lr[s0:s1][:, layers].T  # (G, S)
+        wd = shard.weight_decay[s0:s1][:, layers].T
+        rate = lr / shard.batch_size[s0:s1].double() if self.log.loss_reduction == "mean" else lr
+        decay = 1.0 - lr * wd
+        if bool((decay <= 0).any()):
+            raise NumericalError(f"learning rate times weight decay reaches 1 at step {int(shard.steps[s0])}")
+        if self.args.blocks == "full" and not (bool((lr == lr[:1]).all()) and bool((wd == wd[:1]).all())):
+            raise ConfigError(
+                "blocks='full' needs one learning rate and weight decay for all tracked layers; use blocks='layer'"
+            )
+        return (rate[:1], decay[:1]) if self.args.blocks == "full" else (rate, decay)
+
+    def _process_chunk(self, shard: ShardData, s0: int, s1: int, r0: int, r1: int, row_offset: int) -> None:
+        steps = shard.steps[s0:s1]
+        grad_steps = shard.row_step[r0:r1]
+        embedding = torch.empty(r1 - r0, self.total_dim, dtype=self.dtype, device=self.device)
+        for group in self.groups:
+            names = [self.log.layers[i].name for i in group.layers]
+            stack = torch.cat if self.args.blocks == "full" else torch.stack
+            dim = 1 if self.args.blocks == "full" else 0
+            grads = stack([shard.grads[n][r0:r1] for n in names], dim)
+            curv = curv_steps = None
+            if self.mode == "ggn":
+                factors = [shard.curvature[n][r0:r1] for n in names]  # (n, C, d) each
+                curv = stack([f.flatten(0, 1) for f in factors], dim)
+                curv_steps = grad_steps.repeat_interleave(factors[0].shape[1])
+            if self.args.blocks == "full":
+                grads, curv = grads.unsqueeze(0), (curv.unsqueeze(0) if curv is not None else None)
+            rate, decay = self._rates(shard, s0, s1, group.layers)
+            out = group.recursion.process(Chunk(grads, grad_steps, curv, curv_steps, steps, rate, decay))
+            if self.args.blocks == "full":
+                embedding.copy_(out[0])
+            else:
+                for position, layer in enumerate(group.layers):
+                    embedding[:, self.offsets[layer] : self.offsets[layer + 1]] = out[position]
+        if not bool(torch.isfinite(embedding).all()):
+            raise NumericalError(
+                f"non-finite embedding at steps {int(steps[0])} to {int(steps[-1])}: the learning rate may be too "
+                "large for the curvature (the product of (I - lr H) factors overflows), or float16 storage overflowed; "
+                "try accumulate_dtype='float64' or re-record with a smaller learning rate or dtype='float32'"
+            )
+        global_rows = torch.arange(row_offset + r0, row_offset + r1)
+        if self.embeddings is not None:
+            self.embeddings[row_offset + r0 : row_offset + r1] = embedding.cpu().numpy()
+        for scorer in self.scorers.values():
+            self._score(scorer, embedding, global_rows, grad_steps, steps)
+
+    def _score(
+        self, s: _QueryScores, embedding: torch.Tensor, rows: torch.Tensor, row_steps: torch.Tensor, steps: torch.Tensor
+    ) -> None:
+        scores = (embedding @ s.matrix.T).double().cpu()  # (n, Q): positive = the example helped
+        set_scores = scores.mean(1, keepdim=True)  # (n, 1)
+        assert s.scores is not None
+        assert s.curves is not None
+        s.scores[int(rows[0]) : int(rows[-1]) + 1] = scores.numpy()
+        s.helpful.update(scores, rows)
+        s.harmful.update(scores, rows)
+        s.set_helpful.update(set_scores, rows)
+        s.set_harmful.update(set_scores, rows)
+        s.totals.index_add_(0, self.example_index[rows], scores)
+        position = row_steps - steps[0]  # (n,) step within the chunk
+        count = torch.bincount(position, minlength=len(steps)).double().clamp_min(1).unsqueeze(1)
+        per_query = torch.zeros(len(steps), scores.shape[1], dtype=torch.float64).index_add_(0, position, scores)
+        s.curves[int(steps[0]) : int(steps[-1]) + 1] = (per_query / count).numpy()
+        s.step_mean[steps] = (per_query.mean(1, keepdim=True) / count).squeeze(1)
+        s.step_abs[steps] = torch.zeros(len(steps), dtype=torch.float64).index_add_(0, position, set_scores.abs()[:, 0])
+
+    # -- results ----------------------------------------------------------------------------------
+
+    def _write_index(self) -> None:
+        save_file(
+            {"row_step": self.row_step.contiguous(), "example_index": self.example_index, "epoch": self.epoch},
+            str(self.out / "occurrences.safetensors"),
+        )
+        save_file(
+            fmt.encode_ids(self.example_ids) if self.example_ids else {"example_id": torch.zeros(0, dtype=torch.int64)},
+            str(self.out / "examples.safetensors"),
+        )
+
+    def _topk_table(self, s: _QueryScores) -> dict[str, torch.Tensor]:
+        parts = []
+        for kind, (per_query, per_set) in enumerate([(s.helpful, s.set_helpful), (s.harmful, s.set_harmful)]):
+            for query, top in [(q, per_query) for q in range(per_query.values.shape[0])] + [(-1, per_set)]:
+                row = 0 if query == -1 else query
+                values, rows = top.values[row], top.rows[row]
+                n = len(values)
+                parts.append(
+                    {
+                        "query": torch.full((n,), query),
+                        "kind": torch.full((n,), kind),
+                        "rank": torch.arange(n),
+                        "score": values,
+                        "row": rows,
+                    }
+                )
+        table = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        table["step"] = self.row_step[table["row"]]
+        table["example_index"] = self.example_index[table["row"]]
+        table["epoch"] = self.epoch[table["row"]]
+        return table
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        self._flush_arrays()
+        lr, batch, loss = self.step_lr, self.step_batch, self.step_loss
+        query_summaries = {}
+        for name, s in self.scorers.items():
+            save_file(self._topk_table(s), str(self.out / f"topk-{name}.safetensors"))
+            np.save(self.out / f"totals-{name}.npy", s.totals.numpy())
+            per_lr = (s.step_mean / torch.where(lr > 0, lr, torch.inf)).numpy()
+            save_file(
+                {
+                    "step": torch.arange(self.num_steps),
+                    "lr": lr,
+                    "batch_size": batch,
+                    "loss": loss,
+                    "mean": s.step_mean,
+                    "mean_per_lr": torch.from_numpy(per_lr),
+                    "abs_sum": s.step_abs,
+                },
+                str(self.out / f"curve-{name}.safetensors"),
+            )
+            phases = find_phases(per_lr, s.step_abs.numpy(), lr.numpy())
+            query_summaries[name] = {
+                "num_queries": int(s.matrix.shape[0]),
+                "query_ids": s.queries.ids,
+                "phases": phases.to_dict(),
+                "mean_influence": float(s.step_mean.mean()) if self.num_steps else 0.0,
+            }
+        optimizer = self.log.manifest.get("optimizer") or {}
+        summary = {
+            "format": "dvemb-results",
+            "version": RESULTS_VERSION,
+            "fingerprint": self.fingerprint,
+            "log": str(self.log.directory),
+            "log_complete": self.log.complete,
+            "steps": self.num_steps,
+            "occurrences": len(self.row_step),
+            "examples": len(self.example_ids),
+            "layers": [{"name": layer.name, "dim": layer.dim} for layer in self.log.layers],
+            "curvature": self.mode,
+            "arguments": asdict(self.args),
+            "device": str(self.device),
+            "optimizer": optimizer.get("type"),
+            "sgd_proxy": not optimizer.get("exact_sgd", True),
+            "note": None
+            if optimizer.get("exact_sgd", True)
+            else (f"{optimizer.get('type')} was used: influence follows the SGD proxy, so scores are approximate"),
+            "query_sets": query_summaries,
+            "seconds": seconds,
+        }
+        write_json_atomic(self.out / _SUMMARY, summary)
+        return summary
+
+
+def compute(
+    log_dir: str | Path,
+    out_dir: str | Path,
+    arguments: ComputeArguments | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Compute data value embeddings, scores and phases of a gradient log.
+
+    Resumes from a checkpoint in ``out_dir`` left by an interrupted run with the same log and
+    arguments; returns the existing summary if the same computation already finished there.
+
+    Args:
+        log_dir: the gradient log.
+        out_dir: where results go (see docs/results.md).
+        arguments: options; defaults to :class:`ComputeArguments()`.
+        progress: called after every shard with a :class:`ComputeProgress`.
+        overwrite: replace results of a different computation already in ``out_dir``.
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
+    args = arguments or ComputeArguments()
+    log = open_log(log_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(log, args)
+    summary_path = out / _SUMMARY
+    if summary_path.exists():
+        existing = json.loads(summary_path.read_text())
+        if existing.get("fingerprint") == fingerprint:
+            return existing  # type: ignore[no-any-return]
+        if not overwrite:
+            raise ConfigError(f"{out} holds results of another computation; choose a new directory or overwrite=True")
+    if overwrite and (summary_path.exists() or (out / _CHECKPOINT).exists()):
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
+    summary_path.unlink(missing_ok=True)
+    return _Run(log, out, args, progress).run()
