@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
+from dvemb.engine import ComputeArguments, ComputeProgress, compute
 from dvemb.errors import DvembError
 from dvemb.reader import open_log
 
@@ -44,6 +45,49 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_printer() -> Callable[[ComputeProgress], None]:
+    """A one-line progress bar with ETA on stderr."""
+
+    def show(p: ComputeProgress) -> None:
+        width = 30
+        filled = int(width * p.fraction)
+        eta = "?" if p.eta_s is None else f"{p.eta_s:.0f}s"
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {p.fraction:6.1%}  step {p.current_step:>8}  "
+            f"{p.steps_done}/{p.total_steps} steps  elapsed {p.elapsed_s:.0f}s  ETA {eta}   "
+        )
+        if p.steps_done >= p.total_steps:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def _compute(args: argparse.Namespace) -> int:
+    arguments = ComputeArguments(
+        curvature=args.curvature,
+        blocks=args.blocks,
+        device=args.device,
+        accumulate_dtype="float64" if args.float64 else "float32",
+        top_k=args.top_k,
+        query_sets=tuple(args.query_set) if args.query_set else None,
+        save_embeddings=not args.no_embeddings,
+    )
+    progress = None if args.quiet else _progress_printer()
+    summary = compute(args.log_dir, args.out, arguments, progress=progress, overwrite=args.overwrite)
+    brief = {
+        "results": str(args.out),
+        "steps": summary["steps"],
+        "occurrences": summary["occurrences"],
+        "curvature": summary["curvature"],
+        "seconds": round(summary["seconds"], 2),
+        "note": summary["note"],
+        "phases": {name: q["phases"]["ranges"] for name, q in summary["query_sets"].items()},
+    }
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     print(
         "dvemb demo is not there yet: it lands with the demo issue (it will train real models with the recorder,\n"
@@ -61,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("log_dir")
     inspect.add_argument("--verify", action="store_true", help="read every file and check checksums and values")
     inspect.set_defaults(func=_inspect)
+    comp = sub.add_parser("compute", help="compute data value embeddings, scores and phases of a gradient log")
+    comp.add_argument("log_dir")
+    comp.add_argument("--out", required=True, help="results directory (resumes an interrupted run found there)")
+    comp.add_argument("--curvature", choices=["empirical", "ggn"], default=None, help="default: the log's own mode")
+    comp.add_argument("--blocks", choices=["layer", "full"], default="layer")
+    comp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    comp.add_argument("--float64", action="store_true", help="accumulate the recursion in float64")
+    comp.add_argument("--top-k", type=int, default=100)
+    comp.add_argument("--query-set", action="append", help="score only this query set (repeatable)")
+    comp.add_argument("--no-embeddings", action="store_true", help="do not write embeddings.npy")
+    comp.add_argument("--overwrite", action="store_true", help="replace other results in --out")
+    comp.add_argument("--quiet", action="store_true", help="no progress bar")
+    comp.set_defaults(func=_compute)
     demo = sub.add_parser("demo", help="train real models with the recorder and show their influence")
     demo.add_argument("--quick", action="store_true")
     demo.add_argument("--no-browser", action="store_true")

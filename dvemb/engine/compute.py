@@ -47,7 +47,10 @@ class ComputeArguments:
         blocks: ``"layer"`` (one ``M`` block per layer, the default) or ``"full"`` (one ``M`` over all layers).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         accumulate_dtype: ``"float32"`` or ``"float64"`` for ``M`` and the recursion.
-        block_rows: curvature rows processed together (whole steps; capped by memory).
+        block_rows: curvature rows processed together (whole steps; capped by memory). ``None`` picks the
+            largest layer group's dimension, bounded to 512..4096: the blocked recursion does about
+            ``4 d^2 + 3 n d`` flops per row, so chunks much larger than ``d`` add work while much smaller
+            ones run small, slow matrix products.
         top_k: helpful and harmful examples kept per query and per query set.
         query_sets: names to score, or ``None`` for all query sets of the log.
         save_embeddings: write every occurrence's embedding to ``embeddings.npy``.
@@ -57,7 +60,7 @@ class ComputeArguments:
     blocks: str = "layer"
     device: str = "auto"
     accumulate_dtype: str = "float32"
-    block_rows: int = 4096
+    block_rows: int | None = None
     top_k: int = 100
     query_sets: tuple[str, ...] | None = None
     save_embeddings: bool = True
@@ -72,7 +75,7 @@ class ComputeArguments:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
-        if self.block_rows < 1 or self.top_k < 1:
+        if (self.block_rows is not None and self.block_rows < 1) or self.top_k < 1:
             raise ConfigError("block_rows and top_k must be at least 1")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
@@ -348,7 +351,8 @@ class _Run:
     def _row_budget(self) -> int:
         # Each group holds a (G, n, n) Gram matrix: keep it under about 1 GiB.
         widest = max(len(g.layers) for g in self.groups)
-        return max(1, min(self.args.block_rows, int((2**30 / (8 * widest)) ** 0.5)))
+        wanted = self.args.block_rows or min(4096, max(512, max(g.dim for g in self.groups)))
+        return max(1, min(wanted, int((2**30 / (8 * widest)) ** 0.5)))
 
     def _rates(self, shard: ShardData, s0: int, s1: int, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         lr = shard.lr[s0:s1][:, layers].T  # (G, S)
@@ -539,7 +543,7 @@ def compute(
         if existing.get("fingerprint") == fingerprint:
             return existing  # type: ignore[no-any-return]
         if not overwrite:
-            raise ConfigError(f"{out} holds results of another computation; choose a new directory or overwrite=True")
+            raise ConfigError(f"{out} holds results of another computation; choose a new directory or pass overwrite=True (--overwrite)")
     if overwrite and (summary_path.exists() or (out / _CHECKPOINT).exists()):
         shutil.rmtree(out)
         out.mkdir(parents=True)

@@ -1,0 +1,258 @@
+"""The engine against explicit products and the naive recursion, resuming, aggregates and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import mlp
+from safetensors.torch import load_file
+
+import dvemb
+from dvemb.engine import ComputeArguments, ComputeProgress, compute, find_phases, reference_embeddings
+
+STEPS_PER_EPOCH = 4
+
+
+def _record(log_dir: Path, *, reduction: str = "mean", weight_decay: float = 0.0, curvature: str = "ggn",
+            epochs: int = 2, layer_lrs: bool = False) -> None:
+    """Two epochs of 4 steps over 16 examples (batch 4), shards of 3 steps, float64, no projection."""
+    model = mlp(inputs=5, hidden=4, classes=3)
+    if layer_lrs:
+        groups = [{"params": model[0].parameters(), "lr": 0.2}, {"params": model[2].parameters()}]
+        optimizer = torch.optim.SGD(groups, lr=0.3, weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + 0.1 * s))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    rec = dvemb.Recorder(model, log_dir, proj_dim=None, dtype="float64", shard_steps=3, curvature=curvature,
+                         loss_reduction=reduction)
+    for epoch in range(epochs):
+        order = torch.randperm(16)
+        for b in range(STEPS_PER_EPOCH):
+            ids = order[4 * b : 4 * b + 4]
+            with rec.step(ids, optimizer):
+                logits = model(x[ids])
+                if curvature == "ggn":
+                    rec.curvature(logits)
+                F.cross_entropy(logits, y[ids], reduction=reduction).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            scheduler.step()
+    rec.record_queries("val", [(torch.randn(6, 5), torch.randint(0, 3, (6,)))])
+    rec.record_queries("other", [(torch.randn(2, 5), torch.randint(0, 3, (2,)))])
+    rec.close()
+
+
+def _log_arrays(log_dir: Path) -> dict[str, torch.Tensor]:
+    log = dvemb.open_log(log_dir)
+    shards = list(log.iter_shards())
+    cat = torch.cat
+    out = {
+        "grads": cat([cat([s.grads[layer.name] for layer in log.layers], 1) for s in shards]),
+        "row_step": cat([s.row_step for s in shards]),
+        "lr": cat([s.lr for s in shards]),
+        "wd": cat([s.weight_decay for s in shards]),
+        "batch": cat([s.batch_size for s in shards]),
+    }
+    if log.curvature_mode == "ggn":
+        out["curv"] = cat([cat([s.curvature[layer.name] for layer in log.layers], 2) for s in shards])
+    out["offsets"] = torch.tensor(np.cumsum([0] + [layer.dim for layer in log.layers]))
+    return out
+
+
+def _blocks(a: dict[str, torch.Tensor], blocks: str) -> list[tuple[int, int, int]]:
+    """(first column, last column, layer) of each M block."""
+    offsets = a["offsets"].tolist()
+    if blocks == "full":
+        return [(0, offsets[-1], 0)]
+    return [(offsets[i], offsets[i + 1], i) for i in range(len(offsets) - 1)]
+
+
+def _rate(a: dict[str, torch.Tensor], t: int, layer: int, reduction: str) -> tuple[float, float]:
+    lr = float(a["lr"][t, layer])
+    rate = lr / float(a["batch"][t]) if reduction == "mean" else lr
+    return rate, 1.0 - lr * float(a["wd"][t, layer])
+
+
+def _explicit(a: dict[str, torch.Tensor], mode: str, blocks: str, reduction: str) -> torch.Tensor:
+    """r_s (c_{T-1} I - r_{T-1} H_{T-1}) ... (c_{s+1} I - r_{s+1} H_{s+1}) g_s, with matrices built explicitly."""
+    steps = int(a["row_step"].max()) + 1
+    out = torch.zeros_like(a["grads"])
+    for lo, hi, layer in _blocks(a, blocks):
+        eye = torch.eye(hi - lo)
+        hessians = []
+        for t in range(steps):
+            rows = a["row_step"] == t
+            h = a["grads"][rows, lo:hi] if mode == "empirical" else a["curv"][rows][:, :, lo:hi].flatten(0, 1)
+            hessians.append(h.T @ h)  # GGN built from its factors (or the empirical Fisher)
+        for t in range(steps):
+            product = eye.clone()
+            for k in range(steps - 1, t, -1):
+                rate, decay = _rate(a, k, layer, reduction)
+                product = product @ (decay * eye - rate * hessians[k])
+            rows = a["row_step"] == t
+            out[rows, lo:hi] = _rate(a, t, layer, reduction)[0] * a["grads"][rows, lo:hi] @ product.T
+    return out
+
+
+def _naive(a: dict[str, torch.Tensor], mode: str, blocks: str, reduction: str) -> torch.Tensor:
+    steps = int(a["row_step"].max()) + 1
+    out = torch.zeros_like(a["grads"])
+    for lo, hi, layer in _blocks(a, blocks):
+        g = [a["grads"][a["row_step"] == t, lo:hi] for t in range(steps)]
+        c = None if mode == "empirical" else [a["curv"][a["row_step"] == t][:, :, lo:hi].flatten(0, 1) for t in range(steps)]
+        rates = [_rate(a, t, layer, reduction) for t in range(steps)]
+        embeddings = reference_embeddings(g, c, [r for r, _ in rates], [d for _, d in rates])
+        for t in range(steps):
+            out[a["row_step"] == t, lo:hi] = embeddings[t]
+    return out
+
+
+def _relative_error(got: np.ndarray, expected: torch.Tensor) -> float:
+    return float((torch.from_numpy(got) - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("mode", ["empirical", "ggn"])
+def test_full_m_equals_the_explicit_product(tmp_path: Path, reduction: str, weight_decay: float, mode: str) -> None:
+    _record(tmp_path / "log", reduction=reduction, weight_decay=weight_decay)
+    compute(tmp_path / "log", tmp_path / "out", ComputeArguments(curvature=mode, blocks="full", accumulate_dtype="float64"))
+    expected = _explicit(_log_arrays(tmp_path / "log"), mode, "full", reduction)
+    assert _relative_error(np.load(tmp_path / "out" / "embeddings.npy"), expected) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["empirical", "ggn"])
+@pytest.mark.parametrize("blocks", ["layer", "full"])
+@pytest.mark.parametrize("block_rows", [1, 7, None])
+def test_streaming_equals_the_naive_recursion(tmp_path: Path, mode: str, blocks: str, block_rows: int | None) -> None:
+    _record(tmp_path / "log", weight_decay=0.02, layer_lrs=blocks == "layer")
+    args = ComputeArguments(curvature=mode, blocks=blocks, accumulate_dtype="float64", block_rows=block_rows)
+    compute(tmp_path / "log", tmp_path / "out", args)
+    expected = _naive(_log_arrays(tmp_path / "log"), mode, blocks, "mean")
+    assert _relative_error(np.load(tmp_path / "out" / "embeddings.npy"), expected) < 1e-10
+    if blocks == "layer":
+        assert _relative_error(np.load(tmp_path / "out" / "embeddings.npy"), _explicit(
+            _log_arrays(tmp_path / "log"), mode, "layer", "mean")) < 1e-10
+
+
+def test_float32_accumulation_is_close(tmp_path: Path) -> None:
+    _record(tmp_path / "log")
+    compute(tmp_path / "log", tmp_path / "out", ComputeArguments(blocks="full"))
+    expected = _naive(_log_arrays(tmp_path / "log"), "ggn", "full", "mean")
+    embeddings = np.load(tmp_path / "out" / "embeddings.npy")
+    assert embeddings.dtype == np.float32
+    assert _relative_error(embeddings.astype(np.float64), expected) < 1e-5
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
+    _record(tmp_path / "log")
+    args = ComputeArguments(accumulate_dtype="float64")
+    compute(tmp_path / "log", tmp_path / "whole", args)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one_shard(p: ComputeProgress) -> None:
+        if p.steps_done >= 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        compute(tmp_path / "log", tmp_path / "resumed", args, progress=stop_after_one_shard)
+    assert (tmp_path / "resumed" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    seen: list[int] = []
+    compute(tmp_path / "log", tmp_path / "resumed", args, progress=lambda p: seen.append(p.steps_done))
+    assert seen[0] > 2  # continued, not restarted
+    for name in ["embeddings.npy", "scores-val.npy", "totals-val.npy", "curves-val.npy"]:
+        assert np.array_equal(np.load(tmp_path / "whole" / name), np.load(tmp_path / "resumed" / name)), name
+    for name in ["topk-val.safetensors", "curve-val.safetensors", "occurrences.safetensors"]:
+        whole, resumed = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert all(torch.allclose(whole[k].double(), resumed[k].double(), rtol=0, atol=0, equal_nan=True)
+                   for k in whole), name
+    assert not (tmp_path / "resumed" / "checkpoint.safetensors").exists()
+
+
+def test_scores_topk_totals_and_curves_agree(tmp_path: Path) -> None:
+    _record(tmp_path / "log")
+    summary = compute(tmp_path / "log", tmp_path / "out", ComputeArguments(top_k=5, accumulate_dtype="float64"))
+    out = tmp_path / "out"
+    embeddings = torch.from_numpy(np.load(out / "embeddings.npy"))
+    log = dvemb.open_log(tmp_path / "log")
+    queries = log.load_query_set("val")
+    q = torch.cat([queries.grads[layer.name] for layer in log.layers], 1)
+    scores = embeddings @ q.T  # (R, Q): positive = helped
+    assert torch.allclose(torch.from_numpy(np.load(out / "scores-val.npy")), scores, rtol=1e-12, atol=1e-15)
+    occ = load_file(str(out / "occurrences.safetensors"))
+    assert occ["epoch"].tolist() == [0] * 16 + [1] * 16  # every example seen once per epoch
+    top = load_file(str(out / "topk-val.safetensors"))
+    for query in range(q.shape[0]):
+        helpful = top["score"][(top["query"] == query) & (top["kind"] == 0)]
+        assert torch.allclose(helpful, scores[:, query].topk(5).values)
+    set_harmful = top["row"][(top["query"] == -1) & (top["kind"] == 1)]
+    assert set_harmful.tolist() == scores.mean(1).topk(5, largest=False).indices.tolist()
+    totals = np.load(out / "totals-val.npy")
+    examples = load_file(str(out / "examples.safetensors"))["example_id"].tolist()
+    example = examples[3]
+    rows = [i for i, e in enumerate(occ["example_index"].tolist()) if e == 3]
+    assert np.allclose(totals[3], scores[rows].sum(0).numpy())
+    assert len(rows) == 2 and example in examples
+    curve = load_file(str(out / "curve-val.safetensors"))
+    step_mean = torch.stack([scores[occ["row_step"] == t].mean() for t in range(8)])
+    assert torch.allclose(curve["mean"], step_mean)
+    assert torch.allclose(curve["mean_per_lr"], step_mean / curve["lr"])
+    assert summary["query_sets"]["other"]["num_queries"] == 2 and summary["sgd_proxy"] is False
+
+
+def test_phases_are_found_from_the_data() -> None:
+    steps = 300
+    per_lr = np.concatenate([np.full(30, 50.0), np.full(200, 1.0), np.full(70, 8.0)])
+    per_lr *= 1 + 0.1 * np.random.default_rng(0).standard_normal(steps)
+    lr = np.full(steps, 0.1)
+    phases = find_phases(per_lr, np.abs(per_lr) * lr, lr)
+    assert abs(phases.boundaries[0] - 30) <= 6 and abs(phases.boundaries[1] - 230) <= 6
+    assert phases.ranges["basin"] == [phases.boundaries[0], phases.boundaries[1] - 1]
+    assert sum(phases.share_abs.values()) == pytest.approx(1.0)
+    assert phases.share_abs["early"] > phases.share_abs["late"] > 0.2
+
+
+def test_identical_computation_is_not_repeated_and_others_are_not_clobbered(tmp_path: Path) -> None:
+    _record(tmp_path / "log")
+    first = compute(tmp_path / "log", tmp_path / "out")
+    calls: list[ComputeProgress] = []
+    again = compute(tmp_path / "log", tmp_path / "out", progress=calls.append)
+    assert again == json.loads((tmp_path / "out" / "summary.json").read_text()) == first
+    assert not calls
+    with pytest.raises(dvemb.ConfigError, match="another computation"):
+        compute(tmp_path / "log", tmp_path / "out", ComputeArguments(curvature="empirical"))
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == first
+
+
+def test_engine_errors(tmp_path: Path) -> None:
+    _record(tmp_path / "emp", curvature="empirical")
+    with pytest.raises(dvemb.ConfigError, match="needs a log recorded with curvature='ggn'"):
+        compute(tmp_path / "emp", tmp_path / "o1", ComputeArguments(curvature="ggn"))
+    _record(tmp_path / "lrs", layer_lrs=True)
+    with pytest.raises(dvemb.ConfigError, match="use blocks='layer'"):
+        compute(tmp_path / "lrs", tmp_path / "o2", ComputeArguments(blocks="full"))
+    with pytest.raises(dvemb.ConfigError, match="not in the log"):
+        compute(tmp_path / "lrs", tmp_path / "o3", ComputeArguments(query_sets=("nope",)))
+    with pytest.raises(dvemb.ConfigError, match="blocks='rows'"):
+        ComputeArguments(blocks="rows")
+
+
+def test_divergent_learning_rate_stops_with_the_step(tmp_path: Path) -> None:
+    model = mlp()
+    rec = dvemb.Recorder(model, tmp_path / "log", proj_dim=None, loss_reduction="sum")
+    x = torch.randn(8, 6) * 30
+    for step in range(40):
+        with rec.step([step], lr=1e6):  # recorded rate far beyond the curvature's stability limit
+            F.cross_entropy(model(x[step % 8 : step % 8 + 1]), torch.tensor([step % 3]), reduction="sum").backward()
+    rec.close()
+    with pytest.raises(dvemb.NumericalError, match="non-finite embedding at steps"):
+        compute(tmp_path / "log", tmp_path / "out")
