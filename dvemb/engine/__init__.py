@@ -8,6 +8,7 @@
 from dvemb.engine.compute import ComputeArguments, ComputeProgress, compute
 from dvemb.engine.phases import PhaseSummary, find_phases
 from dvemb.engine.recursion import BlockedRecursion, Chunk, reference_embeddings
+from dvemb.engine.results import Results, load_results
 
 __all__ = [
     "BlockedRecursion",
@@ -15,7 +16,9 @@ __all__ = [
     "ComputeArguments",
     "ComputeProgress",
     "PhaseSummary",
+    "Results",
     "compute",
     "find_phases",
+    "load_results",
     "reference_embeddings",
 ]

@@ -543,7 +543,10 @@ def compute(
         if existing.get("fingerprint") == fingerprint:
             return existing  # type: ignore[no-any-return]
         if not overwrite:
-            raise ConfigError(f"{out} holds results of another computation; choose a new directory or pass overwrite=True (--overwrite)")
+            raise ConfigError(
+                f"{out} holds results of another computation; choose a new directory "
+                "or pass overwrite=True (--overwrite)"
+            )
     if overwrite and (summary_path.exists() or (out / _CHECKPOINT).exists()):
         shutil.rmtree(out)
         out.mkdir(parents=True)

@@ -13,13 +13,20 @@ from conftest import mlp
 from safetensors.torch import load_file
 
 import dvemb
-from dvemb.engine import ComputeArguments, ComputeProgress, compute, find_phases, reference_embeddings
+from dvemb.engine import ComputeArguments, ComputeProgress, compute, find_phases, load_results, reference_embeddings
 
 STEPS_PER_EPOCH = 4
 
 
-def _record(log_dir: Path, *, reduction: str = "mean", weight_decay: float = 0.0, curvature: str = "ggn",
-            epochs: int = 2, layer_lrs: bool = False) -> None:
+def _record(
+    log_dir: Path,
+    *,
+    reduction: str = "mean",
+    weight_decay: float = 0.0,
+    curvature: str = "ggn",
+    epochs: int = 2,
+    layer_lrs: bool = False,
+) -> None:
     """Two epochs of 4 steps over 16 examples (batch 4), shards of 3 steps, float64, no projection."""
     model = mlp(inputs=5, hidden=4, classes=3)
     if layer_lrs:
@@ -29,9 +36,10 @@ def _record(log_dir: Path, *, reduction: str = "mean", weight_decay: float = 0.0
         optimizer = torch.optim.SGD(model.parameters(), lr=0.3, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + 0.1 * s))
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
-    rec = dvemb.Recorder(model, log_dir, proj_dim=None, dtype="float64", shard_steps=3, curvature=curvature,
-                         loss_reduction=reduction)
-    for epoch in range(epochs):
+    rec = dvemb.Recorder(
+        model, log_dir, proj_dim=None, dtype="float64", shard_steps=3, curvature=curvature, loss_reduction=reduction
+    )
+    for _ in range(epochs):
         order = torch.randperm(16)
         for b in range(STEPS_PER_EPOCH):
             ids = order[4 * b : 4 * b + 4]
@@ -105,7 +113,11 @@ def _naive(a: dict[str, torch.Tensor], mode: str, blocks: str, reduction: str) -
     out = torch.zeros_like(a["grads"])
     for lo, hi, layer in _blocks(a, blocks):
         g = [a["grads"][a["row_step"] == t, lo:hi] for t in range(steps)]
-        c = None if mode == "empirical" else [a["curv"][a["row_step"] == t][:, :, lo:hi].flatten(0, 1) for t in range(steps)]
+        c = (
+            None
+            if mode == "empirical"
+            else [a["curv"][a["row_step"] == t][:, :, lo:hi].flatten(0, 1) for t in range(steps)]
+        )
         rates = [_rate(a, t, layer, reduction) for t in range(steps)]
         embeddings = reference_embeddings(g, c, [r for r, _ in rates], [d for _, d in rates])
         for t in range(steps):
@@ -122,7 +134,9 @@ def _relative_error(got: np.ndarray, expected: torch.Tensor) -> float:
 @pytest.mark.parametrize("mode", ["empirical", "ggn"])
 def test_full_m_equals_the_explicit_product(tmp_path: Path, reduction: str, weight_decay: float, mode: str) -> None:
     _record(tmp_path / "log", reduction=reduction, weight_decay=weight_decay)
-    compute(tmp_path / "log", tmp_path / "out", ComputeArguments(curvature=mode, blocks="full", accumulate_dtype="float64"))
+    compute(
+        tmp_path / "log", tmp_path / "out", ComputeArguments(curvature=mode, blocks="full", accumulate_dtype="float64")
+    )
     expected = _explicit(_log_arrays(tmp_path / "log"), mode, "full", reduction)
     assert _relative_error(np.load(tmp_path / "out" / "embeddings.npy"), expected) < 1e-10
 
@@ -137,8 +151,13 @@ def test_streaming_equals_the_naive_recursion(tmp_path: Path, mode: str, blocks:
     expected = _naive(_log_arrays(tmp_path / "log"), mode, blocks, "mean")
     assert _relative_error(np.load(tmp_path / "out" / "embeddings.npy"), expected) < 1e-10
     if blocks == "layer":
-        assert _relative_error(np.load(tmp_path / "out" / "embeddings.npy"), _explicit(
-            _log_arrays(tmp_path / "log"), mode, "layer", "mean")) < 1e-10
+        assert (
+            _relative_error(
+                np.load(tmp_path / "out" / "embeddings.npy"),
+                _explicit(_log_arrays(tmp_path / "log"), mode, "layer", "mean"),
+            )
+            < 1e-10
+        )
 
 
 def test_float32_accumulation_is_close(tmp_path: Path) -> None:
@@ -155,14 +174,14 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
     args = ComputeArguments(accumulate_dtype="float64")
     compute(tmp_path / "log", tmp_path / "whole", args)
 
-    class Stop(Exception):
+    class StopError(Exception):
         pass
 
     def stop_after_one_shard(p: ComputeProgress) -> None:
         if p.steps_done >= 2:
-            raise Stop
+            raise StopError
 
-    with pytest.raises(Stop):
+    with pytest.raises(StopError):
         compute(tmp_path / "log", tmp_path / "resumed", args, progress=stop_after_one_shard)
     assert (tmp_path / "resumed" / "checkpoint.safetensors").exists()
     assert not (tmp_path / "resumed" / "summary.json").exists()
@@ -173,8 +192,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
         assert np.array_equal(np.load(tmp_path / "whole" / name), np.load(tmp_path / "resumed" / name)), name
     for name in ["topk-val.safetensors", "curve-val.safetensors", "occurrences.safetensors"]:
         whole, resumed = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "resumed" / name))
-        assert all(torch.allclose(whole[k].double(), resumed[k].double(), rtol=0, atol=0, equal_nan=True)
-                   for k in whole), name
+        assert all(
+            torch.allclose(whole[k].double(), resumed[k].double(), rtol=0, atol=0, equal_nan=True) for k in whole
+        ), name
     assert not (tmp_path / "resumed" / "checkpoint.safetensors").exists()
 
 
@@ -256,3 +276,23 @@ def test_divergent_learning_rate_stops_with_the_step(tmp_path: Path) -> None:
     rec.close()
     with pytest.raises(dvemb.NumericalError, match="non-finite embedding at steps"):
         compute(tmp_path / "log", tmp_path / "out")
+
+
+def test_results_reader(tmp_path: Path) -> None:
+    _record(tmp_path / "log")
+    compute(tmp_path / "log", tmp_path / "out", ComputeArguments(top_k=4))
+    results = load_results(tmp_path / "out")
+    scores = np.load(tmp_path / "out" / "scores-val.npy")
+    harmful = results.top("val", kind="harmful", k=3)
+    assert [r["row"] for r in harmful] == np.argsort(scores.mean(1))[:3].tolist()
+    assert harmful[0]["example_id"] == results.example_ids[int(results.example_index[harmful[0]["row"]])]
+    helpful_q1 = results.top("val", query=1, k=4)
+    assert [r["score"] for r in helpful_q1] == pytest.approx(sorted(scores[:, 1], reverse=True)[:4])
+    history = results.history(harmful[0]["example_id"], "val")
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert harmful[0]["row"] in [h["row"] for h in history]
+    assert results.curve("val")["mean"].shape == (8,)
+    with pytest.raises(dvemb.ConfigError, match="no results for query set"):
+        results.top("nope")
+    with pytest.raises(dvemb.ConfigError, match="does not occur"):
+        results.history(12345, "val")
