@@ -72,6 +72,7 @@ def _compute(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         query_sets=tuple(args.query_set) if args.query_set else None,
         save_embeddings=not args.no_embeddings,
+        self_influence=args.self_influence,
     )
     progress = None if args.quiet else _progress_printer()
     summary = compute(args.log_dir, args.out, arguments, progress=progress, overwrite=args.overwrite)
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--top-k", type=int, default=100)
     comp.add_argument("--query-set", action="append", help="score only this query set (repeatable)")
     comp.add_argument("--no-embeddings", action="store_true", help="do not write embeddings.npy")
+    comp.add_argument("--self-influence", action="store_true", help="also write self_influence.npy")
     comp.add_argument("--overwrite", action="store_true", help="replace other results in --out")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.set_defaults(func=_compute)

@@ -54,6 +54,10 @@ class ComputeArguments:
         top_k: helpful and harmful examples kept per query and per query set.
         query_sets: names to score, or ``None`` for all query sets of the log.
         save_embeddings: write every occurrence's embedding to ``embeddings.npy``.
+        self_influence: write ``self_influence.npy``: each occurrence's embedding dotted with its own
+            gradient at the step it was used, a stand-in for its influence on its own loss (the log
+            holds no final-model gradients of training examples). Large values flag examples the
+            model had to bend to fit (memorised, mislabelled).
     """
 
     curvature: str | None = None
@@ -64,6 +68,7 @@ class ComputeArguments:
     top_k: int = 100
     query_sets: tuple[str, ...] | None = None
     save_embeddings: bool = True
+    self_influence: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -156,6 +161,7 @@ class _Run:
         self._index()
         self.scorers = {name: self._scorer(name) for name in self._query_set_names()}
         self.embeddings: np.memmap | None = None
+        self.self_influence: np.memmap | None = None
         self.step_lr = torch.zeros(self.num_steps, dtype=torch.float64)  # first layer's rate: the phase plot's
         self.step_batch = torch.zeros(self.num_steps, dtype=torch.int64)
         self.step_loss = torch.full((self.num_steps,), float("nan"), dtype=torch.float64)
@@ -239,6 +245,8 @@ class _Run:
 
         if self.args.save_embeddings:
             self.embeddings = array("embeddings.npy", (rows, self.total_dim))
+        if self.args.self_influence:
+            self.self_influence = array("self_influence.npy", (rows,))
         for name, scorer in self.scorers.items():
             q = scorer.matrix.shape[0]
             scorer.scores = array(f"scores-{name}.npy", (rows, q))
@@ -399,6 +407,10 @@ class _Run:
         global_rows = torch.arange(row_offset + r0, row_offset + r1)
         if self.embeddings is not None:
             self.embeddings[row_offset + r0 : row_offset + r1] = embedding.cpu().numpy()
+        if self.self_influence is not None:
+            own = torch.cat([shard.grads[layer.name][r0:r1] for layer in self.log.layers], 1)  # (n, D)
+            own = own.to(self.device, self.dtype)
+            self.self_influence[row_offset + r0 : row_offset + r1] = (embedding * own).sum(1).cpu().numpy()
         for scorer in self.scorers.values():
             self._score(scorer, embedding, global_rows, grad_steps, steps)
 

@@ -296,3 +296,14 @@ def test_results_reader(tmp_path: Path) -> None:
         results.top("nope")
     with pytest.raises(dvemb.ConfigError, match="does not occur"):
         results.history(12345, "val")
+
+
+def test_self_influence_on_request(tmp_path: Path) -> None:
+    _record(tmp_path / "log")
+    compute(tmp_path / "log", tmp_path / "out", ComputeArguments(self_influence=True, accumulate_dtype="float64"))
+    a = _log_arrays(tmp_path / "log")
+    embeddings = torch.from_numpy(np.load(tmp_path / "out" / "embeddings.npy"))
+    expected = (embeddings * a["grads"]).sum(1)
+    assert torch.allclose(torch.from_numpy(np.load(tmp_path / "out" / "self_influence.npy")), expected, rtol=1e-12)
+    compute(tmp_path / "log", tmp_path / "plain")
+    assert not (tmp_path / "plain" / "self_influence.npy").exists()
