@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dvemb.engine import BlockedRecursion, Chunk, ComputeArguments, compute
