@@ -74,15 +74,25 @@ def _lr_at(setup: Setup, step: int) -> float:
     return setup.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(setup: Setup, log_dir: Path, *, curvature: str, proj_dim: object = None,
-          curvature_samples: int | None = None) -> Trajectory:
+def train(
+    setup: Setup, log_dir: Path, *, curvature: str, proj_dim: object = None, curvature_samples: int | None = None
+) -> Trajectory:
     """Train with the recorder, keeping every step's parameters for the replays."""
     torch.manual_seed(setup.seed)
     x, y, x_test, y_test = _data(setup)
     model = nn.Sequential(nn.Linear(64, setup.hidden), nn.Tanh(), nn.Linear(setup.hidden, 10)).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=setup.lr)
-    rec = dvemb.Recorder(model, log_dir, proj_dim=proj_dim, curvature=curvature, loss_reduction="sum",
-                         dtype="float64", curvature_samples=curvature_samples, seed=setup.seed, overwrite=True)
+    rec = dvemb.Recorder(
+        model,
+        log_dir,
+        proj_dim=proj_dim,
+        curvature=curvature,
+        loss_reduction="sum",
+        dtype="float64",
+        curvature_samples=curvature_samples,
+        seed=setup.seed,
+        overwrite=True,
+    )
     generator = torch.Generator().manual_seed(setup.seed)
     per_epoch = len(x) // setup.batch
     batches: list[torch.Tensor] = []
@@ -132,9 +142,14 @@ def ground_truth(traj: Trajectory, pairs: list[tuple[int, int]]) -> np.ndarray:
             batch = traj.batches[t]
             if t == step:
                 batch = torch.cat([batch[:position], batch[position + 1 :]])
-            loss = F.cross_entropy(functional_call(traj.model, params, (traj.x[batch],)), traj.y[batch], reduction="sum")
+            loss = F.cross_entropy(
+                functional_call(traj.model, params, (traj.x[batch],)), traj.y[batch], reduction="sum"
+            )
             grads = torch.autograd.grad(loss, list(params.values()))
-            params = {k: (v - traj.lrs[t] * g).detach().requires_grad_(True) for (k, v), g in zip(params.items(), grads, strict=True)}
+            params = {
+                k: (v - traj.lrs[t] * g).detach().requires_grad_(True)
+                for (k, v), g in zip(params.items(), grads, strict=True)
+            }
         out.append((_test_losses(traj.model, params, traj) - base).numpy())
     return np.stack(out)
 
@@ -151,7 +166,9 @@ def correlation(estimate: np.ndarray, truth: np.ndarray, *, spearman: bool) -> f
     return float(r.mean())
 
 
-def dvemb_scores(log_dir: Path, out_dir: Path, pairs: list[tuple[int, int]], setup: Setup, **kwargs: object) -> np.ndarray:
+def dvemb_scores(
+    log_dir: Path, out_dir: Path, pairs: list[tuple[int, int]], setup: Setup, **kwargs: object
+) -> np.ndarray:
     """(pairs, test) dvemb scores read from the computed per-occurrence score file."""
     compute(log_dir, out_dir, ComputeArguments(accumulate_dtype="float64", **kwargs), overwrite=True)  # type: ignore[arg-type]
     scores = np.load(out_dir / "scores-test.npy")
