@@ -34,7 +34,15 @@ from dvemb.errors import (
 from dvemb.projection import LayerProjection
 from dvemb.writer import sha256_file
 
-__all__ = ["GradientLog", "LayerInfo", "QuerySet", "ShardData", "layers_from_manifest", "open_log"]
+__all__ = [
+    "GradientLog",
+    "LayerInfo",
+    "QuerySet",
+    "ShardData",
+    "check_manifest_file",
+    "layers_from_manifest",
+    "open_log",
+]
 
 
 @dataclass(frozen=True)
@@ -284,9 +292,9 @@ class GradientLog:
         parts = [self._read_rank_shard(rank, index) for rank in range(self.world_size)]
         return parts[0] if len(parts) == 1 else _merge_ranks(parts)
 
-    def _read_rank_shard(self, rank: int, index: int) -> ShardData:
+    def _read_rank_shard(self, rank: int, index: int, path: Path | None = None) -> ShardData:
         entry = self.rank_manifests[rank]["shards"][index]
-        path = self._checked_file(entry)
+        path = self._checked_file(entry, path)
         tensors = load_file(str(path))
         first, last = int(entry["first_step"]), int(entry["last_step"])
         expected_steps = torch.arange(first, last + 1)
@@ -330,10 +338,13 @@ class GradientLog:
 
     # -- validation helpers -----------------------------------------------------------------------
 
-    def _checked_file(self, entry: dict[str, Any]) -> Path:
-        """Path of a listed file after checking its name, header, size and sha256."""
+    def _checked_file(self, entry: dict[str, Any], path: Path | None = None) -> Path:
+        """Path of a listed file after checking its name, header, size and sha256.
+
+        ``path``: where the file's bytes are, when not in the log directory (an upload being validated).
+        """
         name = str(entry["file"])
-        path = self.directory / name
+        path = path or self.directory / name
         if Path(name).name != name or not path.is_file():
             raise LogFormatError(path, "listed in the manifest but missing from the log directory")
         if name.endswith(".safetensors"):
@@ -385,12 +396,12 @@ class GradientLog:
         """Names of the recorded query sets."""
         return [str(q["name"]) for q in self.manifest.get("query_sets", [])]
 
-    def load_query_set(self, name: str) -> QuerySet:
-        """Load and validate a query set by name."""
+    def load_query_set(self, name: str, path: Path | None = None) -> QuerySet:
+        """Load and validate a query set by name (``path``: its bytes, when not in the log directory)."""
         entries = [q for q in self.manifest.get("query_sets", []) if q["name"] == name]
         if not entries:
             raise LogFormatError(self.directory, f"no query set named {name!r}; the log has {self.query_set_names()}")
-        path = self._checked_file(entries[0])
+        path = self._checked_file(entries[0], path)
         with safe_open(str(path), framework="pt") as f:
             info = json.loads((f.metadata() or {}).get("info", "{}"))
         tensors = load_file(str(path))
@@ -418,19 +429,43 @@ class GradientLog:
     def iter_examples(self) -> Iterator[dict[str, Any]]:
         """Yield example metadata records (id, and any of text, label, source, image as uint8 array)."""
         for entry in self.manifest.get("example_files", []):
-            path = self._checked_file(entry)
-            with path.open(encoding="utf-8") as f:
-                for line_number, line in enumerate(f, 1):
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise LogFormatError(path, f"line {line_number} is not JSON") from None
-                    if "image" in record:
-                        image = record["image"]
-                        record["image"] = np.frombuffer(base64.b64decode(image["base64"]), dtype=np.uint8).reshape(
-                            image["shape"]
-                        )
-                    yield record
+            yield from self._example_records(entry)
+
+    def _example_records(self, entry: dict[str, Any], path: Path | None = None) -> Iterator[dict[str, Any]]:
+        path = self._checked_file(entry, path)
+        with path.open(encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise LogFormatError(path, f"line {line_number} is not JSON") from None
+                if "image" in record:
+                    image = record["image"]
+                    pixels = np.frombuffer(base64.b64decode(image["base64"]), dtype=np.uint8)
+                    record["image"] = pixels.reshape(image["shape"])
+                yield record
+
+    def validate_file(self, name: str, path: Path) -> None:
+        """Fully validate one file the manifests list, whose bytes are at ``path``.
+
+        Raises:
+            LogFormatError (or a subclass) naming the problem; also when ``name`` is not listed.
+        """
+        for rank, manifest in enumerate(self.rank_manifests):
+            for index, entry in enumerate(manifest["shards"]):
+                if entry["file"] == name:
+                    self._read_rank_shard(rank, index, path)
+                    return
+        for query_set in self.manifest.get("query_sets", []):
+            if query_set["file"] == name:
+                self.load_query_set(str(query_set["name"]), path)
+                return
+        for entry in self.manifest.get("example_files", []):
+            if entry["file"] == name:
+                for _ in self._example_records(entry, path):
+                    pass
+                return
+        raise LogFormatError(path, f"{name} is not listed in the log's manifests")
 
     def validate(self) -> None:
         """Read every file of the log once and raise on the first problem."""
@@ -462,6 +497,30 @@ def _merge_ranks(parts: list[ShardData]) -> ShardData:
         grads={k: torch.cat([p.grads[k] for p in parts])[order] for k in first.grads},
         curvature={k: torch.cat([p.curvature[k] for p in parts])[order] for k in first.curvature},
     )
+
+
+def check_manifest_file(path: str | Path) -> dict[str, Any]:
+    """Validate one manifest file on its own (format, version, keys, layers, shard step ranges).
+
+    Returns:
+        The parsed manifest.
+    """
+    path = Path(path)
+    manifest = _load_manifest(path)
+    layers_from_manifest(manifest, path)
+    next_step = 0
+    for entry in manifest["shards"]:
+        try:
+            first, last = int(entry["first_step"]), int(entry["last_step"])
+            str(entry["file"]), int(entry["bytes"]), str(entry["sha256"]), int(entry["num_rows"])
+        except (KeyError, TypeError, ValueError):
+            raise LogFormatError(path, f"malformed shard entry {entry!r}") from None
+        if first != next_step or last < first:
+            raise StepContinuityError(
+                path, f"shard {entry['file']} covers steps {first} to {last}, expected {next_step}"
+            )
+        next_step = last + 1
+    return manifest
 
 
 def open_log(directory: str | Path) -> GradientLog:

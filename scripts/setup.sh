@@ -11,4 +11,4 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The CPU build lies on this machine's disk; an unpinned torch would download a CUDA build of several GB.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev,server]"

@@ -1,0 +1,116 @@
+"""Analyses: start with options, live progress, cancel, retry; and their results."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+
+from server.api.deps import ProjectDep, SessionDep, SettingsDep
+from server.api.schemas import JobCreate, JobPublic, TopPublic, TopRow
+from server.services import jobs as service
+from server.services import results
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.post("/runs/{run_id}/jobs", status_code=201)
+def start_job(run_id: int, body: JobCreate, session: SessionDep, project: ProjectDep) -> JobPublic:
+    return JobPublic.model_validate(
+        service.start_job(session, project=project, run_id=run_id, options=body.model_dump())
+    )
+
+
+@router.get("/runs/{run_id}/jobs")
+def list_jobs(run_id: int, session: SessionDep, project: ProjectDep) -> list[JobPublic]:
+    return [JobPublic.model_validate(j) for j in service.list_jobs(session, project=project, run_id=run_id)]
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: int, session: SessionDep, project: ProjectDep) -> JobPublic:
+    return JobPublic.model_validate(service.get_job(session, project=project, job_id=job_id))
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job(job_id: int, session: SessionDep, project: ProjectDep) -> JobPublic:
+    job = service.get_job(session, project=project, job_id=job_id)
+    return JobPublic.model_validate(service.cancel_job(session, job=job))
+
+
+@router.post("/jobs/{job_id}/retry")
+def retry_job(job_id: int, session: SessionDep, project: ProjectDep) -> JobPublic:
+    job = service.get_job(session, project=project, job_id=job_id)
+    return JobPublic.model_validate(service.retry_job(session, job=job))
+
+
+@router.get("/jobs/{job_id}/summary")
+def job_summary(job_id: int, session: SessionDep, project: ProjectDep) -> dict[str, Any]:
+    job = service.get_job(session, project=project, job_id=job_id)
+    results.require_done(job)
+    return job.summary or {}
+
+
+@router.get("/jobs/{job_id}/top")
+def top(
+    job_id: int,
+    session: SessionDep,
+    project: ProjectDep,
+    query_set: str,
+    kind: Literal["helpful", "harmful"] = "helpful",
+    query: Annotated[int | None, Query(ge=0)] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    step_min: int | None = None,
+    step_max: int | None = None,
+    phase: Literal["early", "basin", "late"] | None = None,
+    epoch: Annotated[int | None, Query(ge=0)] = None,
+) -> TopPublic:
+    job = service.get_job(session, project=project, job_id=job_id)
+    results.require_done(job)
+    rows, count = results.top_rows(
+        session,
+        job=job,
+        query_set=query_set,
+        query=query,
+        kind=kind,
+        offset=offset,
+        limit=limit,
+        step_min=step_min,
+        step_max=step_max,
+        phase=phase,
+        epoch=epoch,
+    )
+    return TopPublic(
+        query_set=query_set, query=query, kind=kind, data=[TopRow.model_validate(r) for r in rows], count=count
+    )
+
+
+@router.get("/jobs/{job_id}/curve")
+def curve(
+    job_id: int,
+    session: SessionDep,
+    project: ProjectDep,
+    query_set: str,
+    points: Annotated[int, Query(ge=2, le=100_000)] = 1000,
+) -> dict[str, list[float | None]]:
+    job = service.get_job(session, project=project, job_id=job_id)
+    results.require_done(job)
+    return results.curve(session, job=job, query_set=query_set, points=points)
+
+
+@router.get("/jobs/{job_id}/phases")
+def phases(job_id: int, session: SessionDep, project: ProjectDep, query_set: str) -> dict[str, Any]:
+    job = service.get_job(session, project=project, job_id=job_id)
+    results.require_done(job)
+    return results.phases(session, job=job, query_set=query_set)
+
+
+@router.get("/jobs/{job_id}/examples/{example_id}")
+def example(
+    job_id: int, example_id: str, session: SessionDep, project: ProjectDep, settings: SettingsDep, query_set: str
+) -> dict[str, Any]:
+    job = service.get_job(session, project=project, job_id=job_id)
+    results.require_done(job)
+    return results.example_history(
+        session, job=job, query_set=query_set, example_id=example_id, storage=settings.storage
+    )

@@ -1,0 +1,172 @@
+"""tus 1.0 endpoints (core, creation, termination): see docs/service.md#uploads.
+
+``POST /runs/{id}/uploads`` creates an upload (``Upload-Length``, ``Upload-Metadata: filename ...``),
+``HEAD /uploads/{uid}`` tells the offset to resume from, ``PATCH /uploads/{uid}`` appends bytes at
+``Upload-Offset``, ``DELETE /uploads/{uid}`` abandons it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from server.api.deps import ProjectDep, SessionDep, SettingsDep
+from server.db.models import LogFile, Run
+from server.db.session import session_factory
+from server.errors import BadRequest, Conflict, PayloadTooLarge, UnsupportedMedia
+from server.services import uploads as service
+from server.services.runs import get_run
+from server.storage import part_path
+
+router = APIRouter(tags=["uploads"])
+TUS = service.TUS_HEADERS
+
+
+def _check_version(tus_resumable: str | None) -> None:
+    if tus_resumable != service.TUS_VERSION:
+        raise BadRequest(
+            f"Tus-Resumable header must be {service.TUS_VERSION}", headers={"Tus-Version": service.TUS_VERSION}
+        )
+
+
+@router.options("/uploads")
+def tus_options(project: ProjectDep, settings: SettingsDep) -> Response:
+    return Response(
+        status_code=204,
+        headers={
+            **TUS,
+            "Tus-Version": service.TUS_VERSION,
+            "Tus-Extension": "creation,termination",
+            "Tus-Max-Size": str(settings.max_file_bytes),
+        },
+    )
+
+
+@router.post("/runs/{run_id}/uploads", status_code=201)
+def create_upload(
+    run_id: int,
+    request: Request,
+    session: SessionDep,
+    project: ProjectDep,
+    settings: SettingsDep,
+    upload_length: Annotated[int | None, Header()] = None,
+    upload_metadata: Annotated[str | None, Header()] = None,
+    tus_resumable: Annotated[str | None, Header()] = None,
+) -> Response:
+    _check_version(tus_resumable)
+    if upload_length is None:
+        raise BadRequest("Upload-Length header is required (deferred length is not supported)")
+    name = service.parse_metadata(upload_metadata).get("filename")
+    if not name:
+        raise BadRequest("Upload-Metadata must carry the file name: 'filename <base64 name>'")
+    run = get_run(session, project=project, run_id=run_id)
+    upload = service.create_upload(session, run=run, name=name, length=upload_length, settings=settings)
+    location = str(request.url_for("upload_head", upload_id=upload.upload_id))
+    return Response(status_code=201, headers={**TUS, "Location": location, "Upload-Offset": "0"})
+
+
+@router.head("/uploads/{upload_id}", name="upload_head")
+def upload_head(upload_id: str, session: SessionDep, project: ProjectDep) -> Response:
+    upload, _ = service.get_upload(session, project_id=project.id, upload_id=upload_id)
+    return Response(
+        status_code=200,
+        headers={
+            **TUS,
+            "Upload-Offset": str(upload.offset),
+            "Upload-Length": str(upload.size_bytes),
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+@router.delete("/uploads/{upload_id}", status_code=204)
+def upload_delete(upload_id: str, session: SessionDep, project: ProjectDep, settings: SettingsDep) -> Response:
+    upload, run = service.get_upload(session, project_id=project.id, upload_id=upload_id)
+    if upload.status == "ready":
+        raise Conflict(f"{upload.name} is already validated; delete the run to remove it")
+    part_path(settings.storage, run.id, upload.upload_id).unlink(missing_ok=True)
+    session.delete(upload)
+    return Response(status_code=204, headers=TUS)
+
+
+@router.patch("/uploads/{upload_id}")
+async def upload_patch(
+    upload_id: str,
+    request: Request,
+    project: ProjectDep,
+    settings: SettingsDep,
+    upload_offset: Annotated[int | None, Header()] = None,
+    content_type: Annotated[str | None, Header()] = None,
+    tus_resumable: Annotated[str | None, Header()] = None,
+) -> Response:
+    _check_version(tus_resumable)
+    if content_type != "application/offset+octet-stream":
+        raise UnsupportedMedia("PATCH needs Content-Type: application/offset+octet-stream")
+    upload, run = await run_in_threadpool(_load, project.id, upload_id)
+    if upload.status != "uploading":
+        raise Conflict(f"{upload.name} is complete ({upload.status}); nothing more to append")
+    if upload_offset != upload.offset:
+        raise Conflict(
+            f"Upload-Offset is {upload_offset} but the upload is at {upload.offset}; HEAD to resume",
+            headers={"Upload-Offset": str(upload.offset)},
+        )
+    path = part_path(settings.storage, run.id, upload.upload_id)
+    written = 0
+    try:
+        with path.open("r+b") as f:  # memory stays at one network chunk whatever the file size
+            f.seek(upload.offset)
+            f.truncate()
+            async for chunk in request.stream():
+                if upload.offset + written + len(chunk) > upload.size_bytes:
+                    raise PayloadTooLarge(
+                        f"{upload.name}: more bytes than the declared Upload-Length {upload.size_bytes}"
+                    )
+                f.write(chunk)
+                written += len(chunk)
+    except ClientDisconnect:
+        pass  # keep what arrived: the client resumes from the new offset
+    finally:
+        offset = await run_in_threadpool(_advance, upload.id, written)
+    if offset == upload.size_bytes:
+        await _wait_for_verdict(upload.id, settings.validation_wait_seconds)
+    return Response(status_code=204, headers={**TUS, "Upload-Offset": str(offset)})
+
+
+def _load(project_id: int, upload_id: str) -> tuple[LogFile, Run]:
+    with session_factory()() as session:
+        return service.get_upload(session, project_id=project_id, upload_id=upload_id)
+
+
+def _advance(file_id: int, written: int) -> int:
+    """Record the new offset; hand a complete file to the validator."""
+    with session_factory()() as session:
+        upload = session.get(LogFile, file_id)
+        assert upload is not None
+        upload.offset += written
+        if upload.offset == upload.size_bytes and upload.status == "uploading":
+            service.finish_upload(session, upload=upload)
+        session.commit()
+        return upload.offset
+
+
+async def _wait_for_verdict(file_id: int, seconds: float) -> None:
+    """Answer the last PATCH with the validator's verdict when it comes in time (400 if rejected)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status, error = await run_in_threadpool(_status, file_id)
+        if status == "rejected":
+            raise BadRequest(f"rejected: {error}")
+        if status == "ready" or (status == "received" and error):
+            return  # valid, or waiting for the manifest (error says so)
+        await asyncio.sleep(0.1)
+
+
+def _status(file_id: int) -> tuple[str, str | None]:
+    with session_factory()() as session:
+        upload = session.get(LogFile, file_id)
+        return ("missing", None) if upload is None else (upload.status, upload.error)

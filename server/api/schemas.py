@@ -1,0 +1,87 @@
+"""Request and response bodies."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RunCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")
+
+
+class RunPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    status: str
+    size_bytes: int
+    num_steps: int | None
+    num_examples: int | None
+    created_at: dt.datetime
+
+
+class RunsPublic(BaseModel):
+    data: list[RunPublic]
+    count: int
+
+
+class LogFilePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    upload_id: str
+    size_bytes: int
+    offset: int
+    status: str
+    error: str | None
+
+
+class RunDetail(RunPublic):
+    files: list[LogFilePublic]
+    missing_files: list[str]
+
+
+class JobCreate(BaseModel):
+    curvature: Literal["empirical", "ggn"] | None = None
+    blocks: Literal["layer", "full"] = "layer"
+    query_sets: list[str] | None = None
+    top_k: int = Field(default=100, ge=1, le=1000)
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    run_id: int
+    status: str
+    options: dict[str, Any]
+    progress: float
+    current_step: int | None
+    eta_seconds: float | None
+    error: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class TopRow(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    rank: int
+    score: float
+    step: int
+    epoch: int
+    phase: str
+    example_id: str
+
+
+class TopPublic(BaseModel):
+    query_set: str
+    query: int | None
+    kind: str
+    data: list[TopRow]
+    count: int

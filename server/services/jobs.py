@@ -1,0 +1,61 @@
+"""Analyses (jobs): start, cancel, retry. The worker writes progress and results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.db.models import Job, Project, Run
+from server.errors import Conflict, NotFound
+from server.services.runs import get_run, missing_files
+from server.tasks import COMPUTE, enqueue_after_commit
+
+
+def get_job(session: Session, *, project: Project, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    run = session.get(Run, job.run_id) if job is not None else None
+    if job is None or run is None or run.project_id != project.id:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def start_job(session: Session, *, project: Project, run_id: int, options: dict[str, Any]) -> Job:
+    run = get_run(session, project=project, run_id=run_id)
+    missing = missing_files(session, run=run)
+    if run.status != "ready" or missing:
+        raise Conflict(f"run {run.name!r} is not ready to analyse: missing or unvalidated files {missing[:5]}")
+    available = {q["name"] for m in (run.manifest or {}).get("ranks", [])[:1] for q in m.get("query_sets", [])}
+    unknown = sorted(set(options.get("query_sets") or []) - available)
+    if unknown:
+        raise Conflict(f"query set(s) {unknown} are not in this run's log, which has {sorted(available)}")
+    if not available:
+        raise Conflict("the run's log has no query set; record one with rec.record_queries(...)")
+    job = Job(run_id=run.id, options=options)
+    session.add(job)
+    session.flush()
+    enqueue_after_commit(session, COMPUTE, job.id)
+    return job
+
+
+def list_jobs(session: Session, *, project: Project, run_id: int) -> list[Job]:
+    run = get_run(session, project=project, run_id=run_id)
+    return list(session.scalars(select(Job).where(Job.run_id == run.id).order_by(Job.id.desc())).all())
+
+
+def cancel_job(session: Session, *, job: Job) -> Job:
+    if job.status not in ("queued", "running"):
+        raise Conflict(f"job {job.id} is {job.status}; only queued or running jobs can be cancelled")
+    job.status = "cancelled"  # the worker stops at its next progress report
+    session.flush()
+    return job
+
+
+def retry_job(session: Session, *, job: Job) -> Job:
+    if job.status not in ("failed", "cancelled"):
+        raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
+    job.status, job.error, job.progress = "queued", None, 0.0
+    session.flush()
+    enqueue_after_commit(session, COMPUTE, job.id)
+    return job

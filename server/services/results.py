@@ -1,0 +1,138 @@
+"""Results served from the database (top-k, curves, phases, totals) and, for one example's
+history, from the results files in storage (numpy and safetensors only: no torch here)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file
+from sqlalchemy import Float, cast, func, select
+from sqlalchemy.orm import Session
+
+from server.db.models import CurvePoint, ExampleTotal, Job, PhaseSummaryRow, TopKRow
+from server.errors import Conflict, NotFound
+from server.storage import results_dir
+
+
+def require_done(job: Job) -> None:
+    if job.status != "succeeded":
+        raise Conflict(f"job {job.id} is {job.status}; results exist once it has succeeded")
+
+
+def query_sets(job: Job) -> list[str]:
+    return sorted((job.summary or {}).get("query_sets", {}))
+
+
+def check_query_set(job: Job, name: str) -> None:
+    if name not in query_sets(job):
+        raise NotFound(f"no results for query set {name!r}; this job has {query_sets(job)}")
+
+
+def top_rows(
+    session: Session,
+    *,
+    job: Job,
+    query_set: str,
+    query: int | None,
+    kind: str,
+    offset: int,
+    limit: int,
+    step_min: int | None,
+    step_max: int | None,
+    phase: str | None,
+    epoch: int | None,
+) -> tuple[list[TopKRow], int]:
+    check_query_set(job, query_set)
+    q = select(TopKRow).where(
+        TopKRow.job_id == job.id,
+        TopKRow.query_set == query_set,
+        TopKRow.query == (-1 if query is None else query),
+        TopKRow.kind == kind,
+    )
+    for column, value in ((TopKRow.phase, phase), (TopKRow.epoch, epoch)):
+        if value is not None:
+            q = q.where(column == value)
+    if step_min is not None:
+        q = q.where(TopKRow.step >= step_min)
+    if step_max is not None:
+        q = q.where(TopKRow.step <= step_max)
+    count = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    rows = session.scalars(q.order_by(TopKRow.rank).offset(offset).limit(limit)).all()
+    return list(rows), count
+
+
+def curve(session: Session, *, job: Job, query_set: str, points: int) -> dict[str, list[float | None]]:
+    """The per-step curve averaged into at most ``points`` bins of consecutive steps (in SQL)."""
+    check_query_set(job, query_set)
+    steps = int((job.summary or {}).get("steps", 0)) or 1
+    # floor division (SQLAlchemy 2's '/' is true division, which would put every step in its own bin)
+    bucket = (CurvePoint.step * points) // steps if steps > points else CurvePoint.step
+    q = (
+        select(
+            func.min(CurvePoint.step),
+            func.avg(cast(CurvePoint.mean, Float)),
+            func.avg(CurvePoint.mean_per_lr),
+            func.avg(CurvePoint.lr),
+            func.avg(CurvePoint.loss),
+            func.sum(CurvePoint.abs_sum),
+        )
+        .where(CurvePoint.job_id == job.id, CurvePoint.query_set == query_set)
+        .group_by(bucket)
+        .order_by(func.min(CurvePoint.step))
+    )
+    rows = session.execute(q).all()
+    names = ["step", "mean", "mean_per_lr", "lr", "loss", "abs_sum"]
+    return {name: [r[i] for r in rows] for i, name in enumerate(names)}
+
+
+def phases(session: Session, *, job: Job, query_set: str) -> dict[str, Any]:
+    check_query_set(job, query_set)
+    row = session.scalar(
+        select(PhaseSummaryRow).where(PhaseSummaryRow.job_id == job.id, PhaseSummaryRow.query_set == query_set)
+    )
+    if row is None:
+        raise NotFound(f"no phase summary for {query_set!r}")
+    return row.summary
+
+
+def example_history(session: Session, *, job: Job, query_set: str, example_id: str, storage: Path) -> dict[str, Any]:
+    check_query_set(job, query_set)
+    total = session.scalar(
+        select(ExampleTotal).where(
+            ExampleTotal.job_id == job.id, ExampleTotal.query_set == query_set, ExampleTotal.example_id == example_id
+        )
+    )
+    if total is None:
+        raise NotFound(f"example {example_id!r} does not occur in this run")
+    directory = results_dir(storage, job.run_id, job.id)
+    occurrences = load_file(str(directory / "occurrences.safetensors"))
+    index = int(np.flatnonzero(_example_ids(directory) == example_id)[0])
+    rows = np.flatnonzero(occurrences["example_index"] == index)
+    scores = np.load(directory / f"scores-{query_set}.npy", mmap_mode="r")
+    bounds = (job.summary or {})["query_sets"][query_set]["phases"]["boundaries"]
+    history = [
+        {
+            "step": int(occurrences["row_step"][r]),
+            "epoch": int(occurrences["epoch"][r]),
+            "phase": phase_of(int(occurrences["row_step"][r]), bounds),
+            "score": float(scores[r].mean()),
+            "per_query": [float(v) for v in scores[r]],
+        }
+        for r in rows
+    ]
+    return {"example_id": example_id, "total": total.total, "occurrences": total.occurrences, "history": history}
+
+
+def _example_ids(directory: Path) -> np.ndarray:
+    tensors = load_file(str(directory / "examples.safetensors"))
+    if "example_id" in tensors:
+        return tensors["example_id"].astype(str)
+    data, offsets = tensors["example_id_utf8"].tobytes(), tensors["example_id_offsets"]
+    return np.array([data[a:b].decode() for a, b in itertools.pairwise(offsets.tolist())])
+
+
+def phase_of(step: int, boundaries: list[int]) -> str:
+    return "early" if step < boundaries[0] else "basin" if step < boundaries[1] else "late"

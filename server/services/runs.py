@@ -1,0 +1,70 @@
+"""Runs and their files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from server.db.models import LogFile, Project, Run
+from server.errors import Conflict, NotFound
+from server.storage import delete_run_files
+
+
+def get_run(session: Session, *, project: Project, run_id: int) -> Run:
+    """The run, if it belongs to ``project``; another project's run is as absent as a missing one."""
+    run = session.get(Run, run_id)
+    if run is None or run.project_id != project.id:
+        raise NotFound(f"run {run_id} not found")
+    return run
+
+
+def create_run(session: Session, *, project: Project, name: str) -> Run:
+    run = Run(project_id=project.id, name=name)
+    session.add(run)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(f"a run named {name!r} already exists in this project") from None
+    return run
+
+
+def list_runs(
+    session: Session, *, project: Project, search: str | None, offset: int, limit: int
+) -> tuple[list[Run], int]:
+    query = select(Run).where(Run.project_id == project.id)
+    if search:
+        query = query.where(Run.name.ilike(f"%{search}%"))
+    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    runs = session.scalars(query.order_by(Run.created_at.desc(), Run.id.desc()).offset(offset).limit(limit)).all()
+    return list(runs), count
+
+
+def run_files(session: Session, *, run: Run) -> list[LogFile]:
+    return list(session.scalars(select(LogFile).where(LogFile.run_id == run.id).order_by(LogFile.name)).all())
+
+
+def expected_files(run: Run) -> list[str]:
+    """Files the run's manifests list (empty until the manifest is validated)."""
+    manifests = (run.manifest or {}).get("ranks", [])
+    names = [f"manifest.rank{r}.json" if r else "manifest.json" for r in range(len(manifests))]
+    for manifest in manifests:
+        for key in ("shards", "query_sets", "example_files"):
+            names += [str(e["file"]) for e in manifest.get(key, [])]
+    return names
+
+
+def missing_files(session: Session, *, run: Run) -> list[str]:
+    ready = {f.name for f in run_files(session, run=run) if f.status == "ready"}
+    expected = expected_files(run) or ["manifest.json"]
+    return [name for name in expected if name not in ready]
+
+
+def delete_run(session: Session, *, run: Run, storage: Path) -> None:
+    """Delete the run's rows now and its files once the deletion is committed."""
+    session.delete(run)
+    session.flush()
+    session.info.setdefault("after_commit", []).append(lambda: delete_run_files(storage, run.id))

@@ -1,0 +1,87 @@
+"""Resumable uploads (tus 1.0: core, creation, termination) of gradient-log files into a run.
+
+Bytes stream to ``staging/<upload id>.part`` with bounded memory; the final PATCH hands the file
+to the validator task (the API never parses safetensors and does not import torch), which moves
+it into the run's ``log/`` only once it is valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.db.models import LogFile, Run
+from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from server.settings import Settings
+from server.storage import check_log_file_name, part_path, staging_dir
+from server.tasks import VALIDATE_FILE, enqueue_after_commit
+
+TUS_VERSION = "1.0.0"
+TUS_HEADERS = {"Tus-Resumable": TUS_VERSION}
+
+
+def parse_metadata(header: str | None) -> dict[str, str]:
+    """Decode ``Upload-Metadata: key base64,key base64``."""
+    result: dict[str, str] = {}
+    for item in (header or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, _, value = item.partition(" ")
+        try:
+            result[key] = base64.b64decode(value, validate=True).decode("utf-8") if value else ""
+        except (binascii.Error, UnicodeDecodeError):
+            raise BadRequest(f"Upload-Metadata value of {key!r} is not base64 UTF-8") from None
+    return result
+
+
+def create_upload(session: Session, *, run: Run, name: str, length: int, settings: Settings) -> LogFile:
+    check_log_file_name(name)
+    if length < 0:
+        raise BadRequest("Upload-Length must be a non-negative integer")
+    if length > settings.max_file_bytes:
+        raise PayloadTooLarge(
+            f"{name} has {length} bytes; the limit per file is {settings.max_file_bytes} (DVEMB_MAX_FILE_BYTES)"
+        )
+    existing = session.scalar(select(LogFile).where(LogFile.run_id == run.id, LogFile.name == name))
+    if existing is not None:
+        if existing.status == "ready":
+            raise Conflict(f"{name} is already uploaded and valid in this run")
+        part_path(settings.storage, run.id, existing.upload_id).unlink(missing_ok=True)
+        session.delete(existing)  # a rejected or abandoned attempt: start over
+        session.flush()
+    total = run.size_bytes + length
+    if total > settings.max_run_bytes:
+        raise PayloadTooLarge(
+            f"the run would hold {total} bytes; the limit is {settings.max_run_bytes} (DVEMB_MAX_RUN_BYTES)"
+        )
+    upload = LogFile(run_id=run.id, name=name, upload_id=secrets.token_hex(16), size_bytes=length, offset=0)
+    session.add(upload)
+    run.status = "uploading" if run.status in ("created", "ready") else run.status
+    session.flush()
+    path = part_path(settings.storage, run.id, upload.upload_id)
+    staging_dir(settings.storage, run.id).mkdir(parents=True, exist_ok=True)
+    path.touch()
+    if length == 0:
+        finish_upload(session, upload=upload)
+    return upload
+
+
+def get_upload(session: Session, *, project_id: int, upload_id: str) -> tuple[LogFile, Run]:
+    upload = session.scalar(select(LogFile).where(LogFile.upload_id == upload_id))
+    run = session.get(Run, upload.run_id) if upload is not None else None
+    if upload is None or run is None or run.project_id != project_id:
+        raise NotFound(f"upload {upload_id} not found")
+    return upload, run
+
+
+def finish_upload(session: Session, *, upload: LogFile) -> None:
+    """All bytes are in: hand the file to the validator once this is committed."""
+    upload.status = "received"
+    upload.error = None
+    session.flush()
+    enqueue_after_commit(session, VALIDATE_FILE, upload.id)

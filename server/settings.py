@@ -1,0 +1,58 @@
+"""Service settings, read from ``DVEMB_*`` environment variables (the core library reads none).
+
+With nothing set, everything lives under ``./dvemb-data``: a SQLite database, a filesystem broker
+and a local storage directory (the embedded mode). The distributed mode sets
+``DVEMB_DATABASE_URL`` (Postgres), ``DVEMB_BROKER_URL`` (Redis) and ``DVEMB_STORAGE_DIR`` (a
+volume shared with every worker).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All service settings; see docs/service.md."""
+
+    model_config = SettingsConfigDict(env_prefix="DVEMB_", extra="ignore")
+
+    data_dir: Path = Path("dvemb-data")
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_dir: Path | None = None
+    max_file_bytes: int = 64 << 30
+    max_run_bytes: int = 1 << 40
+    upload_chunk_bytes: int = 8 << 20
+    top_k: int = 100
+    task_visibility_timeout: int = 3600  # seconds before an unacknowledged task of a lost worker is redelivered
+    validation_wait_seconds: float = 60.0  # the last upload PATCH waits this long for the validator's verdict
+    default_page_size: int = 50
+
+    @property
+    def database(self) -> str:
+        """The SQLAlchemy URL: the setting, or a SQLite file in the data directory."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'dvemb.db').resolve()}"
+
+    @property
+    def broker(self) -> str:
+        """The Celery broker: the setting, or kombu's filesystem transport in the data directory."""
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        """Folder of the filesystem broker (embedded mode)."""
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def storage(self) -> Path:
+        """Root of stored logs and results."""
+        return (self.storage_dir or self.data_dir / "storage").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings (cached; tests clear the cache after changing the environment)."""
+    return Settings()

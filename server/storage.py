@@ -1,0 +1,51 @@
+"""Where runs' files live. Uploads land in ``staging/`` (never read by anything but the validator);
+only validated files are moved into ``log/``, which is what computations read."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from server.errors import BadRequest
+
+# Every file name a gradient log can hold (docs/format.md); anything else, including any path, is refused.
+LOG_FILE_NAME = re.compile(
+    r"^(manifest(\.rank[0-9]{1,4})?\.json"
+    r"|shard-r[0-9]{1,4}-[0-9]{6}\.safetensors"
+    r"|queries-[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.safetensors"
+    r"|examples-[0-9]{6}\.jsonl)$"
+)
+
+
+def check_log_file_name(name: str) -> str:
+    if not LOG_FILE_NAME.match(name) or ".." in name:
+        raise BadRequest(
+            f"file name {name!r} is not a gradient-log file name (manifest.json, shard-rR-NNNNNN.safetensors, "
+            "queries-NAME.safetensors, examples-NNNNNN.jsonl); paths are not accepted"
+        )
+    return name
+
+
+def run_dir(root: Path, run_id: int) -> Path:
+    return root / "runs" / str(run_id)
+
+
+def staging_dir(root: Path, run_id: int) -> Path:
+    return run_dir(root, run_id) / "staging"
+
+
+def log_dir(root: Path, run_id: int) -> Path:
+    return run_dir(root, run_id) / "log"
+
+
+def results_dir(root: Path, run_id: int, job_id: int) -> Path:
+    return run_dir(root, run_id) / "results" / str(job_id)
+
+
+def part_path(root: Path, run_id: int, upload_id: str) -> Path:
+    return staging_dir(root, run_id) / f"{upload_id}.part"
+
+
+def delete_run_files(root: Path, run_id: int) -> None:
+    shutil.rmtree(run_dir(root, run_id), ignore_errors=True)

@@ -1,0 +1,225 @@
+"""Real parts for the service tests: a fresh PostgreSQL database made by the migrations, Redis, a real
+Celery worker process and the API served by uvicorn on a free port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis
+import torch
+import torch.nn.functional as F
+import uvicorn
+from sqlalchemy import text
+
+import dvemb
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+REDIS_DB = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    name = f"dvemb_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def service_env(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Environment of the API (in this process) and of the worker processes."""
+    storage = tmp_path_factory.mktemp("storage")
+    env = {
+        "DVEMB_DATABASE_URL": postgres_url,
+        "DVEMB_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "DVEMB_STORAGE_DIR": str(storage),
+        "DVEMB_DATA_DIR": str(tmp_path_factory.mktemp("data")),
+        "DVEMB_TASK_VISIBILITY_TIMEOUT": "4",
+        "DVEMB_MAX_FILE_BYTES": str(8 << 20),
+        "DVEMB_VALIDATION_WAIT_SECONDS": "30",
+    }
+    redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        from server.db.session import get_engine
+        from server.migrate import upgrade
+        from server.settings import get_settings
+        from server.tasks import sender
+
+        for cache in (get_settings, get_engine, sender):
+            cache.cache_clear()
+        upgrade(postgres_url)
+        yield env
+        get_engine().dispose()
+        for cache in (get_settings, get_engine, sender):
+            cache.cache_clear()
+
+
+class Worker:
+    """A real Celery worker process that tests can kill and restart."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = {**os.environ, **env, "OMP_NUM_THREADS": "1"}
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        from server.cli import worker_command
+
+        command = [*worker_command(), "--loglevel", "INFO"]
+        self.process = subprocess.Popen(command, env=self.env, stderr=subprocess.PIPE, text=True)
+        ready = threading.Event()
+
+        def watch() -> None:
+            assert self.process is not None and self.process.stderr is not None
+            for line in self.process.stderr:
+                if " ready." in line:
+                    ready.set()
+                if os.environ.get("DVEMB_TEST_WORKER_LOG"):
+                    sys.stderr.write(line)
+
+        threading.Thread(target=watch, daemon=True).start()
+        assert ready.wait(60), "the Celery worker did not start"
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()  # SIGKILL: no clean-up, the task stays unacknowledged
+        self._reap()
+
+    def _reap(self) -> None:
+        assert self.process is not None
+        self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self._reap()
+
+
+@pytest.fixture(scope="session")
+def worker(service_env: dict[str, str]) -> Iterator[Worker]:
+    w = Worker(service_env)
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def server_url(service_env: dict[str, str]) -> Iterator[str]:
+    from server.main import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(autouse=True)
+def _clean_tables(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "service_env" not in request.fixturenames:
+        return
+    from server.db.session import get_engine
+
+    with get_engine().begin() as conn:
+        tables = "projects, api_tokens, runs, log_files, jobs, topk_rows, example_totals, curve_points, phase_summaries"
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    from server.settings import get_settings
+
+    shutil.rmtree(get_settings().storage / "runs", ignore_errors=True)  # ids restart: so must storage
+
+
+def make_token(project: str = "test") -> str:
+    from server.db.session import session_factory
+    from server.services.auth import create_token, get_or_create_project
+
+    with session_factory()() as session:
+        token = create_token(session, project=get_or_create_project(session, name=project))
+        session.commit()
+    return token
+
+
+@pytest.fixture
+def token(service_env: dict[str, str]) -> str:
+    return make_token()
+
+
+class Api:
+    """A small authenticated client."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self.client = httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def wait_job(self, job_id: int, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job: dict[str, Any] = self.client.get(f"/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+@pytest.fixture
+def api(server_url: str, token: str, worker: Worker) -> Iterator[Api]:
+    client = Api(server_url, token)
+    yield client
+    client.client.close()
+
+
+def record_log(
+    directory: Path, *, steps: int = 12, batch: int = 8, shard_steps: int = 4, dim: int = 16, seed: int = 0
+) -> Path:
+    """A small real log: an MLP trained with the recorder, one query set."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(10, dim), torch.nn.Tanh(), torch.nn.Linear(dim, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(steps * batch, 10), torch.randint(0, 4, (steps * batch,))
+    rec = dvemb.Recorder(model, directory, proj_dim=64, shard_steps=shard_steps)
+    for step in range(steps):
+        ids = list(range(step * batch, (step + 1) * batch))
+        with rec.step(ids, optimizer):
+            F.cross_entropy(model(x[ids]), y[ids]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    rec.record_queries("val", [(torch.randn(6, 10), torch.randint(0, 4, (6,)))])
+    rec.close()
+    return directory

@@ -1,0 +1,57 @@
+"""Authentication and project isolation; migrations on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from alembic import command
+from conftest import Api, make_token
+
+from server.migrate import alembic_config, downgrade, upgrade
+
+
+def test_auth(server_url: str, api: Api) -> None:
+    assert httpx.get(f"{server_url}/api/v1/health").status_code == 200
+    missing = httpx.get(f"{server_url}/api/v1/runs")
+    assert missing.status_code == 401 and missing.json()["error"] == "unauthorized"
+    wrong = httpx.get(f"{server_url}/api/v1/runs", headers={"Authorization": "Bearer dvemb_nope"})
+    assert wrong.status_code == 401
+    run_id = api.post("/runs", json={"name": "mine"}).json()["id"]
+    other = Api(server_url, make_token("another project"))
+    try:
+        assert other.get(f"/runs/{run_id}").status_code == 404
+        assert other.delete(f"/runs/{run_id}").status_code == 404
+        assert other.get("/runs").json()["count"] == 0
+    finally:
+        other.client.close()
+    assert api.get("/runs", params={"search": "MIN"}).json()["count"] == 1
+    assert api.post("/runs", json={"name": "mine"}).status_code == 409
+    assert api.post("/runs", json={"name": ""}).status_code == 422
+    schema = httpx.get(f"{server_url}/api/v1/openapi.json").json()
+    assert "/api/v1/runs/{run_id}/uploads" in schema["paths"]
+
+
+def _check_round_trip(url: str) -> None:
+    upgrade(url)
+    command.check(alembic_config(url))  # models and migrations agree
+    downgrade(url, "base")
+    upgrade(url)
+    command.check(alembic_config(url))
+
+
+def test_migrations_postgres(service_env: dict[str, str]) -> None:
+    _check_round_trip(service_env["DVEMB_DATABASE_URL"])
+
+
+def test_migrations_sqlite(tmp_path: Path) -> None:
+    _check_round_trip(f"sqlite:///{tmp_path / 'dvemb.db'}")
+
+
+def test_job_needs_a_ready_run(api: Api) -> None:
+    run_id = api.post("/runs", json={"name": "empty"}).json()["id"]
+    response = api.post(f"/runs/{run_id}/jobs", json={})
+    assert response.status_code == 409 and "manifest.json" in response.json()["detail"]
+    with pytest.raises(AssertionError):
+        assert api.get("/jobs/999").status_code != 404

@@ -1,0 +1,53 @@
+"""A log written by the recorder, uploaded, computed by the worker and queried, equals `dvemb compute` offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import Api, record_log
+
+from dvemb.engine import compute, load_results
+from server.settings import get_settings
+from server.upload_client import upload_log
+
+
+def test_upload_compute_query_equals_offline(api: Api, token: str, tmp_path: Path) -> None:
+    log = record_log(tmp_path / "exp1")
+    result = upload_log(log, server=api.url, token=token, run_name="exp1", analyze=True)
+    assert result["status"] == "ready", result
+    assert result["missing_files"] == [] and result["rejected"] == {}
+    job = api.wait_job(result["job"]["id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == 1.0
+
+    offline = tmp_path / "offline"
+    compute(log, offline)
+    expected = load_results(offline)
+    for query in (None, 0, 5):
+        for kind in ("helpful", "harmful"):
+            params = {"query_set": "val", "kind": kind, "limit": 10, **({} if query is None else {"query": query})}
+            got = api.get(f"/jobs/{job['id']}/top", params=params).json()["data"]
+            want = expected.top("val", kind=kind, query=query, k=10)
+            assert [(r["step"], r["example_id"]) for r in got] == [(w["step"], str(w["example_id"])) for w in want]
+            assert [r["score"] for r in got] == [w["score"] for w in want]
+
+    curve = api.get(f"/jobs/{job['id']}/curve", params={"query_set": "val", "points": 5}).json()
+    assert len(curve["step"]) == 5 and curve["step"][0] == 0
+    full = api.get(f"/jobs/{job['id']}/curve", params={"query_set": "val", "points": 1000}).json()
+    assert full["mean"] == expected.curve("val")["mean"].tolist()
+    phases = api.get(f"/jobs/{job['id']}/phases", params={"query_set": "val"}).json()
+    assert phases == expected.phases("val")
+    example = api.get(f"/jobs/{job['id']}/examples/3", params={"query_set": "val"}).json()
+    assert [h["step"] for h in example["history"]] == [0]
+    early = api.get(f"/jobs/{job['id']}/top", params={"query_set": "val", "phase": "late", "limit": 100}).json()
+    assert all(r["phase"] == "late" for r in early["data"])
+    # the uploaded files are in the run's log directory, nothing is left in staging
+    stored = get_settings().storage / "runs" / str(result["run"])
+    assert sorted(p.name for p in (stored / "log").iterdir()) == sorted(
+        p.name for p in log.iterdir() if not p.name.startswith(".")
+    )
+    assert not list((stored / "staging").glob("*.part"))
+    # deleting the run removes its rows and its files
+    assert api.delete(f"/runs/{result['run']}").status_code == 204
+    assert api.get(f"/runs/{result['run']}").status_code == 404
+    assert not stored.exists()

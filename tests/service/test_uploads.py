@@ -1,0 +1,179 @@
+"""Resumable uploads, and every kind of bad upload refused with a message and nothing made visible."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import socket
+import struct
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from conftest import Api, record_log
+from safetensors.torch import load_file, save_file
+
+from dvemb.writer import sha256_file
+from server.settings import get_settings
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def _create(api: Api, run_id: int, name: str, length: int) -> str:
+    meta = "filename " + base64.b64encode(name.encode()).decode()
+    response = api.post(
+        f"/runs/{run_id}/uploads", headers={**TUS, "Upload-Length": str(length), "Upload-Metadata": meta}
+    )
+    assert response.status_code == 201, response.text
+    return response.headers["Location"]
+
+
+def _patch(api: Api, location: str, data: bytes, offset: int) -> object:
+    return api.patch(
+        location,
+        content=data,
+        headers={**TUS, "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"},
+    )
+
+
+def _upload(api: Api, run_id: int, path: Path, name: str | None = None) -> object:
+    data = path.read_bytes()
+    return _patch(api, _create(api, run_id, name or path.name, len(data)), data, 0)
+
+
+def _new_run(api: Api, name: str = "r") -> int:
+    return int(api.post("/runs", json={"name": name}).json()["id"])
+
+
+def _log_dir(run_id: int) -> Path:
+    return get_settings().storage / "runs" / str(run_id) / "log"
+
+
+def test_interrupted_upload_resumes_byte_identical(api: Api, tmp_path: Path) -> None:
+    log = record_log(tmp_path / "log", steps=8, shard_steps=8, dim=64)
+    run_id = _new_run(api)
+    assert _upload(api, run_id, log / "manifest.json").status_code == 204
+    shard = log / "shard-r0-000000.safetensors"
+    data = shard.read_bytes()
+    location = _create(api, run_id, shard.name, len(data))
+    # The connection drops halfway through the body.
+    half = len(data) // 2
+    url = urlparse(location)
+    with socket.create_connection((url.hostname, url.port)) as conn:
+        head = (
+            f"PATCH {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: {api.headers['Authorization']}\r\n"
+            f"Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        )
+        conn.sendall(head.encode() + data[:half])
+        time.sleep(0.5)
+    for _ in range(50):
+        offset = int(api.head(location, headers=TUS).headers["Upload-Offset"])
+        if offset == half:
+            break
+        time.sleep(0.1)
+    assert offset == half
+    assert not (_log_dir(run_id) / shard.name).exists()  # incomplete: not visible
+    assert _patch(api, location, data[offset:], offset).status_code == 204
+    stored = _log_dir(run_id) / shard.name
+    assert stored.read_bytes() == data
+    wrong = _patch(api, location, b"x", 3)
+    assert wrong.status_code == 409
+
+
+def _damage(kind: str, log: Path) -> tuple[str, Path]:
+    """(file name to upload, path of damaged bytes) for one kind of bad upload."""
+    shard = log / "shard-r0-000000.safetensors"
+    bad = log.parent / "bad"
+    if kind == "truncated":
+        bad.write_bytes(shard.read_bytes()[:-50])
+    elif kind == "checksum":
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 1
+        bad.write_bytes(bytes(data))
+    elif kind == "nan":
+        tensors = load_file(str(shard))
+        tensors["grad.0"][0, 0] = float("nan")
+        save_file(tensors, str(bad), metadata={"format": "dvemb-gradient-log"})
+    elif kind == "lying-header":
+        data = shard.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        header["grad.0"]["shape"][0] *= 2
+        raw = json.dumps(header).encode()
+        bad.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    elif kind == "pickle":
+        bad.write_bytes(pickle.dumps({"grad.0": [1.0, 2.0]}))
+    return shard.name, bad
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("truncated", "truncated"),
+        ("checksum", "sha256"),
+        ("nan", "NaN"),
+        ("lying-header", "claims shape"),
+        ("pickle", "not a safetensors file"),
+    ],
+)
+def test_bad_shard_is_refused_and_invisible(api: Api, tmp_path: Path, kind: str, message: str) -> None:
+    log = record_log(tmp_path / "log")
+    run_id = _new_run(api)
+    name, bad = _damage(kind, log)
+    manifest = log / "manifest.json"
+    if kind == "nan":  # a log that really recorded NaN: its manifest vouches for the file's bytes
+        sealed = json.loads(manifest.read_text())
+        entry = next(e for e in sealed["shards"] if e["file"] == name)
+        entry.update(bytes=bad.stat().st_size, sha256=sha256_file(bad))
+        manifest = tmp_path / "manifest.json"
+        manifest.write_text(json.dumps(sealed))
+    assert _upload(api, run_id, manifest, "manifest.json").status_code == 204
+    response = _upload(api, run_id, bad, name)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert message in body["detail"] and name in body["detail"]
+    assert not (_log_dir(run_id) / name).exists()
+    assert not list((get_settings().storage / "runs" / str(run_id) / "staging").glob("*.part"))
+    run = api.get(f"/runs/{run_id}").json()
+    assert run["status"] != "ready" and name in run["missing_files"]
+    assert {f["name"]: f["status"] for f in run["files"]}[name] == "rejected"
+    if kind != "nan":
+        assert _upload(api, run_id, log / name).status_code == 204  # the real file can still be uploaded
+
+
+def test_wrong_format_version(api: Api, tmp_path: Path) -> None:
+    log = record_log(tmp_path / "log")
+    manifest = json.loads((log / "manifest.json").read_text())
+    manifest["version"] = 99
+    bad = tmp_path / "manifest.json"
+    bad.write_text(json.dumps(manifest))
+    response = _upload(api, _new_run(api), bad)
+    assert response.status_code == 400
+    assert "version 99 is not supported" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "name", ["../manifest.json", "a/b.safetensors", "shard-r0-000000.safetensors/../../x", "evil.sh"]
+)
+def test_path_traversal_and_unknown_names(api: Api, name: str) -> None:
+    run_id = _new_run(api)
+    meta = "filename " + base64.b64encode(name.encode()).decode()
+    response = api.post(f"/runs/{run_id}/uploads", headers={**TUS, "Upload-Length": "10", "Upload-Metadata": meta})
+    assert response.status_code == 400
+    assert "not a gradient-log file name" in response.json()["detail"]
+
+
+def test_over_the_size_limit(api: Api) -> None:
+    run_id = _new_run(api)
+    meta = "filename " + base64.b64encode(b"shard-r0-000000.safetensors").decode()
+    response = api.post(
+        f"/runs/{run_id}/uploads", headers={**TUS, "Upload-Length": str(9 << 20), "Upload-Metadata": meta}
+    )
+    assert response.status_code == 413
+    assert "DVEMB_MAX_FILE_BYTES" in response.json()["detail"]
+    location = _create(api, run_id, "shard-r0-000000.safetensors", 10)
+    too_long = _patch(api, location, b"x" * 11, 0)
+    assert too_long.status_code == 413

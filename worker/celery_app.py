@@ -1,0 +1,20 @@
+"""The workers' Celery app (same broker settings as the API's sender)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from server.db.session import get_engine
+from server.settings import get_settings
+from server.tasks import configure
+
+app = configure(Celery("dvemb-worker", include=["worker.tasks"]), get_settings())
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    # A forked worker must not share the parent's database connections.
+    get_engine().dispose(close=False)

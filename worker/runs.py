@@ -1,0 +1,247 @@
+"""What the tasks do: validate an uploaded file with the core reader; compute a job with the core engine
+and store its aggregates. Both are idempotent: run twice, they leave the same rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
+
+from dvemb.engine import ComputeArguments, ComputeProgress, compute, load_results
+from dvemb.errors import DvembError
+from dvemb.reader import GradientLog, check_manifest_file
+from server.db.models import CurvePoint, ExampleTotal, Job, LogFile, PhaseSummaryRow, Run, TopKRow
+from server.db.session import session_factory
+from server.services.results import phase_of
+from server.services.runs import expected_files
+from server.settings import get_settings
+from server.storage import log_dir, part_path, results_dir, staging_dir
+from server.tasks import VALIDATE_FILE, enqueue_after_commit
+
+MANIFEST_PREFIX = "manifest"
+
+
+class JobCancelled(Exception):
+    """The job was cancelled through the API while computing."""
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+def run_validate_file(file_id: int) -> None:
+    """Validate one received file; move it into the run's log if valid, reject it (and its bytes) if not."""
+    storage = get_settings().storage
+    with session_factory()() as session:
+        upload = session.get(LogFile, file_id)
+        if upload is None or upload.status != "received":
+            return
+        run = session.get(Run, upload.run_id)
+        assert run is not None
+        part = part_path(storage, run.id, upload.upload_id)
+        staging = staging_dir(storage, run.id)
+        try:
+            if upload.name.startswith(MANIFEST_PREFIX):
+                _accept_manifest(session, run, upload, part)
+            else:
+                manifests = _staged_manifests(staging)
+                if manifests is None:
+                    upload.error = "waiting for the manifest(s) to be uploaded and validated"
+                    session.commit()
+                    return
+                GradientLog(staging).validate_file(upload.name, part)
+                _publish(part, log_dir(storage, run.id) / upload.name)
+        except DvembError as exc:
+            upload.status, upload.error = "rejected", str(exc).replace(str(part), upload.name)
+            part.unlink(missing_ok=True)  # nothing of an invalid file stays
+            session.commit()
+            return
+        upload.status, upload.error = "ready", None
+        run.size_bytes += upload.size_bytes
+        _update_run(session, run)
+        session.commit()
+
+
+def _staged_manifests(staging: Any) -> list[dict[str, Any]] | None:
+    main = staging / "manifest.json"
+    if not main.exists():
+        return None
+    world = int(json.loads(main.read_text())["world_size"])
+    paths = [main] + [staging / f"manifest.rank{r}.json" for r in range(1, world)]
+    return [json.loads(p.read_text()) for p in paths] if all(p.exists() for p in paths) else None
+
+
+def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> None:
+    manifest = check_manifest_file(part)
+    expected = "manifest.json" if manifest["rank"] == 0 else f"manifest.rank{manifest['rank']}.json"
+    if upload.name != expected:
+        raise DvembError(f"{upload.name} holds the manifest of rank {manifest['rank']}; upload it as {expected}")
+    storage = get_settings().storage
+    staged = staging_dir(storage, run.id) / upload.name
+    shutil.copyfile(part, staged)
+    _publish(part, log_dir(storage, run.id) / upload.name)
+    manifests = _staged_manifests(staging_dir(storage, run.id))
+    if manifests is not None:
+        run.manifest = {"ranks": manifests}
+        run.num_steps = min((int(m["shards"][-1]["last_step"]) + 1 if m["shards"] else 0) for m in manifests)
+        # Files that arrived before the manifest wait for it: validate them now.
+        waiting = session.scalars(
+            select(LogFile.id).where(LogFile.run_id == run.id, LogFile.status == "received", LogFile.id != upload.id)
+        ).all()
+        session.info.setdefault("after_commit_tasks", []).extend(waiting)
+
+
+def _publish(part: Any, final: Any) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(part, final)
+
+
+def _update_run(session: Session, run: Run) -> None:
+    ready = set(session.scalars(select(LogFile.name).where(LogFile.run_id == run.id, LogFile.status == "ready")).all())
+    expected = expected_files(run)
+    run.status = "ready" if expected and all(name in ready for name in expected) else "uploading"
+    for file_id in session.info.pop("after_commit_tasks", []):
+        enqueue_after_commit(session, VALIDATE_FILE, file_id)
+
+
+# -- computation -----------------------------------------------------------------------------------
+
+
+def run_compute(job_id: int) -> None:
+    """Compute a job (resuming the engine's checkpoint after a crash) and store its aggregates."""
+    storage = get_settings().storage
+    factory = session_factory()
+    with factory() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status not in ("queued", "running"):
+            return  # done, cancelled or deleted: nothing to do (idempotent re-delivery)
+        job.status, job.attempts, job.error = "running", job.attempts + 1, None
+        job.started_at = job.started_at or dt.datetime.now(dt.UTC)
+        session.commit()
+        options = dict(job.options)
+        run_id = job.run_id
+    out = results_dir(storage, run_id, job_id)
+    args = ComputeArguments(
+        curvature=options.get("curvature"),
+        blocks=options.get("blocks", "layer"),
+        top_k=int(options.get("top_k", 100)),
+        query_sets=tuple(options["query_sets"]) if options.get("query_sets") else None,
+    )
+    try:
+        summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id), overwrite=True)
+        with factory() as session:
+            _store_results(session, job_id, out, summary)
+            job = session.get(Job, job_id)
+            assert job is not None
+            if job.status == "cancelled":
+                return
+            job.status, job.summary, job.progress = "succeeded", summary, 1.0
+            job.eta_seconds, job.finished_at = 0.0, dt.datetime.now(dt.UTC)
+            session.commit()
+    except JobCancelled:
+        return
+    except DvembError as exc:
+        with factory() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.status, job.error, job.finished_at = "failed", str(exc), dt.datetime.now(dt.UTC)
+            session.commit()
+
+
+def _progress_writer(job_id: int) -> Any:
+    last = [0.0]
+
+    def report(p: ComputeProgress) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.5 and p.steps_done < p.total_steps:
+            return
+        last[0] = now
+        with session_factory()() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.status == "cancelled":
+                raise JobCancelled
+            job.progress, job.current_step, job.eta_seconds = p.fraction, p.current_step, p.eta_s
+            session.commit()
+
+    return report
+
+
+def _store_results(session: Session, job_id: int, out: Any, summary: dict[str, Any]) -> None:
+    """Replace the job's aggregate rows with those of the results directory (idempotent)."""
+    for model in (TopKRow, ExampleTotal, CurvePoint, PhaseSummaryRow):
+        session.execute(delete(model).where(model.job_id == job_id))
+    results = load_results(out)
+    ids = [str(i) for i in results.example_ids]
+    occurrences = np.bincount(results.example_index.numpy(), minlength=len(ids))
+    for name, info in summary["query_sets"].items():
+        bounds = info["phases"]["boundaries"]
+        rows = []
+        for query in [None, *range(info["num_queries"])]:
+            for kind in ("helpful", "harmful"):
+                for r in results.top(name, kind=kind, query=query, k=summary["arguments"]["top_k"]):
+                    rows.append(
+                        {
+                            "job_id": job_id,
+                            "query_set": name,
+                            "query": -1 if query is None else query,
+                            "kind": kind,
+                            "rank": r["rank"],
+                            "score": r["score"],
+                            "row": r["row"],
+                            "step": r["step"],
+                            "epoch": r["epoch"],
+                            "example_id": str(r["example_id"]),
+                            "phase": phase_of(r["step"], bounds),
+                        }
+                    )
+        _insert(session, TopKRow, rows)
+        totals = results.totals(name).mean(axis=1)
+        _insert(
+            session,
+            ExampleTotal,
+            [
+                {
+                    "job_id": job_id,
+                    "query_set": name,
+                    "example_id": ids[i],
+                    "total": float(totals[i]),
+                    "occurrences": int(occurrences[i]),
+                }
+                for i in range(len(ids))
+            ],
+        )
+        curve = results.curve(name)
+        _insert(
+            session,
+            CurvePoint,
+            [
+                {
+                    "job_id": job_id,
+                    "query_set": name,
+                    "step": int(curve["step"][t]),
+                    "lr": float(curve["lr"][t]),
+                    "mean": float(curve["mean"][t]),
+                    "abs_sum": float(curve["abs_sum"][t]),
+                    "mean_per_lr": _finite(curve["mean_per_lr"][t]),
+                    "loss": _finite(curve["loss"][t]),
+                }
+                for t in range(len(curve["step"]))
+            ],
+        )
+        session.add(PhaseSummaryRow(job_id=job_id, query_set=name, summary=info["phases"]))
+    session.flush()
+
+
+def _insert(session: Session, model: Any, rows: list[dict[str, Any]], chunk: int = 5000) -> None:
+    for start in range(0, len(rows), chunk):
+        session.execute(insert(model), rows[start : start + chunk])
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None

@@ -1,0 +1,27 @@
+"""Tasks: thin wrappers, ids in, a run_* function does the work."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import OperationalError
+
+from server.tasks import COMPUTE, VALIDATE_FILE
+from worker.celery_app import app
+from worker.runs import run_compute, run_validate_file
+
+RELIABLE = {
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "autoretry_for": (OperationalError,),
+    "retry_backoff": True,
+    "max_retries": 5,
+}
+
+
+@app.task(name=VALIDATE_FILE, **RELIABLE)
+def validate_file(file_id: int) -> None:
+    run_validate_file(file_id)
+
+
+@app.task(name=COMPUTE, **RELIABLE)
+def compute_job(job_id: int) -> None:
+    run_compute(job_id)
