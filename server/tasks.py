@@ -24,7 +24,12 @@ ROUTES = {COMPUTE: {"queue": GPU_QUEUE}, ADHOC_QUERY: {"queue": GPU_QUEUE}}
 
 def configure(app: Celery, settings: Settings) -> Celery:
     """Broker and reliability settings shared by the API (sender) and the workers."""
-    options: dict[str, Any] = {"visibility_timeout": settings.task_visibility_timeout}
+    options: dict[str, Any] = {
+        "visibility_timeout": settings.task_visibility_timeout,
+        # kombu sweeps for tasks of lost workers every interval * throttle seconds (100 s by default).
+        "unacked_restore_interval": settings.task_restore_interval,
+        "unacked_restore_throttle": 1,
+    }
     if settings.broker.startswith("filesystem"):
         folder = settings.broker_folder
         for sub in ("in", "processed"):

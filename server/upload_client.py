@@ -4,6 +4,7 @@ interrupted uploads (their URLs are kept in ``LOG_DIR/.dvemb-upload.json``), wit
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ def upload_log(log_dir: Path, *, server: str, token: str, run_name: str, analyze
     finally:
         storage.close()
     sys.stderr.write("\n")
-    run = httpx.get(f"{server}/api/v1/runs/{run_id}", headers=headers).json()
+    run = _settled_run(server, headers, run_id)
+    rejected.update({f["name"]: f["error"] for f in run["files"] if f["status"] == "rejected"})
     result: dict[str, Any] = {
         "run": run_id,
         "status": run["status"],
@@ -60,6 +62,19 @@ def upload_log(log_dir: Path, *, server: str, token: str, run_name: str, analyze
     if analyze and run["status"] == "ready":
         result["job"] = httpx.post(f"{server}/api/v1/runs/{run_id}/jobs", json={}, headers=headers).json()
     return result
+
+
+def _settled_run(server: str, headers: dict[str, str], run_id: int, timeout: float = 3600) -> dict[str, Any]:
+    """The run once the validator has judged every uploaded file (files sent before the manifest wait for it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run: dict[str, Any] = httpx.get(f"{server}/api/v1/runs/{run_id}", headers=headers).json()
+        pending = [f for f in run["files"] if f["status"] in ("received", "validating")]
+        if not pending or not run["missing_files"] or time.monotonic() > deadline:
+            return run
+        if all(f["error"] for f in pending) and "manifest.json" in run["missing_files"]:
+            return run  # waiting for a manifest that was not uploaded
+        time.sleep(0.2)
 
 
 def _upload_files(tus: Any, storage: Any, files: list[Path], total: int, rejected: dict[str, str]) -> None:

@@ -56,6 +56,7 @@ def service_env(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
         "DVEMB_STORAGE_DIR": str(storage),
         "DVEMB_DATA_DIR": str(tmp_path_factory.mktemp("data")),
         "DVEMB_TASK_VISIBILITY_TIMEOUT": "4",
+        "DVEMB_TASK_RESTORE_INTERVAL": "1",
         "DVEMB_MAX_FILE_BYTES": str(8 << 20),
         "DVEMB_VALIDATION_WAIT_SECONDS": "30",
     }

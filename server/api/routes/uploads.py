@@ -132,7 +132,8 @@ async def upload_patch(
         pass  # keep what arrived: the client resumes from the new offset
     finally:
         offset = await run_in_threadpool(_advance, upload.id, written)
-    if offset == upload.size_bytes:
+    # A data file can only be judged against a manifest: wait for the verdict when one is there.
+    if offset == upload.size_bytes and (upload.name.startswith("manifest") or run.manifest is not None):
         await _wait_for_verdict(upload.id, settings.validation_wait_seconds)
     return Response(status_code=204, headers={**TUS, "Upload-Offset": str(offset)})
 

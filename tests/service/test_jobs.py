@@ -1,0 +1,87 @@
+"""Jobs: a worker killed mid-job resumes and writes exactly the rows of an uninterrupted run; cancel; retry."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from conftest import Api, Worker, record_log
+from sqlalchemy import select
+
+from server.db.models import CurvePoint, ExampleTotal, TopKRow
+from server.db.session import session_factory
+from server.upload_client import upload_log
+
+
+def _rows(job_id: int) -> dict[str, list[tuple[object, ...]]]:
+    with session_factory()() as session:
+        top = session.execute(
+            select(
+                TopKRow.query_set,
+                TopKRow.query,
+                TopKRow.kind,
+                TopKRow.rank,
+                TopKRow.score,
+                TopKRow.step,
+                TopKRow.example_id,
+            )
+            .where(TopKRow.job_id == job_id)
+            .order_by(TopKRow.query, TopKRow.kind, TopKRow.rank)
+        ).all()
+        totals = session.execute(
+            select(ExampleTotal.example_id, ExampleTotal.total, ExampleTotal.occurrences)
+            .where(ExampleTotal.job_id == job_id)
+            .order_by(ExampleTotal.example_id)
+        ).all()
+        curve = session.execute(
+            select(CurvePoint.step, CurvePoint.mean).where(CurvePoint.job_id == job_id).order_by(CurvePoint.step)
+        ).all()
+    return {"top": [tuple(r) for r in top], "totals": [tuple(r) for r in totals], "curve": [tuple(r) for r in curve]}
+
+
+def _long_run(api: Api, token: str, tmp_path: Path, name: str) -> int:
+    log = record_log(tmp_path / name, steps=240, batch=8, shard_steps=3, dim=48)
+    result = upload_log(log, server=api.url, token=token, run_name=name)
+    if result["status"] != "ready":
+        files = api.get(f"/runs/{result['run']}").json()["files"]
+        raise AssertionError([(f["name"], f["status"], f["error"]) for f in files][:8])
+    return int(result["run"])
+
+
+def test_killed_worker_resumes_with_identical_rows(api: Api, token: str, worker: Worker, tmp_path: Path) -> None:
+    run_id = _long_run(api, token, tmp_path, "long")
+    reference = api.wait_job(api.post(f"/runs/{run_id}/jobs", json={"top_k": 20}).json()["id"])
+    assert reference["status"] == "succeeded"
+
+    job_id = api.post(f"/runs/{run_id}/jobs", json={"top_k": 20}).json()["id"]
+    deadline = time.monotonic() + 60
+    while True:  # kill the worker once the job is under way but not done
+        job = api.get(f"/jobs/{job_id}").json()
+        if job["status"] == "running" and 0.05 < job["progress"] < 0.8:
+            break
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.05)
+    worker.kill()
+    killed_at = api.get(f"/jobs/{job_id}").json()["progress"]
+    assert killed_at < 1.0
+    worker.start()  # the unacknowledged task is redelivered; the engine resumes from its checkpoint
+    job = api.wait_job(job_id, timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == 1.0
+    assert _rows(job_id) == _rows(reference["id"])
+    assert len(_rows(job_id)["curve"]) == 240
+
+
+def test_cancel_and_retry(api: Api, token: str, tmp_path: Path) -> None:
+    run_id = _long_run(api, token, tmp_path, "cancel-me")
+    job_id = api.post(f"/runs/{run_id}/jobs", json={}).json()["id"]
+    cancelled = api.post(f"/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    time.sleep(1.0)
+    assert api.get(f"/jobs/{job_id}").json()["status"] == "cancelled"  # the worker stopped or skipped it
+    assert api.post(f"/jobs/{job_id}/cancel").status_code == 409
+    assert api.get(f"/jobs/{job_id}/top", params={"query_set": "val"}).status_code == 409
+    retried = api.post(f"/jobs/{job_id}/retry")
+    assert retried.status_code == 200 and retried.json()["status"] == "queued"
+    assert api.wait_job(job_id)["status"] == "succeeded"
+    assert api.post(f"/jobs/{job_id}/retry").status_code == 409
