@@ -73,6 +73,8 @@ class LayerAdapter(ABC):
             (B, k_out * k_in) in the layout of the weight matrix (out rows, in columns), flattened.
         """
         out_side, in_side = (forward, backward) if self.forward_is_out else (backward, forward)
+        if out_side.shape[1] == 1:  # one position: an outer product, cheaper as a broadcast than an einsum
+            return (out_side[:, 0, :, None] * in_side[:, 0, None, :]).flatten(1)
         projected = torch.einsum("blo,bli->boi", out_side, in_side)  # (B, k_out, k_in)
         return projected.flatten(1)
 

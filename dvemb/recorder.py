@@ -428,7 +428,8 @@ class Recorder:
                 curvature[adapter.name] = self._collect(adapter, slots.curvature, "curvature", ids)
         if self.loss_reduction == "mean":
             # The step's gradient was the mean over its examples: recover each example's own gradient.
-            grads = {k: v * len(ids) for k, v in grads.items()}
+            for rows in grads.values():
+                rows.mul_(len(ids))
         self._check_finite(grads, curvature)
         if self._optimizer is not None and lr is None:
             lrs, decays = self._optimizer.take_step_values()
@@ -465,13 +466,17 @@ class Recorder:
         return rows
 
     def _check_finite(self, grads: dict[str, torch.Tensor], curvature: dict[str, torch.Tensor]) -> None:
-        for name, t in (*grads.items(), *curvature.items()):
-            if not bool(torch.isfinite(t).all()):
-                self._writer.flush()
-                raise RecorderError(
-                    f"non-finite gradient in layer {name!r} at step {self._step} (learning rate too large, or "
-                    f"float16 overflow?); the log keeps steps 0 to {self._step - 1}"
-                )
+        tensors = [*grads.values(), *curvature.values()]
+        # One synchronisation per step: the largest magnitude of each tensor is finite iff the tensor is.
+        peaks = torch.stack([t.abs().amax() for t in tensors])
+        if bool(torch.isfinite(peaks).all()):
+            return
+        bad = next(name for name, t in (*grads.items(), *curvature.items()) if not bool(torch.isfinite(t).all()))
+        self._writer.flush()
+        raise RecorderError(
+            f"non-finite gradient in layer {bad!r} at step {self._step} (learning rate too large, or "
+            f"float16 overflow?); the log keeps steps 0 to {self._step - 1}"
+        )
 
     # -- queries and example metadata -------------------------------------------------------------
 

@@ -13,12 +13,13 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from dvemb import logformat as fmt
 from dvemb.errors import ConfigError
@@ -128,6 +129,11 @@ class LogWriter:
         }
         self._pending: list[StepRecord] = []
         self._pending_bytes = 0
+        self._next_step = 0
+        # Shards are serialised, hashed and fsynced on one background thread while training goes on;
+        # memory holds at most the shard being written and the one being filled.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvemb-writer")
+        self._inflight: Future[None] | None = None
         self._examples: list[dict[str, Any]] = []
         self._examples_bytes = 0
         self._closed = False
@@ -158,6 +164,16 @@ class LogWriter:
     def _save_manifest(self) -> None:
         write_json_atomic(self.directory / fmt.rank_manifest_name(self.rank), self.manifest)
 
+    def _write_bytes_atomic(self, name: str, data: bytes) -> None:
+        final = self.directory / name
+        tmp = final.with_name(name + ".tmp")
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.directory)
+
     def _write_tensors_atomic(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
         final = self.directory / name
         tmp = final.with_name(name + ".tmp")
@@ -173,9 +189,8 @@ class LogWriter:
     def append_step(self, record: StepRecord) -> None:
         """Buffer one step; writes a shard when the buffer is full."""
         self._check_open()
-        expected = self.manifest["num_steps"] + len(self._pending)
-        if record.step != expected:
-            raise ConfigError(f"step {record.step} appended where step {expected} was expected")
+        if record.step != self._next_step:
+            raise ConfigError(f"step {record.step} appended where step {self._next_step} was expected")
         kind = fmt.id_type(record.ids)
         if self.manifest["id_type"] is None:
             self.manifest["id_type"] = kind
@@ -187,23 +202,35 @@ class LogWriter:
         record.grads = {k: v.detach().to("cpu", self.storage_dtype) for k, v in record.grads.items()}
         record.curvature = {k: v.detach().to("cpu", self.storage_dtype) for k, v in record.curvature.items()}
         self._pending.append(record)
+        self._next_step += 1
         self._pending_bytes += sum(
             t.numel() * t.element_size() for t in (*record.grads.values(), *record.curvature.values())
         )
         full = len(self._pending) >= self.shard_steps if self.shard_steps else self._pending_bytes >= self.shard_bytes
         if full:
-            self.flush()
+            self._submit_shard()
+
+    def _submit_shard(self) -> None:
+        records, self._pending, self._pending_bytes = self._pending, [], 0
+        self._wait()
+        self._inflight = self._executor.submit(self._write_shard, records)
+
+    def _wait(self) -> None:
+        """Wait for the shard being written; re-raise its error here, in the training thread."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            inflight.result()
 
     def flush(self) -> None:
-        """Write buffered steps (and example metadata) to disk now."""
+        """Write buffered steps (and example metadata) to disk now, and wait until they are."""
         self._check_open()
         if self._pending:
-            self._write_shard()
+            self._submit_shard()
+        self._wait()
         if self._examples:
             self._write_examples()
 
-    def _write_shard(self) -> None:
-        records = self._pending
+    def _write_shard(self, records: list[StepRecord]) -> None:
         layers = list(records[0].grads)
         row_step = torch.cat([torch.full((len(r.ids),), r.step, dtype=torch.int64) for r in records])
         all_ids = [i for r in records for i in r.ids]
@@ -222,12 +249,19 @@ class LogWriter:
             if records[0].curvature:
                 tensors[fmt.curvature_key(layer)] = torch.cat([r.curvature[layer] for r in records])
         index = len(self.manifest["shards"])
-        path = self._write_tensors_atomic(fmt.shard_name(self.rank, index), tensors, {"format": fmt.FORMAT_NAME})
-        entry = _file_entry(path)
-        entry.update(first_step=records[0].step, last_step=records[-1].step, num_rows=int(row_step.numel()))
+        name = fmt.shard_name(self.rank, index)
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": fmt.FORMAT_NAME})
+        self._write_bytes_atomic(name, data)
+        entry = {
+            "file": name,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "first_step": records[0].step,
+            "last_step": records[-1].step,
+            "num_rows": int(row_step.numel()),
+        }
         self.manifest["shards"].append(entry)
         self.manifest["num_steps"] = records[-1].step + 1
-        self._pending, self._pending_bytes = [], 0
         self._save_manifest()
 
     # -- query sets and example metadata ----------------------------------------------------------
@@ -235,6 +269,7 @@ class LogWriter:
     def write_query_set(self, name: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         """Write a named query set (replacing one of the same name) and list it in the manifest."""
         self._check_open()
+        self._wait()
         stored = {
             k: (v.to("cpu", self.storage_dtype) if v.is_floating_point() and k.startswith("grad.") else v.cpu())
             for k, v in tensors.items()
@@ -254,6 +289,7 @@ class LogWriter:
             self._write_examples()
 
     def _write_examples(self) -> None:
+        self._wait()
         index = len(self.manifest["example_files"])
         final = self.directory / f"examples-{index:06d}.jsonl"
         tmp = final.with_name(final.name + ".tmp")
@@ -280,6 +316,7 @@ class LogWriter:
         self.manifest["complete"] = True
         self._save_manifest()
         self._closed = True
+        self._executor.shutdown()
 
     def _check_open(self) -> None:
         if self._closed:
