@@ -1,0 +1,20 @@
+# One image for the API and the workers (distributed mode; see docs/service.md).
+FROM python:3.11-slim
+
+# The CPU build by default; for GPU workers build with
+#   --build-arg TORCH_SPEC="torch==2.13.0" --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir "${TORCH_SPEC}" --index-url "${TORCH_INDEX}"
+
+WORKDIR /app
+COPY pyproject.toml README.md alembic.ini ./
+COPY dvemb ./dvemb
+COPY server ./server
+COPY worker ./worker
+COPY migrations ./migrations
+RUN pip install --no-cache-dir ".[server]"
+
+ENV DVEMB_DATA_DIR=/data
+EXPOSE 8000
+CMD ["uvicorn", "server.main:app", "--host", "0.0.0.0", "--port", "8000"]
