@@ -34,6 +34,7 @@ from dvemb.writer import write_json_atomic
 __all__ = ["RESULTS_VERSION", "ComputeArguments", "ComputeProgress", "compute"]
 
 RESULTS_VERSION = 1
+DEFAULT_BLOCK_ROWS = 256
 _CHECKPOINT = "checkpoint.safetensors"
 _SUMMARY = "summary.json"
 
@@ -47,10 +48,10 @@ class ComputeArguments:
         blocks: ``"layer"`` (one ``M`` block per layer, the default) or ``"full"`` (one ``M`` over all layers).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         accumulate_dtype: ``"float32"`` or ``"float64"`` for ``M`` and the recursion.
-        block_rows: curvature rows processed together (whole steps; capped by memory). ``None`` picks the
-            largest layer group's dimension, bounded to 512..4096: the blocked recursion does about
-            ``4 d^2 + 3 n d`` flops per row, so chunks much larger than ``d`` add work while much smaller
-            ones run small, slow matrix products.
+        block_rows: curvature rows processed together (whole steps; capped by memory). ``None`` means
+            256: the blocked recursion does about ``4 d^2 + 3 n d`` flops per row, so large chunks add
+            Gram and solve work, while tiny ones run many small, slow products; 128 to 256 rows ran fastest
+            for d = 256 to 1024 on the benchmark machine (BENCHMARKS.md).
         top_k: helpful and harmful examples kept per query and per query set.
         query_sets: names to score, or ``None`` for all query sets of the log.
         save_embeddings: write every occurrence's embedding to ``embeddings.npy``.
@@ -359,7 +360,7 @@ class _Run:
     def _row_budget(self) -> int:
         # Each group holds a (G, n, n) Gram matrix: keep it under about 1 GiB.
         widest = max(len(g.layers) for g in self.groups)
-        wanted = self.args.block_rows or min(4096, max(512, max(g.dim for g in self.groups)))
+        wanted = self.args.block_rows or DEFAULT_BLOCK_ROWS
         return max(1, min(wanted, int((2**30 / (8 * widest)) ** 0.5)))
 
     def _rates(self, shard: ShardData, s0: int, s1: int, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

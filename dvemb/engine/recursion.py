@@ -13,9 +13,9 @@ a gradient ``g`` used at step ``t`` is ``r_t A_t g``. We keep ``A_t = s_t (I - M
 Two implementations live here:
 
 - :func:`reference_embeddings`: the per-step loop above, for tests.
-- :class:`BlockedRecursion`: K consecutive steps at once, exactly. Rows sorted by descending step
+- :class:`BlockedRecursion`: K consecutive steps at once, exactly. Rows in ascending step order
   satisfy ``(I + L) U = X (I - M0)^T`` with ``L_ij = rho_j (x_i . x_j)`` for ``step_j > step_i``
-  (strictly lower triangular), so one Gram matrix, one unit-triangular solve and one rank-n
+  (strictly upper triangular), so one Gram matrix, one unit-triangular solve and one rank-n
   update of ``M`` replace K small products. Layers of equal size are batched (``(G, d, d)``).
 """
 
@@ -86,27 +86,27 @@ class BlockedRecursion:
         decay = chunk.decay.to(device=device, dtype=dtype)  # (G, S)
         rho = rate / decay  # (G, S): the rate of the M update in the scaled form
 
-        # Rows in descending step order make the interaction strictly lower triangular.
-        order = torch.argsort(curv_steps, descending=True, stable=True).to(device)
-        x = curv[:, order]  # (G, n_h, d)
-        x_step = curv_steps.to(device)[order]  # (n_h,)
+        # Rows are in ascending step order, so a row interacts only with rows after it: the system is
+        # unit upper triangular and needs no reordering. Rows of one step do not interact.
+        x = curv  # (G, n_h, d)
+        x_step = curv_steps.to(device)  # (n_h,)
         x_rho = rho[:, _step_position(x_step, chunk.steps.to(device))]  # (G, n_h)
         later = x_step.unsqueeze(0) > x_step.unsqueeze(1)  # (n_h, n_h): [i, j] = step_j > step_i
 
-        v = x - x @ self.M.transpose(1, 2)  # (G, n_h, d) = X (I - M0)^T
-        gram = x @ x.transpose(1, 2)  # (G, n_h, n_h)
-        lower = gram * x_rho.unsqueeze(1) * later  # L_ij = rho_j <x_i, x_j> for later j
-        lower.diagonal(dim1=1, dim2=2).add_(1.0)
-        u = torch.linalg.solve_triangular(lower, v, upper=False, unitriangular=True)  # (G, n_h, d)
+        v = torch.baddbmm(x, x, self.M.transpose(1, 2), alpha=-1.0)  # (G, n_h, d) = X (I - M0)^T
+        system = torch.bmm(x, x.transpose(1, 2))  # (G, n_h, n_h) Gram matrix, made into I + L in place
+        system.mul_(x_rho.unsqueeze(1)).mul_(later)  # L_ij = rho_j <x_i, x_j> for later j
+        system.diagonal(dim1=1, dim2=2).add_(1.0)
+        u = torch.linalg.solve_triangular(system, v, upper=True, unitriangular=True)  # (G, n_h, d)
 
         if empirical:
-            u_grads = torch.empty_like(u)
-            u_grads[:, order] = u  # back to input order
+            u_grads = u
         else:
             g_step = chunk.grad_steps.to(device)
             cross = grads @ x.transpose(1, 2)  # (G, n_g, n_h)
             mask = x_step.unsqueeze(0) > g_step.unsqueeze(1)  # (n_g, n_h)
-            u_grads = grads - grads @ self.M.transpose(1, 2) - (cross * x_rho.unsqueeze(1) * mask) @ u
+            cross.mul_(x_rho.unsqueeze(1)).mul_(mask)
+            u_grads = torch.baddbmm(grads, grads, self.M.transpose(1, 2), alpha=-1.0).sub_(cross @ u)
 
         self.M.baddbmm_((u * x_rho.unsqueeze(-1)).transpose(1, 2), x)  # M += sum_j rho_j u_j x_j^T
 
