@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from dvemb.engine import BlockedRecursion, Chunk, ComputeArguments, compute
-from dvemb.engine.compute import DEFAULT_BLOCK_ROWS
 from dvemb.writer import LogWriter, StepRecord
 
 OUT = Path(__file__).parent / "out"

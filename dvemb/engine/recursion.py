@@ -99,6 +99,7 @@ class BlockedRecursion:
         system.diagonal(dim1=1, dim2=2).add_(1.0)
         u = torch.linalg.solve_triangular(system, v, upper=True, unitriangular=True)  # (G, n_h, d)
 
+        u_grads: torch.Tensor
         if empirical:
             u_grads = u
         else:
