@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from server.api.routes import health, jobs, runs, uploads
+from server.api.routes import health, jobs, queries, runs, uploads
 from server.errors import install_handlers
 
 API_PREFIX = "/api/v1"
@@ -20,7 +20,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     api = APIRouter(prefix=API_PREFIX)
-    for module in (health, runs, uploads, jobs):
+    for module in (health, runs, uploads, jobs, queries):
         api.include_router(module.router)
     app.include_router(api)
     install_handlers(app)

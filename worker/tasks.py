@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy.exc import OperationalError
 
-from server.tasks import COMPUTE, VALIDATE_FILE
+from server.tasks import ADHOC_QUERY, COMPUTE, VALIDATE_FILE
 from worker.celery_app import app
-from worker.runs import run_compute, run_validate_file
+from worker.runs import run_adhoc_query, run_compute, run_validate_file
 
 RELIABLE = {
     "acks_late": True,
@@ -25,3 +25,8 @@ def validate_file(file_id: int) -> None:
 @app.task(name=COMPUTE, **RELIABLE)
 def compute_job(job_id: int) -> None:
     run_compute(job_id)
+
+
+@app.task(name=ADHOC_QUERY, **RELIABLE)
+def adhoc_query(query_id: int) -> None:
+    run_adhoc_query(query_id)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import Api, record_log
 
+from dvemb import open_log
 from dvemb.engine import compute, load_results
 from server.settings import get_settings
 from server.upload_client import upload_log
@@ -51,3 +53,26 @@ def test_upload_compute_query_equals_offline(api: Api, token: str, tmp_path: Pat
     assert api.delete(f"/runs/{result['run']}").status_code == 204
     assert api.get(f"/runs/{result['run']}").status_code == 404
     assert not stored.exists()
+
+
+def test_adhoc_query_matches_offline_top_k(api: Api, token: str, tmp_path: Path) -> None:
+    log = record_log(tmp_path / "adhoc")
+    result = upload_log(log, server=api.url, token=token, run_name="adhoc", analyze=True)
+    job = api.wait_job(result["job"]["id"])
+    queries = open_log(log).load_query_set("val")
+    gradients = [{name: grads[q].tolist() for name, grads in queries.grads.items()} for q in (0, 4)]
+    answer = api.post(f"/jobs/{job['id']}/queries", json={"gradients": gradients, "top_k": 5})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["status"] == "succeeded"
+    compute(log, tmp_path / "offline-adhoc")
+    expected = load_results(tmp_path / "offline-adhoc")
+    for position, q in enumerate((0, 4)):
+        for kind in ("helpful", "harmful"):
+            got = body["result"]["queries"][position][kind]
+            want = expected.top("val", kind=kind, query=q, k=5)
+            assert [r["row"] for r in got] == [w["row"] for w in want]
+            assert [r["score"] for r in got] == pytest.approx([w["score"] for w in want], rel=1e-4)
+    assert api.get(f"/queries/{body['id']}").json()["result"] == body["result"]
+    bad = api.post(f"/jobs/{job['id']}/queries", json={"gradients": [{"0": [1.0, 2.0]}]})
+    assert bad.status_code == 400 and "has 2 values" in bad.json()["detail"]

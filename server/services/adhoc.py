@@ -1,0 +1,89 @@
+"""Ad-hoc queries: projected test gradients posted for a finished job, scored by a worker against the
+job's stored embeddings. Vectors go to storage as .npy; the database holds only the answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from server.db.models import AdhocQuery, Job, Run
+
+__all__ = ["AdhocQuery", "create_query", "get_query", "layer_dims", "public", "query_path"]
+from server.errors import BadRequest, Conflict, NotFound
+from server.storage import results_dir
+from server.tasks import ADHOC_QUERY, enqueue_after_commit
+
+MAX_QUERIES = 256
+
+
+def layer_dims(run: Run) -> list[tuple[str, int]]:
+    """(layer name, projected size) in manifest order."""
+    layers = ((run.manifest or {}).get("ranks") or [{}])[0].get("layers", [])
+    return [(str(layer["name"]), int(layer["k_out"]) * int(layer["k_in"])) for layer in layers]
+
+
+def query_path(storage: Path, job: Job, query_id: int) -> Path:
+    return results_dir(storage, job.run_id, job.id) / "adhoc" / f"{query_id}.npy"
+
+
+def create_query(
+    session: Session, *, job: Job, run: Run, gradients: list[dict[str, list[float]]], top_k: int, storage: Path
+) -> AdhocQuery:
+    """Check the vectors against the run's layers, store them, and queue the scoring task."""
+    if job.status != "succeeded":
+        raise Conflict(f"job {job.id} is {job.status}; ad-hoc queries need a succeeded job")
+    if not (job.options or {}) or not (job.summary or {}).get("arguments", {}).get("save_embeddings", True):
+        raise Conflict(f"job {job.id} did not keep its embeddings")
+    if not 1 <= len(gradients) <= MAX_QUERIES:
+        raise BadRequest(f"send between 1 and {MAX_QUERIES} gradients, got {len(gradients)}")
+    dims = layer_dims(run)
+    matrix = np.zeros((len(gradients), sum(d for _, d in dims)), dtype=np.float32)
+    for q, gradient in enumerate(gradients):
+        unknown = sorted(set(gradient) - {name for name, _ in dims})
+        if unknown:
+            raise BadRequest(f"gradient {q}: unknown layer(s) {unknown}; the run tracks {[n for n, _ in dims]}")
+        offset = 0
+        for name, dim in dims:
+            values = gradient.get(name)
+            if values is None:
+                raise BadRequest(f"gradient {q}: layer {name!r} is missing (use dvemb.project_model_gradient)")
+            if len(values) != dim:
+                raise BadRequest(
+                    f"gradient {q}: layer {name!r} has {len(values)} values, the run's projection has {dim}"
+                )
+            matrix[q, offset : offset + dim] = values
+            offset += dim
+    if not np.isfinite(matrix).all():
+        raise BadRequest("gradients hold NaN or infinite values")
+    query = AdhocQuery(job_id=job.id, num_queries=len(gradients), top_k=top_k)
+    session.add(query)
+    session.flush()
+    path = query_path(storage, job, query.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, matrix)
+    enqueue_after_commit(session, ADHOC_QUERY, query.id)
+    return query
+
+
+def get_query(session: Session, *, project_id: int, query_id: int) -> AdhocQuery:
+    query = session.get(AdhocQuery, query_id)
+    job = session.get(Job, query.job_id) if query is not None else None
+    run = session.get(Run, job.run_id) if job is not None else None
+    if query is None or run is None or run.project_id != project_id:
+        raise NotFound(f"query {query_id} not found")
+    return query
+
+
+def public(query: AdhocQuery) -> dict[str, Any]:
+    return {
+        "id": query.id,
+        "job_id": query.job_id,
+        "status": query.status,
+        "num_queries": query.num_queries,
+        "top_k": query.top_k,
+        "result": query.result,
+        "error": query.error,
+    }
