@@ -139,7 +139,7 @@ def run_compute(job_id: int) -> None:
     try:
         summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id), overwrite=True)
         with factory() as session:
-            _store_results(session, job_id, out, summary)
+            _store_results(session, job_id, out, summary, _example_metadata(log_dir(storage, run_id)))
             job = session.get(Job, job_id)
             assert job is not None
             if job.status == "cancelled":
@@ -175,7 +175,21 @@ def _progress_writer(job_id: int) -> Any:
     return report
 
 
-def _store_results(session: Session, job_id: int, out: Any, summary: dict[str, Any]) -> None:
+def _example_metadata(directory: Any) -> dict[str, tuple[str | None, str | None]]:
+    """Example id -> (label, source) from the log's example metadata files (validated on upload)."""
+    meta: dict[str, tuple[str | None, str | None]] = {}
+    for record in GradientLog(directory).iter_examples():
+        label, source = record.get("label"), record.get("source")
+        meta[str(record["id"])] = (
+            None if label is None else str(label)[:255],
+            None if source is None else str(source)[:255],
+        )
+    return meta
+
+
+def _store_results(
+    session: Session, job_id: int, out: Any, summary: dict[str, Any], meta: dict[str, tuple[str | None, str | None]]
+) -> None:
     """Replace the job's aggregate rows with those of the results directory (idempotent)."""
     for model in (TopKRow, ExampleTotal, CurvePoint, PhaseSummaryRow):
         session.execute(delete(model).where(model.job_id == job_id))
@@ -201,6 +215,8 @@ def _store_results(session: Session, job_id: int, out: Any, summary: dict[str, A
                             "epoch": r["epoch"],
                             "example_id": str(r["example_id"]),
                             "phase": phase_of(r["step"], bounds),
+                            "label": meta.get(str(r["example_id"]), (None, None))[0],
+                            "source": meta.get(str(r["example_id"]), (None, None))[1],
                         }
                     )
         _insert(session, TopKRow, rows)
@@ -215,6 +231,8 @@ def _store_results(session: Session, job_id: int, out: Any, summary: dict[str, A
                     "example_id": ids[i],
                     "total": float(totals[i]),
                     "occurrences": int(occurrences[i]),
+                    "label": meta.get(ids[i], (None, None))[0],
+                    "source": meta.get(ids[i], (None, None))[1],
                 }
                 for i in range(len(ids))
             ],

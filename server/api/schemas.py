@@ -77,6 +77,23 @@ class TopRow(BaseModel):
     epoch: int
     phase: str
     example_id: str
+    label: str | None
+    source: str | None
+
+
+class ExampleRank(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    example_id: str
+    total: float
+    occurrences: int
+    label: str | None
+    source: str | None
+
+
+class ExamplesPublic(BaseModel):
+    data: list[ExampleRank]
+    count: int
 
 
 class TopPublic(BaseModel):

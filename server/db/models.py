@@ -132,11 +132,16 @@ class TopKRow(Base):
     epoch: Mapped[int] = mapped_column(Integer)
     example_id: Mapped[str] = mapped_column(String(255))
     phase: Mapped[str] = mapped_column(String(8))
+    label: Mapped[str | None] = mapped_column(String(255))
+    source: Mapped[str | None] = mapped_column(String(255))
 
 
 class ExampleTotal(Base):
     __tablename__ = "example_totals"
-    __table_args__ = (UniqueConstraint("job_id", "query_set", "example_id", name="uq_example_totals_example"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "query_set", "example_id", name="uq_example_totals_example"),
+        Index("ix_example_totals_ranking", "job_id", "query_set", "total"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -144,6 +149,8 @@ class ExampleTotal(Base):
     example_id: Mapped[str] = mapped_column(String(255))
     total: Mapped[float] = mapped_column(Float)
     occurrences: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str | None] = mapped_column(String(255))
+    source: Mapped[str | None] = mapped_column(String(255))
 
 
 class CurvePoint(Base):

@@ -44,6 +44,8 @@ def top_rows(
     step_max: int | None,
     phase: str | None,
     epoch: int | None,
+    label: str | None = None,
+    source: str | None = None,
 ) -> tuple[list[TopKRow], int]:
     check_query_set(job, query_set)
     q = select(TopKRow).where(
@@ -52,7 +54,12 @@ def top_rows(
         TopKRow.query == (-1 if query is None else query),
         TopKRow.kind == kind,
     )
-    for column, value in ((TopKRow.phase, phase), (TopKRow.epoch, epoch)):
+    for column, value in (
+        (TopKRow.phase, phase),
+        (TopKRow.epoch, epoch),
+        (TopKRow.label, label),
+        (TopKRow.source, source),
+    ):
         if value is not None:
             q = q.where(column == value)
     if step_min is not None:
@@ -61,6 +68,30 @@ def top_rows(
         q = q.where(TopKRow.step <= step_max)
     count = session.scalar(select(func.count()).select_from(q.subquery())) or 0
     rows = session.scalars(q.order_by(TopKRow.rank).offset(offset).limit(limit)).all()
+    return list(rows), count
+
+
+def ranked_examples(
+    session: Session,
+    *,
+    job: Job,
+    query_set: str,
+    kind: str,
+    label: str | None,
+    source: str | None,
+    offset: int,
+    limit: int,
+) -> tuple[list[ExampleTotal], int]:
+    """Every example ranked by its total influence on the query set (summed over its occurrences)."""
+    check_query_set(job, query_set)
+    q = select(ExampleTotal).where(ExampleTotal.job_id == job.id, ExampleTotal.query_set == query_set)
+    if label is not None:
+        q = q.where(ExampleTotal.label == label)
+    if source is not None:
+        q = q.where(ExampleTotal.source == source)
+    count = session.scalar(select(func.count()).select_from(q.subquery())) or 0
+    order = ExampleTotal.total.desc() if kind == "helpful" else ExampleTotal.total.asc()
+    rows = session.scalars(q.order_by(order, ExampleTotal.example_id).offset(offset).limit(limit)).all()
     return list(rows), count
 
 

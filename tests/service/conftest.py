@@ -222,5 +222,7 @@ def record_log(
             optimizer.step()
             optimizer.zero_grad()
     rec.record_queries("val", [(torch.randn(6, 10), torch.randint(0, 4, (6,)))])
+    everyone = list(range(steps * batch))
+    rec.describe(everyone, labels=y.tolist(), sources=["even" if i % 2 == 0 else "odd" for i in everyone])
     rec.close()
     return directory

@@ -21,8 +21,12 @@ def test_dvemb_serve_embedded(tmp_path: Path) -> None:
     env["DVEMB_DATA_DIR"] = str(tmp_path / "data")
     port = free_port()
     serve = subprocess.Popen(
-        [sys.executable, "-m", "dvemb.cli", "serve", "--port", str(port)], env=env, cwd=tmp_path,
-        stdout=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, "-m", "dvemb.cli", "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         assert serve.stdout is not None

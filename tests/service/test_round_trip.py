@@ -43,6 +43,17 @@ def test_upload_compute_query_equals_offline(api: Api, token: str, tmp_path: Pat
     assert [h["step"] for h in example["history"]] == [0]
     early = api.get(f"/jobs/{job['id']}/top", params={"query_set": "val", "phase": "late", "limit": 100}).json()
     assert all(r["phase"] == "late" for r in early["data"])
+    # label and source filters, and the exact per-example ranking over all examples
+    odd = api.get(f"/jobs/{job['id']}/top", params={"query_set": "val", "source": "odd", "limit": 100}).json()
+    assert odd["count"] > 0 and all(r["source"] == "odd" and int(r["example_id"]) % 2 == 1 for r in odd["data"])
+    ranked = api.get(
+        f"/jobs/{job['id']}/examples", params={"query_set": "val", "kind": "harmful", "label": "2", "limit": 1000}
+    ).json()
+    totals = expected.totals("val").mean(axis=1)
+    labelled = {str(i) for i, e in enumerate(expected.example_ids) if _label_of(log, e) == "2"}
+    assert {r["example_id"] for r in ranked["data"]} == labelled and ranked["count"] == len(labelled)
+    want = sorted(labelled, key=lambda e: totals[expected.example_ids.index(int(e))])
+    assert [r["example_id"] for r in ranked["data"]] == want
     # the uploaded files are in the run's log directory, nothing is left in staging
     stored = get_settings().storage / "runs" / str(result["run"])
     assert sorted(p.name for p in (stored / "log").iterdir()) == sorted(
@@ -76,3 +87,7 @@ def test_adhoc_query_matches_offline_top_k(api: Api, token: str, tmp_path: Path)
     assert api.get(f"/queries/{body['id']}").json()["result"] == body["result"]
     bad = api.post(f"/jobs/{job['id']}/queries", json={"gradients": [{"0": [1.0, 2.0]}]})
     assert bad.status_code == 400 and "has 2 values" in bad.json()["detail"]
+
+
+def _label_of(log: Path, example_id: int) -> str:
+    return next(str(r["label"]) for r in open_log(log).iter_examples() if r["id"] == example_id)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from server.api.deps import ProjectDep, SessionDep, SettingsDep
-from server.api.schemas import JobCreate, JobPublic, TopPublic, TopRow
+from server.api.schemas import ExampleRank, ExamplesPublic, JobCreate, JobPublic, TopPublic, TopRow
 from server.services import jobs as service
 from server.services import results
 
@@ -64,7 +64,10 @@ def top(
     step_max: int | None = None,
     phase: Literal["early", "basin", "late"] | None = None,
     epoch: Annotated[int | None, Query(ge=0)] = None,
+    label: str | None = None,
+    source: str | None = None,
 ) -> TopPublic:
+    """Top occurrences; filters select among the job's stored top_k rows per query (raise top_k for deeper lists)."""
     job = service.get_job(session, project=project, job_id=job_id)
     results.require_done(job)
     rows, count = results.top_rows(
@@ -79,10 +82,33 @@ def top(
         step_max=step_max,
         phase=phase,
         epoch=epoch,
+        label=label,
+        source=source,
     )
     return TopPublic(
         query_set=query_set, query=query, kind=kind, data=[TopRow.model_validate(r) for r in rows], count=count
     )
+
+
+@router.get("/jobs/{job_id}/examples")
+def ranked_examples(
+    job_id: int,
+    session: SessionDep,
+    project: ProjectDep,
+    query_set: str,
+    kind: Literal["helpful", "harmful"] = "helpful",
+    label: str | None = None,
+    source: str | None = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> ExamplesPublic:
+    """Every example ranked by total influence (all epochs), exactly, with label and source filters."""
+    job = service.get_job(session, project=project, job_id=job_id)
+    results.require_done(job)
+    rows, count = results.ranked_examples(
+        session, job=job, query_set=query_set, kind=kind, label=label, source=source, offset=offset, limit=limit
+    )
+    return ExamplesPublic(data=[ExampleRank.model_validate(r) for r in rows], count=count)
 
 
 @router.get("/jobs/{job_id}/curve")
