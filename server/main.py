@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from pathlib import Path
 
-from server.api.routes import health, jobs, queries, runs, uploads
+import plotly
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from server.api.routes import figures, health, jobs, queries, runs, uploads
 from server.errors import install_handlers
+
+FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
+# plotly.js ships inside the plotly wheel: served from there, never from a CDN (no internet needed).
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 
 API_PREFIX = "/api/v1"
 
@@ -20,10 +29,17 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     api = APIRouter(prefix=API_PREFIX)
-    for module in (health, runs, uploads, jobs, queries):
+    for module in (health, runs, uploads, jobs, queries, figures):
         api.include_router(module.router)
     app.include_router(api)
     install_handlers(app)
+
+    @app.get("/static/plotly.min.js", include_in_schema=False)
+    def plotly_js() -> FileResponse:
+        return FileResponse(PLOTLY_JS, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"})
+
+    # The dashboard: static files that talk to the API with the user's token (nothing is shown without one).
+    app.mount("/", StaticFiles(directory=FRONTEND, html=True), name="dashboard")
     return app
 
 

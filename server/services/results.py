@@ -154,7 +154,14 @@ def example_history(session: Session, *, job: Job, query_set: str, example_id: s
         }
         for r in rows
     ]
-    return {"example_id": example_id, "total": total.total, "occurrences": total.occurrences, "history": history}
+    return {
+        "example_id": example_id,
+        "total": total.total,
+        "occurrences": total.occurrences,
+        "history": history,
+        "label": total.label,
+        "source": total.source,
+    }
 
 
 def _example_ids(directory: Path) -> np.ndarray:

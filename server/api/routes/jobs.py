@@ -10,6 +10,7 @@ from server.api.deps import ProjectDep, SessionDep, SettingsDep
 from server.api.schemas import ExampleRank, ExamplesPublic, JobCreate, JobPublic, TopPublic, TopRow
 from server.services import jobs as service
 from server.services import results
+from server.services.figures import example_metadata
 
 router = APIRouter(tags=["jobs"])
 
@@ -137,6 +138,8 @@ def example(
 ) -> dict[str, Any]:
     job = service.get_job(session, project=project, job_id=job_id)
     results.require_done(job)
-    return results.example_history(
+    history = results.example_history(
         session, job=job, query_set=query_set, example_id=example_id, storage=settings.storage
     )
+    history["metadata"] = example_metadata(job=job, example_id=example_id, storage=settings.storage)
+    return history

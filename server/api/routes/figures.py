@@ -1,0 +1,55 @@
+"""Figures of the dashboard (Plotly JSON), built by the pure functions of server/figures.py."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+
+from server import figures
+from server.api.deps import ProjectDep, SessionDep, SettingsDep
+from server.services import figures as data
+from server.services import results
+from server.services.jobs import get_job
+
+router = APIRouter(tags=["figures"])
+
+
+@router.get("/jobs/{job_id}/figures/phase")
+def phase_figure(
+    job_id: int,
+    session: SessionDep,
+    project: ProjectDep,
+    settings: SettingsDep,
+    query_set: str,
+    query: Annotated[int | None, Query(ge=0)] = None,
+    view: Literal["per_lr", "raw"] = "per_lr",
+    smooth: Annotated[int, Query(ge=1, le=1001)] = 1,
+    points: Annotated[int, Query(ge=2, le=20000)] = 1000,
+) -> dict[str, Any]:
+    job = get_job(session, project=project, job_id=job_id)
+    results.require_done(job)
+    results.check_query_set(job, query_set)
+    if query is None:
+        curve = data.set_curve(session, job=job, query_set=query_set, points=points)
+    else:
+        curve = data.query_curve(job=job, query_set=query_set, query=query, points=points, storage=settings.storage)
+    phases = results.phases(session, job=job, query_set=query_set)
+    title = f"{query_set}" + ("" if query is None else f", query {query}")
+    return figures.phase_figure(curve, phases, view=view, smooth=smooth, title=title)
+
+
+@router.get("/jobs/{job_id}/figures/distribution")
+def distribution_figure(
+    job_id: int,
+    session: SessionDep,
+    project: ProjectDep,
+    settings: SettingsDep,
+    query_set: str,
+    sample: Annotated[int, Query(ge=10, le=200_000)] = 20_000,
+) -> dict[str, Any]:
+    job = get_job(session, project=project, job_id=job_id)
+    results.require_done(job)
+    results.check_query_set(job, query_set)
+    by_phase = data.scores_by_phase(job=job, query_set=query_set, sample=sample, storage=settings.storage)
+    return figures.distribution_figure(by_phase, title=f"scores by phase, {query_set}")

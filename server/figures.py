@@ -1,0 +1,167 @@
+"""Plotly figures of the dashboard, built as plain dicts by pure functions (tested without a browser).
+
+The dashboard fetches them from the REST API and hands them to plotly.js unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PHASE_COLOURS = {"early": "#d62728", "basin": "#7f7f7f", "late": "#1f77b4"}
+VIEWS = ("per_lr", "raw")
+
+
+def moving_average(values: Sequence[float | None], window: int) -> list[float | None]:
+    """Centred moving average that skips missing values (None where a window holds none)."""
+    array = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    if window <= 1 or len(array) == 0:
+        return [None if np.isnan(v) else float(v) for v in array]
+    valid = ~np.isnan(array)
+    kernel = np.ones(window)
+    start = (window - 1) // 2  # 'full' then centre: 'same' would return max(len, window) values
+    sums = np.convolve(np.where(valid, array, 0.0), kernel, mode="full")[start : start + len(array)]
+    counts = np.convolve(valid.astype(np.float64), kernel, mode="full")[start : start + len(array)]
+    return [float(s / c) if c > 0 else None for s, c in zip(sums, counts, strict=True)]
+
+
+def phase_figure(
+    curve: dict[str, list[Any]], phases: dict[str, Any], *, view: str = "per_lr", smooth: int = 1, title: str = ""
+) -> dict[str, Any]:
+    """The paper's phase plot: per-step influence of the step's batch, the three phases shaded.
+
+    Args:
+        curve: columns ``step``, ``mean``, ``mean_per_lr``, ``lr`` and optionally ``loss`` (downsampled).
+        phases: the phase summary (``ranges``, ``share_abs_per_lr``, ``share_abs``).
+        view: ``"per_lr"`` (influence divided by the learning rate, the paper's view) or ``"raw"``.
+        smooth: moving-average window in points (1: none).
+        title: figure title.
+    """
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}")
+    steps = list(curve["step"])
+    values = list(curve["mean_per_lr"] if view == "per_lr" else curve["mean"])
+    ylabel = (
+        "mean influence of the step's batch / learning rate"
+        if view == "per_lr"
+        else "mean influence of the step's batch"
+    )
+    traces: list[dict[str, Any]] = [
+        {
+            "type": "scatter",
+            "mode": "markers",
+            "name": "per step",
+            "x": steps,
+            "y": values,
+            "marker": {"size": 4, "color": "#444"},
+            "hovertemplate": "step %{x}<br>%{y:.3g}<extra></extra>",
+        },
+    ]
+    if smooth > 1:
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": f"smoothed ({smooth} points)",
+                "x": steps,
+                "y": moving_average(values, smooth),
+                "line": {"color": "#000", "width": 2},
+            }
+        )
+    traces.append(
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "learning rate",
+            "x": steps,
+            "y": list(curve["lr"]),
+            "yaxis": "y2",
+            "line": {"color": "#2ca02c", "dash": "dot"},
+        }
+    )
+    if any(v is not None for v in curve.get("loss", [])):
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": "training loss",
+                "x": steps,
+                "y": list(curve["loss"]),
+                "yaxis": "y3",
+                "line": {"color": "#ff7f0e", "width": 1},
+            }
+        )
+    shares = phases.get("share_abs_per_lr" if view == "per_lr" else "share_abs", {})
+    shapes, annotations = [], []
+    for position, (name, (first, last)) in enumerate(phases.get("ranges", {}).items()):
+        if last < first:
+            continue
+        shapes.append(
+            {
+                "type": "rect",
+                "xref": "x",
+                "yref": "paper",
+                "x0": first,
+                "x1": last + 1,
+                "y0": 0,
+                "y1": 1,
+                "fillcolor": PHASE_COLOURS.get(name, "#999"),
+                "opacity": 0.12,
+                "line": {"width": 0},
+                "layer": "below",
+                "name": f"phase:{name}",
+            }
+        )
+        annotations.append(
+            {
+                "xref": "x",
+                "yref": "paper",
+                "x": (first + last + 1) / 2,
+                "y": 1.0,
+                "yanchor": "bottom",
+                "showarrow": False,
+                "text": f"{name}: {shares.get(name, 0.0):.0%} of |influence|",
+            }
+        )
+    layout = {
+        "title": {"text": title},
+        "xaxis": {"title": {"text": "training step"}, "domain": [0, 0.88]},
+        "yaxis": {"title": {"text": ylabel}, "zeroline": True},
+        "yaxis2": {"title": {"text": "learning rate"}, "overlaying": "y", "side": "right", "showgrid": False},
+        "yaxis3": {
+            "title": {"text": "training loss"},
+            "overlaying": "y",
+            "side": "right",
+            "anchor": "free",
+            "position": 0.97,
+            "showgrid": False,
+        },
+        "shapes": shapes,
+        "annotations": annotations,
+        "legend": {"orientation": "h", "y": -0.2},
+        "margin": {"t": 60, "r": 90},
+    }
+    return {"data": traces, "layout": layout}
+
+
+def distribution_figure(scores_by_phase: dict[str, list[float]], *, title: str = "") -> dict[str, Any]:
+    """Box plot of per-occurrence scores (query-set mean) by phase."""
+    traces = [
+        {
+            "type": "box",
+            "name": name,
+            "y": values,
+            "marker": {"color": PHASE_COLOURS.get(name, "#999")},
+            "boxpoints": False,
+        }
+        for name, values in scores_by_phase.items()
+    ]
+    layout = {
+        "title": {"text": title},
+        "yaxis": {"title": {"text": "influence on the query set (+ helped)"}},
+        "xaxis": {"title": {"text": "training phase"}},
+        "showlegend": False,
+    }
+    return {"data": traces, "layout": layout}

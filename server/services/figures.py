@@ -1,0 +1,81 @@
+"""Data for the dashboard's figures: curves (the set's from the database, one query's from storage),
+and a sample of per-occurrence scores by phase."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file
+from sqlalchemy.orm import Session
+
+from server.db.models import Job
+from server.errors import BadRequest
+from server.services import results
+from server.storage import log_dir, results_dir
+
+
+def _bins(n: int, points: int) -> np.ndarray:
+    return np.linspace(0, n, min(n, points) + 1).astype(np.int64)
+
+
+def _binned(values: np.ndarray, edges: np.ndarray) -> list[float | None]:
+    out = []
+    for a, b in itertools.pairwise(edges):
+        chunk = values[a:b]
+        chunk = chunk[np.isfinite(chunk)]
+        out.append(float(chunk.mean()) if len(chunk) else None)
+    return out
+
+
+def query_curve(*, job: Job, query_set: str, query: int, points: int, storage: Path) -> dict[str, list[Any]]:
+    """One query's per-step curve, from the results files, averaged into at most ``points`` bins."""
+    info = (job.summary or {})["query_sets"][query_set]
+    if not 0 <= query < info["num_queries"]:
+        raise BadRequest(f"query {query} is out of range 0..{info['num_queries'] - 1}")
+    directory = results_dir(storage, job.run_id, job.id)
+    table = load_file(str(directory / f"curve-{query_set}.safetensors"))
+    per_query = np.load(directory / f"curves-{query_set}.npy", mmap_mode="r")[:, query].astype(np.float64)
+    lr = table["lr"]
+    edges = _bins(len(lr), points)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_lr = np.where(lr > 0, per_query / lr, np.nan)
+    return {
+        "step": [int(a) for a in edges[:-1]],
+        "mean": _binned(per_query, edges),
+        "mean_per_lr": _binned(per_lr, edges),
+        "lr": _binned(lr, edges),
+        "loss": _binned(table["loss"], edges),
+    }
+
+
+def scores_by_phase(*, job: Job, query_set: str, sample: int, storage: Path) -> dict[str, list[float]]:
+    """Query-set-mean scores of up to ``sample`` evenly spaced occurrences, grouped by phase."""
+    directory = results_dir(storage, job.run_id, job.id)
+    scores = np.load(directory / f"scores-{query_set}.npy", mmap_mode="r")
+    rows = np.unique(np.linspace(0, scores.shape[0] - 1, min(sample, scores.shape[0])).astype(np.int64))
+    steps = load_file(str(directory / "occurrences.safetensors"))["row_step"][rows]
+    values = np.asarray(scores[rows]).mean(axis=1)
+    bounds = (job.summary or {})["query_sets"][query_set]["phases"]["boundaries"]
+    out: dict[str, list[float]] = {"early": [], "basin": [], "late": []}
+    for step, value in zip(steps.tolist(), values.tolist(), strict=True):
+        out[results.phase_of(int(step), bounds)].append(float(value))
+    return out
+
+
+def example_metadata(*, job: Job, example_id: str, storage: Path) -> dict[str, Any]:
+    """What an example is (text, label, source, small image) from the run's validated log, if described."""
+    for path in sorted(log_dir(storage, job.run_id).glob("examples-*.jsonl")):
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if str(record.get("id")) == example_id:
+                    return {k: record[k] for k in ("text", "label", "source", "image") if k in record}
+    return {}
+
+
+def set_curve(session: Session, *, job: Job, query_set: str, points: int) -> dict[str, list[Any]]:
+    return results.curve(session, job=job, query_set=query_set, points=points)
