@@ -119,7 +119,7 @@ def phase_figure(
                 "xref": "x",
                 "yref": "paper",
                 "x": (first + last + 1) / 2,
-                "y": 1.0,
+                "y": 1.0 + 0.06 * (position % 2),  # staggered: narrow neighbours stay apart
                 "yanchor": "bottom",
                 "showarrow": False,
                 "text": f"{name}: {shares.get(name, 0.0):.0%} of |influence|",
