@@ -89,15 +89,6 @@ def _compute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    print(
-        "dvemb demo is not there yet: it lands with the demo issue (it will train real models with the recorder,\n"
-        "compute influence and serve the dashboard). Until then, see README.md for recording your own loop\n"
-        "and `dvemb inspect LOG_DIR --verify` for checking a log."
-    )
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The parser with core subcommands and those registered by installed dvemb packages."""
     parser = argparse.ArgumentParser(prog="dvemb", description="Data value embeddings for PyTorch training runs.")
@@ -120,11 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--overwrite", action="store_true", help="replace other results in --out")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.set_defaults(func=_compute)
-    demo = sub.add_parser("demo", help="train real models with the recorder and show their influence")
-    demo.add_argument("--quick", action="store_true")
-    demo.add_argument("--no-browser", action="store_true")
-    demo.add_argument("--port", type=int, default=8000)
-    demo.set_defaults(func=_demo)
     for entry in entry_points(group="dvemb.commands"):
         register: Register = entry.load()
         register(sub)
