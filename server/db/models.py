@@ -141,6 +141,8 @@ class ExampleTotal(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "query_set", "example_id", name="uq_example_totals_example"),
         Index("ix_example_totals_ranking", "job_id", "query_set", "total"),
+        Index("ix_example_totals_label", "job_id", "query_set", "label", "total"),
+        Index("ix_example_totals_source", "job_id", "query_set", "source", "total"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)

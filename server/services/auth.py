@@ -41,9 +41,12 @@ def project_for_token(session: Session, *, token: str | None) -> Project:
         raise Unauthorized(
             "missing bearer token: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
         )
-    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
-    if row is None:
+    # One query: the token's project (the token row itself is not needed).
+    project = session.scalar(
+        select(Project)
+        .join(ApiToken, ApiToken.project_id == Project.id)
+        .where(ApiToken.token_hash == hash_token(token))
+    )
+    if project is None:
         raise Unauthorized("unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
-    project = session.get(Project, row.project_id)
-    assert project is not None
     return project

@@ -14,9 +14,11 @@ from server.tasks import COMPUTE, enqueue_after_commit
 
 
 def get_job(session: Session, *, project: Project, job_id: int) -> Job:
-    job = session.get(Job, job_id)
-    run = session.get(Run, job.run_id) if job is not None else None
-    if job is None or run is None or run.project_id != project.id:
+    # One query: the job, if its run belongs to the project.
+    job = session.scalar(
+        select(Job).join(Run, Run.id == Job.run_id).where(Job.id == job_id, Run.project_id == project.id)
+    )
+    if job is None:
         raise NotFound(f"job {job_id} not found")
     return job
 
