@@ -67,20 +67,41 @@ async function renderRuns(search = "") {
 }
 
 // -- tus upload (1.0: creation + core), resumable by HEAD ------------------------------------------------
+// The upload's URL is kept per (run, file) so a reload or a dropped connection resumes where it stopped.
 async function tusUpload(runId, file, onProgress) {
-  const meta = `filename ${btoa(unescape(encodeURIComponent(file.name)))}`;
-  const created = await fetch(`${API}/runs/${runId}/uploads`, { method: "POST", headers: { Authorization: `Bearer ${token()}`, "Tus-Resumable": "1.0.0", "Upload-Length": String(file.size), "Upload-Metadata": meta } });
-  if (!created.ok) throw new Error((await created.json()).detail);
-  const location = created.headers.get("Location");
-  let offset = 0;
+  const tus = { Authorization: `Bearer ${token()}`, "Tus-Resumable": "1.0.0" };
+  const key = `dvemb-upload:${runId}:${file.name}:${file.size}:${file.lastModified}`;
+  let location = localStorage.getItem(key), offset = 0;
+  if (location) {
+    const head = await fetch(location, { method: "HEAD", headers: tus });
+    if (head.ok) offset = Number(head.headers.get("Upload-Offset")); else location = null;
+  }
+  if (!location) {
+    const meta = `filename ${btoa(unescape(encodeURIComponent(file.name)))}`;
+    const created = await fetch(`${API}/runs/${runId}/uploads`, { method: "POST", headers: { ...tus, "Upload-Length": String(file.size), "Upload-Metadata": meta } });
+    if (!created.ok) throw new Error((await created.json()).detail);
+    location = created.headers.get("Location");
+    localStorage.setItem(key, location);
+  }
   const chunk = 8 * 1024 * 1024;
-  do {
-    const body = file.slice(offset, offset + chunk);
-    const response = await fetch(location, { method: "PATCH", headers: { Authorization: `Bearer ${token()}`, "Tus-Resumable": "1.0.0", "Upload-Offset": String(offset), "Content-Type": "application/offset+octet-stream" }, body });
-    if (!response.ok) throw new Error((await response.json()).detail);
+  let failures = 0;
+  while (offset < file.size || file.size === 0) {
+    let response;
+    try {
+      response = await fetch(location, { method: "PATCH", headers: { ...tus, "Upload-Offset": String(offset), "Content-Type": "application/offset+octet-stream" }, body: file.slice(offset, offset + chunk) });
+    } catch (err) {  // network drop: ask the server where it stands and go on from there
+      if (++failures > 5) throw err;
+      await new Promise((r) => setTimeout(r, 1000 * failures));
+      const head = await fetch(location, { method: "HEAD", headers: tus });
+      offset = Number(head.headers.get("Upload-Offset"));
+      continue;
+    }
+    if (!response.ok) { localStorage.removeItem(key); throw new Error((await response.json()).detail); }
     offset = Number(response.headers.get("Upload-Offset"));
     onProgress(offset);
-  } while (offset < file.size);
+    if (file.size === 0) break;
+  }
+  localStorage.removeItem(key);
 }
 
 async function uploadFiles(runId, files) {
@@ -197,9 +218,11 @@ async function showResults(job) {
       const lo = document.getElementById("step-min").value, hi = document.getElementById("step-max").value;
       if (lo) params.set("step_min", lo); if (hi) params.set("step_max", hi);
       const top = await api(`/jobs/${job.id}/top?${params}`);
-      document.getElementById(`top-${kind}`).innerHTML = `<table class="top" data-kind="${kind}"><thead><tr><th>#</th><th>example</th><th>label</th><th>source</th><th>step</th><th>epoch</th><th>phase</th><th>score</th></tr></thead><tbody>
-        ${top.data.map((r) => `<tr><td>${r.rank + 1}</td><td><a href="#/jobs/${job.id}/examples/${encodeURIComponent(r.example_id)}?qs=${encodeURIComponent(qs())}">${esc(r.example_id)}</a></td><td>${esc(r.label)}</td><td>${esc(r.source)}</td><td>${r.step}</td><td>${r.epoch}</td><td>${r.phase}</td><td class="score" data-score="${r.score}">${fmtScore(r.score)}</td></tr>`).join("")}
+      const meta = top.data.length ? await api(`/jobs/${job.id}/metadata?ids=${encodeURIComponent(top.data.map((r) => r.example_id).join(","))}`) : {};
+      document.getElementById(`top-${kind}`).innerHTML = `<table class="top" data-kind="${kind}"><thead><tr><th>#</th><th>example</th><th>what it is</th><th>label</th><th>step</th><th>epoch</th><th>phase</th><th>score</th></tr></thead><tbody>
+        ${top.data.map((r) => `<tr><td>${r.rank + 1}</td><td><a href="#/jobs/${job.id}/examples/${encodeURIComponent(r.example_id)}?qs=${encodeURIComponent(qs())}">${esc(r.example_id)}</a></td><td>${describe(meta[r.example_id], r)}</td><td>${esc(r.label)}</td><td>${r.step}</td><td>${r.epoch}</td><td>${r.phase}</td><td class="score" data-score="${r.score}">${fmtScore(r.score)}</td></tr>`).join("")}
         </tbody></table><p class="muted">${top.count} row(s)</p>`;
+      document.querySelectorAll(`#top-${kind} canvas.thumb`).forEach((c) => drawImage(c, meta[c.dataset.id].image));
     }
   };
   fillQueries();
@@ -212,6 +235,25 @@ async function showResults(job) {
   document.getElementById("results").dataset.ready = "true";
 }
 
+// An example's image as a small canvas, or the start of its text, with its source.
+function describe(meta, row) {
+  if (!meta) return `<span class="muted">${esc(row.source)}</span>`;
+  if (meta.image) return `<canvas class="thumb" data-id="${esc(row.example_id)}" width="${meta.image.shape[1]}" height="${meta.image.shape[0]}" style="width:${meta.image.shape[1] * 3}px" role="img" aria-label="image of example ${esc(row.example_id)}"></canvas>`;
+  const text = meta.text || "";
+  return `<code title="${esc(text)}">${esc(text.slice(0, 48))}${text.length > 48 ? "…" : ""}</code> <span class="muted">${esc(meta.source)}</span>`;
+}
+
+function drawImage(canvas, image) {
+  const [h, w] = image.shape, channels = image.shape.length === 3 ? image.shape[2] : 1;
+  const bytes = Uint8Array.from(atob(image.base64), (c) => c.charCodeAt(0));
+  const ctx = canvas.getContext("2d"), pixels = ctx.createImageData(w, h);
+  for (let i = 0; i < h * w; i++) {
+    const v = bytes.subarray(i * channels, i * channels + channels);
+    pixels.data.set(channels >= 3 ? [v[0], v[1], v[2], 255] : [v[0], v[0], v[0], 255], 4 * i);
+  }
+  ctx.putImageData(pixels, 0, 0);
+}
+
 // -- example page ---------------------------------------------------------------------------------------
 async function renderExample(jobId, exampleId) {
   const qs = new URLSearchParams(location.hash.split("?")[1] || "").get("qs") || Object.keys((await api(`/jobs/${jobId}/summary`)).query_sets)[0];
@@ -221,17 +263,20 @@ async function renderExample(jobId, exampleId) {
       ${meta.image ? `<canvas id="thumb" class="thumb" width="${meta.image.shape[1]}" height="${meta.image.shape[0]}" style="width:${meta.image.shape[1] * 8}px"></canvas>` : ""}
       <p>${meta.text ? esc(meta.text) : ""}</p><p>label: <b>${esc(meta.label ?? ex.label)}</b> · source: ${esc(meta.source ?? ex.source)}</p>
       <p>total influence on <b>${esc(qs)}</b> over ${ex.occurrences} occurrence(s): ${fmtScore(ex.total)}</p></section>
-    <section><h2>Influence at each occurrence</h2><div id="history-plot" style="height:280px"></div>
-      <table id="history"><thead><tr><th>step</th><th>epoch</th><th>phase</th><th>on the set</th></tr></thead><tbody>
-      ${ex.history.map((h) => `<tr><td>${h.step}</td><td>${h.epoch}</td><td>${h.phase}</td><td>${fmtScore(h.score)}</td></tr>`).join("")}</tbody></table></section>`;
-  if (meta.image) {
-    const [h, w] = meta.image.shape, bytes = Uint8Array.from(atob(meta.image.base64), (c) => c.charCodeAt(0));
-    const ctx = document.getElementById("thumb").getContext("2d"), img = ctx.createImageData(w, h);
-    for (let i = 0; i < h * w; i++) { const v = meta.image.shape.length === 3 ? bytes[i * meta.image.shape[2]] : bytes[i]; img.data.set([v, v, v, 255], 4 * i); }
-    ctx.putImageData(img, 0, 0);
-  }
-  await Plotly.newPlot("history-plot", [{ type: "bar", x: ex.history.map((h) => h.step), y: ex.history.map((h) => h.score), name: "on the set" }],
-    { xaxis: { title: { text: "training step" } }, yaxis: { title: { text: "influence (+ helped)" } }, margin: { t: 20 } }, { displaylogo: false });
+    <section><h2>Influence at each occurrence</h2>
+      <label>On <select id="on-query"><option value="">the whole query set</option>${(ex.history[0]?.per_query || []).map((_, i) => `<option value="${i}">query ${i}</option>`).join("")}</select></label>
+      <div id="history-plot" style="height:280px"></div>
+      <table id="history"><thead><tr><th>step</th><th>epoch</th><th>phase</th><th>influence</th></tr></thead><tbody></tbody></table></section>`;
+  if (meta.image) drawImage(document.getElementById("thumb"), meta.image);
+  const show = async () => {
+    const q = document.getElementById("on-query").value;
+    const value = (h) => (q === "" ? h.score : h.per_query[Number(q)]);
+    document.querySelector("#history tbody").innerHTML = ex.history.map((h) => `<tr><td>${h.step}</td><td>${h.epoch}</td><td>${h.phase}</td><td>${fmtScore(value(h))}</td></tr>`).join("");
+    await Plotly.react("history-plot", [{ type: "bar", x: ex.history.map((h) => h.step), y: ex.history.map(value), name: q === "" ? "on the set" : `on query ${q}` }],
+      { xaxis: { title: { text: "training step" } }, yaxis: { title: { text: "influence (+ helped)" } }, margin: { t: 20 } }, { displaylogo: false });
+  };
+  document.getElementById("on-query").addEventListener("change", show);
+  await show();
 }
 
 route();

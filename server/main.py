@@ -9,7 +9,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from server.api.routes import figures, health, jobs, queries, runs, uploads
+from server.api.routes import figures, health, jobs, project, queries, runs, uploads
 from server.errors import install_handlers
 
 FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
@@ -29,7 +29,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     api = APIRouter(prefix=API_PREFIX)
-    for module in (health, runs, uploads, jobs, queries, figures):
+    for module in (health, project, runs, uploads, jobs, queries, figures):
         api.include_router(module.router)
     app.include_router(api)
     install_handlers(app)

@@ -66,15 +66,24 @@ def scores_by_phase(*, job: Job, query_set: str, sample: int, storage: Path) -> 
     return out
 
 
-def example_metadata(*, job: Job, example_id: str, storage: Path) -> dict[str, Any]:
-    """What an example is (text, label, source, small image) from the run's validated log, if described."""
+def examples_metadata(*, job: Job, example_ids: set[str], storage: Path) -> dict[str, dict[str, Any]]:
+    """What examples are (text, label, source, small image), from the run's validated log, in one scan."""
+    found: dict[str, dict[str, Any]] = {}
     for path in sorted(log_dir(storage, job.run_id).glob("examples-*.jsonl")):
         with path.open(encoding="utf-8") as f:
             for line in f:
                 record = json.loads(line)
-                if str(record.get("id")) == example_id:
-                    return {k: record[k] for k in ("text", "label", "source", "image") if k in record}
-    return {}
+                key = str(record.get("id"))
+                if key in example_ids:
+                    found[key] = {k: record[k] for k in ("text", "label", "source", "image") if k in record}
+                    if len(found) == len(example_ids):
+                        return found
+    return found
+
+
+def example_metadata(*, job: Job, example_id: str, storage: Path) -> dict[str, Any]:
+    """What one example is; empty when the log does not describe it."""
+    return examples_metadata(job=job, example_ids={example_id}, storage=storage).get(example_id, {})
 
 
 def set_curve(session: Session, *, job: Job, query_set: str, points: int) -> dict[str, list[Any]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyLM, mlp
+from core_models import TinyLM, mlp
 from reference import ce_mean_over_positions, layer_matrix, per_example_ggn, per_example_grads
 from torch import nn
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
+from core_models import mlp
 from safetensors.torch import load_file
 
 import dvemb
@@ -307,3 +307,13 @@ def test_self_influence_on_request(tmp_path: Path) -> None:
     assert torch.allclose(torch.from_numpy(np.load(tmp_path / "out" / "self_influence.npy")), expected, rtol=1e-12)
     compute(tmp_path / "log", tmp_path / "plain")
     assert not (tmp_path / "plain" / "self_influence.npy").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_equals_cpu(tmp_path: Path) -> None:
+    _record(tmp_path / "log")
+    for device in ("cpu", "cuda"):
+        compute(tmp_path / "log", tmp_path / device, ComputeArguments(device=device, accumulate_dtype="float64"))
+    cpu, cuda = (np.load(tmp_path / d / "embeddings.npy") for d in ("cpu", "cuda"))
+    assert np.abs(cpu - cuda).max() <= 1e-10 * np.abs(cpu).max()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
+from core_models import mlp
 from safetensors.torch import load_file, save_file
 
 import dvemb

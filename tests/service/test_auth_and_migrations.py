@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 from alembic import command
-from conftest import Api, make_token
+from service_harness import Api, make_token
 
 from server.migrate import alembic_config, downgrade, upgrade
 
@@ -55,3 +55,21 @@ def test_job_needs_a_ready_run(api: Api) -> None:
     assert response.status_code == 409 and "manifest.json" in response.json()["detail"]
     with pytest.raises(AssertionError):
         assert api.get("/jobs/999").status_code != 404
+
+
+def test_tokens_api(server_url: str, api: Api) -> None:
+    project = api.get("/project").json()
+    assert project["name"] == "test" and len(project["tokens"]) == 1
+    assert "token_hash" not in project["tokens"][0]
+    created = api.post("/tokens", json={"name": "ci"})
+    assert created.status_code == 201
+    second = Api(server_url, created.json()["token"])
+    try:
+        assert second.get("/project").json()["id"] == project["id"]
+        first_id = project["tokens"][0]["id"]
+        assert second.delete(f"/tokens/{first_id}").status_code == 204
+        assert api.get("/project").status_code == 401  # the revoked token no longer works
+        last = second.get("/project").json()["tokens"][0]["id"]
+        assert second.delete(f"/tokens/{last}").status_code == 409
+    finally:
+        second.client.close()

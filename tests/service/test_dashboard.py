@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Api, record_log
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from service_harness import Api, record_log
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -87,11 +87,19 @@ def test_dashboard_end_to_end(browser: Browser, api: Api, token: str, server_url
             ]
         ]
         assert shown == expected and len(shown) == 10
+    what = page.locator("table.top[data-kind=helpful] tbody tr td:nth-child(3)").all_inner_texts()
+    assert all(("even" in w) or ("odd" in w) for w in what)  # what each example is (its source here)
     _shot(page, "run")
 
     page.locator("table.top[data-kind=harmful] a").first.click()
     expect(page.get_by_role("heading", name="Influence at each occurrence")).to_be_visible()
     assert page.locator("#history tbody tr").count() >= 1
     expect(page.get_by_text("label:")).to_be_visible()
+    example_id = page.url.split("/examples/")[1].split("?")[0]
+    history = api.get(f"/jobs/{job_id}/examples/{example_id}", params={"query_set": "val"}).json()["history"]
+    page.get_by_label("On").select_option("2")
+    expect(page.locator("#history tbody tr td:nth-child(4)").first).to_have_text(
+        f"{history[0]['per_query'][2]:.3e}".replace("e-0", "e-").replace("e+0", "e+")
+    )
     _shot(page, "example")
     page.close()

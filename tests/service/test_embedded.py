@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import Api, free_port, record_log
+from service_harness import Api, free_port, record_log
 
 from server.upload_client import upload_log
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import Api, Worker, record_log
+from service_harness import Api, Worker, record_log
 from sqlalchemy import select
 
 from server.db.models import CurvePoint, ExampleTotal, TopKRow

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Api, record_log
+from service_harness import Api, record_log
 
 from dvemb import open_log
 from dvemb.engine import compute, load_results

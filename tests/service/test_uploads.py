@@ -12,8 +12,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import Api, record_log
 from safetensors.torch import load_file, save_file
+from service_harness import Api, record_log
 
 from dvemb.writer import sha256_file
 from server.settings import get_settings

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 
 from server import figures
 from server.api.deps import ProjectDep, SessionDep, SettingsDep
+from server.errors import BadRequest
 from server.services import figures as data
 from server.services import results
 from server.services.jobs import get_job
@@ -53,3 +54,15 @@ def distribution_figure(
     results.check_query_set(job, query_set)
     by_phase = data.scores_by_phase(job=job, query_set=query_set, sample=sample, storage=settings.storage)
     return figures.distribution_figure(by_phase, title=f"scores by phase, {query_set}")
+
+
+@router.get("/jobs/{job_id}/metadata")
+def examples_metadata(
+    job_id: int, session: SessionDep, project: ProjectDep, settings: SettingsDep, ids: str
+) -> dict[str, Any]:
+    """What the listed examples are (comma-separated ids, at most 200)."""
+    job = get_job(session, project=project, job_id=job_id)
+    wanted = {i for i in ids.split(",") if i}
+    if len(wanted) > 200:
+        raise BadRequest("ask for at most 200 examples at a time")
+    return data.examples_metadata(job=job, example_ids=wanted, storage=settings.storage)

@@ -1,0 +1,49 @@
+"""The caller's project and its API tokens (a token sees only its own project)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+
+from server.api.deps import ProjectDep, SessionDep
+from server.db.models import ApiToken
+from server.errors import Conflict, NotFound
+from server.services.auth import create_token
+
+router = APIRouter(tags=["project"])
+
+
+class TokenCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+
+
+@router.get("/project")
+def get_project(session: SessionDep, project: ProjectDep) -> dict[str, Any]:
+    tokens = session.scalars(select(ApiToken).where(ApiToken.project_id == project.id).order_by(ApiToken.id)).all()
+    return {
+        "id": project.id,
+        "name": project.name,
+        "created_at": project.created_at,
+        "tokens": [{"id": t.id, "name": t.name, "prefix": t.prefix, "created_at": t.created_at} for t in tokens],
+    }
+
+
+@router.post("/tokens", status_code=201)
+def new_token(body: TokenCreate, session: SessionDep, project: ProjectDep) -> dict[str, Any]:
+    """A new token for the caller's project; the plain token is shown only in this response."""
+    return {"name": body.name, "token": create_token(session, project=project, name=body.name)}
+
+
+@router.delete("/tokens/{token_id}", status_code=204)
+def revoke_token(token_id: int, session: SessionDep, project: ProjectDep) -> Response:
+    token = session.get(ApiToken, token_id)
+    if token is None or token.project_id != project.id:
+        raise NotFound(f"token {token_id} not found")
+    remaining = session.scalar(select(func.count()).where(ApiToken.project_id == project.id)) or 0
+    if remaining <= 1:
+        raise Conflict("this is the project's last token; create another before revoking it")
+    session.delete(token)
+    return Response(status_code=204)
