@@ -55,7 +55,10 @@ def downsample(values: np.ndarray, points: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def _three_segments(y: np.ndarray) -> tuple[int, int]:
-    """Boundaries (a, b), 1 <= a < b <= n - 1, minimising the squared error of a 3-piece constant fit."""
+    """Boundaries (a, b) minimising the squared error of a 3-piece constant fit, each piece at least 5% long.
+
+    The minimum length keeps noise spikes from being fitted as one- or two-step phases.
+    """
     n = len(y)
     c1 = np.concatenate([[0.0], np.cumsum(y)])
     c2 = np.concatenate([[0.0], np.cumsum(y * y)])
@@ -65,8 +68,9 @@ def _three_segments(y: np.ndarray) -> tuple[int, int]:
         s = c1[j] - c1[i]
         return np.asarray(c2[j] - c2[i] - s * s / count)
 
+    least = max(1, n // 20)
     a, b = np.meshgrid(np.arange(1, n - 1), np.arange(2, n), indexing="ij")
-    valid = b > a
+    valid = (a >= least) & (b - a >= least) & (n - b >= least)
     total = np.where(
         valid, sse(np.zeros_like(a), a) + sse(a, np.where(valid, b, a + 1)) + sse(b, np.full_like(b, n)), np.inf
     )

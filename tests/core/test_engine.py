@@ -317,3 +317,14 @@ def test_cuda_equals_cpu(tmp_path: Path) -> None:
         compute(tmp_path / "log", tmp_path / device, ComputeArguments(device=device, accumulate_dtype="float64"))
     cpu, cuda = (np.load(tmp_path / d / "embeddings.npy") for d in ("cpu", "cuda"))
     assert np.abs(cpu - cuda).max() <= 1e-10 * np.abs(cpu).max()
+
+
+def test_phases_ignore_a_lone_spike() -> None:
+    """A single spike must not become a one-step phase: every phase spans at least 5% of the curve."""
+    per_lr = np.concatenate([np.full(100, 20.0), np.full(200, 1.0)])
+    per_lr[-1] = 1e4  # without the minimum length the fit makes the last 3 steps a "late phase"
+    lr = np.full(300, 0.1)
+    phases = find_phases(per_lr, np.abs(per_lr) * lr, lr)
+    lengths = [last - first + 1 for first, last in phases.ranges.values()]
+    assert min(lengths) >= 15, phases.ranges
+    assert abs(phases.boundaries[0] - 100) <= 5
