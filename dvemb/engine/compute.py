@@ -269,7 +269,7 @@ class _Run:
             "step_loss": self.step_loss,
         }
         for g, group in enumerate(self.groups):
-            state[f"M.{g}"] = group.recursion.M.cpu()
+            state[f"Mt.{g}"] = group.recursion.Mt.cpu()
             state[f"log_scale.{g}"] = group.recursion.log_scale
         for name, s in self.scorers.items():
             for part in ("helpful", "harmful", "set_helpful", "set_harmful"):
@@ -298,7 +298,7 @@ class _Run:
         state = load_file(str(path))
         self.step_lr, self.step_batch, self.step_loss = state["step_lr"], state["step_batch"], state["step_loss"]
         for g, group in enumerate(self.groups):
-            group.recursion.M.copy_(state[f"M.{g}"])
+            group.recursion.Mt.copy_(state[f"Mt.{g}"])
             group.recursion.log_scale = state[f"log_scale.{g}"]
         for name, s in self.scorers.items():
             for part in ("helpful", "harmful", "set_helpful", "set_harmful"):

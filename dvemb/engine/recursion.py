@@ -67,7 +67,8 @@ class BlockedRecursion:
     """
 
     def __init__(self, groups: int, dim: int, *, dtype: torch.dtype, device: torch.device) -> None:
-        self.M = torch.zeros(groups, dim, dim, dtype=dtype, device=device)  # (G, d, d)
+        # M is kept transposed: every product needs M^T, and a transposed view would be copied each time.
+        self.Mt = torch.zeros(groups, dim, dim, dtype=dtype, device=device)  # (G, d, d) = M^T
         self.log_scale = torch.zeros(groups, dtype=torch.float64)  # log s per layer (s can be tiny)
 
     def process(self, chunk: Chunk) -> torch.Tensor:
@@ -76,7 +77,7 @@ class BlockedRecursion:
         Returns:
             (G, n_g, d) embeddings of the chunk's gradient rows, in their input order.
         """
-        dtype, device = self.M.dtype, self.M.device
+        dtype, device = self.Mt.dtype, self.Mt.device
         grads = chunk.grads.to(device=device, dtype=dtype)
         empirical = chunk.curv is None
         curv = grads if empirical else chunk.curv.to(device=device, dtype=dtype)  # type: ignore[union-attr]
@@ -93,7 +94,7 @@ class BlockedRecursion:
         x_rho = rho[:, _step_position(x_step, chunk.steps.to(device))]  # (G, n_h)
         later = x_step.unsqueeze(0) > x_step.unsqueeze(1)  # (n_h, n_h): [i, j] = step_j > step_i
 
-        v = torch.baddbmm(x, x, self.M.transpose(1, 2), alpha=-1.0)  # (G, n_h, d) = X (I - M0)^T
+        v = torch.baddbmm(x, x, self.Mt, alpha=-1.0)  # (G, n_h, d) = X (I - M0)^T
         system = torch.bmm(x, x.transpose(1, 2))  # (G, n_h, n_h) Gram matrix, made into I + L in place
         system.mul_(x_rho.unsqueeze(1)).mul_(later)  # L_ij = rho_j <x_i, x_j> for later j
         system.diagonal(dim1=1, dim2=2).add_(1.0)
@@ -107,9 +108,7 @@ class BlockedRecursion:
             cross = grads @ x.transpose(1, 2)  # (G, n_g, n_h)
             mask = x_step.unsqueeze(0) > g_step.unsqueeze(1)  # (n_g, n_h)
             cross.mul_(x_rho.unsqueeze(1)).mul_(mask)
-            u_grads = torch.baddbmm(grads, grads, self.M.transpose(1, 2), alpha=-1.0).sub_(cross @ u)
-
-        self.M.baddbmm_((u * x_rho.unsqueeze(-1)).transpose(1, 2), x)  # M += sum_j rho_j u_j x_j^T
+            u_grads = torch.baddbmm(grads, grads, self.Mt, alpha=-1.0).sub_(cross @ u)
 
         # s_t for a row of step t: s after this chunk times the decay of this chunk's steps after t.
         log_decay = torch.log(chunk.decay.to(torch.float64))  # (G, S)
@@ -118,7 +117,10 @@ class BlockedRecursion:
         log_s = self.log_scale.unsqueeze(1) + after[:, g_pos]  # (G, n_g)
         self.log_scale += log_decay.sum(1)
         scale = chunk.rate.to(torch.float64)[:, g_pos] * torch.exp(log_s)  # (G, n_g): r_t s_t
-        return u_grads * scale.to(device=device, dtype=dtype).unsqueeze(-1)
+        embeddings = u_grads * scale.to(device=device, dtype=dtype).unsqueeze(-1)
+        # u is not needed unscaled any more (embeddings hold their own copy): scale it in place for the update.
+        self.Mt.baddbmm_(x.transpose(1, 2), u.mul_(x_rho.unsqueeze(-1)))  # M^T += sum_j x_j (rho_j u_j)^T
+        return embeddings
 
 
 def reference_embeddings(
