@@ -253,7 +253,7 @@ def write_markdown(results: dict) -> None:  # type: ignore[type-arg]
         "index (24 bytes per occurrence) and per-example totals, which grow with the number of occurrences and examples "
         "(every synthetic example is new here): at 10^9 occurrences they must move to memory-mapped files (next work).",
     ]
-    section = "\n".join(lines) + "\n"
+    section = "\n".join(lines) + "\n\n"
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start = text.find("## Engine speed")
