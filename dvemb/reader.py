@@ -10,6 +10,7 @@ a distributed run's ranks are merged step by step.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class QuerySet:
     step: int
 
 
+MAX_WORLD_SIZE = 4096
 _REQUIRED = (
     "format",
     "version",
@@ -439,10 +441,10 @@ class GradientLog:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     raise LogFormatError(path, f"line {line_number} is not JSON") from None
+                if not isinstance(record, dict) or "id" not in record:
+                    raise LogFormatError(path, f"line {line_number} is not an example record with an 'id'")
                 if "image" in record:
-                    image = record["image"]
-                    pixels = np.frombuffer(base64.b64decode(image["base64"]), dtype=np.uint8)
-                    record["image"] = pixels.reshape(image["shape"])
+                    record["image"] = _decode_image(path, line_number, record["image"])
                 yield record
 
     def validate_file(self, name: str, path: Path) -> None:
@@ -477,6 +479,18 @@ class GradientLog:
             pass
 
 
+def _decode_image(path: Path, line_number: int, image: Any) -> np.ndarray:
+    """A stored image as a uint8 array, or a LogFormatError naming the line."""
+    try:
+        shape = [int(v) for v in image["shape"]]
+        pixels = np.frombuffer(base64.b64decode(image["base64"], validate=True), dtype=np.uint8)
+        return pixels.reshape(shape)
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        raise LogFormatError(
+            path, f"line {line_number}: malformed image (needs 'shape' and matching 'base64')"
+        ) from None
+
+
 def _merge_ranks(parts: list[ShardData]) -> ShardData:
     """Merge aligned shards of all ranks: a step's rows are rank 0's rows, then rank 1's, ..."""
     first = parts[0]
@@ -508,6 +522,13 @@ def check_manifest_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     manifest = _load_manifest(path)
     layers_from_manifest(manifest, path)
+    world, rank = manifest.get("world_size"), manifest.get("rank")
+    if not (isinstance(world, int) and isinstance(rank, int) and 1 <= world <= MAX_WORLD_SIZE and 0 <= rank < world):
+        raise LogFormatError(
+            path,
+            f"world_size {world!r} and rank {rank!r} must be integers, 1 <= world_size <= "
+            f"{MAX_WORLD_SIZE}, 0 <= rank < world_size",
+        )
     next_step = 0
     for entry in manifest["shards"]:
         try:

@@ -437,8 +437,9 @@ class Recorder:
             lrs, decays = [float(lr or 0.0)] * len(self.adapters), [0.0] * len(self.adapters)
         if self.curvature_mode == "ggn" and self._writer.manifest["curvature"]["rows_per_example"] is None:
             self._writer.manifest["curvature"]["rows_per_example"] = int(next(iter(curvature.values())).shape[1])
-        self._writer.append_step(StepRecord(self._step, ids, lrs, decays, self._loss, grads, curvature))
-        self._step += 1
+        self._writer.accept_step(StepRecord(self._step, ids, lrs, decays, self._loss, grads, curvature))
+        self._step += 1  # recorded: a write error below concerns the disk, and the step is retried with the next shard
+        self._writer.flush_if_full()
 
     def _collect(
         self, adapter: LayerAdapter, parts: list[torch.Tensor | None], what: str, ids: Sequence[Any]

@@ -59,6 +59,10 @@ def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
     return digest.hexdigest()
 
 
+def _record_bytes(record: StepRecord) -> int:
+    return sum(t.numel() * t.element_size() for t in (*record.grads.values(), *record.curvature.values()))
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -134,6 +138,7 @@ class LogWriter:
         # memory holds at most the shard being written and the one being filled.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvemb-writer")
         self._inflight: Future[None] | None = None
+        self._failed: list[StepRecord] = []  # records of a shard whose write failed, to retry
         self._examples: list[dict[str, Any]] = []
         self._examples_bytes = 0
         self._closed = False
@@ -188,6 +193,11 @@ class LogWriter:
 
     def append_step(self, record: StepRecord) -> None:
         """Buffer one step; writes a shard when the buffer is full."""
+        self.accept_step(record)
+        self.flush_if_full()
+
+    def accept_step(self, record: StepRecord) -> None:
+        """Check and buffer one step (raises ConfigError, and buffers nothing, when it cannot be recorded)."""
         self._check_open()
         if record.step != self._next_step:
             raise ConfigError(f"step {record.step} appended where step {self._next_step} was expected")
@@ -203,23 +213,34 @@ class LogWriter:
         record.curvature = {k: v.detach().to("cpu", self.storage_dtype) for k, v in record.curvature.items()}
         self._pending.append(record)
         self._next_step += 1
-        self._pending_bytes += sum(
-            t.numel() * t.element_size() for t in (*record.grads.values(), *record.curvature.values())
-        )
+        self._pending_bytes += _record_bytes(record)
+
+    def flush_if_full(self) -> None:
+        """Hand a full buffer to the background writer (re-raises a previous write's error here)."""
         full = len(self._pending) >= self.shard_steps if self.shard_steps else self._pending_bytes >= self.shard_bytes
         if full:
             self._submit_shard()
 
     def _submit_shard(self) -> None:
+        self._wait()  # first: if the previous write failed, the buffered steps stay buffered
         records, self._pending, self._pending_bytes = self._pending, [], 0
-        self._wait()
         self._inflight = self._executor.submit(self._write_shard, records)
 
     def _wait(self) -> None:
-        """Wait for the shard being written; re-raise its error here, in the training thread."""
+        """Wait for the shard being written; re-raise its error here, in the training thread.
+
+        The steps of a shard that failed to write go back to the front of the buffer, so the next flush
+        retries them and the log stays continuous.
+        """
         if self._inflight is not None:
             inflight, self._inflight = self._inflight, None
-            inflight.result()
+            try:
+                inflight.result()
+            except BaseException:
+                self._pending = self._failed + self._pending
+                self._pending_bytes = sum(_record_bytes(r) for r in self._pending)
+                self._failed = []
+                raise
 
     def flush(self) -> None:
         """Write buffered steps (and example metadata) to disk now, and wait until they are."""
@@ -231,6 +252,13 @@ class LogWriter:
             self._write_examples()
 
     def _write_shard(self, records: list[StepRecord]) -> None:
+        try:
+            self._write_shard_now(records)
+        except BaseException:
+            self._failed = records
+            raise
+
+    def _write_shard_now(self, records: list[StepRecord]) -> None:
         layers = list(records[0].grads)
         row_step = torch.cat([torch.full((len(r.ids),), r.step, dtype=torch.int64) for r in records])
         all_ids = [i for r in records for i in r.ids]

@@ -19,7 +19,7 @@ LOG_FILE_NAME = re.compile(
 
 
 def check_log_file_name(name: str) -> str:
-    if not LOG_FILE_NAME.match(name) or ".." in name:
+    if not LOG_FILE_NAME.fullmatch(name) or ".." in name:  # fullmatch: '$' would accept a trailing newline
         raise BadRequest(
             f"file name {name!r} is not a gradient-log file name (manifest.json, shard-rR-NNNNNN.safetensors, "
             "queries-NAME.safetensors, examples-NNNNNN.jsonl); paths are not accepted"

@@ -19,7 +19,7 @@ CHUNK = 8 << 20
 
 
 def _files(log_dir: Path) -> list[Path]:
-    files = sorted(p for p in log_dir.iterdir() if p.is_file() and LOG_FILE_NAME.match(p.name))
+    files = sorted(p for p in log_dir.iterdir() if p.is_file() and LOG_FILE_NAME.fullmatch(p.name))
     # Data files first, manifests last: the run is complete only when the manifest arrives.
     return sorted(files, key=lambda p: p.name.startswith("manifest"))
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from dvemb.engine import ComputeArguments, ComputeProgress, compute, load_results
@@ -26,7 +27,7 @@ from server.services.results import phase_of
 from server.services.runs import expected_files
 from server.settings import get_settings
 from server.storage import log_dir, part_path, results_dir, staging_dir
-from server.tasks import VALIDATE_FILE, enqueue_after_commit
+from server.tasks import VALIDATE_FILE, enqueue_after_commit, sender
 
 MANIFEST_PREFIX = "manifest"
 
@@ -42,9 +43,14 @@ def run_validate_file(file_id: int) -> None:
     """Validate one received file; move it into the run's log if valid, reject it (and its bytes) if not."""
     storage = get_settings().storage
     with session_factory()() as session:
-        upload = session.get(LogFile, file_id)
-        if upload is None or upload.status != "received":
+        # Claim the file: of two tasks for it (a re-delivery, a re-trigger), only one validates.
+        claim = update(LogFile).where(LogFile.id == file_id, LogFile.status == "received").values(status="validating")
+        claimed = session.execute(claim.returning(LogFile.id)).first() is not None
+        session.commit()
+        if not claimed:
             return
+        upload = session.get(LogFile, file_id)
+        assert upload is not None
         run = session.get(Run, upload.run_id)
         assert run is not None
         part = part_path(storage, run.id, upload.upload_id)
@@ -53,22 +59,31 @@ def run_validate_file(file_id: int) -> None:
             if upload.name.startswith(MANIFEST_PREFIX):
                 _accept_manifest(session, run, upload, part)
             else:
-                manifests = _staged_manifests(staging)
-                if manifests is None:
-                    upload.error = "waiting for the manifest(s) to be uploaded and validated"
-                    session.commit()
+                if _staged_manifests(staging) is None:
+                    _wait_for_manifest(session, upload, staging)
                     return
                 GradientLog(staging).validate_file(upload.name, part)
                 _publish(part, log_dir(storage, run.id) / upload.name)
-        except DvembError as exc:
-            upload.status, upload.error = "rejected", str(exc).replace(str(part), upload.name)
+        except Exception as exc:  # DvembError explains itself; anything else is still this file's fault
+            problem = str(exc) if isinstance(exc, DvembError) else f"could not be read ({type(exc).__name__}: {exc})"
+            upload.status, upload.error = "rejected", problem.replace(str(part), upload.name)
             part.unlink(missing_ok=True)  # nothing of an invalid file stays
             session.commit()
             return
         upload.status, upload.error = "ready", None
-        run.size_bytes += upload.size_bytes
-        _update_run(session, run)
+        # Concurrent validators of one run serialise on the run row (Postgres); sizes add up in SQL.
+        session.execute(update(Run).where(Run.id == run.id).values(size_bytes=Run.size_bytes + upload.size_bytes))
+        locked = session.get(Run, run.id, with_for_update=True, populate_existing=True)
+        assert locked is not None
+        _update_run(session, locked)
         session.commit()
+
+
+def _wait_for_manifest(session: Session, upload: LogFile, staging: Any) -> None:
+    upload.status, upload.error = "received", "waiting for the manifest(s) to be uploaded and validated"
+    session.commit()
+    if _staged_manifests(staging) is not None:  # the manifest arrived meanwhile: its re-trigger may have missed us
+        sender().send_task(VALIDATE_FILE, args=[upload.id])
 
 
 def _staged_manifests(staging: Any) -> list[dict[str, Any]] | None:
@@ -137,7 +152,7 @@ def run_compute(job_id: int) -> None:
         query_sets=tuple(options["query_sets"]) if options.get("query_sets") else None,
     )
     try:
-        summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id), overwrite=True)
+        summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id))
         with factory() as session:
             _store_results(session, job_id, out, summary, _example_metadata(log_dir(storage, run_id)))
             job = session.get(Job, job_id)
@@ -149,11 +164,14 @@ def run_compute(job_id: int) -> None:
             session.commit()
     except JobCancelled:
         return
-    except DvembError as exc:
+    except OperationalError:
+        raise  # transient (database): the task retries
+    except Exception as exc:  # the job fails with the reason in words rather than staying 'running'
+        problem = str(exc) if isinstance(exc, DvembError) else f"{type(exc).__name__}: {exc}"
         with factory() as session:
             job = session.get(Job, job_id)
             assert job is not None
-            job.status, job.error, job.finished_at = "failed", str(exc), dt.datetime.now(dt.UTC)
+            job.status, job.error, job.finished_at = "failed", problem, dt.datetime.now(dt.UTC)
             session.commit()
 
 

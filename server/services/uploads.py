@@ -11,7 +11,7 @@ import base64
 import binascii
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server.db.models import LogFile, Run
@@ -51,10 +51,21 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
     if existing is not None:
         if existing.status == "ready":
             raise Conflict(f"{name} is already uploaded and valid in this run")
+        if existing.status in ("received", "validating"):
+            raise Conflict(f"{name} is being validated; wait for the verdict before uploading it again")
         part_path(settings.storage, run.id, existing.upload_id).unlink(missing_ok=True)
         session.delete(existing)  # a rejected or abandoned attempt: start over
         session.flush()
-    total = run.size_bytes + length
+    # Everything not rejected counts, uploads in flight included (size_bytes only grows on validation).
+    held = (
+        session.scalar(
+            select(func.coalesce(func.sum(LogFile.size_bytes), 0)).where(
+                LogFile.run_id == run.id, LogFile.status != "rejected"
+            )
+        )
+        or 0
+    )
+    total = int(held) + length
     if total > settings.max_run_bytes:
         raise PayloadTooLarge(
             f"the run would hold {total} bytes; the limit is {settings.max_run_bytes} (DVEMB_MAX_RUN_BYTES)"

@@ -223,3 +223,36 @@ def test_killed_writer_leaves_a_readable_prefix(log_dir: Path) -> None:
     assert not log.complete and log.num_steps >= 6 and log.num_steps % 3 == 0
     assert log.end_note().startswith("incomplete log: recording stopped after the last complete shard")
     assert f"steps 0 to {log.num_steps - 1}" in log.end_note()
+
+
+def test_a_failed_shard_write_keeps_its_steps(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If writing one shard fails, the steps buffered after it are not lost: the log stays continuous."""
+    from dvemb.writer import LogWriter
+
+    original = LogWriter._write_shard_now
+    calls = {"n": 0}
+
+    def flaky(self: LogWriter, records: list) -> None:  # type: ignore[type-arg]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("disk full (simulated)")
+        original(self, records)
+
+    monkeypatch.setattr(LogWriter, "_write_shard_now", flaky)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = dvemb.Recorder(model, log_dir, shard_steps=2)
+    failures = 0
+    for step in range(6):
+        try:
+            with rec.step([step], optimizer):
+                F.cross_entropy(model(torch.randn(1, 6)), torch.tensor([0])).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        except OSError:
+            failures += 1
+    rec.close()
+    log = dvemb.open_log(log_dir)
+    log.validate()
+    assert failures == 1
+    assert log.num_steps == 6  # the failed shard's steps were retried with the next one: nothing lost, no gap

@@ -177,3 +177,46 @@ def test_over_the_size_limit(api: Api) -> None:
     location = _create(api, run_id, "shard-r0-000000.safetensors", 10)
     too_long = _patch(api, location, b"x" * 11, 0)
     assert too_long.status_code == 413
+
+
+def test_malformed_example_metadata_is_rejected(api: Api, tmp_path: Path) -> None:
+    log = record_log(tmp_path / "log")
+    bad = tmp_path / "examples-000000.jsonl"
+    bad.write_text('{"id": 1, "label": 2}\n5\n')
+    sealed = json.loads((log / "manifest.json").read_text())
+    sealed["example_files"][0].update(bytes=bad.stat().st_size, sha256=sha256_file(bad))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(sealed))
+    run_id = _new_run(api)
+    assert _upload(api, run_id, manifest).status_code == 204
+    response = _upload(api, run_id, bad)
+    assert response.status_code == 400
+    assert "line 2 is not an example record" in response.json()["detail"]
+
+
+def test_concurrent_patches_do_not_interleave(api: Api, tmp_path: Path) -> None:
+    log = record_log(tmp_path / "log", steps=8, shard_steps=8, dim=64)
+    run_id = _new_run(api)
+    assert _upload(api, run_id, log / "manifest.json").status_code == 204
+    shard = log / "shard-r0-000000.safetensors"
+    data = shard.read_bytes()
+    location = _create(api, run_id, shard.name, len(data))
+    url = urlparse(location)
+    with socket.create_connection((url.hostname, url.port)) as slow:  # a first PATCH still streaming its body
+        head = (
+            f"PATCH {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: {api.headers['Authorization']}\r\n"
+            f"Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        )
+        slow.sendall(head.encode() + data[:1000])
+        time.sleep(0.5)
+        second = _patch(api, location, data, 0)
+        assert second.status_code == 409, second.text
+        assert "another request is appending" in second.json()["detail"]
+    for _ in range(50):
+        offset = int(api.head(location, headers=TUS).headers["Upload-Offset"])
+        if offset == 1000:
+            break
+        time.sleep(0.1)
+    assert _patch(api, location, data[offset:], offset).status_code == 204
+    assert (_log_dir(run_id) / shard.name).read_bytes() == data

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import time
 from typing import Annotated
 
@@ -18,7 +19,7 @@ from starlette.requests import ClientDisconnect
 from server.api.deps import ProjectDep, SessionDep, SettingsDep
 from server.db.models import LogFile, Run
 from server.db.session import session_factory
-from server.errors import BadRequest, Conflict, PayloadTooLarge, UnsupportedMedia
+from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, UnsupportedMedia
 from server.services import uploads as service
 from server.services.runs import get_run
 from server.storage import part_path
@@ -89,6 +90,8 @@ def upload_delete(upload_id: str, session: SessionDep, project: ProjectDep, sett
     upload, run = service.get_upload(session, project_id=project.id, upload_id=upload_id)
     if upload.status == "ready":
         raise Conflict(f"{upload.name} is already validated; delete the run to remove it")
+    if upload.status in ("received", "validating"):
+        raise Conflict(f"{upload.name} is being validated; wait for the verdict")
     part_path(settings.storage, run.id, upload.upload_id).unlink(missing_ok=True)
     session.delete(upload)
     return Response(status_code=204, headers=TUS)
@@ -110,28 +113,43 @@ async def upload_patch(
     upload, run = await run_in_threadpool(_load, project.id, upload_id)
     if upload.status != "uploading":
         raise Conflict(f"{upload.name} is complete ({upload.status}); nothing more to append")
-    if upload_offset != upload.offset:
-        raise Conflict(
-            f"Upload-Offset is {upload_offset} but the upload is at {upload.offset}; HEAD to resume",
-            headers={"Upload-Offset": str(upload.offset)},
-        )
     path = part_path(settings.storage, run.id, upload.upload_id)
-    written = 0
     try:
-        with path.open("r+b") as f:  # memory stays at one network chunk whatever the file size
-            f.seek(upload.offset)
-            f.truncate()
+        part = path.open("r+b")
+    except FileNotFoundError:
+        raise NotFound(f"upload {upload_id} was abandoned or already handed to the validator") from None
+    with part:  # memory stays at one network chunk whatever the file size
+        try:
+            # One writer per upload: a retried request racing the original must not interleave bytes.
+            fcntl.flock(part.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict("another request is appending to this upload; HEAD for the offset and retry") from None
+        upload, run = await run_in_threadpool(_load, project.id, upload_id)  # fresh, under the lock
+        if upload.status != "uploading":
+            raise Conflict(f"{upload.name} is complete ({upload.status}); nothing more to append")
+        if upload_offset != upload.offset:
+            raise Conflict(
+                f"Upload-Offset is {upload_offset} but the upload is at {upload.offset}; HEAD to resume",
+                headers={"Upload-Offset": str(upload.offset)},
+            )
+        written = 0
+        try:
+            part.seek(upload.offset)
+            part.truncate()
             async for chunk in request.stream():
                 if upload.offset + written + len(chunk) > upload.size_bytes:
                     raise PayloadTooLarge(
                         f"{upload.name}: more bytes than the declared Upload-Length {upload.size_bytes}"
                     )
-                f.write(chunk)
+                part.write(chunk)
                 written += len(chunk)
-    except ClientDisconnect:
-        pass  # keep what arrived: the client resumes from the new offset
-    finally:
-        offset = await run_in_threadpool(_advance, upload.id, written)
+        except ClientDisconnect:
+            pass  # keep what arrived: the client resumes from the new offset
+        finally:
+            part.flush()
+            offset = await run_in_threadpool(_advance, upload.id, written)
+    if offset is None:
+        raise NotFound(f"upload {upload_id} was deleted while it was being written")
     # A data file can only be judged against a manifest: wait for the verdict when one is there.
     if offset == upload.size_bytes and (upload.name.startswith("manifest") or run.manifest is not None):
         await _wait_for_verdict(upload.id, settings.validation_wait_seconds)
@@ -143,11 +161,12 @@ def _load(project_id: int, upload_id: str) -> tuple[LogFile, Run]:
         return service.get_upload(session, project_id=project_id, upload_id=upload_id)
 
 
-def _advance(file_id: int, written: int) -> int:
-    """Record the new offset; hand a complete file to the validator."""
+def _advance(file_id: int, written: int) -> int | None:
+    """Record the new offset (None if the upload was deleted meanwhile); hand a complete file to the validator."""
     with session_factory()() as session:
         upload = session.get(LogFile, file_id)
-        assert upload is not None
+        if upload is None:
+            return None
         upload.offset += written
         if upload.offset == upload.size_bytes and upload.status == "uploading":
             service.finish_upload(session, upload=upload)
