@@ -155,12 +155,22 @@ def run_compute(job_id: int) -> None:
         summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id))
         with factory() as session:
             _store_results(session, job_id, out, summary, _example_metadata(log_dir(storage, run_id)))
-            job = session.get(Job, job_id)
-            assert job is not None
-            if job.status == "cancelled":
+            # Conditional: a cancel that lands while the rows are written wins (the job's rows are then unused).
+            done = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "running")
+                .values(
+                    status="succeeded",
+                    summary=summary,
+                    progress=1.0,
+                    eta_seconds=0.0,
+                    finished_at=dt.datetime.now(dt.UTC),
+                )
+                .returning(Job.id)
+            ).first()
+            if done is None:
+                session.rollback()
                 return
-            job.status, job.summary, job.progress = "succeeded", summary, 1.0
-            job.eta_seconds, job.finished_at = 0.0, dt.datetime.now(dt.UTC)
             session.commit()
     except JobCancelled:
         return
