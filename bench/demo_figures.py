@@ -23,6 +23,8 @@ from typing import Any
 
 from playwright.sync_api import sync_playwright
 
+from bench.markdown import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "docs" / "images"
 
@@ -101,15 +103,7 @@ def write_section(findings: dict[str, Any]) -> None:
             "",
         ]
     )
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    start = text.find("## Demo")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    replace_section("Demo", section)
 
 
 def main() -> None:

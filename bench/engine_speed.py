@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench.markdown import replace_section
 from dvemb.engine import BlockedRecursion, Chunk, ComputeArguments, compute
 from dvemb.engine.compute import DEFAULT_BLOCK_ROWS
 from dvemb.writer import LogWriter, StepRecord
@@ -253,16 +254,7 @@ def write_markdown(results: dict) -> None:  # type: ignore[type-arg]
         "index (24 bytes per occurrence) and per-example totals, which grow with the number of occurrences and examples "
         "(every synthetic example is new here): at 10^9 occurrences they must move to memory-mapped files (next work).",
     ]
-    section = "\n".join(lines) + "\n\n"
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find("## Engine speed")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    replace_section("Engine speed", "\n".join(lines))
 
 
 if __name__ == "__main__":

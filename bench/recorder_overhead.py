@@ -2,7 +2,7 @@
 
 Run (from the repository root)::
 
-    bash bench/setup.sh && bench/.venv-bench/bin/python bench/recorder_overhead.py
+    bash bench/setup.sh && bench/.venv-bench/bin/python -m bench.recorder_overhead
 
 Measures, on CPU with two threads, the median wall time of one training step (forward,
 mean cross-entropy, backward, SGD step, zero_grad) after warm-up, for:
@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dvemb
+from bench.markdown import replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
@@ -706,19 +707,7 @@ def write_benchmarks_md(meta: dict[str, Any], rows: list[dict[str, Any]], lines:
     ]
     section += [f"- {v}" for v in lines]
     section.append("")
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = "\n".join(section).rstrip() + "\n"
-    start = text.find(SECTION + "\n") if not text.startswith(SECTION) else 0
-    if start == -1 and text.endswith(SECTION):
-        start = len(text) - len(SECTION)
-    if start == -1:
-        text = text.rstrip() + "\n\n" + block
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + ("\n" + text[nxt + 1 :] if nxt != -1 else "")
-    path.write_text(text)
-    return path
+    return replace_section(SECTION.removeprefix("## "), "\n".join(section))
 
 
 def main() -> int:
@@ -767,7 +756,7 @@ def main() -> int:
         "transformer-lm", lm, lm_batches, 0.02, args, args.lm_rounds, args.lm_steps, peer_ok, peer_reason
     )
     elapsed = time.perf_counter() - started
-    command = "bash bench/setup.sh && bench/.venv-bench/bin/python bench/recorder_overhead.py"
+    command = "bash bench/setup.sh && bench/.venv-bench/bin/python -m bench.recorder_overhead"
     if len(sys.argv) > 1:
         command += " " + " ".join(sys.argv[1:])
     meta = {

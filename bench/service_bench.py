@@ -61,6 +61,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.markdown import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
@@ -864,15 +866,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write_markdown(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()  # re-read right before writing: other sections change concurrently
-    start = text.find("## Service\n")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("" if end == -1 else "\n" + text[end + 1 :])
-    path.write_text(text)
+    replace_section("Service", section)
 
 
 def main() -> None:

@@ -43,6 +43,19 @@ def _upload(api: Api, run_id: int, path: Path, name: str | None = None) -> objec
     return _patch(api, _create(api, run_id, name or path.name, len(data)), data, 0)
 
 
+def _open_patch(api: Api, location: str, data: bytes, sent: int) -> socket.socket:
+    """A PATCH whose body stops after ``sent`` bytes (the caller closes it: a dropped or slow connection)."""
+    url = urlparse(location)
+    conn = socket.create_connection((url.hostname, url.port))
+    head = (
+        f"PATCH {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: {api.headers['Authorization']}\r\n"
+        f"Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    conn.sendall(head.encode() + data[:sent])
+    return conn
+
+
 def _new_run(api: Api, name: str = "r") -> int:
     return int(api.post("/runs", json={"name": name}).json()["id"])
 
@@ -60,14 +73,7 @@ def test_interrupted_upload_resumes_byte_identical(api: Api, tmp_path: Path) -> 
     location = _create(api, run_id, shard.name, len(data))
     # The connection drops halfway through the body.
     half = len(data) // 2
-    url = urlparse(location)
-    with socket.create_connection((url.hostname, url.port)) as conn:
-        head = (
-            f"PATCH {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: {api.headers['Authorization']}\r\n"
-            f"Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n"
-        )
-        conn.sendall(head.encode() + data[:half])
+    with _open_patch(api, location, data, half):
         time.sleep(0.5)
     for _ in range(50):
         offset = int(api.head(location, headers=TUS).headers["Upload-Offset"])
@@ -201,14 +207,7 @@ def test_concurrent_patches_do_not_interleave(api: Api, tmp_path: Path) -> None:
     shard = log / "shard-r0-000000.safetensors"
     data = shard.read_bytes()
     location = _create(api, run_id, shard.name, len(data))
-    url = urlparse(location)
-    with socket.create_connection((url.hostname, url.port)) as slow:  # a first PATCH still streaming its body
-        head = (
-            f"PATCH {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: {api.headers['Authorization']}\r\n"
-            f"Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n"
-        )
-        slow.sendall(head.encode() + data[:1000])
+    with _open_patch(api, location, data, 1000):  # a first PATCH still streaming its body
         time.sleep(0.5)
         second = _patch(api, location, data, 0)
         assert second.status_code == 409, second.text

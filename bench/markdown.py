@@ -1,0 +1,28 @@
+"""BENCHMARKS.md is shared by every benchmark: each replaces only its own section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def replace_section(title: str, body: str, path: Path = BENCHMARKS) -> Path:
+    """Replace (or append) the ``## {title}`` section, leaving every other section byte-identical.
+
+    Args:
+        title: the heading without ``## ``.
+        body: the whole section, heading included.
+        path: the markdown file (re-read here, right before writing: other benchmarks write it too).
+    """
+    heading = f"## {title}\n"
+    block = body.rstrip("\n") + "\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(heading)
+    if start == -1:
+        text = text.rstrip("\n") + "\n\n" + block
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + block + ("" if end == -1 else "\n" + text[end + 1 :])
+    path.write_text(text)
+    return path
