@@ -69,11 +69,12 @@ def screenshots(url: str, findings: dict[str, Any]) -> None:
         page.get_by_label("API token").fill(findings["token"])
         page.get_by_role("button", name="Sign in").click()
         page.wait_for_selector("#runs")
-        for name in ("charlm", "digits"):
+        for name in ("charlm", "digits"):  # the README shows the LM phase plot and the digits tables
             page.locator("#runs a", has_text=name).first.click()
             page.wait_for_selector("#results[data-ready=true]", timeout=60_000)
             page.locator("#phase-plot").screenshot(path=str(IMAGES / f"demo-{name}-phase-plot.png"))
             page.locator("#top-harmful").screenshot(path=str(IMAGES / f"demo-{name}-top-harmful.png"))
+            page.locator("#examples-harmful").screenshot(path=str(IMAGES / f"demo-{name}-harmful-examples.png"))
             page.goto(url + "/#/runs")
             page.wait_for_selector("#runs")
         browser.close()

@@ -192,6 +192,8 @@ async function showResults(job) {
       <label>Steps <input id="step-min" type="number" min="0" size="6" placeholder="from"> – <input id="step-max" type="number" min="0" size="6" placeholder="to"></label>
       <button id="prev">◀ previous</button><button id="next">next ▶</button></div>
       <div class="cols"><div><h2>Helpful</h2><div id="top-helpful"></div></div><div><h2>Harmful</h2><div id="top-harmful"></div></div></div></section>
+    <section><h2>Examples by total influence (all their occurrences)</h2>
+      <div class="cols"><div><h2>Most helpful</h2><div id="examples-helpful"></div></div><div><h2>Most harmful</h2><div id="examples-harmful"></div></div></div></section>
     <section><h2>Scores by phase</h2><div id="distribution" style="height:320px"></div></section>`;
   let page = 0;
   const qs = () => document.getElementById("qs").value;
@@ -225,13 +227,23 @@ async function showResults(job) {
       document.querySelectorAll(`#top-${kind} canvas.thumb`).forEach((c) => drawImage(c, meta[c.dataset.id].image));
     }
   };
+  const examples = async () => {
+    for (const kind of ["helpful", "harmful"]) {
+      const ranked = await api(`/jobs/${job.id}/examples?query_set=${encodeURIComponent(qs())}&kind=${kind}&limit=10`);
+      const meta = ranked.data.length ? await api(`/jobs/${job.id}/metadata?ids=${encodeURIComponent(ranked.data.map((r) => r.example_id).join(","))}`) : {};
+      document.getElementById(`examples-${kind}`).innerHTML = `<table class="examples" data-kind="${kind}"><thead><tr><th>example</th><th>what it is</th><th>label</th><th>occurrences</th><th>total</th></tr></thead><tbody>
+        ${ranked.data.map((r) => `<tr><td><a href="#/jobs/${job.id}/examples/${encodeURIComponent(r.example_id)}?qs=${encodeURIComponent(qs())}">${esc(r.example_id)}</a></td><td>${describe(meta[r.example_id], r)}</td><td>${esc(r.label)}</td><td>${r.occurrences}</td><td class="score" data-score="${r.total}">${fmtScore(r.total)}</td></tr>`).join("")}
+        </tbody></table>`;
+      document.querySelectorAll(`#examples-${kind} canvas.thumb`).forEach((c) => drawImage(c, meta[c.dataset.id].image));
+    }
+  };
   fillQueries();
-  for (const id of ["qs"]) document.getElementById(id).addEventListener("change", () => { fillQueries(); page = 0; draw(); tables(); });
+  for (const id of ["qs"]) document.getElementById(id).addEventListener("change", () => { fillQueries(); page = 0; draw(); tables(); examples(); });
   for (const id of ["query", "view-kind", "smooth"]) document.getElementById(id).addEventListener("change", () => { draw(); tables(); });
   for (const id of ["phase", "step-min", "step-max"]) document.getElementById(id).addEventListener("change", () => { page = 0; tables(); });
   document.getElementById("prev").addEventListener("click", () => { page = Math.max(0, page - 1); tables(); });
   document.getElementById("next").addEventListener("click", () => { page += 1; tables(); });
-  await Promise.all([draw(), tables()]);
+  await Promise.all([draw(), tables(), examples()]);
   document.getElementById("results").dataset.ready = "true";
 }
 

@@ -87,6 +87,19 @@ def test_dashboard_end_to_end(browser: Browser, api: Api, token: str, server_url
             ]
         ]
         assert shown == expected and len(shown) == 10
+    ranked = [
+        float(v)
+        for v in page.locator("table.examples[data-kind=harmful] td.score").evaluate_all(
+            "cells => cells.map(c => c.dataset.score)"
+        )
+    ]
+    expected_ranked = [
+        r["total"]
+        for r in api.get(
+            f"/jobs/{job_id}/examples", params={"query_set": "val", "kind": "harmful", "limit": 10}
+        ).json()["data"]
+    ]
+    assert ranked == expected_ranked and len(ranked) == 10
     what = page.locator("table.top[data-kind=helpful] tbody tr td:nth-child(3)").all_inner_texts()
     assert all(("even" in w) or ("odd" in w) for w in what)  # what each example is (its source here)
     _shot(page, "run")
