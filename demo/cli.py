@@ -33,11 +33,11 @@ class _Service:
     def __init__(self, port: int) -> None:
         import uvicorn
 
-        from server.cli import _new_token, _prepare, worker_command
+        from server.cli import new_token, prepare, worker_command
         from server.main import create_app
 
-        _prepare()
-        self.token = _new_token("demo", "demo")
+        prepare()
+        self.token = new_token("demo", "demo")
         self.url = f"http://127.0.0.1:{port}"
         self.worker = subprocess.Popen(worker_command(), stdout=subprocess.DEVNULL)
         self.server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))

@@ -234,16 +234,7 @@ class GradientLog:
 
     def _check_shard_list(self) -> None:
         for rank, manifest in enumerate(self.rank_manifests):
-            path = self.directory / fmt.rank_manifest_name(rank)
-            next_step = 0
-            for entry in manifest["shards"]:
-                first, last = int(entry["first_step"]), int(entry["last_step"])
-                if first != next_step or last < first:
-                    raise StepContinuityError(
-                        path,
-                        f"shard {entry['file']} covers steps {first} to {last}, expected it to start at {next_step}",
-                    )
-                next_step = last + 1
+            _check_shard_entries(self.directory / fmt.rank_manifest_name(rank), manifest["shards"])
         if self.world_size > 1:
             ranges = [[(e["first_step"], e["last_step"]) for e in m["shards"]] for m in self.rank_manifests]
             shortest = min(len(r) for r in ranges)
@@ -529,8 +520,14 @@ def check_manifest_file(path: str | Path) -> dict[str, Any]:
             f"world_size {world!r} and rank {rank!r} must be integers, 1 <= world_size <= "
             f"{MAX_WORLD_SIZE}, 0 <= rank < world_size",
         )
+    _check_shard_entries(path, manifest["shards"])
+    return manifest
+
+
+def _check_shard_entries(path: Path, shards: list[Any]) -> None:
+    """Each shard entry is well formed and the entries cover consecutive steps from 0."""
     next_step = 0
-    for entry in manifest["shards"]:
+    for entry in shards:
         try:
             first, last = int(entry["first_step"]), int(entry["last_step"])
             str(entry["file"]), int(entry["bytes"]), str(entry["sha256"]), int(entry["num_rows"])
@@ -538,10 +535,9 @@ def check_manifest_file(path: str | Path) -> dict[str, Any]:
             raise LogFormatError(path, f"malformed shard entry {entry!r}") from None
         if first != next_step or last < first:
             raise StepContinuityError(
-                path, f"shard {entry['file']} covers steps {first} to {last}, expected {next_step}"
+                path, f"shard {entry['file']} covers steps {first} to {last}, expected it to start at {next_step}"
             )
         next_step = last + 1
-    return manifest
 
 
 def open_log(directory: str | Path) -> GradientLog:

@@ -37,7 +37,8 @@ def register(sub: Any) -> None:
     upload.set_defaults(func=_upload)
 
 
-def _prepare() -> None:
+def prepare() -> None:
+    """Make the data and storage directories and bring the schema to the latest migration."""
     from server.migrate import upgrade
 
     settings = get_settings()
@@ -46,7 +47,8 @@ def _prepare() -> None:
     upgrade(settings.database)
 
 
-def _new_token(project: str, name: str) -> str:
+def new_token(project: str, name: str) -> str:
+    """A new API token for ``project`` (created if needed); printed once, stored hashed."""
     from server.db.session import session_factory
     from server.services.auth import create_token, get_or_create_project
 
@@ -57,8 +59,8 @@ def _new_token(project: str, name: str) -> str:
 
 
 def _token(args: argparse.Namespace) -> int:
-    _prepare()
-    print(_new_token(args.project, args.name))
+    prepare()
+    print(new_token(args.project, args.name))
     return 0
 
 
@@ -85,8 +87,8 @@ def worker_command(queues: str = "celery,gpu", concurrency: int = 1) -> list[str
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    _prepare()
-    token = _new_token(args.project, "serve")
+    prepare()
+    token = new_token(args.project, "serve")
     settings = get_settings()
     worker = None if args.no_worker else subprocess.Popen(worker_command())
     print(
