@@ -24,7 +24,14 @@ import torch
 from dvemb.errors import ConfigError, HeaderMismatchError, NotSafetensorsError, TruncatedFileError
 
 FORMAT_NAME = "dvemb-gradient-log"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this dvemb reads: 1 (no optimizer state: influence uses the SGD proxy for momentum and Adam).
+READABLE_VERSIONS = (1, 2)
+#: Per-step, per-layer scalars of the optimizer's linearised update, (S, n_layers) float64 in a shard.
+OPTIMIZER_SCALARS = ("opt.momentum", "opt.dampening", "opt.beta2", "opt.eps", "opt.step")
+#: Per-layer optimizer state per step: Adam's exact preconditioner (layer stored whole, (S, d)), or the
+#: row and column sums of its bias-corrected second moment (projected layer, (S, out_dim) and (S, in_dim)).
+OPTIMIZER_LAYER_TENSORS = ("precond", "v_row", "v_col")
 MANIFEST = "manifest.json"
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,  # for exactness checks on small models
@@ -62,6 +69,13 @@ def grad_key(layer: str) -> str:
 def curvature_key(layer: str) -> str:
     """Tensor name of a layer's curvature factors in a shard."""
     return f"curv.{layer}"
+
+
+def optimizer_layer_key(what: str, layer: str) -> str:
+    """Tensor name of a layer's per-step optimizer state (``what`` in :data:`OPTIMIZER_LAYER_TENSORS`)."""
+    if what not in OPTIMIZER_LAYER_TENSORS:
+        raise ValueError(f"unknown optimizer tensor {what!r}")
+    return f"opt.{what}.{layer}"
 
 
 def encode_ids(ids: Sequence[int | str]) -> dict[str, torch.Tensor]:

@@ -1,52 +1,125 @@
-"""What the recorder reads from a PyTorch optimizer: per-layer learning rate and weight decay,
-the optimizer type, and whether plain SGD makes the influence estimate exact."""
+"""What the recorder reads from a PyTorch optimizer at every step: per-layer learning rate and weight
+decay, and what the engine's optimizer-exact propagation needs (docs/optimizers.md).
+
+Propagations, by optimizer:
+
+- ``sgd``: plain SGD (the paper's method, exact to first order).
+- ``momentum``: SGD with momentum (dampening, Nesterov, L2 weight decay).
+- ``adam`` / ``adamw``: Adam with L2 weight decay, AdamW with decoupled weight decay (bias
+  corrections and eps included; amsgrad is not modelled).
+- ``proxy``: anything else (Lion, NAdam, RMSprop, amsgrad, maximize, ...): the SGD proxy.
+
+Per step and tracked layer the recorder keeps the scalars of the linearised update (momentum or
+beta1, dampening, beta2, eps, the optimizer's step count) and, for Adam, the bias-corrected second
+moment: whole (as the preconditioner ``1 / (sqrt(v_hat) + eps)``) for a layer stored without
+projection, or as its row and column sums (an Adafactor factorisation, ``n_out + n_in`` values)
+for a projected layer. Never a copy of the optimizer state.
+"""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["DvembWarning", "OptimizerInfo", "describe_optimizer"]
+__all__ = ["PROPAGATIONS", "DvembWarning", "OptimizerInfo", "TrackedParameters", "describe_optimizer"]
+
+#: Every propagation the engine knows, with the label results show for it.
+PROPAGATIONS = {
+    "sgd": "exact SGD",
+    "momentum": "SGD with momentum",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "proxy": "SGD proxy",
+}
 
 
 class DvembWarning(UserWarning):
-    """A result will be less exact than it could be (for example the SGD proxy for Adam)."""
+    """A result will be less exact than it could be (for example the SGD proxy for Lion)."""
 
 
 _DECOUPLED = {"AdamW"}
 _HYPERPARAMETERS = ("lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "alpha", "amsgrad")
 
 
+@dataclass(frozen=True)
+class TrackedParameters:
+    """The parameters behind one tracked layer's gradient matrix (out_dim, in_dim).
+
+    Attributes:
+        weight: the weight; its gradient reshaped to (out_dim, -1) gives the matrix's first columns.
+        bias: the bias (the matrix's last column), or None.
+        out_dim: rows of the gradient matrix.
+        whole: True when the layer is stored without projection (the preconditioner is kept exactly).
+        transpose: True when the weight is stored (in, out), as ``transformers``' Conv1D.
+    """
+
+    weight: torch.nn.Parameter
+    bias: torch.nn.Parameter | None
+    out_dim: int
+    whole: bool
+    transpose: bool = False
+
+
+def _classify(optimizer: torch.optim.Optimizer) -> tuple[str, str | None]:
+    """(propagation, reason when it is the proxy)."""
+    kind = type(optimizer)
+    groups = optimizer.param_groups
+    if any(g.get("maximize", False) for g in groups):
+        return "proxy", "maximize=True is not modelled"
+    if kind is torch.optim.SGD:
+        if all(g.get("momentum", 0) == 0 and not g.get("nesterov", False) for g in groups):
+            return "sgd", None
+        return "momentum", None
+    if kind in (torch.optim.Adam, torch.optim.AdamW):
+        if any(g.get("amsgrad", False) for g in groups):
+            return "proxy", "amsgrad=True is not modelled (its running maximum of v has no first-order map here)"
+        if kind is torch.optim.Adam and any(g.get("decoupled_weight_decay", False) for g in groups):
+            return "adamw", None
+        return ("adamw" if kind is torch.optim.AdamW else "adam"), None
+    return "proxy", f"{kind.__name__} has no optimizer-exact propagation in dvemb yet"
+
+
 class OptimizerInfo:
-    """Reads an optimizer's per-layer hyperparameters at each step.
+    """Reads an optimizer's per-layer hyperparameters and state at each step.
 
     Args:
         optimizer: the user's optimizer.
-        layer_params: for each tracked layer, its weight parameter (to find its parameter group).
+        tracked: for each tracked layer, its parameters.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, layer_params: list[torch.nn.Parameter]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, tracked: list[TrackedParameters]) -> None:
         self.optimizer = optimizer
+        self.tracked = tracked
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        missing = [i for i, p in enumerate(layer_params) if id(p) not in group_of]
+        missing = [i for i, t in enumerate(tracked) if id(t.weight) not in group_of]
         if missing:
             raise ValueError(f"the optimizer does not update tracked layer(s) {missing}")
-        self.layer_groups = [group_of[id(p)] for p in layer_params]
+        self.layer_groups = [group_of[id(t.weight)] for t in tracked]
         self.type = type(optimizer).__name__
-        self.exact_sgd = self._is_plain_sgd()
+        self.propagation, self.proxy_reason = _classify(optimizer)
+        self.exact_sgd = self.propagation == "sgd"
         self.snapshot: tuple[list[float], list[float]] | None = None
-        self._hook = optimizer.register_step_pre_hook(self._before_step)
-
-    def _is_plain_sgd(self) -> bool:
-        if type(self.optimizer) is not torch.optim.SGD:
-            return False
-        return all(g.get("momentum", 0) == 0 and not g.get("nesterov", False) for g in self.optimizer.param_groups)
+        self.step_state: dict[str, torch.Tensor] | None = None
+        self._fresh: list[bool] = []
+        self._sgd_steps = [0] * len(tracked)
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # The rates that optimizer.step() is about to apply, whatever a scheduler does afterwards.
         self.snapshot = self.read()
+        if self.propagation == "momentum":
+            state = optimizer.state
+            self._fresh = [state.get(t.weight, {}).get("momentum_buffer") is None for t in self.tracked]
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.propagation in ("momentum", "adam", "adamw"):
+            self.step_state = self._read_state()
 
     def read(self) -> tuple[list[float], list[float]]:
         """(learning rate, weight decay) per tracked layer, as the optimizer holds them now."""
@@ -55,13 +128,60 @@ class OptimizerInfo:
         weight_decay = [float(groups[g].get("weight_decay", 0.0)) for g in self.layer_groups]
         return lr, weight_decay
 
-    def take_step_values(self) -> tuple[list[float], list[float]]:
-        """Values captured when optimizer.step() ran in this step (or the current ones if it did not)."""
+    def _read_state(self) -> dict[str, torch.Tensor]:
+        """Per-layer scalars (``opt.*``, (n_layers,) float64) and Adam's second-moment tensors."""
+        groups = [self.optimizer.param_groups[g] for g in self.layer_groups]
+        n = len(self.tracked)
+        out: dict[str, torch.Tensor] = {}
+        if self.propagation == "momentum":
+            for i, fresh in enumerate(self._fresh):
+                self._sgd_steps[i] = 1 if fresh else self._sgd_steps[i] + 1
+            out["opt.momentum"] = torch.tensor([float(g.get("momentum", 0.0)) for g in groups], dtype=torch.float64)
+            out["opt.dampening"] = torch.tensor([float(g.get("dampening", 0.0)) for g in groups], dtype=torch.float64)
+            out["opt.beta2"] = torch.zeros(n, dtype=torch.float64)
+            out["opt.eps"] = torch.zeros(n, dtype=torch.float64)
+            out["opt.step"] = torch.tensor(self._sgd_steps, dtype=torch.float64)
+            return out
+        state = self.optimizer.state
+        steps = [float(state[t.weight]["step"]) for t in self.tracked]
+        out["opt.momentum"] = torch.tensor([float(g["betas"][0]) for g in groups], dtype=torch.float64)
+        out["opt.dampening"] = torch.zeros(n, dtype=torch.float64)
+        out["opt.beta2"] = torch.tensor([float(g["betas"][1]) for g in groups], dtype=torch.float64)
+        out["opt.eps"] = torch.tensor([float(g["eps"]) for g in groups], dtype=torch.float64)
+        out["opt.step"] = torch.tensor(steps, dtype=torch.float64)
+        for index, (t, g, step) in enumerate(zip(self.tracked, groups, steps, strict=True)):
+            v_hat = self._second_moment(t) / (1.0 - float(g["betas"][1]) ** step)  # (out_dim, in_dim)
+            if t.whole:
+                out[f"opt.precond.{index}"] = (1.0 / (v_hat.sqrt() + float(g["eps"]))).flatten()
+            else:
+                out[f"opt.v_row.{index}"] = v_hat.sum(1)
+                out[f"opt.v_col.{index}"] = v_hat.sum(0)
+        return out
+
+    def _second_moment(self, t: TrackedParameters) -> torch.Tensor:
+        """Adam's exp_avg_sq laid out as the layer's gradient matrix, bias column last, float32 or wider."""
+        state = self.optimizer.state
+        weight = state[t.weight]["exp_avg_sq"]
+        weight = weight.T if t.transpose else weight
+        v = weight.reshape(t.out_dim, -1)
+        if t.bias is not None:
+            v = torch.cat([v, state[t.bias]["exp_avg_sq"].reshape(t.out_dim, 1)], dim=1)
+        return v.detach().to(torch.promote_types(v.dtype, torch.float32))
+
+    def take_step_values(self) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+        """Values captured when optimizer.step() ran in this step (or the current ones if it did not).
+
+        Returns:
+            (learning rate per layer, weight decay per layer, optimizer-state tensors of the step).
+        """
         values, self.snapshot = self.snapshot or self.read(), None
-        return values
+        state, self.step_state = self.step_state, None
+        if state is None and self.propagation in ("momentum", "adam", "adamw"):
+            raise RuntimeError("optimizer.step() did not run inside rec.step()")
+        return values[0], values[1], state or {}
 
     def describe(self) -> dict[str, Any]:
-        """Manifest entry: type, exactness, weight-decay mode and hyperparameters per group."""
+        """Manifest entry: type, propagation, weight-decay mode and hyperparameters per group."""
         groups = [
             {
                 k: (list(v) if isinstance(v, tuple) else v)
@@ -70,11 +190,16 @@ class OptimizerInfo:
             }
             for g in self.optimizer.param_groups
         ]
+        decoupled = self.type in _DECOUPLED or self.propagation == "adamw"
         return {
             "type": self.type,
             "exact_sgd": self.exact_sgd,
-            "weight_decay_mode": "decoupled" if self.type in _DECOUPLED else "l2",
+            "propagation": self.propagation,
+            "proxy_reason": self.proxy_reason,
+            "nesterov": any(bool(g.get("nesterov", False)) for g in self.optimizer.param_groups),
+            "weight_decay_mode": "decoupled" if decoupled else "l2",
             "param_groups": groups,
+            "layer_groups": self.layer_groups,
         }
 
     def state_summary(self) -> dict[str, Any]:
@@ -90,17 +215,18 @@ class OptimizerInfo:
         return {"param_groups": summary}
 
     def remove(self) -> None:
-        """Detach the step hook."""
-        self._hook.remove()
+        """Detach the step hooks."""
+        for hook in self._hooks:
+            hook.remove()
 
 
 def describe_optimizer(info: OptimizerInfo) -> dict[str, Any]:
     """Manifest entry of an optimizer, warning once when influence will use the SGD proxy."""
     entry = info.describe()
-    if not info.exact_sgd:
+    if info.propagation == "proxy":
         warnings.warn(
-            f"{info.type} (or SGD with momentum) is recorded, but influence is computed with the SGD proxy "
-            "(learning rate times gradient, as in the paper); scores are approximate for this optimizer",
+            f"{info.type} is recorded, but influence will use the SGD proxy (learning rate times gradient, as in "
+            f"the paper) because {info.proxy_reason}; scores are approximate for this optimizer",
             DvembWarning,
             stacklevel=4,
         )

@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,10 @@ class ShardData:
         example_ids: R example ids.
         grads: layer -> (R, d_l).
         curvature: layer -> (R, C, d_l); empty in empirical mode.
+        optimizer: the optimizer's per-step tensors of a version-2 log whose propagation needs them:
+            ``opt.<scalar>`` (S, n_layers) float64 and ``opt.precond.<layer>`` (S, d_l) or
+            ``opt.v_row.<layer>`` (S, out_dim) and ``opt.v_col.<layer>`` (S, in_dim) (docs/format.md);
+            empty otherwise.
     """
 
     steps: torch.Tensor
@@ -85,6 +89,7 @@ class ShardData:
     example_ids: list[int] | list[str]
     grads: dict[str, torch.Tensor]
     curvature: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,11 +141,11 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
         raise LogFormatError(path, f"not a dvemb gradient log manifest (format is not {fmt.FORMAT_NAME!r})")
     version = manifest.get("version")
-    if version != fmt.FORMAT_VERSION:
+    if version not in fmt.READABLE_VERSIONS:
         raise LogVersionError(
             path,
-            f"format version {version!r} is not supported (this dvemb reads version {fmt.FORMAT_VERSION}); "
-            "upgrade dvemb or re-record the log",
+            f"format version {version!r} is not supported (this dvemb reads versions "
+            f"{', '.join(map(str, fmt.READABLE_VERSIONS))}); upgrade dvemb or re-record the log",
         )
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
@@ -203,6 +208,17 @@ class GradientLog:
     def complete(self) -> bool:
         """True when every rank's recorder was closed normally."""
         return all(bool(m["complete"]) for m in self.rank_manifests)
+
+    @property
+    def propagation(self) -> str:
+        """How influence is propagated through the optimizer (a key of :data:`dvemb.optim.PROPAGATIONS`).
+
+        Version-1 logs carry no optimizer state: anything but plain SGD uses the SGD proxy.
+        """
+        optimizer = self.manifest.get("optimizer") or {}
+        if int(self.manifest["version"]) < 2 or "propagation" not in optimizer:
+            return "sgd" if optimizer.get("exact_sgd", True) else "proxy"
+        return str(optimizer["propagation"])
 
     @property
     def loss_reduction(self) -> str:
@@ -327,7 +343,31 @@ class GradientLog:
             example_ids=self._ids(path, tensors, num_rows),
             grads=grads,
             curvature=curvature,
+            optimizer=self._optimizer_tensors(path, tensors, num_steps),
         )
+
+    def _optimizer_tensors(self, path: Path, tensors: dict[str, torch.Tensor], num_steps: int) -> dict[str, torch.Tensor]:
+        """The optimizer state the log's propagation needs, checked for shape and finiteness."""
+        propagation = self.propagation
+        if propagation not in ("momentum", "adam", "adamw"):
+            return {}
+        n_layers = len(self.layers)
+        out = {
+            key: self._finite(path, key, self._tensor(path, tensors, key, (num_steps, n_layers), torch.float64))
+            for key in fmt.OPTIMIZER_SCALARS
+        }
+        if propagation == "momentum":
+            return out
+        for layer in self.layers:
+            p = layer.projection
+            parts = [("precond", p.dim)] if p.is_identity else [("v_row", p.out_dim), ("v_col", p.in_dim)]
+            for what, size in parts:
+                key = fmt.optimizer_layer_key(what, layer.name)
+                value = self._finite(path, key, self._tensor(path, tensors, key, (num_steps, size), self.dtype))
+                if bool((value < 0).any()):
+                    raise HeaderMismatchError(path, f"{key} holds negative values; it must be a second moment")
+                out[key] = value
+        return out
 
     # -- validation helpers -----------------------------------------------------------------------
 
@@ -497,6 +537,7 @@ def _merge_ranks(parts: list[ShardData]) -> ShardData:
         lr=first.lr,
         weight_decay=first.weight_decay,
         loss=torch.stack([p.loss for p in parts]).mean(0),
+        optimizer=first.optimizer,  # the optimizer state is the same on every rank
         row_step=row_step[order],
         example_ids=[ids[i] for i in order.tolist()],
         grads={k: torch.cat([p.grads[k] for p in parts])[order] for k in first.grads},

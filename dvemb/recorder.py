@@ -41,7 +41,7 @@ from dvemb import logformat as fmt
 from dvemb.curvature import logit_factor_rows
 from dvemb.errors import ConfigError, RecorderError
 from dvemb.layers import SUPPORTED_TYPES, LayerAdapter, make_adapter
-from dvemb.optim import OptimizerInfo, describe_optimizer
+from dvemb.optim import OptimizerInfo, TrackedParameters, describe_optimizer
 from dvemb.projection import LayerProjection
 from dvemb.writer import LogWriter, StepRecord
 
@@ -343,7 +343,7 @@ class Recorder:
         if self._optimizer is not None:
             self._optimizer.remove()
         try:
-            self._optimizer = OptimizerInfo(optimizer, [_weight(a.module) for a in self.adapters])
+            self._optimizer = OptimizerInfo(optimizer, [_tracked(a) for a in self.adapters])
         except ValueError as exc:
             raise ConfigError(f"{exc}; pass the optimizer that trains the model") from None
         if self._writer.manifest["optimizer"] is None:
@@ -431,15 +431,33 @@ class Recorder:
             for rows in grads.values():
                 rows.mul_(len(ids))
         self._check_finite(grads, curvature)
+        optimizer_state: dict[str, torch.Tensor] = {}
         if self._optimizer is not None and lr is None:
-            lrs, decays = self._optimizer.take_step_values()
+            try:
+                lrs, decays, state = self._optimizer.take_step_values()
+            except RuntimeError as exc:
+                raise RecorderError(f"step {self._step}: {exc}; call optimizer.step() inside rec.step()") from None
+            optimizer_state = self._optimizer_tensors(state)
         else:
             lrs, decays = [float(lr or 0.0)] * len(self.adapters), [0.0] * len(self.adapters)
         if self.curvature_mode == "ggn" and self._writer.manifest["curvature"]["rows_per_example"] is None:
             self._writer.manifest["curvature"]["rows_per_example"] = int(next(iter(curvature.values())).shape[1])
-        self._writer.accept_step(StepRecord(self._step, ids, lrs, decays, self._loss, grads, curvature))
+        self._writer.accept_step(
+            StepRecord(self._step, ids, lrs, decays, self._loss, grads, curvature, optimizer_state)
+        )
         self._step += 1  # recorded: a write error below concerns the disk, and the step is retried with the next shard
         self._writer.flush_if_full()
+
+    def _optimizer_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The optimizer's per-step tensors under their shard names (per-layer ones named by layer)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            parts = key.split(".")
+            if len(parts) == 3:  # opt.<what>.<layer index>
+                out[fmt.optimizer_layer_key(parts[1], self.adapters[int(parts[2])].name)] = value
+            else:
+                out[key] = value
+        return out
 
     def _collect(
         self, adapter: LayerAdapter, parts: list[torch.Tensor | None], what: str, ids: Sequence[Any]
@@ -618,10 +636,16 @@ def _proj_spec_for(name: str, proj_dim: Any) -> ProjDim:
     return DEFAULT_PROJ_DIM
 
 
-def _weight(module: nn.Module) -> nn.Parameter:
-    weight = getattr(module, "weight", None)
+def _tracked(adapter: LayerAdapter) -> TrackedParameters:
+    weight = getattr(adapter.module, "weight", None)
     assert isinstance(weight, nn.Parameter)
-    return weight
+    bias = getattr(adapter.module, "bias", None)
+    return TrackedParameters(
+        weight=weight,
+        bias=bias if isinstance(bias, nn.Parameter) else None,
+        out_dim=adapter.projection.out_dim,
+        whole=adapter.projection.is_identity,
+    )
 
 
 def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -39,6 +39,8 @@ class StepRecord:
         loss: training loss of the step, or None when not logged.
         grads: layer name -> (B, d_l) projected per-example gradients.
         curvature: layer name -> (B, C, d_l) curvature factors (ggn mode), else empty.
+        optimizer: shard tensor name -> this step's value: ``opt.<scalar>`` (n_layers,) float64 and
+            per-layer optimizer state such as ``opt.precond.<layer>`` (docs/format.md); empty for plain SGD.
     """
 
     step: int
@@ -48,6 +50,7 @@ class StepRecord:
     loss: float | None
     grads: dict[str, torch.Tensor]
     curvature: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
@@ -60,7 +63,8 @@ def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
 
 
 def _record_bytes(record: StepRecord) -> int:
-    return sum(t.numel() * t.element_size() for t in (*record.grads.values(), *record.curvature.values()))
+    tensors = (*record.grads.values(), *record.curvature.values(), *record.optimizer.values())
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -211,6 +215,11 @@ class LogWriter:
             )
         record.grads = {k: v.detach().to("cpu", self.storage_dtype) for k, v in record.grads.items()}
         record.curvature = {k: v.detach().to("cpu", self.storage_dtype) for k, v in record.curvature.items()}
+        # Scalars stay float64 (exact step counts and rates); per-layer state is stored like gradients.
+        record.optimizer = {
+            k: v.detach().to("cpu", torch.float64 if k in fmt.OPTIMIZER_SCALARS else self.storage_dtype)
+            for k, v in record.optimizer.items()
+        }
         self._pending.append(record)
         self._next_step += 1
         self._pending_bytes += _record_bytes(record)
@@ -276,6 +285,8 @@ class LogWriter:
             tensors[fmt.grad_key(layer)] = torch.cat([r.grads[layer] for r in records])
             if records[0].curvature:
                 tensors[fmt.curvature_key(layer)] = torch.cat([r.curvature[layer] for r in records])
+        for key in records[0].optimizer:
+            tensors[key] = torch.stack([r.optimizer[key] for r in records])
         index = len(self.manifest["shards"])
         name = fmt.shard_name(self.rank, index)
         data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": fmt.FORMAT_NAME})

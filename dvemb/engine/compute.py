@@ -24,10 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dvemb import logformat as fmt
+from dvemb.engine.optimizer_maps import StepMaps, step_maps
+from dvemb.engine.optimizer_recursion import OptimizerRecursion
 from dvemb.engine.phases import find_phases
 from dvemb.engine.recursion import BlockedRecursion, Chunk
 from dvemb.engine.scoring import RunningTopK
 from dvemb.errors import ConfigError, NumericalError
+from dvemb.optim import PROPAGATIONS
 from dvemb.reader import GradientLog, QuerySet, ShardData, open_log
 from dvemb.writer import write_json_atomic
 
@@ -55,6 +58,10 @@ class ComputeArguments:
         top_k: helpful and harmful examples kept per query and per query set.
         query_sets: names to score, or ``None`` for all query sets of the log.
         save_embeddings: write every occurrence's embedding to ``embeddings.npy``.
+        propagation: ``"auto"`` (the optimizer-exact propagation of the log's optimizer when dvemb models
+            it: SGD, SGD with momentum, Adam, AdamW; otherwise the SGD proxy), ``"optimizer"`` (the same,
+            but an error instead of the proxy) or ``"sgd-proxy"`` (learning rate times gradient whatever the
+            optimizer, as in the paper; for comparisons). docs/optimizers.md has the math.
         self_influence: write ``self_influence.npy``: each occurrence's embedding dotted with its own
             gradient at the step it was used, a stand-in for its influence on its own loss (the log
             holds no final-model gradients of training examples). Large values flag examples the
@@ -70,6 +77,7 @@ class ComputeArguments:
     query_sets: tuple[str, ...] | None = None
     save_embeddings: bool = True
     self_influence: bool = False
+    propagation: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -77,6 +85,7 @@ class ComputeArguments:
             ("blocks", self.blocks, ("layer", "full")),
             ("device", self.device, ("auto", "cpu", "cuda")),
             ("accumulate_dtype", self.accumulate_dtype, ("float32", "float64")),
+            ("propagation", self.propagation, ("auto", "optimizer", "sgd-proxy")),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -110,7 +119,7 @@ ProgressCallback = Callable[[ComputeProgress], None]
 class _Group:
     layers: list[int]
     dim: int
-    recursion: BlockedRecursion
+    recursion: BlockedRecursion | OptimizerRecursion
 
 
 @dataclass
@@ -153,6 +162,7 @@ class _Run:
         self.mode = args.curvature or log.curvature_mode
         if self.mode == "ggn" and log.curvature_mode != "ggn":
             raise ConfigError("curvature='ggn' needs a log recorded with curvature='ggn'; this log is empirical")
+        self.propagation = _propagation(log, args)
         self.fingerprint = _fingerprint(log, args)
         self.layer_dims = [layer.dim for layer in log.layers]
         self.offsets = np.cumsum([0, *self.layer_dims]).tolist()
@@ -169,18 +179,26 @@ class _Run:
 
     # -- set-up -----------------------------------------------------------------------------------
 
+    @property
+    def optimizer_exact(self) -> bool:
+        """True when the step-by-step optimizer recursion runs (momentum, Adam, AdamW)."""
+        return self.propagation in _OPTIMIZER_PROPAGATIONS
+
+    def _recursion(self, groups: int, dim: int) -> BlockedRecursion | OptimizerRecursion:
+        kind = OptimizerRecursion if self.optimizer_exact else BlockedRecursion
+        return kind(groups, dim, dtype=self.dtype, device=self.device)
+
     def _make_groups(self) -> list[_Group]:
         if self.args.blocks == "full":
             layers = list(range(len(self.layer_dims)))
-            recursion = BlockedRecursion(1, self.total_dim, dtype=self.dtype, device=self.device)
-            return [_Group(layers, self.total_dim, recursion)]
-        by_dim: dict[int, list[int]] = {}
-        for index, dim in enumerate(self.layer_dims):
-            by_dim.setdefault(dim, []).append(index)
-        return [
-            _Group(layers, dim, BlockedRecursion(len(layers), dim, dtype=self.dtype, device=self.device))
-            for dim, layers in by_dim.items()
-        ]
+            return [_Group(layers, self.total_dim, self._recursion(1, self.total_dim))]
+        # Layers are batched when their blocks have one shape; Adam's preconditioner also needs one layout.
+        by_key: dict[tuple[int, ...], list[int]] = {}
+        for index, layer in enumerate(self.log.layers):
+            p = layer.projection
+            key = (p.dim, p.k_out, p.k_in, int(p.is_identity)) if self.optimizer_exact else (p.dim,)
+            by_key.setdefault(key, []).append(index)
+        return [_Group(layers, key[0], self._recursion(len(layers), key[0])) for key, layers in by_key.items()]
 
     def _index(self) -> None:
         """Occurrence table: step, example index and epoch of every row, in chronological order."""
@@ -269,8 +287,7 @@ class _Run:
             "step_loss": self.step_loss,
         }
         for g, group in enumerate(self.groups):
-            state[f"Mt.{g}"] = group.recursion.Mt.cpu()
-            state[f"log_scale.{g}"] = group.recursion.log_scale
+            state.update({f"{k}.{g}": v.cpu() for k, v in _recursion_state(group.recursion).items()})
         for name, s in self.scorers.items():
             for part in ("helpful", "harmful", "set_helpful", "set_harmful"):
                 state.update(getattr(s, part).state(f"{name}.{part}"))
@@ -298,8 +315,8 @@ class _Run:
         state = load_file(str(path))
         self.step_lr, self.step_batch, self.step_loss = state["step_lr"], state["step_batch"], state["step_loss"]
         for g, group in enumerate(self.groups):
-            group.recursion.Mt.copy_(state[f"Mt.{g}"])
-            group.recursion.log_scale = state[f"log_scale.{g}"]
+            for key, value in _recursion_state(group.recursion).items():
+                value.copy_(state[f"{key}.{g}"])
         for name, s in self.scorers.items():
             for part in ("helpful", "harmful", "set_helpful", "set_harmful"):
                 getattr(s, part).load(f"{name}.{part}", state)
@@ -376,6 +393,25 @@ class _Run:
             )
         return (rate[:1], decay[:1]) if self.args.blocks == "full" else (rate, decay)
 
+    def _maps(self, shard: ShardData, s0: int, s1: int, layers: list[int]) -> StepMaps:
+        optimizer_entry = self.log.manifest.get("optimizer") or {}
+        maps = step_maps(
+            {k: v[s0:s1] for k, v in shard.optimizer.items()},
+            shard.lr[s0:s1],
+            shard.weight_decay[s0:s1],
+            shard.batch_size[s0:s1],
+            propagation=self.propagation,
+            nesterov=bool(optimizer_entry.get("nesterov", False)),
+            loss_reduction=self.log.loss_reduction,
+            layers=[(self.log.layers[i].name, self.log.layers[i].projection) for i in layers],
+            layer_index=layers,
+            first_step=int(shard.steps[s0]),
+            full=self.args.blocks == "full",
+        )
+        if self.args.blocks == "full":
+            maps = _first_row(maps, int(shard.steps[s0]))
+        return maps
+
     def _process_chunk(self, shard: ShardData, s0: int, s1: int, r0: int, r1: int, row_offset: int) -> None:
         steps = shard.steps[s0:s1]
         grad_steps = shard.row_step[r0:r1]
@@ -393,7 +429,11 @@ class _Run:
             if self.args.blocks == "full":
                 grads, curv = grads.unsqueeze(0), (curv.unsqueeze(0) if curv is not None else None)
             rate, decay = self._rates(shard, s0, s1, group.layers)
-            out = group.recursion.process(Chunk(grads, grad_steps, curv, curv_steps, steps, rate, decay))
+            chunk = Chunk(grads, grad_steps, curv, curv_steps, steps, rate, decay)
+            if isinstance(group.recursion, OptimizerRecursion):
+                out = group.recursion.process(chunk, self._maps(shard, s0, s1, group.layers))
+            else:
+                out = group.recursion.process(chunk)
             if self.args.blocks == "full":
                 embedding.copy_(out[0])
             else:
@@ -497,6 +537,7 @@ class _Run:
                 "mean_influence": float(s.step_mean.mean()) if self.num_steps else 0.0,
             }
         optimizer = self.log.manifest.get("optimizer") or {}
+        proxy = self.propagation == "proxy"
         summary = {
             "format": "dvemb-results",
             "version": RESULTS_VERSION,
@@ -511,15 +552,66 @@ class _Run:
             "arguments": asdict(self.args),
             "device": str(self.device),
             "optimizer": optimizer.get("type"),
-            "sgd_proxy": not optimizer.get("exact_sgd", True),
-            "note": None
-            if optimizer.get("exact_sgd", True)
-            else (f"{optimizer.get('type')} was used: influence follows the SGD proxy, so scores are approximate"),
+            "propagation": self.propagation,
+            "propagation_label": PROPAGATIONS[self.propagation],
+            "sgd_proxy": proxy,
+            "note": _propagation_note(self.log, self.propagation),
             "query_sets": query_summaries,
             "seconds": seconds,
         }
         write_json_atomic(self.out / _SUMMARY, summary)
         return summary
+
+
+_OPTIMIZER_PROPAGATIONS = ("momentum", "adam", "adamw")
+
+
+def _propagation(log: GradientLog, args: ComputeArguments) -> str:
+    """The propagation this computation uses (a key of :data:`dvemb.optim.PROPAGATIONS`)."""
+    native = log.propagation
+    if args.propagation == "sgd-proxy":
+        return "sgd" if native == "sgd" else "proxy"
+    if args.propagation == "optimizer" and native == "proxy":
+        raise ConfigError(
+            f"propagation='optimizer': this log cannot be propagated exactly ({_propagation_note(log, native)}); "
+            "use propagation='auto' to accept the SGD proxy"
+        )
+    return native
+
+
+def _propagation_note(log: GradientLog, propagation: str) -> str | None:
+    """Why the SGD proxy is used, or None when influence follows the optimizer."""
+    if propagation != "proxy":
+        return None
+    optimizer = log.manifest.get("optimizer") or {}
+    kind = optimizer.get("type")
+    if log.propagation != "proxy":
+        why = "propagation='sgd-proxy' was asked for"
+    elif int(log.manifest["version"]) < 2:
+        why = "the log is format version 1, which records no optimizer state (re-record it with this dvemb)"
+    else:
+        why = optimizer.get("proxy_reason") or f"{kind} is not modelled"
+    return f"{kind} was used and influence follows the SGD proxy because {why}: scores are approximate"
+
+
+def _recursion_state(recursion: BlockedRecursion | OptimizerRecursion) -> dict[str, torch.Tensor]:
+    """The tensors that make up a recursion's state, for checkpoints (restored in place)."""
+    if isinstance(recursion, OptimizerRecursion):
+        return {"theta": recursion.theta, "mom": recursion.mom, "log_scale": recursion.log_scale}
+    return {"Mt": recursion.Mt, "log_scale": recursion.log_scale}
+
+
+def _first_row(maps: StepMaps, step: int) -> StepMaps:
+    """The maps of the concatenated vector (``blocks="full"``): every layer must share the coefficients."""
+    names = ("weight", "beta", "tau", "decay", "a", "b", "l2")
+    for name in names:
+        value = getattr(maps, name)
+        if not bool((value == value[:1]).all()):
+            raise ConfigError(
+                f"blocks='full' needs one optimizer setting ({name}) for all tracked layers near step {step}; "
+                "use blocks='layer'"
+            )
+    return StepMaps(*(getattr(maps, n)[:1] for n in names), preconditioners=maps.preconditioners)
 
 
 def compute(

@@ -1,0 +1,215 @@
+"""The first-order map of each optimizer step, as the coefficients the optimizer recursion runs on.
+
+For a perturbation of the training gradient at step ``s`` the linearised optimizer carries a state
+``(dtheta, dm)`` (parameters, momentum or Adam's first moment). Every modelled optimizer's step ``k``
+is one form (docs/optimizers.md derives each case)::
+
+    dgamma_k  = (w_k H_k + l2_k) dtheta_k + e_k          e: the example's own gradient change
+    dm_k      = beta_k dm_{k-1} + tau_k dgamma_k
+    dtheta_k+1 = c_k dtheta_k - D_k (a_k dm_k + b_k dgamma_k)
+
+with ``w`` the per-example weight of the loss (1 for a summed loss, 1/B for a mean), ``H_k = sum_h h h^T``
+the step's curvature rows and ``D_k`` a diagonal preconditioner (the identity for SGD).
+
+- SGD with momentum ``mu``, dampening ``delta``, L2 weight decay ``lambda``: ``beta = mu``,
+  ``tau = 1 - delta`` (``beta = 0, tau = 1`` when the buffer is created), ``c = 1``, ``l2 = lambda``,
+  ``a = lr, b = 0``; Nesterov: ``a = lr mu, b = lr``.
+- Adam: ``beta = beta1, tau = 1 - beta1, a = lr / (1 - beta1^t), b = 0, c = 1, l2 = lambda``,
+  ``D = 1 / (sqrt(v_hat) + eps)``; AdamW the same with ``c = 1 - lr lambda, l2 = 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dvemb import logformat as fmt
+from dvemb.errors import NumericalError
+from dvemb.projection import LayerProjection
+
+__all__ = ["Preconditioner", "StepMaps", "kronecker_preconditioner", "step_maps"]
+
+
+@dataclass
+class Preconditioner:
+    """The preconditioner ``D`` of one layer (a segment of the group's vector) over a chunk's steps.
+
+    Exactly one of ``diag`` and ``kron`` is set.
+
+    Attributes:
+        start: first coordinate of the segment in the vector the recursion runs on.
+        diag: (G, S, n) exact diagonal (a layer stored without projection), or None.
+        kron: ((G, S, k_out, k_out), (G, S, k_in, k_in)) factors ``A, B`` with ``D ~ A kron B`` in the
+            projected coordinates, or None.
+    """
+
+    start: int
+    diag: torch.Tensor | None = None
+    kron: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def size(self) -> int:
+        """Length of the segment."""
+        if self.diag is not None:
+            return int(self.diag.shape[-1])
+        assert self.kron is not None
+        return int(self.kron[0].shape[-1] * self.kron[1].shape[-1])
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Preconditioner:
+        """The same preconditioner on another device and dtype."""
+        diag = None if self.diag is None else self.diag.to(device, dtype)
+        kron = None if self.kron is None else (self.kron[0].to(device, dtype), self.kron[1].to(device, dtype))
+        return Preconditioner(self.start, diag, kron)
+
+
+@dataclass
+class StepMaps:
+    """Coefficients of the linearised optimizer step, (G, S) each, for G layers and S steps.
+
+    Attributes:
+        weight: per-example weight ``w`` of the loss.
+        beta: weight of the previous momentum perturbation.
+        tau: weight of the step's gradient perturbation in the momentum.
+        decay: ``c``, the decoupled weight-decay factor.
+        a: rate of the momentum term.
+        b: rate of the gradient term (Nesterov).
+        l2: coupled (L2) weight decay.
+        preconditioners: per layer segment, or empty for the identity (SGD).
+    """
+
+    weight: torch.Tensor
+    beta: torch.Tensor
+    tau: torch.Tensor
+    decay: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    l2: torch.Tensor
+    preconditioners: list[Preconditioner]
+
+
+def kronecker_preconditioner(
+    v_row: torch.Tensor, v_col: torch.Tensor, p_out: torch.Tensor, p_in: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's preconditioner in a layer's Kronecker-projected coordinates, from Adafactor factors.
+
+    With ``v_hat ~ r c^T / S`` (``r``, ``c`` the row and column sums, ``S`` their total) and gradient
+    covariance ``C = diag(v_hat)``, the linear map of projected vectors closest (in mean square) to
+    ``P^T D x`` is ``P^T D C P (P^T C P)^-1``; with ``D C = sqrt(v_hat)`` (eps neglected) it factors as
+    ``sqrt(S) A kron B``, one small matrix per side. A side that is not projected gets its exact
+    Adafactor diagonal ``1 / sqrt(r_i)`` (times the scale).
+
+    Args:
+        v_row: (S, out_dim) row sums of the bias-corrected second moment per step.
+        v_col: (S, in_dim) column sums.
+        p_out: (out_dim, k_out) projection of the out side.
+        p_in: (in_dim, k_in) projection of the in side.
+
+    Returns:
+        (S, k_out, k_out) ``sqrt(S) A`` and (S, k_in, k_in) ``B``.
+    """
+    v_row, v_col = v_row.double(), v_col.double()
+    total = v_row.sum(1)  # (S,)
+    return _side(v_row, p_out.double()) * total.sqrt()[:, None, None], _side(v_col, p_in.double())
+
+
+def _side(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """(S, k, k) ``P^T diag(sqrt v) P (P^T diag(v) P)^-1`` per step, a ridge keeping it defined."""
+    num = torch.einsum("nk,sn,nl->skl", p, v.sqrt(), p)
+    den = torch.einsum("nk,sn,nl->skl", p, v, p)
+    k = p.shape[1]
+    scale = den.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)  # (S,)
+    den = den + (1e-10 * scale)[:, None, None] * torch.eye(k, dtype=v.dtype)
+    # X = num den^-1, from den^T X^T = num^T (den is symmetric).
+    return torch.linalg.solve(den, num.transpose(1, 2)).transpose(1, 2)
+
+
+def step_maps(
+    optimizer: dict[str, torch.Tensor],
+    lr: torch.Tensor,
+    weight_decay: torch.Tensor,
+    batch_size: torch.Tensor,
+    *,
+    propagation: str,
+    nesterov: bool,
+    loss_reduction: str,
+    layers: list[tuple[str, LayerProjection]],
+    layer_index: list[int],
+    first_step: int,
+    full: bool,
+) -> StepMaps:
+    """The map coefficients of a chunk's steps for a group of layers.
+
+    Args:
+        optimizer: the chunk's optimizer tensors (``opt.*``, sliced to its S steps).
+        lr: (S, n_layers) learning rates.
+        weight_decay: (S, n_layers) weight decay.
+        batch_size: (S,) examples per step.
+        propagation: ``"momentum"``, ``"adam"`` or ``"adamw"``.
+        nesterov: Nesterov momentum (SGD).
+        loss_reduction: ``"mean"`` or ``"sum"``.
+        layers: (name, projection) of every layer of the group, in the order of its segments.
+        layer_index: index of each of them among the log's layers.
+        first_step: the chunk's first global step (for error messages).
+        full: the layers are concatenated into one vector (``blocks="full"``) instead of stacked.
+
+    Returns:
+        The coefficients, with one row per layer of the group.
+    """
+    idx = layer_index
+    lr_g = lr[:, idx].T.double()  # (G, S)
+    wd = weight_decay[:, idx].T.double()
+    mom = optimizer["opt.momentum"][:, idx].T
+    count = optimizer["opt.step"][:, idx].T
+    fresh = count <= 1
+    weight = (1.0 / batch_size.double() if loss_reduction == "mean" else torch.ones_like(batch_size).double()).expand_as(
+        lr_g
+    )
+    zeros = torch.zeros_like(lr_g)
+    if propagation == "momentum":
+        damp = optimizer["opt.dampening"][:, idx].T
+        beta = torch.where(fresh, zeros, mom)
+        tau = torch.where(fresh, torch.ones_like(lr_g), 1.0 - damp)
+        a, b = (lr_g * mom, lr_g) if nesterov else (lr_g, zeros)
+        return StepMaps(weight, beta, tau, torch.ones_like(lr_g), a, b, wd, [])
+    if bool((count < 1).any()):
+        raise NumericalError(f"Adam step count below 1 near step {first_step}: the log's optimizer state is damaged")
+    a = lr_g / (1.0 - mom**count)
+    decay, l2 = (1.0 - lr_g * wd, zeros) if propagation == "adamw" else (torch.ones_like(lr_g), wd)
+    if bool((decay <= 0).any()):
+        raise NumericalError(f"learning rate times weight decay reaches 1 near step {first_step}")
+    return StepMaps(weight, mom, 1.0 - mom, decay, a, zeros, l2, _preconditioners(optimizer, layers, full))
+
+
+def _preconditioners(
+    optimizer: dict[str, torch.Tensor], layers: list[tuple[str, LayerProjection]], full: bool
+) -> list[Preconditioner]:
+    """One stacked (G, ...) segment for a group of same-layout layers, or one segment per layer of the
+    concatenated vector (``full``, G = 1)."""
+    if not full:
+        return [_layer_preconditioner(optimizer, layers, 0)]
+    segments, start = [], 0
+    for layer in layers:
+        segments.append(_layer_preconditioner(optimizer, [layer], start))
+        start += layer[1].dim
+    return segments
+
+
+def _layer_preconditioner(
+    optimizer: dict[str, torch.Tensor], layers: list[tuple[str, LayerProjection]], start: int
+) -> Preconditioner:
+    """(G, ...) preconditioner of G layers of one layout, stacked."""
+    if layers[0][1].is_identity:
+        diag = torch.stack([optimizer[fmt.optimizer_layer_key("precond", name)].double() for name, _ in layers])
+        return Preconditioner(start, diag=diag)
+    factors = []
+    for name, projection in layers:
+        factors.append(
+            kronecker_preconditioner(
+                optimizer[fmt.optimizer_layer_key("v_row", name)],
+                optimizer[fmt.optimizer_layer_key("v_col", name)],
+                projection.p_out(dtype=torch.float64, device=torch.device("cpu")),
+                projection.p_in(dtype=torch.float64, device=torch.device("cpu")),
+            )
+        )
+    return Preconditioner(start, kron=(torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])))

@@ -1,0 +1,125 @@
+"""The backward recursion of momentum, Adam and AdamW: data value embeddings of the exact linearised optimizer.
+
+With the step map of :mod:`dvemb.engine.optimizer_maps`, ``dtheta_T = R^theta_k dtheta_k + R^m_k dm_{k-1}``
+for the state entering step k. Going backwards from ``R^theta_T = I, R^m_T = 0``::
+
+    W   = R^m_{k+1} - a_k R^theta_{k+1} D_k
+    V   = tau_k W - b_k R^theta_{k+1} D_k
+    emb = -w_k V g                                   every example gradient g of step k
+    R^theta_k = c_k R^theta_{k+1} + l2_k V + w_k sum_h (V h) h^T
+    R^m_k     = beta_k W
+
+``emb`` is the change of the final parameters when the example is removed from its step, so
+``query_gradient . emb`` is the loss change on removal (positive: the example helped), as for SGD.
+For plain SGD (``beta = b = 0, tau = 1, D = I``) this is the paper's recursion with
+``R^theta = s (I - M)``. Unlike the SGD recursion it cannot be blocked over steps (``D_k`` changes
+every step and multiplies the whole of ``R^theta``), so it runs step by step, layers batched.
+
+Both matrices are kept transposed (``Theta = R^theta^T``, ``Mom = R^m^T``), so rows multiply them directly,
+and with a common scale factored out per layer (``log_scale``): weight decay shrinks ``R`` by
+``prod c_k``, which would underflow over a long run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dvemb.engine.optimizer_maps import Preconditioner, StepMaps
+from dvemb.engine.recursion import Chunk
+
+__all__ = ["OptimizerRecursion", "apply_preconditioner_t"]
+
+
+def apply_preconditioner_t(theta: torch.Tensor, segments: list[Preconditioner], step: int) -> torch.Tensor:
+    """``D_k^T Theta`` for the step at position ``step`` of the chunk (``D`` acts on Theta's rows).
+
+    Args:
+        theta: (G, d, d) ``R^theta^T``.
+        segments: the layers' preconditioners (empty: the identity).
+        step: position of the step within the chunk.
+
+    Returns:
+        (G, d, d), a new tensor.
+    """
+    if not segments:
+        return theta.clone()
+    out = torch.empty_like(theta)
+    for seg in segments:
+        rows = theta[:, seg.start : seg.start + seg.size]  # (G, n, d)
+        if seg.diag is not None:
+            out[:, seg.start : seg.start + seg.size] = rows * seg.diag[:, step, :, None]
+            continue
+        assert seg.kron is not None
+        a, b = seg.kron[0][:, step], seg.kron[1][:, step]  # (G, ko, ko), (G, ki, ki)
+        g, ko, ki, d = rows.shape[0], a.shape[-1], b.shape[-1], rows.shape[-1]
+        # (A kron B)^T x = vec(A^T X B) for each column x of Theta viewed as a (ko, ki) matrix X.
+        x = rows.reshape(g, ko, ki * d)
+        x = torch.bmm(a.transpose(1, 2), x).reshape(g, ko, ki, d)  # contract the out side
+        x = torch.einsum("gpid,giq->gpqd", x, b)  # contract the in side
+        out[:, seg.start : seg.start + seg.size] = x.reshape(g, ko * ki, d)
+    return out
+
+
+class OptimizerRecursion:
+    """State ``(R^theta, R^m)`` of the optimizer recursion for a group of G layers of size d.
+
+    Args:
+        groups: number of layers G in the group.
+        dim: their common projected size d.
+        dtype: accumulation dtype (float32 or float64).
+        device: where the state lives.
+    """
+
+    def __init__(self, groups: int, dim: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        self.theta = torch.eye(dim, dtype=dtype, device=device).repeat(groups, 1, 1)  # (G, d, d) R^theta^T
+        self.mom = torch.zeros(groups, dim, dim, dtype=dtype, device=device)  # (G, d, d) R^m^T
+        self.log_scale = torch.zeros(groups, dtype=torch.float64)  # R = exp(log_scale) * stored
+
+    def process(self, chunk: Chunk, maps: StepMaps) -> torch.Tensor:
+        """Consume a chunk (steps later than any seen before it), newest step first.
+
+        Args:
+            chunk: the rows (``rate`` and ``decay`` are not used: ``maps`` holds the coefficients).
+            maps: (G, S) coefficients and the preconditioners of the chunk's steps.
+
+        Returns:
+            (G, n_g, d) embeddings of the chunk's gradient rows, in their input order.
+        """
+        dtype, device = self.theta.dtype, self.theta.device
+        grads = chunk.grads.to(device=device, dtype=dtype)
+        curv = grads if chunk.curv is None else chunk.curv.to(device=device, dtype=dtype)
+        curv_steps = chunk.grad_steps if chunk.curv is None else chunk.curv_steps
+        assert curv_steps is not None
+        g_bounds = torch.searchsorted(chunk.grad_steps, chunk.steps, right=True).tolist()
+        h_bounds = torch.searchsorted(curv_steps, chunk.steps, right=True).tolist()
+        g_starts = torch.searchsorted(chunk.grad_steps, chunk.steps).tolist()
+        h_starts = torch.searchsorted(curv_steps, chunk.steps).tolist()
+        names = ("weight", "beta", "tau", "decay", "a", "b", "l2")
+        coef = {k: getattr(maps, k).to(device=device, dtype=dtype) for k in names}
+        segments = [p.to(device, dtype) for p in maps.preconditioners]
+        out = torch.empty_like(grads)
+        for j in range(len(chunk.steps) - 1, -1, -1):
+            c = {k: v[:, j].view(-1, 1, 1) for k, v in coef.items()}  # (G, 1, 1) each
+            d_theta = apply_preconditioner_t(self.theta, segments, j)  # (G, d, d) (R^theta D)^T
+            w_t = self.mom - c["a"] * d_theta  # (G, d, d) W^T
+            v_t = c["tau"] * w_t
+            if bool((maps.b[:, j] != 0).any()):
+                v_t -= c["b"] * d_theta
+            g = grads[:, g_starts[j] : g_bounds[j]]  # (G, B, d)
+            out[:, g_starts[j] : g_bounds[j]] = torch.bmm(g, v_t).mul_(-c["weight"])
+            h = curv[:, h_starts[j] : h_bounds[j]]  # (G, n, d)
+            self.theta.mul_(c["decay"]).add_(c["l2"] * v_t)
+            self.theta.baddbmm_(h.transpose(1, 2), torch.bmm(h, v_t).mul_(c["weight"]))
+            self.mom = w_t.mul_(c["beta"])
+        scale = torch.exp(self.log_scale).to(device=device, dtype=dtype).view(-1, 1, 1)
+        out.mul_(scale)
+        self._renormalise()
+        return out
+
+    def _renormalise(self) -> None:
+        """Move the state's magnitude into ``log_scale`` so that it neither underflows nor overflows."""
+        peak = torch.maximum(self.theta.abs().amax((1, 2)), self.mom.abs().amax((1, 2))).double().cpu()
+        peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+        self.theta.div_(peak.to(self.theta).view(-1, 1, 1))
+        self.mom.div_(peak.to(self.mom).view(-1, 1, 1))
+        self.log_scale += torch.log(peak)

@@ -1,0 +1,98 @@
+"""Naive reference for optimizer-exact influence: push one example's removal forward through every
+later step of the linearised optimizer, written from PyTorch's own update rules (SGD with momentum,
+Adam, AdamW), with the curvature rows and preconditioners the log holds. Obvious rather than fast:
+one forward pass per occurrence, full dimension, float64."""
+
+from __future__ import annotations
+
+import torch
+
+import dvemb
+from dvemb import logformat as fmt
+
+
+def _steps(log: dvemb.GradientLog) -> list[dict[str, object]]:
+    """Everything about each step, in order: rows, hyperparameters, preconditioner per layer."""
+    out: list[dict[str, object]] = []
+    for shard in log.iter_shards():
+        for j, step in enumerate(shard.steps.tolist()):
+            rows = shard.row_step == step
+            entry: dict[str, object] = {
+                "step": step,
+                "batch": int(shard.batch_size[j]),
+                "lr": shard.lr[j].tolist(),
+                "wd": shard.weight_decay[j].tolist(),
+                "grads": {n: g[rows].double() for n, g in shard.grads.items()},
+                "curv": {n: c[rows].double().flatten(0, 1) for n, c in shard.curvature.items()},
+                "opt": {k: v[j] for k, v in shard.optimizer.items()},
+            }
+            out.append(entry)
+    return out
+
+
+def removal_effects(log_dir: object, layers: list[str] | None = None) -> list[torch.Tensor]:
+    """Per step, (B, D) change of the final parameters (tracked layers concatenated, or those
+    of ``layers`` only) when each of the step's examples is removed from that one step.
+
+    Curvature is per layer block when ``layers`` has one name, else over the concatenated vector.
+    """
+    log = dvemb.open_log(log_dir)
+    optimizer = log.manifest["optimizer"]
+    kind, nesterov = optimizer["type"], bool(optimizer.get("nesterov", False))
+    names = layers or [layer.name for layer in log.layers]
+    index = [next(i for i, layer in enumerate(log.layers) if layer.name == n) for n in names]
+    steps = _steps(log)
+    mean = log.loss_reduction == "mean"
+    effects = []
+    for s, first in enumerate(steps):
+        rows = []
+        grads_s = torch.cat([first["grads"][n] for n in names], 1)  # type: ignore[index]
+        for g in grads_s:
+            rows.append(_push(steps, s, g, names, index, kind, nesterov, mean, log.curvature_mode == "ggn"))
+        effects.append(torch.stack(rows))
+    return effects
+
+
+def _push(
+    steps: list[dict[str, object]],
+    s: int,
+    g: torch.Tensor,
+    names: list[str],
+    index: list[int],
+    kind: str,
+    nesterov: bool,
+    mean: bool,
+    ggn: bool,
+) -> torch.Tensor:
+    i0 = index[0]  # the tests give every layer the same hyperparameters
+    d_theta = torch.zeros_like(g)
+    d_buf = torch.zeros_like(g)
+    for k in range(s, len(steps)):
+        st = steps[k]
+        w = 1.0 / st["batch"] if mean else 1.0  # type: ignore[operator]
+        lr, wd = st["lr"][i0], st["wd"][i0]  # type: ignore[index]
+        opt = st["opt"]  # type: ignore[assignment]
+        rows = torch.cat([(st["curv"] if ggn else st["grads"])[n] for n in names], 1)  # type: ignore[index]
+        # d(batch gradient): the Hessian (curvature rows) acting on d_theta; the removal at step s.
+        d_grad = w * rows.T @ (rows @ d_theta)
+        if k == s:
+            d_grad = d_grad - w * g
+        if kind == "SGD":
+            momentum, dampening = float(opt["opt.momentum"][i0]), float(opt["opt.dampening"][i0])
+            d_p = d_grad + wd * d_theta
+            if int(opt["opt.step"][i0]) == 1:  # buffer created from this step's gradient
+                d_buf = d_p.clone()
+            else:
+                d_buf = momentum * d_buf + (1 - dampening) * d_p
+            d_p = d_p + momentum * d_buf if nesterov else d_buf
+            d_theta = d_theta - lr * d_p
+        else:  # Adam, AdamW
+            beta1, count = float(opt["opt.momentum"][i0]), float(opt["opt.step"][i0])
+            precond = torch.cat([opt[fmt.optimizer_layer_key("precond", n)].double() for n in names])
+            if kind == "AdamW":
+                d_theta = d_theta * (1 - lr * wd)
+            else:
+                d_grad = d_grad + wd * d_theta
+            d_buf = beta1 * d_buf + (1 - beta1) * d_grad
+            d_theta = d_theta - lr / (1 - beta1**count) * precond * d_buf
+    return d_theta

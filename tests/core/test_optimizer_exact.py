@@ -1,0 +1,201 @@
+"""Optimizer-exact propagation (momentum, Nesterov, Adam, AdamW) against the naive forward reference
+of tests/core/optimizer_reference.py, what the recorder stores, and the fallbacks to the SGD proxy."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from core_models import mlp
+from optimizer_reference import removal_effects
+
+import dvemb
+from dvemb import logformat as fmt
+from dvemb.engine import ComputeArguments, compute
+
+OPTIMIZERS: dict[str, Callable[[object], torch.optim.Optimizer]] = {
+    "momentum": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9),  # type: ignore[arg-type]
+    "momentum-dampening-wd": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.8, dampening=0.3, weight_decay=0.05),  # type: ignore[arg-type]
+    "nesterov": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, nesterov=True, weight_decay=0.01),  # type: ignore[arg-type]
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.01),  # type: ignore[arg-type]
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, betas=(0.8, 0.99), weight_decay=0.1),  # type: ignore[arg-type]
+}
+
+
+def _record(
+    log_dir: Path,
+    make_optimizer: Callable[[object], torch.optim.Optimizer],
+    *,
+    curvature: str = "ggn",
+    reduction: str = "mean",
+    proj_dim: object = None,
+    epochs: int = 2,
+) -> None:
+    """Two epochs of 4 steps over 16 examples (batch 4), shards of 3 steps, float64."""
+    model = mlp(inputs=5, hidden=4, classes=3)
+    optimizer = make_optimizer(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + 0.1 * s))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    rec = dvemb.Recorder(
+        model, log_dir, proj_dim=proj_dim, dtype="float64", shard_steps=3, curvature=curvature, loss_reduction=reduction
+    )
+    for _ in range(epochs):
+        order = torch.randperm(16)
+        for b in range(4):
+            ids = order[4 * b : 4 * b + 4]
+            with rec.step(ids, optimizer):
+                logits = model(x[ids])
+                if curvature == "ggn":
+                    rec.curvature(logits)
+                F.cross_entropy(logits, y[ids], reduction=reduction).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            scheduler.step()
+    rec.record_queries("val", [(torch.randn(6, 5), torch.randint(0, 3, (6,)))])
+    rec.close()
+
+
+def _embeddings(log_dir: Path, out: Path, **kwargs: object) -> tuple[np.ndarray, dict[str, object]]:
+    summary = compute(log_dir, out, ComputeArguments(accumulate_dtype="float64", **kwargs))  # type: ignore[arg-type]
+    return np.load(out / "embeddings.npy"), summary
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize(("curvature", "reduction"), [("ggn", "mean"), ("empirical", "sum")])
+def test_full_vector_equals_naive_forward_reference(
+    tmp_path: Path, name: str, curvature: str, reduction: str
+) -> None:
+    _record(tmp_path / "log", OPTIMIZERS[name], curvature=curvature, reduction=reduction)
+    emb, summary = _embeddings(tmp_path / "log", tmp_path / "out", blocks="full")
+    expected = torch.cat(removal_effects(tmp_path / "log")).numpy()
+    assert summary["propagation"] == ("adamw" if name == "adamw" else "adam" if name == "adam" else "momentum")
+    assert summary["sgd_proxy"] is False and summary["note"] is None
+    assert np.abs(expected).max() > 1e-3  # the comparison is not between zeros
+    np.testing.assert_allclose(emb, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name", ["nesterov", "adamw"])
+def test_layer_blocks_equal_reference_per_layer(tmp_path: Path, name: str) -> None:
+    _record(tmp_path / "log", OPTIMIZERS[name])
+    emb, _ = _embeddings(tmp_path / "log", tmp_path / "out", blocks="layer")
+    log = dvemb.open_log(tmp_path / "log")
+    offset = 0
+    for layer in log.layers:
+        expected = torch.cat(removal_effects(tmp_path / "log", [layer.name])).numpy()
+        got = emb[:, offset : offset + layer.dim]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+        offset += layer.dim
+
+
+def test_resume_after_every_shard_equals_one_run(tmp_path: Path) -> None:
+    _record(tmp_path / "log", OPTIMIZERS["adam"])
+    whole, _ = _embeddings(tmp_path / "log", tmp_path / "whole")
+
+    class Stop(Exception):
+        pass
+
+    def stop(progress: object) -> None:
+        raise Stop
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        compute(tmp_path / "log", out, ComputeArguments(accumulate_dtype="float64"), progress=stop)
+    resumed, _ = _embeddings(tmp_path / "log", out)
+    np.testing.assert_allclose(resumed, whole, rtol=0, atol=1e-12 * np.abs(whole).max())
+
+
+def test_adam_differs_from_its_sgd_proxy(tmp_path: Path) -> None:
+    """The propagation is switchable, and switching it changes the answer (the proxy is not the map)."""
+    _record(tmp_path / "log", OPTIMIZERS["adam"])
+    exact, _ = _embeddings(tmp_path / "log", tmp_path / "exact")
+    proxy, summary = _embeddings(tmp_path / "log", tmp_path / "proxy", propagation="sgd-proxy")
+    assert summary["propagation"] == "proxy" and "sgd-proxy" in str(summary["note"])
+    assert np.abs(exact - proxy).max() > 0.1 * np.abs(exact).max()
+
+
+def test_recorded_adam_state_is_the_optimizers(tmp_path: Path) -> None:
+    """The preconditioner of an unprojected layer is 1/(sqrt(v_hat)+eps) exactly; a projected layer
+    keeps the row and column sums of v_hat (bias column last)."""
+    model = mlp(inputs=5, hidden=4, classes=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
+    rec = dvemb.Recorder(model, tmp_path / "log", proj_dim={"0": (2, 3), "*": None}, dtype="float64")
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    for step in range(3):
+        with rec.step(list(range(8 * step, 8 * step + 8)), optimizer):
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    rec.close()
+    shard = next(dvemb.open_log(tmp_path / "log").iter_shards())
+    bc2 = 1 - 0.99**3
+    v_last = torch.cat([optimizer.state[model[2].weight]["exp_avg_sq"], optimizer.state[model[2].bias]["exp_avg_sq"][:, None]], 1)
+    precond = shard.optimizer[fmt.optimizer_layer_key("precond", "2")][-1]
+    torch.testing.assert_close(precond, (1 / ((v_last / bc2).sqrt() + 1e-6)).flatten(), rtol=1e-12, atol=0)
+    v_first = torch.cat([optimizer.state[model[0].weight]["exp_avg_sq"], optimizer.state[model[0].bias]["exp_avg_sq"][:, None]], 1)
+    torch.testing.assert_close(shard.optimizer[fmt.optimizer_layer_key("v_row", "0")][-1], (v_first / bc2).sum(1))
+    torch.testing.assert_close(shard.optimizer[fmt.optimizer_layer_key("v_col", "0")][-1], (v_first / bc2).sum(0))
+    assert shard.optimizer["opt.step"][:, 0].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_projected_adam_computes_and_matches_exact_when_projection_is_whole(tmp_path: Path) -> None:
+    """The Kronecker preconditioner of a projected layer reduces to Adafactor's diagonal when nothing
+    is projected; with a real projection the run computes finite embeddings."""
+    _record(tmp_path / "log", OPTIMIZERS["adam"], proj_dim=(2, 3))
+    emb, summary = _embeddings(tmp_path / "log", tmp_path / "out")
+    assert summary["propagation"] == "adam" and np.isfinite(emb).all() and np.abs(emb).max() > 0
+
+
+def test_kronecker_preconditioner_of_an_identity_projection_is_adafactor() -> None:
+    from dvemb.engine.optimizer_maps import kronecker_preconditioner
+
+    v = torch.rand(2, 4, 3) + 0.1  # (S, out, in)
+    a, b = kronecker_preconditioner(v.sum(2), v.sum(1), torch.eye(4), torch.eye(3))
+    total = v.sum((1, 2))
+    for s in range(2):
+        approx = 1 / (v[s].sum(1)[:, None] * v[s].sum(0)[None, :] / total[s]).sqrt()
+        torch.testing.assert_close(torch.kron(a[s], b[s]), torch.diag(approx.flatten()), rtol=1e-8, atol=1e-12)
+
+
+def test_amsgrad_and_lion_like_optimizers_use_the_proxy_and_say_why(tmp_path: Path) -> None:
+    model = mlp(inputs=5, hidden=4, classes=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True)
+    rec = dvemb.Recorder(model, tmp_path / "log", proj_dim=None)
+    with pytest.warns(dvemb.DvembWarning, match="amsgrad"), rec.step([0, 1], optimizer):
+        F.cross_entropy(model(torch.randn(2, 5)), torch.tensor([0, 1])).backward()
+        optimizer.step()
+    rec.record_queries("val", [(torch.randn(2, 5), torch.tensor([0, 1]))])
+    rec.close()
+    _, summary = _embeddings(tmp_path / "log", tmp_path / "out")
+    assert summary["propagation"] == "proxy" and "amsgrad" in str(summary["note"])
+    with pytest.raises(dvemb.ConfigError, match="propagation='optimizer'"):
+        compute(tmp_path / "log", tmp_path / "out2", ComputeArguments(propagation="optimizer"))
+
+
+def test_version_1_log_computes_with_the_proxy(tmp_path: Path) -> None:
+    """A log written before format version 2 (no optimizer state) still loads and computes."""
+    _record(tmp_path / "log", OPTIMIZERS["momentum"], epochs=1)
+    manifest_path = tmp_path / "log" / fmt.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["version"] = 1
+    for key in ("propagation", "proxy_reason", "nesterov", "layer_groups"):
+        manifest["optimizer"].pop(key)
+    manifest_path.write_text(json.dumps(manifest))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        emb, summary = _embeddings(tmp_path / "log", tmp_path / "out")
+    assert summary["propagation"] == "proxy" and "version 1" in str(summary["note"])
+    assert np.isfinite(emb).all()
+
+
+def test_step_without_optimizer_step_is_a_clear_error(tmp_path: Path) -> None:
+    model = mlp(inputs=5, hidden=4, classes=3)
+    optimizer = torch.optim.Adam(model.parameters())
+    rec = dvemb.Recorder(model, tmp_path / "log", proj_dim=None)
+    with pytest.raises(dvemb.RecorderError, match="optimizer.step"), rec.step([0, 1], optimizer):
+        F.cross_entropy(model(torch.randn(2, 5)), torch.tensor([0, 1])).backward()
