@@ -12,6 +12,7 @@ Used by tests/core/test_fidelity.py (one small configuration) and by ``python -m
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 from dataclasses import dataclass
@@ -41,18 +42,30 @@ class Setup:
     train_size: int = 480
     test_size: int = 40
     pairs: int = 100
+    optimizer: str = "sgd"  # "sgd", "momentum", "adam" or "adamw" (see OPTIMIZERS)
+
+
+#: The optimizer of each Setup.optimizer, with the rate it trains the digits MLP well at.
+OPTIMIZERS = {
+    "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr),
+    "momentum": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+    "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
+    "adamw": lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.1),
+}
 
 
 @dataclass
 class Trajectory:
     model: nn.Module
     params: list[dict[str, torch.Tensor]]  # parameters before each step, and after the last
+    optimizer_states: list[dict[str, object]]  # optimizer.state_dict() before each step
     batches: list[torch.Tensor]  # example indices per step
     lrs: list[float]
     x: torch.Tensor
     y: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    optimizer: str = "sgd"
 
 
 def _data(setup: Setup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,7 +94,7 @@ def train(
     torch.manual_seed(setup.seed)
     x, y, x_test, y_test = _data(setup)
     model = nn.Sequential(nn.Linear(64, setup.hidden), nn.Tanh(), nn.Linear(setup.hidden, 10)).double()
-    optimizer = torch.optim.SGD(model.parameters(), lr=setup.lr)
+    optimizer = OPTIMIZERS[setup.optimizer](model.parameters(), setup.lr)
     rec = dvemb.Recorder(
         model,
         log_dir,
@@ -96,7 +109,7 @@ def train(
     generator = torch.Generator().manual_seed(setup.seed)
     per_epoch = len(x) // setup.batch
     batches: list[torch.Tensor] = []
-    params, lrs = [], []
+    params, lrs, states = [], [], []
     for step in range(setup.steps):
         if step % per_epoch == 0:
             perm = torch.randperm(len(x), generator=generator)
@@ -105,6 +118,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         params.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        states.append(copy.deepcopy(optimizer.state_dict()))
         with rec.step(batch, optimizer):
             logits = model(x[batch])
             if curvature == "ggn":
@@ -117,7 +131,7 @@ def train(
     params.append({k: v.detach().clone() for k, v in model.named_parameters()})
     rec.record_queries("test", [(x_test, y_test, list(range(len(x_test))))])
     rec.close()
-    return Trajectory(model, params, batches, lrs, x, y, x_test, y_test)
+    return Trajectory(model, params, states, batches, lrs, x, y, x_test, y_test, setup.optimizer)
 
 
 def _test_losses(model: nn.Module, params: dict[str, torch.Tensor], traj: Trajectory) -> torch.Tensor:
@@ -133,24 +147,31 @@ def sample_pairs(setup: Setup, traj: Trajectory) -> list[tuple[int, int]]:
 
 
 def ground_truth(traj: Trajectory, pairs: list[tuple[int, int]]) -> np.ndarray:
-    """(pairs, test) loss change when the example is dropped from its one batch: positive = it helped."""
+    """(pairs, test) loss change when the example is dropped from its one batch: positive = it helped.
+
+    Training is replayed from that step with the same optimizer in its state of that step (momentum
+    buffers, Adam moments, step counts), so the truth is exact for every optimizer.
+    """
     base = _test_losses(traj.model, traj.params[-1], traj)
     out = []
     for step, position in pairs:
-        params = {k: v.clone().requires_grad_(True) for k, v in traj.params[step].items()}
+        replica = copy.deepcopy(traj.model)
+        with torch.no_grad():
+            for name, p in replica.named_parameters():
+                p.copy_(traj.params[step][name])
+        optimizer = OPTIMIZERS[traj.optimizer](replica.parameters(), traj.lrs[step])
+        optimizer.load_state_dict(copy.deepcopy(traj.optimizer_states[step]))
         for t in range(step, len(traj.batches)):
             batch = traj.batches[t]
             if t == step:
                 batch = torch.cat([batch[:position], batch[position + 1 :]])
-            loss = F.cross_entropy(
-                functional_call(traj.model, params, (traj.x[batch],)), traj.y[batch], reduction="sum"
-            )
-            grads = torch.autograd.grad(loss, list(params.values()))
-            params = {
-                k: (v - traj.lrs[t] * g).detach().requires_grad_(True)
-                for (k, v), g in zip(params.items(), grads, strict=True)
-            }
-        out.append((_test_losses(traj.model, params, traj) - base).numpy())
+            for group in optimizer.param_groups:
+                group["lr"] = traj.lrs[t]
+            F.cross_entropy(replica(traj.x[batch]), traj.y[batch], reduction="sum").backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        final = {k: v.detach() for k, v in replica.named_parameters()}
+        out.append((_test_losses(traj.model, final, traj) - base).numpy())
     return np.stack(out)
 
 

@@ -29,9 +29,12 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 #: Per-step, per-layer scalars of the optimizer's linearised update, (S, n_layers) float64 in a shard.
 OPTIMIZER_SCALARS = ("opt.momentum", "opt.dampening", "opt.beta2", "opt.eps", "opt.step")
-#: Per-layer optimizer state per step: Adam's exact preconditioner (layer stored whole, (S, d)), or the
-#: row and column sums of its bias-corrected second moment (projected layer, (S, out_dim) and (S, in_dim)).
-OPTIMIZER_LAYER_TENSORS = ("precond", "v_row", "v_col")
+#: Per-layer optimizer state per step. A layer stored whole, (S, d) each: Adam's exact preconditioner
+#: ``precond``, the sensitivity ``vsens`` of the update to the second moment (divided by lr) and the
+#: gradient ``batch_grad`` the moments took in. A projected layer: the row and column sums of the
+#: bias-corrected second moment, ``v_row`` (S, out_dim) and ``v_col`` (S, in_dim).
+OPTIMIZER_LAYER_TENSORS = ("precond", "vsens", "batch_grad", "v_row", "v_col")
+WHOLE_LAYER_ADAM_TENSORS = ("precond", "vsens", "batch_grad")
 MANIFEST = "manifest.json"
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,  # for exactness checks on small models

@@ -11,7 +11,8 @@ Propagations, by optimizer:
 
 Per step and tracked layer the recorder keeps the scalars of the linearised update (momentum or
 beta1, dampening, beta2, eps, the optimizer's step count) and, for Adam, the bias-corrected second
-moment: whole (as the preconditioner ``1 / (sqrt(v_hat) + eps)``) for a layer stored without
+moment: whole (as the preconditioner ``1 / (sqrt(v_hat) + eps)``, with the sensitivity of the update
+to ``v`` and the step's gradient for the second-moment term) for a layer stored without
 projection, or as its row and column sums (an Adafactor factorisation, ``n_out + n_in`` values)
 for a projected layer. Never a copy of the optimizer state.
 """
@@ -104,6 +105,7 @@ class OptimizerInfo:
         self.snapshot: tuple[list[float], list[float]] | None = None
         self.step_state: dict[str, torch.Tensor] | None = None
         self._fresh: list[bool] = []
+        self._batch_grads: list[torch.Tensor | None] = []
         self._sgd_steps = [0] * len(tracked)
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_step),
@@ -116,6 +118,24 @@ class OptimizerInfo:
         if self.propagation == "momentum":
             state = optimizer.state
             self._fresh = [state.get(t.weight, {}).get("momentum_buffer") is None for t in self.tracked]
+        if self.propagation in ("adam", "adamw"):
+            self._batch_grads = [self._batch_gradient(i, t) if t.whole else None for i, t in enumerate(self.tracked)]
+
+    def _batch_gradient(self, index: int, t: TrackedParameters) -> torch.Tensor:
+        """The gradient Adam's moments take in at this step, as the layer's flattened gradient matrix
+        (with Adam's L2 term ``weight_decay * theta``): the second-moment term of the map needs it."""
+        group = self.optimizer.param_groups[self.layer_groups[index]]
+        l2 = 0.0 if self.propagation == "adamw" else float(group.get("weight_decay", 0.0))
+
+        def part(p: torch.nn.Parameter) -> torch.Tensor:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            value = (grad + l2 * p).detach() if l2 else grad.detach().clone()
+            return value.T if (t.transpose and value.dim() == 2) else value
+
+        columns = [part(t.weight).reshape(t.out_dim, -1)]
+        if t.bias is not None:
+            columns.append(part(t.bias).reshape(t.out_dim, 1))
+        return torch.cat(columns, dim=1).flatten().to(torch.promote_types(columns[0].dtype, torch.float32))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.propagation in ("momentum", "adam", "adamw"):
@@ -150,22 +170,32 @@ class OptimizerInfo:
         out["opt.eps"] = torch.tensor([float(g["eps"]) for g in groups], dtype=torch.float64)
         out["opt.step"] = torch.tensor(steps, dtype=torch.float64)
         for index, (t, g, step) in enumerate(zip(self.tracked, groups, steps, strict=True)):
-            v_hat = self._second_moment(t) / (1.0 - float(g["betas"][1]) ** step)  # (out_dim, in_dim)
+            bc1, bc2 = 1.0 - float(g["betas"][0]) ** step, 1.0 - float(g["betas"][1]) ** step
+            v_hat = self._moment(t, "exp_avg_sq") / bc2  # (out_dim, in_dim)
             if t.whole:
-                out[f"opt.precond.{index}"] = (1.0 / (v_hat.sqrt() + float(g["eps"]))).flatten()
+                precond = 1.0 / (v_hat.sqrt() + float(g["eps"]))
+                out[f"opt.precond.{index}"] = precond.flatten()
+                # d(update)/d(v) / lr: how a change of v moves the parameters (zero where v_hat is 0).
+                root = v_hat.sqrt()
+                m_hat = self._moment(t, "exp_avg") / bc1
+                sensitivity = m_hat * precond**2 / (2.0 * root.clamp_min(1e-300) * bc2)
+                out[f"opt.vsens.{index}"] = torch.where(root > 0, sensitivity, 0.0).flatten()
+                batch_grad = self._batch_grads[index] if index < len(self._batch_grads) else None
+                assert batch_grad is not None
+                out[f"opt.batch_grad.{index}"] = batch_grad
             else:
                 out[f"opt.v_row.{index}"] = v_hat.sum(1)
                 out[f"opt.v_col.{index}"] = v_hat.sum(0)
         return out
 
-    def _second_moment(self, t: TrackedParameters) -> torch.Tensor:
-        """Adam's exp_avg_sq laid out as the layer's gradient matrix, bias column last, float32 or wider."""
+    def _moment(self, t: TrackedParameters, key: str) -> torch.Tensor:
+        """An Adam moment laid out as the layer's gradient matrix, bias column last, float32 or wider."""
         state = self.optimizer.state
-        weight = state[t.weight]["exp_avg_sq"]
+        weight = state[t.weight][key]
         weight = weight.T if t.transpose else weight
         v = weight.reshape(t.out_dim, -1)
         if t.bias is not None:
-            v = torch.cat([v, state[t.bias]["exp_avg_sq"].reshape(t.out_dim, 1)], dim=1)
+            v = torch.cat([v, state[t.bias][key].reshape(t.out_dim, 1)], dim=1)
         return v.detach().to(torch.promote_types(v.dtype, torch.float32))
 
     def take_step_values(self) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:

@@ -360,11 +360,12 @@ class GradientLog:
             return out
         for layer in self.layers:
             p = layer.projection
-            parts = [("precond", p.dim)] if p.is_identity else [("v_row", p.out_dim), ("v_col", p.in_dim)]
+            whole = [(what, p.dim) for what in fmt.WHOLE_LAYER_ADAM_TENSORS]
+            parts = whole if p.is_identity else [("v_row", p.out_dim), ("v_col", p.in_dim)]
             for what, size in parts:
                 key = fmt.optimizer_layer_key(what, layer.name)
                 value = self._finite(path, key, self._tensor(path, tensors, key, (num_steps, size), self.dtype))
-                if bool((value < 0).any()):
+                if what in ("precond", "v_row", "v_col") and bool((value < 0).any()):
                     raise HeaderMismatchError(path, f"{key} holds negative values; it must be a second moment")
                 out[key] = value
         return out

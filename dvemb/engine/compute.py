@@ -62,6 +62,9 @@ class ComputeArguments:
             it: SGD, SGD with momentum, Adam, AdamW; otherwise the SGD proxy), ``"optimizer"`` (the same,
             but an error instead of the proxy) or ``"sgd-proxy"`` (learning rate times gradient whatever the
             optimizer, as in the paper; for comparisons). docs/optimizers.md has the math.
+        second_moment: under Adam and AdamW, also model how removing the example changes the second
+            moment ``v`` (for layers stored without projection, which keep the per-coordinate state the
+            term needs; projected layers never carry it). Costs one more ``d x d`` matrix per layer.
         self_influence: write ``self_influence.npy``: each occurrence's embedding dotted with its own
             gradient at the step it was used, a stand-in for its influence on its own loss (the log
             holds no final-model gradients of training examples). Large values flag examples the
@@ -78,6 +81,7 @@ class ComputeArguments:
     save_embeddings: bool = True
     self_influence: bool = False
     propagation: str = "auto"
+    second_moment: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -407,6 +411,7 @@ class _Run:
             layer_index=layers,
             first_step=int(shard.steps[s0]),
             full=self.args.blocks == "full",
+            second_moment=self.args.second_moment,
         )
         if self.args.blocks == "full":
             maps = _first_row(maps, int(shard.steps[s0]))
@@ -597,13 +602,13 @@ def _propagation_note(log: GradientLog, propagation: str) -> str | None:
 def _recursion_state(recursion: BlockedRecursion | OptimizerRecursion) -> dict[str, torch.Tensor]:
     """The tensors that make up a recursion's state, for checkpoints (restored in place)."""
     if isinstance(recursion, OptimizerRecursion):
-        return {"theta": recursion.theta, "mom": recursion.mom, "log_scale": recursion.log_scale}
+        return {"theta": recursion.theta, "mom": recursion.mom, "vmom": recursion.vmom, "log_scale": recursion.log_scale}
     return {"Mt": recursion.Mt, "log_scale": recursion.log_scale}
 
 
 def _first_row(maps: StepMaps, step: int) -> StepMaps:
     """The maps of the concatenated vector (``blocks="full"``): every layer must share the coefficients."""
-    names = ("weight", "beta", "tau", "decay", "a", "b", "l2")
+    names = ("weight", "beta", "tau", "decay", "a", "b", "l2", "beta2")
     for name in names:
         value = getattr(maps, name)
         if not bool((value == value[:1]).all()):

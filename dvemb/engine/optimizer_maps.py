@@ -42,11 +42,15 @@ class Preconditioner:
         diag: (G, S, n) exact diagonal (a layer stored without projection), or None.
         kron: ((G, S, k_out, k_out), (G, S, k_in, k_in)) factors ``A, B`` with ``D ~ A kron B`` in the
             projected coordinates, or None.
+        sigma: (G, S, n) ``d theta_{k+1} / d v_k`` (Adam's second-moment term), or None when it is off.
+        nu: (G, S, n) ``d v_k / d gamma_k = 2 (1 - beta2) gamma_k``, set with ``sigma``.
     """
 
     start: int
     diag: torch.Tensor | None = None
     kron: tuple[torch.Tensor, torch.Tensor] | None = None
+    sigma: torch.Tensor | None = None
+    nu: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -58,9 +62,11 @@ class Preconditioner:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Preconditioner:
         """The same preconditioner on another device and dtype."""
-        diag = None if self.diag is None else self.diag.to(device, dtype)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, dtype)
+
         kron = None if self.kron is None else (self.kron[0].to(device, dtype), self.kron[1].to(device, dtype))
-        return Preconditioner(self.start, diag, kron)
+        return Preconditioner(self.start, move(self.diag), kron, move(self.sigma), move(self.nu))
 
 
 @dataclass
@@ -75,6 +81,7 @@ class StepMaps:
         a: rate of the momentum term.
         b: rate of the gradient term (Nesterov).
         l2: coupled (L2) weight decay.
+        beta2: decay of the previous second-moment perturbation (Adam; 0 otherwise).
         preconditioners: per layer segment, or empty for the identity (SGD).
     """
 
@@ -85,7 +92,13 @@ class StepMaps:
     a: torch.Tensor
     b: torch.Tensor
     l2: torch.Tensor
+    beta2: torch.Tensor
     preconditioners: list[Preconditioner]
+
+    @property
+    def second_moment(self) -> bool:
+        """True when some segment carries the second-moment term."""
+        return any(p.sigma is not None for p in self.preconditioners)
 
 
 def kronecker_preconditioner(
@@ -137,6 +150,7 @@ def step_maps(
     layer_index: list[int],
     first_step: int,
     full: bool,
+    second_moment: bool = True,
 ) -> StepMaps:
     """The map coefficients of a chunk's steps for a group of layers.
 
@@ -152,6 +166,8 @@ def step_maps(
         layer_index: index of each of them among the log's layers.
         first_step: the chunk's first global step (for error messages).
         full: the layers are concatenated into one vector (``blocks="full"``) instead of stacked.
+        second_moment: model how removing the example changes Adam's second moment (layers stored
+            whole only; projected layers never carry the term).
 
     Returns:
         The coefficients, with one row per layer of the group.
@@ -171,14 +187,56 @@ def step_maps(
         beta = torch.where(fresh, zeros, mom)
         tau = torch.where(fresh, torch.ones_like(lr_g), 1.0 - damp)
         a, b = (lr_g * mom, lr_g) if nesterov else (lr_g, zeros)
-        return StepMaps(weight, beta, tau, torch.ones_like(lr_g), a, b, wd, [])
+        return StepMaps(weight, beta, tau, torch.ones_like(lr_g), a, b, wd, zeros, [])
     if bool((count < 1).any()):
         raise NumericalError(f"Adam step count below 1 near step {first_step}: the log's optimizer state is damaged")
     a = lr_g / (1.0 - mom**count)
     decay, l2 = (1.0 - lr_g * wd, zeros) if propagation == "adamw" else (torch.ones_like(lr_g), wd)
     if bool((decay <= 0).any()):
         raise NumericalError(f"learning rate times weight decay reaches 1 near step {first_step}")
-    return StepMaps(weight, mom, 1.0 - mom, decay, a, zeros, l2, _preconditioners(optimizer, layers, full))
+    beta2 = optimizer["opt.beta2"][:, idx].T
+    segments = _preconditioners(optimizer, layers, full)
+    if second_moment:
+        for seg, lr_layer, b2 in _segment_rates(segments, lr_g, beta2, full):
+            _add_second_moment(seg, optimizer, layers, lr_layer, b2, full)
+    return StepMaps(weight, mom, 1.0 - mom, decay, a, zeros, l2, beta2, segments)
+
+
+def _segment_rates(
+    segments: list[Preconditioner], lr: torch.Tensor, beta2: torch.Tensor, full: bool
+) -> list[tuple[Preconditioner, torch.Tensor, torch.Tensor]]:
+    """Each segment with the (G, S) learning rate and beta2 of its layers."""
+    if not full:
+        return [(segments[0], lr, beta2)]
+    return [(seg, lr[i : i + 1], beta2[i : i + 1]) for i, seg in enumerate(segments)]
+
+
+def _add_second_moment(
+    seg: Preconditioner,
+    optimizer: dict[str, torch.Tensor],
+    layers: list[tuple[str, LayerProjection]],
+    lr: torch.Tensor,
+    beta2: torch.Tensor,
+    full: bool,
+) -> None:
+    """Attach ``sigma = lr * vsens`` and ``nu = 2 (1 - beta2) gamma`` to a whole-layer segment."""
+    if seg.diag is None:
+        return  # projected layers: the term needs per-coordinate products the projection does not keep
+    names = [layers[_segment_layer(seg, layers)][0]] if full else [name for name, _ in layers]
+    vsens = torch.stack([optimizer[fmt.optimizer_layer_key("vsens", n)].double() for n in names])  # (G, S, n)
+    batch_grad = torch.stack([optimizer[fmt.optimizer_layer_key("batch_grad", n)].double() for n in names])
+    seg.sigma = lr.unsqueeze(-1) * vsens
+    seg.nu = (2.0 * (1.0 - beta2)).unsqueeze(-1) * batch_grad
+
+
+def _segment_layer(seg: Preconditioner, layers: list[tuple[str, LayerProjection]]) -> int:
+    """Index of the layer whose segment of the concatenated vector starts at ``seg.start``."""
+    start = 0
+    for index, (_, projection) in enumerate(layers):
+        if start == seg.start:
+            return index
+        start += projection.dim
+    raise ValueError(f"no layer starts at {seg.start}")
 
 
 def _preconditioners(

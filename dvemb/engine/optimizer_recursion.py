@@ -73,6 +73,7 @@ class OptimizerRecursion:
     def __init__(self, groups: int, dim: int, *, dtype: torch.dtype, device: torch.device) -> None:
         self.theta = torch.eye(dim, dtype=dtype, device=device).repeat(groups, 1, 1)  # (G, d, d) R^theta^T
         self.mom = torch.zeros(groups, dim, dim, dtype=dtype, device=device)  # (G, d, d) R^m^T
+        self.vmom = torch.zeros(groups, dim, dim, dtype=dtype, device=device)  # (G, d, d) R^v^T (Adam's v term)
         self.log_scale = torch.zeros(groups, dtype=torch.float64)  # R = exp(log_scale) * stored
 
     def process(self, chunk: Chunk, maps: StepMaps) -> torch.Tensor:
@@ -94,9 +95,10 @@ class OptimizerRecursion:
         h_bounds = torch.searchsorted(curv_steps, chunk.steps, right=True).tolist()
         g_starts = torch.searchsorted(chunk.grad_steps, chunk.steps).tolist()
         h_starts = torch.searchsorted(curv_steps, chunk.steps).tolist()
-        names = ("weight", "beta", "tau", "decay", "a", "b", "l2")
+        names = ("weight", "beta", "tau", "decay", "a", "b", "l2", "beta2")
         coef = {k: getattr(maps, k).to(device=device, dtype=dtype) for k in names}
         segments = [p.to(device, dtype) for p in maps.preconditioners]
+        second_moment = maps.second_moment
         out = torch.empty_like(grads)
         for j in range(len(chunk.steps) - 1, -1, -1):
             c = {k: v[:, j].view(-1, 1, 1) for k, v in coef.items()}  # (G, 1, 1) each
@@ -105,6 +107,10 @@ class OptimizerRecursion:
             v_t = c["tau"] * w_t
             if bool((maps.b[:, j] != 0).any()):
                 v_t -= c["b"] * d_theta
+            if second_moment:
+                y_t = _add_rows(self.vmom, self.theta, segments, "sigma", j)  # Y^T = R^v'^T + diag(sigma) Theta
+                v_t += _scale_rows(y_t, segments, "nu", j)  # V^T += diag(nu) Y^T
+                self.vmom = y_t.mul_(c["beta2"])
             g = grads[:, g_starts[j] : g_bounds[j]]  # (G, B, d)
             out[:, g_starts[j] : g_bounds[j]] = torch.bmm(g, v_t).mul_(-c["weight"])
             h = curv[:, h_starts[j] : h_bounds[j]]  # (G, n, d)
@@ -118,8 +124,31 @@ class OptimizerRecursion:
 
     def _renormalise(self) -> None:
         """Move the state's magnitude into ``log_scale`` so that it neither underflows nor overflows."""
-        peak = torch.maximum(self.theta.abs().amax((1, 2)), self.mom.abs().amax((1, 2))).double().cpu()
+        state = (self.theta, self.mom, self.vmom)
+        peak = torch.stack([t.abs().amax((1, 2)) for t in state]).amax(0).double().cpu()
         peak = torch.where(peak > 0, peak, torch.ones_like(peak))
-        self.theta.div_(peak.to(self.theta).view(-1, 1, 1))
-        self.mom.div_(peak.to(self.mom).view(-1, 1, 1))
+        for t in state:
+            t.div_(peak.to(t).view(-1, 1, 1))
         self.log_scale += torch.log(peak)
+
+
+def _add_rows(base: torch.Tensor, theta: torch.Tensor, segments: list[Preconditioner], what: str, step: int) -> torch.Tensor:
+    """``base + diag(x) theta`` over the segments that carry ``x`` (``sigma``), a new tensor."""
+    out = base.clone()
+    for seg in segments:
+        x = getattr(seg, what)
+        if x is not None:
+            rows = slice(seg.start, seg.start + seg.size)
+            out[:, rows] += x[:, step, :, None] * theta[:, rows]
+    return out
+
+
+def _scale_rows(y: torch.Tensor, segments: list[Preconditioner], what: str, step: int) -> torch.Tensor:
+    """``diag(x) y`` (rows of segments without ``x`` are zero), a new tensor."""
+    out = torch.zeros_like(y)
+    for seg in segments:
+        x = getattr(seg, what)
+        if x is not None:
+            rows = slice(seg.start, seg.start + seg.size)
+            out[:, rows] = x[:, step, :, None] * y[:, rows]
+    return out

@@ -30,11 +30,14 @@ def _steps(log: dvemb.GradientLog) -> list[dict[str, object]]:
     return out
 
 
-def removal_effects(log_dir: object, layers: list[str] | None = None) -> list[torch.Tensor]:
+def removal_effects(
+    log_dir: object, layers: list[str] | None = None, *, second_moment: bool = True
+) -> list[torch.Tensor]:
     """Per step, (B, D) change of the final parameters (tracked layers concatenated, or those
     of ``layers`` only) when each of the step's examples is removed from that one step.
 
     Curvature is per layer block when ``layers`` has one name, else over the concatenated vector.
+    ``second_moment``: under Adam, also follow the change of the second moment ``v``.
     """
     log = dvemb.open_log(log_dir)
     optimizer = log.manifest["optimizer"]
@@ -48,7 +51,9 @@ def removal_effects(log_dir: object, layers: list[str] | None = None) -> list[to
         rows = []
         grads_s = torch.cat([first["grads"][n] for n in names], 1)  # type: ignore[index]
         for g in grads_s:
-            rows.append(_push(steps, s, g, names, index, kind, nesterov, mean, log.curvature_mode == "ggn"))
+            rows.append(
+                _push(steps, s, g, names, index, kind, nesterov, mean, log.curvature_mode == "ggn", second_moment)
+            )
         effects.append(torch.stack(rows))
     return effects
 
@@ -63,10 +68,12 @@ def _push(
     nesterov: bool,
     mean: bool,
     ggn: bool,
+    second_moment: bool,
 ) -> torch.Tensor:
     i0 = index[0]  # the tests give every layer the same hyperparameters
     d_theta = torch.zeros_like(g)
     d_buf = torch.zeros_like(g)
+    d_v = torch.zeros_like(g)
     for k in range(s, len(steps)):
         st = steps[k]
         w = 1.0 / st["batch"] if mean else 1.0  # type: ignore[operator]
@@ -87,12 +94,20 @@ def _push(
             d_p = d_p + momentum * d_buf if nesterov else d_buf
             d_theta = d_theta - lr * d_p
         else:  # Adam, AdamW
-            beta1, count = float(opt["opt.momentum"][i0]), float(opt["opt.step"][i0])
-            precond = torch.cat([opt[fmt.optimizer_layer_key("precond", n)].double() for n in names])
+            beta1, beta2 = float(opt["opt.momentum"][i0]), float(opt["opt.beta2"][i0])
+            count = float(opt["opt.step"][i0])
+
+            def state(what: str) -> torch.Tensor:
+                return torch.cat([opt[fmt.optimizer_layer_key(what, n)].double() for n in names])  # type: ignore[index]
+
             if kind == "AdamW":
                 d_theta = d_theta * (1 - lr * wd)
             else:
                 d_grad = d_grad + wd * d_theta
+            # m = beta1 m + (1 - beta1) grad;  v = beta2 v + (1 - beta2) grad^2;  p -= lr m_hat / (sqrt(v_hat) + eps)
             d_buf = beta1 * d_buf + (1 - beta1) * d_grad
-            d_theta = d_theta - lr / (1 - beta1**count) * precond * d_buf
+            d_v = beta2 * d_v + 2 * (1 - beta2) * state("batch_grad") * d_grad
+            d_theta = d_theta - lr / (1 - beta1**count) * state("precond") * d_buf
+            if second_moment:
+                d_theta = d_theta + lr * state("vsens") * d_v
     return d_theta

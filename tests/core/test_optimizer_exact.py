@@ -93,6 +93,21 @@ def test_layer_blocks_equal_reference_per_layer(tmp_path: Path, name: str) -> No
         offset += layer.dim
 
 
+@pytest.mark.parametrize("blocks", ["full", "layer"])
+def test_adam_without_the_second_moment_term_equals_reference_without_it(tmp_path: Path, blocks: str) -> None:
+    _record(tmp_path / "log", OPTIMIZERS["adamw"])
+    emb, _ = _embeddings(tmp_path / "log", tmp_path / "out", blocks=blocks, second_moment=False)
+    log = dvemb.open_log(tmp_path / "log")
+    groups = [None] if blocks == "full" else [[layer.name] for layer in log.layers]
+    expected = np.concatenate(
+        [torch.cat(removal_effects(tmp_path / "log", names, second_moment=False)).numpy() for names in groups], 1
+    )
+    np.testing.assert_allclose(emb, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    with_term = torch.cat(removal_effects(tmp_path / "log")).numpy() if blocks == "full" else None
+    if with_term is not None:  # the term is not negligible: leaving it out changes the embeddings
+        assert np.abs(with_term - expected).max() > 1e-3 * np.abs(expected).max()
+
+
 def test_resume_after_every_shard_equals_one_run(tmp_path: Path) -> None:
     _record(tmp_path / "log", OPTIMIZERS["adam"])
     whole, _ = _embeddings(tmp_path / "log", tmp_path / "whole")
