@@ -65,6 +65,10 @@ class ComputeArguments:
         second_moment: under Adam and AdamW, also model how removing the example changes the second
             moment ``v`` (for layers stored without projection, which keep the per-coordinate state the
             term needs; projected layers never carry it). Costs one more ``d x d`` matrix per layer.
+        projected_preconditioner: how Adam's diagonal preconditioner acts in a projected layer's
+            coordinates: ``"kronecker"`` (default: the least-squares map of the projected vectors from
+            Adafactor factors of ``v``, one small matrix per side) or ``"scalar"`` (one number per layer
+            and step; kept for comparison, see BENCHMARKS.md).
         self_influence: write ``self_influence.npy``: each occurrence's embedding dotted with its own
             gradient at the step it was used, a stand-in for its influence on its own loss (the log
             holds no final-model gradients of training examples). Large values flag examples the
@@ -82,6 +86,7 @@ class ComputeArguments:
     self_influence: bool = False
     propagation: str = "auto"
     second_moment: bool = True
+    projected_preconditioner: str = "kronecker"
 
     def __post_init__(self) -> None:
         checks = [
@@ -90,6 +95,7 @@ class ComputeArguments:
             ("device", self.device, ("auto", "cpu", "cuda")),
             ("accumulate_dtype", self.accumulate_dtype, ("float32", "float64")),
             ("propagation", self.propagation, ("auto", "optimizer", "sgd-proxy")),
+            ("projected_preconditioner", self.projected_preconditioner, ("kronecker", "scalar")),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -412,6 +418,7 @@ class _Run:
             first_step=int(shard.steps[s0]),
             full=self.args.blocks == "full",
             second_moment=self.args.second_moment,
+            projected_preconditioner=self.args.projected_preconditioner,
         )
         if self.args.blocks == "full":
             maps = _first_row(maps, int(shard.steps[s0]))

@@ -126,6 +126,23 @@ def kronecker_preconditioner(
     return _side(v_row, p_out.double()) * total.sqrt()[:, None, None], _side(v_col, p_in.double())
 
 
+def scalar_preconditioner(
+    v_row: torch.Tensor, v_col: torch.Tensor, k_out: int, k_in: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coarser choice, for comparison: one number per layer and step, the mean of ``D`` weighted by
+    ``v_hat`` (``sum sqrt(v_hat) / sum v_hat`` under the Adafactor factorisation), as ``(s I, I)``.
+
+    Returns:
+        (S, k_out, k_out) and (S, k_in, k_in).
+    """
+    v_row, v_col = v_row.double(), v_col.double()
+    total = v_row.sum(1).clamp_min(1e-300)
+    value = v_row.sqrt().sum(1) * v_col.sqrt().sum(1) / total**1.5  # (S,)
+    eye_out = torch.eye(k_out, dtype=torch.float64).expand(len(value), k_out, k_out)
+    eye_in = torch.eye(k_in, dtype=torch.float64).expand(len(value), k_in, k_in)
+    return value[:, None, None] * eye_out, eye_in.clone()
+
+
 def _side(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """(S, k, k) ``P^T diag(sqrt v) P (P^T diag(v) P)^-1`` per step, a ridge keeping it defined."""
     num = torch.einsum("nk,sn,nl->skl", p, v.sqrt(), p)
@@ -151,6 +168,7 @@ def step_maps(
     first_step: int,
     full: bool,
     second_moment: bool = True,
+    projected_preconditioner: str = "kronecker",
 ) -> StepMaps:
     """The map coefficients of a chunk's steps for a group of layers.
 
@@ -168,6 +186,8 @@ def step_maps(
         full: the layers are concatenated into one vector (``blocks="full"``) instead of stacked.
         second_moment: model how removing the example changes Adam's second moment (layers stored
             whole only; projected layers never carry the term).
+        projected_preconditioner: ``"kronecker"`` (:func:`kronecker_preconditioner`) or ``"scalar"``
+            (:func:`scalar_preconditioner`) for projected layers.
 
     Returns:
         The coefficients, with one row per layer of the group.
@@ -195,7 +215,7 @@ def step_maps(
     if bool((decay <= 0).any()):
         raise NumericalError(f"learning rate times weight decay reaches 1 near step {first_step}")
     beta2 = optimizer["opt.beta2"][:, idx].T
-    segments = _preconditioners(optimizer, layers, full)
+    segments = _preconditioners(optimizer, layers, full, projected_preconditioner)
     if second_moment:
         for seg, lr_layer, b2 in _segment_rates(segments, lr_g, beta2, full):
             _add_second_moment(seg, optimizer, layers, lr_layer, b2, full)
@@ -240,21 +260,21 @@ def _segment_layer(seg: Preconditioner, layers: list[tuple[str, LayerProjection]
 
 
 def _preconditioners(
-    optimizer: dict[str, torch.Tensor], layers: list[tuple[str, LayerProjection]], full: bool
+    optimizer: dict[str, torch.Tensor], layers: list[tuple[str, LayerProjection]], full: bool, projected: str
 ) -> list[Preconditioner]:
     """One stacked (G, ...) segment for a group of same-layout layers, or one segment per layer of the
     concatenated vector (``full``, G = 1)."""
     if not full:
-        return [_layer_preconditioner(optimizer, layers, 0)]
+        return [_layer_preconditioner(optimizer, layers, 0, projected)]
     segments, start = [], 0
     for layer in layers:
-        segments.append(_layer_preconditioner(optimizer, [layer], start))
+        segments.append(_layer_preconditioner(optimizer, [layer], start, projected))
         start += layer[1].dim
     return segments
 
 
 def _layer_preconditioner(
-    optimizer: dict[str, torch.Tensor], layers: list[tuple[str, LayerProjection]], start: int
+    optimizer: dict[str, torch.Tensor], layers: list[tuple[str, LayerProjection]], start: int, projected: str
 ) -> Preconditioner:
     """(G, ...) preconditioner of G layers of one layout, stacked."""
     if layers[0][1].is_identity:
@@ -262,12 +282,13 @@ def _layer_preconditioner(
         return Preconditioner(start, diag=diag)
     factors = []
     for name, projection in layers:
-        factors.append(
-            kronecker_preconditioner(
-                optimizer[fmt.optimizer_layer_key("v_row", name)],
-                optimizer[fmt.optimizer_layer_key("v_col", name)],
-                projection.p_out(dtype=torch.float64, device=torch.device("cpu")),
-                projection.p_in(dtype=torch.float64, device=torch.device("cpu")),
-            )
-        )
+        v_row = optimizer[fmt.optimizer_layer_key("v_row", name)]
+        v_col = optimizer[fmt.optimizer_layer_key("v_col", name)]
+        if projected == "scalar":
+            factors.append(scalar_preconditioner(v_row, v_col, projection.k_out, projection.k_in))
+            continue
+        cpu = torch.device("cpu")
+        p_out = projection.p_out(dtype=torch.float64, device=cpu)
+        p_in = projection.p_in(dtype=torch.float64, device=cpu)
+        factors.append(kronecker_preconditioner(v_row, v_col, p_out, p_in))
     return Preconditioner(start, kron=(torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors])))
