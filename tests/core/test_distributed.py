@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 import dvemb
@@ -25,7 +26,7 @@ _SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2) if sys.argv[3] == "sgd" else torch.optim.Adam(model.parameters(), lr=0.01)
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 6, 6, generator=generator), torch.randint(0, 3, (4, 6), generator=generator)
     rec = dvemb.Recorder(trained, log_dir, proj_dim=None, dtype="float64", shard_steps=2)
@@ -49,7 +50,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_ranks_merge_into_the_single_process_log(tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_two_ranks_merge_into_the_single_process_log(tmp_path: Path, optimizer: str) -> None:
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -58,11 +60,11 @@ def test_two_ranks_merge_into_the_single_process_log(tmp_path: Path) -> None:
         "OMP_NUM_THREADS": "1",
     }
     ranks = [
-        subprocess.Popen([sys.executable, "-c", _SCRIPT, str(tmp_path / "ddp"), "ddp"], env={**env, "RANK": str(r)})
+        subprocess.Popen([sys.executable, "-c", _SCRIPT, str(tmp_path / "ddp"), "ddp", optimizer], env={**env, "RANK": str(r)})
         for r in range(2)
     ]
     assert [p.wait(timeout=120) for p in ranks] == [0, 0]
-    subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path / "single"), "single"], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path / "single"), "single", optimizer], check=True, timeout=120)
 
     ddp, single = dvemb.open_log(tmp_path / "ddp"), dvemb.open_log(tmp_path / "single")
     assert ddp.world_size == 2 and (tmp_path / "ddp" / "manifest.rank1.json").exists()
@@ -72,3 +74,8 @@ def test_two_ranks_merge_into_the_single_process_log(tmp_path: Path) -> None:
         assert torch.equal(merged.batch_size, reference.batch_size)
         for ours, theirs in zip(merged.grads.values(), reference.grads.values(), strict=True):
             assert (ours - theirs).abs().max() < 1e-10 * theirs.abs().max()
+        ours_state = {k.replace("module.", ""): v for k, v in merged.optimizer.items()}  # DDP's layer names
+        assert ours_state.keys() == reference.optimizer.keys()
+        assert bool(ours_state) == (optimizer == "adam")  # Adam's state per step; plain SGD needs none
+        for key, theirs in reference.optimizer.items():
+            assert (ours_state[key] - theirs).abs().max() <= 1e-10 * theirs.abs().max(), key

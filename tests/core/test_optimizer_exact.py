@@ -36,8 +36,10 @@ def _record(
     reduction: str = "mean",
     proj_dim: object = None,
     epochs: int = 2,
+    micro_batches: int = 1,
 ) -> None:
-    """Two epochs of 4 steps over 16 examples (batch 4), shards of 3 steps, float64."""
+    """Two epochs of 4 steps over 16 examples (batch 4, in ``micro_batches`` accumulated parts), shards
+    of 3 steps, float64."""
     model = mlp(inputs=5, hidden=4, classes=3)
     optimizer = make_optimizer(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + 0.1 * s))
@@ -50,10 +52,12 @@ def _record(
         for b in range(4):
             ids = order[4 * b : 4 * b + 4]
             with rec.step(ids, optimizer):
-                logits = model(x[ids])
-                if curvature == "ggn":
-                    rec.curvature(logits)
-                F.cross_entropy(logits, y[ids], reduction=reduction).backward()
+                for part in ids.chunk(micro_batches):
+                    logits = model(x[part])
+                    if curvature == "ggn":
+                        rec.curvature(logits)
+                    loss = F.cross_entropy(logits, y[part], reduction=reduction)
+                    (loss * len(part) / len(ids) if reduction == "mean" else loss).backward()
                 optimizer.step()
                 optimizer.zero_grad()
             scheduler.step()
@@ -80,9 +84,9 @@ def test_full_vector_equals_naive_forward_reference(
     np.testing.assert_allclose(emb, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("name", ["nesterov", "adamw"])
-def test_layer_blocks_equal_reference_per_layer(tmp_path: Path, name: str) -> None:
-    _record(tmp_path / "log", OPTIMIZERS[name])
+@pytest.mark.parametrize(("name", "micro_batches"), [("nesterov", 1), ("adamw", 1), ("adam", 2)])
+def test_layer_blocks_equal_reference_per_layer(tmp_path: Path, name: str, micro_batches: int) -> None:
+    _record(tmp_path / "log", OPTIMIZERS[name], micro_batches=micro_batches)
     emb, _ = _embeddings(tmp_path / "log", tmp_path / "out", blocks="layer")
     log = dvemb.open_log(tmp_path / "log")
     offset = 0
@@ -138,12 +142,14 @@ def test_recorded_adam_state_is_the_optimizers(tmp_path: Path) -> None:
     """The preconditioner of an unprojected layer is 1/(sqrt(v_hat)+eps) exactly; a projected layer
     keeps the row and column sums of v_hat (bias column last)."""
     model = mlp(inputs=5, hidden=4, classes=3)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
     rec = dvemb.Recorder(model, tmp_path / "log", proj_dim={"0": (2, 3), "*": None}, dtype="float64")
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     for step in range(3):
         with rec.step(list(range(8 * step, 8 * step + 8)), optimizer):
             F.cross_entropy(model(x), y).backward()
+            last = model[2]
+            gamma = torch.cat([last.weight.grad + 0.1 * last.weight, (last.bias.grad + 0.1 * last.bias)[:, None]], 1)
             optimizer.step()
             optimizer.zero_grad()
     rec.close()
@@ -152,6 +158,10 @@ def test_recorded_adam_state_is_the_optimizers(tmp_path: Path) -> None:
     v_last = torch.cat([optimizer.state[model[2].weight]["exp_avg_sq"], optimizer.state[model[2].bias]["exp_avg_sq"][:, None]], 1)
     precond = shard.optimizer[fmt.optimizer_layer_key("precond", "2")][-1]
     torch.testing.assert_close(precond, (1 / ((v_last / bc2).sqrt() + 1e-6)).flatten(), rtol=1e-12, atol=0)
+    m_last = torch.cat([optimizer.state[last.weight]["exp_avg"], optimizer.state[last.bias]["exp_avg"][:, None]], 1)
+    vsens = (m_last / (1 - 0.9**3)) / ((v_last / bc2).sqrt() + 1e-6) ** 2 / (2 * (v_last / bc2).sqrt() * bc2)
+    torch.testing.assert_close(shard.optimizer[fmt.optimizer_layer_key("vsens", "2")][-1], vsens.flatten())
+    torch.testing.assert_close(shard.optimizer[fmt.optimizer_layer_key("batch_grad", "2")][-1], gamma.detach().flatten())
     v_first = torch.cat([optimizer.state[model[0].weight]["exp_avg_sq"], optimizer.state[model[0].bias]["exp_avg_sq"][:, None]], 1)
     torch.testing.assert_close(shard.optimizer[fmt.optimizer_layer_key("v_row", "0")][-1], (v_first / bc2).sum(1))
     torch.testing.assert_close(shard.optimizer[fmt.optimizer_layer_key("v_col", "0")][-1], (v_first / bc2).sum(0))
