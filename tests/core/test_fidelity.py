@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.fidelity import Setup, measure
+from bench.fidelity import Setup, correlation, dvemb_scores, ground_truth, measure, sample_pairs, train
 
 
 def test_dvemb_tracks_exact_leave_one_out(tmp_path: Path) -> None:
@@ -18,3 +18,23 @@ def test_dvemb_tracks_exact_leave_one_out(tmp_path: Path) -> None:
     assert result["empirical"] > result["grad_dot"] + 0.10, result
     assert result["ggn"] > result["empirical"] + 0.15, result
     assert result["ggn"] > 0.5, result
+
+
+def test_optimizer_exact_propagation_beats_the_sgd_proxy_under_adam(tmp_path: Path) -> None:
+    """Under Adam (lr 1e-3, same MLP, no projection, full M, ggn) against exact replay with the optimizer
+    state restored. Measured on seeds 0-3: SGD proxy 0.64-0.76, optimizer-exact 0.93-0.95; the
+    smallest gap was 0.18. The margins below are half of it, and under the smallest estimate."""
+    setup = Setup(seed=0, steps=80, hidden=16, pairs=100, optimizer="adam", lr=0.001)
+    traj = train(setup, tmp_path / "log", curvature="ggn")
+    pairs = sample_pairs(setup, traj)
+    truth = ground_truth(traj, pairs)
+    result = {
+        propagation: correlation(
+            dvemb_scores(tmp_path / "log", tmp_path / propagation, pairs, setup, blocks="full", propagation=propagation),
+            truth,
+            spearman=True,
+        )
+        for propagation in ("sgd-proxy", "auto")
+    }
+    assert result["auto"] > result["sgd-proxy"] + 0.09, result
+    assert result["auto"] > 0.85, result
