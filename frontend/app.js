@@ -180,13 +180,14 @@ async function showJob(runId, job) {
 async function showResults(job) {
   const summary = await api(`/jobs/${job.id}/summary`);
   const sets = Object.keys(summary.query_sets);
+  const propagation = summary.propagation_label || "exact SGD";
   const results = document.getElementById("results");
   results.innerHTML = `<section><h2>Influence across training</h2><div class="controls">
       <label>Query set <select id="qs">${sets.map((s) => `<option>${esc(s)}</option>`).join("")}</select></label>
       <label>Query <select id="query"></select></label>
       <label>View <select id="view-kind"><option value="per_lr">per learning rate (paper)</option><option value="raw">raw</option></select></label>
       <label>Smoothing <select id="smooth"><option value="1">none</option><option value="5">5</option><option value="21" selected>21</option><option value="51">51</option></select></label>
-    </div>${summary.note ? `<p class="muted">${esc(summary.note)}</p>` : ""}<div id="phase-plot" style="height:420px"></div><p id="phase-summary" class="muted"></p></section>
+    </div><p id="propagation">Scores follow the optimizer as <b>${esc(propagation)}</b>.</p>${summary.note ? `<p class="muted">${esc(summary.note)}</p>` : ""}<div id="phase-plot" style="height:420px"></div><p id="phase-summary" class="muted"></p></section>
     <section><h2>Top training examples</h2><div class="controls">
       <label>Phase <select id="phase"><option value="">all</option><option>early</option><option>basin</option><option>late</option></select></label>
       <label>Steps <input id="step-min" type="number" min="0" size="6" placeholder="from"> – <input id="step-max" type="number" min="0" size="6" placeholder="to"></label>
@@ -221,7 +222,7 @@ async function showResults(job) {
       if (lo) params.set("step_min", lo); if (hi) params.set("step_max", hi);
       const top = await api(`/jobs/${job.id}/top?${params}`);
       const meta = top.data.length ? await api(`/jobs/${job.id}/metadata?ids=${encodeURIComponent(top.data.map((r) => r.example_id).join(","))}`) : {};
-      document.getElementById(`top-${kind}`).innerHTML = `<table class="top" data-kind="${kind}"><thead><tr><th>#</th><th>example</th><th>what it is</th><th>label</th><th>step</th><th>epoch</th><th>phase</th><th>score</th></tr></thead><tbody>
+      document.getElementById(`top-${kind}`).innerHTML = `<table class="top" data-kind="${kind}"><thead><tr><th>#</th><th>example</th><th>what it is</th><th>label</th><th>step</th><th>epoch</th><th>phase</th><th>score (${esc(top.propagation || propagation)})</th></tr></thead><tbody>
         ${top.data.map((r) => `<tr><td>${r.rank + 1}</td><td><a href="#/jobs/${job.id}/examples/${encodeURIComponent(r.example_id)}?qs=${encodeURIComponent(qs())}">${esc(r.example_id)}</a></td><td>${describe(meta[r.example_id], r)}</td><td>${esc(r.label)}</td><td>${r.step}</td><td>${r.epoch}</td><td>${r.phase}</td><td class="score" data-score="${r.score}">${fmtScore(r.score)}</td></tr>`).join("")}
         </tbody></table><p class="muted">${top.count} row(s)</p>`;
       document.querySelectorAll(`#top-${kind} canvas.thumb`).forEach((c) => drawImage(c, meta[c.dataset.id].image));
@@ -231,7 +232,7 @@ async function showResults(job) {
     for (const kind of ["helpful", "harmful"]) {
       const ranked = await api(`/jobs/${job.id}/examples?query_set=${encodeURIComponent(qs())}&kind=${kind}&limit=10`);
       const meta = ranked.data.length ? await api(`/jobs/${job.id}/metadata?ids=${encodeURIComponent(ranked.data.map((r) => r.example_id).join(","))}`) : {};
-      document.getElementById(`examples-${kind}`).innerHTML = `<table class="examples" data-kind="${kind}"><thead><tr><th>example</th><th>what it is</th><th>label</th><th>occurrences</th><th>total</th></tr></thead><tbody>
+      document.getElementById(`examples-${kind}`).innerHTML = `<table class="examples" data-kind="${kind}"><thead><tr><th>example</th><th>what it is</th><th>label</th><th>occurrences</th><th>total (${esc(propagation)})</th></tr></thead><tbody>
         ${ranked.data.map((r) => `<tr><td><a href="#/jobs/${job.id}/examples/${encodeURIComponent(r.example_id)}?qs=${encodeURIComponent(qs())}">${esc(r.example_id)}</a></td><td>${describe(meta[r.example_id], r)}</td><td>${esc(r.label)}</td><td>${r.occurrences}</td><td class="score" data-score="${r.total}">${fmtScore(r.total)}</td></tr>`).join("")}
         </tbody></table>`;
       document.querySelectorAll(`#examples-${kind} canvas.thumb`).forEach((c) => drawImage(c, meta[c.dataset.id].image));
@@ -270,15 +271,16 @@ function drawImage(canvas, image) {
 async function renderExample(jobId, exampleId) {
   const qs = new URLSearchParams(location.hash.split("?")[1] || "").get("qs") || Object.keys((await api(`/jobs/${jobId}/summary`)).query_sets)[0];
   const ex = await api(`/jobs/${jobId}/examples/${encodeURIComponent(exampleId)}?query_set=${encodeURIComponent(qs)}`);
+  const propagation = (await api(`/jobs/${jobId}`)).propagation || "exact SGD";
   const meta = ex.metadata || {};
   view.innerHTML = `<h1>Example ${esc(exampleId)}</h1><section><h2>What it is</h2>
       ${meta.image ? `<canvas id="thumb" class="thumb" width="${meta.image.shape[1]}" height="${meta.image.shape[0]}" style="width:${meta.image.shape[1] * 8}px"></canvas>` : ""}
       <p>${meta.text ? esc(meta.text) : ""}</p><p>label: <b>${esc(meta.label ?? ex.label)}</b> · source: ${esc(meta.source ?? ex.source)}</p>
-      <p>total influence on <b>${esc(qs)}</b> over ${ex.occurrences} occurrence(s): ${fmtScore(ex.total)}</p></section>
+      <p>total influence on <b>${esc(qs)}</b> over ${ex.occurrences} occurrence(s): ${fmtScore(ex.total)} <span class="muted">(${esc(propagation)})</span></p></section>
     <section><h2>Influence at each occurrence</h2>
       <label>On <select id="on-query"><option value="">the whole query set</option>${(ex.history[0]?.per_query || []).map((_, i) => `<option value="${i}">query ${i}</option>`).join("")}</select></label>
       <div id="history-plot" style="height:280px"></div>
-      <table id="history"><thead><tr><th>step</th><th>epoch</th><th>phase</th><th>influence</th></tr></thead><tbody></tbody></table></section>`;
+      <table id="history"><thead><tr><th>step</th><th>epoch</th><th>phase</th><th>influence (${esc(propagation)})</th></tr></thead><tbody></tbody></table></section>`;
   if (meta.image) drawImage(document.getElementById("thumb"), meta.image);
   const show = async () => {
     const q = document.getElementById("on-query").value;

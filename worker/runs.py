@@ -150,6 +150,8 @@ def run_compute(job_id: int) -> None:
         blocks=options.get("blocks", "layer"),
         top_k=int(options.get("top_k", 100)),
         query_sets=tuple(options["query_sets"]) if options.get("query_sets") else None,
+        propagation=str(options.get("propagation", "auto")),
+        second_moment=bool(options.get("second_moment", True)),
     )
     try:
         summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id))

@@ -50,6 +50,8 @@ class JobCreate(BaseModel):
     blocks: Literal["layer", "full"] = "layer"
     query_sets: list[str] | None = None
     top_k: int = Field(default=100, ge=1, le=1000)
+    propagation: Literal["auto", "optimizer", "sgd-proxy"] = "auto"
+    second_moment: bool = True
 
 
 class JobPublic(BaseModel):
@@ -66,6 +68,9 @@ class JobPublic(BaseModel):
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    propagation: str | None = Field(
+        default=None, description="how the scores follow the optimizer (exact SGD, Adam, SGD proxy...); set when done"
+    )
 
 
 class TopRow(BaseModel):
@@ -100,5 +105,6 @@ class TopPublic(BaseModel):
     query_set: str
     query: int | None
     kind: str
+    propagation: str | None = Field(default=None, description="how these scores follow the optimizer")
     data: list[TopRow]
     count: int

@@ -112,6 +112,12 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
+    @property
+    def propagation(self) -> str | None:
+        """How the scores follow the optimizer (``exact SGD``, ``Adam``, ``SGD proxy``...), once computed."""
+        label = (self.summary or {}).get("propagation_label")
+        return str(label) if label else None
+
 
 class TopKRow(Base):
     __tablename__ = "topk_rows"

@@ -105,12 +105,23 @@ class Api:
 
 
 def record_log(
-    directory: Path, *, steps: int = 12, batch: int = 8, shard_steps: int = 4, dim: int = 16, seed: int = 0
+    directory: Path,
+    *,
+    steps: int = 12,
+    batch: int = 8,
+    shard_steps: int = 4,
+    dim: int = 16,
+    seed: int = 0,
+    optimizer_name: str = "sgd",
 ) -> Path:
-    """A small real log: an MLP trained with the recorder, one query set."""
+    """A small real log: an MLP trained with the recorder (plain SGD, or ``"adam"``), one query set."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(10, dim), torch.nn.Tanh(), torch.nn.Linear(dim, 4))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = (
+        torch.optim.Adam(model.parameters(), lr=0.01)
+        if optimizer_name == "adam"
+        else torch.optim.SGD(model.parameters(), lr=0.1)
+    )
     x, y = torch.randn(steps * batch, 10), torch.randint(0, 4, (steps * batch,))
     rec = dvemb.Recorder(model, directory, proj_dim=64, shard_steps=shard_steps)
     for step in range(steps):

@@ -66,6 +66,8 @@ def test_dashboard_end_to_end(browser: Browser, api: Api, token: str, server_url
     expect(page.locator("#results[data-ready=true]")).to_be_attached(timeout=120_000)
     expect(page.locator("#job-status")).to_have_text("succeeded")
 
+    expect(page.locator("#propagation")).to_contain_text("exact SGD")  # how the scores follow the optimizer
+    expect(page.locator("table.top[data-kind=helpful] th").last).to_have_text("score (exact SGD)")
     points = page.evaluate("document.getElementById('phase-plot').data[0].x.length")
     assert points == 40  # one point per step (under the 1000-point limit)
     phases = page.evaluate(

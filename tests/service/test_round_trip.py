@@ -91,3 +91,26 @@ def test_adhoc_query_matches_offline_top_k(api: Api, token: str, tmp_path: Path)
 
 def _label_of(log: Path, example_id: int) -> str:
     return next(str(r["label"]) for r in open_log(log).iter_examples() if r["id"] == example_id)
+
+
+def test_adam_run_says_which_propagation_its_scores_follow(api: Api, token: str, tmp_path: Path) -> None:
+    """An Adam log is scored with the Adam propagation (equal to offline), and the API says so next to
+    the scores; asking for the SGD proxy gives the proxy's scores, labelled as such."""
+    log = record_log(tmp_path / "adam", optimizer_name="adam")
+    result = upload_log(log, server=api.url, token=token, run_name="adam", analyze=True)
+    job = api.wait_job(result["job"]["id"])
+    assert job["status"] == "succeeded" and job["propagation"] == "Adam", job
+    top = api.get(f"/jobs/{job['id']}/top", params={"query_set": "val", "limit": 10}).json()
+    assert top["propagation"] == "Adam"
+    offline = tmp_path / "offline"
+    compute(log, offline)
+    assert [r["score"] for r in top["data"]] == [w["score"] for w in load_results(offline).top("val", k=10)]
+
+    proxy = api.post(f"/runs/{result['run']}/jobs", json={"propagation": "sgd-proxy"}).json()
+    proxy = api.wait_job(proxy["id"])
+    assert proxy["status"] == "succeeded" and proxy["propagation"] == "SGD proxy", proxy
+    summary = api.get(f"/jobs/{proxy['id']}/summary").json()
+    assert summary["propagation"] == "proxy" and "sgd-proxy" in summary["note"]
+    proxy_top = api.get(f"/jobs/{proxy['id']}/top", params={"query_set": "val", "limit": 10}).json()
+    assert proxy_top["propagation"] == "SGD proxy"
+    assert [r["score"] for r in proxy_top["data"]] != [r["score"] for r in top["data"]]

@@ -87,7 +87,12 @@ def top(
         source=source,
     )
     return TopPublic(
-        query_set=query_set, query=query, kind=kind, data=[TopRow.model_validate(r) for r in rows], count=count
+        query_set=query_set,
+        query=query,
+        kind=kind,
+        propagation=job.propagation,
+        data=[TopRow.model_validate(r) for r in rows],
+        count=count,
     )
 
 
