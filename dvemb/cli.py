@@ -35,6 +35,8 @@ def _inspect(args: argparse.Namespace) -> int:
         "loss_reduction": log.loss_reduction,
         "curvature": log.manifest["curvature"],
         "optimizer": (log.manifest.get("optimizer") or {}).get("type"),
+        "format_version": log.manifest["version"],
+        "propagation": log.propagation,
         "tracked_parameters": log.manifest.get("tracked_parameters"),
         "total_parameters": log.manifest.get("total_parameters"),
         "layers": [{"name": layer.name, "kind": layer.kind, "dim": layer.dim} for layer in log.layers],
@@ -73,6 +75,9 @@ def _compute(args: argparse.Namespace) -> int:
         query_sets=tuple(args.query_set) if args.query_set else None,
         save_embeddings=not args.no_embeddings,
         self_influence=args.self_influence,
+        propagation=args.propagation,
+        second_moment=not args.no_second_moment,
+        projected_preconditioner=args.projected_preconditioner,
     )
     progress = None if args.quiet else _progress_printer()
     summary = compute(args.log_dir, args.out, arguments, progress=progress, overwrite=args.overwrite)
@@ -81,6 +86,7 @@ def _compute(args: argparse.Namespace) -> int:
         "steps": summary["steps"],
         "occurrences": summary["occurrences"],
         "curvature": summary["curvature"],
+        "propagation": summary["propagation_label"],
         "seconds": round(summary["seconds"], 2),
         "note": summary["note"],
         "phases": {name: q["phases"]["ranges"] for name, q in summary["query_sets"].items()},
@@ -108,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--query-set", action="append", help="score only this query set (repeatable)")
     comp.add_argument("--no-embeddings", action="store_true", help="do not write embeddings.npy")
     comp.add_argument("--self-influence", action="store_true", help="also write self_influence.npy")
+    comp.add_argument(
+        "--propagation",
+        choices=["auto", "optimizer", "sgd-proxy"],
+        default="auto",
+        help="auto: the optimizer's own first-order map when modelled (SGD, momentum, Adam, AdamW), else the SGD "
+        "proxy; optimizer: the same but fail instead of the proxy; sgd-proxy: the paper's proxy (docs/optimizers.md)",
+    )
+    comp.add_argument(
+        "--no-second-moment", action="store_true", help="Adam: leave out how removing an example changes v"
+    )
+    comp.add_argument(
+        "--projected-preconditioner",
+        choices=["kronecker", "scalar"],
+        default="kronecker",
+        help="how Adam's preconditioner acts in projected coordinates",
+    )
     comp.add_argument("--overwrite", action="store_true", help="replace other results in --out")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.set_defaults(func=_compute)

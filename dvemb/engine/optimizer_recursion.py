@@ -39,15 +39,19 @@ def apply_preconditioner_t(theta: torch.Tensor, segments: list[Preconditioner], 
         step: position of the step within the chunk.
 
     Returns:
-        (G, d, d), a new tensor.
+        (G, d, d): ``theta`` itself for the identity (not to be written to), else a new tensor.
     """
     if not segments:
-        return theta.clone()
-    out = torch.empty_like(theta)
+        return theta
+    whole = len(segments) == 1 and segments[0].size == theta.shape[1]
+    out = theta if whole else torch.empty_like(theta)  # one segment: the result is returned, not copied
     for seg in segments:
         rows = theta[:, seg.start : seg.start + seg.size]  # (G, n, d)
         if seg.diag is not None:
-            out[:, seg.start : seg.start + seg.size] = rows * seg.diag[:, step, :, None]
+            scaled = rows * seg.diag[:, step, :, None]
+            if whole:
+                return scaled
+            out[:, seg.start : seg.start + seg.size] = scaled
             continue
         assert seg.kron is not None
         a, b = seg.kron[0][:, step], seg.kron[1][:, step]  # (G, ko, ko), (G, ki, ki)
@@ -55,7 +59,9 @@ def apply_preconditioner_t(theta: torch.Tensor, segments: list[Preconditioner], 
         # (A kron B)^T x = vec(A^T X B) for each column x of Theta viewed as a (ko, ki) matrix X.
         x = rows.reshape(g, ko, ki * d)
         x = torch.bmm(a.transpose(1, 2), x).reshape(g, ko, ki, d)  # contract the out side
-        x = torch.einsum("gpid,giq->gpqd", x, b)  # contract the in side
+        x = torch.matmul(b.transpose(1, 2).unsqueeze(1), x)  # contract the in side: (G, ko, ki, d)
+        if whole:
+            return x.reshape(g, ko * ki, d)
         out[:, seg.start : seg.start + seg.size] = x.reshape(g, ko * ki, d)
     return out
 
@@ -100,22 +106,32 @@ class OptimizerRecursion:
         segments = [p.to(device, dtype) for p in maps.preconditioners]
         second_moment = maps.second_moment
         out = torch.empty_like(grads)
+        # Terms that are zero for every layer of a step are skipped (plain momentum has no b, l2 or decay).
+        has_b = (maps.b != 0).any(0).tolist()
+        has_decay = (maps.decay != 1).any(0).tolist()
+        has_l2 = (maps.l2 != 0).any(0).tolist()
         for j in range(len(chunk.steps) - 1, -1, -1):
             c = {k: v[:, j].view(-1, 1, 1) for k, v in coef.items()}  # (G, 1, 1) each
             d_theta = apply_preconditioner_t(self.theta, segments, j)  # (G, d, d) (R^theta D)^T
-            w_t = self.mom - c["a"] * d_theta  # (G, d, d) W^T
-            v_t = c["tau"] * w_t
-            if bool((maps.b[:, j] != 0).any()):
-                v_t -= c["b"] * d_theta
-            if second_moment:
-                y_t = _add_rows(self.vmom, self.theta, segments, "sigma", j)  # Y^T = R^v'^T + diag(sigma) Theta
-                v_t += _scale_rows(y_t, segments, "nu", j)  # V^T += diag(nu) Y^T
-                self.vmom = y_t.mul_(c["beta2"])
+            w_t = torch.addcmul(self.mom, d_theta, c["a"], value=-1.0)  # (G, d, d) W^T
+            # V^T = tau W^T (- b (R^theta D)^T + diag(nu) Y^T); without those terms V is not built: tau scales rows.
+            v_t, v_scale = w_t, c["tau"]
+            if has_b[j] or second_moment:
+                v_t, v_scale = w_t * c["tau"], torch.ones_like(c["tau"])
+                if has_b[j]:
+                    v_t.addcmul_(d_theta, c["b"], value=-1.0)
+                if second_moment:
+                    y_t = _add_rows(self.vmom, self.theta, segments, "sigma", j)  # Y^T = R^v'^T + diag(sigma) Theta
+                    v_t += _scale_rows(y_t, segments, "nu", j)  # V^T += diag(nu) Y^T
+                    self.vmom = y_t.mul_(c["beta2"])
             g = grads[:, g_starts[j] : g_bounds[j]]  # (G, B, d)
-            out[:, g_starts[j] : g_bounds[j]] = torch.bmm(g, v_t).mul_(-c["weight"])
+            out[:, g_starts[j] : g_bounds[j]] = torch.bmm(g, v_t).mul_(-c["weight"] * v_scale)
             h = curv[:, h_starts[j] : h_bounds[j]]  # (G, n, d)
-            self.theta.mul_(c["decay"]).add_(c["l2"] * v_t)
-            self.theta.baddbmm_(h.transpose(1, 2), torch.bmm(h, v_t).mul_(c["weight"]))
+            if has_decay[j]:
+                self.theta.mul_(c["decay"])
+            if has_l2[j]:
+                self.theta.addcmul_(v_t, c["l2"] * v_scale)
+            self.theta.baddbmm_(h.transpose(1, 2), torch.bmm(h, v_t).mul_(c["weight"] * v_scale))
             self.mom = w_t.mul_(c["beta"])
         scale = torch.exp(self.log_scale).to(device=device, dtype=dtype).view(-1, 1, 1)
         out.mul_(scale)
