@@ -139,7 +139,10 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, tupl
     out: dict[str, dict[str, tuple[float, float, float]]] = {}
     for opt, results in runs.items():
         keys = results[0].keys()
-        out[opt] = {k: (float(np.mean([r[k] for r in results])), min(r[k] for r in results), max(r[k] for r in results)) for k in keys}
+        out[opt] = {
+            k: (float(np.mean([r[k] for r in results])), min(r[k] for r in results), max(r[k] for r in results))
+            for k in keys
+        }
     return out
 
 
@@ -205,7 +208,9 @@ def markdown(table: dict[str, dict[str, tuple[float, float, float]]], setup: Set
                 f"| {LABELS[opt]} | {kind} | {_cell(stats, f'vs-exact/{kind}')} | {_cell(stats, f'relerr/{kind}')} "
                 f"| {_cell(stats, f'optimizer/256/ggn/{kind}')} |"
             )
-        lines.append(f"| {LABELS[opt]} | proxy | {_cell(stats, 'vs-exact/proxy')} | - | {_cell(stats, 'proxy/256/ggn')} |")
+        lines.append(
+            f"| {LABELS[opt]} | proxy | {_cell(stats, 'vs-exact/proxy')} | - | {_cell(stats, 'proxy/256/ggn')} |"
+        )
     lines += [
         "",
         "Second-moment term (Adam, no projection, full M): with it "
@@ -232,7 +237,13 @@ def main() -> None:
             setup = replace(base, seed=seed, optimizer=opt, lr=RATES[opt])
             with tempfile.TemporaryDirectory() as work:
                 runs.setdefault(opt, []).append(run_one(setup, Path(work)))
-            print(opt, seed, {k: round(v, 3) for k, v in runs[opt][-1].items()}, f"{time.time() - started:.0f}s", flush=True)
+            print(
+                opt,
+                seed,
+                {k: round(v, 3) for k, v in runs[opt][-1].items()},
+                f"{time.time() - started:.0f}s",
+                flush=True,
+            )
     table = aggregate(runs)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta = (

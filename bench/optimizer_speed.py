@@ -94,9 +94,7 @@ def recorder_overhead(model: nn.Module, batches: list[Batch], rounds: int, steps
         for run in runs.values():
             if run.rec is not None:
                 run.rec.close()
-    overhead = {
-        opt: [r[(opt, True)] / r[(opt, False)] for r in per_round] for opt in ("sgd", "adam")
-    }
+    overhead = {opt: [r[(opt, True)] / r[(opt, False)] for r in per_round] for opt in ("sgd", "adam")}
     relative = [a / s for a, s in zip(overhead["adam"], overhead["sgd"], strict=True)]
     return {
         "plain_ms": {opt: 1e3 * statistics.median(r[(opt, False)] for r in per_round) for opt in ("sgd", "adam")},

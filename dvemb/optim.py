@@ -196,7 +196,8 @@ class OptimizerInfo:
         v = weight.reshape(t.out_dim, -1)
         if t.bias is not None:
             v = torch.cat([v, state[t.bias][key].reshape(t.out_dim, 1)], dim=1)
-        return v.detach().to(torch.promote_types(v.dtype, torch.float32))
+        moment: torch.Tensor = v.detach().to(torch.promote_types(v.dtype, torch.float32))
+        return moment
 
     def take_step_values(self) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
         """Values captured when optimizer.step() ran in this step (or the current ones if it did not).

@@ -346,7 +346,9 @@ class GradientLog:
             optimizer=self._optimizer_tensors(path, tensors, num_steps),
         )
 
-    def _optimizer_tensors(self, path: Path, tensors: dict[str, torch.Tensor], num_steps: int) -> dict[str, torch.Tensor]:
+    def _optimizer_tensors(
+        self, path: Path, tensors: dict[str, torch.Tensor], num_steps: int
+    ) -> dict[str, torch.Tensor]:
         """The optimizer state the log's propagation needs, checked for shape and finiteness."""
         propagation = self.propagation
         if propagation not in ("momentum", "adam", "adamw"):

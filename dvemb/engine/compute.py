@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -609,7 +609,12 @@ def _propagation_note(log: GradientLog, propagation: str) -> str | None:
 def _recursion_state(recursion: BlockedRecursion | OptimizerRecursion) -> dict[str, torch.Tensor]:
     """The tensors that make up a recursion's state, for checkpoints (restored in place)."""
     if isinstance(recursion, OptimizerRecursion):
-        return {"theta": recursion.theta, "mom": recursion.mom, "vmom": recursion.vmom, "log_scale": recursion.log_scale}
+        return {
+            "theta": recursion.theta,
+            "mom": recursion.mom,
+            "vmom": recursion.vmom,
+            "log_scale": recursion.log_scale,
+        }
     return {"Mt": recursion.Mt, "log_scale": recursion.log_scale}
 
 
@@ -623,7 +628,7 @@ def _first_row(maps: StepMaps, step: int) -> StepMaps:
                 f"blocks='full' needs one optimizer setting ({name}) for all tracked layers near step {step}; "
                 "use blocks='layer'"
             )
-    return StepMaps(*(getattr(maps, n)[:1] for n in names), preconditioners=maps.preconditioners)
+    return replace(maps, **{n: getattr(maps, n)[:1] for n in names})
 
 
 def compute(

@@ -62,6 +62,7 @@ class Preconditioner:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Preconditioner:
         """The same preconditioner on another device and dtype."""
+
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, dtype)
 
@@ -151,7 +152,8 @@ def _side(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     scale = den.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)  # (S,)
     den = den + (1e-10 * scale)[:, None, None] * torch.eye(k, dtype=v.dtype)
     # X = num den^-1, from den^T X^T = num^T (den is symmetric).
-    return torch.linalg.solve(den, num.transpose(1, 2)).transpose(1, 2)
+    solved: torch.Tensor = torch.linalg.solve(den, num.transpose(1, 2))
+    return solved.transpose(1, 2)
 
 
 def step_maps(
@@ -198,9 +200,9 @@ def step_maps(
     mom = optimizer["opt.momentum"][:, idx].T
     count = optimizer["opt.step"][:, idx].T
     fresh = count <= 1
-    weight = (1.0 / batch_size.double() if loss_reduction == "mean" else torch.ones_like(batch_size).double()).expand_as(
-        lr_g
-    )
+    weight = (
+        1.0 / batch_size.double() if loss_reduction == "mean" else torch.ones_like(batch_size).double()
+    ).expand_as(lr_g)
     zeros = torch.zeros_like(lr_g)
     if propagation == "momentum":
         damp = optimizer["opt.dampening"][:, idx].T

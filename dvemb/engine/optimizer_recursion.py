@@ -148,7 +148,9 @@ class OptimizerRecursion:
         self.log_scale += torch.log(peak)
 
 
-def _add_rows(base: torch.Tensor, theta: torch.Tensor, segments: list[Preconditioner], what: str, step: int) -> torch.Tensor:
+def _add_rows(
+    base: torch.Tensor, theta: torch.Tensor, segments: list[Preconditioner], what: str, step: int
+) -> torch.Tensor:
     """``base + diag(x) theta`` over the segments that carry ``x`` (``sigma``), a new tensor."""
     out = base.clone()
     for seg in segments:

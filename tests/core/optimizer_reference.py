@@ -87,18 +87,16 @@ def _push(
         if kind == "SGD":
             momentum, dampening = float(opt["opt.momentum"][i0]), float(opt["opt.dampening"][i0])
             d_p = d_grad + wd * d_theta
-            if int(opt["opt.step"][i0]) == 1:  # buffer created from this step's gradient
-                d_buf = d_p.clone()
-            else:
-                d_buf = momentum * d_buf + (1 - dampening) * d_p
+            fresh = int(opt["opt.step"][i0]) == 1  # the buffer is created from this step's gradient
+            d_buf = d_p.clone() if fresh else momentum * d_buf + (1 - dampening) * d_p
             d_p = d_p + momentum * d_buf if nesterov else d_buf
             d_theta = d_theta - lr * d_p
         else:  # Adam, AdamW
             beta1, beta2 = float(opt["opt.momentum"][i0]), float(opt["opt.beta2"][i0])
             count = float(opt["opt.step"][i0])
 
-            def state(what: str) -> torch.Tensor:
-                return torch.cat([opt[fmt.optimizer_layer_key(what, n)].double() for n in names])  # type: ignore[index]
+            def state(what: str, opt: dict[str, torch.Tensor] = opt) -> torch.Tensor:  # type: ignore[assignment]
+                return torch.cat([opt[fmt.optimizer_layer_key(what, n)].double() for n in names])
 
             if kind == "AdamW":
                 d_theta = d_theta * (1 - lr * wd)

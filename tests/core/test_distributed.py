@@ -60,11 +60,15 @@ def test_two_ranks_merge_into_the_single_process_log(tmp_path: Path, optimizer: 
         "OMP_NUM_THREADS": "1",
     }
     ranks = [
-        subprocess.Popen([sys.executable, "-c", _SCRIPT, str(tmp_path / "ddp"), "ddp", optimizer], env={**env, "RANK": str(r)})
+        subprocess.Popen(
+            [sys.executable, "-c", _SCRIPT, str(tmp_path / "ddp"), "ddp", optimizer], env={**env, "RANK": str(r)}
+        )
         for r in range(2)
     ]
     assert [p.wait(timeout=120) for p in ranks] == [0, 0]
-    subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path / "single"), "single", optimizer], check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(tmp_path / "single"), "single", optimizer], check=True, timeout=120
+    )
 
     ddp, single = dvemb.open_log(tmp_path / "ddp"), dvemb.open_log(tmp_path / "single")
     assert ddp.world_size == 2 and (tmp_path / "ddp" / "manifest.rank1.json").exists()

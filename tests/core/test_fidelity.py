@@ -30,7 +30,9 @@ def test_optimizer_exact_propagation_beats_the_sgd_proxy_under_adam(tmp_path: Pa
     truth = ground_truth(traj, pairs)
     result = {
         propagation: correlation(
-            dvemb_scores(tmp_path / "log", tmp_path / propagation, pairs, setup, blocks="full", propagation=propagation),
+            dvemb_scores(
+                tmp_path / "log", tmp_path / propagation, pairs, setup, blocks="full", propagation=propagation
+            ),
             truth,
             spearman=True,
         )

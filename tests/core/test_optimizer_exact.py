@@ -72,9 +72,7 @@ def _embeddings(log_dir: Path, out: Path, **kwargs: object) -> tuple[np.ndarray,
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize(("curvature", "reduction"), [("ggn", "mean"), ("empirical", "sum")])
-def test_full_vector_equals_naive_forward_reference(
-    tmp_path: Path, name: str, curvature: str, reduction: str
-) -> None:
+def test_full_vector_equals_naive_forward_reference(tmp_path: Path, name: str, curvature: str, reduction: str) -> None:
     _record(tmp_path / "log", OPTIMIZERS[name], curvature=curvature, reduction=reduction)
     emb, summary = _embeddings(tmp_path / "log", tmp_path / "out", blocks="full")
     expected = torch.cat(removal_effects(tmp_path / "log")).numpy()
@@ -155,14 +153,20 @@ def test_recorded_adam_state_is_the_optimizers(tmp_path: Path) -> None:
     rec.close()
     shard = next(dvemb.open_log(tmp_path / "log").iter_shards())
     bc2 = 1 - 0.99**3
-    v_last = torch.cat([optimizer.state[model[2].weight]["exp_avg_sq"], optimizer.state[model[2].bias]["exp_avg_sq"][:, None]], 1)
+    v_last = torch.cat(
+        [optimizer.state[model[2].weight]["exp_avg_sq"], optimizer.state[model[2].bias]["exp_avg_sq"][:, None]], 1
+    )
     precond = shard.optimizer[fmt.optimizer_layer_key("precond", "2")][-1]
     torch.testing.assert_close(precond, (1 / ((v_last / bc2).sqrt() + 1e-6)).flatten(), rtol=1e-12, atol=0)
     m_last = torch.cat([optimizer.state[last.weight]["exp_avg"], optimizer.state[last.bias]["exp_avg"][:, None]], 1)
     vsens = (m_last / (1 - 0.9**3)) / ((v_last / bc2).sqrt() + 1e-6) ** 2 / (2 * (v_last / bc2).sqrt() * bc2)
     torch.testing.assert_close(shard.optimizer[fmt.optimizer_layer_key("vsens", "2")][-1], vsens.flatten())
-    torch.testing.assert_close(shard.optimizer[fmt.optimizer_layer_key("batch_grad", "2")][-1], gamma.detach().flatten())
-    v_first = torch.cat([optimizer.state[model[0].weight]["exp_avg_sq"], optimizer.state[model[0].bias]["exp_avg_sq"][:, None]], 1)
+    torch.testing.assert_close(
+        shard.optimizer[fmt.optimizer_layer_key("batch_grad", "2")][-1], gamma.detach().flatten()
+    )
+    v_first = torch.cat(
+        [optimizer.state[model[0].weight]["exp_avg_sq"], optimizer.state[model[0].bias]["exp_avg_sq"][:, None]], 1
+    )
     torch.testing.assert_close(shard.optimizer[fmt.optimizer_layer_key("v_row", "0")][-1], (v_first / bc2).sum(1))
     torch.testing.assert_close(shard.optimizer[fmt.optimizer_layer_key("v_col", "0")][-1], (v_first / bc2).sum(0))
     assert shard.optimizer["opt.step"][:, 0].tolist() == [1.0, 2.0, 3.0]
@@ -191,9 +195,8 @@ def test_amsgrad_and_lion_like_optimizers_use_the_proxy_and_say_why(tmp_path: Pa
     model = mlp(inputs=5, hidden=4, classes=3)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True)
     rec = dvemb.Recorder(model, tmp_path / "log", proj_dim=None)
-    with pytest.warns(dvemb.DvembWarning, match="amsgrad"), rec.step([0, 1], optimizer):
-        F.cross_entropy(model(torch.randn(2, 5)), torch.tensor([0, 1])).backward()
-        optimizer.step()
+    with pytest.warns(dvemb.DvembWarning, match="amsgrad"):
+        _one_step(rec, optimizer, model)
     rec.record_queries("val", [(torch.randn(2, 5), torch.tensor([0, 1]))])
     rec.close()
     _, summary = _embeddings(tmp_path / "log", tmp_path / "out")
@@ -224,3 +227,9 @@ def test_step_without_optimizer_step_is_a_clear_error(tmp_path: Path) -> None:
     rec = dvemb.Recorder(model, tmp_path / "log", proj_dim=None)
     with pytest.raises(dvemb.RecorderError, match="optimizer.step"), rec.step([0, 1], optimizer):
         F.cross_entropy(model(torch.randn(2, 5)), torch.tensor([0, 1])).backward()
+
+
+def _one_step(rec: dvemb.Recorder, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    with rec.step([0, 1], optimizer):
+        F.cross_entropy(model(torch.randn(2, 5)), torch.tensor([0, 1])).backward()
+        optimizer.step()
