@@ -43,14 +43,38 @@ def test_learning_rate_is_the_one_optimizer_step_used(log_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("make", "mode"),
+    ("make", "mode", "propagation"),
     [
-        (lambda p: torch.optim.Adam(p, lr=1e-3), "l2"),
-        (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), "decoupled"),
-        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "l2"),
+        (lambda p: torch.optim.Adam(p, lr=1e-3), "l2", "adam"),
+        (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), "decoupled", "adamw"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "l2", "momentum"),
     ],
 )
-def test_non_sgd_optimizers_warn_once_and_are_described(log_dir: Path, make: object, mode: str) -> None:
+def test_modelled_optimizers_are_described_without_warning(
+    log_dir: Path, make: object, mode: str, propagation: str
+) -> None:
+    model = mlp()
+    optimizer = make(model.parameters())  # type: ignore[operator]
+    rec = dvemb.Recorder(model, log_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _one_step(rec, model, optimizer)
+    rec.close()
+    described = dvemb.open_log(log_dir).manifest["optimizer"]
+    assert described["exact_sgd"] is False and described["weight_decay_mode"] == mode
+    assert described["propagation"] == propagation and described["proxy_reason"] is None
+    assert described["final_state"]["param_groups"][0]  # momentum / moment summaries recorded
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: torch.optim.RMSprop(p, lr=1e-3), "RMSprop has no optimizer-exact propagation"),
+        (lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True), "amsgrad"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, maximize=True), "maximize"),
+    ],
+)
+def test_unmodelled_optimizers_warn_once_about_the_proxy(log_dir: Path, make: object, reason: str) -> None:
     model = mlp()
     optimizer = make(model.parameters())  # type: ignore[operator]
     rec = dvemb.Recorder(model, log_dir)
@@ -61,8 +85,7 @@ def test_non_sgd_optimizers_warn_once_and_are_described(log_dir: Path, make: obj
         _one_step(rec, model, optimizer)  # once only
     rec.close()
     described = dvemb.open_log(log_dir).manifest["optimizer"]
-    assert described["exact_sgd"] is False and described["weight_decay_mode"] == mode
-    assert described["final_state"]["param_groups"][0]  # momentum / moment summaries recorded
+    assert described["propagation"] == "proxy" and reason in described["proxy_reason"]
 
 
 def test_tracked_share_of_parameters(log_dir: Path) -> None:
