@@ -150,29 +150,35 @@ def ground_truth(traj: Trajectory, pairs: list[tuple[int, int]]) -> np.ndarray:
     """(pairs, test) loss change when the example is dropped from its one batch: positive = it helped.
 
     Training is replayed from that step with the same optimizer in its state of that step (momentum
-    buffers, Adam moments, step counts), so the truth is exact for every optimizer.
+    buffers, Adam moments, step counts), so the truth is exact for every optimizer. With the summed
+    loss, weight 0 is the example dropped.
     """
     base = _test_losses(traj.model, traj.params[-1], traj)
-    out = []
-    for step, position in pairs:
-        replica = copy.deepcopy(traj.model)
-        with torch.no_grad():
-            for name, p in replica.named_parameters():
-                p.copy_(traj.params[step][name])
-        optimizer = OPTIMIZERS[traj.optimizer](replica.parameters(), traj.lrs[step])
-        optimizer.load_state_dict(copy.deepcopy(traj.optimizer_states[step]))
-        for t in range(step, len(traj.batches)):
-            batch = traj.batches[t]
-            if t == step:
-                batch = torch.cat([batch[:position], batch[position + 1 :]])
-            for group in optimizer.param_groups:
-                group["lr"] = traj.lrs[t]
-            F.cross_entropy(replica(traj.x[batch]), traj.y[batch], reduction="sum").backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        final = {k: v.detach() for k, v in replica.named_parameters()}
-        out.append((_test_losses(traj.model, final, traj) - base).numpy())
-    return np.stack(out)
+    return np.stack([(replay_weighted(traj, step, position, 0.0) - base).numpy() for step, position in pairs])
+
+
+def replay_weighted(traj: Trajectory, step: int, position: int, weight: float) -> torch.Tensor:
+    """(test,) final test losses when one example's loss at ``step`` is weighted by ``weight``."""
+    replica = copy.deepcopy(traj.model)
+    with torch.no_grad():
+        for name, p in replica.named_parameters():
+            p.copy_(traj.params[step][name])
+    optimizer = OPTIMIZERS[traj.optimizer](replica.parameters(), traj.lrs[step])
+    optimizer.load_state_dict(copy.deepcopy(traj.optimizer_states[step]))
+    for t in range(step, len(traj.batches)):
+        batch = traj.batches[t]
+        for group in optimizer.param_groups:
+            group["lr"] = traj.lrs[t]
+        per_example = F.cross_entropy(replica(traj.x[batch]), traj.y[batch], reduction="none")
+        if t == step:
+            weights = torch.ones_like(per_example)
+            weights[position] = weight
+            per_example = per_example * weights
+        per_example.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    final = {k: v.detach() for k, v in replica.named_parameters()}
+    return _test_losses(traj.model, final, traj)
 
 
 def _rank(a: np.ndarray) -> np.ndarray:

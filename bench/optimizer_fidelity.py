@@ -27,7 +27,6 @@ Run from the repository root: ``.venv/bin/python -m bench.optimizer_fidelity``. 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import tempfile
@@ -39,16 +38,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bench.fidelity import (
-    OPTIMIZERS,
     Setup,
     Trajectory,
-    _test_losses,
     correlation,
     dvemb_scores,
     ground_truth,
+    replay_weighted,
     sample_pairs,
     train,
 )
@@ -63,31 +60,9 @@ def first_order_ceiling(traj: Trajectory, pairs: list[tuple[int, int]], h: float
     """(pairs, test) ``-d loss / d weight`` of each example's loss weight at its step (central difference)."""
     out = []
     for step, position in pairs:
-        losses = [_replay_weighted(traj, step, position, 1.0 + sign * h) for sign in (1.0, -1.0)]
-        out.append(-(losses[0] - losses[1]) / (2 * h))
+        up, down = (replay_weighted(traj, step, position, 1.0 + sign * h).numpy() for sign in (1.0, -1.0))
+        out.append(-(up - down) / (2 * h))
     return np.stack(out)
-
-
-def _replay_weighted(traj: Trajectory, step: int, position: int, weight: float) -> np.ndarray:
-    replica = copy.deepcopy(traj.model)
-    with torch.no_grad():
-        for name, p in replica.named_parameters():
-            p.copy_(traj.params[step][name])
-    optimizer = OPTIMIZERS[traj.optimizer](replica.parameters(), traj.lrs[step])
-    optimizer.load_state_dict(copy.deepcopy(traj.optimizer_states[step]))
-    for t in range(step, len(traj.batches)):
-        batch = traj.batches[t]
-        for group in optimizer.param_groups:
-            group["lr"] = traj.lrs[t]
-        per_example = F.cross_entropy(replica(traj.x[batch]), traj.y[batch], reduction="none")
-        weights = torch.ones_like(per_example)
-        if t == step:
-            weights[position] = weight
-        (per_example * weights).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    final = {k: v.detach() for k, v in replica.named_parameters()}
-    return _test_losses(traj.model, final, traj).numpy()
 
 
 def _same(a: Trajectory, b: Trajectory) -> bool:
