@@ -43,6 +43,8 @@ class Setup:
     test_size: int = 40
     pairs: int = 100
     optimizer: str = "sgd"  # "sgd", "momentum", "adam" or "adamw" (see OPTIMIZERS)
+    projection: str = "random"  # or "calibrated": rec.calibrate() on calibration_batches batches first
+    calibration_batches: int = 8
 
 
 #: The optimizer of each Setup.optimizer, with the rate it trains the digits MLP well at.
@@ -105,7 +107,15 @@ def train(
         curvature_samples=curvature_samples,
         seed=setup.seed,
         overwrite=True,
+        projection="calibrated" if setup.projection == "calibrated" else "random",
     )
+    if setup.projection == "calibrated":
+        # Batches of the training set in an order of their own: training's generator is not touched.
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(setup.seed + 7))
+        rec.calibrate(
+            (x[order[i * setup.batch : (i + 1) * setup.batch]], y[order[i * setup.batch : (i + 1) * setup.batch]])
+            for i in range(setup.calibration_batches)
+        )
     generator = torch.Generator().manual_seed(setup.seed)
     per_epoch = len(x) // setup.batch
     batches: list[torch.Tensor] = []

@@ -99,6 +99,8 @@ def train_charlm(log_dir: Path, *, quick: bool, seed: int = 0) -> Path:
         texts=["".join(vocab[i] for i in w[:length].tolist()) for w in windows],
         sources=["python stdlib"] * len(windows),
     )
+    calibration = [torch.stack(windows[i : i + batch]) for i in range(0, 8 * batch, batch)]
+    rec.calibrate((w[:, :-1], w[:, 1:]) for w in calibration)  # curvature-aware bases (docs/recorder.md)
     for _step in range(steps):
         ids = torch.randint(0, len(windows), (batch,), generator=generator)
         chunk = torch.stack([windows[i] for i in ids.tolist()])  # (B, L + 1)

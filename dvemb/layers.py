@@ -88,10 +88,22 @@ class LayerAdapter(ABC):
 
     def _project(self, side: str, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, dim) @ P_side (dim, k) -> (B, L, k); the identity is skipped."""
-        p = self.projection
-        if (side == "out" and p.k_out == p.out_dim) or (side == "in" and p.k_in == p.in_dim):
+        if self.projection.side_is_identity(side):
             return x
         return x @ self._matrix(side, x)
+
+    def set_projection(self, projection: LayerProjection) -> None:
+        """Switch to another projection of the same layer (after calibration), dropping cached matrices."""
+        self.projection = projection
+        self._matrices.clear()
+
+    def raw_forward(self, inputs: tuple[object, ...]) -> torch.Tensor:
+        """Unprojected forward-side factor (B, L, dim), detached, for calibration."""
+        raise ConfigError(f"layer {self.name!r} ({self.kind}) cannot be calibrated; it keeps its random projection")
+
+    def raw_backward(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """Unprojected backward-side factor (B, L, dim), detached, for calibration."""
+        raise ConfigError(f"layer {self.name!r} ({self.kind}) cannot be calibrated; it keeps its random projection")
 
 
 def _as_positions(x: torch.Tensor, feature_dim: int) -> torch.Tensor:
@@ -111,22 +123,31 @@ class LinearAdapter(LayerAdapter):
         assert isinstance(module, nn.Linear)
         return module.out_features, module.in_features + (1 if module.bias is not None else 0)
 
-    def forward_factor(self, inputs: tuple[object, ...]) -> torch.Tensor:
+    def _inputs(self, inputs: tuple[object, ...]) -> torch.Tensor:
         assert isinstance(self.module, nn.Linear)
         x = inputs[0]
         assert isinstance(x, torch.Tensor)
-        a = _as_positions(x.detach(), self.module.in_features)  # (B, L, d_in)
+        return _as_positions(x.detach(), self.module.in_features)  # (B, L, d_in)
+
+    def raw_forward(self, inputs: tuple[object, ...]) -> torch.Tensor:
+        a = self._inputs(inputs)
         if self.module.bias is None:
-            return self._project("in", a)
-        if self.projection.k_in == self.projection.in_dim:
-            return torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)  # (B, L, d_in + 1)
+            return a
+        return torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)  # (B, L, d_in + 1)
+
+    def forward_factor(self, inputs: tuple[object, ...]) -> torch.Tensor:
+        if self.module.bias is None or self.projection.side_is_identity("in"):
+            return self._project("in", self.raw_forward(inputs))
+        a = self._inputs(inputs)
         p_in = self._matrix("in", a)  # (d_in + 1, k_in): the last row multiplies the bias's constant 1
         return a @ p_in[:-1] + p_in[-1]  # (B, L, k_in)
 
-    def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
+    def raw_backward(self, grad_output: torch.Tensor) -> torch.Tensor:
         assert isinstance(self.module, nn.Linear)
-        delta = _as_positions(grad_output.detach(), self.module.out_features)  # (B, L, d_out)
-        return self._project("out", delta)
+        return _as_positions(grad_output.detach(), self.module.out_features)  # (B, L, d_out)
+
+    def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
+        return self._project("out", self.raw_backward(grad_output))
 
 
 class Conv2dAdapter(LayerAdapter):
@@ -146,6 +167,9 @@ class Conv2dAdapter(LayerAdapter):
         return module.out_channels, module.in_channels * kh * kw + (1 if module.bias is not None else 0)
 
     def forward_factor(self, inputs: tuple[object, ...]) -> torch.Tensor:
+        return self._project("in", self.raw_forward(inputs))
+
+    def raw_forward(self, inputs: tuple[object, ...]) -> torch.Tensor:
         conv = self.module
         assert isinstance(conv, nn.Conv2d)
         x = inputs[0]
@@ -158,11 +182,13 @@ class Conv2dAdapter(LayerAdapter):
         a = windows.transpose(1, 2)  # (B, L, C_in*kh*kw)
         if conv.bias is not None:
             a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
-        return self._project("in", a)
+        return a
+
+    def raw_backward(self, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output.detach().flatten(2).transpose(1, 2)  # (B, C_out, H', W') -> (B, L, C_out)
 
     def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
-        delta = grad_output.detach().flatten(2).transpose(1, 2)  # (B, C_out, H', W') -> (B, L, C_out)
-        return self._project("out", delta)
+        return self._project("out", self.raw_backward(grad_output))
 
 
 class EmbeddingAdapter(LayerAdapter):

@@ -74,6 +74,15 @@ def curvature_key(layer: str) -> str:
     return f"curv.{layer}"
 
 
+#: Calibrated projection bases, listed in the manifest's ``projection_files``.
+PROJECTION_FILE = "projection.safetensors"
+
+
+def basis_key(side: str, layer: str) -> str:
+    """Tensor name of a layer's calibrated basis of ``side`` (``"out"`` or ``"in"``) in the projection file."""
+    return f"basis_{side}.{layer}"
+
+
 def optimizer_layer_key(what: str, layer: str) -> str:
     """Tensor name of a layer's per-step optimizer state (``what`` in :data:`OPTIMIZER_LAYER_TENSORS`)."""
     if what not in OPTIMIZER_LAYER_TENSORS:

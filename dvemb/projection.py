@@ -9,12 +9,16 @@ It is projected to ``P_out^T G P_in = sum_l (P_out^T u_l)(P_in^T v_l)^T`` withou
 from a CPU generator seeded from the manifest, so anyone holding the manifest can rebuild them
 bit for bit on any device. A side whose ``k`` equals its dimension is the identity (no projection),
 which keeps small models exact.
+
+A *calibrated* projection (:mod:`dvemb.calibration`) carries explicit bases instead: orthonormal
+columns spanning the top eigenvectors of the layer's activation and output-gradient covariances,
+stored in the log's ``projection.safetensors``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -58,6 +62,8 @@ class LayerProjection:
         k_in: projected columns.
         seed_out: seed of ``P_out``.
         seed_in: seed of ``P_in``.
+        basis_out: (out_dim, k_out) float64 explicit ``P_out`` of a calibrated projection, or None.
+        basis_in: (in_dim, k_in) float64 explicit ``P_in``, or None.
     """
 
     out_dim: int
@@ -66,6 +72,19 @@ class LayerProjection:
     k_in: int
     seed_out: int
     seed_in: int
+    basis_out: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    basis_in: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the bases are explicit (calibrated) rather than seeded Gaussian."""
+        return self.basis_out is not None or self.basis_in is not None
+
+    def side_is_identity(self, side: str) -> bool:
+        """True when ``side`` (``"out"`` or ``"in"``) is stored whole, in its own coordinates."""
+        if side == "out":
+            return self.basis_out is None and self.k_out == self.out_dim
+        return self.basis_in is None and self.k_in == self.in_dim
 
     @property
     def dim(self) -> int:
@@ -74,15 +93,19 @@ class LayerProjection:
 
     @property
     def is_identity(self) -> bool:
-        """True when nothing is projected (the gradient is stored whole)."""
-        return self.k_out == self.out_dim and self.k_in == self.in_dim
+        """True when nothing is projected (the gradient is stored whole, in its own coordinates)."""
+        return self.side_is_identity("out") and self.side_is_identity("in")
 
     def p_out(self, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """(out_dim, k_out) projection of the out side."""
+        if self.basis_out is not None:
+            return self.basis_out.to(device=device, dtype=dtype)
         return projection_matrix(self.out_dim, self.k_out, self.seed_out, dtype=dtype, device=device)
 
     def p_in(self, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """(in_dim, k_in) projection of the in side."""
+        if self.basis_in is not None:
+            return self.basis_in.to(device=device, dtype=dtype)
         return projection_matrix(self.in_dim, self.k_in, self.seed_in, dtype=dtype, device=device)
 
     def project_matrix(self, gradient: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -193,9 +193,37 @@ class GradientLog:
             _load_manifest(self.directory / fmt.rank_manifest_name(r)) for r in range(1, self.world_size)
         ]
         manifest_path = self.directory / fmt.MANIFEST
-        self.layers = layers_from_manifest(self.manifest, manifest_path)
+        # Names and sizes, enough to check every file; a calibrated projection's bases load on first use.
+        self._shapes = layers_from_manifest(self.manifest, manifest_path)
+        self._layers: list[LayerInfo] | None = None
         self.dtype = fmt.STORAGE_DTYPES[self.manifest["dtype"]]
         self._check_shard_list()
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        """The tracked layers with their projections (a calibrated one's bases read and checked once)."""
+        if self._layers is None:
+            files = self.manifest.get("projection_files") or []
+            self._layers = self._with_bases(self._checked_file(files[0])) if files else self._shapes
+        return self._layers
+
+    def _with_bases(self, path: Path) -> list[LayerInfo]:
+        """The layers with the calibrated bases of the projection file at ``path``, checked."""
+        tensors = load_file(str(path))
+        layers = []
+        for layer, entry in zip(self._shapes, self.manifest["layers"], strict=True):
+            p = layer.projection
+            bases: dict[str, torch.Tensor | None] = {"out": None, "in": None}
+            if entry.get("basis") == "calibrated":
+                for side, dim, k in (("out", p.out_dim, p.k_out), ("in", p.in_dim, p.k_in)):
+                    key = fmt.basis_key(side, layer.name)
+                    if key in tensors:
+                        bases[side] = self._finite(path, key, self._tensor(path, tensors, key, (dim, k), torch.float64))
+                if bases["out"] is None and bases["in"] is None:
+                    raise HeaderMismatchError(path, f"layer {layer.name!r} is calibrated but the file has no basis")
+            projection = replace(p, basis_out=bases["out"], basis_in=bases["in"])
+            layers.append(LayerInfo(layer.name, layer.kind, projection))
+        return layers
 
     # -- summary ----------------------------------------------------------------------------------
 
@@ -310,7 +338,7 @@ class GradientLog:
         steps = self._tensor(path, tensors, "steps", (len(expected_steps),), torch.int64)
         if not torch.equal(steps, expected_steps):
             raise StepContinuityError(path, f"steps are not the consecutive range {first} to {last}")
-        num_steps, num_rows, n_layers = len(expected_steps), int(entry["num_rows"]), len(self.layers)
+        num_steps, num_rows, n_layers = len(expected_steps), int(entry["num_rows"]), len(self._shapes)
         batch_size = self._tensor(path, tensors, "batch_size", (num_steps,), torch.int64)
         row_step = self._tensor(path, tensors, "row_step", (num_rows,), torch.int64)
         if int(batch_size.sum()) != num_rows or not torch.equal(row_step, steps.repeat_interleave(batch_size)):
@@ -320,7 +348,7 @@ class GradientLog:
             path, "weight_decay", self._tensor(path, tensors, "weight_decay", (num_steps, n_layers), torch.float64)
         )
         grads, curvature = {}, {}
-        for layer in self.layers:
+        for layer in self._shapes:
             key = fmt.grad_key(layer.name)
             grads[layer.name] = self._finite(
                 path, key, self._tensor(path, tensors, key, (num_rows, layer.dim), self.dtype)
@@ -353,17 +381,18 @@ class GradientLog:
         propagation = self.propagation
         if propagation not in ("momentum", "adam", "adamw"):
             return {}
-        n_layers = len(self.layers)
+        n_layers = len(self._shapes)
         out = {
             key: self._finite(path, key, self._tensor(path, tensors, key, (num_steps, n_layers), torch.float64))
             for key in fmt.OPTIMIZER_SCALARS
         }
         if propagation == "momentum":
             return out
-        for layer in self.layers:
+        for layer, entry in zip(self._shapes, self.manifest["layers"], strict=True):
             p = layer.projection
+            stored_whole = p.is_identity and entry.get("basis") != "calibrated"
             whole = [(what, p.dim) for what in fmt.WHOLE_LAYER_ADAM_TENSORS]
-            parts = whole if p.is_identity else [("v_row", p.out_dim), ("v_col", p.in_dim)]
+            parts = whole if stored_whole else [("v_row", p.out_dim), ("v_col", p.in_dim)]
             for what, size in parts:
                 key = fmt.optimizer_layer_key(what, layer.name)
                 value = self._finite(path, key, self._tensor(path, tensors, key, (num_steps, size), self.dtype))
@@ -448,7 +477,7 @@ class GradientLog:
                 fmt.grad_key(layer.name),
                 self._tensor(path, tensors, fmt.grad_key(layer.name), (n, layer.dim), self.dtype),
             )
-            for layer in self.layers
+            for layer in self._shapes
         }
         labels = self._tensor(path, tensors, "labels", (n,), torch.int64) if "labels" in tensors else None
         texts = info.get("texts")
@@ -500,6 +529,10 @@ class GradientLog:
             if entry["file"] == name:
                 for _ in self._example_records(entry, path):
                     pass
+                return
+        for entry in self.manifest.get("projection_files", []):
+            if entry["file"] == name:
+                self._with_bases(self._checked_file(entry, path))
                 return
         raise LogFormatError(path, f"{name} is not listed in the log's manifests")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,10 +39,11 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from dvemb import logformat as fmt
+from dvemb.calibration import FactorCovariance, calibrated_projection
 from dvemb.curvature import logit_factor_rows
 from dvemb.errors import ConfigError, RecorderError
 from dvemb.layers import SUPPORTED_TYPES, LayerAdapter, make_adapter
-from dvemb.optim import OptimizerInfo, TrackedParameters, describe_optimizer
+from dvemb.optim import DvembWarning, OptimizerInfo, TrackedParameters, describe_optimizer
 from dvemb.projection import LayerProjection
 from dvemb.writer import LogWriter, StepRecord
 
@@ -122,6 +124,9 @@ class Recorder:
         seed: seed of the projections and of sampled curvature labels.
         shard_size_mb: a shard is written when this many MB of gradients are buffered.
         shard_steps: write a shard every this many steps instead (keeps distributed ranks aligned).
+        projection: ``"auto"`` (default: the calibrated projection when :meth:`calibrate` runs before
+            training, else the random one, with a warning), ``"calibrated"`` (:meth:`calibrate` must
+            run first) or ``"random"`` (seeded Gaussian Kronecker projection, nothing to calibrate).
         rank: this process's rank; defaults to ``torch.distributed`` when initialised, else 0.
         world_size: number of ranks; same default.
         overwrite: replace a log already in ``log_dir``.
@@ -141,18 +146,22 @@ class Recorder:
         seed: int = 0,
         shard_size_mb: float = 256.0,
         shard_steps: int | None = None,
+        projection: str = "auto",
         rank: int | None = None,
         world_size: int | None = None,
         overwrite: bool = False,
     ) -> None:
         _check_choice("curvature", curvature, ("empirical", "ggn"))
         _check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        _check_choice("projection", projection, ("auto", "calibrated", "random"))
         _check_choice("dtype", dtype, tuple(fmt.STORAGE_DTYPES))
         if curvature_samples is not None and curvature_samples < 1:
             raise ConfigError(f"curvature_samples must be None or at least 1, got {curvature_samples}")
         if shard_size_mb <= 0 or (shard_steps is not None and shard_steps < 1):
             raise ConfigError("shard_size_mb must be positive and shard_steps None or at least 1")
         self.model = model
+        self.projection_mode = projection
+        self._calibrated = False
         self.curvature_mode = curvature
         self.curvature_samples = curvature_samples
         self.loss_reduction = loss_reduction
@@ -222,6 +231,7 @@ class Recorder:
             "loss_reduction": self.loss_reduction,
             "curvature": {"mode": self.curvature_mode, "samples": self.curvature_samples, "rows_per_example": None},
             "projection": {"kind": "kronecker-gaussian", "seed": self.seed},
+            "projection_files": [],
             "layers": [
                 {
                     "name": a.name,
@@ -233,6 +243,7 @@ class Recorder:
                     "seed_out": a.projection.seed_out,
                     "seed_in": a.projection.seed_in,
                     "has_bias": getattr(a.module, "bias", None) is not None,
+                    "basis": "calibrated" if a.projection.calibrated else "seeded",
                     "parameters": a.parameter_count(),
                 }
                 for a in self.adapters
@@ -330,12 +341,147 @@ class Recorder:
             raise ConfigError("rec.step() got no example ids")
         if optimizer is not None:
             self._watch(optimizer)
+        if self._step == 0 and not self._calibrated:
+            self._first_step_without_calibration()
         self._begin("train")
         try:
             yield
             self._finish_step(id_list, lr)
         finally:
             self._end()
+
+    def _first_step_without_calibration(self) -> None:
+        if self.projection_mode == "calibrated":
+            raise RecorderError(
+                "projection='calibrated': call rec.calibrate(batches) before the first rec.step(), "
+                "or pass projection='random'"
+            )
+        if self.projection_mode == "auto" and any(not a.projection.is_identity for a in self.adapters):
+            warnings.warn(
+                "recording with the random projection: call rec.calibrate(batches) before training for "
+                "curvature-aware bases (much closer to exact retraining at the same size, BENCHMARKS.md), or pass "
+                "projection='random' to silence this",
+                DvembWarning,
+                stacklevel=4,
+            )
+        self._calibrated = True  # the decision is made: the projection no longer changes
+
+    def calibrate(
+        self,
+        batches: Iterable[Sequence[Any]],
+        *,
+        loss_fn: LossFn | None = None,
+        keep_whole_sides: bool = True,
+    ) -> int:
+        """Fit curvature-aware projection bases on a few batches, before training (the first ``rec.step``).
+
+        For every tracked Linear and Conv2d layer, sums the outer products of its inputs and of its
+        output gradients over the batches and keeps the top ``k_out`` and ``k_in`` eigenvectors as
+        the projection (:mod:`dvemb.calibration`). Output gradients are Gauss-Newton factor rows of the
+        softmax cross-entropy by default (all classes up to 32, else ``curvature_samples`` sampled
+        labels), or the gradients of ``loss_fn``. Embedding layers keep the random projection. The
+        bases go into the log (``projection.safetensors``), so query and test gradients recorded later
+        are projected the same way. Parameters and ``.grad`` are not changed. In a distributed run
+        every rank must call it; the sums are all-reduced so that all ranks use the same bases.
+
+        Args:
+            batches: iterable of ``(inputs, targets, ...)``; 4 to 16 batches are enough (BENCHMARKS.md).
+            loss_fn: per-example loss ``(outputs, targets) -> (B,)`` whose gradients define the out side;
+                default the Gauss-Newton rows of cross-entropy.
+            keep_whole_sides: a side that fits whole stays unprojected; ``False`` rotates it into its
+                eigenbasis (full rank: equal results, for checks).
+
+        Returns:
+            The number of examples used.
+        """
+        if self.projection_mode == "random":
+            raise ConfigError("calibrate() needs projection='auto' or 'calibrated'; this recorder uses 'random'")
+        if self._calibrated or self._step > 0 or self._mode != "off":
+            raise RecorderError("rec.calibrate() must run once, before the first rec.step()")
+        covariances = [FactorCovariance(a.projection.out_dim, a.projection.in_dim) for a in self.adapters]
+        fitted = [a.kind in ("linear", "conv2d") for a in self.adapters]
+        edges: list[GradientEdge | None] = [None] * len(self.adapters)
+        inputs: list[torch.Tensor | None] = [None] * len(self.adapters)
+
+        def capture(index: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                inputs[index] = self.adapters[index].raw_forward(args)
+                edges[index] = get_gradient_edge(output)
+
+        hooks = [
+            a.module.register_forward_hook(partial(capture, i)) for i, a in enumerate(self.adapters) if fitted[i]
+        ]
+        examples = 0
+        try:
+            for number, batch in enumerate(batches):
+                edges[:] = [None] * len(self.adapters)
+                inputs[:] = [None] * len(self.adapters)
+                with torch.enable_grad():
+                    outputs = self.model(batch[0])
+                    live = [(i, e) for i, e in enumerate(edges) if e is not None]
+                    for grads in self._calibration_grads(outputs, batch[1], loss_fn, [e for _, e in live], number):
+                        for (index, _), grad in zip(live, grads, strict=True):
+                            factors = inputs[index]
+                            if grad is not None and factors is not None:
+                                covariances[index].add_gradient(self.adapters[index].raw_backward(grad), factors)
+                examples += int(batch[1].shape[0])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not examples:
+            raise ConfigError("calibrate() got no batches")
+        self._apply_calibration(covariances, fitted, keep_whole_sides, examples, loss_fn is None)
+        return examples
+
+    def _calibration_grads(
+        self,
+        outputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFn | None,
+        edges: list[GradientEdge],
+        number: int,
+    ) -> Iterator[Sequence[torch.Tensor | None]]:
+        """Gradients of the layers' outputs for each curvature row (or for the loss)."""
+        if loss_fn is not None:
+            yield torch.autograd.grad(loss_fn(outputs, targets).sum(), edges, allow_unused=True)
+            return
+        samples = self.curvature_samples
+        if samples is None and (outputs.dim() != 2 or outputs.shape[-1] > 32):
+            samples = 1
+        generator = torch.Generator(device=outputs.device).manual_seed(self.seed * 1_000_003 - 1 - number)
+        for row in logit_factor_rows(outputs, samples=samples, position_reduction="mean", generator=generator):
+            yield torch.autograd.grad(outputs, edges, grad_outputs=row, retain_graph=True, allow_unused=True)
+
+    def _apply_calibration(
+        self,
+        covariances: list[FactorCovariance],
+        fitted: list[bool],
+        keep_whole_sides: bool,
+        examples: int,
+        ggn: bool,
+    ) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
+            for cov in covariances:  # every rank must use the same bases
+                for matrix in (cov.out_cov, cov.in_cov):
+                    torch.distributed.all_reduce(matrix)
+        tensors: dict[str, torch.Tensor] = {}
+        for adapter, cov, fit in zip(self.adapters, covariances, fitted, strict=True):
+            if not fit:
+                continue
+            projection = calibrated_projection(adapter.projection, cov, keep_whole_sides=keep_whole_sides)
+            adapter.set_projection(projection)
+            for side, basis in (("out", projection.basis_out), ("in", projection.basis_in)):
+                if basis is not None:
+                    tensors[fmt.basis_key(side, adapter.name)] = basis
+        info = {
+            "kind": "calibrated",
+            "seed": self.seed,
+            "calibration": {"examples": examples, "factors": "ggn" if ggn else "loss"},
+        }
+        for entry, adapter in zip(self._writer.manifest["layers"], self.adapters, strict=True):
+            entry["basis"] = "calibrated" if adapter.projection.calibrated else "seeded"
+        self._writer.write_projection(tensors, info)
+        self._calibrated = True
 
     def _watch(self, optimizer: torch.optim.Optimizer) -> None:
         if self._optimizer is not None and self._optimizer.optimizer is optimizer:

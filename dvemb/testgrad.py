@@ -1,8 +1,9 @@
-"""Project a model's ordinary gradient into a log's space, from the log's manifest alone.
+"""Project a model's ordinary gradient into a log's space.
 
 This is the client side of ad-hoc queries: compute ``loss.backward()`` for one test example at
-the final model, then ``project_model_gradient(manifest, model)`` gives the same vectors the
-recorder stores for query sets, ready to score against the run.
+the final model, then ``project_model_gradient(dvemb.open_log(dir), model)`` gives the same vectors
+the recorder stores for query sets, ready to score against the run. A random projection is rebuilt
+from the manifest alone; a calibrated one needs the log (its ``projection.safetensors``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from dvemb.errors import ConfigError
-from dvemb.reader import LayerInfo, layers_from_manifest
+from dvemb.reader import GradientLog, LayerInfo, layers_from_manifest
 
 __all__ = ["project_model_gradient"]
 
@@ -32,19 +33,26 @@ def _gradient_matrix(layer: LayerInfo, module: nn.Module) -> torch.Tensor:
     return grad
 
 
-def project_model_gradient(manifest: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+def project_model_gradient(log: GradientLog | dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
     """Project the gradients in ``model``'s parameters' ``.grad`` as the log's recorder would.
 
     Args:
-        manifest: the log's ``manifest.json`` as a dict (``GradientLog.manifest``).
+        log: the log (``dvemb.open_log(dir)``), or its ``manifest.json`` as a dict when the
+            projection is the random one.
         model: the trained model, after ``loss.backward()`` of one test example's loss.
 
     Returns:
         layer name -> (d_l,) projected gradient.
     """
+    if isinstance(log, GradientLog):
+        layers = log.layers
+    elif log.get("projection_files"):
+        raise ConfigError("this log's projection is calibrated: pass dvemb.open_log(log_dir), not its manifest")
+    else:
+        layers = layers_from_manifest(log)
     modules = dict(model.named_modules())
     projected = {}
-    for layer in layers_from_manifest(manifest):
+    for layer in layers:
         module = modules.get(layer.name)
         if module is None:
             raise ConfigError(f"the model has no module {layer.name!r}, which the log tracks; pass the recorded model")

@@ -319,6 +319,18 @@ class LogWriter:
         self.manifest["query_sets"] = [q for q in self.manifest["query_sets"] if q["name"] != name] + [entry]
         self._save_manifest()
 
+    def write_projection(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Write the calibrated projection bases (before any shard) and list the file in the manifest."""
+        self._check_open()
+        if self.manifest["shards"] or self._pending:
+            raise ConfigError("the projection must be written before the first step is recorded")
+        path = self._write_tensors_atomic(
+            fmt.PROJECTION_FILE, {k: v.to("cpu", torch.float64).contiguous() for k, v in tensors.items()}, {}
+        )
+        self.manifest["projection_files"] = [_file_entry(path)]
+        self.manifest["projection"] = info
+        self._save_manifest()
+
     def add_examples(self, records: list[dict[str, Any]], *, flush_bytes: int = 8 << 20) -> None:
         """Buffer example metadata records; written as JSON lines with the next shard or at close."""
         self._check_open()

@@ -17,10 +17,10 @@ import dvemb
 
 
 def adhoc_query(server: str, token: str, job_id: int, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
-    manifest = dvemb.open_log("runs/plain").manifest
+    log = dvemb.open_log("runs/plain")  # the log, not only its manifest: a calibrated projection lives in it
     model.zero_grad()
     F.cross_entropy(model(x[None]), y[None]).backward()  # the test example's own loss, at the final model
-    gradient = {name: vector.tolist() for name, vector in dvemb.project_model_gradient(manifest, model).items()}
+    gradient = {name: vector.tolist() for name, vector in dvemb.project_model_gradient(log, model).items()}
     response = httpx.post(
         f"{server}/api/v1/jobs/{job_id}/queries",
         json={"gradients": [gradient], "top_k": 5},

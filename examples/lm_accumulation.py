@@ -18,6 +18,7 @@ windows = data[: (len(data) // (length + 1)) * (length + 1)].view(-1, length + 1
 model = CharLM(len(vocab), length=length)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
 rec = dvemb.Recorder(model, "runs/lm", proj_dim=64, overwrite=True)  # mean loss over the step's examples
+rec.calibrate((w[:, :-1], w[:, 1:]) for w in windows[:256].split(32))  # curvature-aware projection bases
 for _ in range(50):
     ids = torch.randint(0, len(windows), (micro * accumulation,))
     with rec.step(ids, optimizer):

@@ -17,6 +17,7 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
 rec = dvemb.Recorder(model, "runs/plain", curvature="ggn", overwrite=True)  # +
 rec.describe(range(1400), labels=y[train].tolist(), images=digits.images[train] / 16.0)  # + (optional)
+rec.calibrate((x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32))  # + curvature-aware projection bases
 for _ in range(3):
     order = torch.randperm(1400)
     for start in range(0, 1400, 32):

@@ -14,7 +14,8 @@ LOG_FILE_NAME = re.compile(
     r"^(manifest(\.rank[0-9]{1,4})?\.json"
     r"|shard-r[0-9]{1,4}-[0-9]{6}\.safetensors"
     r"|queries-[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.safetensors"
-    r"|examples-[0-9]{6}\.jsonl)$"
+    r"|examples-[0-9]{6}\.jsonl"
+    r"|projection\.safetensors)$"
 )
 
 
@@ -22,7 +23,7 @@ def check_log_file_name(name: str) -> str:
     if not LOG_FILE_NAME.fullmatch(name) or ".." in name:  # fullmatch: '$' would accept a trailing newline
         raise BadRequest(
             f"file name {name!r} is not a gradient-log file name (manifest.json, shard-rR-NNNNNN.safetensors, "
-            "queries-NAME.safetensors, examples-NNNNNN.jsonl); paths are not accepted"
+            "queries-NAME.safetensors, examples-NNNNNN.jsonl, projection.safetensors); paths are not accepted"
         )
     return name
 

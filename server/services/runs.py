@@ -52,7 +52,7 @@ def expected_files(run: Run) -> list[str]:
     manifests = (run.manifest or {}).get("ranks", [])
     names = [f"manifest.rank{r}.json" if r else "manifest.json" for r in range(len(manifests))]
     for manifest in manifests:
-        for key in ("shards", "query_sets", "example_files"):
+        for key in ("shards", "query_sets", "example_files", "projection_files"):
             names += [str(e["file"]) for e in manifest.get(key, [])]
     return names
 
