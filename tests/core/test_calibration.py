@@ -1,0 +1,187 @@
+"""Calibrated (curvature-aware) projections: reproducible from the log, exact at full rank, and
+what the recorder refuses."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from core_models import mlp
+from safetensors.torch import load_file
+
+import dvemb
+from dvemb import logformat as fmt
+from dvemb.calibration import FactorCovariance, top_eigenvectors
+from dvemb.engine import ComputeArguments, compute
+
+
+def _data(n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(n, 5, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+
+
+def _record(
+    log_dir: Path,
+    *,
+    calibrate: bool,
+    proj_dim: object = (2, 3),
+    keep_whole_sides: bool = True,
+    optimizer: str = "sgd",
+    loss_fn: object = None,
+) -> torch.nn.Module:
+    """8 steps of batch 6 (sum loss, ggn, float64) after an optional calibration on 4 batches."""
+    torch.manual_seed(0)
+    model = mlp(inputs=5, hidden=4, classes=3)
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+        if optimizer == "momentum"
+        else torch.optim.SGD(model.parameters(), lr=0.3)
+    )
+    x, y = _data()
+    rec = dvemb.Recorder(
+        model,
+        log_dir,
+        proj_dim=proj_dim,
+        dtype="float64",
+        curvature="ggn",
+        loss_reduction="sum",
+        shard_steps=3,
+        projection="calibrated" if calibrate else "random",
+    )
+    if calibrate:
+        used = rec.calibrate(
+            [(x[i : i + 6], y[i : i + 6]) for i in range(0, 24, 6)],
+            keep_whole_sides=keep_whole_sides,
+            loss_fn=loss_fn,  # type: ignore[arg-type]
+        )
+        assert used == 24
+    for step in range(8):
+        ids = list(range(6 * step, 6 * step + 6))
+        with rec.step(ids, opt):
+            logits = model(x[ids])
+            rec.curvature(logits)
+            F.cross_entropy(logits, y[ids], reduction="sum").backward()
+            opt.step()
+            opt.zero_grad()
+    rec.record_queries("val", [(x[:5], y[:5])])
+    rec.close()
+    return model
+
+
+def test_bases_are_the_top_eigenvectors_of_gradient_weighted_factor_covariances(tmp_path: Path) -> None:
+    """Against a naive build: per-example gradients G = delta a^T of each curvature row, sum G G^T and G^T G."""
+    _record(tmp_path / "log", calibrate=True)
+    torch.manual_seed(0)
+    model = mlp(inputs=5, hidden=4, classes=3)  # the same initial model
+    x, y = _data()
+    layer = model[0]
+    acts: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda m, a, o: acts.append(torch.cat([a[0], torch.ones(len(a[0]), 1)], 1)))
+    left, right = torch.zeros(4, 4), torch.zeros(6, 6)
+    for i in range(0, 24, 6):
+        out = model[0](x[i : i + 6])
+        logits = model[2](torch.relu(out))  # not the in-place ReLU: out must stay the layer output
+        p = torch.softmax(logits, 1)
+        for c in range(3):  # all-class Gauss-Newton rows: sqrt(p_c) (p - e_c)
+            row = p.sqrt()[:, c : c + 1] * (p - F.one_hot(torch.full((6,), c), 3))
+            (delta,) = torch.autograd.grad(logits, out, grad_outputs=row.detach(), retain_graph=True)
+            for b in range(6):
+                g = delta[b][:, None] * acts[-1][b][None, :]  # (4, 6) per-example gradient of this row
+                left += g @ g.T
+                right += g.T @ g
+    handle.remove()
+    stored = load_file(str(tmp_path / "log" / fmt.PROJECTION_FILE))
+    torch.testing.assert_close(stored[fmt.basis_key("out", "0")], top_eigenvectors(left, 2), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(stored[fmt.basis_key("in", "0")], top_eigenvectors(right, 3), rtol=1e-8, atol=1e-10)
+
+
+def test_calibrated_projection_is_reproducible_from_the_log(tmp_path: Path) -> None:
+    """Queries projected later from the log alone equal the ones the recorder stored."""
+    model = _record(tmp_path / "log", calibrate=True)
+    log = dvemb.open_log(tmp_path / "log")
+    assert log.manifest["projection"]["kind"] == "calibrated"
+    assert all(layer.projection.calibrated for layer in log.layers)
+    stored = log.load_query_set("val")
+    x, y = _data()
+    for i in range(5):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        projected = dvemb.project_model_gradient(log, model)
+        for name, vector in projected.items():
+            torch.testing.assert_close(vector, stored.grads[name][i], rtol=1e-10, atol=1e-12)
+    with pytest.raises(dvemb.ConfigError, match="calibrated"):
+        dvemb.project_model_gradient(log.manifest, model)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_full_rank_calibrated_bases_give_the_unprojected_scores(tmp_path: Path, optimizer: str) -> None:
+    """Bases of full rank rotate each layer's space: every dot product, hence every score, is unchanged."""
+    _record(tmp_path / "whole", calibrate=False, proj_dim=None, optimizer=optimizer)
+    _record(tmp_path / "rotated", calibrate=True, proj_dim=(100, 100), keep_whole_sides=False, optimizer=optimizer)
+    rotated_log = dvemb.open_log(tmp_path / "rotated")
+    assert all(not layer.projection.is_identity for layer in rotated_log.layers)
+    results = {}
+    for name in ("whole", "rotated"):
+        compute(tmp_path / name, tmp_path / f"out-{name}", ComputeArguments(accumulate_dtype="float64"))
+        results[name] = np.load(tmp_path / f"out-{name}" / "scores-val.npy")
+    whole, rotated = results["whole"], results["rotated"]
+    assert np.abs(whole).max() > 1e-3
+    np.testing.assert_allclose(rotated, whole, rtol=0, atol=1e-10 * np.abs(whole).max())
+    # and the rotation is real: the stored gradients differ from the unprojected ones
+    a = next(dvemb.open_log(tmp_path / "whole").iter_shards()).grads["0"]
+    b = next(rotated_log.iter_shards()).grads["0"]
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_calibration_with_a_loss_function_and_covariance_sums() -> None:
+    cov = FactorCovariance(2, 3)
+    u, v = torch.randn(4, 1, 2), torch.randn(4, 1, 3)
+    cov.add_gradient(u, v)
+    g = u[:, 0, :, None] * v[:, 0, None, :]  # (4, 2, 3)
+    torch.testing.assert_close(cov.out_cov, torch.einsum("boi,bpi->op", g, g).double())
+    torch.testing.assert_close(cov.in_cov, torch.einsum("boi,boj->ij", g, g).double())
+
+
+def test_loss_gradients_can_define_the_out_side(tmp_path: Path) -> None:
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+    _record(tmp_path / "log", calibrate=True, loss_fn=loss)
+    assert dvemb.open_log(tmp_path / "log").manifest["projection"]["calibration"]["factors"] == "loss"
+
+
+def test_what_the_recorder_refuses(tmp_path: Path) -> None:
+    x, y = _data()
+    model = mlp(inputs=5, hidden=4, classes=3)
+    rec = dvemb.Recorder(model, tmp_path / "a", proj_dim=(2, 3), projection="calibrated")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(dvemb.RecorderError, match="calibrate"), rec.step([0], optimizer):
+        pass
+    rec.close()
+    rec = dvemb.Recorder(model, tmp_path / "b", proj_dim=(2, 3), projection="random")
+    with pytest.raises(dvemb.ConfigError, match="random"):
+        rec.calibrate([(x, y)])
+    rec.close()
+    rec = dvemb.Recorder(model, tmp_path / "c", proj_dim=(2, 3))
+    with pytest.warns(dvemb.DvembWarning, match="random projection"):
+        _step(rec, optimizer, model, x, y)
+    with pytest.raises(dvemb.RecorderError, match="before the first"):
+        rec.calibrate([(x, y)])
+    rec.close()
+    rec = dvemb.Recorder(model, tmp_path / "d", proj_dim=(2, 3))
+    rec.calibrate([(x, y)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # calibrated: no advice to give
+        _step(rec, optimizer, model, x, y)
+    rec.close()
+
+
+def _step(rec: dvemb.Recorder, optimizer: torch.optim.Optimizer, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    with rec.step(list(range(len(x))), optimizer):
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
