@@ -324,11 +324,12 @@ class LogWriter:
         self._check_open()
         if self.manifest["shards"] or self._pending:
             raise ConfigError("the projection must be written before the first step is recorded")
-        path = self._write_tensors_atomic(
-            fmt.PROJECTION_FILE, {k: v.to("cpu", torch.float64).contiguous() for k, v in tensors.items()}, {}
-        )
-        self.manifest["projection_files"] = [_file_entry(path)]
         self.manifest["projection"] = info
+        if self.rank == 0:  # every rank holds the same bases; rank 0's manifest lists the one file
+            path = self._write_tensors_atomic(
+                fmt.PROJECTION_FILE, {k: v.to("cpu", torch.float64).contiguous() for k, v in tensors.items()}, {}
+            )
+            self.manifest["projection_files"] = [_file_entry(path)]
         self._save_manifest()
 
     def add_examples(self, records: list[dict[str, Any]], *, flush_bytes: int = 8 << 20) -> None:

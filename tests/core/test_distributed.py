@@ -29,8 +29,11 @@ _SCRIPT = textwrap.dedent(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2) if sys.argv[3] == "sgd" else torch.optim.Adam(model.parameters(), lr=0.01)
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 6, 6, generator=generator), torch.randint(0, 3, (4, 6), generator=generator)
-    rec = dvemb.Recorder(trained, log_dir, proj_dim=None, dtype="float64", shard_steps=2)
+    calibrated = sys.argv[4] == "calibrated"
+    rec = dvemb.Recorder(trained, log_dir, proj_dim=(3, 4) if calibrated else None, dtype="float64", shard_steps=2)
     local = slice(3 * rank, 3 * rank + 3) if distributed else slice(0, 6)
+    if calibrated:  # each rank sees its half of the batches; the all-reduced sums give everyone the same bases
+        rec.calibrate([(x[s, local], y[s, local]) for s in range(4)])
     for step in range(4):
         ids = [6 * step + i for i in range(6)][local]
         with rec.step(ids, optimizer):
@@ -50,8 +53,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_two_ranks_merge_into_the_single_process_log(tmp_path: Path, optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer", "projection"), [("sgd", "whole"), ("adam", "whole"), ("sgd", "calibrated")])
+def test_two_ranks_merge_into_the_single_process_log(tmp_path: Path, optimizer: str, projection: str) -> None:
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -61,13 +64,13 @@ def test_two_ranks_merge_into_the_single_process_log(tmp_path: Path, optimizer: 
     }
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", _SCRIPT, str(tmp_path / "ddp"), "ddp", optimizer], env={**env, "RANK": str(r)}
+            [sys.executable, "-c", _SCRIPT, str(tmp_path / "ddp"), "ddp", optimizer, projection], env={**env, "RANK": str(r)}
         )
         for r in range(2)
     ]
     assert [p.wait(timeout=120) for p in ranks] == [0, 0]
     subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(tmp_path / "single"), "single", optimizer], check=True, timeout=120
+        [sys.executable, "-c", _SCRIPT, str(tmp_path / "single"), "single", optimizer, projection], check=True, timeout=120
     )
 
     ddp, single = dvemb.open_log(tmp_path / "ddp"), dvemb.open_log(tmp_path / "single")
