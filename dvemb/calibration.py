@@ -77,7 +77,8 @@ def top_eigenvectors(cov: torch.Tensor, k: int) -> torch.Tensor:
     top = vectors[:, -k:].flip(1) if k else vectors[:, :0]
     peak = top.abs().argmax(0)
     signs = torch.sign(top[peak, torch.arange(top.shape[1])])
-    return top * torch.where(signs == 0, torch.ones_like(signs), signs)
+    fixed: torch.Tensor = top * torch.where(signs == 0, torch.ones_like(signs), signs)
+    return fixed
 
 
 def calibrated_projection(

@@ -408,9 +408,7 @@ class Recorder:
                 inputs[index] = self.adapters[index].raw_forward(args)
                 edges[index] = get_gradient_edge(output)
 
-        hooks = [
-            a.module.register_forward_hook(partial(capture, i)) for i, a in enumerate(self.adapters) if fitted[i]
-        ]
+        hooks = [a.module.register_forward_hook(partial(capture, i)) for i, a in enumerate(self.adapters) if fitted[i]]
         examples = 0
         try:
             for number, batch in enumerate(batches):

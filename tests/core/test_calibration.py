@@ -77,7 +77,7 @@ def test_bases_are_the_top_eigenvectors_of_gradient_weighted_factor_covariances(
     _record(tmp_path / "log", calibrate=True)
     torch.manual_seed(0)
     model = mlp(inputs=5, hidden=4, classes=3)  # the same initial model
-    x, y = _data()
+    x, _ = _data()
     layer = model[0]
     acts: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda m, a, o: acts.append(torch.cat([a[0], torch.ones(len(a[0]), 1)], 1)))
@@ -180,7 +180,9 @@ def test_what_the_recorder_refuses(tmp_path: Path) -> None:
     rec.close()
 
 
-def _step(rec: dvemb.Recorder, optimizer: torch.optim.Optimizer, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+def _step(
+    rec: dvemb.Recorder, optimizer: torch.optim.Optimizer, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> None:
     with rec.step(list(range(len(x))), optimizer):
         F.cross_entropy(model(x), y).backward()
         optimizer.step()

@@ -64,13 +64,16 @@ def test_two_ranks_merge_into_the_single_process_log(tmp_path: Path, optimizer: 
     }
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", _SCRIPT, str(tmp_path / "ddp"), "ddp", optimizer, projection], env={**env, "RANK": str(r)}
+            [sys.executable, "-c", _SCRIPT, str(tmp_path / "ddp"), "ddp", optimizer, projection],
+            env={**env, "RANK": str(r)},
         )
         for r in range(2)
     ]
     assert [p.wait(timeout=120) for p in ranks] == [0, 0]
     subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(tmp_path / "single"), "single", optimizer, projection], check=True, timeout=120
+        [sys.executable, "-c", _SCRIPT, str(tmp_path / "single"), "single", optimizer, projection],
+        check=True,
+        timeout=120,
     )
 
     ddp, single = dvemb.open_log(tmp_path / "ddp"), dvemb.open_log(tmp_path / "single")
