@@ -8,6 +8,7 @@ extra autograd work is the optional curvature pass of the ``ggn`` mode and the q
 Typical use::
 
     rec = dvemb.Recorder(model, "runs/exp1", proj_dim=256, curvature="ggn")
+    rec.calibrate(calibration_batches)             # (inputs, targets) batches: curvature-aware bases
     for x, y, ids in loader:
         with rec.step(ids, optimizer):
             logits = model(x)
@@ -478,6 +479,7 @@ class Recorder:
         }
         for entry, adapter in zip(self._writer.manifest["layers"], self.adapters, strict=True):
             entry["basis"] = "calibrated" if adapter.projection.calibrated else "seeded"
+            entry["k_out"], entry["k_in"] = adapter.projection.k_out, adapter.projection.k_in
         self._writer.write_projection(tensors, info)
         self._calibrated = True
 
