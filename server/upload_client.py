@@ -70,8 +70,11 @@ def _settled_run(server: str, headers: dict[str, str], run_id: int, timeout: flo
     while True:
         run: dict[str, Any] = httpx.get(f"{server}/api/v1/runs/{run_id}", headers=headers).json()
         pending = [f for f in run["files"] if f["status"] in ("received", "validating")]
-        if not pending or not run["missing_files"] or time.monotonic() > deadline:
+        if time.monotonic() > deadline or run["status"] == "ready":
             return run
+        if not pending and run["missing_files"]:
+            return run  # judged, and something is missing or was rejected
+        # Nothing pending and nothing missing, but not ready yet: the run's status is being settled; ask again.
         if all(f["error"] for f in pending) and "manifest.json" in run["missing_files"]:
             return run  # waiting for a manifest that was not uploaded
         time.sleep(0.2)

@@ -77,6 +77,21 @@ def run_validate_file(file_id: int) -> None:
         assert locked is not None
         _update_run(session, locked)
         session.commit()
+    _settle_run(upload.run_id)
+
+
+def _settle_run(run_id: int) -> None:
+    """A second look in a fresh transaction: the run is ready once every file it lists is, even when the
+    validator that marked the last file could not see another file's commit (SQLite has no row locks)."""
+    with session_factory()() as session:
+        run = session.get(Run, run_id, with_for_update=True)
+        if run is None or run.status != "uploading":
+            return
+        ready = set(session.scalars(select(LogFile.name).where(LogFile.run_id == run_id, LogFile.status == "ready")))
+        expected = expected_files(run)
+        if expected and all(name in ready for name in expected):
+            run.status = "ready"
+            session.commit()
 
 
 def _wait_for_manifest(session: Session, upload: LogFile, staging: Any) -> None:
