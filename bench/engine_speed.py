@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -91,6 +92,18 @@ def run_dattri(grads: list[torch.Tensor], lrs: list[float]) -> tuple[float, torc
     return time.perf_counter() - start, attributor.embeddings[0]
 
 
+def synthetic_writer(directory: Path, layers: list[dict[str, Any]], optimizer: dict[str, Any]) -> LogWriter:
+    """The real writer for a synthetic log (mean loss, empirical curvature, shards of 64 MB)."""
+    manifest = {
+        "world_size": 1,
+        "loss_reduction": "mean",
+        "layers": layers,
+        "curvature": {"mode": "empirical", "samples": None, "rows_per_example": None},
+        "optimizer": optimizer,
+    }
+    return LogWriter(directory, manifest, shard_bytes=64 << 20)
+
+
 def write_log(directory: Path, steps: int, batch: int, dims: list[int]) -> None:
     """A synthetic log (random gradients, one query set) written with the real writer."""
     layers = [
@@ -108,17 +121,7 @@ def write_log(directory: Path, steps: int, batch: int, dims: list[int]) -> None:
         }
         for i, d in enumerate(dims)
     ]
-    writer = LogWriter(
-        directory,
-        {
-            "world_size": 1,
-            "loss_reduction": "mean",
-            "layers": layers,
-            "curvature": {"mode": "empirical", "samples": None, "rows_per_example": None},
-            "optimizer": {"type": "SGD", "exact_sgd": True},
-        },
-        shard_bytes=64 << 20,
-    )
+    writer = synthetic_writer(directory, layers, {"type": "SGD", "exact_sgd": True})
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
         grads = {f"l{i}": torch.randn(batch, d, generator=generator) / d**0.5 for i, d in enumerate(dims)}

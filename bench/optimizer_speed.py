@@ -31,11 +31,12 @@ import torch
 from torch import nn
 
 import dvemb
+from bench.engine_speed import synthetic_writer
 from bench.markdown import replace_section
 from bench.recorder_overhead import Batch, ce_loss, digits_task, lm_task
 from dvemb import logformat as fmt
 from dvemb.engine import ComputeArguments, compute
-from dvemb.writer import LogWriter, StepRecord
+from dvemb.writer import StepRecord
 
 SECTION = "Optimizer-exact speed"
 OUT = Path(__file__).parent / "out"
@@ -129,17 +130,7 @@ def write_log(directory: Path, propagation: str, steps: int, batch: int) -> None
     ]
     kind = {"sgd": "SGD", "momentum": "SGD", "adam": "Adam", "adamw": "AdamW"}[propagation]
     optimizer = {"type": kind, "exact_sgd": propagation == "sgd", "propagation": propagation, "nesterov": False}
-    writer = LogWriter(
-        directory,
-        {
-            "world_size": 1,
-            "loss_reduction": "mean",
-            "layers": layers,
-            "curvature": {"mode": "empirical", "samples": None, "rows_per_example": None},
-            "optimizer": optimizer,
-        },
-        shard_bytes=64 << 20,
-    )
+    writer = synthetic_writer(directory, layers, optimizer)
     generator = torch.Generator().manual_seed(0)
     n = LAYERS
     for step in range(steps):
