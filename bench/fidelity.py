@@ -45,6 +45,7 @@ class Setup:
     optimizer: str = "sgd"  # "sgd", "momentum", "adam" or "adamw" (see OPTIMIZERS)
     projection: str = "random"  # or "calibrated": rec.calibrate() on calibration_batches batches first
     calibration_batches: int = 8
+    lookahead_steps: int = 0  # calibrate at the model this many optimizer steps into training (restored after)
 
 
 #: The optimizer of each Setup.optimizer, with the rate it trains the digits MLP well at.
@@ -112,10 +113,11 @@ def train(
     if setup.projection == "calibrated":
         # Batches of the training set in an order of their own: training's generator is not touched.
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(setup.seed + 7))
-        rec.calibrate(
+        calibration = [
             (x[order[i * setup.batch : (i + 1) * setup.batch]], y[order[i * setup.batch : (i + 1) * setup.batch]])
             for i in range(setup.calibration_batches)
-        )
+        ]
+        rec.calibrate(calibration, optimizer=optimizer, lookahead_steps=setup.lookahead_steps)
     generator = torch.Generator().manual_seed(setup.seed)
     per_epoch = len(x) // setup.batch
     batches: list[torch.Tensor] = []

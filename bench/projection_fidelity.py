@@ -36,6 +36,7 @@ from bench.recorder_overhead import ce_loss, lm_task
 
 SECTION = "Projection fidelity"
 SIZES = (64, 256, 1024)
+KINDS = ("random", "calibrated", "look-ahead")
 
 
 def run_one(setup: Setup, work: Path) -> dict[str, float]:
@@ -47,8 +48,10 @@ def run_one(setup: Setup, work: Path) -> dict[str, float]:
         est = dvemb_scores(work / "whole", work / f"o-whole-{curvature}", pairs, setup, curvature=curvature)
         result[f"none/{curvature}"] = correlation(est, truth, spearman=True)
     for size in SIZES:
-        for kind in ("random", "calibrated"):
-            s = replace(setup, projection=kind)
+        for kind in KINDS:
+            s = replace(setup, projection="random" if kind == "random" else "calibrated")
+            if kind == "look-ahead":
+                s = replace(s, lookahead_steps=setup.steps // 10)
             log = work / f"{kind}-{size}"
             train(s, log, curvature="ggn", proj_dim=size)
             for curvature in ("ggn", "empirical"):
@@ -110,17 +113,21 @@ def markdown(runs: dict[str, list[dict[str, float]]], cost: dict[str, float], me
         f"Digits MLP 64-{setup.hidden}-10 (tanh), SGD lr {setup.lr} (summed loss), {setup.steps} steps of batch "
         f"{setup.batch}, {setup.pairs} pairs x {setup.test_size} test points, 3 seeds per schedule; per-layer blocks. "
         "'calibrated': `rec.calibrate()` on 8 batches at initialisation (Gauss-Newton rows, gradient-weighted "
-        "factor covariances); 'random': the seeded Gaussian Kronecker projection. A size is per layer "
+        "factor covariances); 'look-ahead': the same after `lookahead_steps` = 10% of training on the calibration "
+        "batches (`rec.calibrate(..., optimizer=opt, lookahead_steps=12)`, model and optimizer restored after: the "
+        "trajectory is checked bit for bit); 'random': the seeded Gaussian Kronecker projection. A size is per layer "
         "(k x k, a side that fits whole is kept whole). Mean Spearman against exact replay, mean over seeds (min-max).",
         "",
-        "| schedule | curvature | no projection | random 64 | calibrated 64 | random 256 | calibrated 256 | random 1024 | calibrated 1024 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| schedule | curvature | no projection | "
+        + " | ".join(f"{kind} {size}" for size in SIZES for kind in KINDS)
+        + " |",
+        "|---|---|---:|" + "---:|" * (len(SIZES) * len(KINDS)),
     ]
     for schedule, results in runs.items():
         for curvature in ("ggn", "empirical"):
             cells = [_cell([r[f"none/{curvature}"] for r in results])]
             for size in SIZES:
-                for kind in ("random", "calibrated"):
+                for kind in KINDS:
                     cells.append(_cell([r[f"{kind}/{size}/{curvature}"] for r in results]))
             lines.append(f"| {schedule} | {curvature} | " + " | ".join(cells) + " |")
     lines += [

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -373,6 +374,8 @@ class Recorder:
         *,
         loss_fn: LossFn | None = None,
         keep_whole_sides: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
+        lookahead_steps: int = 0,
     ) -> int:
         """Fit curvature-aware projection bases on a few batches, before training (the first ``rec.step``).
 
@@ -391,6 +394,11 @@ class Recorder:
                 default the Gauss-Newton rows of cross-entropy.
             keep_whole_sides: a side that fits whole stays unprojected; ``False`` rotates it into its
                 eigenbasis (full rank: equal results, for checks).
+            optimizer: the training optimizer, for ``lookahead_steps``.
+            lookahead_steps: first take this many optimizer steps on the calibration batches
+                (cross-entropy or ``loss_fn``, reduced as ``loss_reduction`` says), fit the bases at the model reached, then restore
+                the parameters, buffers, optimizer state and random state exactly: bases of the early
+                training phase, estimated before training (BENCHMARKS.md, "Projection fidelity").
 
         Returns:
             The number of examples used.
@@ -399,6 +407,29 @@ class Recorder:
             raise ConfigError("calibrate() needs projection='auto' or 'calibrated'; this recorder uses 'random'")
         if self._calibrated or self._step > 0 or self._mode != "off":
             raise RecorderError("rec.calibrate() must run once, before the first rec.step()")
+        if lookahead_steps < 0 or (lookahead_steps and optimizer is None):
+            raise ConfigError("lookahead_steps must be >= 0 and needs optimizer=... (the one that trains the model)")
+        batches = list(batches)
+        if lookahead_steps and batches:
+            with _restored(self.model, optimizer):
+                self._look_ahead(batches, loss_fn, optimizer, lookahead_steps)  # type: ignore[arg-type]
+                return self._calibrate(batches, loss_fn, keep_whole_sides)
+        return self._calibrate(batches, loss_fn, keep_whole_sides)
+
+    def _look_ahead(
+        self, batches: list[Sequence[Any]], loss_fn: LossFn | None, optimizer: torch.optim.Optimizer, steps: int
+    ) -> None:
+        for step in range(steps):
+            batch = batches[step % len(batches)]
+            with torch.enable_grad():
+                outputs = self.model(batch[0])
+                per_example = (loss_fn or _default_loss)(outputs, batch[1])
+                loss = per_example.sum() if self.loss_reduction == "sum" else per_example.mean()
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def _calibrate(self, batches: list[Sequence[Any]], loss_fn: LossFn | None, keep_whole_sides: bool) -> int:
         covariances = [FactorCovariance(a.projection.out_dim, a.projection.in_dim) for a in self.adapters]
         fitted = [a.kind in ("linear", "conv2d") for a in self.adapters]
         edges: list[GradientEdge | None] = [None] * len(self.adapters)
@@ -766,6 +797,29 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def _restored(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Run a block, then put the model's parameters and buffers, the optimizer's state and the random
+    state back exactly as they were (look-ahead calibration trains in place)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()}
+    optimizer_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    grads = {id(p): (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            model.load_state_dict(state)
+        for p in model.parameters():
+            p.grad = grads[id(p)]
+        if optimizer is not None and optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

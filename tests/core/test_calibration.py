@@ -187,3 +187,40 @@ def _step(
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def test_look_ahead_calibration_restores_the_model_and_optimizer_exactly(tmp_path: Path) -> None:
+    """Bases are fitted a few optimizer steps into training, then everything is put back: the recorded run
+    is bit for bit the run without calibration, and the bases differ from those fitted at initialisation."""
+    x, y = _data()
+    batches = [(x[i : i + 6], y[i : i + 6]) for i in range(0, 24, 6)]
+
+    def run(name: str, lookahead: int | None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = mlp(inputs=5, hidden=4, classes=3)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        rec = dvemb.Recorder(
+            model, tmp_path / name, proj_dim=(2, 3), projection="auto" if lookahead is None else "calibrated"
+        )
+        if lookahead is not None:
+            rec.calibrate(batches, optimizer=optimizer, lookahead_steps=lookahead)
+        params = []
+        for step in range(4):
+            with rec.step(list(range(6 * step, 6 * step + 6)), optimizer):
+                F.cross_entropy(model(x[6 * step : 6 * step + 6]), y[6 * step : 6 * step + 6]).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        rec.close()
+        bases = load_file(str(tmp_path / name / fmt.PROJECTION_FILE)) if lookahead is not None else {}
+        return params, bases
+
+    plain, _ = run("plain", None)
+    ahead, ahead_bases = run("ahead", 6)
+    _, init_bases = run("init", 0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, ahead, strict=True))
+    assert (ahead_bases[fmt.basis_key("in", "0")] - init_bases[fmt.basis_key("in", "0")]).abs().max() > 1e-3
+    rec = dvemb.Recorder(mlp(inputs=5, hidden=4, classes=3), tmp_path / "bad", proj_dim=(2, 3))
+    with pytest.raises(dvemb.ConfigError, match="optimizer"):
+        rec.calibrate(batches, lookahead_steps=3)
+    rec.close()
