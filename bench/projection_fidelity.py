@@ -53,7 +53,9 @@ def run_one(setup: Setup, work: Path) -> dict[str, float]:
             if kind == "look-ahead":
                 s = replace(s, lookahead_steps=setup.steps // 10)
             log = work / f"{kind}-{size}"
-            train(s, log, curvature="ggn", proj_dim=size)
+            recorded = train(s, log, curvature="ggn", proj_dim=size)
+            if not all(torch.equal(a[k], b[k]) for a, b in zip(whole.params, recorded.params, strict=True) for k in a):
+                raise RuntimeError(f"{kind} recording changed the training trajectory")
             for curvature in ("ggn", "empirical"):
                 est = dvemb_scores(log, work / f"o-{kind}-{size}-{curvature}", pairs, s, curvature=curvature)
                 result[f"{kind}/{size}/{curvature}"] = correlation(est, truth, spearman=True)
