@@ -57,7 +57,10 @@ def train_digits(log_dir: Path, *, quick: bool, seed: int = 0, flip_share: float
     batch, epochs = 32, 4 if quick else 6
     # Curvature-aware projection bases from a few batches at the start (docs/recorder.md).
     calibration = torch.from_numpy(rng.permutation(n_train)[: 8 * batch]).split(batch)
-    rec.calibrate((x[train][ids], noisy[ids]) for ids in calibration)
+    total_steps = epochs * (n_train // batch)
+    rec.calibrate(
+        [(x[train][ids], noisy[ids]) for ids in calibration], optimizer=optimizer, lookahead_steps=total_steps // 10
+    )
     for _ in range(epochs):
         perm = torch.from_numpy(rng.permutation(n_train))
         for start in range(0, n_train - batch + 1, batch):
