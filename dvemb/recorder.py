@@ -23,8 +23,8 @@ Typical use::
 from __future__ import annotations
 
 import base64
-import fnmatch
 import copy
+import fnmatch
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -396,8 +396,9 @@ class Recorder:
                 eigenbasis (full rank: equal results, for checks).
             optimizer: the training optimizer, for ``lookahead_steps``.
             lookahead_steps: first take this many optimizer steps on the calibration batches
-                (cross-entropy or ``loss_fn``, reduced as ``loss_reduction`` says), fit the bases at the model reached, then restore
-                the parameters, buffers, optimizer state and random state exactly: bases of the early
+                (cross-entropy or ``loss_fn``, reduced as ``loss_reduction`` says), fit the bases at the
+                model reached, then restore the parameters, buffers, gradients, optimizer state and random
+                state exactly: bases of the early
                 training phase, estimated before training (BENCHMARKS.md, "Projection fidelity").
 
         Returns:
