@@ -224,3 +224,44 @@ def test_look_ahead_calibration_restores_the_model_and_optimizer_exactly(tmp_pat
     with pytest.raises(dvemb.ConfigError, match="optimizer"):
         rec.calibrate(batches, lookahead_steps=3)
     rec.close()
+
+
+@pytest.mark.parametrize("kind", ["lm", "cnn"])
+def test_sequence_conv_and_embedding_layers_with_adam(tmp_path: Path, kind: str) -> None:
+    """Sequence inputs (sampled-label rows), Conv2d windows and an Embedding (kept random) calibrate, record
+    under Adam, compute, and queries projected later from the log equal the recorded ones."""
+    from core_models import TinyCNN, TinyLM
+
+    torch.manual_seed(0)
+    if kind == "lm":
+        model: torch.nn.Module = TinyLM(vocab=7, width=4, hidden=5)
+        x = torch.randint(1, 7, (24, 6))
+        y = torch.randint(0, 7, (24, 6))
+        proj: object = (2, 3)
+    else:
+        model = TinyCNN()
+        x, y = torch.randn(24, 2, 4, 4), torch.randint(0, 3, (24,))
+        proj = (2, 4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    rec = dvemb.Recorder(model, tmp_path / "log", proj_dim=proj, layers="all", dtype="float64", curvature_samples=2)
+    rec.calibrate([(x[i : i + 6], y[i : i + 6]) for i in range(0, 24, 6)], optimizer=optimizer, lookahead_steps=2)
+    for step in range(3):
+        ids = list(range(8 * step, 8 * step + 8))
+        with rec.step(ids, optimizer):
+            out = model(x[ids])
+            F.cross_entropy(out.flatten(0, -2), y[ids].flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    rec.record_queries("val", [(x[:3], y[:3])])
+    rec.close()
+    log = dvemb.open_log(tmp_path / "log")
+    kinds = {layer.name: (layer.kind, layer.projection.calibrated) for layer in log.layers}
+    assert all(calibrated == (k != "embedding") for k, calibrated in kinds.values()), kinds
+    summary = compute(tmp_path / "log", tmp_path / "out", ComputeArguments(accumulate_dtype="float64"))
+    assert summary["propagation"] == "adam" and np.isfinite(np.load(tmp_path / "out" / "embeddings.npy")).all()
+    stored = log.load_query_set("val")
+    model.zero_grad()
+    out = model(x[1:2])
+    F.cross_entropy(out.flatten(0, -2), y[1:2].flatten()).backward()
+    for name, vector in dvemb.project_model_gradient(log, model).items():
+        torch.testing.assert_close(vector, stored.grads[name][1], rtol=1e-8, atol=1e-10)
