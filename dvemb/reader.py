@@ -32,6 +32,7 @@ from dvemb.errors import (
     StepContinuityError,
     TruncatedFileError,
 )
+from dvemb.optim import PROPAGATIONS
 from dvemb.projection import LayerProjection
 from dvemb.writer import sha256_file
 
@@ -246,7 +247,13 @@ class GradientLog:
         optimizer = self.manifest.get("optimizer") or {}
         if int(self.manifest["version"]) < 2 or "propagation" not in optimizer:
             return "sgd" if optimizer.get("exact_sgd", True) else "proxy"
-        return str(optimizer["propagation"])
+        propagation = str(optimizer["propagation"])
+        if propagation not in PROPAGATIONS:
+            raise LogFormatError(
+                self.directory / fmt.MANIFEST,
+                f"optimizer propagation {propagation!r} is not one of {', '.join(PROPAGATIONS)}; re-record the log",
+            )
+        return propagation
 
     @property
     def loss_reduction(self) -> str:

@@ -265,3 +265,17 @@ def test_sequence_conv_and_embedding_layers_with_adam(tmp_path: Path, kind: str)
     F.cross_entropy(out.flatten(0, -2), y[1:2].flatten()).backward()
     for name, vector in dvemb.project_model_gradient(log, model).items():
         torch.testing.assert_close(vector, stored.grads[name][1], rtol=1e-8, atol=1e-10)
+
+
+def test_a_damaged_projection_file_is_refused_by_name(tmp_path: Path) -> None:
+    """A flipped byte in the bases (or a missing file) is an error naming the file, not silent noise."""
+    _record(tmp_path / "log", calibrate=True)
+    path = tmp_path / "log" / fmt.PROJECTION_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(dvemb.ChecksumError, match="projection.safetensors"):
+        _ = dvemb.open_log(tmp_path / "log").layers
+    path.unlink()
+    with pytest.raises(dvemb.LogFormatError, match="missing"):
+        _ = dvemb.open_log(tmp_path / "log").layers

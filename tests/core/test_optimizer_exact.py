@@ -233,3 +233,14 @@ def _one_step(rec: dvemb.Recorder, optimizer: torch.optim.Optimizer, model: torc
     with rec.step([0, 1], optimizer):
         F.cross_entropy(model(torch.randn(2, 5)), torch.tensor([0, 1])).backward()
         optimizer.step()
+
+
+def test_unknown_propagation_in_a_manifest_is_a_clear_error_before_any_work(tmp_path: Path) -> None:
+    _record(tmp_path / "log", OPTIMIZERS["adam"], epochs=1)
+    manifest_path = tmp_path / "log" / fmt.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["optimizer"]["propagation"] = "lion"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(dvemb.LogFormatError, match="propagation 'lion'"):
+        compute(tmp_path / "log", tmp_path / "out")
+    assert not (tmp_path / "out" / "summary.json").exists()
