@@ -146,6 +146,14 @@ def train(
     return Trajectory(model, params, states, batches, lrs, x, y, x_test, y_test, setup.optimizer)
 
 
+def same_trajectory(a: Trajectory, b: Trajectory) -> bool:
+    """True when two trainings took bit for bit the same parameters at every step (recording must not
+    change training)."""
+    return len(a.params) == len(b.params) and all(
+        torch.equal(p[k], q[k]) for p, q in zip(a.params, b.params, strict=True) for k in p
+    )
+
+
 def _test_losses(model: nn.Module, params: dict[str, torch.Tensor], traj: Trajectory) -> torch.Tensor:
     with torch.no_grad():
         return F.cross_entropy(functional_call(model, params, (traj.x_test,)), traj.y_test, reduction="none")

@@ -56,6 +56,7 @@ from bench.fidelity import (
     dvemb_scores,
     grad_dot_scores,
     ground_truth,
+    same_trajectory,
     sample_pairs,
     train,
 )
@@ -186,12 +187,6 @@ def check_layout(traj: Trajectory, log_dir: Path) -> float:
 # -- one (schedule, seed) -------------------------------------------------------------------------
 
 
-def _same_trajectory(a: Trajectory, b: Trajectory) -> bool:
-    return len(a.params) == len(b.params) and all(
-        torch.equal(p[k], q[k]) for p, q in zip(a.params, b.params, strict=True) for k in p
-    )
-
-
 def run_one(setup: Setup, projs: list[int | None], work: Path, api: Any, dattri_reason: str | None) -> dict[str, Any]:
     """All estimators at all projection sizes for one training run."""
     t0 = time.monotonic()
@@ -229,7 +224,7 @@ def run_one(setup: Setup, projs: list[int | None], work: Path, api: Any, dattri_
                 truth = ground_truth(traj, pairs)
                 result["timings"]["ground_truth"] = time.monotonic() - t
                 result["layout_check"] = check_layout(traj, log_dir)
-            elif not _same_trajectory(reference, traj):
+            elif not same_trajectory(reference, traj):
                 result["same_trajectory"] = False
             t = time.monotonic()
             if samples is None:

@@ -46,6 +46,7 @@ from bench.fidelity import (
     dvemb_scores,
     ground_truth,
     replay_weighted,
+    same_trajectory,
     sample_pairs,
     train,
 )
@@ -65,15 +66,11 @@ def first_order_ceiling(traj: Trajectory, pairs: list[tuple[int, int]], h: float
     return np.stack(out)
 
 
-def _same(a: Trajectory, b: Trajectory) -> bool:
-    return all(torch.equal(p[k], q[k]) for p, q in zip(a.params, b.params, strict=True) for k in p)
-
-
 def run_one(setup: Setup, work: Path) -> dict[str, Any]:
     """Every estimate of one (optimizer, seed)."""
     whole = train(setup, work / "log-whole", curvature="ggn")
     projected = train(setup, work / "log-256", curvature="ggn", proj_dim=256)
-    if not _same(whole, projected):
+    if not same_trajectory(whole, projected):
         raise RuntimeError("recording changed the training trajectory")
     pairs = sample_pairs(setup, whole)
     truth = ground_truth(whole, pairs)

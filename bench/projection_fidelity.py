@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import dvemb
-from bench.fidelity import Setup, correlation, dvemb_scores, ground_truth, sample_pairs, train
+from bench.fidelity import Setup, correlation, dvemb_scores, ground_truth, same_trajectory, sample_pairs, train
 from bench.markdown import replace_section
 from bench.recorder_overhead import ce_loss, lm_task
 
@@ -54,7 +54,7 @@ def run_one(setup: Setup, work: Path) -> dict[str, float]:
                 s = replace(s, lookahead_steps=setup.steps // 10)
             log = work / f"{kind}-{size}"
             recorded = train(s, log, curvature="ggn", proj_dim=size)
-            if not all(torch.equal(a[k], b[k]) for a, b in zip(whole.params, recorded.params, strict=True) for k in a):
+            if not same_trajectory(whole, recorded):
                 raise RuntimeError(f"{kind} recording changed the training trajectory")
             for curvature in ("ggn", "empirical"):
                 est = dvemb_scores(log, work / f"o-{kind}-{size}-{curvature}", pairs, s, curvature=curvature)

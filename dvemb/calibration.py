@@ -26,18 +26,14 @@ class FactorCovariance:
     Attributes:
         out_dim: size of the out side.
         in_dim: size of the in side.
-        out_cov: (out_dim, out_dim) sum of ``u u^T``.
-        in_cov: (in_dim, in_dim) sum of ``v v^T``.
-        out_rows: number of ``u`` vectors added.
-        in_rows: number of ``v`` vectors added.
+        out_cov: (out_dim, out_dim) weighted sum of ``u u^T``.
+        in_cov: (in_dim, in_dim) weighted sum of ``v v^T``.
     """
 
     out_dim: int
     in_dim: int
     out_cov: torch.Tensor = field(init=False)
     in_cov: torch.Tensor = field(init=False)
-    out_rows: int = 0
-    in_rows: int = 0
 
     def __post_init__(self) -> None:
         self.out_cov = torch.zeros(self.out_dim, self.out_dim, dtype=torch.float64)
@@ -61,10 +57,6 @@ class FactorCovariance:
         gram = (weighted.T @ rows).cpu()  # on the factors' device, then summed on the CPU
         cov = self.out_cov if side == "out" else self.in_cov
         cov += gram
-        if side == "out":
-            self.out_rows += rows.shape[0]
-        else:
-            self.in_rows += rows.shape[0]
 
 
 def top_eigenvectors(cov: torch.Tensor, k: int) -> torch.Tensor:
@@ -93,10 +85,8 @@ def calibrated_projection(
             ``False`` rotates it into its eigenbasis too (full rank: same dot products, for checks).
     """
 
-    def basis(side: str, dim: int, k: int, matrix: torch.Tensor) -> torch.Tensor | None:
-        if keep_whole_sides and k == dim:
-            return None
-        return top_eigenvectors(matrix, k)
+    def basis(dim: int, k: int, matrix: torch.Tensor) -> torch.Tensor | None:
+        return None if keep_whole_sides and k == dim else top_eigenvectors(matrix, k)
 
     return LayerProjection(
         out_dim=projection.out_dim,
@@ -105,6 +95,6 @@ def calibrated_projection(
         k_in=projection.k_in,
         seed_out=projection.seed_out,
         seed_in=projection.seed_in,
-        basis_out=basis("out", projection.out_dim, projection.k_out, cov.out_cov),
-        basis_in=basis("in", projection.in_dim, projection.k_in, cov.in_cov),
+        basis_out=basis(projection.out_dim, projection.k_out, cov.out_cov),
+        basis_in=basis(projection.in_dim, projection.k_in, cov.in_cov),
     )

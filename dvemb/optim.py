@@ -64,6 +64,16 @@ class TrackedParameters:
     transpose: bool = False
 
 
+def _as_gradient_matrix(t: TrackedParameters, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A per-parameter tensor (gradient, Adam moment) of a layer laid out as its gradient matrix
+    (out_dim, in_dim), bias column last, detached, float32 or wider."""
+    weight = weight.T if (t.transpose and weight.dim() == 2) else weight
+    matrix = weight.reshape(t.out_dim, -1)
+    if bias is not None:
+        matrix = torch.cat([matrix, bias.reshape(t.out_dim, 1)], dim=1)
+    return matrix.detach().to(torch.promote_types(matrix.dtype, torch.float32))
+
+
 def _classify(optimizer: torch.optim.Optimizer) -> tuple[str, str | None]:
     """(propagation, reason when it is the proxy)."""
     kind = type(optimizer)
@@ -127,15 +137,11 @@ class OptimizerInfo:
         group = self.optimizer.param_groups[self.layer_groups[index]]
         l2 = 0.0 if self.propagation == "adamw" else float(group.get("weight_decay", 0.0))
 
-        def part(p: torch.nn.Parameter) -> torch.Tensor:
+        def gamma(p: torch.nn.Parameter) -> torch.Tensor:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            value = (grad + l2 * p).detach() if l2 else grad.detach().clone()
-            return value.T if (t.transpose and value.dim() == 2) else value
+            return (grad + l2 * p).detach() if l2 else grad.detach().clone()  # .grad may be zeroed in place
 
-        columns = [part(t.weight).reshape(t.out_dim, -1)]
-        if t.bias is not None:
-            columns.append(part(t.bias).reshape(t.out_dim, 1))
-        return torch.cat(columns, dim=1).flatten().to(torch.promote_types(columns[0].dtype, torch.float32))
+        return _as_gradient_matrix(t, gamma(t.weight), None if t.bias is None else gamma(t.bias)).flatten()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.propagation in ("momentum", "adam", "adamw"):
@@ -191,13 +197,7 @@ class OptimizerInfo:
     def _moment(self, t: TrackedParameters, key: str) -> torch.Tensor:
         """An Adam moment laid out as the layer's gradient matrix, bias column last, float32 or wider."""
         state = self.optimizer.state
-        weight = state[t.weight][key]
-        weight = weight.T if t.transpose else weight
-        v = weight.reshape(t.out_dim, -1)
-        if t.bias is not None:
-            v = torch.cat([v, state[t.bias][key].reshape(t.out_dim, 1)], dim=1)
-        moment: torch.Tensor = v.detach().to(torch.promote_types(v.dtype, torch.float32))
-        return moment
+        return _as_gradient_matrix(t, state[t.weight][key], None if t.bias is None else state[t.bias][key])
 
     def take_step_values(self) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
         """Values captured when optimizer.step() ran in this step (or the current ones if it did not).

@@ -163,7 +163,7 @@ class Recorder:
             raise ConfigError("shard_size_mb must be positive and shard_steps None or at least 1")
         self.model = model
         self.projection_mode = projection
-        self._calibrated = False
+        self._projection_fixed = False
         self.curvature_mode = curvature
         self.curvature_samples = curvature_samples
         self.loss_reduction = loss_reduction
@@ -343,7 +343,7 @@ class Recorder:
             raise ConfigError("rec.step() got no example ids")
         if optimizer is not None:
             self._watch(optimizer)
-        if self._step == 0 and not self._calibrated:
+        if self._step == 0 and not self._projection_fixed:
             self._first_step_without_calibration()
         self._begin("train")
         try:
@@ -366,7 +366,7 @@ class Recorder:
                 DvembWarning,
                 stacklevel=4,
             )
-        self._calibrated = True  # the decision is made: the projection no longer changes
+        self._projection_fixed = True  # the first step fixes the projection: it no longer changes
 
     def calibrate(
         self,
@@ -406,7 +406,7 @@ class Recorder:
         """
         if self.projection_mode == "random":
             raise ConfigError("calibrate() needs projection='auto' or 'calibrated'; this recorder uses 'random'")
-        if self._calibrated or self._step > 0 or self._mode != "off":
+        if self._projection_fixed or self._step > 0 or self._mode != "off":
             raise RecorderError("rec.calibrate() must run once, before the first rec.step()")
         if lookahead_steps < 0 or (lookahead_steps and optimizer is None):
             raise ConfigError("lookahead_steps must be >= 0 and needs optimizer=... (the one that trains the model)")
@@ -513,7 +513,7 @@ class Recorder:
             entry["basis"] = "calibrated" if adapter.projection.calibrated else "seeded"
             entry["k_out"], entry["k_in"] = adapter.projection.k_out, adapter.projection.k_in
         self._writer.write_projection(tensors, info)
-        self._calibrated = True
+        self._projection_fixed = True
 
     def _watch(self, optimizer: torch.optim.Optimizer) -> None:
         if self._optimizer is not None and self._optimizer.optimizer is optimizer:

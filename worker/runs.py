@@ -87,9 +87,7 @@ def _settle_run(run_id: int) -> None:
         run = session.get(Run, run_id, with_for_update=True)
         if run is None or run.status != "uploading":
             return
-        ready = set(session.scalars(select(LogFile.name).where(LogFile.run_id == run_id, LogFile.status == "ready")))
-        expected = expected_files(run)
-        if expected and all(name in ready for name in expected):
+        if _all_files_ready(session, run):
             run.status = "ready"
             session.commit()
 
@@ -135,10 +133,15 @@ def _publish(part: Any, final: Any) -> None:
     os.replace(part, final)
 
 
-def _update_run(session: Session, run: Run) -> None:
+def _all_files_ready(session: Session, run: Run) -> bool:
+    """Every file the run's manifests list has been validated."""
     ready = set(session.scalars(select(LogFile.name).where(LogFile.run_id == run.id, LogFile.status == "ready")).all())
     expected = expected_files(run)
-    run.status = "ready" if expected and all(name in ready for name in expected) else "uploading"
+    return bool(expected) and all(name in ready for name in expected)
+
+
+def _update_run(session: Session, run: Run) -> None:
+    run.status = "ready" if _all_files_ready(session, run) else "uploading"
     for file_id in session.info.pop("after_commit_tasks", []):
         enqueue_after_commit(session, VALIDATE_FILE, file_id)
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dvemb import logformat as fmt
-from dvemb.engine.optimizer_maps import StepMaps, step_maps
+from dvemb.engine.optimizer_maps import COEFFICIENTS, StepMaps, step_maps
 from dvemb.engine.optimizer_recursion import OptimizerRecursion
 from dvemb.engine.phases import find_phases
 from dvemb.engine.recursion import BlockedRecursion, Chunk
@@ -620,15 +620,14 @@ def _recursion_state(recursion: BlockedRecursion | OptimizerRecursion) -> dict[s
 
 def _first_row(maps: StepMaps, step: int) -> StepMaps:
     """The maps of the concatenated vector (``blocks="full"``): every layer must share the coefficients."""
-    names = ("weight", "beta", "tau", "decay", "a", "b", "l2", "beta2")
-    for name in names:
+    for name in COEFFICIENTS:
         value = getattr(maps, name)
         if not bool((value == value[:1]).all()):
             raise ConfigError(
                 f"blocks='full' needs one optimizer setting ({name}) for all tracked layers near step {step}; "
                 "use blocks='layer'"
             )
-    return replace(maps, **{n: getattr(maps, n)[:1] for n in names})
+    return replace(maps, **{n: getattr(maps, n)[:1] for n in COEFFICIENTS})
 
 
 def compute(

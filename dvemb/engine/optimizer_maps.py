@@ -28,7 +28,10 @@ from dvemb import logformat as fmt
 from dvemb.errors import NumericalError
 from dvemb.projection import LayerProjection
 
-__all__ = ["Preconditioner", "StepMaps", "kronecker_preconditioner", "step_maps"]
+__all__ = ["COEFFICIENTS", "Preconditioner", "StepMaps", "kronecker_preconditioner", "step_maps"]
+
+#: The (G, S) coefficient fields of :class:`StepMaps`, in field order.
+COEFFICIENTS = ("weight", "beta", "tau", "decay", "a", "b", "l2", "beta2")
 
 
 @dataclass

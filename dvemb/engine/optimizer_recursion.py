@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from dvemb.engine.optimizer_maps import Preconditioner, StepMaps
+from dvemb.engine.optimizer_maps import COEFFICIENTS, Preconditioner, StepMaps
 from dvemb.engine.recursion import Chunk
 
 __all__ = ["OptimizerRecursion", "apply_preconditioner_t"]
@@ -101,8 +101,7 @@ class OptimizerRecursion:
         h_bounds = torch.searchsorted(curv_steps, chunk.steps, right=True).tolist()
         g_starts = torch.searchsorted(chunk.grad_steps, chunk.steps).tolist()
         h_starts = torch.searchsorted(curv_steps, chunk.steps).tolist()
-        names = ("weight", "beta", "tau", "decay", "a", "b", "l2", "beta2")
-        coef = {k: getattr(maps, k).to(device=device, dtype=dtype) for k in names}
+        coef = {k: getattr(maps, k).to(device=device, dtype=dtype) for k in COEFFICIENTS}
         segments = [p.to(device, dtype) for p in maps.preconditioners]
         second_moment = maps.second_moment
         out = torch.empty_like(grads)
