@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, literal, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -154,14 +154,24 @@ def run_compute(job_id: int) -> None:
     storage = get_settings().storage
     factory = session_factory()
     with factory() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status not in ("queued", "running"):
-            return  # done, cancelled or deleted: nothing to do (idempotent re-delivery)
-        job.status, job.attempts, job.error = "running", job.attempts + 1, None
-        job.started_at = job.started_at or dt.datetime.now(dt.UTC)
+        now = dt.datetime.now(dt.UTC)
+        # Claim the job conditionally: a cancel committed after we would have read the row must not be
+        # overwritten by a plain write of 'running' (the job would then run to 'succeeded').
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+            .values(
+                status="running",
+                attempts=Job.attempts + 1,
+                error=None,
+                started_at=func.coalesce(Job.started_at, literal(now, Job.__table__.c.started_at.type)),
+            )
+            .returning(Job.options, Job.run_id)
+        ).first()
         session.commit()
-        options = dict(job.options)
-        run_id = job.run_id
+        if claimed is None:
+            return  # done, cancelled or deleted: nothing to do (idempotent re-delivery)
+        options, run_id = dict(claimed[0]), int(claimed[1])
     out = results_dir(storage, run_id, job_id)
     args = ComputeArguments(
         curvature=options.get("curvature"),
