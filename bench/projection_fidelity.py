@@ -33,10 +33,13 @@ import dvemb
 from bench.fidelity import Setup, correlation, dvemb_scores, ground_truth, same_trajectory, sample_pairs, train
 from bench.markdown import replace_section
 from bench.recorder_overhead import ce_loss, lm_task
+from dvemb.engine.compute import AUTO_FULL_MAX_DIM
 
 SECTION = "Projection fidelity"
 SIZES = (64, 256, 1024)
 KINDS = ("random", "calibrated", "look-ahead")
+#: (curvature, blocks) of the estimates: "auto" is the engine's default (the full M for this small model).
+ESTIMATES = (("ggn", "auto"), ("ggn", "layer"), ("empirical", "auto"), ("empirical", "layer"))
 
 
 def run_one(setup: Setup, work: Path) -> dict[str, float]:
@@ -44,9 +47,11 @@ def run_one(setup: Setup, work: Path) -> dict[str, float]:
     pairs = sample_pairs(setup, whole)
     truth = ground_truth(whole, pairs)
     result = {}
-    for curvature in ("ggn", "empirical"):
-        est = dvemb_scores(work / "whole", work / f"o-whole-{curvature}", pairs, setup, curvature=curvature)
-        result[f"none/{curvature}"] = correlation(est, truth, spearman=True)
+    for curvature, blocks in ESTIMATES:
+        est = dvemb_scores(
+            work / "whole", work / f"o-whole-{curvature}-{blocks}", pairs, setup, curvature=curvature, blocks=blocks
+        )
+        result[f"none/{curvature}/{blocks}"] = correlation(est, truth, spearman=True)
     for size in SIZES:
         for kind in KINDS:
             s = replace(setup, projection="random" if kind == "random" else "calibrated")
@@ -56,9 +61,10 @@ def run_one(setup: Setup, work: Path) -> dict[str, float]:
             recorded = train(s, log, curvature="ggn", proj_dim=size)
             if not same_trajectory(whole, recorded):
                 raise RuntimeError(f"{kind} recording changed the training trajectory")
-            for curvature in ("ggn", "empirical"):
-                est = dvemb_scores(log, work / f"o-{kind}-{size}-{curvature}", pairs, s, curvature=curvature)
-                result[f"{kind}/{size}/{curvature}"] = correlation(est, truth, spearman=True)
+            for curvature, blocks in ESTIMATES:
+                out = work / f"o-{kind}-{size}-{curvature}-{blocks}"
+                est = dvemb_scores(log, out, pairs, s, curvature=curvature, blocks=blocks)
+                result[f"{kind}/{size}/{curvature}/{blocks}"] = correlation(est, truth, spearman=True)
     return result
 
 
@@ -113,25 +119,29 @@ def markdown(runs: dict[str, list[dict[str, float]]], cost: dict[str, float], me
         f"Produced by `.venv/bin/python -m bench.projection_fidelity` {meta}",
         "",
         f"Digits MLP 64-{setup.hidden}-10 (tanh), SGD lr {setup.lr} (summed loss), {setup.steps} steps of batch "
-        f"{setup.batch}, {setup.pairs} pairs x {setup.test_size} test points, 3 seeds per schedule; per-layer blocks. "
+        f"{setup.batch}, {setup.pairs} pairs x {setup.test_size} test points, 3 seeds per schedule. 'blocks': `auto` is "
+        f"the engine's default (`blocks='full'`, one `M` over both layers, since their projected sizes add up to at "
+        f"most {AUTO_FULL_MAX_DIM} and they share one optimizer setting), `layer` the per-layer blocks. "
         "'calibrated': `rec.calibrate()` on 8 batches at initialisation (Gauss-Newton rows, gradient-weighted "
         "factor covariances); 'look-ahead': the same after `lookahead_steps` = 10% of training on the calibration "
         "batches (`rec.calibrate(..., optimizer=opt, lookahead_steps=12)`, model and optimizer restored after: the "
         "trajectory is checked bit for bit); 'random': the seeded Gaussian Kronecker projection. A size is per layer "
         "(k x k, a side that fits whole is kept whole). Mean Spearman against exact replay, mean over seeds (min-max).",
         "",
-        "| schedule | curvature | no projection | "
+        "| schedule | curvature | blocks | no projection | "
         + " | ".join(f"{kind} {size}" for size in SIZES for kind in KINDS)
         + " |",
-        "|---|---|---:|" + "---:|" * (len(SIZES) * len(KINDS)),
+        "|---|---|---|---:|" + "---:|" * (len(SIZES) * len(KINDS)),
     ]
     for schedule, results in runs.items():
-        for curvature in ("ggn", "empirical"):
-            cells = [_cell([r[f"none/{curvature}"] for r in results])]
+        for curvature, blocks in ESTIMATES:
+            tail = f"{curvature}/{blocks}"
+            cells = [_cell([r[f"none/{tail}"] for r in results])]
             for size in SIZES:
                 for kind in KINDS:
-                    cells.append(_cell([r[f"{kind}/{size}/{curvature}"] for r in results]))
-            lines.append(f"| {schedule} | {curvature} | " + " | ".join(cells) + " |")
+                    cells.append(_cell([r[f"{kind}/{size}/{tail}"] for r in results]))
+            label = "auto (full M here, the default)" if blocks == "auto" else "layer"
+            lines.append(f"| {schedule} | {curvature} | {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Recorder step on the transformer LM (4 layers, width 128, seq 128, batch 16, default `proj_dim=256`): "

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("log_dir")
     comp.add_argument("--out", required=True, help="results directory (resumes an interrupted run found there)")
     comp.add_argument("--curvature", choices=["empirical", "ggn"], default=None, help="default: the log's own mode")
-    comp.add_argument("--blocks", choices=["layer", "full"], default="layer")
+    comp.add_argument("--blocks", choices=["auto", "layer", "full"], default="auto")
     comp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     comp.add_argument("--float64", action="store_true", help="accumulate the recursion in float64")
     comp.add_argument("--top-k", type=int, default=100)

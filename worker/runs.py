@@ -175,7 +175,7 @@ def run_compute(job_id: int) -> None:
     out = results_dir(storage, run_id, job_id)
     args = ComputeArguments(
         curvature=options.get("curvature"),
-        blocks=options.get("blocks", "layer"),
+        blocks=options.get("blocks", "auto"),
         top_k=int(options.get("top_k", 100)),
         query_sets=tuple(options["query_sets"]) if options.get("query_sets") else None,
         propagation=str(options.get("propagation", "auto")),

@@ -47,7 +47,7 @@ class RunDetail(RunPublic):
 
 class JobCreate(BaseModel):
     curvature: Literal["empirical", "ggn"] | None = None
-    blocks: Literal["layer", "full"] = "layer"
+    blocks: Literal["auto", "layer", "full"] = "auto"
     query_sets: list[str] | None = None
     top_k: int = Field(default=100, ge=1, le=1000)
     propagation: Literal["auto", "optimizer", "sgd-proxy"] = "auto"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 import dvemb
 from dvemb.engine import ComputeArguments, ComputeProgress, compute, find_phases, load_results, reference_embeddings
+from dvemb.engine.compute import AUTO_FULL_MAX_DIM, resolve_blocks
 
 STEPS_PER_EPOCH = 4
 
@@ -158,6 +160,38 @@ def test_streaming_equals_the_naive_recursion(tmp_path: Path, mode: str, blocks:
             )
             < 1e-10
         )
+
+
+@pytest.mark.parametrize("layer_lrs", [False, True])
+def test_auto_blocks_choose_full_m_for_one_optimizer_setting(tmp_path: Path, layer_lrs: bool) -> None:
+    """A small log trained in one optimizer setting gets the full M (cross-layer curvature kept); layers
+    with learning rates of their own get per-layer blocks. Either way the result equals the explicit choice."""
+    _record(tmp_path / "log", layer_lrs=layer_lrs)
+    auto = compute(tmp_path / "log", tmp_path / "auto", ComputeArguments(accumulate_dtype="float64"))
+    expected_blocks = "layer" if layer_lrs else "full"
+    assert auto["blocks"] == expected_blocks and auto["arguments"]["blocks"] == "auto"
+    explicit = ComputeArguments(blocks=expected_blocks, accumulate_dtype="float64")
+    compute(tmp_path / "log", tmp_path / "explicit", explicit)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "auto" / "embeddings.npy"), np.load(tmp_path / "explicit" / "embeddings.npy")
+    )
+
+
+def test_auto_blocks_fall_back_to_layers_above_the_size_limit() -> None:
+    one_group = SimpleNamespace(manifest={"optimizer": {"param_groups": [{"lr": 0.1}], "layer_groups": [0, 0]}})
+    two_groups = SimpleNamespace(
+        manifest={"optimizer": {"param_groups": [{"lr": 0.1}, {"lr": 0.2}], "layer_groups": [0, 1]}}
+    )
+    unused_group = SimpleNamespace(
+        manifest={"optimizer": {"param_groups": [{"lr": 0.1}, {"lr": 0.2}], "layer_groups": [1, 1]}}
+    )
+    hand_written = SimpleNamespace(manifest={"optimizer": None})
+    assert resolve_blocks("auto", one_group, AUTO_FULL_MAX_DIM) == "full"  # type: ignore[arg-type]
+    assert resolve_blocks("auto", one_group, AUTO_FULL_MAX_DIM + 1) == "layer"  # type: ignore[arg-type]
+    assert resolve_blocks("auto", two_groups, 64) == "layer"  # type: ignore[arg-type]
+    assert resolve_blocks("auto", unused_group, 64) == "full"  # type: ignore[arg-type]
+    assert resolve_blocks("auto", hand_written, 64) == "full"  # type: ignore[arg-type]
+    assert resolve_blocks("layer", one_group, 64) == "layer"  # type: ignore[arg-type]
 
 
 def test_float32_accumulation_is_close(tmp_path: Path) -> None:
