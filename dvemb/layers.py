@@ -5,10 +5,16 @@ A supported layer's per-example weight gradient is ``G = sum_l u_l v_l^T`` over 
 which side comes from the forward input and which from the output gradient, and projects both:
 
 - :class:`LinearAdapter`: ``u`` = output gradient (d_out), ``v`` = input (d_in, +1 for the bias).
+- :class:`Conv1DAdapter`: ``transformers``' ``Conv1D`` (GPT-2's attention and MLP layers), a linear layer
+  whose weight is stored transposed, (d_in, d_out); recorded in the Linear layout (d_out rows). Found by
+  its shape, so the core never imports ``transformers``.
 - :class:`Conv2dAdapter`: ``u`` = output gradient per window (C_out), ``v`` = unfolded input window
   (C_in*kh*kw, +1 for the bias). ``groups > 1`` is not supported.
 - :class:`EmbeddingAdapter`: weight (V, D); ``u`` = one-hot token (V, gathered from ``P_out``, never
   built), ``v`` = output gradient (D).
+
+Mixed precision: under autocast the hooks see float16 or bfloat16 inputs and output gradients; both are
+cast to float32 before they are projected, so projections and products always run in float32 or wider.
 """
 
 from __future__ import annotations
@@ -23,7 +29,17 @@ from torch import nn
 from dvemb.errors import ConfigError
 from dvemb.projection import LayerProjection
 
-__all__ = ["SUPPORTED_TYPES", "Conv2dAdapter", "EmbeddingAdapter", "LayerAdapter", "LinearAdapter", "make_adapter"]
+__all__ = [
+    "SUPPORTED_TYPES",
+    "Conv1DAdapter",
+    "Conv2dAdapter",
+    "EmbeddingAdapter",
+    "LayerAdapter",
+    "LinearAdapter",
+    "adapter_type",
+    "is_default_layer",
+    "make_adapter",
+]
 
 
 class LayerAdapter(ABC):
@@ -87,7 +103,8 @@ class LayerAdapter(ABC):
         return self._matrices[key]
 
     def _project(self, side: str, x: torch.Tensor) -> torch.Tensor:
-        """x (B, L, dim) @ P_side (dim, k) -> (B, L, k); the identity is skipped."""
+        """x (B, L, dim) @ P_side (dim, k) -> (B, L, k) in float32 or wider; the identity is skipped."""
+        x = _widened(x)
         if self.projection.side_is_identity(side):
             return x
         return x @ self._matrix(side, x)
@@ -106,6 +123,11 @@ class LayerAdapter(ABC):
         raise ConfigError(f"layer {self.name!r} ({self.kind}) cannot be calibrated; it keeps its random projection")
 
 
+def _widened(x: torch.Tensor) -> torch.Tensor:
+    """float16 and bfloat16 (autocast) as float32; other dtypes unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _as_positions(x: torch.Tensor, feature_dim: int) -> torch.Tensor:
     """(B, *, d) -> (B, L, d) with L the product of the middle dimensions (1 for a 2-D input)."""
     if x.dim() == 1:
@@ -119,15 +141,20 @@ class LinearAdapter(LayerAdapter):
     kind = "linear"
 
     @staticmethod
-    def gradient_shape(module: nn.Module) -> tuple[int, int]:
+    def features(module: nn.Module) -> tuple[int, int]:
+        """(d_out, d_in) of the layer, bias not counted."""
         assert isinstance(module, nn.Linear)
-        return module.out_features, module.in_features + (1 if module.bias is not None else 0)
+        return module.out_features, module.in_features
+
+    @classmethod
+    def gradient_shape(cls, module: nn.Module) -> tuple[int, int]:
+        d_out, d_in = cls.features(module)
+        return d_out, d_in + (1 if getattr(module, "bias", None) is not None else 0)
 
     def _inputs(self, inputs: tuple[object, ...]) -> torch.Tensor:
-        assert isinstance(self.module, nn.Linear)
         x = inputs[0]
         assert isinstance(x, torch.Tensor)
-        return _as_positions(x.detach(), self.module.in_features)  # (B, L, d_in)
+        return _widened(_as_positions(x.detach(), self.features(self.module)[1]))  # (B, L, d_in)
 
     def raw_forward(self, inputs: tuple[object, ...]) -> torch.Tensor:
         a = self._inputs(inputs)
@@ -143,11 +170,34 @@ class LinearAdapter(LayerAdapter):
         return a @ p_in[:-1] + p_in[-1]  # (B, L, k_in)
 
     def raw_backward(self, grad_output: torch.Tensor) -> torch.Tensor:
-        assert isinstance(self.module, nn.Linear)
-        return _as_positions(grad_output.detach(), self.module.out_features)  # (B, L, d_out)
+        return _widened(_as_positions(grad_output.detach(), self.features(self.module)[0]))  # (B, L, d_out)
 
     def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
         return self._project("out", self.raw_backward(grad_output))
+
+
+class Conv1DAdapter(LinearAdapter):
+    """``transformers.pytorch_utils.Conv1D``: ``y = x @ W + b`` with ``W`` (d_in, d_out); the per-example
+    gradient is recorded as the Linear one, (d_out, d_in + 1), i.e. of ``W^T`` with the bias column last."""
+
+    kind = "conv1d"
+
+    @staticmethod
+    def features(module: nn.Module) -> tuple[int, int]:
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        return int(weight.shape[1]), int(weight.shape[0])
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        """True for a module shaped like ``transformers``' Conv1D (matched by name and shape, not imported)."""
+        weight = getattr(module, "weight", None)
+        return (
+            type(module).__name__ == "Conv1D"
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+            and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+        )
 
 
 class Conv2dAdapter(LayerAdapter):
@@ -174,7 +224,7 @@ class Conv2dAdapter(LayerAdapter):
         assert isinstance(conv, nn.Conv2d)
         x = inputs[0]
         assert isinstance(x, torch.Tensor)
-        x = x.detach()
+        x = _widened(x.detach())
         # Pad exactly as the module does (zeros, reflect, replicate, circular, or 'same'), then unfold unpadded.
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
@@ -185,7 +235,7 @@ class Conv2dAdapter(LayerAdapter):
         return a
 
     def raw_backward(self, grad_output: torch.Tensor) -> torch.Tensor:
-        return grad_output.detach().flatten(2).transpose(1, 2)  # (B, C_out, H', W') -> (B, L, C_out)
+        return _widened(grad_output.detach()).flatten(2).transpose(1, 2)  # (B, C_out, H', W') -> (B, L, C_out)
 
     def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
         return self._project("out", self.raw_backward(grad_output))
@@ -234,10 +284,23 @@ SUPPORTED_TYPES: dict[type[nn.Module], type[LayerAdapter]] = {
 }
 
 
+def adapter_type(module: nn.Module) -> type[LayerAdapter] | None:
+    """The adapter class that records ``module``, or None when dvemb cannot record it."""
+    found = SUPPORTED_TYPES.get(type(module))
+    if found is None and Conv1DAdapter.matches(module):
+        return Conv1DAdapter
+    return found
+
+
+def is_default_layer(module: nn.Module) -> bool:
+    """True for the layers recorded when no ``layers=`` is given: ``nn.Linear`` and ``transformers``' Conv1D."""
+    return type(module) is nn.Linear or Conv1DAdapter.matches(module)
+
+
 def make_adapter(name: str, module: nn.Module, projection: LayerProjection) -> LayerAdapter:
     """The adapter for ``module``, or a :class:`ConfigError` naming the unsupported type."""
-    adapter_type = SUPPORTED_TYPES.get(type(module))
-    if adapter_type is None:
-        supported = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+    found = adapter_type(module)
+    if found is None:
+        supported = ", ".join([*(t.__name__ for t in SUPPORTED_TYPES), "transformers' Conv1D"])
         raise ConfigError(f"layer {name!r} is a {type(module).__name__}; dvemb records {supported}")
-    return adapter_type(name, module, projection)
+    return found(name, module, projection)

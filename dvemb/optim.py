@@ -199,15 +199,24 @@ class OptimizerInfo:
         state = self.optimizer.state
         return _as_gradient_matrix(t, state[t.weight][key], None if t.bias is None else state[t.bias][key])
 
-    def take_step_values(self) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    def stepped(self) -> bool:
+        """True when optimizer.step() ran since the values were last taken (a GradScaler may skip it)."""
+        return self.snapshot is not None
+
+    def take_step_values(
+        self, *, require_step: bool = True
+    ) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
         """Values captured when optimizer.step() ran in this step (or the current ones if it did not).
+
+        Args:
+            require_step: raise when an optimizer with state (momentum, Adam) did not step.
 
         Returns:
             (learning rate per layer, weight decay per layer, optimizer-state tensors of the step).
         """
         values, self.snapshot = self.snapshot or self.read(), None
         state, self.step_state = self.step_state, None
-        if state is None and self.propagation in ("momentum", "adam", "adamw"):
+        if require_step and state is None and self.propagation in ("momentum", "adam", "adamw"):
             raise RuntimeError("optimizer.step() did not run inside rec.step()")
         return values[0], values[1], state or {}
 

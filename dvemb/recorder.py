@@ -44,7 +44,7 @@ from dvemb import logformat as fmt
 from dvemb.calibration import FactorCovariance, calibrated_projection
 from dvemb.curvature import logit_factor_rows
 from dvemb.errors import ConfigError, RecorderError
-from dvemb.layers import SUPPORTED_TYPES, LayerAdapter, make_adapter
+from dvemb.layers import LayerAdapter, adapter_type, is_default_layer, make_adapter
 from dvemb.optim import DvembWarning, OptimizerInfo, TrackedParameters, describe_optimizer
 from dvemb.projection import LayerProjection
 from dvemb.writer import LogWriter, StepRecord
@@ -113,8 +113,11 @@ class Recorder:
         log_dir: directory of the gradient log to write (must not hold a log unless ``overwrite``).
         proj_dim: projected size per layer: a square int ``k*k`` (k per side), ``(k_out, k_in)``,
             ``None`` for no projection, or a dict from layer name (or glob) to one of those.
-        layers: ``None`` for every ``nn.Linear``, ``"all"`` for every supported layer
-            (Linear, Conv2d, Embedding), or a list of module names or glob patterns.
+        layers: ``None`` for every ``nn.Linear`` and ``transformers`` ``Conv1D`` (GPT-2), ``"all"`` for
+            every supported layer (also Conv2d and Embedding), or a list of module names or glob
+            patterns. A module whose weight is tied to a recorded one (GPT-2's input embedding and LM
+            head) is recorded with it as one layer: their per-example gradients are summed, the weight
+            counted once.
         curvature: ``"empirical"`` (the paper: curvature from the gradients themselves) or
             ``"ggn"`` (Gauss-Newton factors from :meth:`curvature`).
         curvature_samples: labels sampled per example in ggn mode; ``None`` uses all classes for
@@ -169,13 +172,17 @@ class Recorder:
         self.loss_reduction = loss_reduction
         self.seed = seed
         self.rank, self.world_size = _distributed_defaults(rank, world_size)
-        self.adapters = self._make_adapters(layers, proj_dim)
-        self.tracked_parameters = sum(a.parameter_count() for a in self.adapters)
+        self.adapters, self._owner = self._make_adapters(layers, proj_dim)
+        #: The layers written to the log: one per weight (a tied partner adds its rows to its owner's).
+        self.layers = [a for i, a in enumerate(self.adapters) if self._owner[i] == i]
+        self.tracked_parameters = sum(a.parameter_count() for a in self.layers)
         self.total_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._mode = "off"
         self._slots: list[_Slots] = []
         self._step = 0
         self._loss: float | None = None
+        self._pending_ids: list[Any] | None = None
+        self._iteration = 0  # rec.step() calls that ended, skipped ones included
         self._optimizer: OptimizerInfo | None = None
         self._hooks = [
             a.module.register_forward_hook(partial(self._on_forward, i)) for i, a in enumerate(self.adapters)
@@ -192,35 +199,44 @@ class Recorder:
 
     # -- set-up -----------------------------------------------------------------------------------
 
-    def _make_adapters(self, layers: Sequence[str] | str | None, proj_dim: Any) -> list[LayerAdapter]:
+    def _make_adapters(self, layers: Sequence[str] | str | None, proj_dim: Any) -> tuple[list[LayerAdapter], list[int]]:
+        """The adapters of the recorded modules, and for each the index of the adapter that owns its weight."""
         named = [(n, m) for n, m in self.model.named_modules() if n]
-        if layers is None:
-            chosen = [(n, m) for n, m in named if type(m) is nn.Linear]
-        elif layers == "all":
-            chosen = [(n, m) for n, m in named if type(m) in SUPPORTED_TYPES]
-        else:
-            patterns = [layers] if isinstance(layers, str) else list(layers)
-            for pattern in patterns:
-                if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
-                    raise ConfigError(f"layers: no module matches {pattern!r}; module names look like {named[0][0]!r}")
-            chosen = [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        chosen = _chosen_modules(named, layers)
         for name, module in chosen:
-            if type(module) not in SUPPORTED_TYPES:
+            if adapter_type(module) is None:
                 make_adapter(name, module, LayerProjection(1, 1, 1, 1, 0, 0))  # raises the ConfigError naming it
-        chosen = [(n, m) for n, m in chosen if any(p.requires_grad for p in m.parameters(recurse=False))]
+        chosen = _with_tied_partners(named, [(n, m) for n, m in chosen if _trainable(m)])
         if not chosen:
             raise ConfigError(
-                "no trainable layer to record; pass layers=[...] with names of Linear, Conv2d or Embedding modules"
+                "no trainable layer to record; pass layers=[...] with names of Linear, Conv1D, Conv2d or Embedding "
+                "modules"
             )
-        adapters = []
-        for index, (name, module) in enumerate(chosen):
-            out_dim, in_dim = SUPPORTED_TYPES[type(module)].gradient_shape(module)
-            spec = _proj_spec_for(name, proj_dim)
-            k_out, k_in = _resolve_proj_dim(spec, out_dim, in_dim, name)
-            base = self.seed * 100_003 + 2 * index
-            projection = LayerProjection(out_dim, in_dim, k_out, k_in, seed_out=base, seed_in=base + 1)
+        adapters: list[LayerAdapter] = []
+        owner: list[int] = []
+        owner_of_weight: dict[int, int] = {}
+        for name, module in chosen:
+            found = adapter_type(module)
+            assert found is not None
+            shape = found.gradient_shape(module)
+            first = owner_of_weight.setdefault(id(module.weight), len(adapters))
+            if first != len(adapters):  # tied: same weight, same coordinates, so the rows can be summed
+                partner = adapters[first]
+                if shape != (partner.projection.out_dim, partner.projection.in_dim):
+                    raise ConfigError(
+                        f"layers {partner.name!r} and {name!r} share a weight but their gradients have shapes "
+                        f"{(partner.projection.out_dim, partner.projection.in_dim)} and {shape} (a bias on one of "
+                        "them?); leave one of them out with layers=[...]"
+                    )
+                adapters.append(make_adapter(name, module, partner.projection))
+                owner.append(first)
+                continue
+            k_out, k_in = _resolve_proj_dim(_proj_spec_for(name, proj_dim), shape[0], shape[1], name)
+            base = self.seed * 100_003 + 2 * len(owner_of_weight) - 2
+            projection = LayerProjection(shape[0], shape[1], k_out, k_in, seed_out=base, seed_in=base + 1)
             adapters.append(make_adapter(name, module, projection))
-        return adapters
+            owner.append(first)
+        return adapters, owner
 
     def _manifest(self) -> dict[str, Any]:
         from dvemb import __version__
@@ -247,13 +263,31 @@ class Recorder:
                     "has_bias": getattr(a.module, "bias", None) is not None,
                     "basis": "calibrated" if a.projection.calibrated else "seeded",
                     "parameters": a.parameter_count(),
+                    "tied": self._partners(a),
                 }
-                for a in self.adapters
+                for a in self.layers
             ],
             "tracked_parameters": self.tracked_parameters,
+            "tracked_by_kind": self.tracked_by_kind(),
             "total_parameters": self.total_parameters,
             "optimizer": None,
         }
+
+    def _partners(self, adapter: LayerAdapter) -> list[str]:
+        """Names of the modules tied to ``adapter``'s weight and recorded with it."""
+        owner = self.adapters.index(adapter)
+        return [a.name for i, a in enumerate(self.adapters) if self._owner[i] == owner and i != owner]
+
+    def tracked_by_kind(self) -> dict[str, dict[str, float]]:
+        """Per layer kind (``linear``, ``conv1d``, ``conv2d``, ``embedding``): how many layers are recorded,
+        their parameters, and their share of the model's trainable parameters (tied weights counted once)."""
+        out: dict[str, dict[str, float]] = {}
+        for adapter in self.layers:
+            entry = out.setdefault(adapter.kind, {"layers": 0, "parameters": 0, "share": 0.0})
+            entry["layers"] += 1
+            entry["parameters"] += adapter.parameter_count()
+            entry["share"] = entry["parameters"] / max(self.total_parameters, 1)
+        return out
 
     @property
     def tracked_fraction(self) -> float:
@@ -323,34 +357,61 @@ class Recorder:
 
     @contextmanager
     def step(
-        self, ids: Any, optimizer: torch.optim.Optimizer | None = None, *, lr: float | None = None
+        self,
+        ids: Any,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        lr: float | None = None,
+        scaler: Any = None,
     ) -> Iterator[None]:
         """Record one optimizer step.
 
         Args:
             ids: example ids of every example in the step (all micro-batches, in forward order);
-                ints or strings, a list, tensor or array.
+                ints or strings, a list, tensor or array; or ``None`` when they are given during the
+                step with :meth:`add_ids` (one call per micro-batch, as integrations do).
             optimizer: the optimizer whose ``step()`` applies the update; its learning rate and
                 weight decay are read when ``step()`` runs.
             lr: the learning rate, for hand-written updates without an optimizer.
+            scaler: the ``torch.amp.GradScaler`` of a mixed-precision run: recorded gradients are
+                divided by the scale of this step, and a step whose update the scaler skipped
+                (inf or NaN gradients) is not recorded as an update (its index goes to the
+                manifest's ``skipped_steps``).
         """
         if self._mode != "off":
             raise RecorderError("rec.step() cannot be nested or used inside record_queries()")
         if optimizer is None and lr is None:
             raise ConfigError("rec.step() needs the optimizer (or lr=... for a hand-written update)")
-        id_list = _as_id_list(ids)
-        if not id_list:
+        if scaler is not None and optimizer is None:
+            raise ConfigError("rec.step(scaler=...) needs the optimizer that the scaler steps")
+        id_list = None if ids is None else _as_id_list(ids)
+        if id_list is not None and not id_list:
             raise ConfigError("rec.step() got no example ids")
         if optimizer is not None:
             self._watch(optimizer)
         if self._step == 0 and not self._projection_fixed:
             self._first_step_without_calibration()
+        loss_scale = _loss_scale(scaler)
         self._begin("train")
+        self._pending_ids = [] if id_list is None else None
         try:
             yield
-            self._finish_step(id_list, lr)
+            self._finish_step(id_list if id_list is not None else self._take_pending_ids(), lr, loss_scale)
         finally:
             self._end()
+
+    def add_ids(self, ids: Any) -> None:
+        """Add the ids of one micro-batch to a step opened with ``rec.step(None, ...)``, in forward order."""
+        if self._mode == "off" or self._pending_ids is None:
+            raise RecorderError("rec.add_ids() is for a step opened with rec.step(None, optimizer)")
+        self._pending_ids.extend(_as_id_list(ids))
+
+    def _take_pending_ids(self) -> list[int] | list[str]:
+        ids = self._pending_ids or []
+        if not ids:
+            raise RecorderError(f"step {self._step} was opened with rec.step(None, ...) but rec.add_ids() gave no ids")
+        fmt.encode_ids(ids)  # one type for the whole step
+        return ids
 
     def _first_step_without_calibration(self) -> None:
         if self.projection_mode == "calibrated":
@@ -432,7 +493,11 @@ class Recorder:
 
     def _calibrate(self, batches: list[Sequence[Any]], loss_fn: LossFn | None, keep_whole_sides: bool) -> int:
         covariances = [FactorCovariance(a.projection.out_dim, a.projection.in_dim) for a in self.adapters]
-        fitted = [a.kind in ("linear", "conv2d") for a in self.adapters]
+        # Tied layers keep their shared random projection: one basis cannot be fitted to two different paths.
+        fitted = [
+            a.kind in ("linear", "conv1d", "conv2d") and self._owner[i] == i and not self._partners(a)
+            for i, a in enumerate(self.adapters)
+        ]
         edges: list[GradientEdge | None] = [None] * len(self.adapters)
         inputs: list[torch.Tensor | None] = [None] * len(self.adapters)
 
@@ -509,7 +574,7 @@ class Recorder:
             "seed": self.seed,
             "calibration": {"examples": examples, "factors": "ggn" if ggn else "loss"},
         }
-        for entry, adapter in zip(self._writer.manifest["layers"], self.adapters, strict=True):
+        for entry, adapter in zip(self._writer.manifest["layers"], self.layers, strict=True):
             entry["basis"] = "calibrated" if adapter.projection.calibrated else "seeded"
             entry["k_out"], entry["k_in"] = adapter.projection.k_out, adapter.projection.k_in
         self._writer.write_projection(tensors, info)
@@ -521,7 +586,7 @@ class Recorder:
         if self._optimizer is not None:
             self._optimizer.remove()
         try:
-            self._optimizer = OptimizerInfo(optimizer, [_tracked(a) for a in self.adapters])
+            self._optimizer = OptimizerInfo(optimizer, [_tracked(a) for a in self.layers])
         except ValueError as exc:
             raise ConfigError(f"{exc}; pass the optimizer that trains the model") from None
         if self._writer.manifest["optimizer"] is None:
@@ -535,6 +600,7 @@ class Recorder:
     def _end(self) -> None:
         self._mode = "off"
         self._slots = []
+        self._pending_ids = None
 
     def log_loss(self, loss: torch.Tensor | float) -> None:
         """Record the step's training loss (optional; shown next to the phase plot)."""
@@ -597,13 +663,21 @@ class Recorder:
             for index, rows in enumerate(self._rows_from_output_grads(slot_of, grads)):
                 per_layer[index].append(rows)
 
-    def _finish_step(self, ids: list[int] | list[str], lr: float | None) -> None:
-        grads: dict[str, torch.Tensor] = {}
+    def _finish_step(self, ids: list[int] | list[str], lr: float | None, loss_scale: float | None) -> None:
+        self._iteration += 1
+        if loss_scale is not None and self._optimizer is not None and not self._optimizer.stepped():
+            # The scaler found inf/NaN and skipped optimizer.step(): no update happened, nothing to attribute.
+            self._writer.manifest.setdefault("skipped_steps", []).append(self._iteration - 1)
+            self._optimizer.take_step_values(require_step=False)
+            return
+        pairs = list(zip(self.adapters, self._slots, strict=True))
+        grads = self._merged([self._collect(a, slots.grads, "gradient", ids) for a, slots in pairs])
         curvature: dict[str, torch.Tensor] = {}
-        for adapter, slots in zip(self.adapters, self._slots, strict=True):
-            grads[adapter.name] = self._collect(adapter, slots.grads, "gradient", ids)
-            if self.curvature_mode == "ggn":
-                curvature[adapter.name] = self._collect(adapter, slots.curvature, "curvature", ids)
+        if self.curvature_mode == "ggn":
+            curvature = self._merged([self._collect(a, slots.curvature, "curvature", ids) for a, slots in pairs])
+        if loss_scale is not None:
+            for rows in grads.values():
+                rows.div_(loss_scale)  # the backward ran on the scaled loss
         if self.loss_reduction == "mean":
             # The step's gradient was the mean over its examples: recover each example's own gradient.
             for rows in grads.values():
@@ -617,7 +691,7 @@ class Recorder:
                 raise RecorderError(f"step {self._step}: {exc}; call optimizer.step() inside rec.step()") from None
             optimizer_state = self._optimizer_tensors(state)
         else:
-            lrs, decays = [float(lr or 0.0)] * len(self.adapters), [0.0] * len(self.adapters)
+            lrs, decays = [float(lr or 0.0)] * len(self.layers), [0.0] * len(self.layers)
         if self.curvature_mode == "ggn" and self._writer.manifest["curvature"]["rows_per_example"] is None:
             self._writer.manifest["curvature"]["rows_per_example"] = int(next(iter(curvature.values())).shape[1])
         self._writer.accept_step(
@@ -626,13 +700,21 @@ class Recorder:
         self._step += 1  # recorded: a write error below concerns the disk, and the step is retried with the next shard
         self._writer.flush_if_full()
 
+    def _merged(self, rows: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-adapter (B, d) rows as per logged layer: a tied partner's rows are added to its owner's."""
+        out: dict[str, torch.Tensor] = {}
+        for index, part in enumerate(rows):
+            name = self.adapters[self._owner[index]].name
+            out[name] = part if name not in out else out[name] + part
+        return out
+
     def _optimizer_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The optimizer's per-step tensors under their shard names (per-layer ones named by layer)."""
         out: dict[str, torch.Tensor] = {}
         for key, value in state.items():
             parts = key.split(".")
             if len(parts) == 3:  # opt.<what>.<layer index>
-                out[fmt.optimizer_layer_key(parts[1], self.adapters[int(parts[2])].name)] = value
+                out[fmt.optimizer_layer_key(parts[1], self.layers[int(parts[2])].name)] = value
             else:
                 out[key] = value
         return out
@@ -737,7 +819,8 @@ class Recorder:
             raise ConfigError(f"query set {name!r} is empty")
         if texts is not None and len(texts) != len(ids):
             raise ConfigError(f"{len(texts)} texts for {len(ids)} queries in query set {name!r}")
-        tensors = {fmt.grad_key(a.name): torch.cat(p) for a, p in zip(self.adapters, parts, strict=True)}
+        merged = self._merged([torch.cat(p) for p in parts])
+        tensors = {fmt.grad_key(name): rows for name, rows in merged.items()}
         tensors.update(fmt.encode_ids(ids), loss=torch.cat(losses))
         if len(labels) and sum(len(lab) for lab in labels) == len(ids):
             tensors["labels"] = torch.cat(labels)
@@ -846,7 +929,47 @@ def _tracked(adapter: LayerAdapter) -> TrackedParameters:
         bias=bias if isinstance(bias, nn.Parameter) else None,
         out_dim=adapter.projection.out_dim,
         whole=adapter.projection.is_identity,
+        transpose=adapter.kind == "conv1d",
     )
+
+
+def _chosen_modules(
+    named: list[tuple[str, nn.Module]], layers: Sequence[str] | str | None
+) -> list[tuple[str, nn.Module]]:
+    if layers is None:
+        return [(n, m) for n, m in named if is_default_layer(m)]
+    if layers == "all":
+        return [(n, m) for n, m in named if adapter_type(m) is not None]
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
+            raise ConfigError(f"layers: no module matches {pattern!r}; module names look like {named[0][0]!r}")
+    return [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _with_tied_partners(
+    named: list[tuple[str, nn.Module]], chosen: list[tuple[str, nn.Module]]
+) -> list[tuple[str, nn.Module]]:
+    """``chosen`` plus every supported module that shares a weight with one of them, in module order:
+    recording only one side of a tied weight would miss part of its gradient."""
+    weights = {id(m.weight) for _, m in chosen if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    names = {n for n, _ in chosen}
+    return [
+        (n, m)
+        for n, m in named
+        if n in names or (adapter_type(m) is not None and _trainable(m) and id(getattr(m, "weight", None)) in weights)
+    ]
+
+
+def _loss_scale(scaler: Any) -> float | None:
+    """The loss scale of an enabled ``GradScaler`` for this step (before its ``update()``), else None."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return float(scaler.get_scale())
 
 
 def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
