@@ -44,17 +44,19 @@ def test_optimizer_exact_propagation_beats_the_sgd_proxy_under_adam(tmp_path: Pa
 
 
 def test_calibrated_projection_beats_the_random_one_at_the_default_size(tmp_path: Path) -> None:
-    """Digits MLP with hidden 32 (256 per layer really projects), ggn, per-layer blocks, against exact replay.
-    Measured (BENCHMARKS.md, seeds 0-1 of this configuration): random 0.38, calibrated 0.47-0.48, a gap of
-    at least 0.09; the margin below is half of it."""
+    """Digits MLP with hidden 32 (256 per layer really projects), ggn, the engine's default blocks ('auto':
+    the full M for this model), against exact replay. Measured (BENCHMARKS.md, "Projection fidelity", seed
+    0 of this configuration): random 0.46, look-ahead calibrated 0.73 (0.67-0.72 on seeds 1-2); the gap was
+    at least 0.20 on every seed. The margin below is half of it; the floor is the issue's 0.6 target."""
     base = Setup(seed=0, hidden=32)
     whole = train(base, tmp_path / "whole", curvature="ggn")
     pairs = sample_pairs(base, whole)
     truth = ground_truth(whole, pairs)
     result = {}
     for kind in ("random", "calibrated"):
-        setup = replace(base, projection=kind)
+        setup = replace(base, projection=kind, lookahead_steps=base.steps // 10 if kind == "calibrated" else 0)
         train(setup, tmp_path / kind, curvature="ggn", proj_dim=256)
         estimate = dvemb_scores(tmp_path / kind, tmp_path / f"out-{kind}", pairs, setup, curvature="ggn")
         result[kind] = correlation(estimate, truth, spearman=True)
-    assert result["calibrated"] > result["random"] + 0.045, result
+    assert result["calibrated"] > result["random"] + 0.10, result
+    assert result["calibrated"] > 0.6, result
