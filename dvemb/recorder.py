@@ -484,7 +484,7 @@ class Recorder:
         for step in range(steps):
             batch = batches[step % len(batches)]
             with torch.enable_grad():
-                outputs = self.model(batch[0])
+                outputs = _outputs(self.model, batch[0])
                 per_example = (loss_fn or _default_loss)(outputs, batch[1])
                 loss = per_example.sum() if self.loss_reduction == "sum" else per_example.mean()
                 loss.backward()
@@ -513,7 +513,7 @@ class Recorder:
                 edges[:] = [None] * len(self.adapters)
                 inputs[:] = [None] * len(self.adapters)
                 with torch.enable_grad():
-                    outputs = self.model(batch[0])
+                    outputs = _outputs(self.model, batch[0])
                     live = [(i, e) for i, e in enumerate(edges) if e is not None]
                     for grads in self._calibration_grads(outputs, batch[1], loss_fn, [e for _, e in live], number):
                         for (index, _), grad in zip(live, grads, strict=True):
@@ -775,7 +775,8 @@ class Recorder:
         Args:
             name: query-set name, e.g. ``"validation"`` (letters, digits, ``_.-``).
             batches: iterable of ``(inputs, targets, ids)`` or ``(inputs, targets)`` (ids then
-                count from 0).
+                count from 0); ``inputs`` a tensor, or a mapping of keyword arguments for the model
+                (a model output with ``logits``, as Hugging Face models return, is reduced to them).
             loss_fn: per-example loss ``(outputs, targets) -> (B,)``; default cross-entropy (averaged
                 over positions for (B, L, V) outputs).
             texts: optional text of each query, in order.
@@ -802,7 +803,7 @@ class Recorder:
                 batch_ids = _as_id_list(batch[2]) if len(batch) > 2 else list(range(len(ids), len(ids) + len(targets)))
                 self._begin("query")
                 with torch.enable_grad():
-                    per_example = loss_fn(self.model(inputs), targets)  # (B,)
+                    per_example = loss_fn(_outputs(self.model, inputs), targets)  # (B,)
                     slot_of, outputs = self._latest_outputs("record_queries()")
                     grads = torch.autograd.grad(per_example.sum(), outputs, allow_unused=True)
                 for index, rows in enumerate(self._rows_from_output_grads(slot_of, grads)):
@@ -963,6 +964,21 @@ def _with_tied_partners(
         for n, m in named
         if n in names or (adapter_type(m) is not None and _trainable(m) and id(getattr(m, "weight", None)) in weights)
     ]
+
+
+def _outputs(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """The model's output tensor for a batch's inputs: a tensor, or a mapping of keyword arguments (as
+    Hugging Face models take them), whose result's ``logits`` are used when it is not a tensor."""
+    result = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    if isinstance(result, torch.Tensor):
+        return result
+    logits = getattr(result, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise ConfigError(
+            f"the model returned a {type(result).__name__} without a 'logits' tensor; pass batches whose inputs give "
+            "a tensor, or a loss_fn over what the model returns"
+        )
+    return logits
 
 
 def _loss_scale(scaler: Any) -> float | None:
