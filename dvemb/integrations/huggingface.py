@@ -92,7 +92,7 @@ def _widened(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-class DvembCallback(TrainerCallback):  # type: ignore[misc]
+class DvembCallback(TrainerCallback):
     """Records a ``Trainer`` run with a :class:`~dvemb.Recorder`; attach it with :func:`record`.
 
     Args:
@@ -253,6 +253,8 @@ def record(
         loss_fn=loss_fn,
         recorder_options=recorder_options,
     )
+    if not isinstance(trainer.model, nn.Module):
+        raise ConfigError("record(trainer) needs the Trainer's model")
     trainer.train_dataset = _Indexed(dataset)
     _keep_index_column(trainer)
     _unwrapped(trainer.model).register_forward_pre_hook(_index_taker(callback), with_kwargs=True)
