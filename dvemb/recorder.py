@@ -68,6 +68,7 @@ class _Slots:
     # names the layer's own output after an in-place op (e.g. ReLU(inplace=True)) rebinds the tensor.
     outputs: list[GradientEdge | None] = field(default_factory=list)
     curvature: list[torch.Tensor | None] = field(default_factory=list)  # (B, R, d) each
+    outside_backward: int = 0  # forward passes seen outside a backward pass (see activation checkpointing)
 
 
 def _resolve_proj_dim(spec: ProjDim, out_dim: int, in_dim: int, name: str) -> tuple[int, int]:
@@ -307,6 +308,13 @@ class Recorder:
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         slots = self._slots[index]
+        if torch._C._current_graph_task_id() == -1:
+            slots.outside_backward += 1
+        elif slots.outside_backward:
+            # Activation checkpointing recomputes this forward inside backward. Non-reentrant checkpointing
+            # already ran it with gradients (that pass is the one the gradient reaches): skip the recompute.
+            # Reentrant checkpointing ran it without gradients, so the recompute is the pass to record.
+            return
         slot = len(slots.forward)
         slots.forward.append(self.adapters[index].forward_factor(args))
         slots.grads.append(None)

@@ -78,6 +78,20 @@ def test_trainer_callback_log_equals_the_plain_recorder(tmp_path: Path) -> None:
     assert len(texts) == 48 and texts["textwrap.py:0"] == data[0]["text"]
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_records_the_same_log(tmp_path: Path, reentrant: bool) -> None:
+    """Non-reentrant checkpointing runs each block's forward twice with gradients (the recompute must be
+    ignored); reentrant checkpointing runs it first without gradients (the recompute must be recorded)."""
+    train_with_callback(tmp_path / "o1", tmp_path / "plain", 4, gradient_accumulation_steps=2)
+    checkpointing = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
+    train_with_callback(tmp_path / "o2", tmp_path / "ckpt", 4, gradient_accumulation_steps=2, **checkpointing)
+    plain, ckpt = dvemb.open_log(tmp_path / "plain"), dvemb.open_log(tmp_path / "ckpt")
+    for (ids, lr, rows), (ids_c, lr_c, rows_c) in zip(_steps(plain), _steps(ckpt), strict=True):
+        assert ids == ids_c and lr == lr_c
+        for name, ours in rows.items():
+            assert _relative(rows_c[name], ours) < 1e-12, name
+
+
 def test_conv1d_and_tied_embedding_rows_equal_a_naive_per_example_reference(tmp_path: Path) -> None:
     """GPT-2's Conv1D layers and its tied input embedding / LM head (one layer, both paths summed), against
     one backward pass per example (float64, no projection)."""
