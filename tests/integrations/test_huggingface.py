@@ -83,7 +83,7 @@ def test_gradient_checkpointing_records_the_same_log(tmp_path: Path, reentrant: 
     """Non-reentrant checkpointing runs each block's forward twice with gradients (the recompute must be
     ignored); reentrant checkpointing runs it first without gradients (the recompute must be recorded)."""
     train_with_callback(tmp_path / "o1", tmp_path / "plain", 4, gradient_accumulation_steps=2)
-    checkpointing = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
+    checkpointing = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": reentrant}}
     train_with_callback(tmp_path / "o2", tmp_path / "ckpt", 4, gradient_accumulation_steps=2, **checkpointing)
     plain, ckpt = dvemb.open_log(tmp_path / "plain"), dvemb.open_log(tmp_path / "ckpt")
     for (ids, lr, rows), (ids_c, lr_c, rows_c) in zip(_steps(plain), _steps(ckpt), strict=True):
