@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_task import SEQ, SourceChunks, tiny_gpt2, train_with_callback
-from transformers import default_data_collator
+from hf_task import SEQ, SourceChunks, arguments, tiny_gpt2, train_with_callback
+from transformers import Trainer, default_data_collator
 
 import dvemb
 from dvemb.integrations.huggingface import causal_lm_loss, record
@@ -124,6 +124,26 @@ def test_conv1d_and_tied_embedding_rows_equal_a_naive_per_example_reference(tmp_
                 assert _relative(rows[name][example], expected) < 1e-10, name
         tied = model.transformer.wte.weight.grad.flatten()  # both paths: embedding lookup and LM head
         assert _relative(rows["transformer.wte"][example], tied) < 1e-10
+
+
+def test_record_calibrates_the_projection_by_default(tmp_path: Path) -> None:
+    """The callback fits curvature-aware bases on the first training batches before the first step: the
+    Conv1D layers are calibrated, the tied embedding keeps its random projection."""
+    trainer = Trainer(
+        model=tiny_gpt2(torch.float32),
+        args=arguments(tmp_path / "out", 4, steps=2),
+        train_dataset=SourceChunks("textwrap.py", 16),
+        data_collator=default_data_collator,
+    )
+    record(trainer, tmp_path / "log", calibration_batches=2, proj_dim=64)
+    trainer.train()
+    log = dvemb.open_log(tmp_path / "log")
+    assert log.complete and log.num_steps == 2
+    assert log.manifest["projection"]["kind"] == "calibrated"
+    assert log.manifest["projection"]["calibration"]["examples"] == 8
+    bases = {entry["name"]: entry["basis"] for entry in log.manifest["layers"]}
+    assert bases.pop("transformer.wte") == "seeded"
+    assert set(bases.values()) == {"calibrated"}
 
 
 def test_record_refuses_what_it_cannot_do(tmp_path: Path) -> None:
