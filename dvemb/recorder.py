@@ -747,8 +747,9 @@ class Recorder:
             raise RecorderError(
                 f"layer {adapter.name!r} saw {rows.shape[0]} examples in step {self._step} "
                 f"but {len(ids)} ids were given; "
-                "pass the ids of every micro-batch of the step, in order (a layer called twice per forward pass "
-                "cannot be tracked: leave it out with layers=[...])"
+                "pass the ids of every micro-batch of the step, in order (a layer called twice per forward pass, or "
+                "one whose input has no per-example batch dimension such as a position embedding fed (1, L) "
+                "positions, cannot be tracked: leave it out with layers=[...])"
             )
         return rows
 
