@@ -1,7 +1,9 @@
 """The ``dvemb`` command line.
 
-Core subcommands live here; packages installed next to the core (the server, the worker) add
-theirs through the ``dvemb.commands`` entry-point group, so the core never imports them.
+Core subcommands live here (``inspect``, ``compute``, and the client's ``upload``); packages installed
+next to the core (the server, the worker, the demo) add theirs through the ``dvemb.commands`` entry-point
+group, so the core never imports them. Every command imports what it needs when it runs: ``dvemb --help``
+loads neither torch nor the server.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
-from dvemb.engine import ComputeArguments, ComputeProgress, compute
+from dvemb.client import cli as client_cli
 from dvemb.errors import DvembError
-from dvemb.reader import open_log
+
+if TYPE_CHECKING:
+    from dvemb.engine import ComputeProgress
 
 __all__ = ["main"]
 
@@ -22,6 +27,8 @@ Register = Callable[[argparse._SubParsersAction], None]  # type: ignore[type-arg
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from dvemb.reader import open_log
+
     log = open_log(args.log_dir)
     if args.verify:
         log.validate()
@@ -66,6 +73,8 @@ def _progress_printer() -> Callable[[ComputeProgress], None]:
 
 
 def _compute(args: argparse.Namespace) -> int:
+    from dvemb.engine import ComputeArguments, compute
+
     arguments = ComputeArguments(
         curvature=args.curvature,
         blocks=args.blocks,
@@ -133,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--overwrite", action="store_true", help="replace other results in --out")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.set_defaults(func=_compute)
+    client_cli.register(sub)
     for entry in entry_points(group="dvemb.commands"):
         register: Register = entry.load()
         register(sub)

@@ -1,19 +1,12 @@
-"""Constants and small codecs shared by the gradient-log writer and reader (see docs/format.md).
+"""Torch-side constants and codecs shared by the gradient-log writer and reader (see docs/format.md).
 
-A log is a directory::
-
-    manifest.json                 rank 0 (or the only process): layers, projection, optimizer, shards
-    manifest.rank{R}.json         other ranks of a distributed run: their own shards
-    shard-r{R}-{NNNNNN}.safetensors   consecutive steps of one rank
-    queries-{NAME}.safetensors    gradients of a named query set at the final model
-    examples-{NNNNNN}.jsonl       optional metadata of training examples (text, label, source, image)
+File names, the id codec and the phase names live in :mod:`dvemb.formats` (numpy only, shared with the
+server); this module adds tensor names, dtypes and the safetensors header check.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import re
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +14,28 @@ from typing import Any
 
 import torch
 
+from dvemb import formats
 from dvemb.errors import ConfigError, HeaderMismatchError, NotSafetensorsError, TruncatedFileError
+from dvemb.formats import MANIFEST, PROJECTION_FILE, QUERY_SET_NAME, id_type, rank_manifest_name, shard_name
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "PROJECTION_FILE",
+    "QUERY_SET_NAME",
+    "READABLE_VERSIONS",
+    "basis_key",
+    "curvature_key",
+    "decode_ids",
+    "encode_ids",
+    "grad_key",
+    "id_type",
+    "optimizer_layer_key",
+    "rank_manifest_name",
+    "read_safetensors_header",
+    "shard_name",
+]
 
 FORMAT_NAME = "dvemb-gradient-log"
 FORMAT_VERSION = 2
@@ -35,7 +49,6 @@ OPTIMIZER_SCALARS = ("opt.momentum", "opt.dampening", "opt.beta2", "opt.eps", "o
 #: bias-corrected second moment, ``v_row`` (S, out_dim) and ``v_col`` (S, in_dim).
 OPTIMIZER_LAYER_TENSORS = ("precond", "vsens", "batch_grad", "v_row", "v_col")
 WHOLE_LAYER_ADAM_TENSORS = ("precond", "vsens", "batch_grad")
-MANIFEST = "manifest.json"
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,  # for exactness checks on small models
     "float32": torch.float32,
@@ -50,18 +63,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64,
     "U8": torch.uint8,
 }
-QUERY_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_HEADER_BYTES = 100_000_000  # the safetensors limit
-
-
-def rank_manifest_name(rank: int) -> str:
-    """File name of a rank's manifest (rank 0 owns ``manifest.json``)."""
-    return MANIFEST if rank == 0 else f"manifest.rank{rank}.json"
-
-
-def shard_name(rank: int, index: int) -> str:
-    """File name of a rank's ``index``-th shard."""
-    return f"shard-r{rank}-{index:06d}.safetensors"
 
 
 def grad_key(layer: str) -> str:
@@ -72,10 +74,6 @@ def grad_key(layer: str) -> str:
 def curvature_key(layer: str) -> str:
     """Tensor name of a layer's curvature factors in a shard."""
     return f"curv.{layer}"
-
-
-#: Calibrated projection bases, listed in the manifest's ``projection_files``.
-PROJECTION_FILE = "projection.safetensors"
 
 
 def basis_key(side: str, layer: str) -> str:
@@ -91,36 +89,17 @@ def optimizer_layer_key(what: str, layer: str) -> str:
 
 
 def encode_ids(ids: Sequence[int | str]) -> dict[str, torch.Tensor]:
-    """Example ids as tensors: ``example_id`` (R,) int64, or UTF-8 bytes with offsets for strings."""
-    if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        return {"example_id": torch.tensor(list(ids), dtype=torch.int64)}
-    if all(isinstance(i, str) for i in ids):
-        encoded = [str(i).encode("utf-8") for i in ids]
-        offsets = [0]
-        for e in encoded:
-            offsets.append(offsets[-1] + len(e))
-        data = (
-            torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8)
-            if offsets[-1]
-            else torch.zeros(0, dtype=torch.uint8)
-        )
-        return {"example_id_utf8": data, "example_id_offsets": torch.tensor(offsets, dtype=torch.int64)}
-    kinds = sorted({type(i).__name__ for i in ids})
-    raise ConfigError(f"example ids must be all int or all str; got {', '.join(kinds)}")
+    """Example ids as tensors (:func:`dvemb.formats.encode_ids`); a :class:`ConfigError` for mixed types."""
+    try:
+        arrays = formats.encode_ids(ids)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
 def decode_ids(tensors: dict[str, torch.Tensor]) -> list[int] | list[str]:
     """Inverse of :func:`encode_ids`."""
-    if "example_id" in tensors:
-        return [int(i) for i in tensors["example_id"].tolist()]
-    data = bytes(tensors["example_id_utf8"].numpy().tobytes())
-    offsets = tensors["example_id_offsets"].tolist()
-    return [data[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets)]
-
-
-def id_type(ids: Sequence[int | str]) -> str:
-    """``"int"`` or ``"str"``."""
-    return "str" if ids and isinstance(ids[0], str) else "int"
+    return formats.decode_ids(tensors)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save, save_file
 
+from dvemb import formats
 from dvemb import logformat as fmt
 from dvemb.errors import ConfigError
 
@@ -313,7 +314,7 @@ class LogWriter:
             k: (v.to("cpu", self.storage_dtype) if v.is_floating_point() and k.startswith("grad.") else v.cpu())
             for k, v in tensors.items()
         }
-        path = self._write_tensors_atomic(f"queries-{name}.safetensors", stored, {"info": json.dumps(info)})
+        path = self._write_tensors_atomic(formats.query_file_name(name), stored, {"info": json.dumps(info)})
         entry = _file_entry(path)
         entry.update(name=name, num_queries=int(info["num_queries"]), step=int(info["step"]))
         self.manifest["query_sets"] = [q for q in self.manifest["query_sets"] if q["name"] != name] + [entry]
@@ -343,7 +344,7 @@ class LogWriter:
     def _write_examples(self) -> None:
         self._wait()
         index = len(self.manifest["example_files"])
-        final = self.directory / f"examples-{index:06d}.jsonl"
+        final = self.directory / formats.examples_file_name(index)
         tmp = final.with_name(final.name + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for record in self._examples:

@@ -20,4 +20,4 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The CPU build lies on this machine's disk; an unpinned torch would download a CUDA build of several GB.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[dev,server,huggingface]"
+.venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[dev,client,server,huggingface]"

@@ -3,24 +3,16 @@ only validated files are moved into ``log/``, which is what computations read.""
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
+from dvemb.formats import is_log_file_name
 from server.errors import BadRequest
-
-# Every file name a gradient log can hold (docs/format.md); anything else, including any path, is refused.
-LOG_FILE_NAME = re.compile(
-    r"^(manifest(\.rank[0-9]{1,4})?\.json"
-    r"|shard-r[0-9]{1,4}-[0-9]{6}\.safetensors"
-    r"|queries-[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.safetensors"
-    r"|examples-[0-9]{6}\.jsonl"
-    r"|projection\.safetensors)$"
-)
 
 
 def check_log_file_name(name: str) -> str:
-    if not LOG_FILE_NAME.fullmatch(name) or ".." in name:  # fullmatch: '$' would accept a trailing newline
+    """``name`` if a gradient log can hold it (dvemb.formats' grammar), else a 400 naming the problem."""
+    if not is_log_file_name(name):
         raise BadRequest(
             f"file name {name!r} is not a gradient-log file name (manifest.json, shard-rR-NNNNNN.safetensors, "
             "queries-NAME.safetensors, examples-NNNNNN.jsonl, projection.safetensors); paths are not accepted"

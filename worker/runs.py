@@ -19,11 +19,11 @@ from sqlalchemy.orm import Session
 from dvemb.engine import ComputeArguments, ComputeProgress, compute, load_results
 from dvemb.engine.scoring import RunningTopK
 from dvemb.errors import DvembError
+from dvemb.formats import EMBEDDINGS, MANIFEST, manifest_names, phase_of, rank_manifest_name
 from dvemb.reader import GradientLog, check_manifest_file
 from server.db.models import AdhocQuery, CurvePoint, ExampleTotal, Job, LogFile, PhaseSummaryRow, Run, TopKRow
 from server.db.session import session_factory
 from server.services.adhoc import query_path as adhoc_query_path
-from server.services.results import phase_of
 from server.services.runs import expected_files
 from server.settings import get_settings
 from server.storage import log_dir, part_path, results_dir, staging_dir
@@ -100,17 +100,17 @@ def _wait_for_manifest(session: Session, upload: LogFile, staging: Any) -> None:
 
 
 def _staged_manifests(staging: Any) -> list[dict[str, Any]] | None:
-    main = staging / "manifest.json"
+    main = staging / MANIFEST
     if not main.exists():
         return None
     world = int(json.loads(main.read_text())["world_size"])
-    paths = [main] + [staging / f"manifest.rank{r}.json" for r in range(1, world)]
+    paths = [staging / name for name in manifest_names(world)]
     return [json.loads(p.read_text()) for p in paths] if all(p.exists() for p in paths) else None
 
 
 def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> None:
     manifest = check_manifest_file(part)
-    expected = "manifest.json" if manifest["rank"] == 0 else f"manifest.rank{manifest['rank']}.json"
+    expected = rank_manifest_name(int(manifest["rank"]))
     if upload.name != expected:
         raise DvembError(f"{upload.name} holds the manifest of rank {manifest['rank']}; upload it as {expected}")
     storage = get_settings().storage
@@ -341,7 +341,7 @@ def run_adhoc_query(query_id: int, chunk_rows: int = 65536) -> None:
         out = results_dir(storage, job.run_id, job.id)
         try:
             vectors = torch.from_numpy(np.load(adhoc_query_path(storage, job, query.id)))  # (Q, D)
-            embeddings = np.load(out / "embeddings.npy", mmap_mode="r")  # (R, D)
+            embeddings = np.load(out / EMBEDDINGS, mmap_mode="r")  # (R, D)
         except OSError as exc:
             query.status, query.error = "failed", f"the job's embeddings or the query's vectors are missing: {exc}"
             session.commit()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dvemb import formats
 from dvemb import logformat as fmt
 from dvemb.engine.optimizer_maps import COEFFICIENTS, StepMaps, step_maps
 from dvemb.engine.optimizer_recursion import OptimizerRecursion
@@ -40,8 +41,6 @@ RESULTS_VERSION = 1
 #: ``blocks="auto"`` keeps one full ``M`` up to this total projected dimension (a 64 MiB float32 matrix).
 AUTO_FULL_MAX_DIM = 4096
 DEFAULT_BLOCK_ROWS = 256
-_CHECKPOINT = "checkpoint.safetensors"
-_SUMMARY = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -280,13 +279,13 @@ class _Run:
             return np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape)
 
         if self.args.save_embeddings:
-            self.embeddings = array("embeddings.npy", (rows, self.total_dim))
+            self.embeddings = array(formats.EMBEDDINGS, (rows, self.total_dim))
         if self.args.self_influence:
-            self.self_influence = array("self_influence.npy", (rows,))
+            self.self_influence = array(formats.SELF_INFLUENCE, (rows,))
         for name, scorer in self.scorers.items():
             q = scorer.matrix.shape[0]
-            scorer.scores = array(f"scores-{name}.npy", (rows, q))
-            scorer.curves = array(f"curves-{name}.npy", (self.num_steps, q))
+            scorer.scores = array(formats.scores_file(name), (rows, q))
+            scorer.curves = array(formats.curves_file(name), (self.num_steps, q))
 
     def _flush_arrays(self) -> None:
         for array in [
@@ -313,14 +312,14 @@ class _Run:
 
     def _save_checkpoint(self, next_shard: int) -> None:
         self._flush_arrays()
-        tmp = self.out / (_CHECKPOINT + ".tmp")
+        tmp = self.out / (formats.CHECKPOINT + ".tmp")
         meta = {"fingerprint": self.fingerprint, "next_shard": str(next_shard)}
         save_file({k: v.contiguous() for k, v in self._state().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, self.out / _CHECKPOINT)
+        os.replace(tmp, self.out / formats.CHECKPOINT)
 
     def _load_checkpoint(self) -> int | None:
         """The shard to continue from, after restoring the state; None when there is nothing to resume."""
-        path = self.out / _CHECKPOINT
+        path = self.out / formats.CHECKPOINT
         if not path.exists():
             return None
         from safetensors import safe_open
@@ -364,7 +363,7 @@ class _Run:
             done_steps += len(shard.steps)
             self._report(done_steps, int(shard.steps[0]), started)
         summary = self._finish(time.monotonic() - started)
-        (self.out / _CHECKPOINT).unlink(missing_ok=True)
+        (self.out / formats.CHECKPOINT).unlink(missing_ok=True)
         return summary
 
     def _report(self, done: int, current: int, started: float) -> None:
@@ -499,11 +498,11 @@ class _Run:
     def _write_index(self) -> None:
         save_file(
             {"row_step": self.row_step.contiguous(), "example_index": self.example_index, "epoch": self.epoch},
-            str(self.out / "occurrences.safetensors"),
+            str(self.out / formats.OCCURRENCES),
         )
         save_file(
             fmt.encode_ids(self.example_ids) if self.example_ids else {"example_id": torch.zeros(0, dtype=torch.int64)},
-            str(self.out / "examples.safetensors"),
+            str(self.out / formats.EXAMPLES),
         )
 
     def _topk_table(self, s: _QueryScores) -> dict[str, torch.Tensor]:
@@ -533,8 +532,8 @@ class _Run:
         lr, batch, loss = self.step_lr, self.step_batch, self.step_loss
         query_summaries = {}
         for name, s in self.scorers.items():
-            save_file(self._topk_table(s), str(self.out / f"topk-{name}.safetensors"))
-            np.save(self.out / f"totals-{name}.npy", s.totals.numpy())
+            save_file(self._topk_table(s), str(self.out / formats.topk_file(name)))
+            np.save(self.out / formats.totals_file(name), s.totals.numpy())
             per_lr = (s.step_mean / torch.where(lr > 0, lr, torch.inf)).numpy()
             save_file(
                 {
@@ -546,7 +545,7 @@ class _Run:
                     "mean_per_lr": torch.from_numpy(per_lr),
                     "abs_sum": s.step_abs,
                 },
-                str(self.out / f"curve-{name}.safetensors"),
+                str(self.out / formats.curve_file(name)),
             )
             phases = find_phases(per_lr, s.step_abs.numpy(), lr.numpy())
             query_summaries[name] = {
@@ -579,7 +578,7 @@ class _Run:
             "query_sets": query_summaries,
             "seconds": seconds,
         }
-        write_json_atomic(self.out / _SUMMARY, summary)
+        write_json_atomic(self.out / formats.SUMMARY, summary)
         return summary
 
 
@@ -685,7 +684,7 @@ def compute(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(log, args)
-    summary_path = out / _SUMMARY
+    summary_path = out / formats.SUMMARY
     if summary_path.exists():
         existing = json.loads(summary_path.read_text())
         if existing.get("fingerprint") == fingerprint:
@@ -695,7 +694,7 @@ def compute(
                 f"{out} holds results of another computation; choose a new directory "
                 "or pass overwrite=True (--overwrite)"
             )
-    if overwrite and (summary_path.exists() or (out / _CHECKPOINT).exists()):
+    if overwrite and (summary_path.exists() or (out / formats.CHECKPOINT).exists()):
         shutil.rmtree(out)
         out.mkdir(parents=True)
     summary_path.unlink(missing_ok=True)

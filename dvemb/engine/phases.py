@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from dvemb import formats
+
 __all__ = ["PhaseSummary", "downsample", "find_phases"]
 
-PHASE_NAMES = ("early", "basin", "late")
+PHASE_NAMES = formats.PHASE_NAMES
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from dvemb import formats
 from dvemb import logformat as fmt
 from dvemb.errors import ConfigError
 
@@ -57,7 +58,7 @@ class Results:
         info = self._query_set(query_set)
         if query is not None and not 0 <= query < info["num_queries"]:
             raise ConfigError(f"query {query} is out of range 0..{info['num_queries'] - 1}")
-        table = load_file(str(self.directory / f"topk-{query_set}.safetensors"))
+        table = load_file(str(self.directory / formats.topk_file(query_set)))
         mask = (table["query"] == (-1 if query is None else query)) & (table["kind"] == KINDS.index(kind))
         chosen = torch.nonzero(mask).squeeze(1)[:k]
         return [
@@ -75,7 +76,7 @@ class Results:
     def curve(self, query_set: str) -> dict[str, np.ndarray]:
         """Per-step columns: step, lr, batch_size, loss, mean, mean_per_lr, abs_sum."""
         self._query_set(query_set)
-        return {k: v.numpy() for k, v in load_file(str(self.directory / f"curve-{query_set}.safetensors")).items()}
+        return {k: v.numpy() for k, v in load_file(str(self.directory / formats.curve_file(query_set))).items()}
 
     def phases(self, query_set: str) -> dict[str, Any]:
         """Phase summary of a query set (boundaries, ranges, shares)."""
@@ -84,12 +85,12 @@ class Results:
     def totals(self, query_set: str) -> np.ndarray:
         """(N, Q) total influence of each example (sum over its occurrences) on each query."""
         self._query_set(query_set)
-        return np.asarray(np.load(self.directory / f"totals-{query_set}.npy", mmap_mode="r"))
+        return np.asarray(np.load(self.directory / formats.totals_file(query_set), mmap_mode="r"))
 
     def scores(self, query_set: str) -> np.ndarray:
         """(R, Q) memory-mapped score of every occurrence on every query."""
         self._query_set(query_set)
-        scores: np.ndarray = np.load(self.directory / f"scores-{query_set}.npy", mmap_mode="r")
+        scores: np.ndarray = np.load(self.directory / formats.scores_file(query_set), mmap_mode="r")
         return scores
 
     def history(self, example_id: int | str, query_set: str) -> list[dict[str, Any]]:
@@ -115,15 +116,15 @@ class Results:
 def load_results(directory: str | Path) -> Results:
     """Open a finished results directory written by :func:`dvemb.engine.compute`."""
     path = Path(directory)
-    summary_path = path / "summary.json"
+    summary_path = path / formats.SUMMARY
     if not summary_path.exists():
         raise ConfigError(f"{path} holds no finished results (no summary.json); run dvemb compute first")
     summary = json.loads(summary_path.read_text())
-    occurrences = load_file(str(path / "occurrences.safetensors"))
+    occurrences = load_file(str(path / formats.OCCURRENCES))
     return Results(
         directory=path,
         summary=summary,
-        example_ids=fmt.decode_ids(load_file(str(path / "examples.safetensors"))),
+        example_ids=fmt.decode_ids(load_file(str(path / formats.EXAMPLES))),
         row_step=occurrences["row_step"],
         example_index=occurrences["example_index"],
         epoch=occurrences["epoch"],

@@ -12,6 +12,7 @@ import numpy as np
 from safetensors.numpy import load_file
 from sqlalchemy.orm import Session
 
+from dvemb import formats
 from server.db.models import Job
 from server.errors import BadRequest
 from server.services import results
@@ -37,8 +38,8 @@ def query_curve(*, job: Job, query_set: str, query: int, points: int, storage: P
     if not 0 <= query < info["num_queries"]:
         raise BadRequest(f"query {query} is out of range 0..{info['num_queries'] - 1}")
     directory = results_dir(storage, job.run_id, job.id)
-    table = load_file(str(directory / f"curve-{query_set}.safetensors"))
-    per_query = np.load(directory / f"curves-{query_set}.npy", mmap_mode="r")[:, query].astype(np.float64)
+    table = load_file(str(directory / formats.curve_file(query_set)))
+    per_query = np.load(directory / formats.curves_file(query_set), mmap_mode="r")[:, query].astype(np.float64)
     lr = table["lr"]
     edges = _bins(len(lr), points)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -55,14 +56,14 @@ def query_curve(*, job: Job, query_set: str, query: int, points: int, storage: P
 def scores_by_phase(*, job: Job, query_set: str, sample: int, storage: Path) -> dict[str, list[float]]:
     """Query-set-mean scores of up to ``sample`` evenly spaced occurrences, grouped by phase."""
     directory = results_dir(storage, job.run_id, job.id)
-    scores = np.load(directory / f"scores-{query_set}.npy", mmap_mode="r")
+    scores = np.load(directory / formats.scores_file(query_set), mmap_mode="r")
     rows = np.unique(np.linspace(0, scores.shape[0] - 1, min(sample, scores.shape[0])).astype(np.int64))
-    steps = load_file(str(directory / "occurrences.safetensors"))["row_step"][rows]
+    steps = load_file(str(directory / formats.OCCURRENCES))["row_step"][rows]
     values = np.asarray(scores[rows]).mean(axis=1)
     bounds = (job.summary or {})["query_sets"][query_set]["phases"]["boundaries"]
-    out: dict[str, list[float]] = {"early": [], "basin": [], "late": []}
+    out: dict[str, list[float]] = {name: [] for name in formats.PHASE_NAMES}
     for step, value in zip(steps.tolist(), values.tolist(), strict=True):
-        out[results.phase_of(int(step), bounds)].append(float(value))
+        out[formats.phase_of(int(step), bounds)].append(float(value))
     return out
 
 

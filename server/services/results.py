@@ -3,7 +3,6 @@ history, from the results files in storage (numpy and safetensors only: no torch
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from safetensors.numpy import load_file
 from sqlalchemy import Float, cast, func, select
 from sqlalchemy.orm import Session
 
+from dvemb import formats
 from server.db.models import CurvePoint, ExampleTotal, Job, PhaseSummaryRow, TopKRow
 from server.errors import Conflict, NotFound
 from server.storage import results_dir
@@ -139,16 +139,16 @@ def example_history(session: Session, *, job: Job, query_set: str, example_id: s
     if total is None:
         raise NotFound(f"example {example_id!r} does not occur in this run")
     directory = results_dir(storage, job.run_id, job.id)
-    occurrences = load_file(str(directory / "occurrences.safetensors"))
+    occurrences = load_file(str(directory / formats.OCCURRENCES))
     index = int(np.flatnonzero(_example_ids(directory) == example_id)[0])
     rows = np.flatnonzero(occurrences["example_index"] == index)
-    scores = np.load(directory / f"scores-{query_set}.npy", mmap_mode="r")
+    scores = np.load(directory / formats.scores_file(query_set), mmap_mode="r")
     bounds = (job.summary or {})["query_sets"][query_set]["phases"]["boundaries"]
     history = [
         {
             "step": int(occurrences["row_step"][r]),
             "epoch": int(occurrences["epoch"][r]),
-            "phase": phase_of(int(occurrences["row_step"][r]), bounds),
+            "phase": formats.phase_of(int(occurrences["row_step"][r]), bounds),
             "score": float(scores[r].mean()),
             "per_query": [float(v) for v in scores[r]],
         }
@@ -165,12 +165,5 @@ def example_history(session: Session, *, job: Job, query_set: str, example_id: s
 
 
 def _example_ids(directory: Path) -> np.ndarray:
-    tensors = load_file(str(directory / "examples.safetensors"))
-    if "example_id" in tensors:
-        return tensors["example_id"].astype(str)
-    data, offsets = tensors["example_id_utf8"].tobytes(), tensors["example_id_offsets"]
-    return np.array([data[a:b].decode() for a, b in itertools.pairwise(offsets.tolist())])
-
-
-def phase_of(step: int, boundaries: list[int]) -> str:
-    return "early" if step < boundaries[0] else "basin" if step < boundaries[1] else "late"
+    """Every example id of the results, as strings (the API's ids), in index order."""
+    return np.array([str(i) for i in formats.decode_ids(load_file(str(directory / formats.EXAMPLES)))])

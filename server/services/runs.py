@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from dvemb.formats import MANIFEST, manifest_names
 from server.db.models import LogFile, Project, Run
 from server.errors import Conflict, NotFound
 from server.storage import delete_run_files
@@ -50,7 +51,7 @@ def run_files(session: Session, *, run: Run) -> list[LogFile]:
 def expected_files(run: Run) -> list[str]:
     """Files the run's manifests list (empty until the manifest is validated)."""
     manifests = (run.manifest or {}).get("ranks", [])
-    names = [f"manifest.rank{r}.json" if r else "manifest.json" for r in range(len(manifests))]
+    names = manifest_names(len(manifests))
     for manifest in manifests:
         for key in ("shards", "query_sets", "example_files", "projection_files"):
             names += [str(e["file"]) for e in manifest.get(key, [])]
@@ -59,7 +60,7 @@ def expected_files(run: Run) -> list[str]:
 
 def missing_files(session: Session, *, run: Run) -> list[str]:
     ready = {f.name for f in run_files(session, run=run) if f.status == "ready"}
-    expected = expected_files(run) or ["manifest.json"]
+    expected = expected_files(run) or [MANIFEST]
     return [name for name in expected if name not in ready]
 
 

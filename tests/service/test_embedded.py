@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from service_harness import Api, free_port, record_log
 
-from server.upload_client import upload_log
+from dvemb.client import upload_log
 
 
 def test_dvemb_serve_embedded(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 from service_harness import Api, Worker, record_log
 from sqlalchemy import select
 
+from dvemb.client import upload_log
 from server.db.models import CurvePoint, ExampleTotal, TopKRow
 from server.db.session import session_factory
-from server.upload_client import upload_log
 
 
 def _rows(job_id: int) -> dict[str, list[tuple[object, ...]]]:

@@ -8,9 +8,9 @@ import pytest
 from service_harness import Api, record_log
 
 from dvemb import open_log
+from dvemb.client import upload_log
 from dvemb.engine import compute, load_results
 from server.settings import get_settings
-from server.upload_client import upload_log
 
 
 def test_upload_compute_query_equals_offline(api: Api, token: str, tmp_path: Path) -> None:

@@ -13,13 +13,13 @@ from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 from tusclient.storage.filestorage import FileStorage
 
-from server.storage import LOG_FILE_NAME
+from dvemb.formats import MANIFEST, is_log_file_name
 
 CHUNK = 8 << 20
 
 
 def _files(log_dir: Path) -> list[Path]:
-    files = sorted(p for p in log_dir.iterdir() if p.is_file() and LOG_FILE_NAME.fullmatch(p.name))
+    files = sorted(p for p in log_dir.iterdir() if p.is_file() and is_log_file_name(p.name))
     # Data files first, manifests last: the run is complete only when the manifest arrives.
     return sorted(files, key=lambda p: p.name.startswith("manifest"))
 
@@ -75,7 +75,7 @@ def _settled_run(server: str, headers: dict[str, str], run_id: int, timeout: flo
         if not pending and run["missing_files"]:
             return run  # judged, and something is missing or was rejected
         # Nothing pending and nothing missing, but not ready yet: the run's status is being settled; ask again.
-        if all(f["error"] for f in pending) and "manifest.json" in run["missing_files"]:
+        if all(f["error"] for f in pending) and MANIFEST in run["missing_files"]:
             return run  # waiting for a manifest that was not uploaded
         time.sleep(0.2)
 
@@ -131,6 +131,16 @@ class _NameFingerprint:
 
     def get_fingerprint(self, _: Any) -> str:
         return self.key
+
+
+def wait_for_job(server: str, token: str, job_id: int, poll_s: float = 1.0) -> dict[str, Any]:
+    """The job once it has succeeded, failed or been cancelled."""
+    headers = {"Authorization": f"Bearer {token}"}
+    while True:
+        job: dict[str, Any] = httpx.get(f"{server.rstrip('/')}/api/v1/jobs/{job_id}", headers=headers).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(poll_s)
 
 
 def _progress(done: int, total: int, name: str) -> None:

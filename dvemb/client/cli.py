@@ -1,0 +1,42 @@
+"""``dvemb upload``: the client's command (registered by the core CLI; its packages are imported on use)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    upload = sub.add_parser("upload", help="upload a gradient log to a server (resumable)")
+    upload.add_argument("log_dir")
+    upload.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
+    upload.add_argument("--token", default=os.environ.get("DVEMB_TOKEN"), help="API token (or DVEMB_TOKEN)")
+    upload.add_argument("--run", help="run name (default: the log directory's name)")
+    upload.add_argument("--analyze", action="store_true", help="start an analysis once uploaded")
+    upload.add_argument("--wait", action="store_true", help="with --analyze, wait for the analysis to finish")
+    upload.set_defaults(func=_upload)
+
+
+def _upload(args: argparse.Namespace) -> int:
+    try:
+        from dvemb.client import upload_log, wait_for_job
+    except ImportError as exc:
+        print(
+            f"dvemb upload needs the client extra ({exc.name} is missing): pip install 'dvemb[client]'", file=sys.stderr
+        )
+        return 2
+    if not args.token:
+        print("dvemb upload: --token (or DVEMB_TOKEN) is required", file=sys.stderr)
+        return 2
+    log_dir = Path(args.log_dir)
+    result = upload_log(
+        log_dir, server=args.server, token=args.token, run_name=args.run or log_dir.resolve().name, analyze=args.analyze
+    )
+    if args.analyze and args.wait and result.get("job"):
+        result["job"] = wait_for_job(args.server, args.token, result["job"]["id"])
+    print(json.dumps(result, indent=2))
+    return 0 if not result.get("rejected") else 1

@@ -1,0 +1,67 @@
+"""The layouts dvemb writes and reads: gradient-log and results file names, the example-id codec and
+the phase names. numpy and the standard library only (no torch), so that the API server, which must
+not load torch, shares these definitions with the recorder, the reader, the engine and the worker
+instead of restating them (an import-linter contract keeps it so).
+
+- :mod:`dvemb.formats.log_files`: the file names of a gradient log and their grammar (docs/format.md).
+- :mod:`dvemb.formats.results_files`: the file names of a computation's results (docs/results.md).
+- :mod:`dvemb.formats.ids`: example ids as arrays (int64, or UTF-8 bytes with offsets) and back.
+- :mod:`dvemb.formats.phases`: the three training phases and which one a step falls in.
+"""
+
+from dvemb.formats.ids import decode_ids, encode_ids, id_type
+from dvemb.formats.log_files import (
+    LOG_FILE_NAME,
+    MANIFEST,
+    PROJECTION_FILE,
+    QUERY_SET_NAME,
+    examples_file_name,
+    is_log_file_name,
+    manifest_names,
+    query_file_name,
+    rank_manifest_name,
+    shard_name,
+)
+from dvemb.formats.phases import PHASE_NAMES, phase_of
+from dvemb.formats.results_files import (
+    CHECKPOINT,
+    EMBEDDINGS,
+    EXAMPLES,
+    OCCURRENCES,
+    SELF_INFLUENCE,
+    SUMMARY,
+    curve_file,
+    curves_file,
+    scores_file,
+    topk_file,
+    totals_file,
+)
+
+__all__ = [
+    "CHECKPOINT",
+    "EMBEDDINGS",
+    "EXAMPLES",
+    "LOG_FILE_NAME",
+    "MANIFEST",
+    "OCCURRENCES",
+    "PHASE_NAMES",
+    "PROJECTION_FILE",
+    "QUERY_SET_NAME",
+    "SELF_INFLUENCE",
+    "SUMMARY",
+    "curve_file",
+    "curves_file",
+    "decode_ids",
+    "encode_ids",
+    "examples_file_name",
+    "id_type",
+    "is_log_file_name",
+    "manifest_names",
+    "phase_of",
+    "query_file_name",
+    "rank_manifest_name",
+    "scores_file",
+    "shard_name",
+    "topk_file",
+    "totals_file",
+]

@@ -1,0 +1,42 @@
+"""Example ids as arrays and back: ``example_id`` (R,) int64, or ``example_id_utf8`` (UTF-8 bytes) with
+``example_id_offsets`` (R + 1,) int64 for string ids. The same tensors are stored in shards, query files
+and results (safetensors), so any reader, with or without torch, decodes them alike."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["decode_ids", "encode_ids", "id_type"]
+
+
+def encode_ids(ids: Sequence[int | str]) -> dict[str, np.ndarray]:
+    """Ids as arrays; a :class:`ValueError` naming the types when ints and strings are mixed."""
+    if all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in ids):
+        return {"example_id": np.asarray(list(ids), dtype=np.int64).reshape(-1)}
+    if all(isinstance(i, str) for i in ids):
+        encoded = [str(i).encode("utf-8") for i in ids]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        data = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+        return {"example_id_utf8": data, "example_id_offsets": offsets}
+    kinds = sorted({type(i).__name__ for i in ids})
+    raise ValueError(f"example ids must be all int or all str; got {', '.join(kinds)}")
+
+
+def decode_ids(arrays: Mapping[str, Any]) -> list[int] | list[str]:
+    """Inverse of :func:`encode_ids`; accepts numpy arrays or anything with ``.tolist()`` / ``.numpy()``."""
+    if "example_id" in arrays:
+        return [int(i) for i in arrays["example_id"].tolist()]
+    raw = arrays["example_id_utf8"]
+    data = bytes((raw.numpy() if hasattr(raw, "numpy") else np.asarray(raw)).tobytes())
+    offsets = arrays["example_id_offsets"].tolist()
+    return [data[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets)]
+
+
+def id_type(ids: Sequence[int | str]) -> str:
+    """``"int"`` or ``"str"``."""
+    return "str" if ids and isinstance(ids[0], str) else "int"

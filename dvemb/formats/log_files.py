@@ -1,0 +1,68 @@
+"""File names of a gradient log (docs/format.md)::
+
+manifest.json                     rank 0 (or the only process): layers, projection, optimizer, shards
+manifest.rank{R}.json             other ranks of a distributed run: their own shards
+shard-r{R}-{NNNNNN}.safetensors   consecutive steps of one rank
+queries-{NAME}.safetensors        gradients of a named query set at the final model
+examples-{NNNNNN}.jsonl           optional metadata of training examples (text, label, source, image)
+projection.safetensors            calibrated projection bases (when rec.calibrate() ran)
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "LOG_FILE_NAME",
+    "MANIFEST",
+    "PROJECTION_FILE",
+    "QUERY_SET_NAME",
+    "examples_file_name",
+    "is_log_file_name",
+    "manifest_names",
+    "query_file_name",
+    "rank_manifest_name",
+    "shard_name",
+]
+
+MANIFEST = "manifest.json"
+PROJECTION_FILE = "projection.safetensors"
+QUERY_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Every file name a gradient log can hold; anything else, including any path, is not a log file.
+LOG_FILE_NAME = re.compile(
+    r"^(manifest(\.rank[0-9]{1,4})?\.json"
+    r"|shard-r[0-9]{1,4}-[0-9]{6}\.safetensors"
+    r"|queries-[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.safetensors"
+    r"|examples-[0-9]{6}\.jsonl"
+    r"|projection\.safetensors)$"
+)
+
+
+def rank_manifest_name(rank: int) -> str:
+    """File name of a rank's manifest (rank 0 owns ``manifest.json``)."""
+    return MANIFEST if rank == 0 else f"manifest.rank{rank}.json"
+
+
+def manifest_names(world_size: int) -> list[str]:
+    """The manifests of a run of ``world_size`` ranks, rank 0's first."""
+    return [rank_manifest_name(rank) for rank in range(world_size)]
+
+
+def shard_name(rank: int, index: int) -> str:
+    """File name of a rank's ``index``-th shard."""
+    return f"shard-r{rank}-{index:06d}.safetensors"
+
+
+def query_file_name(name: str) -> str:
+    """File name of a query set (``name`` matches :data:`QUERY_SET_NAME`)."""
+    return f"queries-{name}.safetensors"
+
+
+def examples_file_name(index: int) -> str:
+    """File name of the ``index``-th example-metadata file."""
+    return f"examples-{index:06d}.jsonl"
+
+
+def is_log_file_name(name: str) -> bool:
+    """True for a name a gradient log can hold (no path, no trailing newline)."""
+    return LOG_FILE_NAME.fullmatch(name) is not None and ".." not in name
