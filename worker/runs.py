@@ -19,17 +19,16 @@ from sqlalchemy.orm import Session
 from dvemb.engine import ComputeArguments, ComputeProgress, compute, load_results
 from dvemb.engine.scoring import RunningTopK
 from dvemb.errors import DvembError
-from dvemb.formats import EMBEDDINGS, MANIFEST, manifest_names, phase_of, rank_manifest_name
+from dvemb.formats import EMBEDDINGS, MANIFEST, is_manifest_name, manifest_names, phase_of, rank_manifest_name
 from dvemb.reader import GradientLog, check_manifest_file
 from server.db.models import AdhocQuery, CurvePoint, ExampleTotal, Job, LogFile, PhaseSummaryRow, Run, TopKRow
 from server.db.session import session_factory
+from server.db.states import FileStatus, JobStatus, QueryStatus, RunStatus, transition
 from server.services.adhoc import query_path as adhoc_query_path
 from server.services.runs import expected_files
 from server.settings import get_settings
 from server.storage import log_dir, part_path, results_dir, staging_dir
 from server.tasks import VALIDATE_FILE, enqueue_after_commit, sender
-
-MANIFEST_PREFIX = "manifest"
 
 
 class JobCancelled(Exception):
@@ -44,19 +43,18 @@ def run_validate_file(file_id: int) -> None:
     storage = get_settings().storage
     with session_factory()() as session:
         # Claim the file: of two tasks for it (a re-delivery, a re-trigger), only one validates.
-        claim = update(LogFile).where(LogFile.id == file_id, LogFile.status == "received").values(status="validating")
-        claimed = session.execute(claim.returning(LogFile.id)).first() is not None
+        upload = session.get(LogFile, file_id)
+        claimed = upload is not None and transition(session, upload, FileStatus.VALIDATING)
         session.commit()
         if not claimed:
             return
-        upload = session.get(LogFile, file_id)
         assert upload is not None
         run = session.get(Run, upload.run_id)
         assert run is not None
         part = part_path(storage, run.id, upload.upload_id)
         staging = staging_dir(storage, run.id)
         try:
-            if upload.name.startswith(MANIFEST_PREFIX):
+            if is_manifest_name(upload.name):
                 _accept_manifest(session, run, upload, part)
             else:
                 if _staged_manifests(staging) is None:
@@ -66,11 +64,11 @@ def run_validate_file(file_id: int) -> None:
                 _publish(part, log_dir(storage, run.id) / upload.name)
         except Exception as exc:  # DvembError explains itself; anything else is still this file's fault
             problem = str(exc) if isinstance(exc, DvembError) else f"could not be read ({type(exc).__name__}: {exc})"
-            upload.status, upload.error = "rejected", problem.replace(str(part), upload.name)
+            transition(session, upload, FileStatus.REJECTED, error=problem.replace(str(part), upload.name))
             part.unlink(missing_ok=True)  # nothing of an invalid file stays
             session.commit()
             return
-        upload.status, upload.error = "ready", None
+        transition(session, upload, FileStatus.READY, error=None)
         # Concurrent validators of one run serialise on the run row (Postgres); sizes add up in SQL.
         session.execute(update(Run).where(Run.id == run.id).values(size_bytes=Run.size_bytes + upload.size_bytes))
         locked = session.get(Run, run.id, with_for_update=True, populate_existing=True)
@@ -85,15 +83,15 @@ def _settle_run(run_id: int) -> None:
     validator that marked the last file could not see another file's commit (SQLite has no row locks)."""
     with session_factory()() as session:
         run = session.get(Run, run_id, with_for_update=True)
-        if run is None or run.status != "uploading":
+        if run is None or run.status != RunStatus.UPLOADING:
             return
         if _all_files_ready(session, run):
-            run.status = "ready"
+            transition(session, run, RunStatus.READY)
             session.commit()
 
 
 def _wait_for_manifest(session: Session, upload: LogFile, staging: Any) -> None:
-    upload.status, upload.error = "received", "waiting for the manifest(s) to be uploaded and validated"
+    transition(session, upload, FileStatus.RECEIVED, error="waiting for the manifest(s) to be uploaded and validated")
     session.commit()
     if _staged_manifests(staging) is not None:  # the manifest arrived meanwhile: its re-trigger may have missed us
         sender().send_task(VALIDATE_FILE, args=[upload.id])
@@ -123,7 +121,9 @@ def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> 
         run.num_steps = min((int(m["shards"][-1]["last_step"]) + 1 if m["shards"] else 0) for m in manifests)
         # Files that arrived before the manifest wait for it: validate them now.
         waiting = session.scalars(
-            select(LogFile.id).where(LogFile.run_id == run.id, LogFile.status == "received", LogFile.id != upload.id)
+            select(LogFile.id).where(
+                LogFile.run_id == run.id, LogFile.status == FileStatus.RECEIVED, LogFile.id != upload.id
+            )
         ).all()
         session.info.setdefault("after_commit_tasks", []).extend(waiting)
 
@@ -135,13 +135,15 @@ def _publish(part: Any, final: Any) -> None:
 
 def _all_files_ready(session: Session, run: Run) -> bool:
     """Every file the run's manifests list has been validated."""
-    ready = set(session.scalars(select(LogFile.name).where(LogFile.run_id == run.id, LogFile.status == "ready")).all())
+    ready = set(
+        session.scalars(select(LogFile.name).where(LogFile.run_id == run.id, LogFile.status == FileStatus.READY)).all()
+    )
     expected = expected_files(run)
     return bool(expected) and all(name in ready for name in expected)
 
 
 def _update_run(session: Session, run: Run) -> None:
-    run.status = "ready" if _all_files_ready(session, run) else "uploading"
+    transition(session, run, RunStatus.READY if _all_files_ready(session, run) else RunStatus.UPLOADING)
     for file_id in session.info.pop("after_commit_tasks", []):
         enqueue_after_commit(session, VALIDATE_FILE, file_id)
 
@@ -157,21 +159,21 @@ def run_compute(job_id: int) -> None:
         now = dt.datetime.now(dt.UTC)
         # Claim the job conditionally: a cancel committed after we would have read the row must not be
         # overwritten by a plain write of 'running' (the job would then run to 'succeeded').
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_(("queued", "running")))
-            .values(
-                status="running",
-                attempts=Job.attempts + 1,
-                error=None,
-                started_at=func.coalesce(Job.started_at, literal(now, Job.__table__.c.started_at.type)),
-            )
-            .returning(Job.options, Job.run_id)
-        ).first()
+        job = session.get(Job, job_id)
+        claimed = job is not None and transition(
+            session,
+            job,
+            JobStatus.RUNNING,
+            only_from=(JobStatus.QUEUED, JobStatus.RUNNING),  # running: a lost worker's task, redelivered
+            attempts=Job.attempts + 1,
+            error=None,
+            started_at=func.coalesce(Job.started_at, literal(now, Job.__table__.c.started_at.type)),
+        )
         session.commit()
-        if claimed is None:
+        if not claimed:
             return  # done, cancelled or deleted: nothing to do (idempotent re-delivery)
-        options, run_id = dict(claimed[0]), int(claimed[1])
+        assert job is not None
+        options, run_id = dict(job.options), int(job.run_id)
     out = results_dir(storage, run_id, job_id)
     args = ComputeArguments(
         curvature=options.get("curvature"),
@@ -186,19 +188,17 @@ def run_compute(job_id: int) -> None:
         with factory() as session:
             _store_results(session, job_id, out, summary, _example_metadata(log_dir(storage, run_id)))
             # Conditional: a cancel that lands while the rows are written wins (the job's rows are then unused).
-            done = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == "running")
-                .values(
-                    status="succeeded",
-                    summary=summary,
-                    progress=1.0,
-                    eta_seconds=0.0,
-                    finished_at=dt.datetime.now(dt.UTC),
-                )
-                .returning(Job.id)
-            ).first()
-            if done is None:
+            job = session.get(Job, job_id)
+            done = job is not None and transition(
+                session,
+                job,
+                JobStatus.SUCCEEDED,
+                summary=summary,
+                progress=1.0,
+                eta_seconds=0.0,
+                finished_at=dt.datetime.now(dt.UTC),
+            )
+            if not done:
                 session.rollback()
                 return
             session.commit()
@@ -210,8 +210,8 @@ def run_compute(job_id: int) -> None:
         problem = str(exc) if isinstance(exc, DvembError) else f"{type(exc).__name__}: {exc}"
         with factory() as session:
             job = session.get(Job, job_id)
-            assert job is not None
-            job.status, job.error, job.finished_at = "failed", problem, dt.datetime.now(dt.UTC)
+            if job is not None:  # a cancel that came first stands
+                transition(session, job, JobStatus.FAILED, error=problem, finished_at=dt.datetime.now(dt.UTC))
             session.commit()
 
 
@@ -225,9 +225,11 @@ def _progress_writer(job_id: int) -> Any:
         last[0] = now
         with session_factory()() as session:
             job = session.get(Job, job_id)
-            if job is None or job.status == "cancelled":
+            progress = {"progress": p.fraction, "current_step": p.current_step, "eta_seconds": p.eta_s}
+            if job is None or not transition(
+                session, job, JobStatus.RUNNING, only_from=(JobStatus.RUNNING,), **progress
+            ):
                 raise JobCancelled
-            job.progress, job.current_step, job.eta_seconds = p.fraction, p.current_step, p.eta_s
             session.commit()
 
     return report
@@ -334,7 +336,7 @@ def run_adhoc_query(query_id: int, chunk_rows: int = 65536) -> None:
     storage = get_settings().storage
     with session_factory()() as session:
         query = session.get(AdhocQuery, query_id)
-        if query is None or query.status != "queued":
+        if query is None or query.status != QueryStatus.QUEUED:
             return
         job = session.get(Job, query.job_id)
         assert job is not None
@@ -343,7 +345,8 @@ def run_adhoc_query(query_id: int, chunk_rows: int = 65536) -> None:
             vectors = torch.from_numpy(np.load(adhoc_query_path(storage, job, query.id)))  # (Q, D)
             embeddings = np.load(out / EMBEDDINGS, mmap_mode="r")  # (R, D)
         except OSError as exc:
-            query.status, query.error = "failed", f"the job's embeddings or the query's vectors are missing: {exc}"
+            missing = f"the job's embeddings or the query's vectors are missing: {exc}"
+            transition(session, query, QueryStatus.FAILED, error=missing)
             session.commit()
             return
         helpful = RunningTopK(vectors.shape[0], query.top_k, largest=True)
@@ -366,7 +369,7 @@ def run_adhoc_query(query_id: int, chunk_rows: int = 65536) -> None:
                 for q in range(vectors.shape[0])
             ]
         }
-        query.status = "succeeded"
+        transition(session, query, QueryStatus.SUCCEEDED)
         session.commit()
 
 

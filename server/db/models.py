@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from server.db.states import FileStatus, JobStatus, QueryStatus, RunStatus
+
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -70,7 +72,7 @@ class Run(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(20), default="created")  # created|uploading|ready|failed
+    status: Mapped[str] = mapped_column(String(20), default=RunStatus.CREATED)  # lifecycle: server/db/states.py
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     num_steps: Mapped[int | None] = mapped_column(Integer)
     num_examples: Mapped[int | None] = mapped_column(Integer)
@@ -89,7 +91,7 @@ class LogFile(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     offset: Mapped[int] = mapped_column(BigInteger, default=0)
     # uploading -> received -> validating -> ready | rejected
-    status: Mapped[str] = mapped_column(String(20), default="uploading")
+    status: Mapped[str] = mapped_column(String(20), default=FileStatus.UPLOADING)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
@@ -100,7 +102,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(30), default="compute")
-    status: Mapped[str] = mapped_column(String(20), default="queued")  # queued|running|succeeded|failed|cancelled
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     current_step: Mapped[int | None] = mapped_column(Integer)
@@ -193,7 +195,7 @@ class AdhocQuery(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(20), default="queued")  # queued | succeeded | failed
+    status: Mapped[str] = mapped_column(String(20), default=QueryStatus.QUEUED)
     num_queries: Mapped[int] = mapped_column(Integer)
     top_k: Mapped[int] = mapped_column(Integer)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -10,6 +10,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from server.db.models import AdhocQuery, Job, Run
+from server.db.states import JobStatus
 
 __all__ = ["AdhocQuery", "create_query", "get_query", "layer_dims", "public", "query_path"]
 from server.errors import BadRequest, Conflict, NotFound
@@ -33,7 +34,7 @@ def create_query(
     session: Session, *, job: Job, run: Run, gradients: list[dict[str, list[float]]], top_k: int, storage: Path
 ) -> AdhocQuery:
     """Check the vectors against the run's layers, store them, and queue the scoring task."""
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         raise Conflict(f"job {job.id} is {job.status}; ad-hoc queries need a succeeded job")
     if not (job.options or {}) or not (job.summary or {}).get("arguments", {}).get("save_embeddings", True):
         raise Conflict(f"job {job.id} did not keep its embeddings")

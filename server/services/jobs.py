@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.db.models import Job, Project, Run
+from server.db.states import JobStatus, RunStatus, transition
 from server.errors import Conflict, NotFound
 from server.services.runs import get_run, missing_files
 from server.tasks import COMPUTE, enqueue_after_commit
@@ -26,7 +27,7 @@ def get_job(session: Session, *, project: Project, job_id: int) -> Job:
 def start_job(session: Session, *, project: Project, run_id: int, options: dict[str, Any]) -> Job:
     run = get_run(session, project=project, run_id=run_id)
     missing = missing_files(session, run=run)
-    if run.status != "ready" or missing:
+    if run.status != RunStatus.READY or missing:
         raise Conflict(f"run {run.name!r} is not ready to analyse: missing or unvalidated files {missing[:5]}")
     available = {q["name"] for m in (run.manifest or {}).get("ranks", [])[:1] for q in m.get("query_sets", [])}
     unknown = sorted(set(options.get("query_sets") or []) - available)
@@ -47,17 +48,16 @@ def list_jobs(session: Session, *, project: Project, run_id: int) -> list[Job]:
 
 
 def cancel_job(session: Session, *, job: Job) -> Job:
-    if job.status not in ("queued", "running"):
+    """Cancel a queued or running job (the worker stops at its next progress report)."""
+    if not transition(session, job, JobStatus.CANCELLED):
         raise Conflict(f"job {job.id} is {job.status}; only queued or running jobs can be cancelled")
-    job.status = "cancelled"  # the worker stops at its next progress report
-    session.flush()
     return job
 
 
 def retry_job(session: Session, *, job: Job) -> Job:
-    if job.status not in ("failed", "cancelled"):
+    """Queue a failed or cancelled job again."""
+    retryable = (JobStatus.FAILED, JobStatus.CANCELLED)
+    if not transition(session, job, JobStatus.QUEUED, only_from=retryable, error=None, progress=0.0):
         raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
-    job.status, job.error, job.progress = "queued", None, 0.0
-    session.flush()
     enqueue_after_commit(session, COMPUTE, job.id)
     return job

@@ -13,12 +13,13 @@ from sqlalchemy.orm import Session
 
 from dvemb import formats
 from server.db.models import CurvePoint, ExampleTotal, Job, PhaseSummaryRow, TopKRow
+from server.db.states import JobStatus
 from server.errors import Conflict, NotFound
 from server.storage import results_dir
 
 
 def require_done(job: Job) -> None:
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         raise Conflict(f"job {job.id} is {job.status}; results exist once it has succeeded")
 
 

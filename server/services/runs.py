@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from dvemb.formats import MANIFEST, manifest_names
 from server.db.models import LogFile, Project, Run
+from server.db.states import FileStatus
 from server.errors import Conflict, NotFound
 from server.storage import delete_run_files
 
@@ -59,7 +60,7 @@ def expected_files(run: Run) -> list[str]:
 
 
 def missing_files(session: Session, *, run: Run) -> list[str]:
-    ready = {f.name for f in run_files(session, run=run) if f.status == "ready"}
+    ready = {f.name for f in run_files(session, run=run) if f.status == FileStatus.READY}
     expected = expected_files(run) or [MANIFEST]
     return [name for name in expected if name not in ready]
 

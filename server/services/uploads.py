@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server.db.models import LogFile, Run
+from server.db.states import FileStatus, RunStatus, transition
 from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from server.settings import Settings
 from server.storage import check_log_file_name, part_path, staging_dir
@@ -49,9 +50,9 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
         )
     existing = session.scalar(select(LogFile).where(LogFile.run_id == run.id, LogFile.name == name))
     if existing is not None:
-        if existing.status == "ready":
+        if existing.status == FileStatus.READY:
             raise Conflict(f"{name} is already uploaded and valid in this run")
-        if existing.status in ("received", "validating"):
+        if existing.status in (FileStatus.RECEIVED, FileStatus.VALIDATING):
             raise Conflict(f"{name} is being validated; wait for the verdict before uploading it again")
         part_path(settings.storage, run.id, existing.upload_id).unlink(missing_ok=True)
         session.delete(existing)  # a rejected or abandoned attempt: start over
@@ -60,7 +61,7 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
     held = (
         session.scalar(
             select(func.coalesce(func.sum(LogFile.size_bytes), 0)).where(
-                LogFile.run_id == run.id, LogFile.status != "rejected"
+                LogFile.run_id == run.id, LogFile.status != FileStatus.REJECTED
             )
         )
         or 0
@@ -72,8 +73,8 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
         )
     upload = LogFile(run_id=run.id, name=name, upload_id=secrets.token_hex(16), size_bytes=length, offset=0)
     session.add(upload)
-    run.status = "uploading" if run.status in ("created", "ready") else run.status
     session.flush()
+    transition(session, run, RunStatus.UPLOADING)
     path = part_path(settings.storage, run.id, upload.upload_id)
     staging_dir(settings.storage, run.id).mkdir(parents=True, exist_ok=True)
     path.touch()
@@ -92,7 +93,6 @@ def get_upload(session: Session, *, project_id: int, upload_id: str) -> tuple[Lo
 
 def finish_upload(session: Session, *, upload: LogFile) -> None:
     """All bytes are in: hand the file to the validator once this is committed."""
-    upload.status = "received"
-    upload.error = None
-    session.flush()
+    if not transition(session, upload, FileStatus.RECEIVED, error=None):
+        raise Conflict(f"{upload.name} is {upload.status}; only an upload in progress can be finished")
     enqueue_after_commit(session, VALIDATE_FILE, upload.id)

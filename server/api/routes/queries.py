@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from server.api.deps import ProjectDep, SessionDep, SettingsDep
 from server.db.models import Run
 from server.db.session import session_factory
+from server.db.states import QueryStatus
 from server.services import adhoc
 from server.services.jobs import get_job
 
@@ -36,7 +37,7 @@ def create_query(
     )
     session.commit()  # the task is sent on commit; then wait a little for its answer
     answer = _wait(query.id, body.wait_seconds)
-    status = 200 if answer["status"] in ("succeeded", "failed") else 202
+    status = 200 if answer["status"] in (QueryStatus.SUCCEEDED, QueryStatus.FAILED) else 202
     return JSONResponse(answer, status_code=status, headers={"Location": f"/api/v1/queries/{query.id}"})
 
 
@@ -52,6 +53,6 @@ def _wait(query_id: int, seconds: float) -> dict[str, Any]:
             query = session.get(adhoc.AdhocQuery, query_id)
             assert query is not None
             answer = adhoc.public(query)
-        if answer["status"] != "queued" or time.monotonic() >= deadline:
+        if answer["status"] != QueryStatus.QUEUED or time.monotonic() >= deadline:
             return answer
         time.sleep(0.05)

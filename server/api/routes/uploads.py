@@ -16,9 +16,11 @@ from fastapi import APIRouter, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from dvemb.formats import is_manifest_name
 from server.api.deps import ProjectDep, SessionDep, SettingsDep
 from server.db.models import LogFile, Run
 from server.db.session import session_factory
+from server.db.states import FileStatus
 from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, UnsupportedMedia
 from server.services import uploads as service
 from server.services.runs import get_run
@@ -88,9 +90,9 @@ def upload_head(upload_id: str, session: SessionDep, project: ProjectDep) -> Res
 @router.delete("/uploads/{upload_id}", status_code=204)
 def upload_delete(upload_id: str, session: SessionDep, project: ProjectDep, settings: SettingsDep) -> Response:
     upload, run = service.get_upload(session, project_id=project.id, upload_id=upload_id)
-    if upload.status == "ready":
+    if upload.status == FileStatus.READY:
         raise Conflict(f"{upload.name} is already validated; delete the run to remove it")
-    if upload.status in ("received", "validating"):
+    if upload.status in (FileStatus.RECEIVED, FileStatus.VALIDATING):
         raise Conflict(f"{upload.name} is being validated; wait for the verdict")
     part_path(settings.storage, run.id, upload.upload_id).unlink(missing_ok=True)
     session.delete(upload)
@@ -111,7 +113,7 @@ async def upload_patch(
     if content_type != "application/offset+octet-stream":
         raise UnsupportedMedia("PATCH needs Content-Type: application/offset+octet-stream")
     upload, run = await run_in_threadpool(_load, project.id, upload_id)
-    if upload.status != "uploading":
+    if upload.status != FileStatus.UPLOADING:
         raise Conflict(f"{upload.name} is complete ({upload.status}); nothing more to append")
     path = part_path(settings.storage, run.id, upload.upload_id)
     try:
@@ -125,7 +127,7 @@ async def upload_patch(
         except BlockingIOError:
             raise Conflict("another request is appending to this upload; HEAD for the offset and retry") from None
         upload, run = await run_in_threadpool(_load, project.id, upload_id)  # fresh, under the lock
-        if upload.status != "uploading":
+        if upload.status != FileStatus.UPLOADING:
             raise Conflict(f"{upload.name} is complete ({upload.status}); nothing more to append")
         if upload_offset != upload.offset:
             raise Conflict(
@@ -151,7 +153,7 @@ async def upload_patch(
     if offset is None:
         raise NotFound(f"upload {upload_id} was deleted while it was being written")
     # A data file can only be judged against a manifest: wait for the verdict when one is there.
-    if offset == upload.size_bytes and (upload.name.startswith("manifest") or run.manifest is not None):
+    if offset == upload.size_bytes and (is_manifest_name(upload.name) or run.manifest is not None):
         await _wait_for_verdict(upload.id, settings.validation_wait_seconds)
     return Response(status_code=204, headers={**TUS, "Upload-Offset": str(offset)})
 
@@ -168,7 +170,7 @@ def _advance(file_id: int, written: int) -> int | None:
         if upload is None:
             return None
         upload.offset += written
-        if upload.offset == upload.size_bytes and upload.status == "uploading":
+        if upload.offset == upload.size_bytes and upload.status == FileStatus.UPLOADING:
             service.finish_upload(session, upload=upload)
         session.commit()
         return upload.offset
@@ -179,9 +181,9 @@ async def _wait_for_verdict(file_id: int, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         status, error = await run_in_threadpool(_status, file_id)
-        if status == "rejected":
+        if status == FileStatus.REJECTED:
             raise BadRequest(f"rejected: {error}")
-        if status == "ready" or (status == "received" and error):
+        if status == FileStatus.READY or (status == FileStatus.RECEIVED and error):
             return  # valid, or waiting for the manifest (error says so)
         await asyncio.sleep(0.1)
 

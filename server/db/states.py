@@ -1,0 +1,128 @@
+"""The lifecycle of every resource with a status: the statuses, the moves allowed between them, and the
+one function that makes a move.
+
+::
+
+    Run:    created ──▶ uploading ◀──▶ ready            (failed: reserved, never entered today)
+    File:   uploading ──▶ received ──▶ validating ──▶ ready | rejected
+                              ▲            │
+                              └────────────┘  (waits for the manifest)
+    Job:    queued ──▶ running ──▶ succeeded | failed | cancelled;   queued ──▶ cancelled;
+            failed | cancelled ──▶ queued (retry);   running ──▶ queued (a lost worker's redelivery)
+    Query:  queued ──▶ succeeded | failed
+
+:func:`transition` is a compare-and-set: one ``UPDATE ... WHERE id = :id AND status IN (allowed sources)``,
+so two writers racing (a cancel and the worker's claim, two validators) cannot overwrite each other, on
+SQLite as on Postgres. Every route, service and task changes a status through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+__all__ = ["FileStatus", "JobStatus", "QueryStatus", "RunStatus", "can_move", "transition"]
+
+
+class RunStatus(StrEnum):
+    CREATED = "created"
+    UPLOADING = "uploading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class FileStatus(StrEnum):
+    UPLOADING = "uploading"
+    RECEIVED = "received"
+    VALIDATING = "validating"
+    READY = "ready"
+    REJECTED = "rejected"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class QueryStatus(StrEnum):
+    QUEUED = "queued"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+#: For each status, the statuses a resource may move to from it (a status may be "moved" to itself when the
+#: move only updates other columns, e.g. a running job's progress).
+ALLOWED: dict[type[StrEnum], dict[str, frozenset[str]]] = {
+    RunStatus: {
+        RunStatus.CREATED: frozenset({RunStatus.UPLOADING}),
+        RunStatus.UPLOADING: frozenset({RunStatus.UPLOADING, RunStatus.READY, RunStatus.FAILED}),
+        RunStatus.READY: frozenset({RunStatus.UPLOADING, RunStatus.READY}),
+        RunStatus.FAILED: frozenset({RunStatus.UPLOADING}),
+    },
+    FileStatus: {
+        FileStatus.UPLOADING: frozenset({FileStatus.RECEIVED}),
+        FileStatus.RECEIVED: frozenset({FileStatus.RECEIVED, FileStatus.VALIDATING}),
+        FileStatus.VALIDATING: frozenset({FileStatus.RECEIVED, FileStatus.READY, FileStatus.REJECTED}),
+        FileStatus.READY: frozenset(),
+        FileStatus.REJECTED: frozenset(),
+    },
+    JobStatus: {
+        JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
+        JobStatus.RUNNING: frozenset(
+            {JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}
+        ),
+        JobStatus.SUCCEEDED: frozenset(),
+        JobStatus.FAILED: frozenset({JobStatus.QUEUED}),
+        JobStatus.CANCELLED: frozenset({JobStatus.QUEUED}),
+    },
+    QueryStatus: {
+        QueryStatus.QUEUED: frozenset({QueryStatus.SUCCEEDED, QueryStatus.FAILED}),
+        QueryStatus.SUCCEEDED: frozenset(),
+        QueryStatus.FAILED: frozenset(),
+    },
+}
+
+
+def can_move(source: str, target: StrEnum) -> bool:
+    """True when a resource in status ``source`` may move to ``target``."""
+    return target in ALLOWED[type(target)].get(source, frozenset())
+
+
+def sources(target: StrEnum) -> list[str]:
+    """Every status from which ``target`` can be reached, in declaration order."""
+    return [str(source) for source, moves in ALLOWED[type(target)].items() if target in moves]
+
+
+def transition(
+    session: Session, row: Any, target: StrEnum, *, only_from: Collection[str] | None = None, **values: Any
+) -> bool:
+    """Move ``row`` (an ORM object with ``id`` and ``status``) to ``target`` and set ``values`` with it, if its
+    status *in the database* allows the move; returns whether it moved. The row is refreshed either way, so
+    the caller sees the status that won.
+
+    Args:
+        session: the session the row belongs to (the change is part of its transaction).
+        row: a Run, LogFile, Job or AdhocQuery.
+        target: the new status (its enum says which lifecycle applies).
+        only_from: narrower sources than the lifecycle allows (a user's retry may not take a running job).
+        **values: other columns written in the same UPDATE (``error=...``, ``progress=...``).
+    """
+    model = type(row)
+    allowed = [s for s in sources(target) if only_from is None or s in only_from]
+    session.flush()  # the row's pending changes must not be lost by the refresh below
+    statement = (
+        update(model)
+        .where(model.id == row.id, model.status.in_(allowed))
+        .values(status=str(target), **values)
+        .execution_options(synchronize_session=False)
+    )
+    moved = bool(session.execute(statement).rowcount == 1)  # type: ignore[attr-defined]
+    session.refresh(row)
+    return moved
