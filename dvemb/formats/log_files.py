@@ -19,6 +19,7 @@ __all__ = [
     "QUERY_SET_NAME",
     "examples_file_name",
     "is_log_file_name",
+    "is_manifest_name",
     "manifest_names",
     "query_file_name",
     "rank_manifest_name",
@@ -28,6 +29,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 PROJECTION_FILE = "projection.safetensors"
 QUERY_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MANIFEST_NAME = re.compile(r"manifest(\.rank[0-9]{1,4})?\.json")
 #: Every file name a gradient log can hold; anything else, including any path, is not a log file.
 LOG_FILE_NAME = re.compile(
     r"^(manifest(\.rank[0-9]{1,4})?\.json"
@@ -61,6 +63,11 @@ def query_file_name(name: str) -> str:
 def examples_file_name(index: int) -> str:
     """File name of the ``index``-th example-metadata file."""
     return f"examples-{index:06d}.jsonl"
+
+
+def is_manifest_name(name: str) -> bool:
+    """True for ``manifest.json`` and ``manifest.rank{R}.json``."""
+    return MANIFEST_NAME.fullmatch(name) is not None
 
 
 def is_log_file_name(name: str) -> bool:
