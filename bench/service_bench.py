@@ -18,7 +18,7 @@ PATCH's validation task is sent to Redis db 9 and sits there (db 9 is flushed at
    storage directory with plain 8 MiB ``write`` calls and an ``fsync`` (the disk), and 2 GiB sent
    over a plain loopback TCP socket to a thread that discards it (the loopback, no HTTP).
 2. Queries: a succeeded job is inserted directly into the database for the uploaded run, shaped
-   as worker/runs.py stores results: 100 queries + the whole set (query -1) x 2 kinds x top_k 100
+   as worker/results_store.py stores results: 100 queries + the whole set (query -1) x 2 kinds x top_k 100
    TopKRow rows (20,200), 100,000 ExampleTotal rows of 10 occurrences each (10^6 occurrences,
    labels "0".."9"), 10,000 curve points and a phase summary. Then 16 client threads, each with
    its own httpx.Client, hit ``/jobs/{id}/top`` (random query, kind harmful, limit 20),
@@ -395,7 +395,7 @@ def loopback(size: int, block: bytes) -> dict[str, Any]:
 
 
 def insert_results(url: str, run_id: int, *, queries: int, top_k: int, examples: int, steps: int) -> dict[str, Any]:
-    """A succeeded job with aggregate rows shaped as worker/runs.py stores them."""
+    """A succeeded job with aggregate rows shaped as worker/results_store.py stores them."""
     from sqlalchemy import insert, text
 
     from server.db.models import CurvePoint, ExampleTotal, Job, PhaseSummaryRow, TopKRow
@@ -821,7 +821,7 @@ def markdown(results: dict[str, Any]) -> str:
         "the same bytes written to a file in the same storage directory with plain 8 MiB writes and an fsync (the API "
         "does not fsync), and sent over a plain loopback TCP socket to a thread that discards them (no HTTP, no disk).",
         "",
-        f"Queries: a succeeded job inserted directly into the database as worker/runs.py stores results: 100 queries "
+        f"Queries: a succeeded job inserted directly into the database as worker/results_store.py stores results: 100 queries "
         f"+ the whole set x 2 kinds x top_k 100 = {m['topk_rows']:,} top-k rows, {m['examples']:,} example totals of 10 "
         f"occurrences each ({10 * m['examples']:,} occurrences, labels 0-9), 10,000 curve points (Postgres: ANALYZE "
         f"after the insert, as autovacuum would; SQLite: nothing, as the app does nothing). "

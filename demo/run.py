@@ -25,8 +25,9 @@ class _Service:
     def __init__(self, port: int) -> None:
         import uvicorn
 
-        from server.cli import new_token, prepare, worker_command
+        from server.cli import new_token, prepare
         from server.main import create_app
+        from server.tasks import worker_command
 
         prepare()
         self.token = new_token("demo", "demo")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 from typing import Any
 
 
@@ -49,30 +48,11 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_command(queues: str = "celery,gpu", concurrency: int = 1) -> list[str]:
-    """The command line of a worker process (the same Celery tasks in every mode)."""
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "-Q",
-        queues,
-        "-c",
-        str(concurrency),
-        "--loglevel",
-        "WARNING",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-
-
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.settings import get_settings
+    from server.tasks import worker_command
 
     prepare()
     token = new_token(args.project, "serve")

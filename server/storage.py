@@ -36,6 +36,11 @@ def results_dir(root: Path, run_id: int, job_id: int) -> Path:
     return run_dir(root, run_id) / "results" / str(job_id)
 
 
+def adhoc_query_path(root: Path, run_id: int, job_id: int, query_id: int) -> Path:
+    """Where an ad-hoc query's posted vectors are kept (.npy), next to its job's results."""
+    return results_dir(root, run_id, job_id) / "adhoc" / f"{query_id}.npy"
+
+
 def part_path(root: Path, run_id: int, upload_id: str) -> Path:
     return staging_dir(root, run_id) / f"{upload_id}.part"
 

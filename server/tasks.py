@@ -5,6 +5,7 @@ The worker package defines tasks with these names; the server never imports it.
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from typing import Any
 
@@ -76,3 +77,23 @@ def _after_commit(session: Session) -> None:
 def _drop_outbox(session: Session) -> None:
     session.info.pop("outbox", None)
     session.info.pop("after_commit", None)
+
+
+def worker_command(queues: str = "celery,gpu", concurrency: int = 1) -> list[str]:
+    """The command line of a worker process (the same Celery tasks in every mode)."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        str(concurrency),
+        "--loglevel",
+        "WARNING",
+        "--without-gossip",
+        "--without-mingle",
+    ]

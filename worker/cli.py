@@ -17,7 +17,7 @@ def register(sub: Any) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from server.cli import worker_command
+    from server.tasks import worker_command
 
     command = worker_command(args.queues, args.concurrency)
     os.execv(command[0], command)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from sqlalchemy.exc import OperationalError
 
 from server.tasks import ADHOC_QUERY, COMPUTE, VALIDATE_FILE
+from worker.adhoc import run_adhoc_query
 from worker.celery_app import app
-from worker.runs import run_adhoc_query, run_compute, run_validate_file
+from worker.computation import run_compute
+from worker.validation import run_validate_file
 
 RELIABLE = {
     "acks_late": True,

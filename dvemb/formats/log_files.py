@@ -11,6 +11,8 @@ projection.safetensors            calibrated projection bases (when rec.calibrat
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "LOG_FILE_NAME",
@@ -20,6 +22,7 @@ __all__ = [
     "examples_file_name",
     "is_log_file_name",
     "is_manifest_name",
+    "listed_files",
     "manifest_names",
     "query_file_name",
     "rank_manifest_name",
@@ -63,6 +66,16 @@ def query_file_name(name: str) -> str:
 def examples_file_name(index: int) -> str:
     """File name of the ``index``-th example-metadata file."""
     return f"examples-{index:06d}.jsonl"
+
+
+def listed_files(manifests: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every file the ranks' manifests (rank 0's first) say the log holds: the manifests themselves, then
+    each rank's shards, query sets, example files and projection files."""
+    names = manifest_names(len(manifests))
+    for manifest in manifests:
+        for key in ("shards", "query_sets", "example_files", "projection_files"):
+            names += [str(entry["file"]) for entry in manifest.get(key, [])]
+    return names
 
 
 def is_manifest_name(name: str) -> bool:

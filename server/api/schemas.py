@@ -46,12 +46,15 @@ class RunDetail(RunPublic):
 
 
 class JobCreate(BaseModel):
+    """Options of an analysis; an option left out takes the engine's default (dvemb.engine.ComputeArguments:
+    the log's curvature, blocks "auto", every query set, top_k 100, propagation "auto", second_moment on)."""
+
     curvature: Literal["empirical", "ggn"] | None = None
-    blocks: Literal["auto", "layer", "full"] = "auto"
+    blocks: Literal["auto", "layer", "full"] | None = None
     query_sets: list[str] | None = None
-    top_k: int = Field(default=100, ge=1, le=1000)
-    propagation: Literal["auto", "optimizer", "sgd-proxy"] = "auto"
-    second_moment: bool = True
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+    propagation: Literal["auto", "optimizer", "sgd-proxy"] | None = None
+    second_moment: bool | None = None
 
 
 class JobPublic(BaseModel):

@@ -14,7 +14,7 @@ from server.db.states import JobStatus
 
 __all__ = ["AdhocQuery", "create_query", "get_query", "layer_dims", "public", "query_path"]
 from server.errors import BadRequest, Conflict, NotFound
-from server.storage import results_dir
+from server.storage import adhoc_query_path
 from server.tasks import ADHOC_QUERY, enqueue_after_commit
 
 MAX_QUERIES = 256
@@ -27,7 +27,7 @@ def layer_dims(run: Run) -> list[tuple[str, int]]:
 
 
 def query_path(storage: Path, job: Job, query_id: int) -> Path:
-    return results_dir(storage, job.run_id, job.id) / "adhoc" / f"{query_id}.npy"
+    return adhoc_query_path(storage, job.run_id, job.id, query_id)
 
 
 def create_query(
@@ -36,7 +36,7 @@ def create_query(
     """Check the vectors against the run's layers, store them, and queue the scoring task."""
     if job.status != JobStatus.SUCCEEDED:
         raise Conflict(f"job {job.id} is {job.status}; ad-hoc queries need a succeeded job")
-    if not (job.options or {}) or not (job.summary or {}).get("arguments", {}).get("save_embeddings", True):
+    if not (job.summary or {}).get("arguments", {}).get("save_embeddings", True):
         raise Conflict(f"job {job.id} did not keep its embeddings")
     if not 1 <= len(gradients) <= MAX_QUERIES:
         raise BadRequest(f"send between 1 and {MAX_QUERIES} gradients, got {len(gradients)}")

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dvemb.formats import MANIFEST, manifest_names
+from dvemb.formats import MANIFEST, listed_files
 from server.db.models import LogFile, Project, Run
 from server.db.states import FileStatus
 from server.errors import Conflict, NotFound
@@ -51,12 +51,7 @@ def run_files(session: Session, *, run: Run) -> list[LogFile]:
 
 def expected_files(run: Run) -> list[str]:
     """Files the run's manifests list (empty until the manifest is validated)."""
-    manifests = (run.manifest or {}).get("ranks", [])
-    names = manifest_names(len(manifests))
-    for manifest in manifests:
-        for key in ("shards", "query_sets", "example_files", "projection_files"):
-            names += [str(e["file"]) for e in manifest.get(key, [])]
-    return names
+    return listed_files((run.manifest or {}).get("ranks", []))
 
 
 def missing_files(session: Session, *, run: Run) -> list[str]:

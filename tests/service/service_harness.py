@@ -36,7 +36,7 @@ class Worker:
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        from server.cli import worker_command
+        from server.tasks import worker_command
 
         command = [*worker_command(), "--loglevel", "INFO"]
         self.process = subprocess.Popen(command, env=self.env, stderr=subprocess.PIPE, text=True)

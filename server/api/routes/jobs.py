@@ -18,7 +18,7 @@ router = APIRouter(tags=["jobs"])
 @router.post("/runs/{run_id}/jobs", status_code=201)
 def start_job(run_id: int, body: JobCreate, session: SessionDep, project: ProjectDep) -> JobPublic:
     return JobPublic.model_validate(
-        service.start_job(session, project=project, run_id=run_id, options=body.model_dump())
+        service.start_job(session, project=project, run_id=run_id, options=body.model_dump(exclude_none=True))
     )
 
 

@@ -1,0 +1,114 @@
+"""Computing a job with the core engine (resuming its checkpoint after a crash), then storing its
+aggregates; the job's status moves through server/db/states.py, so a cancel always wins."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from typing import Any
+
+from sqlalchemy import func, literal
+from sqlalchemy.exc import OperationalError
+
+from dvemb.engine import ComputeArguments, ComputeProgress, compute
+from dvemb.errors import DvembError
+from server.db.models import Job
+from server.db.session import session_factory
+from server.db.states import JobStatus, transition
+from server.settings import get_settings
+from server.storage import log_dir, results_dir
+from worker.results_store import example_metadata, store_results
+
+__all__ = ["JobCancelled", "compute_arguments", "run_compute"]
+
+
+class JobCancelled(Exception):
+    """The job was cancelled through the API while computing."""
+
+
+def compute_arguments(options: dict[str, Any]) -> ComputeArguments:
+    """The engine's arguments from a job's stored options: what the user set, the engine's defaults for the
+    rest (the one place the options become arguments; the API stores only what was given)."""
+    known = {f.name for f in dataclasses.fields(ComputeArguments)}
+    given = {k: v for k, v in options.items() if k in known and v is not None}
+    if "query_sets" in given:
+        given["query_sets"] = tuple(given["query_sets"])
+    return ComputeArguments(**given)
+
+
+def run_compute(job_id: int) -> None:
+    """Compute a job (resuming the engine's checkpoint after a crash) and store its aggregates."""
+    storage = get_settings().storage
+    factory = session_factory()
+    with factory() as session:
+        now = dt.datetime.now(dt.UTC)
+        # Claim the job conditionally: a cancel committed after we would have read the row must not be
+        # overwritten by a plain write of 'running' (the job would then run to 'succeeded').
+        job = session.get(Job, job_id)
+        claimed = job is not None and transition(
+            session,
+            job,
+            JobStatus.RUNNING,
+            only_from=(JobStatus.QUEUED, JobStatus.RUNNING),  # running: a lost worker's task, redelivered
+            attempts=Job.attempts + 1,
+            error=None,
+            started_at=func.coalesce(Job.started_at, literal(now, Job.__table__.c.started_at.type)),
+        )
+        session.commit()
+        if not claimed:
+            return  # done, cancelled or deleted: nothing to do (idempotent re-delivery)
+        assert job is not None
+        options, run_id = dict(job.options), int(job.run_id)
+    out = results_dir(storage, run_id, job_id)
+    args = compute_arguments(options)
+    try:
+        summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id))
+        with factory() as session:
+            store_results(session, job_id, out, summary, example_metadata(log_dir(storage, run_id)))
+            # Conditional: a cancel that lands while the rows are written wins (the job's rows are then unused).
+            job = session.get(Job, job_id)
+            done = job is not None and transition(
+                session,
+                job,
+                JobStatus.SUCCEEDED,
+                summary=summary,
+                progress=1.0,
+                eta_seconds=0.0,
+                finished_at=dt.datetime.now(dt.UTC),
+            )
+            if not done:
+                session.rollback()
+                return
+            session.commit()
+    except JobCancelled:
+        return
+    except OperationalError:
+        raise  # transient (database): the task retries
+    except Exception as exc:  # the job fails with the reason in words rather than staying 'running'
+        problem = str(exc) if isinstance(exc, DvembError) else f"{type(exc).__name__}: {exc}"
+        with factory() as session:
+            job = session.get(Job, job_id)
+            if job is not None:  # a cancel that came first stands
+                transition(session, job, JobStatus.FAILED, error=problem, finished_at=dt.datetime.now(dt.UTC))
+            session.commit()
+
+
+def _progress_writer(job_id: int) -> Any:
+    last = [0.0]
+
+    def report(p: ComputeProgress) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.5 and p.steps_done < p.total_steps:
+            return
+        last[0] = now
+        with session_factory()() as session:
+            job = session.get(Job, job_id)
+            progress = {"progress": p.fraction, "current_step": p.current_step, "eta_seconds": p.eta_s}
+            if job is None or not transition(
+                session, job, JobStatus.RUNNING, only_from=(JobStatus.RUNNING,), **progress
+            ):
+                raise JobCancelled
+            session.commit()
+
+    return report

@@ -1,0 +1,110 @@
+"""Storing a finished computation's aggregates (top-k rows, per-example totals, curves, phases) in the
+database, replacing any rows of an earlier attempt (idempotent)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, insert
+from sqlalchemy.orm import Session
+
+from dvemb.engine import load_results
+from dvemb.formats import phase_of
+from dvemb.reader import GradientLog
+from server.db.models import CurvePoint, ExampleTotal, PhaseSummaryRow, TopKRow
+
+__all__ = ["example_metadata", "store_results"]
+
+
+def example_metadata(directory: Any) -> dict[str, tuple[str | None, str | None]]:
+    """Example id -> (label, source) from the log's example metadata files (validated on upload)."""
+    meta: dict[str, tuple[str | None, str | None]] = {}
+    for record in GradientLog(directory).iter_examples():
+        label, source = record.get("label"), record.get("source")
+        meta[str(record["id"])] = (
+            None if label is None else str(label)[:255],
+            None if source is None else str(source)[:255],
+        )
+    return meta
+
+
+def store_results(
+    session: Session, job_id: int, out: Any, summary: dict[str, Any], meta: dict[str, tuple[str | None, str | None]]
+) -> None:
+    """Replace the job's aggregate rows with those of the results directory (idempotent)."""
+    for model in (TopKRow, ExampleTotal, CurvePoint, PhaseSummaryRow):
+        session.execute(delete(model).where(model.job_id == job_id))
+    results = load_results(out)
+    ids = [str(i) for i in results.example_ids]
+    occurrences = np.bincount(results.example_index.numpy(), minlength=len(ids))
+    for name, info in summary["query_sets"].items():
+        bounds = info["phases"]["boundaries"]
+        rows = []
+        for query in [None, *range(info["num_queries"])]:
+            for kind in ("helpful", "harmful"):
+                for r in results.top(name, kind=kind, query=query, k=summary["arguments"]["top_k"]):
+                    rows.append(
+                        {
+                            "job_id": job_id,
+                            "query_set": name,
+                            "query": -1 if query is None else query,
+                            "kind": kind,
+                            "rank": r["rank"],
+                            "score": r["score"],
+                            "row": r["row"],
+                            "step": r["step"],
+                            "epoch": r["epoch"],
+                            "example_id": str(r["example_id"]),
+                            "phase": phase_of(r["step"], bounds),
+                            "label": meta.get(str(r["example_id"]), (None, None))[0],
+                            "source": meta.get(str(r["example_id"]), (None, None))[1],
+                        }
+                    )
+        _insert(session, TopKRow, rows)
+        totals = results.totals(name).mean(axis=1)
+        _insert(
+            session,
+            ExampleTotal,
+            [
+                {
+                    "job_id": job_id,
+                    "query_set": name,
+                    "example_id": ids[i],
+                    "total": float(totals[i]),
+                    "occurrences": int(occurrences[i]),
+                    "label": meta.get(ids[i], (None, None))[0],
+                    "source": meta.get(ids[i], (None, None))[1],
+                }
+                for i in range(len(ids))
+            ],
+        )
+        curve = results.curve(name)
+        _insert(
+            session,
+            CurvePoint,
+            [
+                {
+                    "job_id": job_id,
+                    "query_set": name,
+                    "step": int(curve["step"][t]),
+                    "lr": float(curve["lr"][t]),
+                    "mean": float(curve["mean"][t]),
+                    "abs_sum": float(curve["abs_sum"][t]),
+                    "mean_per_lr": _finite(curve["mean_per_lr"][t]),
+                    "loss": _finite(curve["loss"][t]),
+                }
+                for t in range(len(curve["step"]))
+            ],
+        )
+        session.add(PhaseSummaryRow(job_id=job_id, query_set=name, summary=info["phases"]))
+    session.flush()
+
+
+def _insert(session: Session, model: Any, rows: list[dict[str, Any]], chunk: int = 5000) -> None:
+    for start in range(0, len(rows), chunk):
+        session.execute(insert(model), rows[start : start + chunk])
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
