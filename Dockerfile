@@ -13,7 +13,10 @@ COPY dvemb ./dvemb
 COPY server ./server
 COPY worker ./worker
 COPY migrations ./migrations
-RUN pip install --no-cache-dir ".[server]"
+COPY demo ./demo
+# The dashboard: index.html, style.css and the ES modules (no build step; node_modules is for linting only).
+COPY frontend ./frontend
+RUN pip install --no-cache-dir ".[server,client]"
 
 ENV DVEMB_DATA_DIR=/data
 EXPOSE 8000

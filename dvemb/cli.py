@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=_compute)
     client_cli.register(sub)
     for entry in entry_points(group="dvemb.commands"):
-        register: Register = entry.load()
+        try:
+            register: Register = entry.load()
+        except ImportError:  # a package of this distribution that is not installed here (e.g. in a slim image)
+            continue
         register(sub)
     return parser
 

@@ -6,3 +6,14 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff format --check dvemb server worker migrations demo examples tests bench
 .venv/bin/mypy
 .venv/bin/lint-imports
+# The dashboard's JavaScript (frontend/): Prettier's formatting and ESLint, as pinned in frontend/package-lock.json.
+if command -v npx >/dev/null 2>&1; then
+    if [ ! -x frontend/node_modules/.bin/eslint ] || [ ! -x frontend/node_modules/.bin/prettier ]; then
+        echo "error: Prettier/ESLint are not installed in frontend/node_modules: run scripts/setup.sh" >&2
+        exit 1
+    fi
+    npx --no --prefix frontend prettier --check --ignore-path frontend/.prettierignore frontend
+    npx --no --prefix frontend eslint --config frontend/eslint.config.js frontend
+else
+    echo "warning: npx is missing: skipping the frontend's lint (Prettier, ESLint)" >&2
+fi

@@ -21,3 +21,14 @@ fi
 # The CPU build lies on this machine's disk; an unpinned torch would download a CUDA build of several GB.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[dev,client,server,huggingface]"
+# Prettier and ESLint for the dashboard, exactly as frontend/package-lock.json pins them (scripts/check.sh runs
+# them). `npm ci` runs only when the lock file changed since the last install; skipped where npm is missing.
+if command -v npm >/dev/null 2>&1; then
+    lock_sum=$(sha256sum frontend/package-lock.json | cut -d' ' -f1)
+    if [ "$(cat frontend/node_modules/.installed-lock.sha256 2>/dev/null)" != "$lock_sum" ]; then
+        npm ci --prefix frontend --no-audit --no-fund --loglevel=error </dev/null >/dev/null
+        echo "$lock_sum" >frontend/node_modules/.installed-lock.sha256
+    fi
+else
+    echo "warning: npm is missing: scripts/check.sh will skip the frontend's lint (Prettier, ESLint)" >&2
+fi

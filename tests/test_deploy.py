@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -31,3 +32,15 @@ def test_compose_file_matches_the_code() -> None:
         assert "data:/data" in services[name]["volumes"]  # one storage volume shared by API and workers
     assert all("healthcheck" in services[name] for name in ("postgres", "redis", "api", "worker"))
     assert (ROOT / "Dockerfile").exists()
+
+
+def test_the_image_holds_every_package_and_the_dashboard() -> None:
+    """Every package the distribution declares (entry points included) and the dashboard's files are copied
+    into the image; the lint tools' node_modules are not."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = {line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages <= copied, packages - copied
+    assert "frontend" in copied
+    assert "frontend/node_modules" in (ROOT / ".dockerignore").read_text().split()

@@ -1,0 +1,40 @@
+// dvemb dashboard: native ES modules, no build step. It talks to the REST API only (/api/v1), with the token kept
+// for the browser session. The hash is the route: #/runs, #/runs/{id}, #/jobs/{id}/examples/{example}?qs=...
+import { ApiError } from "./api.js";
+import { byId } from "./dom.js";
+import { html, render } from "./html.js";
+import { state } from "./state.js";
+import { renderExample } from "./views/example.js";
+import { renderRun } from "./views/run.js";
+import { renderRuns } from "./views/runs.js";
+import { renderSignIn } from "./views/signin.js";
+
+const view = byId("view");
+
+function renderPage(parts) {
+  if (parts[0] === "runs" && parts[1]) return renderRun(view, Number(parts[1]));
+  if (parts[0] === "jobs" && parts[2] === "examples") {
+    return renderExample(view, Number(parts[1]), decodeURIComponent(parts[3]));
+  }
+  return renderRuns(view);
+}
+
+/** Shows the page of the current hash (the sign-in page without a token); errors are shown in its place. */
+async function route() {
+  byId("signout").hidden = !state.token;
+  if (!state.token) return renderSignIn(view, route);
+  try {
+    return await renderPage(location.hash.replace(/^#\/?/, "").split("?")[0].split("/"));
+  } catch (err) {
+    const signedOut = err instanceof ApiError && err.status === 401;
+    if (!signedOut) render(view, html`<p class="error" role="alert">${err.message}</p>`);
+  }
+}
+
+window.addEventListener("hashchange", route);
+byId("signout").addEventListener("click", () => {
+  state.token = null;
+  location.hash = "#/signin";
+  route();
+});
+route();

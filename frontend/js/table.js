@@ -1,0 +1,14 @@
+// The one table renderer of the dashboard. A column is {head, cell, td}: head is the header's text (or markup),
+// cell(row) the cell's content (escaped unless it is markup), td(row) an optional {attribute: value} map.
+import { attrs, html } from "./html.js";
+
+const cellOf = (column, row) => html`<td${attrs(column.td?.(row))}>${column.cell(row)}</td>`;
+
+/** The <tr>s of the rows, for a table's <tbody>. */
+export const tableRows = (columns, rows) => rows.map((row) => html`<tr>${columns.map((c) => cellOf(c, row))}</tr>`);
+
+/** A table with a header row; attributes (id, class, data-*) go on the <table>. */
+export function table({ columns, rows = [], attributes = {} }) {
+  const heads = html`<thead><tr>${columns.map((column) => html`<th>${column.head}</th>`)}</tr></thead>`;
+  return html`<table${attrs(attributes)}>${heads}<tbody>${tableRows(columns, rows)}</tbody></table>`;
+}

@@ -1,0 +1,19 @@
+// The results' controls, read from the page: query set, query, view, smoothing, phase and step range.
+import { valueOf } from "../dom.js";
+
+/** The current values of the results' controls (strings; "" when a filter is not set). */
+export const controls = () => ({
+  querySet: valueOf("qs"),
+  query: valueOf("query"),
+  view: valueOf("view-kind"),
+  smooth: valueOf("smooth"),
+  phase: valueOf("phase"),
+  stepMin: valueOf("step-min"),
+  stepMax: valueOf("step-max"),
+});
+
+/** Sets each [name, value] pair on params whose value is not "". */
+export function setGiven(params, pairs) {
+  for (const [name, value] of pairs) if (value !== "") params.set(name, value);
+  return params;
+}

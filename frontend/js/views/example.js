@@ -1,0 +1,77 @@
+// An example's page: what it is, its total influence, and its influence at each occurrence in training.
+import { api } from "../api.js";
+import { byId } from "../dom.js";
+import { fmtScore } from "../format.js";
+import { html, render } from "../html.js";
+import { table, tableRows } from "../table.js";
+import { drawImage } from "../thumbs.js";
+
+/** The history table's columns; value(h) is the influence shown (on the whole set, or on one query). */
+const historyColumns = (propagation, value = (h) => h.score) => [
+  { head: "step", cell: (h) => h.step },
+  { head: "epoch", cell: (h) => h.epoch },
+  { head: "phase", cell: (h) => h.phase },
+  { head: `influence (${propagation})`, cell: (h) => fmtScore(value(h)) },
+];
+
+function thumb(image) {
+  if (!image) return "";
+  const [height, width] = image.shape;
+  return html`<canvas id="thumb" class="thumb" width="${width}" height="${height}"
+    style="width:${width * 8}px"></canvas>`;
+}
+
+const queryOption = (_, i) => html`<option value="${i}">query ${i}</option>`;
+
+const page = ({ exampleId, querySet, ex, meta, propagation }) => html`<h1>Example ${exampleId}</h1>
+  <section>
+    <h2>What it is</h2>
+    ${thumb(meta.image)}
+    <p>${meta.text}</p>
+    <p>label: <b>${meta.label ?? ex.label}</b> · source: ${meta.source ?? ex.source}</p>
+    <p>total influence on <b>${querySet}</b> over ${ex.occurrences} occurrence(s): ${fmtScore(ex.total)}
+      <span class="muted">(${propagation})</span></p>
+  </section>
+  <section>
+    <h2>Influence at each occurrence</h2>
+    <label>On <select id="on-query"><option value="">the whole query set</option>
+      ${(ex.history[0]?.per_query || []).map(queryOption)}</select></label>
+    <div id="history-plot" style="height:280px"></div>
+    ${table({ columns: historyColumns(propagation), attributes: { id: "history" } })}
+  </section>`;
+
+/** The query set of the page's ?qs=, or else the job's first. */
+async function querySetOf(jobId) {
+  const given = new URLSearchParams(location.hash.split("?")[1] || "").get("qs");
+  return given || Object.keys((await api(`/jobs/${jobId}/summary`)).query_sets)[0];
+}
+
+const historyLayout = () => ({
+  xaxis: { title: { text: "training step" } },
+  yaxis: { title: { text: "influence (+ helped)" } },
+  margin: { t: 20 },
+});
+
+/** Shows the history table and bar chart for the query picked in #on-query (or the whole set). */
+async function showHistory(ex, propagation) {
+  const q = byId("on-query").value;
+  const value = (h) => (q === "" ? h.score : h.per_query[Number(q)]);
+  render(document.querySelector("#history tbody"), html`${tableRows(historyColumns(propagation, value), ex.history)}`);
+  const name = q === "" ? "on the set" : `on query ${q}`;
+  const bars = { type: "bar", x: ex.history.map((h) => h.step), y: ex.history.map(value), name };
+  await Plotly.react("history-plot", [bars], historyLayout(), { displaylogo: false });
+}
+
+/** Shows the page of one example of a job. */
+export async function renderExample(view, jobId, exampleId) {
+  const querySet = await querySetOf(jobId);
+  const query = `query_set=${encodeURIComponent(querySet)}`;
+  const ex = await api(`/jobs/${jobId}/examples/${encodeURIComponent(exampleId)}?${query}`);
+  const propagation = (await api(`/jobs/${jobId}`)).propagation || "exact SGD";
+  const meta = ex.metadata || {};
+  render(view, page({ exampleId, querySet, ex, meta, propagation }));
+  if (meta.image) drawImage(byId("thumb"), meta.image);
+  const show = () => showHistory(ex, propagation);
+  byId("on-query").addEventListener("change", show);
+  await show();
+}

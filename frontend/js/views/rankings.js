@@ -1,0 +1,78 @@
+// The results' four ranking tables: the top training examples (helpful and harmful; filtered and paged) and the
+// examples by total influence (helpful and harmful), all drawn by the one table renderer.
+import { api } from "../api.js";
+import { byId } from "../dom.js";
+import { fmtScore } from "../format.js";
+import { html, render } from "../html.js";
+import { state } from "../state.js";
+import { table } from "../table.js";
+import { describe, drawThumbs } from "../thumbs.js";
+import { controls, setGiven } from "./controls.js";
+
+const KINDS = ["helpful", "harmful"];
+
+/** The metadata of the rows' examples, by example id. */
+async function metadataOf(jobId, rows) {
+  if (!rows.length) return {};
+  return api(`/jobs/${jobId}/metadata?ids=${encodeURIComponent(rows.map((r) => r.example_id).join(","))}`);
+}
+
+/** The columns the ranking tables share: the example (a link to its page), what it is, its label. */
+function exampleColumns(jobId, querySet, meta) {
+  const href = (r) => `#/jobs/${jobId}/examples/${encodeURIComponent(r.example_id)}?qs=${encodeURIComponent(querySet)}`;
+  return [
+    { head: "example", cell: (r) => html`<a href="${href(r)}">${r.example_id}</a>` },
+    { head: "what it is", cell: (r) => describe(meta[r.example_id], r) },
+    { head: "label", cell: (r) => r.label },
+  ];
+}
+
+const scoreColumn = (head, key) => ({
+  head,
+  cell: (r) => fmtScore(r[key]),
+  td: (r) => ({ class: "score", "data-score": r[key] }),
+});
+
+const plainColumn = (key) => ({ head: key, cell: (r) => r[key] });
+
+/** Renders a ranking table (and what follows it) into its container and draws its examples' images; its columns
+ * are lead, the shared example columns, then tail. */
+async function showRanking(container, jobId, { kind, cls, rows, lead = [], tail, after = "" }) {
+  const meta = await metadataOf(jobId, rows);
+  const columns = [...lead, ...exampleColumns(jobId, controls().querySet, meta), ...tail];
+  render(container, html`${table({ columns, rows, attributes: { class: cls, "data-kind": kind } })}${after}`);
+  drawThumbs(container, meta);
+}
+
+function topParams(kind) {
+  const c = controls();
+  const params = new URLSearchParams({ query_set: c.querySet, kind, limit: "10", offset: String(10 * state.page) });
+  return setGiven(params, [
+    ["query", c.query],
+    ["phase", c.phase],
+    ["step_min", c.stepMin],
+    ["step_max", c.stepMax],
+  ]);
+}
+
+/** The "Top training examples" tables, for the current controls and page. */
+export async function showTop(jobId, propagation) {
+  for (const kind of KINDS) {
+    const top = await api(`/jobs/${jobId}/top?${topParams(kind)}`);
+    const lead = [{ head: "#", cell: (r) => r.rank + 1 }];
+    const score = scoreColumn(`score (${top.propagation || propagation})`, "score");
+    const tail = [...["step", "epoch", "phase"].map(plainColumn), score];
+    const after = html`<p class="muted">${top.count} row(s)</p>`;
+    await showRanking(byId(`top-${kind}`), jobId, { kind, cls: "top", rows: top.data, lead, tail, after });
+  }
+}
+
+/** The "Examples by total influence" tables, for the current query set. */
+export async function showExamples(jobId, propagation) {
+  for (const kind of KINDS) {
+    const querySet = encodeURIComponent(controls().querySet);
+    const ranked = await api(`/jobs/${jobId}/examples?query_set=${querySet}&kind=${kind}&limit=10`);
+    const tail = [plainColumn("occurrences"), scoreColumn(`total (${propagation})`, "total")];
+    await showRanking(byId(`examples-${kind}`), jobId, { kind, cls: "examples", rows: ranked.data, tail });
+  }
+}

@@ -1,0 +1,109 @@
+// A succeeded job's results: the phase plot with its controls, the ranking tables and the scores by phase.
+import { api } from "../api.js";
+import { byId, onEach } from "../dom.js";
+import { html, render } from "../html.js";
+import { state } from "../state.js";
+import { drawPlots } from "./plots.js";
+import { showExamples, showTop } from "./rankings.js";
+
+const setOption = (name) => html`<option>${name}</option>`;
+
+const plotSection = (summary, propagation) => html`<section>
+  <h2>Influence across training</h2>
+  <div class="controls">
+    <label>Query set <select id="qs">${Object.keys(summary.query_sets).map(setOption)}</select></label>
+    <label>Query <select id="query"></select></label>
+    <label>View <select id="view-kind">
+      <option value="per_lr">per learning rate (paper)</option><option value="raw">raw</option>
+    </select></label>
+    <label>Smoothing <select id="smooth">
+      <option value="1">none</option><option value="5">5</option><option value="21" selected>21</option>
+      <option value="51">51</option>
+    </select></label>
+  </div>
+  <p id="propagation">Scores follow the optimizer as <b>${propagation}</b>.</p>
+  ${summary.note ? html`<p class="muted">${summary.note}</p>` : ""}
+  <div id="phase-plot" style="height:420px"></div>
+  <p id="phase-summary" class="muted"></p>
+</section>`;
+
+const topSection = () => html`<section>
+  <h2>Top training examples</h2>
+  <div class="controls">
+    <label>Phase <select id="phase">
+      <option value="">all</option><option>early</option><option>basin</option><option>late</option>
+    </select></label>
+    <label>Steps <input id="step-min" type="number" min="0" size="6" placeholder="from" /> –
+      <input id="step-max" type="number" min="0" size="6" placeholder="to" /></label>
+    <button id="prev">◀ previous</button><button id="next">next ▶</button>
+  </div>
+  <div class="cols">
+    <div><h2>Helpful</h2><div id="top-helpful"></div></div>
+    <div><h2>Harmful</h2><div id="top-harmful"></div></div>
+  </div>
+</section>`;
+
+const examplesSection = () => html`<section>
+  <h2>Examples by total influence (all their occurrences)</h2>
+  <div class="cols">
+    <div><h2>Most helpful</h2><div id="examples-helpful"></div></div>
+    <div><h2>Most harmful</h2><div id="examples-harmful"></div></div>
+  </div>
+</section>`;
+
+const distributionSection = () =>
+  html`<section><h2>Scores by phase</h2><div id="distribution" style="height:320px"></div></section>`;
+
+const resultsPage = (summary, propagation) =>
+  html`${plotSection(summary, propagation)}${topSection()}${examplesSection()}${distributionSection()}`;
+
+/** Fills the query picker with the current query set's queries. */
+function fillQueries(summary) {
+  const info = summary.query_sets[byId("qs").value];
+  const options = info.query_ids.map((id, i) => html`<option value="${i}">${id}</option>`);
+  render(byId("query"), html`<option value="">whole set</option>${options}`);
+}
+
+function bindControls(summary, refresh) {
+  byId("qs").addEventListener("change", () => {
+    fillQueries(summary);
+    state.page = 0;
+    refresh.plots();
+    refresh.top();
+    refresh.examples();
+  });
+  onEach(["query", "view-kind", "smooth"], "change", () => {
+    refresh.plots();
+    refresh.top();
+  });
+  onEach(["phase", "step-min", "step-max"], "change", () => {
+    state.page = 0;
+    refresh.top();
+  });
+  byId("prev").addEventListener("click", () => {
+    state.page = Math.max(0, state.page - 1);
+    refresh.top();
+  });
+  byId("next").addEventListener("click", () => {
+    state.page += 1;
+    refresh.top();
+  });
+}
+
+/** Shows a succeeded job's results in the run page's #results, which gets data-ready="true" once all is drawn. */
+export async function showResults(job) {
+  const summary = await api(`/jobs/${job.id}/summary`);
+  const propagation = summary.propagation_label || "exact SGD";
+  const results = byId("results");
+  render(results, resultsPage(summary, propagation));
+  state.page = 0;
+  const refresh = {
+    plots: () => drawPlots(job.id),
+    top: () => showTop(job.id, propagation),
+    examples: () => showExamples(job.id, propagation),
+  };
+  fillQueries(summary);
+  bindControls(summary, refresh);
+  await Promise.all([refresh.plots(), refresh.top(), refresh.examples()]);
+  results.dataset.ready = "true";
+}

@@ -1,0 +1,47 @@
+// The runs list: search, create a run, and the table of runs.
+import { api, postJson } from "../api.js";
+import { byId } from "../dom.js";
+import { fmtBytes } from "../format.js";
+import { html, render } from "../html.js";
+import { table } from "../table.js";
+
+const COLUMNS = [
+  { head: "name", cell: (r) => html`<a href="#/runs/${r.id}">${r.name}</a>` },
+  { head: "status", cell: (r) => r.status },
+  { head: "size", cell: (r) => fmtBytes(r.size_bytes) },
+  { head: "steps", cell: (r) => r.num_steps },
+  { head: "examples", cell: (r) => r.num_examples },
+  { head: "created", cell: (r) => new Date(r.created_at).toLocaleString() },
+];
+
+const page = (runs, search) => html`<h1>Runs</h1>
+  <section>
+    <div class="controls">
+      <label>Search <input id="search" value="${search}" /></label>
+      <form id="create">
+        <label>New run <input id="new-name" required pattern="[A-Za-z0-9][A-Za-z0-9_. -]*" /></label>
+        <button>Create</button>
+      </form>
+      <span id="create-error" class="error" role="alert"></span>
+    </div>
+    ${table({ columns: COLUMNS, rows: runs.data, attributes: { id: "runs" } })}
+    <p class="muted">${runs.count} run(s)</p>
+  </section>`;
+
+async function createRun(event) {
+  event.preventDefault();
+  try {
+    const run = await postJson("/runs", { name: byId("new-name").value });
+    location.hash = `#/runs/${run.id}`;
+  } catch (err) {
+    byId("create-error").textContent = err.message;
+  }
+}
+
+/** Shows the runs whose names match search. */
+export async function renderRuns(view, search = "") {
+  const runs = await api(`/runs?limit=200&search=${encodeURIComponent(search)}`);
+  render(view, page(runs, search));
+  byId("search").addEventListener("change", (e) => renderRuns(view, e.target.value));
+  byId("create").addEventListener("submit", createRun);
+}

@@ -1,0 +1,56 @@
+// Uploading a log's files into a run, with the progress bar, the speed and each file's verdict.
+import { byId } from "../dom.js";
+import { fmtBytes } from "../format.js";
+import { html, render } from "../html.js";
+import { tusUpload } from "../tus.js";
+
+const isManifest = (file) => (file.name.startsWith("manifest") ? 1 : 0);
+
+const fileItem = (file, i) => {
+  const size = html`<span class="muted">${fmtBytes(file.size)}</span>`;
+  return html`<li id="file-${i}">${file.name} ${size} <span class="verdict"></span></li>`;
+};
+
+function showProgress(progress, sent) {
+  const seconds = (performance.now() - progress.started) / 1000;
+  const speed = sent / Math.max(seconds, 1e-3);
+  const eta = Math.round((progress.total - sent) / Math.max(speed, 1));
+  progress.bar.style.width = `${((100 * sent) / progress.total).toFixed(1)}%`;
+  progress.status.textContent = `${((100 * sent) / progress.total).toFixed(0)}% · ${fmtBytes(speed)}/s · ETA ${eta} s`;
+}
+
+async function uploadOne(runId, file, verdict, onProgress) {
+  try {
+    await tusUpload(runId, file, onProgress);
+    verdict.textContent = "uploaded";
+  } catch (err) {
+    render(verdict, html`<span class="error">${err.message}</span>`);
+  }
+}
+
+function showFinished(progress) {
+  progress.bar.style.width = "100%";
+  progress.status.textContent = "100% · upload finished; validating";
+  progress.bar.parentElement.setAttribute("aria-valuenow", "100");
+}
+
+/** Uploads the files into the run one after the other (manifests first: each data file is then judged as it
+ * arrives), then calls onDone() half a second later. */
+export async function uploadFiles(runId, files, onDone) {
+  const progress = {
+    total: files.reduce((sum, f) => sum + f.size, 0),
+    bar: document.querySelector("#upload-progress > div"),
+    status: byId("upload-status"),
+    started: performance.now(),
+  };
+  files.sort((a, b) => isManifest(b) - isManifest(a));
+  render(byId("upload-files"), html`${files.map(fileItem)}`);
+  let done = 0;
+  for (const [i, file] of files.entries()) {
+    const verdict = document.querySelector(`#file-${i} .verdict`);
+    await uploadOne(runId, file, verdict, (offset) => showProgress(progress, done + offset));
+    done += file.size;
+  }
+  showFinished(progress);
+  setTimeout(onDone, 500);
+}
