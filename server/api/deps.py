@@ -1,4 +1,5 @@
-"""Dependencies shared by the routes: session, settings, current project."""
+"""Dependencies shared by the routes: session, settings, current project, and a job of the project (any, or
+one whose results exist)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 
-from server.db.models import Project
+from server.db.models import Job, Project
 from server.db.session import get_session
+from server.services import jobs, results
 from server.services.auth import project_for_token
 from server.settings import Settings, get_settings
 
@@ -26,3 +28,20 @@ def current_project(session: SessionDep, authorization: Annotated[str | None, He
 
 
 ProjectDep = Annotated[Project, Depends(current_project)]
+
+
+def project_job(job_id: int, session: SessionDep, project: ProjectDep) -> Job:
+    """The job ``job_id`` of the caller's project (404 otherwise)."""
+    return jobs.get_job(session, project=project, job_id=job_id)
+
+
+JobDep = Annotated[Job, Depends(project_job)]
+
+
+def done_job(job: JobDep) -> Job:
+    """The job, once it has succeeded (409 otherwise: its results do not exist yet)."""
+    results.require_done(job)
+    return job
+
+
+DoneJobDep = Annotated[Job, Depends(done_job)]

@@ -111,3 +111,18 @@ class TopPublic(BaseModel):
     propagation: str | None = Field(default=None, description="how these scores follow the optimizer")
     data: list[TopRow]
     count: int
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class QueryCreate(BaseModel):
+    gradients: list[dict[str, list[float]]] = Field(description="per query: layer name -> projected gradient")
+    top_k: int = Field(default=10, ge=1, le=1000)
+    wait_seconds: float = Field(default=10.0, ge=0, le=60)
+
+
+class TokenCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)

@@ -74,7 +74,7 @@ def test_dashboard_end_to_end(browser: Browser, api: Api, token: str, server_url
         "document.getElementById('phase-plot').layout.shapes.filter(s => s.name.startsWith('phase:')).length"
     )
     assert phases == 3
-    job_id = api.get(f"/runs/{api.get('/runs').json()['data'][0]['id']}/jobs").json()[0]["id"]
+    job_id = api.get(f"/runs/{api.get('/runs').json()['data'][0]['id']}/jobs").json()["data"][0]["id"]
     for kind in ("helpful", "harmful"):
         shown = [
             float(s)

@@ -68,7 +68,7 @@ function bindAnalyze(view, runId) {
 export async function renderRun(view, runId) {
   clearTimeout(state.pollTimer);
   const run = await api(`/runs/${runId}`);
-  const jobs = await api(`/runs/${runId}/jobs`);
+  const jobs = (await api(`/runs/${runId}/jobs`)).data;
   render(view, page(run));
   bindUploads(view, runId);
   bindAnalyze(view, runId);

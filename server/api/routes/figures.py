@@ -7,20 +7,18 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from server import figures
-from server.api.deps import ProjectDep, SessionDep, SettingsDep
+from server.api.deps import DoneJobDep, JobDep, SessionDep, SettingsDep
 from server.errors import BadRequest
 from server.services import figures as data
 from server.services import results
-from server.services.jobs import get_job
 
 router = APIRouter(tags=["figures"])
 
 
 @router.get("/jobs/{job_id}/figures/phase")
 def phase_figure(
-    job_id: int,
+    job: DoneJobDep,
     session: SessionDep,
-    project: ProjectDep,
     settings: SettingsDep,
     query_set: str,
     query: Annotated[int | None, Query(ge=0)] = None,
@@ -28,8 +26,6 @@ def phase_figure(
     smooth: Annotated[int, Query(ge=1, le=1001)] = 1,
     points: Annotated[int, Query(ge=2, le=20000)] = 1000,
 ) -> dict[str, Any]:
-    job = get_job(session, project=project, job_id=job_id)
-    results.require_done(job)
     results.check_query_set(job, query_set)
     if query is None:
         curve = data.set_curve(session, job=job, query_set=query_set, points=points)
@@ -42,26 +38,20 @@ def phase_figure(
 
 @router.get("/jobs/{job_id}/figures/distribution")
 def distribution_figure(
-    job_id: int,
+    job: DoneJobDep,
     session: SessionDep,
-    project: ProjectDep,
     settings: SettingsDep,
     query_set: str,
     sample: Annotated[int, Query(ge=10, le=200_000)] = 20_000,
 ) -> dict[str, Any]:
-    job = get_job(session, project=project, job_id=job_id)
-    results.require_done(job)
     results.check_query_set(job, query_set)
     by_phase = data.scores_by_phase(job=job, query_set=query_set, sample=sample, storage=settings.storage)
     return figures.distribution_figure(by_phase, title=f"scores by phase, {query_set}")
 
 
 @router.get("/jobs/{job_id}/metadata")
-def examples_metadata(
-    job_id: int, session: SessionDep, project: ProjectDep, settings: SettingsDep, ids: str
-) -> dict[str, Any]:
+def examples_metadata(job: JobDep, settings: SettingsDep, ids: str) -> dict[str, Any]:
     """What the listed examples are (comma-separated ids, at most 200)."""
-    job = get_job(session, project=project, job_id=job_id)
     wanted = {i for i in ids.split(",") if i}
     if len(wanted) > 200:
         raise BadRequest("ask for at most 200 examples at a time")

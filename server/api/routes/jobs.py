@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
-from server.api.deps import ProjectDep, SessionDep, SettingsDep
-from server.api.schemas import ExampleRank, ExamplesPublic, JobCreate, JobPublic, TopPublic, TopRow
+from server.api.deps import DoneJobDep, JobDep, ProjectDep, SessionDep, SettingsDep
+from server.api.schemas import ExampleRank, ExamplesPublic, JobCreate, JobPublic, JobsPublic, TopPublic, TopRow
 from server.services import jobs as service
 from server.services import results
 from server.services.figures import example_metadata
@@ -23,39 +23,35 @@ def start_job(run_id: int, body: JobCreate, session: SessionDep, project: Projec
 
 
 @router.get("/runs/{run_id}/jobs")
-def list_jobs(run_id: int, session: SessionDep, project: ProjectDep) -> list[JobPublic]:
-    return [JobPublic.model_validate(j) for j in service.list_jobs(session, project=project, run_id=run_id)]
+def list_jobs(run_id: int, session: SessionDep, project: ProjectDep) -> JobsPublic:
+    found = service.list_jobs(session, project=project, run_id=run_id)
+    return JobsPublic(data=[JobPublic.model_validate(j) for j in found], count=len(found))
 
 
 @router.get("/jobs/{job_id}")
-def get_job(job_id: int, session: SessionDep, project: ProjectDep) -> JobPublic:
-    return JobPublic.model_validate(service.get_job(session, project=project, job_id=job_id))
+def get_job(job: JobDep) -> JobPublic:
+    return JobPublic.model_validate(job)
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel_job(job_id: int, session: SessionDep, project: ProjectDep) -> JobPublic:
-    job = service.get_job(session, project=project, job_id=job_id)
+def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
     return JobPublic.model_validate(service.cancel_job(session, job=job))
 
 
 @router.post("/jobs/{job_id}/retry")
-def retry_job(job_id: int, session: SessionDep, project: ProjectDep) -> JobPublic:
-    job = service.get_job(session, project=project, job_id=job_id)
+def retry_job(job: JobDep, session: SessionDep) -> JobPublic:
     return JobPublic.model_validate(service.retry_job(session, job=job))
 
 
 @router.get("/jobs/{job_id}/summary")
-def job_summary(job_id: int, session: SessionDep, project: ProjectDep) -> dict[str, Any]:
-    job = service.get_job(session, project=project, job_id=job_id)
-    results.require_done(job)
+def job_summary(job: DoneJobDep) -> dict[str, Any]:
     return job.summary or {}
 
 
 @router.get("/jobs/{job_id}/top")
 def top(
-    job_id: int,
+    job: DoneJobDep,
     session: SessionDep,
-    project: ProjectDep,
     query_set: str,
     kind: Literal["helpful", "harmful"] = "helpful",
     query: Annotated[int | None, Query(ge=0)] = None,
@@ -69,8 +65,6 @@ def top(
     source: str | None = None,
 ) -> TopPublic:
     """Top occurrences; filters select among the job's stored top_k rows per query (raise top_k for deeper lists)."""
-    job = service.get_job(session, project=project, job_id=job_id)
-    results.require_done(job)
     rows, count = results.top_rows(
         session,
         job=job,
@@ -98,9 +92,8 @@ def top(
 
 @router.get("/jobs/{job_id}/examples")
 def ranked_examples(
-    job_id: int,
+    job: DoneJobDep,
     session: SessionDep,
-    project: ProjectDep,
     query_set: str,
     kind: Literal["helpful", "harmful"] = "helpful",
     label: str | None = None,
@@ -109,8 +102,6 @@ def ranked_examples(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> ExamplesPublic:
     """Every example ranked by total influence (all epochs), exactly, with label and source filters."""
-    job = service.get_job(session, project=project, job_id=job_id)
-    results.require_done(job)
     rows, count = results.ranked_examples(
         session, job=job, query_set=query_set, kind=kind, label=label, source=source, offset=offset, limit=limit
     )
@@ -119,30 +110,23 @@ def ranked_examples(
 
 @router.get("/jobs/{job_id}/curve")
 def curve(
-    job_id: int,
+    job: DoneJobDep,
     session: SessionDep,
-    project: ProjectDep,
     query_set: str,
     points: Annotated[int, Query(ge=2, le=100_000)] = 1000,
 ) -> dict[str, list[float | None]]:
-    job = service.get_job(session, project=project, job_id=job_id)
-    results.require_done(job)
     return results.curve(session, job=job, query_set=query_set, points=points)
 
 
 @router.get("/jobs/{job_id}/phases")
-def phases(job_id: int, session: SessionDep, project: ProjectDep, query_set: str) -> dict[str, Any]:
-    job = service.get_job(session, project=project, job_id=job_id)
-    results.require_done(job)
+def phases(job: DoneJobDep, session: SessionDep, query_set: str) -> dict[str, Any]:
     return results.phases(session, job=job, query_set=query_set)
 
 
 @router.get("/jobs/{job_id}/examples/{example_id}")
 def example(
-    job_id: int, example_id: str, session: SessionDep, project: ProjectDep, settings: SettingsDep, query_set: str
+    job: DoneJobDep, example_id: str, session: SessionDep, settings: SettingsDep, query_set: str
 ) -> dict[str, Any]:
-    job = service.get_job(session, project=project, job_id=job_id)
-    results.require_done(job)
     history = results.example_history(
         session, job=job, query_set=query_set, example_id=example_id, storage=settings.storage
     )

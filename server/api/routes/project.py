@@ -5,19 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
 from server.api.deps import ProjectDep, SessionDep
+from server.api.schemas import TokenCreate
 from server.db.models import ApiToken
 from server.errors import Conflict, NotFound
 from server.services.auth import create_token
 
 router = APIRouter(tags=["project"])
-
-
-class TokenCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
 
 
 @router.get("/project")

@@ -7,29 +7,19 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 
-from server.api.deps import ProjectDep, SessionDep, SettingsDep
+from server.api.deps import JobDep, ProjectDep, SessionDep, SettingsDep
+from server.api.schemas import QueryCreate
 from server.db.models import Run
 from server.db.session import session_factory
 from server.db.states import QueryStatus
 from server.services import adhoc
-from server.services.jobs import get_job
 
 router = APIRouter(tags=["queries"])
 
 
-class QueryCreate(BaseModel):
-    gradients: list[dict[str, list[float]]] = Field(description="per query: layer name -> projected gradient")
-    top_k: int = Field(default=10, ge=1, le=1000)
-    wait_seconds: float = Field(default=10.0, ge=0, le=60)
-
-
 @router.post("/jobs/{job_id}/queries", status_code=201)
-def create_query(
-    job_id: int, body: QueryCreate, session: SessionDep, project: ProjectDep, settings: SettingsDep
-) -> Response:
-    job = get_job(session, project=project, job_id=job_id)
+def create_query(job: JobDep, body: QueryCreate, session: SessionDep, settings: SettingsDep) -> Response:
     run = session.get(Run, job.run_id)
     assert run is not None
     query = adhoc.create_query(
