@@ -125,11 +125,12 @@ def write_log(directory: Path, steps: int, batch: int, dims: list[int]) -> None:
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
         grads = {f"l{i}": torch.randn(batch, d, generator=generator) / d**0.5 for i, d in enumerate(dims)}
-        writer.append_step(
+        writer.accept_step(
             StepRecord(
                 step, list(range(step * batch, (step + 1) * batch)), [0.05] * len(dims), [0.0] * len(dims), None, grads
             )
         )
+        writer.flush_if_full()
     queries = {f"grad.l{i}": torch.randn(16, d) for i, d in enumerate(dims)}
     queries.update(example_id=torch.arange(16), loss=torch.zeros(16, dtype=torch.float64))
     writer.write_query_set("val", queries, {"num_queries": 16, "step": steps, "texts": None})

@@ -150,11 +150,12 @@ def write_log(directory: Path, propagation: str, steps: int, batch: int) -> None
                     state[fmt.optimizer_layer_key("v_row", f"l{i}")] = torch.rand(OUT_DIM, generator=generator) + 0.1
                     state[fmt.optimizer_layer_key("v_col", f"l{i}")] = torch.rand(IN_DIM, generator=generator) + 0.1
         lr = 1e-3 if propagation in ("adam", "adamw") else 0.05
-        writer.append_step(
+        writer.accept_step(
             StepRecord(
                 step, list(range(step * batch, (step + 1) * batch)), [lr] * n, [0.01] * n, None, grads, {}, state
             )
         )
+        writer.flush_if_full()
     queries = {f"grad.l{i}": torch.randn(16, K * K) for i in range(n)}
     queries.update(example_id=torch.arange(16), loss=torch.zeros(16, dtype=torch.float64))
     writer.write_query_set("val", queries, {"num_queries": 16, "step": steps, "texts": None})

@@ -494,7 +494,7 @@ def profile(args: argparse.Namespace) -> None:
         (dr.Recorder, "_finish_step"),
         (dr.Recorder, "_check_finite"),
         (dr.Recorder, "_collect"),
-        (dw.LogWriter, "append_step"),
+        (dw.LogWriter, "accept_step"),
         (dr, "_as_id_list"),
         (dl.LinearAdapter, "forward_factor"),
         (dl.LinearAdapter, "backward_factor"),

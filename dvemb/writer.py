@@ -196,11 +196,6 @@ class LogWriter:
 
     # -- steps ------------------------------------------------------------------------------------
 
-    def append_step(self, record: StepRecord) -> None:
-        """Buffer one step; writes a shard when the buffer is full."""
-        self.accept_step(record)
-        self.flush_if_full()
-
     def accept_step(self, record: StepRecord) -> None:
         """Check and buffer one step (raises ConfigError, and buffers nothing, when it cannot be recorded)."""
         self._check_open()

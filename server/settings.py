@@ -25,12 +25,9 @@ class Settings(BaseSettings):
     storage_dir: Path | None = None
     max_file_bytes: int = 64 << 30
     max_run_bytes: int = 1 << 40
-    upload_chunk_bytes: int = 8 << 20
-    top_k: int = 100
     task_visibility_timeout: int = 3600  # seconds before an unacknowledged task of a lost worker is redelivered
     task_restore_interval: int = 10  # seconds between the Redis broker's sweeps for such tasks
     validation_wait_seconds: float = 60.0  # the last upload PATCH waits this long for the validator's verdict
-    default_page_size: int = 50
 
     @property
     def database(self) -> str:

@@ -8,12 +8,12 @@ import datetime as dt
 import time
 from typing import Any
 
-from sqlalchemy import func, literal
+from sqlalchemy import func, literal, update
 from sqlalchemy.exc import OperationalError
 
 from dvemb.engine import ComputeArguments, ComputeProgress, compute
 from dvemb.errors import DvembError
-from server.db.models import Job
+from server.db.models import Job, Run
 from server.db.session import session_factory
 from server.db.states import JobStatus, transition
 from server.settings import get_settings
@@ -80,6 +80,8 @@ def run_compute(job_id: int) -> None:
             if not done:
                 session.rollback()
                 return
+            # The runs list shows how many examples the run trained on (known once a computation has read it).
+            session.execute(update(Run).where(Run.id == run_id).values(num_examples=int(summary["examples"])))
             session.commit()
     except JobCancelled:
         return

@@ -25,6 +25,8 @@ def test_upload_compute_query_equals_offline(api: Api, token: str, tmp_path: Pat
     offline = tmp_path / "offline"
     compute(log, offline)
     expected = load_results(offline)
+    run = next(r for r in api.get("/runs", params={"search": "exp1"}).json()["data"] if r["name"] == "exp1")
+    assert run["num_examples"] == len(expected.example_ids) > 0  # the runs list's "examples" column
     for query in (None, 0, 5):
         for kind in ("helpful", "harmful"):
             params = {"query_set": "val", "kind": kind, "limit": 10, **({} if query is None else {"query": query})}
