@@ -32,6 +32,7 @@ from dvemb.errors import (
     StepContinuityError,
     TruncatedFileError,
 )
+from dvemb.formats.manifest import LayerEntry, Manifest, ManifestError
 from dvemb.optim import PROPAGATIONS
 from dvemb.projection import LayerProjection
 from dvemb.writer import sha256_file
@@ -153,22 +154,27 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         raise LogFormatError(path, f"manifest lacks {', '.join(missing)}")
     if manifest["dtype"] not in fmt.STORAGE_DTYPES:
         raise LogFormatError(path, f"unknown storage dtype {manifest['dtype']!r}")
+    try:
+        Manifest.from_json(manifest, max_world_size=MAX_WORLD_SIZE)  # types, ranges, names (dvemb.formats)
+    except ManifestError as exc:
+        raise LogFormatError(path, f"malformed manifest: {exc}") from None
     return manifest
 
 
 def _layer_info(path: Path, entry: Any) -> LayerInfo:
     try:
-        projection = LayerProjection(
-            out_dim=int(entry["out_dim"]),
-            in_dim=int(entry["in_dim"]),
-            k_out=int(entry["k_out"]),
-            k_in=int(entry["k_in"]),
-            seed_out=int(entry["seed_out"]),
-            seed_in=int(entry["seed_in"]),
-        )
-        return LayerInfo(name=str(entry["name"]), kind=str(entry["kind"]), projection=projection)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LogFormatError(path, f"malformed layer entry in manifest ({exc!r})") from None
+        layer = LayerEntry.from_json(entry)
+    except ManifestError as exc:
+        raise LogFormatError(path, f"malformed layer entry in manifest: {exc}") from None
+    projection = LayerProjection(
+        out_dim=layer.out_dim,
+        in_dim=layer.in_dim,
+        k_out=layer.k_out,
+        k_in=layer.k_in,
+        seed_out=layer.seed_out,
+        seed_in=layer.seed_in,
+    )
+    return LayerInfo(name=layer.name, kind=layer.kind, projection=projection)
 
 
 def layers_from_manifest(manifest: dict[str, Any], path: str | Path = "manifest.json") -> list[LayerInfo]:

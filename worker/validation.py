@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dvemb.errors import DvembError
-from dvemb.formats import MANIFEST, is_manifest_name, listed_files, manifest_names, rank_manifest_name
+from dvemb.formats import MANIFEST, Manifest, is_manifest_name, listed_files, manifest_names, rank_manifest_name
 from dvemb.reader import GradientLog, check_manifest_file
 from server.db.models import LogFile, Run
 from server.db.session import session_factory
@@ -105,7 +105,8 @@ def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> 
     manifests = _staged_manifests(staging_dir(storage, run.id))
     if manifests is not None:
         run.manifest = {"ranks": manifests}
-        run.num_steps = min((int(m["shards"][-1]["last_step"]) + 1 if m["shards"] else 0) for m in manifests)
+        typed = [Manifest.from_json(m) for m in manifests]
+        run.num_steps = min((m.shards[-1].last_step + 1 if m.shards else 0) for m in typed)
         # Files that arrived before the manifest wait for it: validate them now.
         waiting = session.scalars(
             select(LogFile.id).where(

@@ -5,6 +5,7 @@ instead of restating them (an import-linter contract keeps it so).
 
 - :mod:`dvemb.formats.log_files`: the file names of a gradient log and their grammar (docs/format.md).
 - :mod:`dvemb.formats.results_files`: the file names of a computation's results (docs/results.md).
+- :mod:`dvemb.formats.manifest`: the manifest as typed, validated values (``Manifest.from_json``).
 - :mod:`dvemb.formats.ids`: example ids as arrays (int64, or UTF-8 bytes with offsets) and back.
 - :mod:`dvemb.formats.phases`: the three training phases and which one a step falls in.
 """
@@ -24,6 +25,7 @@ from dvemb.formats.log_files import (
     rank_manifest_name,
     shard_name,
 )
+from dvemb.formats.manifest import LayerEntry, Manifest, ManifestError, QuerySetEntry, ShardEntry
 from dvemb.formats.phases import PHASE_NAMES, phase_of
 from dvemb.formats.results_files import (
     CHECKPOINT,
@@ -51,6 +53,11 @@ __all__ = [
     "QUERY_SET_NAME",
     "SELF_INFLUENCE",
     "SUMMARY",
+    "LayerEntry",
+    "Manifest",
+    "ManifestError",
+    "QuerySetEntry",
+    "ShardEntry",
     "curve_file",
     "curves_file",
     "decode_ids",

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
+from dvemb.formats import Manifest
 from server.db.models import AdhocQuery, Job, Run
 from server.db.states import JobStatus
 
@@ -21,9 +22,11 @@ MAX_QUERIES = 256
 
 
 def layer_dims(run: Run) -> list[tuple[str, int]]:
-    """(layer name, projected size) in manifest order."""
-    layers = ((run.manifest or {}).get("ranks") or [{}])[0].get("layers", [])
-    return [(str(layer["name"]), int(layer["k_out"]) * int(layer["k_in"])) for layer in layers]
+    """(layer name, projected size) in manifest order (the run's manifest was validated on upload)."""
+    ranks = (run.manifest or {}).get("ranks") or []
+    if not ranks:
+        return []
+    return [(layer.name, layer.dim) for layer in Manifest.from_json(ranks[0]).layers]
 
 
 def query_path(storage: Path, job: Job, query_id: int) -> Path:

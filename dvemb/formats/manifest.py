@@ -1,0 +1,238 @@
+"""The gradient log's manifest as typed, validated values (docs/format.md), for every reader: the core's
+reader checks a log with it, the API and the worker read what they need from it without torch.
+
+``Manifest.from_json`` checks types, ranges and names and raises :class:`ManifestError` (a ``ValueError``)
+naming the field and what is wrong; ``to_json`` gives back the JSON object (keys this version does not
+model are kept as they were, so nothing a newer writer added is lost).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["LayerEntry", "Manifest", "ManifestError", "QuerySetEntry", "ShardEntry"]
+
+#: Module names as PyTorch writes them (dotted identifiers, digits for list indices); never a path.
+LAYER_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
+LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding")
+MAX_DIM = 1 << 31
+
+
+class ManifestError(ValueError):
+    """A manifest value is missing, of the wrong type, or out of range; the message names it."""
+
+
+def _int(where: str, value: Any, low: int = 0, high: int = 1 << 62) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ManifestError(f"{where} must be an integer in {low}..{high}, got {value!r}")
+    return value
+
+
+def _str(where: str, value: Any, pattern: re.Pattern[str] | None = None) -> str:
+    if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
+        raise ManifestError(f"{where} is not a valid name: {value!r}")
+    return value
+
+
+def _entries(where: str, value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ManifestError(f"{where} must be a list of objects")
+    return value
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One tracked layer: its weight-gradient matrix (out_dim, in_dim) and projected sizes (k_out, k_in)."""
+
+    name: str
+    kind: str
+    out_dim: int
+    in_dim: int
+    k_out: int
+    k_in: int
+    seed_out: int
+    seed_in: int
+    has_bias: bool = False
+    basis: str = "seeded"
+    parameters: int | None = None
+    tied: tuple[str, ...] = ()
+
+    @property
+    def dim(self) -> int:
+        """Length of the layer's projected vector."""
+        return self.k_out * self.k_in
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any], where: str = "layer") -> LayerEntry:
+        try:
+            name = _str(f"{where} name", entry["name"], LAYER_NAME)
+            where = f"layer {name!r}"
+            out_dim = _int(f"{where} out_dim", entry["out_dim"], 1, MAX_DIM)
+            in_dim = _int(f"{where} in_dim", entry["in_dim"], 1, MAX_DIM)
+            layer = cls(
+                name=name,
+                kind=entry["kind"] if entry["kind"] in LAYER_KINDS else _bad(f"{where} kind", entry["kind"]),
+                out_dim=out_dim,
+                in_dim=in_dim,
+                k_out=_int(f"{where} k_out", entry["k_out"], 1, out_dim),
+                k_in=_int(f"{where} k_in", entry["k_in"], 1, in_dim),
+                seed_out=_int(f"{where} seed_out", entry["seed_out"], -(1 << 62)),
+                seed_in=_int(f"{where} seed_in", entry["seed_in"], -(1 << 62)),
+                has_bias=bool(entry.get("has_bias", False)),
+                basis=str(entry.get("basis", "seeded")),
+                parameters=entry.get("parameters"),
+                tied=tuple(_str(f"{where} tied", t, LAYER_NAME) for t in entry.get("tied") or ()),
+            )
+        except KeyError as exc:
+            raise ManifestError(f"{where} lacks {exc.args[0]!r}") from None
+        except TypeError:
+            raise ManifestError(f"{where} is not an object") from None
+        if layer.basis not in ("seeded", "calibrated"):
+            raise ManifestError(f"{where} basis must be 'seeded' or 'calibrated', got {layer.basis!r}")
+        return layer
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["tied"] = list(self.tied)
+        return out
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard file: consecutive steps ``first_step..last_step`` of one rank."""
+
+    file: str
+    first_step: int
+    last_step: int
+    num_rows: int
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> ShardEntry:
+        try:
+            first = _int("shard first_step", entry["first_step"])
+            return cls(
+                file=_str("shard file", entry["file"]),
+                first_step=first,
+                last_step=_int(f"shard {entry['file']!r} last_step", entry["last_step"], first),
+                num_rows=_int("shard num_rows", entry["num_rows"]),
+                bytes=_int("shard bytes", entry["bytes"]),
+                sha256=_str("shard sha256", entry["sha256"]),
+            )
+        except (KeyError, TypeError):
+            raise ManifestError(f"malformed shard entry {entry!r}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class QuerySetEntry:
+    """One query set recorded at the final model."""
+
+    name: str
+    file: str
+    num_queries: int
+    step: int
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> QuerySetEntry:
+        from dvemb.formats.log_files import QUERY_SET_NAME
+
+        try:
+            return cls(
+                name=_str("query set name", entry["name"], QUERY_SET_NAME),
+                file=_str("query set file", entry["file"]),
+                num_queries=_int("query set num_queries", entry["num_queries"], 1),
+                step=_int("query set step", entry["step"]),
+                bytes=_int("query set bytes", entry["bytes"]),
+                sha256=_str("query set sha256", entry["sha256"]),
+            )
+        except (KeyError, TypeError):
+            raise ManifestError(f"malformed query set entry {entry!r}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One rank's manifest. ``other`` keeps every key this class does not model (optimizer, provenance...)."""
+
+    version: int
+    rank: int
+    world_size: int
+    complete: bool
+    dtype: str
+    loss_reduction: str
+    num_steps: int
+    layers: tuple[LayerEntry, ...]
+    shards: tuple[ShardEntry, ...]
+    query_sets: tuple[QuerySetEntry, ...] = ()
+    other: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_dim(self) -> int:
+        """Length of the concatenated projected vector of all layers."""
+        return sum(layer.dim for layer in self.layers)
+
+    @classmethod
+    def from_json(cls, data: Any, *, max_world_size: int = 4096) -> Manifest:
+        if not isinstance(data, dict):
+            raise ManifestError("a manifest must be a JSON object")
+        modelled = {"version", "rank", "world_size", "complete", "dtype", "loss_reduction", "num_steps"}
+        modelled |= {"layers", "shards", "query_sets"}
+        try:
+            world = _int("world_size", data["world_size"], 1, max_world_size)
+            manifest = cls(
+                version=_int("version", data["version"], 1),
+                rank=_int("rank", data["rank"], 0, world - 1),
+                world_size=world,
+                complete=bool(data["complete"]),
+                dtype=_str("dtype", data["dtype"]),
+                loss_reduction=data["loss_reduction"]
+                if data["loss_reduction"] in ("mean", "sum")
+                else _bad("loss_reduction", data["loss_reduction"]),
+                num_steps=_int("num_steps", data["num_steps"]),
+                layers=tuple(
+                    LayerEntry.from_json(e, f"layer {i}") for i, e in enumerate(_entries("layers", data["layers"]))
+                ),
+                shards=tuple(ShardEntry.from_json(e) for e in _entries("shards", data["shards"])),
+                query_sets=tuple(
+                    QuerySetEntry.from_json(e) for e in _entries("query_sets", data.get("query_sets", []))
+                ),
+                other={k: v for k, v in data.items() if k not in modelled},
+            )
+        except KeyError as exc:
+            raise ManifestError(f"manifest lacks {exc.args[0]!r}") from None
+        names = [layer.name for layer in manifest.layers]
+        if len(set(names)) != len(names):
+            raise ManifestError("two layers have the same name")
+        return manifest
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.other)
+        out.update(
+            {
+                "version": self.version,
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "complete": self.complete,
+                "dtype": self.dtype,
+                "loss_reduction": self.loss_reduction,
+                "num_steps": self.num_steps,
+                "layers": [layer.to_json() for layer in self.layers],
+                "shards": [shard.to_json() for shard in self.shards],
+                "query_sets": [q.to_json() for q in self.query_sets],
+            }
+        )
+        return out
+
+
+def _bad(where: str, value: Any) -> Any:
+    raise ManifestError(f"{where} has an unknown value {value!r}")
