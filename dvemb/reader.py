@@ -177,7 +177,7 @@ def _layer_info(path: Path, entry: Any) -> LayerInfo:
     return LayerInfo(name=layer.name, kind=layer.kind, projection=projection)
 
 
-def layers_from_manifest(manifest: dict[str, Any], path: str | Path = "manifest.json") -> list[LayerInfo]:
+def layers_from_manifest(manifest: dict[str, Any], path: str | Path = fmt.MANIFEST) -> list[LayerInfo]:
     """The tracked layers (with their projections) described by a manifest."""
     return [_layer_info(Path(path), entry) for entry in manifest["layers"]]
 

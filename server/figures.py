@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
-PHASE_COLOURS = {"early": "#d62728", "basin": "#7f7f7f", "late": "#1f77b4"}
+from dvemb.formats import PHASE_NAMES
+
+PHASE_COLOURS = dict(zip(PHASE_NAMES, ("#d62728", "#7f7f7f", "#1f77b4"), strict=True))
 VIEWS = ("per_lr", "raw")
 
 

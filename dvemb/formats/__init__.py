@@ -12,6 +12,7 @@ instead of restating them (an import-linter contract keeps it so).
 
 from dvemb.formats.ids import decode_ids, encode_ids, id_type
 from dvemb.formats.log_files import (
+    EXAMPLE_FILES_GLOB,
     LOG_FILE_NAME,
     MANIFEST,
     PROJECTION_FILE,
@@ -26,7 +27,7 @@ from dvemb.formats.log_files import (
     shard_name,
 )
 from dvemb.formats.manifest import LayerEntry, Manifest, ManifestError, QuerySetEntry, ShardEntry
-from dvemb.formats.phases import PHASE_NAMES, phase_of
+from dvemb.formats.phases import PHASE_NAMES, PhaseName, phase_of
 from dvemb.formats.results_files import (
     CHECKPOINT,
     EMBEDDINGS,
@@ -45,6 +46,7 @@ __all__ = [
     "CHECKPOINT",
     "EMBEDDINGS",
     "EXAMPLES",
+    "EXAMPLE_FILES_GLOB",
     "LOG_FILE_NAME",
     "MANIFEST",
     "OCCURRENCES",
@@ -56,6 +58,7 @@ __all__ = [
     "LayerEntry",
     "Manifest",
     "ManifestError",
+    "PhaseName",
     "QuerySetEntry",
     "ShardEntry",
     "curve_file",

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "EXAMPLE_FILES_GLOB",
     "LOG_FILE_NAME",
     "MANIFEST",
     "PROJECTION_FILE",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+EXAMPLE_FILES_GLOB = "examples-*.jsonl"
 PROJECTION_FILE = "projection.safetensors"
 QUERY_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MANIFEST_NAME = re.compile(r"manifest(\.rank[0-9]{1,4})?\.json")

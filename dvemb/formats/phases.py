@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
-__all__ = ["PHASE_NAMES", "phase_of"]
+__all__ = ["PHASE_NAMES", "PhaseName", "phase_of"]
 
-PHASE_NAMES = ("early", "basin", "late")
+PhaseName = Literal["early", "basin", "late"]
+PHASE_NAMES: tuple[str, ...] = get_args(PhaseName)
 
 
 def phase_of(step: int, boundaries: Sequence[int]) -> str:

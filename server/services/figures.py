@@ -70,7 +70,7 @@ def scores_by_phase(*, job: Job, query_set: str, sample: int, storage: Path) -> 
 def examples_metadata(*, job: Job, example_ids: set[str], storage: Path) -> dict[str, dict[str, Any]]:
     """What examples are (text, label, source, small image), from the run's validated log, in one scan."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(log_dir(storage, job.run_id).glob("examples-*.jsonl")):
+    for path in sorted(log_dir(storage, job.run_id).glob(formats.EXAMPLE_FILES_GLOB)):
         with path.open(encoding="utf-8") as f:
             for line in f:
                 record = json.loads(line)

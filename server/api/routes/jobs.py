@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
+from dvemb.formats import PhaseName
 from server.api.deps import DoneJobDep, JobDep, ProjectDep, SessionDep, SettingsDep
 from server.api.schemas import ExampleRank, ExamplesPublic, JobCreate, JobPublic, JobsPublic, TopPublic, TopRow
 from server.services import jobs as service
@@ -59,7 +60,7 @@ def top(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     step_min: int | None = None,
     step_max: int | None = None,
-    phase: Literal["early", "basin", "late"] | None = None,
+    phase: PhaseName | None = None,
     epoch: Annotated[int | None, Query(ge=0)] = None,
     label: str | None = None,
     source: str | None = None,
