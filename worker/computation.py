@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from dvemb.engine import ComputeArguments, ComputeProgress, compute
 from dvemb.errors import DvembError
+from dvemb.formats import Summary
 from server.db.models import Job, Run
 from server.db.session import session_factory
 from server.db.states import JobStatus, transition
@@ -81,7 +82,9 @@ def run_compute(job_id: int) -> None:
                 session.rollback()
                 return
             # The runs list shows how many examples the run trained on (known once a computation has read it).
-            session.execute(update(Run).where(Run.id == run_id).values(num_examples=int(summary["examples"])))
+            session.execute(
+                update(Run).where(Run.id == run_id).values(num_examples=Summary.from_json(summary).examples)
+            )
             session.commit()
     except JobCancelled:
         return

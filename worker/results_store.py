@@ -10,7 +10,7 @@ from sqlalchemy import delete, insert
 from sqlalchemy.orm import Session
 
 from dvemb.engine import load_results
-from dvemb.formats import phase_of
+from dvemb.formats import Summary, phase_of
 from dvemb.reader import GradientLog
 from server.db.models import CurvePoint, ExampleTotal, PhaseSummaryRow, TopKRow
 
@@ -38,12 +38,13 @@ def store_results(
     results = load_results(out)
     ids = [str(i) for i in results.example_ids]
     occurrences = np.bincount(results.example_index.numpy(), minlength=len(ids))
-    for name, info in summary["query_sets"].items():
-        bounds = info["phases"]["boundaries"]
+    typed = Summary.from_json(summary)
+    for name, info in typed.query_sets.items():
+        bounds = info.boundaries
         rows = []
-        for query in [None, *range(info["num_queries"])]:
+        for query in [None, *range(info.num_queries)]:
             for kind in ("helpful", "harmful"):
-                for r in results.top(name, kind=kind, query=query, k=summary["arguments"]["top_k"]):
+                for r in results.top(name, kind=kind, query=query, k=typed.top_k):
                     rows.append(
                         {
                             "job_id": job_id,
@@ -97,7 +98,7 @@ def store_results(
                 for t in range(len(curve["step"]))
             ],
         )
-        session.add(PhaseSummaryRow(job_id=job_id, query_set=name, summary=info["phases"]))
+        session.add(PhaseSummaryRow(job_id=job_id, query_set=name, summary=info.phases))
     session.flush()
 
 

@@ -6,6 +6,7 @@ instead of restating them (an import-linter contract keeps it so).
 - :mod:`dvemb.formats.log_files`: the file names of a gradient log and their grammar (docs/format.md).
 - :mod:`dvemb.formats.results_files`: the file names of a computation's results (docs/results.md).
 - :mod:`dvemb.formats.manifest`: the manifest as typed, validated values (``Manifest.from_json``).
+- :mod:`dvemb.formats.summary`: a computation's ``summary.json`` as typed values (``Summary.from_json``).
 - :mod:`dvemb.formats.ids`: example ids as arrays (int64, or UTF-8 bytes with offsets) and back.
 - :mod:`dvemb.formats.phases`: the three training phases and which one a step falls in.
 """
@@ -41,6 +42,7 @@ from dvemb.formats.results_files import (
     topk_file,
     totals_file,
 )
+from dvemb.formats.summary import QuerySetSummary, Summary, SummaryError
 
 __all__ = [
     "CHECKPOINT",
@@ -60,7 +62,10 @@ __all__ = [
     "ManifestError",
     "PhaseName",
     "QuerySetEntry",
+    "QuerySetSummary",
     "ShardEntry",
+    "Summary",
+    "SummaryError",
     "curve_file",
     "curves_file",
     "decode_ids",

@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from dvemb.formats import Summary
 from server.db.states import FileStatus, JobStatus, QueryStatus, RunStatus
 
 
@@ -114,10 +115,15 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     @property
+    def results(self) -> Summary | None:
+        """The typed summary of the job's results, once it has succeeded (dvemb.formats.Summary)."""
+        return Summary.from_json(self.summary) if self.summary else None
+
+    @property
     def propagation(self) -> str | None:
         """How the scores follow the optimizer (``exact SGD``, ``Adam``, ``SGD proxy``...), once computed."""
-        label = (self.summary or {}).get("propagation_label")
-        return str(label) if label else None
+        results = self.results
+        return results.propagation_label if results is not None else None
 
 
 class TopKRow(Base):

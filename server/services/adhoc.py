@@ -39,7 +39,7 @@ def create_query(
     """Check the vectors against the run's layers, store them, and queue the scoring task."""
     if job.status != JobStatus.SUCCEEDED:
         raise Conflict(f"job {job.id} is {job.status}; ad-hoc queries need a succeeded job")
-    if not (job.summary or {}).get("arguments", {}).get("save_embeddings", True):
+    if job.results is None or not job.results.save_embeddings:
         raise Conflict(f"job {job.id} did not keep its embeddings")
     if not 1 <= len(gradients) <= MAX_QUERIES:
         raise BadRequest(f"send between 1 and {MAX_QUERIES} gradients, got {len(gradients)}")

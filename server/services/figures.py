@@ -34,9 +34,9 @@ def _binned(values: np.ndarray, edges: np.ndarray) -> list[float | None]:
 
 def query_curve(*, job: Job, query_set: str, query: int, points: int, storage: Path) -> dict[str, list[Any]]:
     """One query's per-step curve, from the results files, averaged into at most ``points`` bins."""
-    info = (job.summary or {})["query_sets"][query_set]
-    if not 0 <= query < info["num_queries"]:
-        raise BadRequest(f"query {query} is out of range 0..{info['num_queries'] - 1}")
+    info = results.summary_of(job).query_set(query_set)
+    if not 0 <= query < info.num_queries:
+        raise BadRequest(f"query {query} is out of range 0..{info.num_queries - 1}")
     directory = results_dir(storage, job.run_id, job.id)
     table = load_file(str(directory / formats.curve_file(query_set)))
     per_query = np.load(directory / formats.curves_file(query_set), mmap_mode="r")[:, query].astype(np.float64)
@@ -60,7 +60,7 @@ def scores_by_phase(*, job: Job, query_set: str, sample: int, storage: Path) -> 
     rows = np.unique(np.linspace(0, scores.shape[0] - 1, min(sample, scores.shape[0])).astype(np.int64))
     steps = load_file(str(directory / formats.OCCURRENCES))["row_step"][rows]
     values = np.asarray(scores[rows]).mean(axis=1)
-    bounds = (job.summary or {})["query_sets"][query_set]["phases"]["boundaries"]
+    bounds = results.summary_of(job).query_set(query_set).boundaries
     out: dict[str, list[float]] = {name: [] for name in formats.PHASE_NAMES}
     for step, value in zip(steps.tolist(), values.tolist(), strict=True):
         out[formats.phase_of(int(step), bounds)].append(float(value))

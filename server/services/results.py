@@ -12,10 +12,19 @@ from sqlalchemy import Float, cast, func, select
 from sqlalchemy.orm import Session
 
 from dvemb import formats
+from dvemb.formats import Summary
 from server.db.models import CurvePoint, ExampleTotal, Job, PhaseSummaryRow, TopKRow
 from server.db.states import JobStatus
 from server.errors import Conflict, NotFound
 from server.storage import results_dir
+
+
+def summary_of(job: Job) -> Summary:
+    """The job's typed results summary (409 while it has none)."""
+    results = job.results
+    if results is None:
+        raise Conflict(f"job {job.id} has no results yet")
+    return results
 
 
 def require_done(job: Job) -> None:
@@ -24,7 +33,8 @@ def require_done(job: Job) -> None:
 
 
 def query_sets(job: Job) -> list[str]:
-    return sorted((job.summary or {}).get("query_sets", {}))
+    results = job.results
+    return sorted(results.query_sets) if results is not None else []
 
 
 def check_query_set(job: Job, name: str) -> None:
@@ -99,7 +109,7 @@ def ranked_examples(
 def curve(session: Session, *, job: Job, query_set: str, points: int) -> dict[str, list[float | None]]:
     """The per-step curve averaged into at most ``points`` bins of consecutive steps (in SQL)."""
     check_query_set(job, query_set)
-    steps = int((job.summary or {}).get("steps", 0)) or 1
+    steps = (job.results.steps if job.results is not None else 0) or 1
     # floor division (SQLAlchemy 2's '/' is true division, which would put every step in its own bin)
     bucket = (CurvePoint.step * points) // steps if steps > points else CurvePoint.step
     q = (
@@ -144,7 +154,7 @@ def example_history(session: Session, *, job: Job, query_set: str, example_id: s
     index = int(np.flatnonzero(_example_ids(directory) == example_id)[0])
     rows = np.flatnonzero(occurrences["example_index"] == index)
     scores = np.load(directory / formats.scores_file(query_set), mmap_mode="r")
-    bounds = (job.summary or {})["query_sets"][query_set]["phases"]["boundaries"]
+    bounds = summary_of(job).query_set(query_set).boundaries
     history = [
         {
             "step": int(occurrences["row_step"][r]),

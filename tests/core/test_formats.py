@@ -82,3 +82,19 @@ def test_names_and_phases() -> None:
         assert not formats.is_log_file_name(bad)
     assert [formats.phase_of(s, [3, 7]) for s in (0, 3, 6, 7)] == ["early", "basin", "basin", "late"]
     assert formats.manifest_names(3) == ["manifest.json", "manifest.rank1.json", "manifest.rank2.json"]
+
+
+def test_the_typed_summary_reads_what_the_engine_writes(log_dir: Path, tmp_path: Path) -> None:
+    from dvemb.engine import compute
+    from dvemb.formats import Summary, SummaryError
+
+    _log(log_dir)
+    written = compute(log_dir, tmp_path / "out")
+    summary = Summary.from_json(written)
+    assert (summary.steps, summary.occurrences, summary.examples, summary.top_k) == (1, 4, 4, 100)
+    assert summary.query_set("val").num_queries == 2 and summary.save_embeddings
+    assert summary.to_json() == json.loads((tmp_path / "out" / formats.SUMMARY).read_text())
+    broken = json.loads(json.dumps(written))
+    broken["query_sets"]["val"]["phases"]["boundaries"] = [5, 2]
+    with pytest.raises(SummaryError, match="query set 'val'"):
+        Summary.from_json(broken)

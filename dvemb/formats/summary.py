@@ -1,0 +1,83 @@
+"""A computation's ``summary.json`` (docs/results.md) as typed values, for every reader of results: the
+API's services, the worker that stores aggregates, the CLI.
+
+``Summary.from_json`` checks what readers rely on (the counts, each query set's size and phase boundaries,
+the top-k and embedding options) and raises :class:`SummaryError` naming the field; the JSON itself is
+kept (``raw``) so that the API can return the summary as the engine wrote it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["QuerySetSummary", "Summary", "SummaryError"]
+
+
+class SummaryError(ValueError):
+    """A summary value is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True)
+class QuerySetSummary:
+    """One scored query set: its size and the phases found on its curve."""
+
+    name: str
+    num_queries: int
+    boundaries: tuple[int, int]  # first step of the basin, first step of the late phase
+    phases: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, name: str, data: Any) -> QuerySetSummary:
+        try:
+            num = int(data["num_queries"])
+            first, second = (int(b) for b in data["phases"]["boundaries"])
+        except (KeyError, TypeError, ValueError):
+            raise SummaryError(f"query set {name!r}: needs num_queries and phases.boundaries [basin, late]") from None
+        if num < 1 or not 0 <= first <= second:
+            raise SummaryError(f"query set {name!r}: {num} queries, boundaries {[first, second]}")
+        return cls(name=name, num_queries=num, boundaries=(first, second), phases=dict(data["phases"]))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a finished computation says about itself."""
+
+    steps: int
+    occurrences: int
+    examples: int
+    top_k: int
+    save_embeddings: bool
+    propagation_label: str | None
+    query_sets: dict[str, QuerySetSummary]
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Summary:
+        if not isinstance(data, dict):
+            raise SummaryError("a summary must be a JSON object")
+        try:
+            arguments = data["arguments"]
+            sets = data["query_sets"]
+            summary = cls(
+                steps=int(data["steps"]),
+                occurrences=int(data["occurrences"]),
+                examples=int(data["examples"]),
+                top_k=int(arguments["top_k"]),
+                save_embeddings=bool(arguments.get("save_embeddings", True)),
+                propagation_label=data.get("propagation_label"),
+                query_sets={str(n): QuerySetSummary.from_json(str(n), q) for n, q in sets.items()},
+                raw=data,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, SummaryError):
+                raise
+            raise SummaryError(f"summary lacks or mangles {exc}") from None
+        return summary
+
+    def query_set(self, name: str) -> QuerySetSummary:
+        """The summary of query set ``name`` (a :class:`KeyError` when it was not scored)."""
+        return self.query_sets[name]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.raw
