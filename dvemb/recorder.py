@@ -44,6 +44,7 @@ from dvemb import logformat as fmt
 from dvemb.calibration import FactorCovariance, calibrated_projection
 from dvemb.curvature import logit_factor_rows
 from dvemb.errors import ConfigError, RecorderError
+from dvemb.formats import LayerEntry
 from dvemb.layers import LayerAdapter, adapter_type, is_default_layer, make_adapter
 from dvemb.optim import DvembWarning, OptimizerInfo, TrackedParameters, describe_optimizer
 from dvemb.projection import LayerProjection
@@ -251,28 +252,29 @@ class Recorder:
             "curvature": {"mode": self.curvature_mode, "samples": self.curvature_samples, "rows_per_example": None},
             "projection": {"kind": "kronecker-gaussian", "seed": self.seed},
             "projection_files": [],
-            "layers": [
-                {
-                    "name": a.name,
-                    "kind": a.kind,
-                    "out_dim": a.projection.out_dim,
-                    "in_dim": a.projection.in_dim,
-                    "k_out": a.projection.k_out,
-                    "k_in": a.projection.k_in,
-                    "seed_out": a.projection.seed_out,
-                    "seed_in": a.projection.seed_in,
-                    "has_bias": getattr(a.module, "bias", None) is not None,
-                    "basis": "calibrated" if a.projection.calibrated else "seeded",
-                    "parameters": a.parameter_count(),
-                    "tied": self._partners(a),
-                }
-                for a in self.layers
-            ],
+            "layers": [self._layer_entry(a).to_json() for a in self.layers],
             "tracked_parameters": self.tracked_parameters,
             "tracked_by_kind": self.tracked_by_kind(),
             "total_parameters": self.total_parameters,
             "optimizer": None,
         }
+
+    def _layer_entry(self, adapter: LayerAdapter) -> LayerEntry:
+        p = adapter.projection
+        return LayerEntry(
+            name=adapter.name,
+            kind=adapter.kind,
+            out_dim=p.out_dim,
+            in_dim=p.in_dim,
+            k_out=p.k_out,
+            k_in=p.k_in,
+            seed_out=p.seed_out,
+            seed_in=p.seed_in,
+            has_bias=getattr(adapter.module, "bias", None) is not None,
+            basis="calibrated" if p.calibrated else "seeded",
+            parameters=adapter.parameter_count(),
+            tied=tuple(self._partners(adapter)),
+        )
 
     def _partners(self, adapter: LayerAdapter) -> list[str]:
         """Names of the modules tied to ``adapter``'s weight and recorded with it."""
