@@ -585,6 +585,17 @@ class _Run:
 _OPTIMIZER_PROPAGATIONS = ("momentum", "adam", "adamw")
 
 
+def _check_out_dir(log_dir: Path, out: Path) -> None:
+    """Results never go where they could replace the log: not the log directory, nor a folder that holds
+    it (``overwrite`` empties the results directory), nor any directory that holds a gradient log."""
+    log_path, out_path = log_dir.resolve(), out.resolve()
+    if out_path == log_path or out_path in log_path.parents or (out_path / formats.MANIFEST).exists():
+        raise ConfigError(
+            f"--out {out} is (or holds) a gradient log; results would overwrite it: choose a separate directory, "
+            f"e.g. {log_dir.name}-results"
+        )
+
+
 def resolve_blocks(requested: str, log: GradientLog, total_dim: int) -> str:
     """The block structure of ``M`` that a computation uses: ``requested`` unless it is ``"auto"``.
 
@@ -682,6 +693,7 @@ def compute(
     args = arguments or ComputeArguments()
     log = open_log(log_dir)
     out = Path(out_dir)
+    _check_out_dir(log.directory, out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(log, args)
     summary_path = out / formats.SUMMARY

@@ -362,3 +362,15 @@ def test_phases_ignore_a_lone_spike() -> None:
     lengths = [last - first + 1 for first, last in phases.ranges.values()]
     assert min(lengths) >= 15, phases.ranges
     assert abs(phases.boundaries[0] - 100) <= 5
+
+
+def test_results_never_overwrite_the_log(tmp_path: Path) -> None:
+    """`dvemb compute LOG --out LOG --overwrite` used to delete the gradient log (issue 13)."""
+    _record(tmp_path / "log")
+    before = sorted(p.name for p in (tmp_path / "log").iterdir())
+    for out in (tmp_path / "log", tmp_path):
+        with pytest.raises(dvemb.ConfigError, match="is \\(or holds\\) a gradient log"):
+            compute(tmp_path / "log", out, ComputeArguments(), overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "log").iterdir()) == before
+    dvemb.open_log(tmp_path / "log").validate()
+    compute(tmp_path / "log", tmp_path / "log" / "results")  # a folder inside the log is fine
