@@ -32,11 +32,22 @@ def _upload(args: argparse.Namespace) -> int:
     if not args.token:
         print("dvemb upload: --token (or DVEMB_TOKEN) is required", file=sys.stderr)
         return 2
+    from dvemb.client.upload import UploadError
+
     log_dir = Path(args.log_dir)
-    result = upload_log(
-        log_dir, server=args.server, token=args.token, run_name=args.run or log_dir.resolve().name, analyze=args.analyze
-    )
-    if args.analyze and args.wait and result.get("job"):
-        result["job"] = wait_for_job(args.server, args.token, result["job"]["id"])
+    try:
+        result = upload_log(
+            log_dir,
+            server=args.server,
+            token=args.token,
+            run_name=args.run or log_dir.resolve().name,
+            analyze=args.analyze,
+        )
+        if args.analyze and args.wait and result.get("job"):
+            result["job"] = wait_for_job(args.server, args.token, result["job"]["id"])
+    except UploadError as exc:
+        print(f"dvemb upload: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2))
+    print(f"dashboard: {result['url']}", file=sys.stderr)
     return 0 if not result.get("rejected") else 1

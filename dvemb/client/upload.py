@@ -3,6 +3,7 @@ interrupted uploads (their URLs are kept in ``LOG_DIR/.dvemb-upload.json``), wit
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -13,62 +14,119 @@ from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 from tusclient.storage.filestorage import FileStorage
 
-from dvemb.formats import MANIFEST, is_log_file_name
+from dvemb.errors import DvembError
+from dvemb.formats import MANIFEST, is_log_file_name, is_manifest_name
 
 CHUNK = 8 << 20
+_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+
+
+class UploadError(DvembError, RuntimeError):
+    """An upload cannot go on; the message says what is wrong and what to do (the CLI prints it as one line)."""
+
+
+class _Api:
+    """The service's REST API with the token: every transport or HTTP problem becomes an :class:`UploadError`."""
+
+    def __init__(self, server: str, token: str) -> None:
+        self.server = server.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        url = f"{self.server}/api/v1{path}"
+        try:
+            response = httpx.request(method, url, headers=self.headers, timeout=_TIMEOUT, **kwargs)
+        except httpx.ConnectError:
+            raise UploadError(f"cannot reach {self.server}: is the dvemb server running at that address?") from None
+        except httpx.TimeoutException:
+            raise UploadError(f"{self.server} did not answer {method} {path} in time; try again later") from None
+        if response.status_code == 401:
+            raise UploadError(
+                f"{self.server} refused the token (401): pass a token of this server with --token or DVEMB_TOKEN "
+                "(`dvemb serve` prints one, `dvemb token` makes one)"
+            )
+        if response.status_code >= 400:
+            raise UploadError(f"{method} {path} failed ({response.status_code}): {_detail(response.content)}")
+        return response.json() if response.content else None
+
+
+def _detail(content: bytes | None) -> str:
+    """The ``detail`` of an error answer (``{"error", "detail"}``), else its text."""
+    text = (content or b"").decode("utf-8", errors="replace")
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip() or "no details"
+    return str(body.get("detail", text)) if isinstance(body, dict) else text
 
 
 def _files(log_dir: Path) -> list[Path]:
     files = sorted(p for p in log_dir.iterdir() if p.is_file() and is_log_file_name(p.name))
     # Data files first, manifests last: the run is complete only when the manifest arrives.
-    return sorted(files, key=lambda p: p.name.startswith("manifest"))
+    return sorted(files, key=lambda p: is_manifest_name(p.name))
 
 
-def _run_id(server: str, headers: dict[str, str], name: str) -> int:
-    created = httpx.post(f"{server}/api/v1/runs", json={"name": name}, headers=headers)
-    if created.status_code == 201:
-        return int(created.json()["id"])
-    found = httpx.get(f"{server}/api/v1/runs", params={"search": name}, headers=headers).json()["data"]
-    for run in found:
-        if run["name"] == name:
-            return int(run["id"])
-    created.raise_for_status()
-    raise RuntimeError(created.text)
+def _run_id(api: _Api, name: str) -> int:
+    """The run to upload into: a new one, or one of that name whose upload is unfinished (resume)."""
+    for run in api.call("GET", "/runs", params={"search": name, "limit": 500})["data"]:
+        if run["name"] != name:
+            continue
+        if run["status"] == "ready":
+            raise UploadError(
+                f"run {name!r} already exists on {api.server} with a complete log; upload under another name with "
+                "--run NAME, or delete that run first"
+            )
+        return int(run["id"])
+    return int(api.call("POST", "/runs", json={"name": name})["id"])
+
+
+def _check_log_dir(log_dir: Path) -> None:
+    if not log_dir.is_dir():
+        raise UploadError(f"{log_dir} is not a directory: pass the directory the Recorder wrote")
+    if not (log_dir / MANIFEST).is_file():
+        raise UploadError(f"{log_dir} is not a gradient log (no {MANIFEST}): pass the directory the Recorder wrote")
 
 
 def upload_log(log_dir: Path, *, server: str, token: str, run_name: str, analyze: bool = False) -> dict[str, Any]:
-    """Upload every log file of ``log_dir`` into run ``run_name`` (created if needed)."""
-    headers = {"Authorization": f"Bearer {token}"}
-    server = server.rstrip("/")
-    run_id = _run_id(server, headers, run_name)
-    tus = tus_client.TusClient(f"{server}/api/v1/runs/{run_id}/uploads", headers=headers)
+    """Upload every log file of ``log_dir`` into run ``run_name`` (created if needed, resumed if unfinished).
+
+    Raises:
+        UploadError: the directory is not a log, the server cannot be reached or refuses the token, or the
+            run name is taken by a complete run; the message says what to do.
+    """
+    log_dir = Path(log_dir)
+    _check_log_dir(log_dir)  # before anything is created on the server
+    api = _Api(server, token)
+    run_id = _run_id(api, run_name)
+    tus = tus_client.TusClient(f"{api.server}/api/v1/runs/{run_id}/uploads", headers=api.headers)
     storage = FileStorage(str(log_dir / ".dvemb-upload.json"))
     files = _files(log_dir)
     total = sum(p.stat().st_size for p in files)
     rejected: dict[str, str] = {}
     try:
-        _upload_files(tus, storage, files, total, rejected)
+        _upload_files(tus, storage, files, total, rejected, scope=f"{api.server}|{run_id}")
     finally:
         storage.close()
     sys.stderr.write("\n")
-    run = _settled_run(server, headers, run_id)
+    run = _settled_run(api, run_id)
     rejected.update({f["name"]: f["error"] for f in run["files"] if f["status"] == "rejected"})
     result: dict[str, Any] = {
         "run": run_id,
+        "url": f"{api.server}/#/runs/{run_id}",
         "status": run["status"],
         "missing_files": run["missing_files"],
         "rejected": rejected,
     }
-    if analyze and run["status"] == "ready":
-        result["job"] = httpx.post(f"{server}/api/v1/runs/{run_id}/jobs", json={}, headers=headers).json()
+    if analyze and run["status"] == "ready" and not rejected:
+        result["job"] = api.call("POST", f"/runs/{run_id}/jobs", json={})
     return result
 
 
-def _settled_run(server: str, headers: dict[str, str], run_id: int, timeout: float = 3600) -> dict[str, Any]:
+def _settled_run(api: _Api, run_id: int, timeout: float = 3600) -> dict[str, Any]:
     """The run once the validator has judged every uploaded file (files sent before the manifest wait for it)."""
     deadline = time.monotonic() + timeout
     while True:
-        run: dict[str, Any] = httpx.get(f"{server}/api/v1/runs/{run_id}", headers=headers).json()
+        run: dict[str, Any] = api.call("GET", f"/runs/{run_id}")
         pending = [f for f in run["files"] if f["status"] in ("received", "validating")]
         if time.monotonic() > deadline or run["status"] == "ready":
             return run
@@ -80,7 +138,9 @@ def _settled_run(server: str, headers: dict[str, str], run_id: int, timeout: flo
         time.sleep(0.2)
 
 
-def _upload_files(tus: Any, storage: Any, files: list[Path], total: int, rejected: dict[str, str]) -> None:
+def _upload_files(
+    tus: Any, storage: Any, files: list[Path], total: int, rejected: dict[str, str], *, scope: str
+) -> None:
     done = 0
     for path in files:
         with path.open("rb") as f:  # our own stream: tuspy leaves the files it opens unclosed
@@ -92,14 +152,14 @@ def _upload_files(tus: Any, storage: Any, files: list[Path], total: int, rejecte
                 url_storage=storage,
                 retries=3,
                 retry_delay=1,
-                fingerprinter=_NameFingerprint(path),
+                fingerprinter=_NameFingerprint(path, scope),
             )
             try:
                 while uploader.offset < uploader.get_file_size():
                     uploader.upload_chunk()
                     _progress(done + uploader.offset, total, path.name)
             except TusCommunicationError as exc:
-                rejected[path.name] = str(exc.response_content or exc)
+                rejected[path.name] = _detail(exc.response_content) if exc.response_content else str(exc)
         done += path.stat().st_size
 
 
@@ -123,22 +183,26 @@ class _KeepOpen:
 
 
 class _NameFingerprint:
-    """Resume key of a file: its path, size and modification time (the content is the server's to check)."""
+    """Resume key of a file: the server and run it goes to, its path, size and modification time (the content
+    is the server's to check). Keyed by server and run, so an upload to another server or run starts afresh."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, scope: str) -> None:
         stat = path.stat()
-        self.key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        self.key = f"{scope}|{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
     def get_fingerprint(self, _: Any) -> str:
         return self.key
 
 
 def wait_for_job(server: str, token: str, job_id: int, poll_s: float = 1.0) -> dict[str, Any]:
-    """The job once it has succeeded, failed or been cancelled."""
-    headers = {"Authorization": f"Bearer {token}"}
+    """The job once it has succeeded, failed or been cancelled, with its progress on stderr."""
+    api = _Api(server, token)
     while True:
-        job: dict[str, Any] = httpx.get(f"{server.rstrip('/')}/api/v1/jobs/{job_id}", headers=headers).json()
+        job: dict[str, Any] = api.call("GET", f"/jobs/{job_id}")
+        sys.stderr.write(f"\rjob {job_id}: {job['status']} {100 * float(job.get('progress') or 0):5.1f}%   ")
+        sys.stderr.flush()
         if job["status"] in ("succeeded", "failed", "cancelled"):
+            sys.stderr.write("\n")
             return job
         time.sleep(poll_s)
 
