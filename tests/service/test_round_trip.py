@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
-from service_harness import Api, record_log
+from service_harness import Api, Worker, record_log
 
 from dvemb import open_log
 from dvemb.client import upload_log
@@ -116,3 +119,34 @@ def test_adam_run_says_which_propagation_its_scores_follow(api: Api, token: str,
     proxy_top = api.get(f"/jobs/{proxy['id']}/top", params={"query_set": "val", "limit": 10}).json()
     assert proxy_top["propagation"] == "SGD proxy"
     assert [r["score"] for r in proxy_top["data"]] != [r["score"] for r in top["data"]]
+
+
+def test_clients_waiting_for_answers_do_not_starve_the_api(
+    api: Api, token: str, worker: Worker, tmp_path: Path
+) -> None:
+    """45 ad-hoc queries that wait for a worker that is down must not hold the API's threads: /health and a
+    top-k read still answer at once (issue 13, item 1: a thread per waiting request froze the API)."""
+    log = record_log(tmp_path / "wait")
+    result = upload_log(log, server=api.url, token=token, run_name="wait", analyze=True)
+    job = api.wait_job(result["job"]["id"])
+    queries = open_log(log).load_query_set("val")
+    gradient = {name: grads[0].tolist() for name, grads in queries.grads.items()}
+    worker.kill()
+    try:
+        with httpx.Client(base_url=f"{api.url}/api/v1", headers={"Authorization": f"Bearer {token}"}) as client:
+
+            def wait_for_answer() -> int:
+                body = {"gradients": [gradient], "wait_seconds": 4}
+                return client.post(f"/jobs/{job['id']}/queries", json=body, timeout=30).status_code
+
+            with ThreadPoolExecutor(45) as pool:
+                waiting = [pool.submit(wait_for_answer) for _ in range(45)]
+                time.sleep(1.0)  # all 45 are now waiting
+                assert not any(w.done() for w in waiting)
+                started = time.monotonic()
+                assert client.get("/health").status_code == 200
+                assert client.get(f"/jobs/{job['id']}/top", params={"query_set": "val"}).status_code == 200
+                assert time.monotonic() - started < 1.0
+                assert [w.result() for w in waiting] == [202] * 45  # no answer in time: 202 and a Location
+    finally:
+        worker.start()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
 from server.api.deps import JobDep, ProjectDep, SessionDep, SettingsDep
 from server.api.schemas import QueryCreate
-from server.db.models import Run
+from server.db.models import Job, Run
 from server.db.session import session_factory
 from server.db.states import QueryStatus
 from server.services import adhoc
@@ -19,16 +23,22 @@ router = APIRouter(tags=["queries"])
 
 
 @router.post("/jobs/{job_id}/queries", status_code=201)
-def create_query(job: JobDep, body: QueryCreate, session: SessionDep, settings: SettingsDep) -> Response:
+async def create_query(job: JobDep, body: QueryCreate, session: SessionDep, settings: SettingsDep) -> Response:
+    """Store the vectors and queue their scoring; then wait up to ``wait_seconds`` for the answer without
+    holding a server thread (each look at the row is a short read in the thread pool; the waiting is
+    ``asyncio.sleep``), so clients waiting on a busy worker cannot starve other requests."""
+    query_id = await run_in_threadpool(_create, session, job, body, settings.storage)
+    answer = await _wait(query_id, body.wait_seconds)
+    status = 200 if answer["status"] in (QueryStatus.SUCCEEDED, QueryStatus.FAILED) else 202
+    return JSONResponse(answer, status_code=status, headers={"Location": f"/api/v1/queries/{query_id}"})
+
+
+def _create(session: Session, job: Job, body: QueryCreate, storage: Path) -> int:
     run = session.get(Run, job.run_id)
     assert run is not None
-    query = adhoc.create_query(
-        session, job=job, run=run, gradients=body.gradients, top_k=body.top_k, storage=settings.storage
-    )
-    session.commit()  # the task is sent on commit; then wait a little for its answer
-    answer = _wait(query.id, body.wait_seconds)
-    status = 200 if answer["status"] in (QueryStatus.SUCCEEDED, QueryStatus.FAILED) else 202
-    return JSONResponse(answer, status_code=status, headers={"Location": f"/api/v1/queries/{query.id}"})
+    query = adhoc.create_query(session, job=job, run=run, gradients=body.gradients, top_k=body.top_k, storage=storage)
+    session.commit()  # the task is sent on commit
+    return query.id
 
 
 @router.get("/queries/{query_id}")
@@ -36,13 +46,17 @@ def get_query(query_id: int, session: SessionDep, project: ProjectDep) -> dict[s
     return adhoc.public(adhoc.get_query(session, project_id=project.id, query_id=query_id))
 
 
-def _wait(query_id: int, seconds: float) -> dict[str, Any]:
+async def _wait(query_id: int, seconds: float) -> dict[str, Any]:
     deadline = time.monotonic() + seconds
     while True:
-        with session_factory()() as session:
-            query = session.get(adhoc.AdhocQuery, query_id)
-            assert query is not None
-            answer = adhoc.public(query)
+        answer = await run_in_threadpool(_answer, query_id)
         if answer["status"] != QueryStatus.QUEUED or time.monotonic() >= deadline:
             return answer
-        time.sleep(0.05)
+        await asyncio.sleep(0.1)
+
+
+def _answer(query_id: int) -> dict[str, Any]:
+    with session_factory()() as session:
+        query = session.get(adhoc.AdhocQuery, query_id)
+        assert query is not None
+        return adhoc.public(query)
