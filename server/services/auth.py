@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from server.db.models import ApiToken, Project
-from server.errors import Unauthorized
+from server.errors import Conflict, NotFound, Unauthorized
 
 TOKEN_PREFIX = "dvemb_"
 
@@ -24,6 +24,26 @@ def create_token(session: Session, *, project: Project, name: str = "default") -
     session.add(ApiToken(project_id=project.id, name=name, token_hash=hash_token(token), prefix=token[:12]))
     session.flush()
     return token
+
+
+def revoke_token(session: Session, *, project: Project, token_id: int) -> None:
+    """Revoke one of the project's tokens, never its last one.
+
+    Revocations of one project are serialised on the project's row (``SELECT ... FOR UPDATE`` on Postgres), and
+    the delete itself is conditional on another token remaining, so two tokens revoking each other at once
+    leave one of them (the second gets a 409), on Postgres as on SQLite.
+    """
+    token = session.get(ApiToken, token_id)
+    if token is None or token.project_id != project.id:
+        raise NotFound(f"token {token_id} not found")
+    session.execute(select(Project.id).where(Project.id == project.id).with_for_update())
+    others = select(func.count()).where(ApiToken.project_id == project.id, ApiToken.id != token_id).scalar_subquery()
+    deleted = session.execute(
+        delete(ApiToken).where(ApiToken.id == token_id, others > 0).execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    if deleted != 1:
+        raise Conflict("this is the project's last token; create another before revoking it")
+    session.expunge(token)
 
 
 def get_or_create_project(session: Session, *, name: str) -> Project:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from alembic import command
 from service_harness import Api, make_token
+from sqlalchemy import select
 
 from server.migrate import alembic_config, downgrade, upgrade
 
@@ -73,3 +76,43 @@ def test_tokens_api(server_url: str, api: Api) -> None:
         assert second.delete(f"/tokens/{last}").status_code == 409
     finally:
         second.client.close()
+
+
+def test_two_tokens_revoking_each_other_leave_one(service_env: dict[str, str]) -> None:
+    """Issue 13, item 9: A revokes B's token while B revokes A's. B's revocation waits on the project's row
+    until A commits, then finds B's own token the last one and is refused; before, both went through."""
+    from server.db.models import ApiToken
+    from server.db.session import session_factory
+    from server.errors import Conflict
+    from server.services.auth import get_or_create_project, revoke_token
+
+    factory = session_factory()
+    with factory() as setup:
+        project = get_or_create_project(setup, name="race")
+        setup.commit()
+        make_token("race")
+        make_token("race")
+        first, second = setup.scalars(select(ApiToken.id).where(ApiToken.project_id == project.id)).all()
+        setup.commit()
+    outcome: list[str] = []
+
+    def revoke_second() -> None:
+        with factory() as other:
+            try:
+                revoke_token(other, project=other.merge(project), token_id=first)
+                other.commit()
+                outcome.append("revoked")
+            except Conflict:
+                outcome.append("conflict")
+
+    with factory() as session:
+        revoke_token(session, project=session.merge(project), token_id=second)  # holds the project's row
+        racer = threading.Thread(target=revoke_second)
+        racer.start()
+        time.sleep(0.5)
+        assert not outcome  # waiting on the lock, not deciding from a stale count
+        session.commit()
+    racer.join(10)
+    assert outcome == ["conflict"]
+    with factory() as check:
+        assert check.scalars(select(ApiToken.id).where(ApiToken.project_id == project.id)).all() == [first]

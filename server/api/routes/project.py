@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from server.api.deps import ProjectDep, SessionDep
 from server.api.schemas import TokenCreate
 from server.db.models import ApiToken
-from server.errors import Conflict, NotFound
+from server.services import auth
 from server.services.auth import create_token
 
 router = APIRouter(tags=["project"])
@@ -35,11 +35,5 @@ def new_token(body: TokenCreate, session: SessionDep, project: ProjectDep) -> di
 
 @router.delete("/tokens/{token_id}", status_code=204)
 def revoke_token(token_id: int, session: SessionDep, project: ProjectDep) -> Response:
-    token = session.get(ApiToken, token_id)
-    if token is None or token.project_id != project.id:
-        raise NotFound(f"token {token_id} not found")
-    remaining = session.scalar(select(func.count()).where(ApiToken.project_id == project.id)) or 0
-    if remaining <= 1:
-        raise Conflict("this is the project's last token; create another before revoking it")
-    session.delete(token)
+    auth.revoke_token(session, project=project, token_id=token_id)
     return Response(status_code=204)
