@@ -54,10 +54,11 @@ class _Service:
             time.sleep(0.5)
 
     def stop(self) -> None:
+        from server.cli import stop_process
+
         self.server.should_exit = True
         self.thread.join(10)
-        self.worker.terminate()
-        self.worker.wait(30)
+        stop_process(self.worker)
 
 
 def _upload(service: _Service, log_dir: Path, name: str) -> dict[str, Any]:
@@ -101,6 +102,13 @@ def phase_findings(service: _Service, job_id: int, steps: int) -> dict[str, Any]
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from server.cli import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM stops the demo like Ctrl-C: its worker is stopped with it
+        return _run_demo(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     service = _Service(args.port)
     work = Path(tempfile.mkdtemp(prefix="dvemb-demo-"))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -48,6 +51,35 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (``docker stop``, ``kill``, a supervisor) stops the process the way Ctrl-C
+    does, so that ``finally`` blocks run and the local worker is stopped with it instead of left running.
+    (uvicorn handles SIGTERM while it serves and then re-raises it: this handler turns that into an
+    interrupt too.)"""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
+    """Terminate a child process and wait for it (killed if it does not stop in ``timeout`` seconds)."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -63,9 +95,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
     print(f"API token for project {args.project!r}: {token}")
     try:
-        uvicorn.run("server.main:app", host=args.host, port=args.port, log_level="warning")
+        with sigterm_as_interrupt():
+            uvicorn.run("server.main:app", host=args.host, port=args.port, log_level="warning")
+    except KeyboardInterrupt:
+        pass
     finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=30)
+        stop_process(worker)
     return 0

@@ -51,8 +51,35 @@ def test_dvemb_serve_embedded(tmp_path: Path) -> None:
         finally:
             api.client.close()
         assert (tmp_path / "data" / "dvemb.db").exists()  # SQLite, made by the migrations
+        # SIGTERM to `dvemb serve` alone (as `kill` or a supervisor sends it) stops its worker too (issue 13.14).
+        children = _children(serve.pid)
+        assert children, "dvemb serve started no worker process"
+        os.kill(serve.pid, signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if _alive(pid)], "the worker outlived dvemb serve"
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        serve.wait(timeout=60)
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGTERM)
+            serve.wait(timeout=60)
         if serve.stdout is not None:
             serve.stdout.close()
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (Linux /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, or a process reaped meanwhile, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
