@@ -118,6 +118,8 @@ class QuerySet:
 
 
 MAX_WORLD_SIZE = 4096
+MAX_IMAGE_VALUES = 128 * 128 * 4
+_ID_KEYS = ("example_id", "example_id_utf8", "example_id_offsets")
 _REQUIRED = (
     "format",
     "version",
@@ -374,17 +376,24 @@ class GradientLog:
                         path, f"{key} has shape {tuple(factors.shape)}, expected ({num_rows}, C, {layer.dim})"
                     )
                 curvature[layer.name] = self._finite(path, key, factors)
+        optimizer = self._optimizer_tensors(path, tensors, num_steps)
+        known = {"steps", "batch_size", "row_step", "lr", "weight_decay", "loss", *_ID_KEYS, *fmt.OPTIMIZER_SCALARS}
+        known |= {
+            fmt.optimizer_layer_key(w, n) for w in fmt.OPTIMIZER_LAYER_TENSORS for n in grads
+        }  # (unused ones too)
+        known |= {fmt.grad_key(n) for n in grads} | {fmt.curvature_key(n) for n in curvature}
+        _refuse_unknown_tensors(path, tensors, known)
         return ShardData(
             steps=steps,
             batch_size=batch_size,
             lr=lr,
             weight_decay=weight_decay,
-            loss=self._tensor(path, tensors, "loss", (num_steps,), torch.float64),
+            loss=_no_infinity(path, "loss", self._tensor(path, tensors, "loss", (num_steps,), torch.float64)),
             row_step=row_step,
             example_ids=self._ids(path, tensors, num_rows),
             grads=grads,
             curvature=curvature,
-            optimizer=self._optimizer_tensors(path, tensors, num_steps),
+            optimizer=optimizer,
         )
 
     def _optimizer_tensors(
@@ -498,7 +507,7 @@ class GradientLog:
             name=name,
             ids=self._ids(path, tensors, n),
             grads=grads,
-            loss=self._tensor(path, tensors, "loss", (n,), torch.float64),
+            loss=self._finite(path, "loss", self._tensor(path, tensors, "loss", (n,), torch.float64)),
             labels=labels,
             texts=list(texts) if texts is not None else None,
             step=int(entries[0]["step"]),
@@ -560,15 +569,39 @@ class GradientLog:
 
 
 def _decode_image(path: Path, line_number: int, image: Any) -> np.ndarray:
-    """A stored image as a uint8 array, or a LogFormatError naming the line."""
+    """A stored image as a uint8 array, or a LogFormatError naming the line (docs/format.md: (H, W) or
+    (H, W, C), at most 128 x 128 x 4 values)."""
+    malformed = LogFormatError(path, f"line {line_number}: malformed image (needs 'shape' and matching 'base64')")
     try:
         shape = [int(v) for v in image["shape"]]
+    except (KeyError, TypeError, ValueError):
+        raise malformed from None
+    if len(shape) not in (2, 3) or min(shape) < 1 or int(np.prod(shape)) > MAX_IMAGE_VALUES:
+        raise LogFormatError(
+            path,
+            f"line {line_number}: image of shape {shape}; images are (H, W) or (H, W, C) with at most "
+            f"{MAX_IMAGE_VALUES} values",
+        )
+    try:
         pixels = np.frombuffer(base64.b64decode(image["base64"], validate=True), dtype=np.uint8)
         return pixels.reshape(shape)
     except (KeyError, TypeError, ValueError, binascii.Error):
-        raise LogFormatError(
-            path, f"line {line_number}: malformed image (needs 'shape' and matching 'base64')"
-        ) from None
+        raise malformed from None
+
+
+def _refuse_unknown_tensors(path: Path, tensors: dict[str, torch.Tensor], known: set[str]) -> None:
+    """A shard holds exactly the tensors its manifest implies: anything else is refused, not carried along."""
+    extra = sorted(set(tensors) - known)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise HeaderMismatchError(path, f"unexpected tensor(s) {shown}; a shard holds only what docs/format.md lists")
+
+
+def _no_infinity(path: Path, name: str, values: torch.Tensor) -> torch.Tensor:
+    """``values`` when none is infinite (NaN is allowed: a step whose loss was not logged)."""
+    if bool(torch.isinf(values).any()):
+        raise NonFiniteValueError(path, f"{name} holds an infinite value")
+    return values
 
 
 def _merge_ranks(parts: list[ShardData]) -> ShardData:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
@@ -152,6 +153,39 @@ def test_nan_values(log_dir: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "dvemb-gradient-log"})
     _reseal(log_dir, path)
     with pytest.raises(dvemb.NonFiniteValueError, match=r"grad\.2.*1 NaN"):
+        _read_all(log_dir)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "error", "message"),
+    [
+        (lambda t: t.update(extra=torch.zeros(1_000)), dvemb.HeaderMismatchError, r"unexpected tensor\(s\) extra"),
+        (lambda t: t["loss"].__setitem__(0, float("inf")), dvemb.NonFiniteValueError, "loss holds an infinite value"),
+    ],
+)
+def test_a_shard_holds_only_what_the_format_lists(log_dir: Path, tamper: object, error: type, message: str) -> None:
+    """Issue 13, item 15: extra tensors (a validator amplification vector) and an infinite loss are refused."""
+    _train(log_dir)
+    path = _shard(log_dir)
+    tensors = load_file(str(path))
+    tamper(tensors)  # type: ignore[operator]
+    save_file(tensors, str(path), metadata={"format": "dvemb-gradient-log"})
+    _reseal(log_dir, path)
+    with pytest.raises(error, match=message):
+        _read_all(log_dir)
+
+
+def test_an_image_over_the_size_limit_is_refused(log_dir: Path) -> None:
+    _train(log_dir)
+    manifest = json.loads((log_dir / "manifest.json").read_text())
+    entry = manifest["example_files"][0]
+    path = log_dir / entry["file"]
+    record = json.loads(path.read_text().splitlines()[0])
+    record["image"] = {"shape": [256, 256, 4], "base64": base64.b64encode(bytes(256 * 256 * 4)).decode()}
+    path.write_text(json.dumps(record) + "\n")
+    entry.update(bytes=path.stat().st_size, sha256=sha256_file(path), num_examples=1)
+    (log_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(dvemb.LogFormatError, match=r"image of shape \[256, 256, 4\].*at most 65536 values"):
         _read_all(log_dir)
 
 
