@@ -32,6 +32,7 @@ from dvemb.errors import (
     StepContinuityError,
     TruncatedFileError,
 )
+from dvemb.formats.ids import check_ids
 from dvemb.formats.manifest import LayerEntry, Manifest, ManifestError
 from dvemb.optim import PROPAGATIONS
 from dvemb.projection import LayerProjection
@@ -471,8 +472,9 @@ class GradientLog:
     def _ids(path: Path, tensors: dict[str, torch.Tensor], count: int) -> list[int] | list[str]:
         try:
             ids = fmt.decode_ids(tensors)
+            check_ids(ids)
         except (KeyError, UnicodeDecodeError, ValueError) as exc:
-            raise HeaderMismatchError(path, f"example ids cannot be decoded ({exc!r})") from None
+            raise HeaderMismatchError(path, f"example ids cannot be used: {exc}") from None
         if len(ids) != count:
             raise HeaderMismatchError(path, f"{len(ids)} example ids for {count} rows")
         return ids

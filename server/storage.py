@@ -3,6 +3,7 @@ only validated files are moved into ``log/``, which is what computations read.""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def adhoc_query_path(root: Path, run_id: int, job_id: int, query_id: int) -> Pat
 
 def part_path(root: Path, run_id: int, upload_id: str) -> Path:
     return staging_dir(root, run_id) / f"{upload_id}.part"
+
+
+def public_message(message: str, root: Path) -> str:
+    """``message`` as users may see it: any path under the storage root reduced to its file name (the
+    layout of the server's disk is nobody's business)."""
+    return re.sub(re.escape(str(root.resolve())) + r"/(?:[^\s:'\"]*/)?", "", message)
 
 
 def delete_run_files(root: Path, run_id: int) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import time
 from typing import Any
 
 from sqlalchemy import func, literal, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from dvemb.engine import ComputeArguments, ComputeProgress, compute
 from dvemb.errors import DvembError
@@ -18,10 +19,12 @@ from server.db.models import Job, Run
 from server.db.session import session_factory
 from server.db.states import JobStatus, transition
 from server.settings import get_settings
-from server.storage import log_dir, results_dir
+from server.storage import log_dir, public_message, results_dir
 from worker.results_store import example_metadata, store_results
 
 __all__ = ["JobCancelled", "compute_arguments", "run_compute"]
+
+logger = logging.getLogger(__name__)
 
 
 class JobCancelled(Exception):
@@ -91,12 +94,22 @@ def run_compute(job_id: int) -> None:
     except OperationalError:
         raise  # transient (database): the task retries
     except Exception as exc:  # the job fails with the reason in words rather than staying 'running'
-        problem = str(exc) if isinstance(exc, DvembError) else f"{type(exc).__name__}: {exc}"
+        problem = public_message(_in_words(exc), storage)
         with factory() as session:
             job = session.get(Job, job_id)
             if job is not None:  # a cancel that came first stands
                 transition(session, job, JobStatus.FAILED, error=problem, finished_at=dt.datetime.now(dt.UTC))
             session.commit()
+
+
+def _in_words(exc: Exception) -> str:
+    """What a user is told about a failure: dvemb's own message, or the kind of error; never SQL text."""
+    if isinstance(exc, DvembError):
+        return str(exc)
+    if isinstance(exc, SQLAlchemyError):
+        logger.exception("database error in a job")
+        return f"a database error stopped the job ({type(exc).__name__}; the worker's log has the details)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _progress_writer(job_id: int) -> Any:

@@ -19,7 +19,7 @@ from server.db.models import LogFile, Run
 from server.db.session import session_factory
 from server.db.states import FileStatus, RunStatus, transition
 from server.settings import get_settings
-from server.storage import log_dir, part_path, staging_dir
+from server.storage import log_dir, part_path, public_message, staging_dir
 from server.tasks import VALIDATE_FILE, enqueue_after_commit, sender
 
 __all__ = ["run_validate_file"]
@@ -51,7 +51,8 @@ def run_validate_file(file_id: int) -> None:
                 _publish(part, log_dir(storage, run.id) / upload.name)
         except Exception as exc:  # DvembError explains itself; anything else is still this file's fault
             problem = str(exc) if isinstance(exc, DvembError) else f"could not be read ({type(exc).__name__}: {exc})"
-            transition(session, upload, FileStatus.REJECTED, error=problem.replace(str(part), upload.name))
+            problem = public_message(problem.replace(str(part), upload.name), storage)
+            transition(session, upload, FileStatus.REJECTED, error=problem)
             part.unlink(missing_ok=True)  # nothing of an invalid file stays
             session.commit()
             return

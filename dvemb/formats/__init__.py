@@ -11,7 +11,7 @@ instead of restating them (an import-linter contract keeps it so).
 - :mod:`dvemb.formats.phases`: the three training phases and which one a step falls in.
 """
 
-from dvemb.formats.ids import decode_ids, encode_ids, id_type
+from dvemb.formats.ids import MAX_ID_CHARS, check_ids, decode_ids, encode_ids, id_type
 from dvemb.formats.log_files import (
     EXAMPLE_FILES_GLOB,
     LOG_FILE_NAME,
@@ -51,6 +51,7 @@ __all__ = [
     "EXAMPLE_FILES_GLOB",
     "LOG_FILE_NAME",
     "MANIFEST",
+    "MAX_ID_CHARS",
     "OCCURRENCES",
     "PHASE_NAMES",
     "PROJECTION_FILE",
@@ -66,6 +67,7 @@ __all__ = [
     "ShardEntry",
     "Summary",
     "SummaryError",
+    "check_ids",
     "curve_file",
     "curves_file",
     "decode_ids",

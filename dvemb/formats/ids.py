@@ -5,12 +5,29 @@ and results (safetensors), so any reader, with or without torch, decodes them al
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["decode_ids", "encode_ids", "id_type"]
+__all__ = ["MAX_ID_CHARS", "check_ids", "decode_ids", "encode_ids", "id_type"]
+
+#: Longest string id (characters): ids are shown, filtered and stored as database keys.
+MAX_ID_CHARS = 255
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_ids(ids: Sequence[int | str]) -> None:
+    """A :class:`ValueError` naming the first string id that is too long or holds a control character (NUL,
+    newline, ...): such ids cannot be shown, filtered or stored as database keys."""
+    for position, i in enumerate(ids):
+        if isinstance(i, str) and (len(i) > MAX_ID_CHARS or _CONTROL.search(i)):
+            shown = repr(i[:40]) + ("..." if len(i) > 40 else "")
+            raise ValueError(
+                f"example id {position} ({shown}) is longer than {MAX_ID_CHARS} characters or holds a control "
+                "character; use short printable ids (a dataset index, a hash, a file name)"
+            )
 
 
 def encode_ids(ids: Sequence[int | str]) -> dict[str, np.ndarray]:
@@ -18,6 +35,7 @@ def encode_ids(ids: Sequence[int | str]) -> dict[str, np.ndarray]:
     if all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in ids):
         return {"example_id": np.asarray(list(ids), dtype=np.int64).reshape(-1)}
     if all(isinstance(i, str) for i in ids):
+        check_ids(ids)
         encoded = [str(i).encode("utf-8") for i in ids]
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in encoded], out=offsets[1:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Path, Query
 from sqlalchemy.orm import Session
 
 from server.db.models import Job, Project
@@ -17,6 +17,11 @@ from server.settings import Settings, get_settings
 # scope="function": the session's commit runs before the response is sent, so a failed commit
 # is an error response, not a 200 for work that was lost.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+#: Database integers are 32-bit on Postgres: every id in a path and every integer filter is bounded, so that a
+#: too large number is a 422 naming the parameter, never a database error (SQLite's limit is 2^63).
+DB_INT_MAX = 2**31 - 1
+IdPath = Annotated[int, Path(ge=1, le=DB_INT_MAX)]
+IntQuery = Annotated[int | None, Query(ge=0, le=DB_INT_MAX)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
@@ -30,7 +35,7 @@ def current_project(session: SessionDep, authorization: Annotated[str | None, He
 ProjectDep = Annotated[Project, Depends(current_project)]
 
 
-def project_job(job_id: int, session: SessionDep, project: ProjectDep) -> Job:
+def project_job(job_id: IdPath, session: SessionDep, project: ProjectDep) -> Job:
     """The job ``job_id`` of the caller's project (404 otherwise)."""
     return jobs.get_job(session, project=project, job_id=job_id)
 

@@ -98,3 +98,15 @@ def test_the_typed_summary_reads_what_the_engine_writes(log_dir: Path, tmp_path:
     broken["query_sets"]["val"]["phases"]["boundaries"] = [5, 2]
     with pytest.raises(SummaryError, match="query set 'val'"):
         Summary.from_json(broken)
+
+
+def test_unusable_string_ids_are_refused_when_recorded(log_dir: Path) -> None:
+    with pytest.raises(ValueError, match="longer than 255 characters or holds a control character"):
+        formats.encode_ids(["ok", "a" * 256])
+    with pytest.raises(ValueError, match="control character"):
+        formats.check_ids(["tab\tinside"])
+    formats.check_ids(["é" * 255, "file.py:12"])
+    rec = dvemb.Recorder(mlp(), log_dir, proj_dim=None)
+    optimizer = torch.optim.SGD(rec.model.parameters(), lr=0.1)
+    with pytest.raises(dvemb.ConfigError, match="example id 1"), rec.step(["a", "b\x00"], optimizer):
+        pass

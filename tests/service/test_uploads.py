@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from service_harness import Api, record_log
 
@@ -219,3 +220,71 @@ def test_concurrent_patches_do_not_interleave(api: Api, tmp_path: Path) -> None:
         time.sleep(0.1)
     assert _patch(api, location, data[offset:], offset).status_code == 204
     assert (_log_dir(run_id) / shard.name).read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m["layers"][0].update(out_dim=-4), "out_dim must be an integer"),
+        (lambda m: m["layers"][0].update(name="../../etc"), "not a valid name"),
+        (lambda m: m.update(world_size=0), "world_size"),
+    ],
+)
+def test_a_malformed_manifest_is_refused_without_server_paths(
+    api: Api, tmp_path: Path, change: object, message: str
+) -> None:
+    """Issue 13, item 15: negative sizes and path-like names are refused; no message shows the server's disk."""
+    log = record_log(tmp_path / "log")
+    manifest = json.loads((log / "manifest.json").read_text())
+    change(manifest)  # type: ignore[operator]
+    bad = tmp_path / "manifest.json"
+    bad.write_text(json.dumps(manifest))
+    response = _upload(api, _new_run(api), bad)
+    assert response.status_code == 400 and message in response.json()["detail"], response.text
+    assert str(get_settings().storage) not in response.text
+
+
+def test_a_shard_with_unusable_ids_is_refused(api: Api, tmp_path: Path) -> None:
+    """Issue 13, item 12: ids longer than 255 characters or with NUL used to fail the job on Postgres."""
+    log = record_log(tmp_path / "log")
+    shard = log / "shard-r0-000000.safetensors"
+    tensors = load_file(str(shard))
+    count = len(tensors["example_id"])
+    ids = ["x" * 300] + [f"id\x00{i}" for i in range(1, count)]
+    del tensors["example_id"]
+    data = b"".join(i.encode() for i in ids)
+    offsets = [0]
+    for i in ids:
+        offsets.append(offsets[-1] + len(i.encode()))
+    tensors["example_id_utf8"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    tensors["example_id_offsets"] = torch.tensor(offsets, dtype=torch.int64)
+    bad = tmp_path / "bad"
+    save_file(tensors, str(bad), metadata={"format": "dvemb-gradient-log"})
+    sealed = json.loads((log / "manifest.json").read_text())
+    sealed["id_type"] = "str"
+    entry = next(e for e in sealed["shards"] if e["file"] == shard.name)
+    entry.update(bytes=bad.stat().st_size, sha256=sha256_file(bad))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(sealed))
+    run_id = _new_run(api)
+    assert _upload(api, run_id, manifest, "manifest.json").status_code == 204
+    response = _upload(api, run_id, bad, shard.name)
+    assert response.status_code == 400 and "longer than 255 characters" in response.json()["detail"], response.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/runs/2147483648",
+        "/runs/9223372036854775808",
+        "/jobs/2147483648",
+        "/jobs/2147483648/top?query_set=val",
+        "/runs?offset=9223372036854775807",
+        "/queries/99999999999",
+    ],
+)
+def test_integers_beyond_the_database_range_are_422(api: Api, path: str) -> None:
+    """Issue 13, item 12: ids and filters over 2^31 gave a 500 on Postgres (over 2^63 on SQLite too)."""
+    response = api.get(path)
+    assert response.status_code == 422, response.text
+    assert set(response.json()) == {"error", "detail"}

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from server import figures
-from server.api.deps import DoneJobDep, JobDep, SessionDep, SettingsDep
+from server.api.deps import DoneJobDep, IntQuery, JobDep, SessionDep, SettingsDep
 from server.errors import BadRequest
 from server.services import figures as data
 from server.services import results
@@ -21,7 +21,7 @@ def phase_figure(
     session: SessionDep,
     settings: SettingsDep,
     query_set: str,
-    query: Annotated[int | None, Query(ge=0)] = None,
+    query: IntQuery = None,
     view: Literal["per_lr", "raw"] = "per_lr",
     smooth: Annotated[int, Query(ge=1, le=1001)] = 1,
     points: Annotated[int, Query(ge=2, le=20000)] = 1000,

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from dvemb.formats import PhaseName
-from server.api.deps import DoneJobDep, JobDep, ProjectDep, SessionDep, SettingsDep
+from server.api.deps import DB_INT_MAX, DoneJobDep, IdPath, IntQuery, JobDep, ProjectDep, SessionDep, SettingsDep
 from server.api.schemas import ExampleRank, ExamplesPublic, JobCreate, JobPublic, JobsPublic, TopPublic, TopRow
 from server.services import jobs as service
 from server.services import results
@@ -17,14 +17,14 @@ router = APIRouter(tags=["jobs"])
 
 
 @router.post("/runs/{run_id}/jobs", status_code=201)
-def start_job(run_id: int, body: JobCreate, session: SessionDep, project: ProjectDep) -> JobPublic:
+def start_job(run_id: IdPath, body: JobCreate, session: SessionDep, project: ProjectDep) -> JobPublic:
     return JobPublic.model_validate(
         service.start_job(session, project=project, run_id=run_id, options=body.model_dump(exclude_none=True))
     )
 
 
 @router.get("/runs/{run_id}/jobs")
-def list_jobs(run_id: int, session: SessionDep, project: ProjectDep) -> JobsPublic:
+def list_jobs(run_id: IdPath, session: SessionDep, project: ProjectDep) -> JobsPublic:
     found = service.list_jobs(session, project=project, run_id=run_id)
     return JobsPublic(data=[JobPublic.model_validate(j) for j in found], count=len(found))
 
@@ -46,7 +46,8 @@ def retry_job(job: JobDep, session: SessionDep) -> JobPublic:
 
 @router.get("/jobs/{job_id}/summary")
 def job_summary(job: DoneJobDep) -> dict[str, Any]:
-    return job.summary or {}
+    """The results summary as the engine wrote it, less the log's path on the server's disk."""
+    return {k: v for k, v in (job.summary or {}).items() if k != "log"}
 
 
 @router.get("/jobs/{job_id}/top")
@@ -55,13 +56,13 @@ def top(
     session: SessionDep,
     query_set: str,
     kind: Literal["helpful", "harmful"] = "helpful",
-    query: Annotated[int | None, Query(ge=0)] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    query: IntQuery = None,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    step_min: int | None = None,
-    step_max: int | None = None,
+    step_min: IntQuery = None,
+    step_max: IntQuery = None,
     phase: PhaseName | None = None,
-    epoch: Annotated[int | None, Query(ge=0)] = None,
+    epoch: IntQuery = None,
     label: str | None = None,
     source: str | None = None,
 ) -> TopPublic:
@@ -99,7 +100,7 @@ def ranked_examples(
     kind: Literal["helpful", "harmful"] = "helpful",
     label: str | None = None,
     source: str | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> ExamplesPublic:
     """Every example ranked by total influence (all epochs), exactly, with label and source filters."""

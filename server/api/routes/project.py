@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from sqlalchemy import select
 
-from server.api.deps import ProjectDep, SessionDep
+from server.api.deps import IdPath, ProjectDep, SessionDep
 from server.api.schemas import TokenCreate
 from server.db.models import ApiToken
 from server.services import auth
@@ -34,6 +34,6 @@ def new_token(body: TokenCreate, session: SessionDep, project: ProjectDep) -> di
 
 
 @router.delete("/tokens/{token_id}", status_code=204)
-def revoke_token(token_id: int, session: SessionDep, project: ProjectDep) -> Response:
+def revoke_token(token_id: IdPath, session: SessionDep, project: ProjectDep) -> Response:
     auth.revoke_token(session, project=project, token_id=token_id)
     return Response(status_code=204)

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from server.api.deps import JobDep, ProjectDep, SessionDep, SettingsDep
+from server.api.deps import IdPath, JobDep, ProjectDep, SessionDep, SettingsDep
 from server.api.schemas import QueryCreate
 from server.db.models import Job, Run
 from server.db.session import session_factory
@@ -42,7 +42,7 @@ def _create(session: Session, job: Job, body: QueryCreate, storage: Path) -> int
 
 
 @router.get("/queries/{query_id}")
-def get_query(query_id: int, session: SessionDep, project: ProjectDep) -> dict[str, Any]:
+def get_query(query_id: IdPath, session: SessionDep, project: ProjectDep) -> dict[str, Any]:
     return adhoc.public(adhoc.get_query(session, project_id=project.id, query_id=query_id))
 
 

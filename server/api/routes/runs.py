@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from server.api.deps import ProjectDep, SessionDep, SettingsDep
+from server.api.deps import DB_INT_MAX, IdPath, ProjectDep, SessionDep, SettingsDep
 from server.api.schemas import LogFilePublic, RunCreate, RunDetail, RunPublic, RunsPublic
 from server.services import runs as service
 
@@ -23,7 +23,7 @@ def list_runs(
     session: SessionDep,
     project: ProjectDep,
     search: str | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> RunsPublic:
     runs, count = service.list_runs(session, project=project, search=search, offset=offset, limit=limit)
@@ -31,7 +31,7 @@ def list_runs(
 
 
 @router.get("/{run_id}")
-def get_run(run_id: int, session: SessionDep, project: ProjectDep) -> RunDetail:
+def get_run(run_id: IdPath, session: SessionDep, project: ProjectDep) -> RunDetail:
     run = service.get_run(session, project=project, run_id=run_id)
     files = [LogFilePublic.model_validate(f) for f in service.run_files(session, run=run)]
     return RunDetail(
@@ -40,6 +40,6 @@ def get_run(run_id: int, session: SessionDep, project: ProjectDep) -> RunDetail:
 
 
 @router.delete("/{run_id}", status_code=204)
-def delete_run(run_id: int, session: SessionDep, project: ProjectDep, settings: SettingsDep) -> Response:
+def delete_run(run_id: IdPath, session: SessionDep, project: ProjectDep, settings: SettingsDep) -> Response:
     service.delete_run(session, run=service.get_run(session, project=project, run_id=run_id), storage=settings.storage)
     return Response(status_code=204)

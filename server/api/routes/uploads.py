@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from dvemb.formats import is_manifest_name
-from server.api.deps import ProjectDep, SessionDep, SettingsDep
+from server.api.deps import IdPath, ProjectDep, SessionDep, SettingsDep
 from server.db.models import LogFile, Run
 from server.db.session import session_factory
 from server.db.states import FileStatus
@@ -52,7 +52,7 @@ def tus_options(project: ProjectDep, settings: SettingsDep) -> Response:
 
 @router.post("/runs/{run_id}/uploads", status_code=201)
 def create_upload(
-    run_id: int,
+    run_id: IdPath,
     request: Request,
     session: SessionDep,
     project: ProjectDep,
