@@ -102,7 +102,9 @@ def decode_ids(tensors: dict[str, torch.Tensor]) -> list[int] | list[str]:
     return formats.decode_ids(tensors)
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+def read_safetensors_header(
+    path: Path, *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
     """Parse and check a safetensors header without trusting it.
 
     Checks that the file starts with a sane header length and a JSON header, that every tensor's
@@ -123,6 +125,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict
         if len(prefix) < 8:
             raise NotSafetensorsError(path, f"not a safetensors file: only {size} bytes")
         (header_len,) = struct.unpack("<Q", prefix)
+        if 0 < header_len <= min(size - 8, MAX_HEADER_BYTES) and header_len > max_header_bytes:
+            raise HeaderMismatchError(
+                path, f"a header of {header_len} bytes; files of this log have headers of at most {max_header_bytes}"
+            )
         if header_len <= 0 or header_len > MAX_HEADER_BYTES or header_len > size - 8:
             raise NotSafetensorsError(path, f"not a safetensors file: header length field says {header_len} bytes")
         raw = f.read(header_len)

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dvemb import formats
 from dvemb import logformat as fmt
 from dvemb.errors import (
     ChecksumError,
@@ -119,6 +120,7 @@ class QuerySet:
 
 
 MAX_WORLD_SIZE = 4096
+MAX_MANIFEST_BYTES = formats.MAX_MANIFEST_BYTES
 MAX_IMAGE_VALUES = 128 * 128 * 4
 _ID_KEYS = ("example_id", "example_id_utf8", "example_id_offsets")
 _REQUIRED = (
@@ -139,9 +141,13 @@ _REQUIRED = (
 def _load_manifest(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LogFormatError(path, "missing: this is not a dvemb gradient log (no manifest)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise LogFormatError(
+            path, f"manifest of {path.stat().st_size} bytes; a manifest holds at most {MAX_MANIFEST_BYTES} bytes"
+        )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise LogFormatError(path, f"manifest is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
         raise LogFormatError(path, f"not a dvemb gradient log manifest (format is not {fmt.FORMAT_NAME!r})")
@@ -162,6 +168,10 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     except ManifestError as exc:
         raise LogFormatError(path, f"malformed manifest: {exc}") from None
     return manifest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _layer_info(path: Path, entry: Any) -> LayerInfo:
@@ -436,7 +446,12 @@ class GradientLog:
         if Path(name).name != name or not path.is_file():
             raise LogFormatError(path, "listed in the manifest but missing from the log directory")
         if name.endswith(".safetensors"):
-            fmt.read_safetensors_header(path)
+            # Bounded by what the manifest implies, before anything is loaded: a header listing a million empty
+            # tensors would otherwise cost gigabytes to load and reject.
+            limit = 32 + 8 * len(self._shapes)
+            header, _, _ = fmt.read_safetensors_header(path, max_header_bytes=(1 << 16) + 4096 * limit)
+            if len(header) > limit:
+                raise HeaderMismatchError(path, f"{len(header)} tensors; a file of this log holds at most {limit}")
         size = path.stat().st_size
         if size != int(entry["bytes"]):
             raise TruncatedFileError(path, f"the manifest records {entry['bytes']} bytes but the file holds {size}")

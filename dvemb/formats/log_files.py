@@ -18,6 +18,7 @@ __all__ = [
     "EXAMPLE_FILES_GLOB",
     "LOG_FILE_NAME",
     "MANIFEST",
+    "MAX_MANIFEST_BYTES",
     "PROJECTION_FILE",
     "QUERY_SET_NAME",
     "examples_file_name",
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+#: A manifest lists every shard of its rank (about 200 bytes each): 16 MiB covers 80,000 shards.
+MAX_MANIFEST_BYTES = 16 << 20
 EXAMPLE_FILES_GLOB = "examples-*.jsonl"
 PROJECTION_FILE = "projection.safetensors"
 QUERY_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

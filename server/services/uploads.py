@@ -14,6 +14,7 @@ import secrets
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from dvemb.formats import MAX_MANIFEST_BYTES, is_manifest_name
 from server.db.models import LogFile, Run
 from server.db.states import FileStatus, RunStatus, transition
 from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
@@ -44,6 +45,8 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
     check_log_file_name(name)
     if length < 0:
         raise BadRequest("Upload-Length must be a non-negative integer")
+    if is_manifest_name(name) and length > MAX_MANIFEST_BYTES:
+        raise PayloadTooLarge(f"{name} has {length} bytes; a manifest holds at most {MAX_MANIFEST_BYTES}")
     if length > settings.max_file_bytes:
         raise PayloadTooLarge(
             f"{name} has {length} bytes; the limit per file is {settings.max_file_bytes} (DVEMB_MAX_FILE_BYTES)"

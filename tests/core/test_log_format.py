@@ -290,3 +290,30 @@ def test_a_failed_shard_write_keeps_its_steps(log_dir: Path, monkeypatch: pytest
     log.validate()
     assert failures == 1
     assert log.num_steps == 6  # the failed shard's steps were retried with the next one: nothing lost, no gap
+
+
+def test_a_header_listing_many_tensors_is_refused_before_loading(log_dir: Path) -> None:
+    """Issue 13, item 11: a shard whose header lists a hundred thousand empty tensors is refused from its header."""
+    _train(log_dir)
+    path = _shard(log_dir)
+    tensors = load_file(str(path))
+    tensors.update({f"pad{i}": torch.zeros(0) for i in range(100_000)})
+    save_file(tensors, str(path), metadata={"format": "dvemb-gradient-log"})
+    _reseal(log_dir, path)
+    with pytest.raises(dvemb.HeaderMismatchError, match="a header of .* bytes; files of this log have headers"):
+        _read_all(log_dir)
+
+
+def test_a_manifest_with_nan_or_over_the_size_limit_is_refused(log_dir: Path) -> None:
+    """Issue 13, items 2 and 4: NaN is not JSON (Postgres refused it and the file stayed 'validating'), and a
+    manifest of tens of megabytes was stored and re-parsed on every request."""
+    _train(log_dir)
+    text = (log_dir / "manifest.json").read_text()
+    (log_dir / "manifest.json").write_text(text.replace('"num_steps": 6', '"num_steps": NaN'))
+    with pytest.raises(dvemb.LogFormatError, match="NaN is not a JSON value"):
+        dvemb.open_log(log_dir)
+    manifest = json.loads(text)
+    manifest["model"] = "x" * (17 << 20)
+    (log_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(dvemb.LogFormatError, match="a manifest holds at most 16777216 bytes"):
+        dvemb.open_log(log_dir)

@@ -184,6 +184,11 @@ def test_over_the_size_limit(api: Api) -> None:
     location = _create(api, run_id, "shard-r0-000000.safetensors", 10)
     too_long = _patch(api, location, b"x" * 11, 0)
     assert too_long.status_code == 413
+    meta = "filename " + base64.b64encode(b"manifest.json").decode()
+    big_manifest = api.post(
+        f"/runs/{run_id}/uploads", headers={**TUS, "Upload-Length": str(17 << 20), "Upload-Metadata": meta}
+    )
+    assert big_manifest.status_code == 413 and "a manifest holds at most" in big_manifest.json()["detail"]
 
 
 def test_malformed_example_metadata_is_rejected(api: Api, tmp_path: Path) -> None:
