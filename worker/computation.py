@@ -63,6 +63,15 @@ def run_compute(job_id: int) -> None:
         if not claimed:
             return  # done, cancelled or deleted: nothing to do (idempotent re-delivery)
         assert job is not None
+        limit = get_settings().task_max_attempts
+        if job.attempts > limit:  # each attempt ended with its worker gone (killed, out of memory): stop looping
+            problem = (
+                f"the job was started {limit} times and its worker stopped each time before it finished (out of "
+                "memory? killed?); retry it once the cause is fixed, or with fewer query sets or a smaller top_k"
+            )
+            transition(session, job, JobStatus.FAILED, error=problem, finished_at=dt.datetime.now(dt.UTC))
+            session.commit()
+            return
         options, run_id = dict(job.options), int(job.run_id)
     out = results_dir(storage, run_id, job_id)
     args = compute_arguments(options)

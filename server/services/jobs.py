@@ -59,7 +59,7 @@ def cancel_job(session: Session, *, job: Job) -> Job:
 def retry_job(session: Session, *, job: Job) -> Job:
     """Queue a failed or cancelled job again."""
     retryable = (JobStatus.FAILED, JobStatus.CANCELLED)
-    if not transition(session, job, JobStatus.QUEUED, only_from=retryable, error=None, progress=0.0):
+    if not transition(session, job, JobStatus.QUEUED, only_from=retryable, error=None, progress=0.0, attempts=0):
         raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
     enqueue_after_commit(session, COMPUTE, job.id)
     return job

@@ -85,3 +85,33 @@ def test_cancel_and_retry(api: Api, token: str, tmp_path: Path) -> None:
     assert retried.status_code == 200 and retried.json()["status"] == "queued"
     assert api.wait_job(job_id)["status"] == "succeeded"
     assert api.post(f"/jobs/{job_id}/retry").status_code == 409
+
+
+def test_a_job_that_keeps_losing_its_worker_fails_with_the_reason(
+    api: Api, token: str, worker: Worker, tmp_path: Path
+) -> None:
+    """Issue 13, item 7: a job whose worker dies every time (out of memory) was redelivered for ever. Here the
+    job is already at the attempt cap when its task is delivered once more: it fails, saying why."""
+    from sqlalchemy import update
+
+    from server.db.models import Job
+    from server.db.session import session_factory
+    from server.settings import get_settings
+    from worker.computation import run_compute
+
+    run_id = _long_run(api, token, tmp_path, "doomed")
+    worker.kill()  # no real worker takes the task while the row is set up
+    try:
+        job_id = api.post(f"/runs/{run_id}/jobs", json={}).json()["id"]
+        cap = get_settings().task_max_attempts
+        with session_factory()() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(status="running", attempts=cap))
+            session.commit()
+        run_compute(job_id)  # the redelivered task
+    finally:
+        worker.start()
+    job = api.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "failed" and f"started {cap} times" in job["error"], job
+    retried = api.post(f"/jobs/{job_id}/retry").json()
+    assert retried["status"] == "queued"
+    assert api.wait_job(job_id)["status"] == "succeeded"
