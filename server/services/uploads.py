@@ -43,6 +43,12 @@ def parse_metadata(header: str | None) -> dict[str, str]:
 
 def create_upload(session: Session, *, run: Run, name: str, length: int, settings: Settings) -> LogFile:
     check_log_file_name(name)
+    if run.status == RunStatus.READY:
+        # A complete run cannot change: an extra file would only be rejected, and used to leave the run
+        # 'uploading' for ever.
+        raise Conflict(
+            f"run {run.name!r} is complete (every file its manifest lists is validated); upload to a new run"
+        )
     if length < 0:
         raise BadRequest("Upload-Length must be a non-negative integer")
     if is_manifest_name(name) and length > MAX_MANIFEST_BYTES:

@@ -293,3 +293,16 @@ def test_integers_beyond_the_database_range_are_422(api: Api, path: str) -> None
     response = api.get(path)
     assert response.status_code == 422, response.text
     assert set(response.json()) == {"error", "detail"}
+
+
+def test_a_complete_run_takes_no_more_files(api: Api, token: str, tmp_path: Path) -> None:
+    """Issue 13, item 4: one more upload on a ready run (then rejected or deleted) left it 'uploading' for ever."""
+    from dvemb.client import upload_log
+
+    log = record_log(tmp_path / "log")
+    run_id = upload_log(log, server=api.url, token=token, run_name="complete")["run"]
+    assert api.get(f"/runs/{run_id}").json()["status"] == "ready"
+    meta = "filename " + base64.b64encode(b"examples-000009.jsonl").decode()
+    response = api.post(f"/runs/{run_id}/uploads", headers={**TUS, "Upload-Length": "10", "Upload-Metadata": meta})
+    assert response.status_code == 409 and "upload to a new run" in response.json()["detail"]
+    assert api.get(f"/runs/{run_id}").json()["status"] == "ready"
