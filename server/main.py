@@ -9,8 +9,10 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from server.api.limits import BodyLimit
 from server.api.routes import figures, health, jobs, project, queries, runs, uploads
 from server.errors import install_handlers
+from server.settings import get_settings
 
 FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
 # plotly.js ships inside the plotly wheel: served from there, never from a CDN (no internet needed).
@@ -33,6 +35,7 @@ def create_app() -> FastAPI:
         api.include_router(module.router)
     app.include_router(api)
     install_handlers(app)
+    app.add_middleware(BodyLimit, limit=get_settings().max_request_bytes)
 
     @app.get("/static/plotly.min.js", include_in_schema=False)
     def plotly_js() -> FileResponse:

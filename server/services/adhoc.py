@@ -19,6 +19,7 @@ from server.storage import adhoc_query_path
 from server.tasks import ADHOC_QUERY, enqueue_after_commit
 
 MAX_QUERIES = 256
+MAX_ANSWER_ROWS = 10_000  # queries x top_k, per kind: the answer is stored and returned whole
 
 
 def layer_dims(run: Run) -> list[tuple[str, int]]:
@@ -43,6 +44,11 @@ def create_query(
         raise Conflict(f"job {job.id} did not keep its embeddings")
     if not 1 <= len(gradients) <= MAX_QUERIES:
         raise BadRequest(f"send between 1 and {MAX_QUERIES} gradients, got {len(gradients)}")
+    if len(gradients) * top_k > MAX_ANSWER_ROWS:
+        raise BadRequest(
+            f"{len(gradients)} queries x top_k {top_k} would answer {2 * len(gradients) * top_k} rows; the limit is "
+            f"{2 * MAX_ANSWER_ROWS} (helpful and harmful): ask for fewer queries or a smaller top_k"
+        )
     dims = layer_dims(run)
     matrix = np.zeros((len(gradients), sum(d for _, d in dims)), dtype=np.float32)
     for q, gradient in enumerate(gradients):

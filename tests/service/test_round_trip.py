@@ -150,3 +150,13 @@ def test_clients_waiting_for_answers_do_not_starve_the_api(
                 assert [w.result() for w in waiting] == [202] * 45  # no answer in time: 202 and a Location
     finally:
         worker.start()
+
+
+def test_an_ad_hoc_answer_is_bounded(api: Api, token: str, tmp_path: Path) -> None:
+    """Issue 13, item 10: one ad-hoc query returned 43.6 MB; queries x top_k is capped with a clear 400."""
+    log = record_log(tmp_path / "bounded")
+    job = api.wait_job(upload_log(log, server=api.url, token=token, run_name="bounded", analyze=True)["job"]["id"])
+    queries = open_log(log).load_query_set("val")
+    gradient = {name: grads[0].tolist() for name, grads in queries.grads.items()}
+    response = api.post(f"/jobs/{job['id']}/queries", json={"gradients": [gradient] * 20, "top_k": 1000})
+    assert response.status_code == 400 and "ask for fewer queries or a smaller top_k" in response.json()["detail"]
