@@ -15,6 +15,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 
 
 class ServiceError(Exception):
@@ -62,6 +63,19 @@ def install_handlers(app: FastAPI) -> None:
             {"error": exc.error, "detail": exc.message},
             status_code=exc.status_code,
             headers={"Tus-Resumable": "1.0.0", **exc.headers},
+        )
+
+    @app.exception_handler(DataError)
+    async def _unstorable_value(_: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the request carried (a NUL character in a text, a number out of its
+        # range): the request's fault, said in words; never the SQL.
+        return JSONResponse(
+            {
+                "error": "bad_request",
+                "detail": "a value in the request cannot be stored or searched for (a NUL character, or a number "
+                "out of range); remove it and retry",
+            },
+            status_code=400,
         )
 
     @app.exception_handler(RequestValidationError)
