@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     task_visibility_timeout: int = 3600  # seconds before an unacknowledged task of a lost worker is redelivered
     task_restore_interval: int = 10  # seconds between the Redis broker's sweeps for such tasks
     task_max_attempts: int = 3  # a job whose worker dies this many times fails with the reason
+    upload_idle_seconds: float = 30.0  # a PATCH whose client sends nothing this long ends (offset kept)
     validation_wait_seconds: float = 60.0  # the last upload PATCH waits this long for the validator's verdict
 
     @property

@@ -306,3 +306,25 @@ def test_a_complete_run_takes_no_more_files(api: Api, token: str, tmp_path: Path
     response = api.post(f"/runs/{run_id}/uploads", headers={**TUS, "Upload-Length": "10", "Upload-Metadata": meta})
     assert response.status_code == 409 and "upload to a new run" in response.json()["detail"]
     assert api.get(f"/runs/{run_id}").json()["status"] == "ready"
+
+
+def test_a_stalled_connection_releases_its_upload(api: Api, tmp_path: Path) -> None:
+    """Issue 13, item 8: a client that stops sending mid-body held the upload's lock (409 for a minute) while
+    HEAD said offset 0. With DVEMB_UPLOAD_IDLE_SECONDS (2 s in the tests) the request ends, keeping its bytes."""
+    log = record_log(tmp_path / "log", steps=8, shard_steps=8, dim=64)
+    run_id = _new_run(api)
+    assert _upload(api, run_id, log / "manifest.json").status_code == 204
+    shard = log / "shard-r0-000000.safetensors"
+    data = shard.read_bytes()
+    location = _create(api, run_id, shard.name, len(data))
+    sent = len(data) // 3
+    with _open_patch(api, location, data, sent):  # the connection stays open and silent
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            offset = int(api.head(location, headers=TUS).headers["Upload-Offset"])
+            if offset == sent:
+                break
+            time.sleep(0.2)
+        assert offset == sent
+        assert _patch(api, location, data[sent:], sent).status_code == 204  # no 409: the lock is free
+    assert (_log_dir(run_id) / shard.name).read_bytes() == data

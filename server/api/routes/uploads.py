@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
@@ -134,28 +135,53 @@ async def upload_patch(
                 f"Upload-Offset is {upload_offset} but the upload is at {upload.offset}; HEAD to resume",
                 headers={"Upload-Offset": str(upload.offset)},
             )
-        written = 0
+        written = committed = 0
         try:
             part.seek(upload.offset)
             part.truncate()
-            async for chunk in request.stream():
+            async for chunk in _idle_limited(request, settings.upload_idle_seconds):
                 if upload.offset + written + len(chunk) > upload.size_bytes:
                     raise PayloadTooLarge(
                         f"{upload.name}: more bytes than the declared Upload-Length {upload.size_bytes}"
                     )
                 part.write(chunk)
                 written += len(chunk)
-        except ClientDisconnect:
+                if written - committed >= _COMMIT_EVERY and upload.offset + written < upload.size_bytes:
+                    part.flush()  # HEAD reports what is on disk, not 0 until the request ends
+                    await run_in_threadpool(_advance, upload.id, written - committed)
+                    committed = written
+        except (ClientDisconnect, _Stalled):
             pass  # keep what arrived: the client resumes from the new offset
         finally:
             part.flush()
-            offset = await run_in_threadpool(_advance, upload.id, written)
+            offset = await run_in_threadpool(_advance, upload.id, written - committed)
     if offset is None:
         raise NotFound(f"upload {upload_id} was deleted while it was being written")
     # A data file can only be judged against a manifest: wait for the verdict when one is there.
     if offset == upload.size_bytes and (is_manifest_name(upload.name) or run.manifest is not None):
         await _wait_for_verdict(upload.id, settings.validation_wait_seconds)
     return Response(status_code=204, headers={**TUS, "Upload-Offset": str(offset)})
+
+
+_COMMIT_EVERY = 8 << 20  # bytes between offset commits while a PATCH streams
+
+
+class _Stalled(Exception):
+    """The client sent nothing for the idle limit: the request ends and the upload's lock is released."""
+
+
+async def _idle_limited(request: Request, idle_seconds: float) -> AsyncIterator[bytes]:
+    """The request's body chunks; ends the request when none arrives for ``idle_seconds`` (a stalled
+    connection must not hold the upload's lock, nor keep the server from shutting down)."""
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=idle_seconds)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise _Stalled from None
+        yield chunk
 
 
 def _load(project_id: int, upload_id: str) -> tuple[LogFile, Run]:
