@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = 32 << 20  # any request body but an upload's data (JSON is parsed whole)
     task_visibility_timeout: int = 3600  # seconds before an unacknowledged task of a lost worker is redelivered
     task_restore_interval: int = 10  # seconds between the Redis broker's sweeps for such tasks
+    job_lease_seconds: float = 30.0  # a running job's worker renews its lease every third of this; a task
+    # delivered again while the lease is alive waits (the broker redelivers long jobs), one whose lease expired
+    # takes over (its worker died)
     task_max_attempts: int = 3  # a job whose worker dies this many times fails with the reason
     upload_idle_seconds: float = 30.0  # a PATCH whose client sends nothing this long ends (offset kept)
     validation_wait_seconds: float = 60.0  # the last upload PATCH waits this long for the validator's verdict

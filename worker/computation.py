@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import threading
 import time
 from typing import Any
 
-from sqlalchemy import func, literal, update
+from sqlalchemy import func, literal, or_, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from dvemb.engine import ComputeArguments, ComputeProgress, compute
@@ -22,7 +23,7 @@ from server.settings import get_settings
 from server.storage import log_dir, public_message, results_dir
 from worker.results_store import example_metadata, store_results
 
-__all__ = ["JobCancelled", "compute_arguments", "run_compute"]
+__all__ = ["JobCancelled", "LeaseHeld", "compute_arguments", "run_compute"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,25 +43,35 @@ def compute_arguments(options: dict[str, Any]) -> ComputeArguments:
 
 
 def run_compute(job_id: int) -> None:
-    """Compute a job (resuming the engine's checkpoint after a crash) and store its aggregates."""
+    """Compute a job (resuming the engine's checkpoint after a crash) and store its aggregates.
+
+    Raises:
+        LeaseHeld: another worker is computing the job (its lease is alive): the task should come back later.
+    """
     storage = get_settings().storage
     factory = session_factory()
+    lease = get_settings().job_lease_seconds
     with factory() as session:
         now = dt.datetime.now(dt.UTC)
         # Claim the job conditionally: a cancel committed after we would have read the row must not be
-        # overwritten by a plain write of 'running' (the job would then run to 'succeeded').
+        # overwritten by a plain write of 'running' (the job would then run to 'succeeded'); a running job is
+        # taken over only when its lease has expired (its worker died), never while its worker computes it.
         job = session.get(Job, job_id)
         claimed = job is not None and transition(
             session,
             job,
             JobStatus.RUNNING,
-            only_from=(JobStatus.QUEUED, JobStatus.RUNNING),  # running: a lost worker's task, redelivered
+            only_from=(JobStatus.QUEUED, JobStatus.RUNNING),
+            when=or_(Job.status == JobStatus.QUEUED, Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
             attempts=Job.attempts + 1,
             error=None,
             started_at=func.coalesce(Job.started_at, literal(now, Job.__table__.c.started_at.type)),
+            lease_expires_at=now + dt.timedelta(seconds=lease),
         )
         session.commit()
         if not claimed:
+            if job is not None and job.status == JobStatus.RUNNING:
+                raise LeaseHeld(lease)  # delivered again while another worker computes it
             return  # done, cancelled or deleted: nothing to do (idempotent re-delivery)
         assert job is not None
         limit = get_settings().task_max_attempts
@@ -76,8 +87,11 @@ def run_compute(job_id: int) -> None:
     out = results_dir(storage, run_id, job_id)
     args = compute_arguments(options)
     try:
-        summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id))
+        with _Heartbeat(job_id, lease):
+            summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id))
         with factory() as session:
+            # One writer of a job's rows at a time (Postgres): a second store waits, then replaces, never collides.
+            session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
             store_results(session, job_id, out, summary, example_metadata(log_dir(storage, run_id)))
             # Conditional: a cancel that lands while the rows are written wins (the job's rows are then unused).
             job = session.get(Job, job_id)
@@ -109,6 +123,44 @@ def run_compute(job_id: int) -> None:
             if job is not None:  # a cancel that came first stands
                 transition(session, job, JobStatus.FAILED, error=problem, finished_at=dt.datetime.now(dt.UTC))
             session.commit()
+
+
+class LeaseHeld(Exception):
+    """The job is being computed by a worker whose lease is alive; the task should come back in ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"another worker holds the job's lease; retry in {seconds:.0f} s")
+        self.seconds = seconds
+
+
+class _Heartbeat:
+    """Renews a running job's lease every third of its length while the engine computes, from a thread of its
+    own (a long shard gives no progress report for a while); a dead worker stops renewing, so its job can be
+    taken over once the lease expires."""
+
+    def __init__(self, job_id: int, lease: float) -> None:
+        self.job_id, self.lease = job_id, lease
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name=f"lease-{job_id}")
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(self.lease)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.lease / 3):
+            with session_factory()() as session:
+                expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.lease)
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
+                    .values(lease_expires_at=expires)
+                )
+                session.commit()
 
 
 def _in_words(exc: Exception) -> str:

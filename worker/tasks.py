@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from celery import Task
 from sqlalchemy.exc import OperationalError
 
 from server.tasks import ADHOC_QUERY, COMPUTE, VALIDATE_FILE
 from worker.adhoc import run_adhoc_query
 from worker.celery_app import app
-from worker.computation import run_compute
+from worker.computation import LeaseHeld, run_compute
 from worker.validation import run_validate_file
 
 RELIABLE = {
@@ -24,9 +25,12 @@ def validate_file(file_id: int) -> None:
     run_validate_file(file_id)
 
 
-@app.task(name=COMPUTE, **RELIABLE)
-def compute_job(job_id: int) -> None:
-    run_compute(job_id)
+@app.task(name=COMPUTE, bind=True, **RELIABLE)
+def compute_job(self: Task, job_id: int) -> None:
+    try:
+        run_compute(job_id)
+    except LeaseHeld as held:  # a redelivery of a job another worker computes: look again when its lease ends
+        raise self.retry(countdown=held.seconds, max_retries=None) from None
 
 
 @app.task(name=ADHOC_QUERY, **RELIABLE)

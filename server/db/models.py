@@ -113,6 +113,8 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # While running: until when the worker computing it holds it (renewed by a heartbeat; server/db/states.py).
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     @property
     def results(self) -> Summary | None:

@@ -101,7 +101,13 @@ def sources(target: StrEnum) -> list[str]:
 
 
 def transition(
-    session: Session, row: Any, target: StrEnum, *, only_from: Collection[str] | None = None, **values: Any
+    session: Session,
+    row: Any,
+    target: StrEnum,
+    *,
+    only_from: Collection[str] | None = None,
+    when: Any = None,
+    **values: Any,
 ) -> bool:
     """Move ``row`` (an ORM object with ``id`` and ``status``) to ``target`` and set ``values`` with it, if its
     status *in the database* allows the move; returns whether it moved. The row is refreshed either way, so
@@ -112,14 +118,16 @@ def transition(
         row: a Run, LogFile, Job or AdhocQuery.
         target: the new status (its enum says which lifecycle applies).
         only_from: narrower sources than the lifecycle allows (a user's retry may not take a running job).
+        when: an extra SQL condition on the row (a job's lease has expired).
         **values: other columns written in the same UPDATE (``error=...``, ``progress=...``).
     """
     model = type(row)
     allowed = [s for s in sources(target) if only_from is None or s in only_from]
     session.flush()  # the row's pending changes must not be lost by the refresh below
+    conditions = [model.id == row.id, model.status.in_(allowed)] + ([when] if when is not None else [])
     statement = (
         update(model)
-        .where(model.id == row.id, model.status.in_(allowed))
+        .where(*conditions)
         .values(status=str(target), **values)
         .execution_options(synchronize_session=False)
     )

@@ -41,6 +41,7 @@ def service_env(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
         "DVEMB_MAX_FILE_BYTES": str(8 << 20),
         "DVEMB_VALIDATION_WAIT_SECONDS": "30",
         "DVEMB_UPLOAD_IDLE_SECONDS": "2",
+        "DVEMB_JOB_LEASE_SECONDS": "3",
     }
     redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
     with pytest.MonkeyPatch.context() as mp:

@@ -115,3 +115,37 @@ def test_a_job_that_keeps_losing_its_worker_fails_with_the_reason(
     retried = api.post(f"/jobs/{job_id}/retry").json()
     assert retried["status"] == "queued"
     assert api.wait_job(job_id)["status"] == "succeeded"
+
+
+def test_a_job_whose_lease_is_alive_is_not_computed_twice(api: Api, token: str, worker: Worker, tmp_path: Path) -> None:
+    """Issue 13, item 6: a job longer than the broker's visibility timeout was delivered to a second worker,
+    computed twice and ended 'failed' with a duplicate key. A delivery while the job's lease is alive now backs
+    off (LeaseHeld: the task retries later) without touching the row; once the lease has expired, it takes over."""
+    import datetime as dt
+
+    import pytest
+    from sqlalchemy import update
+
+    from server.db.models import Job
+    from worker.computation import LeaseHeld, run_compute
+
+    run_id = _long_run(api, token, tmp_path, "lease")
+    worker.kill()
+    try:
+        job_id = api.post(f"/runs/{run_id}/jobs", json={"top_k": 20}).json()["id"]
+        alive = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+        with session_factory()() as session:  # as if another worker were computing it
+            session.execute(update(Job).where(Job.id == job_id).values(status="running", lease_expires_at=alive))
+            session.commit()
+        with pytest.raises(LeaseHeld):
+            run_compute(job_id)
+        held = api.get(f"/jobs/{job_id}").json()
+        assert held["status"] == "running" and held["progress"] == 0.0
+        expired = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+        with session_factory()() as session:  # that worker died: its lease ran out
+            session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=expired))
+            session.commit()
+        run_compute(job_id)
+    finally:
+        worker.start()
+    assert api.get(f"/jobs/{job_id}").json()["status"] == "succeeded"
