@@ -6,6 +6,7 @@
     ├── NotFound            404  absent, or another project's
     ├── Conflict            409  state does not allow it (e.g. upload offset mismatch)
     ├── PayloadTooLarge     413  over a configured size limit
+    ├── TooManyRequests     429  over a per-project quota (the message names it and when to come back)
     └── UnsupportedMedia    415  wrong content type for a tus PATCH
 422 is left to FastAPI's payload validation.
 """
@@ -48,6 +49,10 @@ class Conflict(ServiceError):
 
 class PayloadTooLarge(ServiceError):
     status_code, error = 413, "payload_too_large"
+
+
+class TooManyRequests(ServiceError):
+    status_code, error = 429, "too_many_requests"
 
 
 class UnsupportedMedia(ServiceError):

@@ -11,13 +11,13 @@ import base64
 import binascii
 import secrets
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from dvemb.formats import MAX_MANIFEST_BYTES, is_manifest_name
 from server.db.models import LogFile, Run
 from server.db.states import FileStatus, RunStatus, transition
-from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, TooManyRequests
 from server.settings import Settings
 from server.storage import check_log_file_name, part_path, staging_dir
 from server.tasks import VALIDATE_FILE, enqueue_after_commit
@@ -49,6 +49,7 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
         raise Conflict(
             f"run {run.name!r} is complete (every file its manifest lists is validated); upload to a new run"
         )
+    _check_quotas(session, run=run, settings=settings)
     if length < 0:
         raise BadRequest("Upload-Length must be a non-negative integer")
     if is_manifest_name(name) and length > MAX_MANIFEST_BYTES:
@@ -90,6 +91,39 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
     if length == 0:
         finish_upload(session, upload=upload)
     return upload
+
+
+def _check_quotas(session: Session, *, run: Run, settings: Settings) -> None:
+    """Per-run and per-project ceilings, so that one project's flood of files cannot starve the others: files
+    in a run, and files of the project waiting for the validator."""
+    files = session.scalar(select(func.count()).where(LogFile.run_id == run.id)) or 0
+    if files >= settings.max_files_per_run:
+        raise PayloadTooLarge(
+            f"run {run.name!r} holds {files} files; the limit is {settings.max_files_per_run} "
+            "(DVEMB_MAX_FILES_PER_RUN): record with larger shards (shard_size_mb)"
+        )
+    waiting = (
+        session.scalar(
+            select(func.count())
+            .select_from(LogFile)
+            .join(Run, Run.id == LogFile.run_id)
+            .where(
+                Run.project_id == run.project_id,
+                # queued for the validator or in it; not the files judged to wait for their manifest
+                or_(
+                    LogFile.status == FileStatus.VALIDATING,
+                    (LogFile.status == FileStatus.RECEIVED) & LogFile.error.is_(None),
+                ),
+            )
+        )
+        or 0
+    )
+    if waiting >= settings.max_pending_files:
+        raise TooManyRequests(
+            f"{waiting} files of this project are waiting for validation; the limit is {settings.max_pending_files} "
+            "(DVEMB_MAX_PENDING_FILES): retry once some verdicts are in",
+            headers={"Retry-After": "10"},
+        )
 
 
 def get_upload(session: Session, *, project_id: int, upload_id: str) -> tuple[LogFile, Run]:

@@ -42,6 +42,7 @@ def service_env(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
         "DVEMB_VALIDATION_WAIT_SECONDS": "30",
         "DVEMB_UPLOAD_IDLE_SECONDS": "2",
         "DVEMB_JOB_LEASE_SECONDS": "3",
+        "DVEMB_MAX_PENDING_FILES": "40",
     }
     redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
     with pytest.MonkeyPatch.context() as mp:

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from service_harness import Api, record_log
+from service_harness import Api, Worker, record_log
 
 from dvemb.writer import sha256_file
 from server.settings import get_settings
@@ -328,3 +328,44 @@ def test_a_stalled_connection_releases_its_upload(api: Api, tmp_path: Path) -> N
         assert offset == sent
         assert _patch(api, location, data[sent:], sent).status_code == 204  # no 409: the lock is free
     assert (_log_dir(run_id) / shard.name).read_bytes() == data
+
+
+def test_a_project_flooding_the_validator_gets_429_and_others_do_not(
+    api: Api, worker: Worker, service_env: dict[str, str]
+) -> None:
+    """Issue 13, item 3: 10,000 one-byte uploads were all queued and another project's run waited behind them.
+    A project may have DVEMB_MAX_PENDING_FILES (40 in the tests) files waiting for the validator."""
+    from service_harness import make_token
+
+    worker.kill()  # nothing is validated meanwhile: every finished upload waits
+    try:
+        run_id = _new_run(api, "flood")
+        codes = [
+            api.post(
+                f"/runs/{run_id}/uploads", headers={**TUS, "Upload-Length": "0", "Upload-Metadata": _meta(i)}
+            ).status_code
+            for i in range(45)
+        ]
+        assert codes[:40] == [201] * 40 and set(codes[40:]) == {429}
+        refused = api.post(
+            f"/runs/{run_id}/uploads", headers={**TUS, "Upload-Length": "0", "Upload-Metadata": _meta(99)}
+        )
+        assert "DVEMB_MAX_PENDING_FILES" in refused.json()["detail"] and refused.headers["Retry-After"] == "10"
+        other = Api(api.url, make_token("someone-else"))
+        try:
+            other_run = _new_run(other, "other")
+            meta = _meta(1)
+            assert (
+                other.post(
+                    f"/runs/{other_run}/uploads", headers={**TUS, "Upload-Length": "0", "Upload-Metadata": meta}
+                ).status_code
+                == 201
+            )
+        finally:
+            other.client.close()
+    finally:
+        worker.start()
+
+
+def _meta(index: int) -> str:
+    return "filename " + base64.b64encode(f"examples-{index:06d}.jsonl".encode()).decode()
