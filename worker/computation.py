@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import func, literal, or_, select, update
+from sqlalchemy import func, literal, or_, text, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from dvemb.engine import ComputeArguments, ComputeProgress, compute
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class JobCancelled(Exception):
-    """The job was cancelled through the API while computing."""
+    """The job was cancelled through the API while computing, or another attempt took it over."""
 
 
 def compute_arguments(options: dict[str, Any]) -> ComputeArguments:
@@ -84,34 +84,36 @@ def run_compute(job_id: int) -> None:
             session.commit()
             return
         options, run_id = dict(job.options), int(job.run_id)
+        # This claim's token: every later write of this attempt is conditional on it, so a worker whose lease was
+        # taken over (or whose job was cancelled and retried) can no longer write anything.
+        mine = Job.attempts == job.attempts
     out = results_dir(storage, run_id, job_id)
     args = compute_arguments(options)
     try:
-        with _Heartbeat(job_id, lease):
-            summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id))
-        with factory() as session:
-            # One writer of a job's rows at a time (Postgres): a second store waits, then replaces, never collides.
-            session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
-            store_results(session, job_id, out, summary, example_metadata(log_dir(storage, run_id)))
-            # Conditional: a cancel that lands while the rows are written wins (the job's rows are then unused).
-            job = session.get(Job, job_id)
-            done = job is not None and transition(
-                session,
-                job,
-                JobStatus.SUCCEEDED,
-                summary=summary,
-                progress=1.0,
-                eta_seconds=0.0,
-                finished_at=dt.datetime.now(dt.UTC),
-            )
-            if not done:
-                session.rollback()
-                return
-            # The runs list shows how many examples the run trained on (known once a computation has read it).
-            session.execute(
-                update(Run).where(Run.id == run_id).values(num_examples=Summary.from_json(summary).examples)
-            )
-            session.commit()
+        with _Heartbeat(job_id, lease, mine):
+            summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id, mine))
+            with factory() as session:
+                _lock_job_rows(session, job_id)  # one writer of a job's rows at a time; the job row stays free
+                store_results(session, job_id, out, summary, example_metadata(log_dir(storage, run_id)))
+                # Conditional: a cancel that lands while the rows are written wins (the rows are then unused).
+                job = session.get(Job, job_id)
+                done = job is not None and transition(
+                    session,
+                    job,
+                    JobStatus.SUCCEEDED,
+                    when=mine,
+                    summary=summary,
+                    progress=1.0,
+                    eta_seconds=0.0,
+                    finished_at=dt.datetime.now(dt.UTC),
+                )
+                if not done:
+                    session.rollback()
+                    return
+                # The runs list shows how many examples the run trained on (known once a computation read it).
+                examples = Summary.from_json(summary).examples
+                session.execute(update(Run).where(Run.id == run_id).values(num_examples=examples))
+                session.commit()
     except JobCancelled:
         return
     except OperationalError:
@@ -120,8 +122,9 @@ def run_compute(job_id: int) -> None:
         problem = public_message(_in_words(exc), storage)
         with factory() as session:
             job = session.get(Job, job_id)
-            if job is not None:  # a cancel that came first stands
-                transition(session, job, JobStatus.FAILED, error=problem, finished_at=dt.datetime.now(dt.UTC))
+            if job is not None:  # a cancel that came first, or another attempt, stands
+                now = dt.datetime.now(dt.UTC)
+                transition(session, job, JobStatus.FAILED, when=mine, error=problem, finished_at=now)
             session.commit()
 
 
@@ -138,8 +141,8 @@ class _Heartbeat:
     own (a long shard gives no progress report for a while); a dead worker stops renewing, so its job can be
     taken over once the lease expires."""
 
-    def __init__(self, job_id: int, lease: float) -> None:
-        self.job_id, self.lease = job_id, lease
+    def __init__(self, job_id: int, lease: float, mine: Any) -> None:
+        self.job_id, self.lease, self.mine = job_id, lease, mine
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True, name=f"lease-{job_id}")
 
@@ -153,14 +156,17 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         while not self.stopped.wait(self.lease / 3):
-            with session_factory()() as session:
-                expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.lease)
-                session.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
-                    .values(lease_expires_at=expires)
-                )
-                session.commit()
+            try:
+                with session_factory()() as session:
+                    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.lease)
+                    session.execute(
+                        update(Job)
+                        .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING, self.mine)
+                        .values(lease_expires_at=expires)
+                    )
+                    session.commit()
+            except SQLAlchemyError:  # a database hiccup: try again at the next beat rather than stop renewing
+                logger.warning("could not renew the lease of job %s", self.job_id, exc_info=True)
 
 
 def _in_words(exc: Exception) -> str:
@@ -173,7 +179,14 @@ def _in_words(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _progress_writer(job_id: int) -> Any:
+def _lock_job_rows(session: Any, job_id: int) -> None:
+    """Serialise writers of one job's aggregate rows (Postgres advisory lock, released at commit); SQLite has a
+    single writer anyway. The job row itself stays unlocked, so a cancel is not held up by a long store."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": job_id})
+
+
+def _progress_writer(job_id: int, mine: Any) -> Any:
     last = [0.0]
 
     def report(p: ComputeProgress) -> None:
@@ -185,9 +198,9 @@ def _progress_writer(job_id: int) -> Any:
             job = session.get(Job, job_id)
             progress = {"progress": p.fraction, "current_step": p.current_step, "eta_seconds": p.eta_s}
             if job is None or not transition(
-                session, job, JobStatus.RUNNING, only_from=(JobStatus.RUNNING,), **progress
+                session, job, JobStatus.RUNNING, only_from=(JobStatus.RUNNING,), when=mine, **progress
             ):
-                raise JobCancelled
+                raise JobCancelled  # cancelled, or another attempt holds the job now
             session.commit()
 
     return report

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from celery import Task
 from sqlalchemy.exc import OperationalError
 
 from server.tasks import ADHOC_QUERY, COMPUTE, VALIDATE_FILE
@@ -25,12 +24,14 @@ def validate_file(file_id: int) -> None:
     run_validate_file(file_id)
 
 
-@app.task(name=COMPUTE, bind=True, **RELIABLE)
-def compute_job(self: Task, job_id: int) -> None:
+@app.task(name=COMPUTE, **RELIABLE)
+def compute_job(job_id: int) -> None:
     try:
         run_compute(job_id)
-    except LeaseHeld as held:  # a redelivery of a job another worker computes: look again when its lease ends
-        raise self.retry(countdown=held.seconds, max_retries=None) from None
+    except LeaseHeld as held:
+        # A redelivery of a job another worker computes: look again when its lease would end, with a fresh
+        # message (a retry would count against max_retries and end, leaving nothing to take over a dead worker).
+        compute_job.apply_async((job_id,), countdown=held.seconds)
 
 
 @app.task(name=ADHOC_QUERY, **RELIABLE)

@@ -115,6 +115,8 @@ def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> 
             )
         ).all()
         session.info.setdefault("after_commit_tasks", []).extend(waiting)
+        # They are queued again: they count toward the project's quota of files waiting for the validator.
+        session.execute(update(LogFile).where(LogFile.id.in_(waiting)).values(error=None))
 
 
 def _publish(part: Any, final: Any) -> None:

@@ -143,24 +143,43 @@ def _upload_files(
 ) -> None:
     done = 0
     for path in files:
+        fingerprint = _NameFingerprint(path, scope)
         with path.open("rb") as f:  # our own stream: tuspy leaves the files it opens unclosed
-            uploader = tus.uploader(
-                file_stream=_KeepOpen(f),
-                chunk_size=CHUNK,
-                metadata={"filename": path.name},
-                store_url=True,
-                url_storage=storage,
-                retries=3,
-                retry_delay=1,
-                fingerprinter=_NameFingerprint(path, scope),
-            )
             try:
+                uploader = _uploader(tus, storage, f, path.name, fingerprint)
                 while uploader.offset < uploader.get_file_size():
                     uploader.upload_chunk()
                     _progress(done + uploader.offset, total, path.name)
             except TusCommunicationError as exc:
                 rejected[path.name] = _detail(exc.response_content) if exc.response_content else str(exc)
+            # Sent (or refused): a later run starts this file afresh rather than resuming a finished upload.
+            storage.remove_item(fingerprint.key)
         done += path.stat().st_size
+
+
+def _uploader(tus: Any, storage: Any, stream: Any, name: str, fingerprint: _NameFingerprint, tries: int = 30) -> Any:
+    """A tus uploader for one file: resuming its stored upload when the server still has it (a stale one is
+    forgotten: the server was reset, or the upload replaced), waiting out the project's quota (429)."""
+    for _ in range(tries):
+        try:
+            return tus.uploader(
+                file_stream=_KeepOpen(stream),
+                chunk_size=CHUNK,
+                metadata={"filename": name},
+                store_url=True,
+                url_storage=storage,
+                retries=3,
+                retry_delay=1,
+                fingerprinter=fingerprint,
+            )
+        except TusCommunicationError as exc:
+            if exc.status_code in (404, 410) and storage.get_item(fingerprint.key):
+                storage.remove_item(fingerprint.key)
+                continue
+            if exc.status_code != 429:
+                raise
+            time.sleep(10)  # the server's Retry-After for the quota of files waiting for validation
+    raise UploadError(f"{name}: the server kept refusing new uploads (429); try again later")
 
 
 class _KeepOpen:

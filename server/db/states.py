@@ -23,6 +23,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import update
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
 __all__ = ["FileStatus", "JobStatus", "QueryStatus", "RunStatus", "can_move", "transition"]
@@ -132,5 +133,9 @@ def transition(
         .execution_options(synchronize_session=False)
     )
     moved = bool(session.execute(statement).rowcount == 1)  # type: ignore[attr-defined]
-    session.refresh(row)
+    try:
+        session.refresh(row)
+    except InvalidRequestError:  # the row was deleted meanwhile (its run deleted): nothing moved
+        session.expunge(row)
+        return False
     return moved

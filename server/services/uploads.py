@@ -136,6 +136,6 @@ def get_upload(session: Session, *, project_id: int, upload_id: str) -> tuple[Lo
 
 def finish_upload(session: Session, *, upload: LogFile) -> None:
     """All bytes are in: hand the file to the validator once this is committed."""
-    if not transition(session, upload, FileStatus.RECEIVED, error=None):
+    if not transition(session, upload, FileStatus.RECEIVED, only_from=(FileStatus.UPLOADING,), error=None):
         raise Conflict(f"{upload.name} is {upload.status}; only an upload in progress can be finished")
     enqueue_after_commit(session, VALIDATE_FILE, upload.id)

@@ -148,13 +148,13 @@ async def upload_patch(
                 written += len(chunk)
                 if written - committed >= _COMMIT_EVERY and upload.offset + written < upload.size_bytes:
                     part.flush()  # HEAD reports what is on disk, not 0 until the request ends
-                    await run_in_threadpool(_advance, upload.id, written - committed)
+                    await run_in_threadpool(_advance, upload.id, upload.offset + written)
                     committed = written
         except (ClientDisconnect, _Stalled):
             pass  # keep what arrived: the client resumes from the new offset
         finally:
             part.flush()
-            offset = await run_in_threadpool(_advance, upload.id, written - committed)
+            offset = await run_in_threadpool(_advance, upload.id, upload.offset + written)
     if offset is None:
         raise NotFound(f"upload {upload_id} was deleted while it was being written")
     # A data file can only be judged against a manifest: wait for the verdict when one is there.
@@ -189,13 +189,14 @@ def _load(project_id: int, upload_id: str) -> tuple[LogFile, Run]:
         return service.get_upload(session, project_id=project_id, upload_id=upload_id)
 
 
-def _advance(file_id: int, written: int) -> int | None:
-    """Record the new offset (None if the upload was deleted meanwhile); hand a complete file to the validator."""
+def _advance(file_id: int, offset: int) -> int | None:
+    """Record the new absolute offset (idempotent: a commit repeated after a cancelled request counts once;
+    None if the upload was deleted meanwhile); hand a complete file to the validator."""
     with session_factory()() as session:
         upload = session.get(LogFile, file_id)
         if upload is None:
             return None
-        upload.offset += written
+        upload.offset = max(upload.offset, offset)
         if upload.offset == upload.size_bytes and upload.status == FileStatus.UPLOADING:
             service.finish_upload(session, upload=upload)
         session.commit()
