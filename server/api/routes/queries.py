@@ -17,6 +17,7 @@ from server.api.schemas import QueryCreate
 from server.db.models import Job, Run
 from server.db.session import session_factory
 from server.db.states import QueryStatus
+from server.errors import NotFound
 from server.services import adhoc
 
 router = APIRouter(tags=["queries"])
@@ -58,5 +59,6 @@ async def _wait(query_id: int, seconds: float) -> dict[str, Any]:
 def _answer(query_id: int) -> dict[str, Any]:
     with session_factory()() as session:
         query = session.get(adhoc.AdhocQuery, query_id)
-        assert query is not None
+        if query is None:  # its job's run was deleted while the client waited
+            raise NotFound(f"query {query_id} was deleted with its run")
         return adhoc.public(query)
