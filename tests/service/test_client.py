@@ -59,3 +59,21 @@ def test_the_cli_prints_one_line(api: Api, tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
     assert done.stderr.startswith("dvemb upload: error:")
+
+
+def test_stale_resume_urls_are_forgotten(api: Api, token: str, tmp_path: Path) -> None:
+    """The resume file remembers an upload the server no longer has (its data reset, the upload replaced): the
+    client starts that file afresh instead of failing on every later run (a review finding)."""
+    from tusclient.storage.filestorage import FileStorage
+
+    log = record_log(tmp_path / "log")
+    run_id = api.post("/runs", json={"name": "stale"}).json()["id"]  # unfinished: the client resumes into it
+    storage = FileStorage(str(log / ".dvemb-upload.json"))
+    for path in sorted(log.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            stat = path.stat()
+            key = f"{api.url}|{run_id}|{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+            storage.set_item(key, f"{api.url}/api/v1/uploads/{'0' * 32}")
+    storage.close()
+    result = upload_log(log, server=api.url, token=token, run_name="stale")
+    assert result["run"] == run_id and result["status"] == "ready" and result["rejected"] == {}, result
