@@ -412,7 +412,8 @@ def insert_results(url: str, run_id: int, *, queries: int, top_k: int, examples:
     }
     summary = {
         "steps": steps,
-        "num_examples": examples,
+        "occurrences": 10 * examples,  # every example occurs 10 times (the ExampleTotal rows below)
+        "examples": examples,
         "arguments": {"top_k": top_k, "curvature": "empirical", "blocks": "layer"},
         "query_sets": {"val": {"num_queries": queries, "phases": phases}},
     }
