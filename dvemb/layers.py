@@ -39,6 +39,7 @@ __all__ = [
     "adapter_type",
     "is_default_layer",
     "make_adapter",
+    "widened",
 ]
 
 
@@ -104,7 +105,7 @@ class LayerAdapter(ABC):
 
     def _project(self, side: str, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, dim) @ P_side (dim, k) -> (B, L, k) in float32 or wider; the identity is skipped."""
-        x = _widened(x)
+        x = widened(x)
         if self.projection.side_is_identity(side):
             return x
         return x @ self._matrix(side, x)
@@ -123,7 +124,7 @@ class LayerAdapter(ABC):
         raise ConfigError(f"layer {self.name!r} ({self.kind}) cannot be calibrated; it keeps its random projection")
 
 
-def _widened(x: torch.Tensor) -> torch.Tensor:
+def widened(x: torch.Tensor) -> torch.Tensor:
     """float16 and bfloat16 (autocast) as float32; other dtypes unchanged."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -154,7 +155,7 @@ class LinearAdapter(LayerAdapter):
     def _inputs(self, inputs: tuple[object, ...]) -> torch.Tensor:
         x = inputs[0]
         assert isinstance(x, torch.Tensor)
-        return _widened(_as_positions(x.detach(), self.features(self.module)[1]))  # (B, L, d_in)
+        return widened(_as_positions(x.detach(), self.features(self.module)[1]))  # (B, L, d_in)
 
     def raw_forward(self, inputs: tuple[object, ...]) -> torch.Tensor:
         a = self._inputs(inputs)
@@ -170,7 +171,7 @@ class LinearAdapter(LayerAdapter):
         return a @ p_in[:-1] + p_in[-1]  # (B, L, k_in)
 
     def raw_backward(self, grad_output: torch.Tensor) -> torch.Tensor:
-        return _widened(_as_positions(grad_output.detach(), self.features(self.module)[0]))  # (B, L, d_out)
+        return widened(_as_positions(grad_output.detach(), self.features(self.module)[0]))  # (B, L, d_out)
 
     def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
         return self._project("out", self.raw_backward(grad_output))
@@ -224,7 +225,7 @@ class Conv2dAdapter(LayerAdapter):
         assert isinstance(conv, nn.Conv2d)
         x = inputs[0]
         assert isinstance(x, torch.Tensor)
-        x = _widened(x.detach())
+        x = widened(x.detach())
         # Pad exactly as the module does (zeros, reflect, replicate, circular, or 'same'), then unfold unpadded.
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
@@ -235,7 +236,7 @@ class Conv2dAdapter(LayerAdapter):
         return a
 
     def raw_backward(self, grad_output: torch.Tensor) -> torch.Tensor:
-        return _widened(grad_output.detach()).flatten(2).transpose(1, 2)  # (B, C_out, H', W') -> (B, L, C_out)
+        return widened(grad_output.detach()).flatten(2).transpose(1, 2)  # (B, C_out, H', W') -> (B, L, C_out)
 
     def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
         return self._project("out", self.raw_backward(grad_output))

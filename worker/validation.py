@@ -13,9 +13,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dvemb.errors import DvembError
-from dvemb.formats import MANIFEST, Manifest, is_manifest_name, listed_files, manifest_names, rank_manifest_name
+from dvemb.formats import MANIFEST, Manifest, is_manifest_name, manifest_names, rank_manifest_name
 from dvemb.reader import GradientLog, check_manifest_file
 from server.db.models import LogFile, Run
+from server.db.run_files import missing_files
 from server.db.session import session_factory
 from server.db.states import FileStatus, RunStatus, transition
 from server.settings import get_settings
@@ -126,11 +127,7 @@ def _publish(part: Any, final: Any) -> None:
 
 def _all_files_ready(session: Session, run: Run) -> bool:
     """Every file the run's manifests list has been validated."""
-    ready = set(
-        session.scalars(select(LogFile.name).where(LogFile.run_id == run.id, LogFile.status == FileStatus.READY)).all()
-    )
-    expected = listed_files((run.manifest or {}).get("ranks", []))
-    return bool(expected) and all(name in ready for name in expected)
+    return not missing_files(session, run=run)
 
 
 def _update_run(session: Session, run: Run) -> None:

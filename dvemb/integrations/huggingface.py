@@ -36,6 +36,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from dvemb.errors import ConfigError, RecorderError
+from dvemb.layers import widened
 from dvemb.recorder import Recorder
 
 __all__ = ["INDEX_KEY", "DvembCallback", "causal_lm_loss", "record"]
@@ -75,7 +76,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Returns:
         (B,) losses.
     """
-    shifted_logits, shifted = _widened(logits[:, :-1]), labels[:, 1:]
+    shifted_logits, shifted = widened(logits[:, :-1]), labels[:, 1:]
     per_token = F.cross_entropy(shifted_logits.flatten(0, 1), shifted.flatten(), reduction="none", ignore_index=-100)
     valid = (shifted != -100).to(per_token.dtype)
     return (per_token.view(shifted.shape) * valid).sum(1) / valid.sum(1).clamp_min(1)
@@ -84,12 +85,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def _sequence_or_class_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if outputs.dim() == 3 and labels.dim() == 2:
         return causal_lm_loss(outputs, labels)
-    return F.cross_entropy(_widened(outputs), labels, reduction="none")
-
-
-def _widened(x: torch.Tensor) -> torch.Tensor:
-    """float16 and bfloat16 logits as float32 (as transformers' losses do); float64 stays float64."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return F.cross_entropy(widened(outputs), labels, reduction="none")
 
 
 class DvembCallback(TrainerCallback):

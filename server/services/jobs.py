@@ -9,9 +9,10 @@ from sqlalchemy.orm import Session
 
 from dvemb.formats import Manifest
 from server.db.models import Job, Project, Run
+from server.db.run_files import missing_files
 from server.db.states import JobStatus, RunStatus, transition
 from server.errors import Conflict, NotFound
-from server.services.runs import get_run, missing_files
+from server.services.runs import get_run
 from server.tasks import COMPUTE, enqueue_after_commit
 
 

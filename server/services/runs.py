@@ -8,9 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dvemb.formats import MANIFEST, listed_files
 from server.db.models import LogFile, Project, Run
-from server.db.states import FileStatus
 from server.errors import Conflict, NotFound
 from server.storage import delete_run_files
 
@@ -47,17 +45,6 @@ def list_runs(
 
 def run_files(session: Session, *, run: Run) -> list[LogFile]:
     return list(session.scalars(select(LogFile).where(LogFile.run_id == run.id).order_by(LogFile.name)).all())
-
-
-def expected_files(run: Run) -> list[str]:
-    """Files the run's manifests list (empty until the manifest is validated)."""
-    return listed_files((run.manifest or {}).get("ranks", []))
-
-
-def missing_files(session: Session, *, run: Run) -> list[str]:
-    ready = {f.name for f in run_files(session, run=run) if f.status == FileStatus.READY}
-    expected = expected_files(run) or [MANIFEST]
-    return [name for name in expected if name not in ready]
 
 
 def delete_run(session: Session, *, run: Run, storage: Path) -> None:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Response
 
 from server.api.deps import DB_INT_MAX, IdPath, ProjectDep, SessionDep, SettingsDep
 from server.api.schemas import LogFilePublic, RunCreate, RunDetail, RunPublic, RunsPublic
+from server.db.run_files import missing_files
 from server.services import runs as service
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -35,7 +36,7 @@ def get_run(run_id: IdPath, session: SessionDep, project: ProjectDep) -> RunDeta
     run = service.get_run(session, project=project, run_id=run_id)
     files = [LogFilePublic.model_validate(f) for f in service.run_files(session, run=run)]
     return RunDetail(
-        **RunPublic.model_validate(run).model_dump(), files=files, missing_files=service.missing_files(session, run=run)
+        **RunPublic.model_validate(run).model_dump(), files=files, missing_files=missing_files(session, run=run)
     )
 
 
