@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import dvemb
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-REDIS_DB = 5
+# The tests flush this Redis database: DVEMB_TEST_REDIS_DB lets two suites run side by side.
+REDIS_DB = int(os.environ.get("DVEMB_TEST_REDIS_DB", "5"))
 
 
 def free_port() -> int:
