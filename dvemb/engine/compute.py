@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from dvemb import formats
 from dvemb import logformat as fmt
-from dvemb.engine.optimizer_maps import COEFFICIENTS, StepMaps, step_maps
-from dvemb.engine.optimizer_recursion import OptimizerRecursion
+from dvemb.engine.embedder import AUTO_FULL_MAX_DIM, Embedder, resolve_blocks
 from dvemb.engine.phases import find_phases
-from dvemb.engine.recursion import BlockedRecursion, Chunk
 from dvemb.engine.scoring import RunningTopK
-from dvemb.errors import ConfigError, NumericalError
+from dvemb.errors import ConfigError
 from dvemb.optim import PROPAGATIONS
 from dvemb.reader import GradientLog, QuerySet, ShardData, open_log
 from dvemb.writer import write_json_atomic
@@ -38,8 +36,6 @@ from dvemb.writer import write_json_atomic
 __all__ = ["AUTO_FULL_MAX_DIM", "RESULTS_VERSION", "ComputeArguments", "ComputeProgress", "compute"]
 
 RESULTS_VERSION = 1
-#: ``blocks="auto"`` keeps one full ``M`` up to this total projected dimension (a 64 MiB float32 matrix).
-AUTO_FULL_MAX_DIM = 4096
 DEFAULT_BLOCK_ROWS = 256
 
 
@@ -131,13 +127,6 @@ ProgressCallback = Callable[[ComputeProgress], None]
 
 
 @dataclass
-class _Group:
-    layers: list[int]
-    dim: int
-    recursion: BlockedRecursion | OptimizerRecursion
-
-
-@dataclass
 class _QueryScores:
     """Aggregates of one query set."""
 
@@ -179,12 +168,9 @@ class _Run:
             raise ConfigError("curvature='ggn' needs a log recorded with curvature='ggn'; this log is empirical")
         self.propagation = _propagation(log, args)
         self.fingerprint = _fingerprint(log, args)
-        self.layer_dims = [layer.dim for layer in log.layers]
-        self.offsets = np.cumsum([0, *self.layer_dims]).tolist()
-        self.total_dim = int(self.offsets[-1])
-        self.blocks = resolve_blocks(args.blocks, log, self.total_dim)
+        self.embedder = make_embedder(log, args, self.mode, self.propagation)
+        self.blocks, self.total_dim = self.embedder.blocks, self.embedder.total_dim
         self.num_steps = log.num_steps
-        self.groups = self._make_groups()
         self._index()
         self.scorers = {name: self._scorer(name) for name in self._query_set_names()}
         self.embeddings: np.memmap | None = None
@@ -194,27 +180,6 @@ class _Run:
         self.step_loss = torch.full((self.num_steps,), float("nan"), dtype=torch.float64)
 
     # -- set-up -----------------------------------------------------------------------------------
-
-    @property
-    def optimizer_exact(self) -> bool:
-        """True when the step-by-step optimizer recursion runs (momentum, Adam, AdamW)."""
-        return self.propagation in _OPTIMIZER_PROPAGATIONS
-
-    def _recursion(self, groups: int, dim: int) -> BlockedRecursion | OptimizerRecursion:
-        kind = OptimizerRecursion if self.optimizer_exact else BlockedRecursion
-        return kind(groups, dim, dtype=self.dtype, device=self.device)
-
-    def _make_groups(self) -> list[_Group]:
-        if self.blocks == "full":
-            layers = list(range(len(self.layer_dims)))
-            return [_Group(layers, self.total_dim, self._recursion(1, self.total_dim))]
-        # Layers are batched when their blocks have one shape; Adam's preconditioner also needs one layout.
-        by_key: dict[tuple[int, ...], list[int]] = {}
-        for index, layer in enumerate(self.log.layers):
-            p = layer.projection
-            key = (p.dim, p.k_out, p.k_in, int(p.is_identity)) if self.optimizer_exact else (p.dim,)
-            by_key.setdefault(key, []).append(index)
-        return [_Group(layers, key[0], self._recursion(len(layers), key[0])) for key, layers in by_key.items()]
 
     def _index(self) -> None:
         """Occurrence table: step, example index and epoch of every row, in chronological order."""
@@ -302,8 +267,7 @@ class _Run:
             "step_batch": self.step_batch,
             "step_loss": self.step_loss,
         }
-        for g, group in enumerate(self.groups):
-            state.update({f"{k}.{g}": v.cpu() for k, v in _recursion_state(group.recursion).items()})
+        state.update(self.embedder.state())
         for name, s in self.scorers.items():
             for part in ("helpful", "harmful", "set_helpful", "set_harmful"):
                 state.update(getattr(s, part).state(f"{name}.{part}"))
@@ -330,9 +294,7 @@ class _Run:
             return None
         state = load_file(str(path))
         self.step_lr, self.step_batch, self.step_loss = state["step_lr"], state["step_batch"], state["step_loss"]
-        for g, group in enumerate(self.groups):
-            for key, value in _recursion_state(group.recursion).items():
-                value.copy_(state[f"{key}.{g}"])
+        self.embedder.load_state(state)
         for name, s in self.scorers.items():
             for part in ("helpful", "harmful", "set_helpful", "set_harmful"):
                 getattr(s, part).load(f"{name}.{part}", state)
@@ -376,107 +338,25 @@ class _Run:
     def _process_shard(self, shard: ShardData, row_offset: int) -> None:
         self.step_lr[shard.steps], self.step_batch[shard.steps] = shard.lr[:, 0], shard.batch_size
         self.step_loss[shard.steps] = shard.loss
-        rows_per_step = shard.batch_size.tolist()
-        factor_rows = 1
-        if self.mode == "ggn":
-            factor_rows = next(iter(shard.curvature.values())).shape[1]
-        budget = self._row_budget()
-        step_rows = np.cumsum([0, *rows_per_step])
-        end = len(rows_per_step)
-        while end > 0:
-            start = end - 1
-            while start > 0 and (step_rows[end] - step_rows[start - 1]) * factor_rows <= budget:
-                start -= 1
-            self._process_chunk(shard, start, end, int(step_rows[start]), int(step_rows[end]), row_offset)
-            end = start
+        for s0, s1, r0, r1 in self.embedder.chunks(shard):
+            embedding = self.embedder.embed(shard, s0, s1, r0, r1)[0]  # (n, D)
+            rows = slice(row_offset + r0, row_offset + r1)
+            if self.embeddings is not None:
+                self.embeddings[rows] = embedding.cpu().numpy()
+            if self.self_influence is not None:
+                own = torch.cat([shard.grads[layer.name][r0:r1] for layer in self.log.layers], 1)  # (n, D)
+                own = own.to(self.device, self.dtype)
+                self.self_influence[rows] = (embedding * own).sum(1).cpu().numpy()
+            for scorer in self.scorers.values():
+                scores = (embedding @ scorer.matrix.T).double().cpu()  # (n, Q): positive = the example helped
+                self._score_rows(
+                    scorer, scores, torch.arange(rows.start, rows.stop), shard.row_step[r0:r1], shard.steps[s0:s1]
+                )
 
-    def _row_budget(self) -> int:
-        # Each group holds a (G, n, n) Gram matrix: keep it under about 1 GiB.
-        widest = max(len(g.layers) for g in self.groups)
-        wanted = self.args.block_rows or DEFAULT_BLOCK_ROWS
-        return max(1, min(wanted, int((2**30 / (8 * widest)) ** 0.5)))
-
-    def _rates(self, shard: ShardData, s0: int, s1: int, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        lr = shard.lr[s0:s1][:, layers].T  # (G, S)
-        wd = shard.weight_decay[s0:s1][:, layers].T
-        rate = lr / shard.batch_size[s0:s1].double() if self.log.loss_reduction == "mean" else lr
-        decay = 1.0 - lr * wd
-        if bool((decay <= 0).any()):
-            raise NumericalError(f"learning rate times weight decay reaches 1 at step {int(shard.steps[s0])}")
-        if self.blocks == "full" and not (bool((lr == lr[:1]).all()) and bool((wd == wd[:1]).all())):
-            raise ConfigError(
-                "blocks='full' needs one learning rate and weight decay for all tracked layers; use blocks='layer'"
-            )
-        return (rate[:1], decay[:1]) if self.blocks == "full" else (rate, decay)
-
-    def _maps(self, shard: ShardData, s0: int, s1: int, layers: list[int]) -> StepMaps:
-        optimizer_entry = self.log.manifest.get("optimizer") or {}
-        maps = step_maps(
-            {k: v[s0:s1] for k, v in shard.optimizer.items()},
-            shard.lr[s0:s1],
-            shard.weight_decay[s0:s1],
-            shard.batch_size[s0:s1],
-            propagation=self.propagation,
-            nesterov=bool(optimizer_entry.get("nesterov", False)),
-            loss_reduction=self.log.loss_reduction,
-            layers=[(self.log.layers[i].name, self.log.layers[i].projection) for i in layers],
-            layer_index=layers,
-            first_step=int(shard.steps[s0]),
-            full=self.blocks == "full",
-            second_moment=self.args.second_moment,
-            projected_preconditioner=self.args.projected_preconditioner,
-        )
-        if self.blocks == "full":
-            maps = _first_row(maps, int(shard.steps[s0]))
-        return maps
-
-    def _process_chunk(self, shard: ShardData, s0: int, s1: int, r0: int, r1: int, row_offset: int) -> None:
-        steps = shard.steps[s0:s1]
-        grad_steps = shard.row_step[r0:r1]
-        embedding = torch.empty(r1 - r0, self.total_dim, dtype=self.dtype, device=self.device)
-        for group in self.groups:
-            names = [self.log.layers[i].name for i in group.layers]
-            stack = torch.cat if self.blocks == "full" else torch.stack
-            dim = 1 if self.blocks == "full" else 0
-            grads = stack([shard.grads[n][r0:r1] for n in names], dim)
-            curv = curv_steps = None
-            if self.mode == "ggn":
-                factors = [shard.curvature[n][r0:r1] for n in names]  # (n, C, d) each
-                curv = stack([f.flatten(0, 1) for f in factors], dim)
-                curv_steps = grad_steps.repeat_interleave(factors[0].shape[1])
-            if self.blocks == "full":
-                grads, curv = grads.unsqueeze(0), (curv.unsqueeze(0) if curv is not None else None)
-            rate, decay = self._rates(shard, s0, s1, group.layers)
-            chunk = Chunk(grads, grad_steps, curv, curv_steps, steps, rate, decay)
-            if isinstance(group.recursion, OptimizerRecursion):
-                out = group.recursion.process(chunk, self._maps(shard, s0, s1, group.layers))
-            else:
-                out = group.recursion.process(chunk)
-            if self.blocks == "full":
-                embedding.copy_(out[0])
-            else:
-                for position, layer in enumerate(group.layers):
-                    embedding[:, self.offsets[layer] : self.offsets[layer + 1]] = out[position]
-        if not bool(torch.isfinite(embedding).all()):
-            raise NumericalError(
-                f"non-finite embedding at steps {int(steps[0])} to {int(steps[-1])}: the learning rate may be too "
-                "large for the curvature (the product of (I - lr H) factors overflows), or float16 storage overflowed; "
-                "try accumulate_dtype='float64' or re-record with a smaller learning rate or dtype='float32'"
-            )
-        global_rows = torch.arange(row_offset + r0, row_offset + r1)
-        if self.embeddings is not None:
-            self.embeddings[row_offset + r0 : row_offset + r1] = embedding.cpu().numpy()
-        if self.self_influence is not None:
-            own = torch.cat([shard.grads[layer.name][r0:r1] for layer in self.log.layers], 1)  # (n, D)
-            own = own.to(self.device, self.dtype)
-            self.self_influence[row_offset + r0 : row_offset + r1] = (embedding * own).sum(1).cpu().numpy()
-        for scorer in self.scorers.values():
-            self._score(scorer, embedding, global_rows, grad_steps, steps)
-
-    def _score(
-        self, s: _QueryScores, embedding: torch.Tensor, rows: torch.Tensor, row_steps: torch.Tensor, steps: torch.Tensor
+    def _score_rows(
+        self, s: _QueryScores, scores: torch.Tensor, rows: torch.Tensor, row_steps: torch.Tensor, steps: torch.Tensor
     ) -> None:
-        scores = (embedding @ s.matrix.T).double().cpu()  # (n, Q): positive = the example helped
+        """Fold the (n, Q) float64 scores of rows ``rows`` (whole steps ``steps``) into the aggregates."""
         set_scores = scores.mean(1, keepdim=True)  # (n, 1)
         assert s.scores is not None
         assert s.curves is not None
@@ -582,9 +462,6 @@ class _Run:
         return summary
 
 
-_OPTIMIZER_PROPAGATIONS = ("momentum", "adam", "adamw")
-
-
 def _check_out_dir(log_dir: Path, out: Path) -> None:
     """Results never go where they could replace the log: not the log directory, nor a folder that holds
     it (``overwrite`` empties the results directory), nor any directory that holds a gradient log."""
@@ -596,23 +473,23 @@ def _check_out_dir(log_dir: Path, out: Path) -> None:
         )
 
 
-def resolve_blocks(requested: str, log: GradientLog, total_dim: int) -> str:
-    """The block structure of ``M`` that a computation uses: ``requested`` unless it is ``"auto"``.
-
-    ``"auto"`` gives ``"full"`` when the whole projected vector is small (``total_dim`` at most
-    :data:`AUTO_FULL_MAX_DIM`) and every tracked layer trains in one optimizer setting (the full
-    recursion needs one learning rate, weight decay and momentum for the concatenated vector),
-    otherwise ``"layer"``.
-    """
-    if requested != "auto":
-        return requested
-    if total_dim > AUTO_FULL_MAX_DIM:
-        return "layer"
-    optimizer = log.manifest.get("optimizer") or {}
-    groups = optimizer.get("param_groups") or []
-    used = {int(g) for g in optimizer.get("layer_groups") or range(len(groups))}
-    settings = {json.dumps(groups[g], sort_keys=True) for g in used if g < len(groups)}
-    return "full" if len(settings) <= 1 else "layer"
+def make_embedder(
+    log: GradientLog, args: ComputeArguments, mode: str, propagation: str, *, seeded: bool = False
+) -> Embedder:
+    """The embedder of a computation with these options (``mode`` and ``propagation`` resolved)."""
+    total_dim = sum(layer.dim for layer in log.layers)
+    return Embedder(
+        log,
+        mode=mode,
+        propagation=propagation,
+        blocks=resolve_blocks(args.blocks, log, total_dim),
+        dtype=torch.float64 if args.accumulate_dtype == "float64" else torch.float32,
+        device=_device(args),
+        block_rows=args.block_rows or DEFAULT_BLOCK_ROWS,
+        second_moment=args.second_moment,
+        projected_preconditioner=args.projected_preconditioner,
+        seeded=seeded,
+    )
 
 
 def _propagation(log: GradientLog, args: ComputeArguments) -> str:
@@ -641,30 +518,6 @@ def _propagation_note(log: GradientLog, propagation: str) -> str | None:
     else:
         why = optimizer.get("proxy_reason") or f"{kind} is not modelled"
     return f"{kind} was used and influence follows the SGD proxy because {why}: scores are approximate"
-
-
-def _recursion_state(recursion: BlockedRecursion | OptimizerRecursion) -> dict[str, torch.Tensor]:
-    """The tensors that make up a recursion's state, for checkpoints (restored in place)."""
-    if isinstance(recursion, OptimizerRecursion):
-        return {
-            "theta": recursion.theta,
-            "mom": recursion.mom,
-            "vmom": recursion.vmom,
-            "log_scale": recursion.log_scale,
-        }
-    return {"Mt": recursion.Mt, "log_scale": recursion.log_scale}
-
-
-def _first_row(maps: StepMaps, step: int) -> StepMaps:
-    """The maps of the concatenated vector (``blocks="full"``): every layer must share the coefficients."""
-    for name in COEFFICIENTS:
-        value = getattr(maps, name)
-        if not bool((value == value[:1]).all()):
-            raise ConfigError(
-                f"blocks='full' needs one optimizer setting ({name}) for all tracked layers near step {step}; "
-                "use blocks='layer'"
-            )
-    return replace(maps, **{n: getattr(maps, n)[:1] for n in COEFFICIENTS})
 
 
 def compute(
