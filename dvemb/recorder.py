@@ -777,8 +777,15 @@ class Recorder:
         *,
         loss_fn: LossFn | None = None,
         texts: Sequence[str] | None = None,
+        checkpoint: bool = False,
     ) -> int:
         """Record the per-example gradients of a named query set at the current (final) model.
+
+        With ``checkpoint=True`` the set is recorded at an intermediate checkpoint, under the name
+        ``{name}.step{N}`` (N: the steps recorded so far), for value dynamics: the engine then
+        computes, for each such checkpoint, the influence on it of every occurrence trained before
+        it (docs/results.md "Value dynamics"). Call it every few hundred steps with the same query
+        batches, and once more without ``checkpoint`` after training for the final model.
 
         The model is put in eval mode for the pass (and restored after); parameter ``.grad`` is
         not touched. In a distributed run only rank 0 records queries.
@@ -791,10 +798,13 @@ class Recorder:
             loss_fn: per-example loss ``(outputs, targets) -> (B,)``; default cross-entropy (averaged
                 over positions for (B, L, V) outputs).
             texts: optional text of each query, in order.
+            checkpoint: record at the current step as a checkpoint of series ``name`` (see above).
 
         Returns:
             The number of queries recorded.
         """
+        if checkpoint:
+            name = f"{name}.step{self._step}"
         if not fmt.QUERY_SET_NAME.match(name):
             raise ConfigError(f"query set name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
         if self._mode != "off":

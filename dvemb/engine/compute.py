@@ -88,6 +88,7 @@ class ComputeArguments:
     propagation: str = "auto"
     second_moment: bool = True
     projected_preconditioner: str = "kronecker"
+    segments: int = 1
 
     def __post_init__(self) -> None:
         checks = [
@@ -101,8 +102,8 @@ class ComputeArguments:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
-        if (self.block_rows is not None and self.block_rows < 1) or self.top_k < 1:
-            raise ConfigError("block_rows and top_k must be at least 1")
+        if (self.block_rows is not None and self.block_rows < 1) or self.top_k < 1 or self.segments < 1:
+            raise ConfigError("block_rows, top_k and segments must be at least 1")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
 
@@ -205,11 +206,20 @@ class _Run:
         self.epoch = torch.from_numpy(epoch)
 
     def _query_set_names(self) -> list[str]:
+        """The query sets to score: recorded at the end of training (earlier ones feed value dynamics)."""
         available = self.log.query_set_names()
-        wanted = list(self.args.query_sets) if self.args.query_sets is not None else available
+        final = [q for q in self.log.manifest.get("query_sets", []) if int(q["step"]) >= self.num_steps]
+        finals = [str(q["name"]) for q in final]
+        wanted = list(self.args.query_sets) if self.args.query_sets is not None else finals
         missing = [name for name in wanted if name not in available]
         if missing:
             raise ConfigError(f"query set(s) {missing} are not in the log, which has {available}")
+        early = [name for name in wanted if name not in finals]
+        if early:
+            raise ConfigError(
+                f"query set(s) {early} were recorded before the end of training: their influence is in the value "
+                "dynamics (dynamics-*.safetensors), not in the scores; leave them out of query_sets"
+            )
         return wanted
 
     def _scorer(self, name: str) -> _QueryScores:
@@ -407,7 +417,7 @@ class _Run:
         table["epoch"] = self.epoch[table["row"]]
         return table
 
-    def _finish(self, seconds: float) -> dict[str, Any]:
+    def _finish(self, seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         self._flush_arrays()
         lr, batch, loss = self.step_lr, self.step_batch, self.step_loss
         query_summaries = {}
@@ -457,6 +467,9 @@ class _Run:
             "note": _propagation_note(self.log, self.propagation),
             "query_sets": query_summaries,
             "seconds": seconds,
+            "segments": 1,
+            "dynamics": {},
+            **(extra or {}),
         }
         write_json_atomic(self.out / formats.SUMMARY, summary)
         return summary
@@ -527,6 +540,7 @@ def compute(
     *,
     progress: ProgressCallback | None = None,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Compute data value embeddings, scores and phases of a gradient log.
 
@@ -539,6 +553,8 @@ def compute(
         arguments: options; defaults to :class:`ComputeArguments()`.
         progress: called after every shard with a :class:`ComputeProgress`.
         overwrite: replace results of a different computation already in ``out_dir``.
+        workers: processes that run the segments of a segmented computation (``arguments.segments > 1``,
+            or a log with checkpoint query sets); one runs them in this process.
 
     Returns:
         The summary written to ``summary.json``.
@@ -563,4 +579,8 @@ def compute(
         shutil.rmtree(out)
         out.mkdir(parents=True)
     summary_path.unlink(missing_ok=True)
+    from dvemb.engine.segmented import checkpoint_series, compute_segmented  # imports this module
+
+    if args.segments > 1 or checkpoint_series(log):
+        return compute_segmented(log.directory, out, args, progress=progress, workers=workers)
     return _Run(log, out, args, progress).run()

@@ -11,6 +11,7 @@ __all__ = [
     "SUMMARY",
     "curve_file",
     "curves_file",
+    "dynamics_file",
     "scores_file",
     "topk_file",
     "totals_file",
@@ -47,3 +48,8 @@ def topk_file(query_set: str) -> str:
 def totals_file(query_set: str) -> str:
     """(N, Q) float64 per-example totals over all occurrences."""
     return f"totals-{query_set}.npy"
+
+
+def dynamics_file(series: str) -> str:
+    """Value dynamics of a series of checkpoint query sets, safetensors (docs/results.md)."""
+    return f"dynamics-{series}.safetensors"

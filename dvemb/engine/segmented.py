@@ -1,0 +1,385 @@
+"""Segmented computation (the paper's influence checkpointing): segments in parallel, combined exactly.
+
+A segmented computation has three stages, each usable alone (the service runs them as Celery tasks,
+``dvemb compute --segments K --workers W`` as a process pool):
+
+1. :func:`prepare_segments` plans the boundaries (evenly spaced steps, plus every step at which a
+   checkpoint query set was recorded) and creates the scratch file of local embeddings,
+   ``segments/local.npy`` of shape (seeds, R, D).
+2. :func:`run_segment` runs the recursion over one segment's steps from the identity, writes its
+   rows' local embeddings into the scratch file and its propagator, per-step metadata and
+   per-decile sums to ``segments/segment-JJJJ.safetensors``. Segments are independent; a finished
+   one is never redone, a killed one reruns alone.
+3. :func:`combine_segments` walks the segments from the last to the first, scores each against the
+   query vectors carried back over the later segments (:mod:`dvemb.engine.propagators`), rebuilds
+   full embeddings when asked, and writes the same results as the sequential engine, plus the
+   value dynamics of checkpoint query sets (``dynamics-{series}.safetensors``).
+
+The combine step costs ``O(R D Q)`` for scoring (as the sequential engine) plus ``O(K D^2 (Q + D))``
+to carry the vectors; it never multiplies embeddings by ``D x D`` matrices unless full embeddings
+are asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dvemb.engine.compute import (
+    ComputeArguments,
+    ProgressCallback,
+    _fingerprint,
+    _propagation,
+    _Run,
+    make_embedder,
+)
+from dvemb.engine.propagators import QueryState, SegmentPropagator, propagator_from_state
+from dvemb.errors import ConfigError
+from dvemb.formats.results_files import dynamics_file
+from dvemb.reader import GradientLog, open_log
+
+__all__ = [
+    "DYNAMICS_BUCKETS",
+    "SegmentPlan",
+    "checkpoint_series",
+    "combine_segments",
+    "compute_segmented",
+    "prepare_segments",
+    "run_segment",
+]
+
+SEGMENTS_DIR = "segments"
+LOCAL_FILE = "local.npy"
+PLAN_FILE = "plan.json"
+#: Value dynamics groups training occurrences by the tenth of training they were used in.
+DYNAMICS_BUCKETS = 10
+_CHECKPOINT_SUFFIX = re.compile(r"^(?P<series>.+)\.step(?P<step>\d+)$")
+_COMBINE_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Boundaries ``b_0 = 0 < ... < b_K = T`` of a segmented computation (segment j: steps ``b_j..b_{j+1}-1``)."""
+
+    boundaries: tuple[int, ...]
+    fingerprint: str
+
+    @property
+    def num_segments(self) -> int:
+        """K."""
+        return len(self.boundaries) - 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"boundaries": list(self.boundaries), "fingerprint": self.fingerprint}
+
+
+def checkpoint_series(log: GradientLog) -> dict[str, list[tuple[int, str]]]:
+    """Query sets recorded before the end of training, by series: ``{series: [(step, set name), ...]}``.
+
+    A set named ``{series}.step{N}`` recorded at step ``N < T`` (``rec.record_queries(...,
+    checkpoint=True)``) measures the model ``theta_N``; the series' final set, if any, is the one named
+    ``{series}`` recorded at ``T``. Other sets recorded before ``T`` form a series of their own name.
+    """
+    series: dict[str, list[tuple[int, str]]] = {}
+    for entry in log.manifest.get("query_sets", []):
+        step, name = int(entry["step"]), str(entry["name"])
+        if step >= log.num_steps:
+            continue
+        match = _CHECKPOINT_SUFFIX.match(name)
+        series.setdefault(match["series"] if match else name, []).append((step, name))
+    return {key: sorted(value) for key, value in series.items()}
+
+
+def final_query_sets(log: GradientLog) -> list[str]:
+    """Query sets recorded at the end of training (scored by the engine)."""
+    return [str(q["name"]) for q in log.manifest.get("query_sets", []) if int(q["step"]) >= log.num_steps]
+
+
+def _plan(log: GradientLog, args: ComputeArguments, segments: int) -> SegmentPlan:
+    steps = log.num_steps
+    even = {round(i * steps / segments) for i in range(segments + 1)}
+    checkpoints = {step for entries in checkpoint_series(log).values() for step, _ in entries}
+    bounds = sorted({0, steps} | {b for b in even | checkpoints if 0 < b < steps})
+    payload = _fingerprint(log, args) + json.dumps(bounds)
+    return SegmentPlan(tuple(bounds), hashlib.sha256(payload.encode()).hexdigest())
+
+
+def _directory(out: Path) -> Path:
+    return out / SEGMENTS_DIR
+
+
+def _segment_file(out: Path, index: int) -> Path:
+    return _directory(out) / f"segment-{index:04d}.safetensors"
+
+
+def _resolved(log: GradientLog, args: ComputeArguments) -> tuple[str, str]:
+    mode = args.curvature or log.curvature_mode
+    if mode == "ggn" and log.curvature_mode != "ggn":
+        raise ConfigError("curvature='ggn' needs a log recorded with curvature='ggn'; this log is empirical")
+    return mode, _propagation(log, args)
+
+
+def prepare_segments(log_dir: str | Path, out_dir: str | Path, args: ComputeArguments, segments: int) -> SegmentPlan:
+    """Plan the segments and create the scratch file of local embeddings (kept when the plan is unchanged).
+
+    Returns:
+        The plan (also written to ``segments/plan.json``).
+    """
+    if segments < 1:
+        raise ConfigError(f"segments={segments}: need at least 1")
+    if args.self_influence:
+        raise ConfigError("self_influence is computed by the sequential engine only; drop --segments or the option")
+    log = open_log(log_dir)
+    out = Path(out_dir)
+    plan = _plan(log, args, segments)
+    directory = _directory(out)
+    plan_path = directory / PLAN_FILE
+    if plan_path.exists() and json.loads(plan_path.read_text()).get("fingerprint") == plan.fingerprint:
+        return plan
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    mode, propagation = _resolved(log, args)
+    embedder = make_embedder(log, args, mode, propagation, seeded=True)
+    rows = sum(log.num_rows(i) for i in range(log.num_shards()))
+    dtype = np.float64 if args.accumulate_dtype == "float64" else np.float32
+    shape = (embedder.num_seeds, rows, embedder.total_dim)
+    np.lib.format.open_memmap(directory / LOCAL_FILE, mode="w+", dtype=dtype, shape=shape).flush()
+    tmp = plan_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(plan.to_json()))
+    os.replace(tmp, plan_path)
+    return plan
+
+
+def _segment_done(path: Path, plan: SegmentPlan) -> bool:
+    if not path.exists():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("plan") == plan.fingerprint
+
+
+def run_segment(
+    log_dir: str | Path, out_dir: str | Path, args: ComputeArguments, plan: SegmentPlan, index: int
+) -> Path:
+    """Run segment ``index`` of ``plan`` (made by :func:`prepare_segments`); nothing to do when it is done.
+
+    Returns:
+        The segment's file.
+    """
+    out = Path(out_dir)
+    path = _segment_file(out, index)
+    if _segment_done(path, plan):
+        return path
+    log = open_log(log_dir)
+    mode, propagation = _resolved(log, args)
+    embedder = make_embedder(log, args, mode, propagation, seeded=True)
+    first, stop = plan.boundaries[index], plan.boundaries[index + 1]
+    local = np.load(_directory(out) / LOCAL_FILE, mmap_mode="r+")  # (S, R, D)
+    total_steps = max(log.num_steps, 1)
+    count = stop - first
+    lr = torch.zeros(count, dtype=torch.float64)
+    batch = torch.zeros(count, dtype=torch.int64)
+    loss = torch.full((count,), float("nan"), dtype=torch.float64)
+    sums = torch.zeros(embedder.num_seeds, DYNAMICS_BUCKETS, embedder.total_dim, dtype=torch.float64)
+    counts = torch.zeros(DYNAMICS_BUCKETS, dtype=torch.int64)
+    shard_offsets = np.cumsum([0, *(log.num_rows(i) for i in range(log.num_shards()))])
+    for shard_index in range(log.num_shards() - 1, -1, -1):
+        entry = log.manifest["shards"][shard_index]
+        if int(entry["last_step"]) < first or int(entry["first_step"]) >= stop:
+            continue
+        shard = log.read_shard(shard_index)
+        base = int(shard.steps[0])
+        lo, hi = max(first - base, 0), min(stop - base, len(shard.steps))
+        lr[base + lo - first : base + hi - first] = shard.lr[lo:hi, 0]
+        batch[base + lo - first : base + hi - first] = shard.batch_size[lo:hi]
+        loss[base + lo - first : base + hi - first] = shard.loss[lo:hi]
+        offset = int(shard_offsets[shard_index])
+        for s0, s1, r0, r1 in embedder.chunks(shard, lo, hi):
+            embedding = embedder.embed(shard, s0, s1, r0, r1)  # (S, n, D)
+            local[:, offset + r0 : offset + r1] = embedding.cpu().numpy()
+            bucket = (shard.row_step[r0:r1] * DYNAMICS_BUCKETS) // total_steps
+            sums.index_add_(1, bucket, embedding.double().cpu())
+            counts += torch.bincount(bucket, minlength=DYNAMICS_BUCKETS)
+    local.flush()
+    tensors = {
+        **embedder.state(),
+        "lr": lr,
+        "batch_size": batch,
+        "loss": loss,
+        "bucket_sums": sums,
+        "bucket_counts": counts,
+    }
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"plan": plan.fingerprint})
+    os.replace(tmp, path)
+    return path
+
+
+class _CombinedRun(_Run):
+    """The sequential run's scoring, aggregates and files, fed from finished segments."""
+
+    def __init__(self, log: GradientLog, out: Path, args: ComputeArguments, plan: SegmentPlan) -> None:
+        super().__init__(log, out, args, None)
+        self.plan = plan
+        self.seeded = make_embedder(log, args, self.mode, self.propagation, seeded=True)
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        self._open_arrays(resume=False)
+        self._write_index()
+        local = np.load(_directory(self.out) / LOCAL_FILE, mmap_mode="r")  # (S, R, D)
+        states = {name: QueryState(self.seeded, s.matrix) for name, s in self.scorers.items()}
+        rebuild = QueryState.identity(self.seeded) if self.embeddings is not None else None
+        series = self._series_states()
+        bounds = self.plan.boundaries
+        for index in range(self.plan.num_segments - 1, -1, -1):
+            segment = load_file(str(_segment_file(self.out, index)))
+            first, stop = bounds[index], bounds[index + 1]
+            self.step_lr[first:stop], self.step_batch[first:stop] = segment["lr"], segment["batch_size"]
+            self.step_loss[first:stop] = segment["loss"]
+            self._score_segment(local, first, stop, states, rebuild)
+            for dyn in series.values():
+                dyn.add_segment(index, stop, segment)
+            propagators = propagator_from_state(self.seeded, segment)
+            for state in [*states.values(), *([rebuild] if rebuild is not None else [])]:
+                state.propagate(propagators)
+            for dyn in series.values():
+                dyn.propagate(propagators)
+        dynamics = {}
+        for name, dyn in series.items():
+            save_file(dyn.tensors(), str(self.out / dynamics_file(name)))
+            dynamics[name] = {"checkpoints": dyn.steps, "query_sets": dyn.names, "buckets": DYNAMICS_BUCKETS}
+        extra = {"segments": self.plan.num_segments, "boundaries": list(bounds), "dynamics": dynamics}
+        return self._finish(time.monotonic() - started, extra)
+
+    def _score_segment(
+        self, local: np.ndarray, first: int, stop: int, states: dict[str, QueryState], rebuild: QueryState | None
+    ) -> None:
+        row_step = self.row_step.numpy()
+        lo, hi = np.searchsorted(row_step, [first, stop])
+        start = int(lo)
+        while start < hi:
+            end = min(int(hi), start + _COMBINE_ROWS)
+            if end < hi:  # whole steps only: the curves are written per step
+                end = int(np.searchsorted(row_step, row_step[end], side="left"))
+                if end <= start:
+                    end = int(np.searchsorted(row_step, row_step[start], side="right"))
+            chunk = torch.from_numpy(np.array(local[:, start:end]))  # (S, n, D), a writable copy
+            rows = torch.arange(start, end)
+            row_steps = self.row_step[start:end]
+            steps = torch.arange(int(row_steps[0]), int(row_steps[-1]) + 1)
+            for name, scorer in self.scorers.items():
+                self._score_rows(scorer, states[name].score(chunk), rows, row_steps, steps)
+            if rebuild is not None and self.embeddings is not None:
+                self.embeddings[start:end] = rebuild.rebuild(chunk).numpy()
+            start = end
+
+    def _series_states(self) -> dict[str, _Dynamics]:
+        bounds = self.plan.boundaries
+        finals = set(self.scorers)
+        out = {}
+        for name, entries in checkpoint_series(self.log).items():
+            checkpoints = [(step, set_name) for step, set_name in entries if step > 0]
+            if name in finals:
+                checkpoints.append((self.log.num_steps, name))
+            if checkpoints:
+                out[name] = _Dynamics(self, checkpoints, [bounds.index(step) for step, _ in checkpoints])
+        return out
+
+
+class _Dynamics:
+    """Mean influence, on each checkpoint of a series, of the occurrences of each tenth of training before it."""
+
+    def __init__(self, run: _CombinedRun, checkpoints: list[tuple[int, str]], ends: list[int]) -> None:
+        self.run, self.ends = run, ends
+        self.steps = [step for step, _ in checkpoints]
+        self.names = [name for _, name in checkpoints]
+        self.sums = torch.zeros(len(checkpoints), DYNAMICS_BUCKETS, dtype=torch.float64)
+        self.counts = torch.zeros(len(checkpoints), DYNAMICS_BUCKETS, dtype=torch.int64)
+        self.states: dict[int, QueryState] = {}
+
+    def add_segment(self, index: int, stop: int, segment: dict[str, torch.Tensor]) -> None:
+        """Start the checkpoints that end this segment; add the segment to every started checkpoint."""
+        for c, end in enumerate(self.ends):
+            if end == index + 1:
+                queries = self.run.log.load_query_set(self.names[c])
+                matrix = torch.cat([queries.grads[layer.name] for layer in self.run.log.layers], dim=1)
+                self.states[c] = QueryState(self.run.seeded, matrix.double().mean(0, keepdim=True))
+        for c, state in self.states.items():
+            self.sums[c] += state.score(segment["bucket_sums"])[:, 0]  # (buckets,)
+            self.counts[c] += segment["bucket_counts"]
+
+    def propagate(self, propagators: list[SegmentPropagator]) -> None:
+        for state in self.states.values():
+            state.propagate(propagators)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        total = max(self.run.num_steps, 1)
+        edges = [(b * total + DYNAMICS_BUCKETS - 1) // DYNAMICS_BUCKETS for b in range(DYNAMICS_BUCKETS + 1)]
+        mean = torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1), torch.full_like(self.sums, torch.nan))
+        return {
+            "checkpoint_step": torch.tensor(self.steps, dtype=torch.int64),
+            "bucket_first_step": torch.tensor(edges[:-1], dtype=torch.int64),
+            "bucket_last_step": torch.tensor(edges[1:], dtype=torch.int64) - 1,
+            "mean": mean.contiguous(),
+            "count": self.counts.contiguous(),
+        }
+
+
+def combine_segments(
+    log_dir: str | Path, out_dir: str | Path, args: ComputeArguments, plan: SegmentPlan, *, keep_scratch: bool = False
+) -> dict[str, Any]:
+    """Score every finished segment, write the results and the summary, remove the scratch files."""
+    log = open_log(log_dir)
+    out = Path(out_dir)
+    missing = [j for j in range(plan.num_segments) if not _segment_done(_segment_file(out, j), plan)]
+    if missing:
+        raise ConfigError(f"segments {missing} of the plan are not finished; run them before combining")
+    summary = _CombinedRun(log, out, args, plan).run()
+    if not keep_scratch:
+        shutil.rmtree(_directory(out), ignore_errors=True)
+    return summary
+
+
+def _segment_worker(
+    log_dir: str, out_dir: str, args: dict[str, Any], plan: dict[str, Any], index: int, threads: int
+) -> int:
+    torch.set_num_threads(threads)
+    arguments = ComputeArguments(**{**args, "query_sets": tuple(args["query_sets"]) if args["query_sets"] else None})
+    run_segment(log_dir, out_dir, arguments, SegmentPlan(tuple(plan["boundaries"]), plan["fingerprint"]), index)
+    return index
+
+
+def compute_segmented(
+    log_dir: Path, out: Path, args: ComputeArguments, *, progress: ProgressCallback | None, workers: int
+) -> dict[str, Any]:
+    """Prepare, run every segment (``workers`` processes; inline for one) and combine."""
+    plan = prepare_segments(log_dir, out, args, args.segments)
+    todo = [j for j in range(plan.num_segments) if not _segment_done(_segment_file(out, j), plan)]
+    if workers <= 1:
+        for j in reversed(todo):
+            run_segment(log_dir, out, args, plan, j)
+    else:
+        threads = max(1, torch.get_num_threads() // workers)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = [
+                pool.submit(_segment_worker, str(log_dir), str(out), asdict(args), plan.to_json(), j, threads)
+                for j in todo
+            ]
+            for future in futures:
+                future.result()
+    return combine_segments(log_dir, out, args, plan)
