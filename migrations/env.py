@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
+import server.db.window_models  # noqa: F401  (its tables join Base.metadata for autogenerate)
 from server.db.models import Base
 from server.db.session import make_engine
 from server.settings import get_settings

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from server.api.limits import BodyLimit
-from server.api.routes import figures, health, jobs, project, queries, runs, uploads
+from server.api.routes import figures, health, jobs, project, queries, runs, uploads, windows
 from server.errors import install_handlers
 from server.settings import get_settings
 
@@ -31,7 +31,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     api = APIRouter(prefix=API_PREFIX)
-    for module in (health, project, runs, uploads, jobs, queries, figures):
+    for module in (health, project, runs, uploads, jobs, queries, figures, windows):
         api.include_router(module.router)
     app.include_router(api)
     install_handlers(app)

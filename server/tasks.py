@@ -18,6 +18,7 @@ from server.settings import Settings, get_settings
 VALIDATE_FILE = "dvemb.validate_file"
 COMPUTE = "dvemb.compute"
 ADHOC_QUERY = "dvemb.adhoc_query"
+WINDOW_TOPK = "dvemb.window_topk"  # a step range's top examples, read from the scores file (default queue)
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "celery"
 ROUTES = {COMPUTE: {"queue": GPU_QUEUE}, ADHOC_QUERY: {"queue": GPU_QUEUE}}

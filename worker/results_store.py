@@ -13,6 +13,7 @@ from dvemb.engine import load_results
 from dvemb.formats import Summary, phase_of
 from dvemb.reader import GradientLog
 from server.db.models import CurvePoint, ExampleTotal, PhaseSummaryRow, TopKRow
+from worker.windows import store_windows
 
 __all__ = ["example_metadata", "store_results"]
 
@@ -99,6 +100,7 @@ def store_results(
             ],
         )
         session.add(PhaseSummaryRow(job_id=job_id, query_set=name, summary=info.phases))
+    store_windows(session, job_id, results, typed, meta)  # the top examples of each phase, tenth and epoch
     session.flush()
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy.exc import OperationalError
 
-from server.tasks import ADHOC_QUERY, COMPUTE, VALIDATE_FILE
+from server.tasks import ADHOC_QUERY, COMPUTE, VALIDATE_FILE, WINDOW_TOPK
 from worker.adhoc import run_adhoc_query
 from worker.celery_app import app
 from worker.computation import LeaseHeld, run_compute
 from worker.validation import run_validate_file
+from worker.windows import run_window_topk
 
 RELIABLE = {
     "acks_late": True,
@@ -37,3 +38,8 @@ def compute_job(job_id: int) -> None:
 @app.task(name=ADHOC_QUERY, **RELIABLE)
 def adhoc_query(query_id: int) -> None:
     run_adhoc_query(query_id)
+
+
+@app.task(name=WINDOW_TOPK, **RELIABLE)
+def window_topk(window_id: int) -> None:
+    run_window_topk(window_id)

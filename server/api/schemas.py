@@ -109,8 +109,43 @@ class TopPublic(BaseModel):
     query: int | None
     kind: str
     propagation: str | None = Field(default=None, description="how these scores follow the optimizer")
+    chosen: str | None = Field(default=None, description="how the rows were chosen (what was kept, which filters)")
     data: list[TopRow]
     count: int
+
+
+class WindowPublic(BaseModel):
+    """A window of training whose top examples are ranked on their own (docs/dashboard.md)."""
+
+    id: int
+    query_set: str
+    kind: Literal["phase", "tenth", "epoch", "range"]
+    name: str
+    step_min: int
+    step_max: int
+    epoch: int | None = Field(description="the epoch (occurrence number) it is limited to; null: every epoch")
+    top_k: int
+    occurrences: int | None = Field(description="occurrences in the window, once computed")
+    status: Literal["queued", "succeeded", "failed"]
+    error: str | None
+    chosen: str = Field(description='how its rows are chosen, e.g. "top 100 of steps 0–99 (early phase), exact"')
+
+
+class WindowsPublic(BaseModel):
+    data: list[WindowPublic]
+    count: int
+
+
+class WindowCreate(BaseModel):
+    query_set: str = Field(min_length=1, max_length=64)
+    step_min: int = Field(ge=0, le=2**31 - 1)
+    step_max: int = Field(ge=0, le=2**31 - 1)
+    epoch: int | None = Field(default=None, ge=0, le=2**31 - 1, description="only this epoch's occurrences")
+    wait_seconds: float = Field(default=10.0, ge=0, le=60, description="how long to wait for a computed answer")
+
+
+class WindowTopPublic(TopPublic):
+    window: WindowPublic
 
 
 class JobsPublic(BaseModel):

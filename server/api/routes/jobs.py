@@ -82,11 +82,25 @@ def top(
         label=label,
         source=source,
     )
+    filters = [
+        f"{name} {value}"
+        for name, value in (("phase", phase), ("epoch", epoch), ("label", label), ("source", source))
+        if value is not None
+    ]
+    if step_min is not None or step_max is not None:
+        filters.append(f"steps {step_min or 0}–{'end' if step_max is None else step_max}")
+    kept = results.summary_of(job).top_k
+    chosen = f"overall top {kept} of the whole run" + (
+        f", filtered to {', '.join(filters)} (only the kept {kept} are filtered: ask /windows for a window's own top)"
+        if filters
+        else ""
+    )
     return TopPublic(
         query_set=query_set,
         query=query,
         kind=kind,
         propagation=job.propagation,
+        chosen=chosen,
         data=[TopRow.model_validate(r) for r in rows],
         count=count,
     )

@@ -1,0 +1,154 @@
+"""Top examples per window of training, in the database: the stored windows (phases, tenths, epochs) written
+with a job's results, and a step range asked for through the API computed on demand (dvemb.engine.windows
+reads the scores file; the rows are cached in topk_windows / window_topk_rows)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Collection
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
+
+from dvemb.engine import load_results
+from dvemb.engine.results import Results
+from dvemb.engine.windows import Window, standard_windows, window_topk
+from dvemb.formats import Summary
+from server.db.models import ExampleTotal, Job
+from server.db.session import session_factory
+from server.db.states import QueryStatus, transition
+from server.db.window_models import ANY_EPOCH, TopKWindow, WindowTopKRow
+from server.settings import get_settings
+from server.storage import public_message, results_dir
+
+__all__ = ["run_window_topk", "store_windows"]
+
+KINDS = ("helpful", "harmful")
+
+
+def store_windows(
+    session: Session, job_id: int, results: Results, summary: Summary, meta: dict[str, tuple[str | None, str | None]]
+) -> None:
+    """Replace the job's windows with its stored ones: each phase, tenth of training and epoch of every query set,
+    with the job's top_k rows per query (and the set mean) and kind (idempotent; cached ranges are dropped too)."""
+    session.execute(delete(TopKWindow).where(TopKWindow.job_id == job_id))
+    epochs = int(results.epoch.max()) + 1 if len(results.epoch) else 0
+    for name, info in summary.query_sets.items():
+        windows = standard_windows(summary.steps, info.boundaries, epochs)
+        records = [
+            TopKWindow(
+                job_id=job_id,
+                query_set=name,
+                kind=w.kind,
+                name=w.name,
+                step_min=w.step_min,
+                step_max=w.step_max,
+                epoch=ANY_EPOCH if w.epoch is None else w.epoch,
+                top_k=summary.top_k,
+                status=QueryStatus.SUCCEEDED,
+            )
+            for w in windows
+        ]
+        session.add_all(records)
+        session.flush()
+        _store_rows(session, records, windows, results, name, summary.top_k, lambda _: meta)
+
+
+def run_window_topk(window_id: int) -> None:
+    """Compute one asked-for window (a step range) from the job's scores file and store its rows."""
+    storage = get_settings().storage
+    with session_factory()() as session:
+        record = session.get(TopKWindow, window_id)
+        if record is None or record.status != QueryStatus.QUEUED:
+            return  # done already (a redelivery) or deleted with its run
+        job = session.get(Job, record.job_id)
+        assert job is not None
+        directory = results_dir(storage, job.run_id, job.id)
+        window = Window(
+            record.kind,
+            record.name,
+            record.step_min,
+            record.step_max,
+            None if record.epoch == ANY_EPOCH else record.epoch,
+        )
+        try:
+            results = load_results(directory)
+            session.execute(delete(WindowTopKRow).where(WindowTopKRow.window_id == record.id))
+            meta = functools.partial(_stored_metadata, session, job.id, record.query_set)
+            _store_rows(session, [record], [window], results, record.query_set, record.top_k, meta)
+        except Exception as exc:  # in words on the window, not a task stuck in a retry loop
+            session.rollback()
+            record = session.get(TopKWindow, window_id)
+            if record is not None:
+                transition(session, record, QueryStatus.FAILED, error=public_message(f"{exc}", storage))
+                session.commit()
+            return
+        transition(session, record, QueryStatus.SUCCEEDED)
+        session.commit()
+
+
+def _store_rows(
+    session: Session,
+    records: list[TopKWindow],
+    windows: list[Window],
+    results: Results,
+    query_set: str,
+    k: int,
+    metadata: Callable[[Collection[str]], dict[str, tuple[str | None, str | None]]],
+) -> None:
+    """Rank the windows on the scores file and insert their rows (query -1 is the set mean); ``metadata``
+    gives the (label, source) of the example ids it is passed."""
+    steps, epochs, examples = results.row_step.numpy(), results.epoch.numpy(), results.example_index.numpy()
+    top = window_topk(results.scores(query_set), steps, epochs, windows, k)
+    ids = [str(i) for i in results.example_ids]
+    meta = metadata({ids[int(examples[r])] for r in np.unique(top.rows[top.rows >= 0])})
+    queries = top.values.shape[2] - 1
+    rows: list[dict[str, Any]] = []
+    for w, record in enumerate(records):
+        record.occurrences = int(top.occurrences[w])
+        for kind_index, kind in enumerate(KINDS):
+            for column in range(queries + 1):
+                chosen = top.rows[w, kind_index, column]
+                for rank in range(int(np.count_nonzero(chosen >= 0))):
+                    row = int(chosen[rank])
+                    example = ids[int(examples[row])]
+                    label, source = meta.get(example, (None, None))
+                    rows.append(
+                        {
+                            "window_id": record.id,
+                            "query": -1 if column == queries else column,
+                            "kind": kind,
+                            "rank": rank,
+                            "score": float(top.values[w, kind_index, column, rank]),
+                            "row": row,
+                            "step": int(steps[row]),
+                            "epoch": int(epochs[row]),
+                            "example_id": example,
+                            "label": label,
+                            "source": source,
+                        }
+                    )
+                    if len(rows) >= 20_000:
+                        session.execute(insert(WindowTopKRow), rows)
+                        rows = []
+    if rows:
+        session.execute(insert(WindowTopKRow), rows)
+    session.flush()
+
+
+def _stored_metadata(
+    session: Session, job_id: int, query_set: str, example_ids: Collection[str]
+) -> dict[str, tuple[str | None, str | None]]:
+    """(label, source) of these examples, as stored with the job's per-example totals."""
+    wanted, found = sorted(example_ids), {}
+    for start in range(0, len(wanted), 5000):
+        chunk = wanted[start : start + 5000]
+        for example, label, source in session.execute(
+            select(ExampleTotal.example_id, ExampleTotal.label, ExampleTotal.source).where(
+                ExampleTotal.job_id == job_id, ExampleTotal.query_set == query_set, ExampleTotal.example_id.in_(chunk)
+            )
+        ):
+            found[example] = (label, source)
+    return found
