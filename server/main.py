@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import plotly
@@ -11,7 +13,9 @@ from fastapi.staticfiles import StaticFiles
 
 from server.api.limits import BodyLimit
 from server.api.routes import figures, health, jobs, project, queries, runs, uploads, windows
+from server.db.session import session_factory
 from server.errors import install_handlers
+from server.reconciler import Reconciler
 from server.settings import get_settings
 
 FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
@@ -19,6 +23,16 @@ FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 
 API_PREFIX = "/api/v1"
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    """Each API process runs a reconciler: unsent tasks and jobs of dead workers (server/reconciler.py)."""
+    reconciler = Reconciler(session_factory(), get_settings().reconcile_seconds).start()
+    try:
+        yield
+    finally:
+        reconciler.stop()
 
 
 def create_app() -> FastAPI:
@@ -29,6 +43,7 @@ def create_app() -> FastAPI:
         openapi_url=f"{API_PREFIX}/openapi.json",
         docs_url=f"{API_PREFIX}/docs",
         redoc_url=None,
+        lifespan=lifespan,
     )
     api = APIRouter(prefix=API_PREFIX)
     for module in (health, project, runs, uploads, jobs, queries, figures, windows):

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # delivered again while the lease is alive waits (the broker redelivers long jobs), one whose lease expired
     # takes over (its worker died)
     task_max_attempts: int = 3  # a job whose worker dies this many times fails with the reason
+    reconcile_seconds: float = 5.0  # the API's reconciler looks this often for unsent tasks and expired leases
+    outbox_grace_seconds: float = 10.0  # an outbox entry is the reconciler's once it is this old (before that,
+    # the request that wrote it is sending it)
     upload_idle_seconds: float = 30.0  # a PATCH whose client sends nothing this long ends (offset kept)
     validation_wait_seconds: float = 60.0  # the last upload PATCH waits this long for the validator's verdict
 

@@ -1,18 +1,24 @@
-"""The server's side of the task contract: tasks are sent by name, only after the database commit.
+"""The server's side of the task contract: tasks are sent by name, if and only if the database transaction that
+needs them commits (a transactional outbox: an entry written in that transaction, sent after the commit, kept
+for the reconciler when the broker is down).
 
 The worker package defines tasks with these names; the server never imports it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import sys
 from functools import lru_cache
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import event
+from sqlalchemy import Engine, delete, event, inspect
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from server.db.models import OutboxTask
 from server.settings import Settings, get_settings
 
 VALIDATE_FILE = "dvemb.validate_file"
@@ -22,6 +28,8 @@ WINDOW_TOPK = "dvemb.window_topk"  # a step range's top examples, read from the 
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "celery"
 ROUTES = {COMPUTE: {"queue": GPU_QUEUE}, ADHOC_QUERY: {"queue": GPU_QUEUE}}
+
+logger = logging.getLogger(__name__)
 
 
 def configure(app: Celery, settings: Settings) -> Celery:
@@ -58,20 +66,56 @@ def configure(app: Celery, settings: Settings) -> Celery:
 
 @lru_cache
 def sender() -> Celery:
-    return configure(Celery("dvemb-api"), get_settings())
+    """The API's (and the reconciler's) Celery app. A send gives up quickly when the broker is down: the task
+    waits in the outbox instead of a request waiting on the broker."""
+    app = configure(Celery("dvemb-api"), get_settings())
+    app.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2}
+    return app
 
 
 def enqueue_after_commit(session: Session, name: str, *args: Any) -> None:
-    """Send task ``name`` once ``session`` commits; dropped if it rolls back."""
-    session.info.setdefault("outbox", []).append((name, args))
+    """Send task ``name`` once ``session`` commits, and only then (the transactional outbox): an entry is
+    written in the session's transaction, so a rollback drops it with the change that needed it; after the
+    commit the task is sent and the entry deleted. When the broker is down the entry stays and the
+    reconciler (server/reconciler.py) sends it once the broker is back: the request still succeeds."""
+    grace = dt.timedelta(seconds=get_settings().outbox_grace_seconds)
+    entry = OutboxTask(name=name, args=list(args), due_at=dt.datetime.now(dt.UTC) + grace, sends=0)
+    session.add(entry)
+    session.info.setdefault("outbox", []).append(entry)
+
+
+def send_outboxed(engine: Engine, entries: list[tuple[int, str, list[Any]]]) -> int:
+    """Send committed outbox entries ``(id, name, args)`` and delete those the broker took; returns how many
+    were sent. Stops at the first failure (the broker is down: the rest would wait on it too); what was not
+    sent stays in the outbox for the reconciler. A task may be sent twice (the deletion failed, a reconciler
+    sent it meanwhile): every task is idempotent."""
+    sent: list[int] = []
+    for entry_id, name, args in entries:
+        try:
+            sender().send_task(name, args=list(args))
+        except Exception:  # kombu's and redis's connection errors have no common base: whatever the cause, keep it
+            logger.warning("the broker did not take task %s%s; it stays in the outbox", name, args, exc_info=True)
+            break
+        sent.append(entry_id)
+    if sent:
+        try:
+            with engine.begin() as connection:
+                connection.execute(delete(OutboxTask).where(OutboxTask.id.in_(sent)))
+        except SQLAlchemyError:  # the tasks went out; at worst the reconciler sends them once more
+            logger.warning("could not clear %d sent outbox entries", len(sent), exc_info=True)
+    return len(sent)
 
 
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
     for action in session.info.pop("after_commit", []):
         action()
-    for name, args in session.info.pop("outbox", []):
-        sender().send_task(name, args=list(args))
+    entries = session.info.pop("outbox", [])
+    if entries:
+        # The identity survives the commit (no SQL is emitted here, whatever the session's expiry setting).
+        committed = [(int(inspect(e).identity[0]), e.name, e.args) for e in entries]
+        bind = session.get_bind()
+        send_outboxed(bind if isinstance(bind, Engine) else bind.engine, committed)
 
 
 @event.listens_for(Session, "after_rollback")

@@ -195,6 +195,22 @@ class PhaseSummaryRow(Base):
     summary: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
+class OutboxTask(Base):
+    """A task waiting to be sent (the transactional outbox): written in the transaction that makes the task
+    necessary, deleted once the broker has it. server/tasks.py sends it right after the commit; when the broker
+    is down, server/reconciler.py sends it later (``due_at``: when it may be sent again; ``sends``: attempts,
+    the token of a compare-and-set claim, so that two reconcilers never send the same entry at once)."""
+
+    __tablename__ = "task_outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    args: Mapped[list[Any]] = mapped_column(JSON)
+    due_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    sends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
 class AdhocQuery(Base):
     """Test gradients posted for a job; the vectors are in storage, the answer in ``result``."""
 

@@ -95,7 +95,10 @@ def _clean_tables(request: pytest.FixtureRequest) -> Iterator[None]:
     from server.db.session import get_engine
 
     with get_engine().begin() as conn:
-        tables = "projects, api_tokens, runs, log_files, jobs, topk_rows, example_totals, curve_points, phase_summaries"
+        tables = (
+            "projects, api_tokens, runs, log_files, jobs, topk_rows, example_totals, curve_points, phase_summaries, "
+            "task_outbox"
+        )
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     from server.settings import get_settings
 

@@ -1,0 +1,128 @@
+"""The reconciler: what the broker could not be trusted with, put right from the database, periodically.
+
+Two things can leave a row waiting for a task that will never come:
+
+* the broker was down when the task was sent: its outbox entry (server/tasks.py) is still there; the reconciler
+  sends it once it is due, and deletes it once the broker has it;
+* a job's worker died (killed, out of memory) and its message is gone with it (the filesystem broker of the
+  embedded mode deletes a message when a worker takes it; a Redis message comes back only after the visibility
+  timeout): the job stays ``running`` with a lease nobody renews. Once the lease has expired, the reconciler
+  moves the job back to ``queued`` and queues a compute task in the same transaction; the next worker resumes
+  from the engine's checkpoint, and the attempt cap (worker/computation.py) still stops a job that kills every
+  worker.
+
+Every API process runs one (a thread started by the app's lifespan, every ``DVEMB_RECONCILE_SECONDS``); they
+may run side by side: each move is a compare-and-set, and every task is idempotent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.db.models import Job, OutboxTask
+from server.db.states import JobStatus, transition
+from server.settings import get_settings
+from server.tasks import COMPUTE, enqueue_after_commit, send_outboxed
+
+__all__ = ["Reconciler", "reconcile_once", "requeue_expired_jobs", "send_due_tasks"]
+
+logger = logging.getLogger(__name__)
+
+BATCH = 200  # entries or jobs handled per pass: a long backlog is worked off over several passes
+
+
+def requeue_expired_jobs(factory: sessionmaker[Session]) -> int:
+    """Queue again every running job whose lease has expired (its worker is gone); returns how many."""
+    now = dt.datetime.now(dt.UTC)
+    with factory() as session:
+        expired = session.scalars(
+            select(Job.id)
+            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < now)
+            .limit(BATCH)
+        ).all()
+    moved = 0
+    for job_id in expired:
+        with factory() as session:
+            job = session.get(Job, job_id)
+            # Conditional on the lease being still expired: a worker that renewed it meanwhile keeps its job.
+            if job is not None and transition(
+                session,
+                job,
+                JobStatus.QUEUED,
+                only_from=(JobStatus.RUNNING,),
+                when=Job.lease_expires_at < now,
+                lease_expires_at=None,
+            ):
+                logger.warning("job %s lost its worker (lease expired): queued again", job_id)
+                enqueue_after_commit(session, COMPUTE, job_id)
+                moved += 1
+            session.commit()
+    return moved
+
+
+def send_due_tasks(factory: sessionmaker[Session]) -> int:
+    """Send the outbox entries that are due (their request could not send them); returns how many went out."""
+    now = dt.datetime.now(dt.UTC)
+    again = now + dt.timedelta(seconds=max(get_settings().outbox_grace_seconds, 1.0))
+    claimed: list[tuple[int, str, list[object]]] = []
+    with factory() as session:
+        due = session.execute(
+            select(OutboxTask.id, OutboxTask.name, OutboxTask.args, OutboxTask.sends)
+            .where(OutboxTask.due_at <= now)
+            .order_by(OutboxTask.id)
+            .limit(BATCH)
+        ).all()
+        for entry_id, name, args, sends in due:
+            # Claim: of two reconcilers, one sends; a claim whose sender dies is due again at ``again``.
+            taken = session.execute(
+                update(OutboxTask)
+                .where(OutboxTask.id == entry_id, OutboxTask.sends == sends)
+                .values(sends=sends + 1, due_at=again)
+            )
+            if taken.rowcount == 1:  # type: ignore[attr-defined]
+                claimed.append((entry_id, name, list(args)))
+        session.commit()
+    if not claimed:
+        return 0
+    bind = factory.kw["bind"]
+    sent = send_outboxed(bind, claimed)
+    if sent:
+        logger.warning("sent %d task(s) that had waited in the outbox", sent)
+    return sent
+
+
+def reconcile_once(factory: sessionmaker[Session]) -> None:
+    """One pass: expired leases first (their new tasks go out through the outbox), then due outbox entries."""
+    requeue_expired_jobs(factory)
+    send_due_tasks(factory)
+
+
+class Reconciler:
+    """Runs :func:`reconcile_once` every ``interval`` seconds on a daemon thread until stopped."""
+
+    def __init__(self, factory: sessionmaker[Session], interval: float) -> None:
+        self.factory, self.interval = factory, interval
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="dvemb-reconciler")
+
+    def start(self) -> Reconciler:
+        if self.interval > 0:
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(10)
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                reconcile_once(self.factory)
+            except Exception:  # a database hiccup: try again at the next pass, never stop reconciling
+                logger.warning("reconciler pass failed", exc_info=True)
