@@ -87,9 +87,13 @@ def _compute(args: argparse.Namespace) -> int:
         propagation=args.propagation,
         second_moment=not args.no_second_moment,
         projected_preconditioner=args.projected_preconditioner,
+        segments=args.segments,
+        embeddings_dtype=args.embeddings_dtype,
     )
     progress = None if args.quiet else _progress_printer()
-    summary = compute(args.log_dir, args.out, arguments, progress=progress, overwrite=args.overwrite)
+    summary = compute(
+        args.log_dir, args.out, arguments, progress=progress, overwrite=args.overwrite, workers=args.workers
+    )
     brief = {
         "results": str(args.out),
         "steps": summary["steps"],
@@ -97,11 +101,22 @@ def _compute(args: argparse.Namespace) -> int:
         "curvature": summary["curvature"],
         "propagation": summary["propagation_label"],
         "seconds": round(summary["seconds"], 2),
+        "segments": summary.get("segments", 1),
         "note": summary["note"],
         "phases": {name: q["phases"]["ranges"] for name, q in summary["query_sets"].items()},
     }
     print(json.dumps(brief, indent=2))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["kronecker", "scalar"],
         default="kronecker",
         help="how Adam's preconditioner acts in projected coordinates",
+    )
+    comp.add_argument(
+        "--segments",
+        type=_positive_int,
+        default=1,
+        help="split training into K segments computed independently and combined exactly (influence checkpointing)",
+    )
+    comp.add_argument(
+        "--workers", type=_positive_int, default=1, help="processes that run the segments (with --segments > 1)"
+    )
+    comp.add_argument(
+        "--embeddings-dtype",
+        choices=["auto", "float32", "float16"],
+        default="auto",
+        help="dtype of embeddings.npy (auto: the accumulation dtype; float16 halves it, scores use full precision)",
     )
     comp.add_argument("--overwrite", action="store_true", help="replace other results in --out")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from dvemb import formats
 from dvemb import logformat as fmt
+from dvemb.engine.arrays import open_array, save_safetensors
 from dvemb.engine.embedder import AUTO_FULL_MAX_DIM, Embedder, resolve_blocks
 from dvemb.engine.phases import find_phases
 from dvemb.engine.scoring import RunningTopK
@@ -36,6 +37,9 @@ from dvemb.writer import write_json_atomic
 __all__ = ["AUTO_FULL_MAX_DIM", "RESULTS_VERSION", "ComputeArguments", "ComputeProgress", "compute"]
 
 RESULTS_VERSION = 1
+#: Working files of a running computation (removed when it finishes).
+SCRATCH_DIR = "scratch"
+_INDEX = ("row_step", "example_index", "epoch")
 DEFAULT_BLOCK_ROWS = 256
 
 
@@ -59,6 +63,12 @@ class ComputeArguments:
         top_k: helpful and harmful examples kept per query and per query set.
         query_sets: names to score, or ``None`` for all query sets of the log.
         save_embeddings: write every occurrence's embedding to ``embeddings.npy``.
+        embeddings_dtype: dtype of ``embeddings.npy``: ``"auto"`` (the accumulation dtype), ``"float32"`` or
+            ``"float16"`` (half the bytes; scores are computed from the unrounded embeddings).
+        segments: split training into this many segments, run independently (in parallel with
+            ``compute(workers=...)`` or as Celery tasks) and combined exactly (the paper's influence
+            checkpointing, :mod:`dvemb.engine.segmented`); the boundaries also fall at every checkpoint
+            query set. Results equal those of one segment.
         propagation: ``"auto"`` (the optimizer-exact propagation of the log's optimizer when dvemb models
             it: SGD, SGD with momentum, Adam, AdamW; otherwise the SGD proxy), ``"optimizer"`` (the same,
             but an error instead of the proxy) or ``"sgd-proxy"`` (learning rate times gradient whatever the
@@ -89,6 +99,7 @@ class ComputeArguments:
     second_moment: bool = True
     projected_preconditioner: str = "kronecker"
     segments: int = 1
+    embeddings_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -98,6 +109,7 @@ class ComputeArguments:
             ("accumulate_dtype", self.accumulate_dtype, ("float32", "float64")),
             ("propagation", self.propagation, ("auto", "optimizer", "sgd-proxy")),
             ("projected_preconditioner", self.projected_preconditioner, ("kronecker", "scalar")),
+            ("embeddings_dtype", self.embeddings_dtype, ("auto", "float32", "float16")),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -137,12 +149,15 @@ class _QueryScores:
     harmful: RunningTopK
     set_helpful: RunningTopK
     set_harmful: RunningTopK
-    totals: torch.Tensor  # (N, Q) float64
-    step_mean: torch.Tensor  # (T,) mean over the step's rows of the query-set mean score
-    step_abs: torch.Tensor  # (T,) sum over the step's rows of |query-set mean score|
+    totals: np.memmap | None = None  # (N, Q) float64, the results file itself
+    step_mean: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (T,) mean of the set-mean score
+    step_abs: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (T,) sum of |set-mean score|
     scores: np.memmap | None = None  # (R, Q) float32
     curves: np.memmap | None = None  # (T, Q) float32: per-query mean score of the step's rows
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Score rows not yet added to ``totals``: (example indices (n,), scores (n, Q)) per chunk. They are
+    # added when the state is saved, with the new rows stored in the checkpoint, so a resume re-applies
+    # them idempotently (``totals[rows] = values``) instead of adding twice.
+    pending: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
 def _fingerprint(log: GradientLog, args: ComputeArguments) -> str:
@@ -176,34 +191,47 @@ class _Run:
         self.scorers = {name: self._scorer(name) for name in self._query_set_names()}
         self.embeddings: np.memmap | None = None
         self.self_influence: np.memmap | None = None
-        self.step_lr = torch.zeros(self.num_steps, dtype=torch.float64)  # first layer's rate: the phase plot's
-        self.step_batch = torch.zeros(self.num_steps, dtype=torch.int64)
-        self.step_loss = torch.full((self.num_steps,), float("nan"), dtype=torch.float64)
+        self.step_lr = self.step_batch = self.step_loss = torch.zeros(
+            0
+        )  # (T,) views of a scratch file, see _open_arrays
 
     # -- set-up -----------------------------------------------------------------------------------
 
     def _index(self) -> None:
-        """Occurrence table: step, example index and epoch of every row, in chronological order."""
-        steps: list[torch.Tensor] = []
-        ids: list[Any] = []
-        self.shard_offsets = [0]
+        """Occurrence table: step, example index and epoch of every row, in chronological order.
+
+        Kept in memory-mapped scratch files (rebuilt on every start), so memory holds only the table of
+        distinct example ids and a per-example counter, whatever the run's length.
+        """
+        scratch = self.out / SCRATCH_DIR
+        scratch.mkdir(parents=True, exist_ok=True)
+        num_rows = [self.log.num_rows(i) for i in range(self.log.num_shards())]
+        self.shard_offsets = np.cumsum([0, *num_rows]).tolist()
+        rows = int(self.shard_offsets[-1])
+        arrays = {name: open_array(scratch / f"{name}.npy", (rows,), np.int64, resume=False) for name in _INDEX}
+        table: dict[Any, int] = {}
+        seen = np.zeros(0, dtype=np.int64)  # occurrences so far of each example
         for index in range(self.log.num_shards()):
             row_step, shard_ids = self.log.read_index(index)
-            steps.append(row_step)
-            ids.extend(shard_ids)
-            self.shard_offsets.append(self.shard_offsets[-1] + len(shard_ids))
-        self.row_step = torch.cat(steps) if steps else torch.zeros(0, dtype=torch.int64)
-        table: dict[Any, int] = {}
-        self.example_index = torch.tensor([table.setdefault(i, len(table)) for i in ids], dtype=torch.int64)
+            lo, n = int(self.shard_offsets[index]), len(shard_ids)
+            ex = np.fromiter((table.setdefault(i, len(table)) for i in shard_ids), dtype=np.int64, count=n)
+            if len(table) > len(seen):
+                seen = np.concatenate([seen, np.zeros(max(len(table), 2 * len(seen)) - len(seen), dtype=np.int64)])
+            # An example's epoch counts its earlier occurrences, including earlier ones in this shard.
+            order = np.argsort(ex, kind="stable")
+            sorted_ex = ex[order]
+            starts = np.flatnonzero(np.r_[True, np.diff(sorted_ex) != 0]) if n else np.zeros(0, dtype=np.int64)
+            within = np.empty(n, dtype=np.int64)
+            within[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+            arrays["row_step"][lo : lo + n] = row_step.numpy()
+            arrays["example_index"][lo : lo + n] = ex
+            arrays["epoch"][lo : lo + n] = seen[ex] + within
+            np.add.at(seen, ex, 1)
+        self.index_arrays = arrays
+        self.row_step = torch.from_numpy(arrays["row_step"])
+        self.example_index = torch.from_numpy(arrays["example_index"])
+        self.epoch = torch.from_numpy(arrays["epoch"])
         self.example_ids: list[Any] = list(table)
-        ex = self.example_index.numpy()
-        order = np.argsort(ex, kind="stable")
-        sorted_ex = ex[order]
-        starts = np.flatnonzero(np.r_[True, np.diff(sorted_ex) != 0]) if len(ex) else np.zeros(0, dtype=np.int64)
-        lengths = np.diff(np.r_[starts, len(ex)])
-        epoch = np.empty(len(ex), dtype=np.int64)
-        epoch[order] = np.arange(len(ex)) - np.repeat(starts, lengths)
-        self.epoch = torch.from_numpy(epoch)
 
     def _query_set_names(self) -> list[str]:
         """The query sets to score: recorded at the end of training (earlier ones feed value dynamics)."""
@@ -234,9 +262,6 @@ class _Run:
             harmful=RunningTopK(q, k, largest=False),
             set_helpful=RunningTopK(1, k, largest=True),
             set_harmful=RunningTopK(1, k, largest=False),
-            totals=torch.zeros(len(self.example_ids), q, dtype=torch.float64),
-            step_mean=torch.zeros(self.num_steps, dtype=torch.float64),
-            step_abs=torch.zeros(self.num_steps, dtype=torch.float64),
         )
 
     # -- files ------------------------------------------------------------------------------------
@@ -245,51 +270,86 @@ class _Run:
         rows = len(self.row_step)
         mode = "r+" if resume else "w+"
 
-        def array(name: str, shape: tuple[int, ...]) -> np.memmap:
+        def array(name: str, shape: tuple[int, ...], dtype: Any = None) -> np.memmap:
             path = self.out / name
             if resume:
                 return np.load(path, mmap_mode="r+")  # type: ignore[no-any-return]
             # float64 accumulation keeps float64 files: the exactness tests read them at 1e-10.
-            dtype = np.float64 if self.dtype == torch.float64 else np.float32
+            dtype = dtype or (np.float64 if self.dtype == torch.float64 else np.float32)
             return np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape)
 
         if self.args.save_embeddings:
-            self.embeddings = array(formats.EMBEDDINGS, (rows, self.total_dim))
+            stored = None if self.args.embeddings_dtype == "auto" else np.dtype(self.args.embeddings_dtype)
+            self.embeddings = array(formats.EMBEDDINGS, (rows, self.total_dim), stored)
         if self.args.self_influence:
             self.self_influence = array(formats.SELF_INFLUENCE, (rows,))
+        scratch = self.out / SCRATCH_DIR
+        # Per-step values live in scratch files too: assigned per step, so a resume just continues.
+        steps = open_array(scratch / "steps.npy", (3, self.num_steps), np.float64, resume=resume)
+        if not resume:
+            steps[2] = np.nan  # loss of steps not logged
+        self.step_arrays = [steps]
+        self.step_lr, self.step_batch, self.step_loss = (torch.from_numpy(steps[i]) for i in range(3))
         for name, scorer in self.scorers.items():
             q = scorer.matrix.shape[0]
             scorer.scores = array(formats.scores_file(name), (rows, q))
             scorer.curves = array(formats.curves_file(name), (self.num_steps, q))
+            totals = self.out / formats.totals_file(name)
+            scorer.totals = open_array(totals, (len(self.example_ids), q), np.float64, resume=resume)
+            per_step = open_array(scratch / f"steps-{name}.npy", (2, self.num_steps), np.float64, resume=resume)
+            self.step_arrays.append(per_step)
+            scorer.step_mean, scorer.step_abs = torch.from_numpy(per_step[0]), torch.from_numpy(per_step[1])
 
     def _flush_arrays(self) -> None:
         for array in [
             self.embeddings,
             *(s.scores for s in self.scorers.values()),
             *(s.curves for s in self.scorers.values()),
+            *(s.totals for s in self.scorers.values()),
+            *self.step_arrays,
         ]:
             if array is not None:
                 array.flush()
 
-    def _state(self) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = {
-            "step_lr": self.step_lr,
-            "step_batch": self.step_batch,
-            "step_loss": self.step_loss,
-        }
-        state.update(self.embedder.state())
+    def _settle_totals(self, s: _QueryScores) -> tuple[torch.Tensor, torch.Tensor]:
+        """The totals rows touched since the last call and their new values, (m,) and (m, Q)."""
+        assert s.totals is not None
+        q = s.totals.shape[1]
+        if not s.pending:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, q, dtype=torch.float64)
+        ex = np.concatenate([e for e, _ in s.pending])
+        scores = np.concatenate([v for _, v in s.pending])
+        s.pending.clear()
+        rows, inverse = np.unique(ex, return_inverse=True)
+        values = np.array(s.totals[rows])  # (m, Q)
+        np.add.at(values, inverse, scores)
+        return torch.from_numpy(rows), torch.from_numpy(values)
+
+    @staticmethod
+    def _apply_totals(s: _QueryScores, rows: torch.Tensor, values: torch.Tensor) -> None:
+        assert s.totals is not None
+        s.totals[rows.numpy()] = values.numpy()
+
+    def _save_checkpoint(self, next_shard: int) -> None:
+        """Save what a resume needs: the recursion, the top-k and the totals rows of the last shard.
+
+        Its size does not grow with the run: per-step and per-example arrays are files of their own,
+        flushed here, and the totals' new rows are applied only after the checkpoint holds them.
+        """
+        state: dict[str, torch.Tensor] = dict(self.embedder.state())
+        settled = {}
         for name, s in self.scorers.items():
             for part in ("helpful", "harmful", "set_helpful", "set_harmful"):
                 state.update(getattr(s, part).state(f"{name}.{part}"))
-            state.update({f"{name}.totals": s.totals, f"{name}.step_mean": s.step_mean, f"{name}.step_abs": s.step_abs})
-        return state
-
-    def _save_checkpoint(self, next_shard: int) -> None:
+            settled[name] = self._settle_totals(s)
+            state[f"{name}.totals_rows"], state[f"{name}.totals_values"] = settled[name]
         self._flush_arrays()
         tmp = self.out / (formats.CHECKPOINT + ".tmp")
         meta = {"fingerprint": self.fingerprint, "next_shard": str(next_shard)}
-        save_file({k: v.contiguous() for k, v in self._state().items()}, str(tmp), metadata=meta)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
         os.replace(tmp, self.out / formats.CHECKPOINT)
+        for name, s in self.scorers.items():
+            self._apply_totals(s, *settled[name])
 
     def _load_checkpoint(self) -> int | None:
         """The shard to continue from, after restoring the state; None when there is nothing to resume."""
@@ -303,16 +363,13 @@ class _Run:
         if meta.get("fingerprint") != self.fingerprint:
             return None
         state = load_file(str(path))
-        self.step_lr, self.step_batch, self.step_loss = state["step_lr"], state["step_batch"], state["step_loss"]
+        if any(f"{name}.totals_rows" not in state for name in self.scorers):
+            return None  # a checkpoint of an older dvemb: start again
         self.embedder.load_state(state)
         for name, s in self.scorers.items():
             for part in ("helpful", "harmful", "set_helpful", "set_harmful"):
                 getattr(s, part).load(f"{name}.{part}", state)
-            s.totals, s.step_mean, s.step_abs = (
-                state[f"{name}.totals"],
-                state[f"{name}.step_mean"],
-                state[f"{name}.step_abs"],
-            )
+        self._replay = {name: (state[f"{name}.totals_rows"], state[f"{name}.totals_values"]) for name in self.scorers}
         return int(meta["next_shard"])
 
     # -- the backward pass ------------------------------------------------------------------------
@@ -321,6 +378,8 @@ class _Run:
         started = time.monotonic()
         resume_from = self._load_checkpoint()
         self._open_arrays(resume=resume_from is not None)
+        for name, (rows, values) in getattr(self, "_replay", {}).items():
+            self._apply_totals(self.scorers[name], rows, values)  # the checkpoint's totals rows, again
         if resume_from is None:
             self._write_index()
             resume_from = self.log.num_shards() - 1
@@ -346,7 +405,7 @@ class _Run:
         self.progress(ComputeProgress(done, self.num_steps, current, elapsed, eta))
 
     def _process_shard(self, shard: ShardData, row_offset: int) -> None:
-        self.step_lr[shard.steps], self.step_batch[shard.steps] = shard.lr[:, 0], shard.batch_size
+        self.step_lr[shard.steps], self.step_batch[shard.steps] = shard.lr[:, 0], shard.batch_size.double()
         self.step_loss[shard.steps] = shard.loss
         for s0, s1, r0, r1 in self.embedder.chunks(shard):
             embedding = self.embedder.embed(shard, s0, s1, r0, r1)[0]  # (n, D)
@@ -375,7 +434,7 @@ class _Run:
         s.harmful.update(scores, rows)
         s.set_helpful.update(set_scores, rows)
         s.set_harmful.update(set_scores, rows)
-        s.totals.index_add_(0, self.example_index[rows], scores)
+        s.pending.append((self.example_index[rows].numpy(), scores.numpy()))
         position = row_steps - steps[0]  # (n,) step within the chunk
         count = torch.bincount(position, minlength=len(steps)).double().clamp_min(1).unsqueeze(1)
         per_query = torch.zeros(len(steps), scores.shape[1], dtype=torch.float64).index_add_(0, position, scores)
@@ -386,10 +445,7 @@ class _Run:
     # -- results ----------------------------------------------------------------------------------
 
     def _write_index(self) -> None:
-        save_file(
-            {"row_step": self.row_step.contiguous(), "example_index": self.example_index, "epoch": self.epoch},
-            str(self.out / formats.OCCURRENCES),
-        )
+        save_safetensors(self.out / formats.OCCURRENCES, {name: self.index_arrays[name] for name in _INDEX})
         save_file(
             fmt.encode_ids(self.example_ids) if self.example_ids else {"example_id": torch.zeros(0, dtype=torch.int64)},
             str(self.out / formats.EXAMPLES),
@@ -418,12 +474,13 @@ class _Run:
         return table
 
     def _finish(self, seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        for s in self.scorers.values():
+            self._apply_totals(s, *self._settle_totals(s))
         self._flush_arrays()
-        lr, batch, loss = self.step_lr, self.step_batch, self.step_loss
+        lr, batch, loss = self.step_lr.clone(), self.step_batch.long(), self.step_loss.clone()
         query_summaries = {}
         for name, s in self.scorers.items():
             save_file(self._topk_table(s), str(self.out / formats.topk_file(name)))
-            np.save(self.out / formats.totals_file(name), s.totals.numpy())
             per_lr = (s.step_mean / torch.where(lr > 0, lr, torch.inf)).numpy()
             save_file(
                 {
@@ -431,9 +488,9 @@ class _Run:
                     "lr": lr,
                     "batch_size": batch,
                     "loss": loss,
-                    "mean": s.step_mean,
+                    "mean": s.step_mean.clone(),
                     "mean_per_lr": torch.from_numpy(per_lr),
-                    "abs_sum": s.step_abs,
+                    "abs_sum": s.step_abs.clone(),
                 },
                 str(self.out / formats.curve_file(name)),
             )
@@ -472,6 +529,7 @@ class _Run:
             **(extra or {}),
         }
         write_json_atomic(self.out / formats.SUMMARY, summary)
+        shutil.rmtree(self.out / SCRATCH_DIR, ignore_errors=True)
         return summary
 
 

@@ -248,9 +248,11 @@ class _CombinedRun(_Run):
         for index in range(self.plan.num_segments - 1, -1, -1):
             segment = load_file(str(_segment_file(self.out, index)))
             first, stop = bounds[index], bounds[index + 1]
-            self.step_lr[first:stop], self.step_batch[first:stop] = segment["lr"], segment["batch_size"]
+            self.step_lr[first:stop], self.step_batch[first:stop] = segment["lr"], segment["batch_size"].double()
             self.step_loss[first:stop] = segment["loss"]
             self._score_segment(local, first, stop, states, rebuild)
+            for scorer in self.scorers.values():
+                self._apply_totals(scorer, *self._settle_totals(scorer))
             for dyn in series.values():
                 dyn.add_segment(index, stop, segment)
             propagators = propagator_from_state(self.seeded, segment)

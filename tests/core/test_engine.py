@@ -374,3 +374,30 @@ def test_results_never_overwrite_the_log(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "log").iterdir()) == before
     dvemb.open_log(tmp_path / "log").validate()
     compute(tmp_path / "log", tmp_path / "log" / "results")  # a folder inside the log is fine
+
+
+def test_crash_between_checkpoint_and_totals_is_replayed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Totals are added in place: a crash after the checkpoint is saved but before its totals rows are applied
+    must neither lose them nor add them twice on resume."""
+    from dvemb.engine.compute import _Run
+
+    _record(tmp_path / "log")
+    args = ComputeArguments(accumulate_dtype="float64")
+    compute(tmp_path / "log", tmp_path / "whole", args)
+    calls = {"n": 0}
+    original = _Run._apply_totals
+
+    def crash_on_third(s: object, rows: torch.Tensor, values: torch.Tensor) -> None:
+        calls["n"] += 1
+        if calls["n"] == 5:  # the third checkpoint (two query sets each), after the file was saved
+            raise RuntimeError("killed")
+        original(s, rows, values)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_Run, "_apply_totals", staticmethod(crash_on_third))
+    with pytest.raises(RuntimeError, match="killed"):
+        compute(tmp_path / "log", tmp_path / "resumed", args)
+    monkeypatch.setattr(_Run, "_apply_totals", staticmethod(original))
+    compute(tmp_path / "log", tmp_path / "resumed", args)
+    for name in ["totals-val.npy", "totals-other.npy", "scores-val.npy"]:
+        assert np.array_equal(np.load(tmp_path / "whole" / name), np.load(tmp_path / "resumed" / name)), name
+    assert not (tmp_path / "resumed" / "scratch").exists()

@@ -200,3 +200,37 @@ def test_checkpoint_sets_are_not_final_query_sets(tmp_path: Path) -> None:
     _record(log, checkpoints=(2,), epochs=1)
     with pytest.raises(dvemb.ConfigError, match="before the end of training"):
         compute(log, tmp_path / "out", ComputeArguments(query_sets=("val.step2",)))
+
+
+def test_float16_embeddings_and_cli_segments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--embeddings-dtype float16`` halves embeddings.npy and leaves scores unrounded; ``--segments`` via the CLI."""
+    from dvemb.cli import main
+
+    log = tmp_path / "log"
+    _record(log, epochs=2)
+    compute(log, tmp_path / "f32", ComputeArguments())
+    assert (
+        main(
+            [
+                "compute",
+                str(log),
+                "--out",
+                str(tmp_path / "f16"),
+                "--segments",
+                "3",
+                "--embeddings-dtype",
+                "float16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert '"segments": 3' in capsys.readouterr().out
+    f32, f16 = np.load(tmp_path / "f32" / "embeddings.npy"), np.load(tmp_path / "f16" / "embeddings.npy")
+    assert f16.dtype == np.float16 and f16.nbytes * 2 == f32.nbytes
+    np.testing.assert_allclose(f16, f32, rtol=2e-3, atol=1e-3 * float(np.abs(f32).max()))
+    # float32 recursion, segmented or not: scores agree to float32 rounding, unaffected by the float16 file.
+    s32, s16 = np.load(tmp_path / "f32" / "scores-val.npy"), np.load(tmp_path / "f16" / "scores-val.npy")
+    np.testing.assert_allclose(s16, s32, rtol=1e-4, atol=1e-6 * float(np.abs(s32).max()))
+    with pytest.raises(SystemExit):
+        main(["compute", str(log), "--out", str(tmp_path / "bad"), "--segments", "0"])
