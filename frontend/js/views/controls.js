@@ -1,4 +1,4 @@
-// The results' controls, read from the page: query set, query, view, smoothing, phase and step range.
+// The results' controls, read from the page: query set, query, view, smoothing, window of training and step range.
 import { valueOf } from "../dom.js";
 
 /** The current values of the results' controls (strings; "" when a filter is not set). */
@@ -7,7 +7,7 @@ export const controls = () => ({
   query: valueOf("query"),
   view: valueOf("view-kind"),
   smooth: valueOf("smooth"),
-  phase: valueOf("phase"),
+  window: valueOf("window"),
   stepMin: valueOf("step-min"),
   stepMax: valueOf("step-max"),
 });

@@ -8,6 +8,7 @@ import { state } from "../state.js";
 import { table } from "../table.js";
 import { describe, drawThumbs } from "../thumbs.js";
 import { controls, setGiven } from "./controls.js";
+import { chosenWindow } from "./windows.js";
 
 const KINDS = ["helpful", "harmful"];
 
@@ -44,27 +45,48 @@ async function showRanking(container, jobId, { kind, cls, rows, lead = [], tail,
   drawThumbs(container, meta);
 }
 
-function topParams(kind) {
+/** One kind's page of the chosen window's own top rows, or of the whole run's top when window is null. */
+function topOf(jobId, kind, window) {
   const c = controls();
-  const params = new URLSearchParams({ query_set: c.querySet, kind, limit: "10", offset: String(10 * state.page) });
-  return setGiven(params, [
+  const params = setGiven(new URLSearchParams({ kind, limit: "10", offset: String(10 * state.page) }), [
     ["query", c.query],
-    ["phase", c.phase],
-    ["step_min", c.stepMin],
-    ["step_max", c.stepMax],
   ]);
+  if (window) return api(`/jobs/${jobId}/windows/${window.id}/top?${params}`);
+  params.set("query_set", c.querySet);
+  return api(`/jobs/${jobId}/top?${params}`);
 }
 
-/** The "Top training examples" tables, for the current controls and page. */
-export async function showTop(jobId, propagation) {
-  for (const kind of KINDS) {
-    const top = await api(`/jobs/${jobId}/top?${topParams(kind)}`);
-    const lead = [{ head: "#", cell: (r) => r.rank + 1 }];
-    const score = scoreColumn(`score (${top.propagation || propagation})`, "score");
-    const tail = [...["step", "epoch", "phase"].map(plainColumn), score];
-    const after = html`<p class="muted">${top.count} row(s)</p>`;
-    await showRanking(byId(`top-${kind}`), jobId, { kind, cls: "top", rows: top.data, lead, tail, after });
+/** Says how the rows were chosen ("top 100 of steps 0–99 (early phase), exact"), or what went wrong. */
+function showChosen(text, failed = false) {
+  const box = byId("top-chosen");
+  box.className = failed ? "error" : "muted";
+  box.setAttribute("role", failed ? "alert" : "status");
+  box.textContent = text;
+}
+
+/** The "Top training examples" tables, for the current controls and page; a newer call wins over a slower older one. */
+export async function showTop(jobId, propagation, lastStep) {
+  const ticket = (showTop.ticket = (showTop.ticket || 0) + 1);
+  showChosen("…");
+  try {
+    const window = await chosenWindow(jobId, lastStep);
+    const tops = await Promise.all(KINDS.map((kind) => topOf(jobId, kind, window)));
+    if (ticket !== showTop.ticket) return;
+    const count = tops[0].window?.occurrences; // a window's answer describes the window
+    const where = count != null ? ` · ${count} occurrence(s) in the window` : "";
+    showChosen(`Rows: ${tops[0].chosen}${where}`);
+    await Promise.all(KINDS.map((kind, i) => showTopTable(jobId, kind, tops[i], propagation)));
+  } catch (err) {
+    if (ticket === showTop.ticket) showChosen(err.message, true);
   }
+}
+
+async function showTopTable(jobId, kind, top, propagation) {
+  const lead = [{ head: "#", cell: (r) => r.rank + 1 }];
+  const score = scoreColumn(`score (${top.propagation || propagation})`, "score");
+  const tail = [...["step", "epoch", "phase"].map(plainColumn), score];
+  const after = html`<p class="muted">${top.count} row(s)</p>`;
+  await showRanking(byId(`top-${kind}`), jobId, { kind, cls: "top", rows: top.data, lead, tail, after });
 }
 
 /** The "Examples by total influence" tables, for the current query set. */

@@ -5,6 +5,8 @@ import { html, render } from "../html.js";
 import { state } from "../state.js";
 import { drawPlots } from "./plots.js";
 import { showExamples, showTop } from "./rankings.js";
+import { bindSelection, selectionSection, showSelection } from "./selection.js";
+import { fillWindows } from "./windows.js";
 
 const setOption = (name) => html`<option>${name}</option>`;
 
@@ -30,13 +32,12 @@ const plotSection = (summary, propagation) => html`<section>
 const topSection = () => html`<section>
   <h2>Top training examples</h2>
   <div class="controls">
-    <label>Phase <select id="phase">
-      <option value="">all</option><option>early</option><option>basin</option><option>late</option>
-    </select></label>
+    <label>Window <select id="window"><option value="">whole run (overall top)</option></select></label>
     <label>Steps <input id="step-min" type="number" min="0" size="6" placeholder="from" /> –
       <input id="step-max" type="number" min="0" size="6" placeholder="to" /></label>
     <button id="prev">◀ previous</button><button id="next">next ▶</button>
   </div>
+  <p id="top-chosen" class="muted" role="status"></p>
   <div class="cols">
     <div><h2>Helpful</h2><div id="top-helpful"></div></div>
     <div><h2>Harmful</h2><div id="top-harmful"></div></div>
@@ -55,7 +56,8 @@ const distributionSection = () =>
   html`<section><h2>Scores by phase</h2><div id="distribution" style="height:320px"></div></section>`;
 
 const resultsPage = (summary, propagation) =>
-  html`${plotSection(summary, propagation)}${topSection()}${examplesSection()}${distributionSection()}`;
+  html`${plotSection(summary, propagation)}${selectionSection()}${topSection()}${examplesSection()}
+    ${distributionSection()}`;
 
 /** Fills the query picker with the current query set's queries. */
 function fillQueries(summary) {
@@ -65,18 +67,21 @@ function fillQueries(summary) {
 }
 
 function bindControls(summary, refresh) {
-  byId("qs").addEventListener("change", () => {
+  byId("qs").addEventListener("change", async () => {
     fillQueries(summary);
     state.page = 0;
     refresh.plots();
-    refresh.top();
+    refresh.selection();
     refresh.examples();
+    await refresh.windows();
+    refresh.top();
   });
   onEach(["query", "view-kind", "smooth"], "change", () => {
     refresh.plots();
     refresh.top();
   });
-  onEach(["phase", "step-min", "step-max"], "change", () => {
+  onEach(["window", "step-min", "step-max"], "change", (event) => {
+    if (event.target.id !== "window") byId("window").value = "steps"; // a step range is its own window
     state.page = 0;
     refresh.top();
   });
@@ -99,11 +104,15 @@ export async function showResults(job) {
   state.page = 0;
   const refresh = {
     plots: () => drawPlots(job.id),
-    top: () => showTop(job.id, propagation),
+    top: () => showTop(job.id, propagation, summary.steps - 1),
     examples: () => showExamples(job.id, propagation),
+    windows: () => fillWindows(job.id),
+    selection: () => showSelection(job.id),
   };
   fillQueries(summary);
   bindControls(summary, refresh);
-  await Promise.all([refresh.plots(), refresh.top(), refresh.examples()]);
+  bindSelection(job.id);
+  await refresh.windows();
+  await Promise.all([refresh.plots(), refresh.top(), refresh.examples(), refresh.selection()]);
   results.dataset.ready = "true";
 }
