@@ -23,11 +23,12 @@ from server.settings import Settings, get_settings
 
 VALIDATE_FILE = "dvemb.validate_file"
 COMPUTE = "dvemb.compute"
+COMPUTE_SEGMENT = "dvemb.compute_segment"  # one segment of a segmented job (worker/segments.py)
 ADHOC_QUERY = "dvemb.adhoc_query"
 WINDOW_TOPK = "dvemb.window_topk"  # a step range's top examples, read from the scores file (default queue)
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "celery"
-ROUTES = {COMPUTE: {"queue": GPU_QUEUE}, ADHOC_QUERY: {"queue": GPU_QUEUE}}
+ROUTES = {COMPUTE: {"queue": GPU_QUEUE}, COMPUTE_SEGMENT: {"queue": GPU_QUEUE}, ADHOC_QUERY: {"queue": GPU_QUEUE}}
 
 logger = logging.getLogger(__name__)
 

@@ -14,16 +14,20 @@ from sqlalchemy import func, literal, or_, text, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from dvemb.engine import ComputeArguments, ComputeProgress, compute
+from dvemb.engine.compute import is_segmented, prepare_out
 from dvemb.errors import DvembError
 from dvemb.formats import Summary
+from dvemb.reader import open_log
 from server.db.models import Job, Run
 from server.db.session import session_factory
 from server.db.states import JobStatus, transition
 from server.settings import get_settings
 from server.storage import log_dir, public_message, results_dir
+from server.tasks import COMPUTE_SEGMENT
 from worker.results_store import example_metadata, store_results
+from worker.segments import compute_segmented_job, run_segment_task
 
-__all__ = ["JobCancelled", "LeaseHeld", "compute_arguments", "run_compute"]
+__all__ = ["JobCancelled", "LeaseHeld", "compute_arguments", "run_compute", "run_compute_segment"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ def compute_arguments(options: dict[str, Any]) -> ComputeArguments:
     given = {k: v for k, v in options.items() if k in known and v is not None}
     if "query_sets" in given:
         given["query_sets"] = tuple(given["query_sets"])
+    given.setdefault("segments", max(1, get_settings().compute_workers))
     return ComputeArguments(**given)
 
 
@@ -91,7 +96,7 @@ def run_compute(job_id: int) -> None:
     args = compute_arguments(options)
     try:
         with _Heartbeat(job_id, lease, mine):
-            summary = compute(log_dir(storage, run_id), out, args, progress=_progress_writer(job_id, mine))
+            summary = _compute(job_id, log_dir(storage, run_id), out, args, mine, lease)
             with factory() as session:
                 _lock_job_rows(session, job_id)  # one writer of a job's rows at a time; the job row stays free
                 store_results(session, job_id, out, summary, example_metadata(log_dir(storage, run_id)))
@@ -126,6 +131,43 @@ def run_compute(job_id: int) -> None:
                 now = dt.datetime.now(dt.UTC)
                 transition(session, job, JobStatus.FAILED, when=mine, error=problem, finished_at=now)
             session.commit()
+
+
+def _compute(job_id: int, log: Any, out: Any, args: ComputeArguments, mine: Any, lease: float) -> dict[str, Any]:
+    """The engine in this task, or a segmented job spread over every worker (worker/segments.py)."""
+    report = _progress_writer(job_id, mine)
+    gradient_log = open_log(log)
+    if not is_segmented(gradient_log, args):
+        return compute(log, out, args, progress=report)
+    finished = prepare_out(gradient_log, out, args)
+    if finished is not None:
+        return finished
+    started = time.monotonic()
+
+    def segments_done(done: int, total: int) -> None:
+        elapsed = time.monotonic() - started
+        report(ComputeProgress(done, total, 0, elapsed, elapsed / done * (total - done) if done else None))
+
+    def send(index: int) -> None:
+        from worker.celery_app import app
+
+        app.send_task(COMPUTE_SEGMENT, args=(job_id, index))
+
+    return compute_segmented_job(log, out, args, lease=lease, send_segment=send, progress=segments_done)
+
+
+def run_compute_segment(job_id: int, index: int) -> None:
+    """A ``dvemb.compute_segment`` task: one segment of a running segmented job, unless it is done or held."""
+    storage = get_settings().storage
+    with session_factory()() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != JobStatus.RUNNING:
+            return  # finished, cancelled or deleted
+        options, run_id = dict(job.options), int(job.run_id)
+    args = compute_arguments(options)
+    run_segment_task(
+        log_dir(storage, run_id), results_dir(storage, run_id, job_id), args, index, get_settings().job_lease_seconds
+    )
 
 
 class LeaseHeld(Exception):

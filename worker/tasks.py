@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy.exc import OperationalError
 
-from server.tasks import ADHOC_QUERY, COMPUTE, VALIDATE_FILE, WINDOW_TOPK
+from server.tasks import ADHOC_QUERY, COMPUTE, COMPUTE_SEGMENT, VALIDATE_FILE, WINDOW_TOPK
 from worker.adhoc import run_adhoc_query
 from worker.celery_app import app
-from worker.computation import LeaseHeld, run_compute
+from worker.computation import LeaseHeld, run_compute, run_compute_segment
 from worker.validation import run_validate_file
 from worker.windows import run_window_topk
 
@@ -33,6 +33,11 @@ def compute_job(job_id: int) -> None:
         # A redelivery of a job another worker computes: look again when its lease would end, with a fresh
         # message (a retry would count against max_retries and end, leaving nothing to take over a dead worker).
         compute_job.apply_async((job_id,), countdown=held.seconds)
+
+
+@app.task(name=COMPUTE_SEGMENT, **RELIABLE)
+def compute_segment(job_id: int, index: int) -> None:
+    run_compute_segment(job_id, index)
 
 
 @app.task(name=ADHOC_QUERY, **RELIABLE)

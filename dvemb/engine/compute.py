@@ -620,6 +620,29 @@ def compute(
     args = arguments or ComputeArguments()
     log = open_log(log_dir)
     out = Path(out_dir)
+    finished = prepare_out(log, out, args, overwrite=overwrite)
+    if finished is not None:
+        return finished
+    if is_segmented(log, args):
+        from dvemb.engine.segmented import compute_segmented  # it imports this module
+
+        return compute_segmented(log.directory, out, args, progress=progress, workers=workers)
+    return _Run(log, out, args, progress).run()
+
+
+def is_segmented(log: GradientLog, args: ComputeArguments) -> bool:
+    """True when the computation runs in segments: asked for, or needed for the log's checkpoint query sets."""
+    return args.segments > 1 or any(int(q["step"]) < log.num_steps for q in log.manifest.get("query_sets", []))
+
+
+def prepare_out(
+    log: GradientLog, out: Path, args: ComputeArguments, *, overwrite: bool = False
+) -> dict[str, Any] | None:
+    """Make ``out`` ready for this computation; the summary when the same computation already finished there.
+
+    Raises:
+        ConfigError: ``out`` is (or holds) the log, or holds results of another computation and not ``overwrite``.
+    """
     _check_out_dir(log.directory, out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(log, args)
@@ -637,8 +660,4 @@ def compute(
         shutil.rmtree(out)
         out.mkdir(parents=True)
     summary_path.unlink(missing_ok=True)
-    from dvemb.engine.segmented import checkpoint_series, compute_segmented  # imports this module
-
-    if args.segments > 1 or checkpoint_series(log):
-        return compute_segmented(log.directory, out, args, progress=progress, workers=workers)
-    return _Run(log, out, args, progress).run()
+    return None

@@ -60,6 +60,7 @@ __all__ = [
     "compute_segmented",
     "prepare_segments",
     "run_segment",
+    "segment_done",
 ]
 
 SEGMENTS_DIR = "segments"
@@ -169,6 +170,11 @@ def _segment_done(path: Path, plan: SegmentPlan) -> bool:
         return False
     with safe_open(str(path), framework="pt") as f:
         return (f.metadata() or {}).get("plan") == plan.fingerprint
+
+
+def segment_done(out_dir: str | Path, plan: SegmentPlan, index: int) -> bool:
+    """True when segment ``index`` of ``plan`` has finished (its file is written last, atomically)."""
+    return _segment_done(_segment_file(Path(out_dir), index), plan)
 
 
 def run_segment(
@@ -370,7 +376,7 @@ def compute_segmented(
 ) -> dict[str, Any]:
     """Prepare, run every segment (``workers`` processes; inline for one) and combine."""
     plan = prepare_segments(log_dir, out, args, args.segments)
-    todo = [j for j in range(plan.num_segments) if not _segment_done(_segment_file(out, j), plan)]
+    todo = [j for j in range(plan.num_segments) if not segment_done(out, plan, j)]
     if workers <= 1:
         for j in reversed(todo):
             run_segment(log_dir, out, args, plan, j)

@@ -55,6 +55,13 @@ class JobCreate(BaseModel):
     top_k: int | None = Field(default=None, ge=1, le=1000)
     propagation: Literal["auto", "optimizer", "sgd-proxy"] | None = None
     second_moment: bool | None = None
+    segments: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="split training into this many segments, computed in parallel by the workers and combined "
+        "exactly; default: the deployment's DVEMB_COMPUTE_WORKERS",
+    )
 
 
 class JobPublic(BaseModel):
