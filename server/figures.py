@@ -58,7 +58,7 @@ def phase_figure(
             "x": steps,
             "y": values,
             "marker": {"size": 4, "color": "#444"},
-            "hovertemplate": "step %{x}<br>%{y:.3g}<extra></extra>",
+            "hovertemplate": "%{y:.4g}",
         },
     ]
     if smooth > 1:
@@ -70,6 +70,7 @@ def phase_figure(
                 "x": steps,
                 "y": moving_average(values, smooth),
                 "line": {"color": "#000", "width": 2},
+                "hovertemplate": "%{y:.4g}",
             }
         )
     traces.append(
@@ -81,6 +82,7 @@ def phase_figure(
             "y": list(curve["lr"]),
             "yaxis": "y2",
             "line": {"color": "#2ca02c", "dash": "dot"},
+            "hovertemplate": "%{y:.4g}",
         }
     )
     if any(v is not None for v in curve.get("loss", [])):
@@ -93,9 +95,11 @@ def phase_figure(
                 "y": list(curve["loss"]),
                 "yaxis": "y3",
                 "line": {"color": "#ff7f0e", "width": 1},
+                "hovertemplate": "%{y:.4g}",
             }
         )
     shares = phases.get("share_abs_per_lr" if view == "per_lr" else "share_abs", {})
+    measure = "|influence / lr|" if view == "per_lr" else "|influence|"  # what the shares are shares of
     shapes, annotations = [], []
     for position, (name, (first, last)) in enumerate(phases.get("ranges", {}).items()):
         if last < first:
@@ -124,14 +128,22 @@ def phase_figure(
                 "y": 1.0 + 0.06 * (position % 2),  # staggered: narrow neighbours stay apart
                 "yanchor": "bottom",
                 "showarrow": False,
-                "text": f"{name}: {shares.get(name, 0.0):.0%} of |influence|",
+                "text": f"{name}: {shares.get(name, 0.0):.0%} of {measure}",
             }
         )
     layout = {
-        "title": {"text": title},
+        # The title sits at the top of the figure and the phase labels in the margin under it: apart.
+        "title": {"text": title, "y": 1.0, "yref": "container", "yanchor": "top", "pad": {"t": 8}},
         "xaxis": {"title": {"text": "training step"}, "domain": [0, 0.88]},
         "yaxis": {"title": {"text": ylabel}, "zeroline": True},
-        "yaxis2": {"title": {"text": "learning rate"}, "overlaying": "y", "side": "right", "showgrid": False},
+        # Rates and losses are never negative: the axes start at zero (autorange pads a flat line below it).
+        "yaxis2": {
+            "title": {"text": "learning rate"},
+            "overlaying": "y",
+            "side": "right",
+            "showgrid": False,
+            "rangemode": "tozero",
+        },
         "yaxis3": {
             "title": {"text": "training loss"},
             "overlaying": "y",
@@ -139,11 +151,14 @@ def phase_figure(
             "anchor": "free",
             "position": 0.97,
             "showgrid": False,
+            "rangemode": "tozero",
         },
         "shapes": shapes,
         "annotations": annotations,
+        # One hover box per step: the influence, the learning rate and the loss together.
+        "hovermode": "x unified",
         "legend": {"orientation": "h", "y": -0.2},
-        "margin": {"t": 60, "r": 90},
+        "margin": {"t": 100, "r": 90},
     }
     return {"data": traces, "layout": layout}
 
@@ -165,5 +180,78 @@ def distribution_figure(scores_by_phase: dict[str, list[float]], *, title: str =
         "yaxis": {"title": {"text": "influence on the query set (+ helped)"}},
         "xaxis": {"title": {"text": "training phase"}},
         "showlegend": False,
+    }
+    return {"data": traces, "layout": layout}
+
+
+RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def compare_curves_figure(runs: Sequence[dict[str, Any]], *, view: str = "per_lr", smooth: int = 1) -> dict[str, Any]:
+    """Several runs' phase curves overlaid, x normalised to the share of training done (0–100%).
+
+    Args:
+        runs: per run ``label``, ``steps`` (the run's number of steps) and its curve's columns ``step``,
+            ``mean`` and ``mean_per_lr`` (downsampled or not; x is ``100 * step / steps``).
+        view: ``"per_lr"`` or ``"raw"``, as in :func:`phase_figure`.
+        smooth: moving-average window in points (1: none), applied to each run's curve.
+    """
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}")
+    traces = []
+    for i, run in enumerate(runs):
+        values = list(run["mean_per_lr"] if view == "per_lr" else run["mean"])
+        steps = max(int(run["steps"]), 1)
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": str(run["label"]),
+                "x": [100.0 * s / steps for s in run["step"]],
+                "y": moving_average(values, smooth),
+                "customdata": list(run["step"]),
+                "line": {"color": RUN_COLOURS[i % len(RUN_COLOURS)], "width": 1.5},
+                "hovertemplate": "step %{customdata}: %{y:.4g}",
+            }
+        )
+    ylabel = "mean influence / learning rate" if view == "per_lr" else "mean influence"
+    layout = {
+        "xaxis": {"title": {"text": "training progress (% of the run's steps)"}, "range": [0, 100]},
+        "yaxis": {"title": {"text": ylabel}, "zeroline": True},
+        "hovermode": "x unified",
+        "legend": {"orientation": "h", "y": -0.2},
+        "margin": {"t": 30},
+    }
+    return {"data": traces, "layout": layout}
+
+
+def compare_shares_figure(runs: Sequence[dict[str, Any]], *, view: str = "per_lr") -> dict[str, Any]:
+    """The runs' phase shares side by side: one group of bars per phase, one bar per run.
+
+    Args:
+        runs: per run ``label`` and ``phases`` (the phase summary: ``share_abs_per_lr``, ``share_abs``).
+        view: ``"per_lr"`` (shares of |influence / lr|) or ``"raw"`` (of |influence|).
+    """
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}")
+    key = "share_abs_per_lr" if view == "per_lr" else "share_abs"
+    traces = [
+        {
+            "type": "bar",
+            "name": str(run["label"]),
+            "x": list(PHASE_NAMES),
+            "y": [float(run["phases"].get(key, {}).get(name, 0.0)) for name in PHASE_NAMES],
+            "marker": {"color": RUN_COLOURS[i % len(RUN_COLOURS)]},
+            "hovertemplate": "%{x}: %{y:.1%}",
+        }
+        for i, run in enumerate(runs)
+    ]
+    measure = "|influence / lr|" if view == "per_lr" else "|influence|"
+    layout = {
+        "barmode": "group",
+        "xaxis": {"title": {"text": "training phase"}},
+        "yaxis": {"title": {"text": f"share of {measure}"}, "tickformat": ".0%", "rangemode": "tozero"},
+        "legend": {"orientation": "h", "y": -0.2},
+        "margin": {"t": 30},
     }
     return {"data": traces, "layout": layout}

@@ -7,12 +7,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import plotly
+import swagger_ui
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from server.api.limits import BodyLimit
-from server.api.routes import figures, health, jobs, project, queries, runs, uploads, windows
+from server.api.routes import compare, exports, figures, health, jobs, project, queries, runs, uploads, windows
 from server.db.session import session_factory
 from server.errors import install_handlers
 from server.reconciler import Reconciler
@@ -21,6 +23,8 @@ from server.settings import get_settings
 FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
 # plotly.js ships inside the plotly wheel: served from there, never from a CDN (no internet needed).
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+# Swagger UI's files ship inside the swagger-ui-py wheel: /api/v1/docs works offline.
+SWAGGER_UI = Path(swagger_ui.__file__).parent / "static"
 
 API_PREFIX = "/api/v1"
 
@@ -41,12 +45,12 @@ def create_app() -> FastAPI:
         title="dvemb",
         version="0.1.0",
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        docs_url=None,  # served below with Swagger UI's files from this server, not from a CDN
         redoc_url=None,
         lifespan=lifespan,
     )
     api = APIRouter(prefix=API_PREFIX)
-    for module in (health, project, runs, uploads, jobs, queries, figures, windows):
+    for module in (health, project, runs, uploads, jobs, queries, figures, windows, compare, exports):
         api.include_router(module.router)
     app.include_router(api)
     install_handlers(app)
@@ -55,6 +59,22 @@ def create_app() -> FastAPI:
     @app.get("/static/plotly.min.js", include_in_schema=False)
     def plotly_js() -> FileResponse:
         return FileResponse(PLOTLY_JS, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"})
+
+    app.mount("/static/swagger-ui", StaticFiles(directory=SWAGGER_UI), name="swagger-ui")
+
+    @app.get(f"{API_PREFIX}/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=f"{API_PREFIX}/openapi.json",
+            title="dvemb API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/favicon.ico",
+        )
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(FRONTEND / "favicon.svg", media_type="image/svg+xml")
 
     # The dashboard: static files that talk to the API with the user's token (nothing is shown without one).
     # Only what the browser needs is served (not the lint tools' node_modules or configs).

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from server.figures import distribution_figure, moving_average, phase_figure
+from server.figures import (
+    compare_curves_figure,
+    compare_shares_figure,
+    distribution_figure,
+    moving_average,
+    phase_figure,
+)
 
 CURVE = {
     "step": [0, 10, 20, 30, 40],
@@ -37,10 +43,16 @@ def test_phase_figure_per_lr_view() -> None:
         ("phase:late", 30, 50),
     ]
     assert [a["text"] for a in layout["annotations"]] == [
-        "early: 30% of |influence|",
-        "basin: 20% of |influence|",
-        "late: 50% of |influence|",
+        "early: 30% of |influence / lr|",  # the per-lr view's shares are shares of |influence / lr|
+        "basin: 20% of |influence / lr|",
+        "late: 50% of |influence / lr|",
     ]
+    # learning rate and loss are never negative: their axes start at zero
+    assert layout["yaxis2"]["rangemode"] == "tozero" and layout["yaxis3"]["rangemode"] == "tozero"
+    assert layout["hovermode"] == "x unified"  # one hover box: influence, lr and loss of one step
+    # the title sits at the top of the figure, the phase labels under it in the margin
+    assert layout["title"]["yref"] == "container" and layout["title"]["yanchor"] == "top"
+    assert layout["margin"]["t"] >= 90
 
 
 def test_phase_figure_raw_view_without_loss_or_smoothing() -> None:
@@ -50,6 +62,7 @@ def test_phase_figure_raw_view_without_loss_or_smoothing() -> None:
     assert figure["data"][0]["y"] == CURVE["mean"]
     assert figure["layout"]["yaxis"]["title"]["text"] == "mean influence of the step's batch"
     assert figure["layout"]["annotations"][0]["text"] == "early: 40% of |influence|"
+    assert figure["layout"]["yaxis2"]["rangemode"] == "tozero"
     with pytest.raises(ValueError, match="view"):
         phase_figure(curve, PHASES, view="log")
 
@@ -68,3 +81,32 @@ def test_distribution_figure() -> None:
         ("box", "late", []),
     ]
     assert figure["layout"]["xaxis"]["title"]["text"] == "training phase"
+
+
+def test_compare_curves_figure_normalises_progress() -> None:
+    runs = [
+        {"label": "a", "steps": 50, **CURVE},
+        {"label": "b", "steps": 4, "step": [0, 2], "mean": [1.0, 2.0], "mean_per_lr": [3.0, 4.0]},
+    ]
+    figure = compare_curves_figure(runs, view="per_lr")
+    assert [t["name"] for t in figure["data"]] == ["a", "b"]
+    assert figure["data"][0]["x"] == [0.0, 20.0, 40.0, 60.0, 80.0]
+    assert figure["data"][1]["x"] == [0.0, 50.0] and figure["data"][1]["y"] == [3.0, 4.0]
+    assert figure["data"][1]["customdata"] == [0, 2]  # the hover names each run's own step
+    raw = compare_curves_figure(runs, view="raw", smooth=3)
+    assert raw["data"][1]["y"] == [1.5, 1.5]
+    with pytest.raises(ValueError, match="view"):
+        compare_curves_figure(runs, view="log")
+
+
+def test_compare_shares_figure_groups_phases() -> None:
+    other = {"share_abs_per_lr": {"early": 0.6, "basin": 0.1, "late": 0.3}, "share_abs": {}}
+    figure = compare_shares_figure([{"label": "a", "phases": PHASES}, {"label": "b", "phases": other}])
+    assert figure["layout"]["barmode"] == "group"
+    assert [(t["name"], t["x"], t["y"]) for t in figure["data"]] == [
+        ("a", ["early", "basin", "late"], [0.3, 0.2, 0.5]),
+        ("b", ["early", "basin", "late"], [0.6, 0.1, 0.3]),
+    ]
+    raw = compare_shares_figure([{"label": "b", "phases": other}], view="raw")
+    assert raw["data"][0]["y"] == [0.0, 0.0, 0.0]
+    assert raw["layout"]["yaxis"]["title"]["text"] == "share of |influence|"

@@ -1,0 +1,186 @@
+"""Downloads (CSV or Parquet) of every table and curve the dashboard shows, at full resolution and with the
+page's filters applied: the same rows as the JSON endpoints, every page of them (docs/compare-and-export.md)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Response
+
+from dvemb.formats import PhaseName
+from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep
+from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids
+from server.api.schemas import ExampleRank, TopRow
+from server.figures import moving_average
+from server.services import compare as comparing
+from server.services import figures as data
+from server.services import results, windows
+from server.services.tables import ExportFormat, download
+
+router = APIRouter(tags=["exports"])
+
+FormatQuery = Annotated[ExportFormat, Query(description="csv or parquet")]
+Kind = Literal["helpful", "harmful"]
+ALL_ROWS = DB_INT_MAX  # an export has every row the filters keep, not one page
+TOP_COLUMNS = list(TopRow.model_fields)
+EXAMPLE_COLUMNS = ["rank", *ExampleRank.model_fields]
+CURVE_COLUMNS = ["step", "mean", "mean_per_lr", "lr", "loss"]
+PHASE_COLUMNS = ["phase", "first_step", "last_step", "share_abs_per_lr", "share_abs"]
+
+
+@router.get("/jobs/{job_id}/export/top")
+def export_top(
+    job: DoneJobDep,
+    session: SessionDep,
+    query_set: str,
+    format: FormatQuery = "csv",
+    kind: Kind = "helpful",
+    query: IntQuery = None,
+    window_id: Annotated[int | None, Query(ge=1, le=DB_INT_MAX, description="a window's own top rows")] = None,
+    step_min: IntQuery = None,
+    step_max: IntQuery = None,
+    phase: PhaseName | None = None,
+    epoch: IntQuery = None,
+    label: str | None = None,
+    source: str | None = None,
+) -> Response:
+    """The "Top training examples" table: every row of /top (or of /windows/{window_id}/top) for these filters."""
+    if window_id is not None:
+        window = windows.get_window(session, job=job, window_id=window_id)
+        rows, _ = windows.window_rows(session, job=job, window=window, query=query, kind=kind, offset=0, limit=ALL_ROWS)
+    else:
+        found, _ = results.top_rows(
+            session,
+            job=job,
+            query_set=query_set,
+            query=query,
+            kind=kind,
+            offset=0,
+            limit=ALL_ROWS,
+            step_min=step_min,
+            step_max=step_max,
+            phase=phase,
+            epoch=epoch,
+            label=label,
+            source=source,
+        )
+        rows = [TopRow.model_validate(r).model_dump() for r in found]
+    return download(TOP_COLUMNS, rows, fmt=format, name=f"job{job.id}-{query_set}-top-{kind}")
+
+
+@router.get("/jobs/{job_id}/export/examples")
+def export_examples(
+    job: DoneJobDep,
+    session: SessionDep,
+    query_set: str,
+    format: FormatQuery = "csv",
+    kind: Kind = "helpful",
+    label: str | None = None,
+    source: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=DB_INT_MAX, description="the first rows only")] = ALL_ROWS,
+) -> Response:
+    """Examples by total influence, ranked as /examples ranks them (rank 0 first), every example by default."""
+    found, _ = results.ranked_examples(
+        session, job=job, query_set=query_set, kind=kind, label=label, source=source, offset=0, limit=limit
+    )
+    rows = [{"rank": i, **ExampleRank.model_validate(r).model_dump()} for i, r in enumerate(found)]
+    return download(EXAMPLE_COLUMNS, rows, fmt=format, name=f"job{job.id}-{query_set}-examples-{kind}")
+
+
+@router.get("/jobs/{job_id}/export/curve")
+def export_curve(
+    job: DoneJobDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    query_set: str,
+    format: FormatQuery = "csv",
+    query: IntQuery = None,
+    view: Literal["per_lr", "raw"] = "per_lr",
+    smooth: Annotated[int, Query(ge=1, le=1001)] = 1,
+) -> Response:
+    """The phase plot's curve, one row per step (never downsampled); with smooth > 1 a column ``smoothed`` holds
+    the plotted moving average of the view's values."""
+    results.check_query_set(job, query_set)
+    steps = max(results.summary_of(job).steps, 2)
+    if query is None:
+        curve = data.set_curve(session, job=job, query_set=query_set, points=steps)
+    else:
+        curve = data.query_curve(job=job, query_set=query_set, query=query, points=steps, storage=settings.storage)
+    columns = list(CURVE_COLUMNS)
+    if smooth > 1:
+        curve["smoothed"] = moving_average(list(curve["mean_per_lr" if view == "per_lr" else "mean"]), smooth)
+        columns.append("smoothed")
+    rows = [dict(zip(columns, values, strict=True)) for values in zip(*(curve[c] for c in columns), strict=True)]
+    name = f"job{job.id}-{query_set}-curve" + ("" if query is None else f"-query{query}")
+    return download(columns, rows, fmt=format, name=name)
+
+
+def phase_rows(phases: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per phase: its steps and its shares of |influence / lr| and of |influence|."""
+    return [
+        {
+            "phase": name,
+            "first_step": first,
+            "last_step": last,
+            "share_abs_per_lr": phases.get("share_abs_per_lr", {}).get(name),
+            "share_abs": phases.get("share_abs", {}).get(name),
+        }
+        for name, (first, last) in phases.get("ranges", {}).items()
+    ]
+
+
+@router.get("/jobs/{job_id}/export/phases")
+def export_phases(job: DoneJobDep, session: SessionDep, query_set: str, format: FormatQuery = "csv") -> Response:
+    """The phases of the job's curve: steps and shares."""
+    rows = phase_rows(results.phases(session, job=job, query_set=query_set))
+    return download(PHASE_COLUMNS, rows, fmt=format, name=f"job{job.id}-{query_set}-phases")
+
+
+@router.get("/compare/export/{table}")
+def export_comparison(
+    table: Literal["curves", "phases", "overlap", "differences"],
+    session: SessionDep,
+    project: ProjectDep,
+    jobs: JobsQuery,
+    query_set: str,
+    format: FormatQuery = "csv",
+    top: TopQuery = 100,
+    differ: DifferQuery = 20,
+) -> Response:
+    """A table of the comparison page: the runs' curves (every step, with the share of training done), their
+    phases, the pairs' overlap and rank correlations, or the most differing examples."""
+    ids = job_ids(jobs)
+    name = f"compare-{'-'.join(map(str, ids))}-{query_set}-{table}"
+    if table in ("curves", "phases"):
+        found = comparing.compared_jobs(session, project=project, job_ids=ids, query_set=query_set)
+        if table == "curves":
+            return download(*_curve_table(session, found, query_set), fmt=format, name=name)
+        rows = [
+            {"job_id": job.id, "label": comparing.label_of(session, job), **row}
+            for job in found
+            for row in phase_rows(results.phases(session, job=job, query_set=query_set))
+        ]
+        return download(["job_id", "label", *PHASE_COLUMNS], rows, fmt=format, name=name)
+    pairs = comparing.compare(
+        session, project=project, job_ids=ids, query_set=query_set, points=2, top=top, differ=differ
+    )["pairs"]
+    if table == "overlap":
+        columns = ["a", "b", "shared_examples", "kind", "shared", "of", "share", "spearman_all", "spearman_top"]
+        rows = [{**p, "kind": kind, **p["overlap"][kind]} for p in pairs for kind in ("helpful", "harmful")]
+        return download(columns, rows, fmt=format, name=name)
+    columns = ["a", "b", "example_id", "total_a", "total_b", "difference"]
+    rows = [{"a": p["a"], "b": p["b"], **d} for p in pairs for d in p["differences"]]
+    return download(columns, rows, fmt=format, name=name)
+
+
+def _curve_table(session: Any, jobs: list[Any], query_set: str) -> tuple[list[str], list[dict[str, Any]]]:
+    columns = ["job_id", "label", "progress", *CURVE_COLUMNS]
+    rows = []
+    for job in jobs:
+        steps = max(results.summary_of(job).steps, 1)
+        curve = results.curve(session, job=job, query_set=query_set, points=max(steps, 2))
+        label = comparing.label_of(session, job)
+        for values in zip(*(curve[c] for c in CURVE_COLUMNS), strict=True):
+            row = dict(zip(CURVE_COLUMNS, values, strict=True))
+            rows.append({"job_id": job.id, "label": label, "progress": 100.0 * row["step"] / steps, **row})
+    return columns, rows
