@@ -255,3 +255,40 @@ def compare_shares_figure(runs: Sequence[dict[str, Any]], *, view: str = "per_lr
         "margin": {"t": 30},
     }
     return {"data": traces, "layout": layout}
+
+
+def dynamics_figure(dynamics: dict[str, Any], *, title: str = "") -> dict[str, Any]:
+    """Value dynamics (the paper's Figure 4): one line per tenth of training, the mean influence of its
+    occurrences on each later checkpoint.
+
+    Args:
+        dynamics: a series of ``summary["dynamics"]``: ``checkpoints`` (C,), ``buckets`` (10 x [first, last]
+            step), ``mean`` (C x 10, null where nothing of the bucket was trained before the checkpoint).
+    """
+    checkpoints = list(dynamics["checkpoints"])
+    buckets = list(dynamics["buckets"])
+    traces = []
+    for b, (first, last) in enumerate(buckets):
+        values = [row[b] for row in dynamics["mean"]]
+        if all(v is None for v in values):
+            continue
+        shade = int(40 + 180 * b / max(len(buckets) - 1, 1))  # early dark blue to late light orange
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": f"trained at steps {first}–{last}",
+                "x": checkpoints,
+                "y": values,
+                "line": {"color": f"rgb({shade}, {110 + shade // 4}, {255 - shade})"},
+                "hovertemplate": "checkpoint %{x}<br>mean influence %{y:.3g}<extra>%{fullData.name}</extra>",
+            }
+        )
+    layout = {
+        "title": {"text": title},
+        "xaxis": {"title": {"text": "checkpoint (training step)"}},
+        "yaxis": {"title": {"text": "mean influence on the checkpoint's queries (+ helped)"}},
+        "legend": {"orientation": "v"},
+        "margin": {"t": 60},
+    }
+    return {"data": traces, "layout": layout}

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import socket
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -229,7 +230,8 @@ def run_segment(
         "bucket_counts": counts,
     }
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"plan": plan.fingerprint})
+    meta = {"plan": plan.fingerprint, "process": f"{socket.gethostname()}:{os.getpid()}"}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
 
@@ -251,8 +253,12 @@ class _CombinedRun(_Run):
         rebuild = QueryState.identity(self.seeded) if self.embeddings is not None else None
         series = self._series_states()
         bounds = self.plan.boundaries
+        processes = []
         for index in range(self.plan.num_segments - 1, -1, -1):
-            segment = load_file(str(_segment_file(self.out, index)))
+            path = _segment_file(self.out, index)
+            with safe_open(str(path), framework="pt") as f:
+                processes.append((f.metadata() or {}).get("process", ""))
+            segment = load_file(str(path))
             first, stop = bounds[index], bounds[index + 1]
             self.step_lr[first:stop], self.step_batch[first:stop] = segment["lr"], segment["batch_size"].double()
             self.step_loss[first:stop] = segment["loss"]
@@ -268,9 +274,27 @@ class _CombinedRun(_Run):
                 dyn.propagate(propagators)
         dynamics = {}
         for name, dyn in series.items():
-            save_file(dyn.tensors(), str(self.out / dynamics_file(name)))
-            dynamics[name] = {"checkpoints": dyn.steps, "query_sets": dyn.names, "buckets": DYNAMICS_BUCKETS}
-        extra = {"segments": self.plan.num_segments, "boundaries": list(bounds), "dynamics": dynamics}
+            tensors = dyn.tensors()
+            save_file(tensors, str(self.out / dynamics_file(name)))
+            mean = [[None if v != v else v for v in row] for row in tensors["mean"].tolist()]  # NaN -> null (JSON)
+            dynamics[name] = {
+                "checkpoints": dyn.steps,
+                "query_sets": dyn.names,
+                "buckets": [
+                    [first, last]
+                    for first, last in zip(
+                        tensors["bucket_first_step"].tolist(), tensors["bucket_last_step"].tolist(), strict=True
+                    )
+                ],
+                "mean": mean,
+                "count": tensors["count"].tolist(),
+            }
+        extra = {
+            "segments": self.plan.num_segments,
+            "boundaries": list(bounds),
+            "segment_processes": processes[::-1],  # host:pid that ran each segment
+            "dynamics": dynamics,
+        }
         return self._finish(time.monotonic() - started, extra)
 
     def _score_segment(

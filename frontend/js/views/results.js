@@ -3,6 +3,7 @@ import { api } from "../api.js";
 import { byId, onEach } from "../dom.js";
 import { html, render } from "../html.js";
 import { state } from "../state.js";
+import { drawDynamics, dynamicsSection } from "./dynamics.js";
 import { drawPlots } from "./plots.js";
 import { showExamples, showTop } from "./rankings.js";
 import { bindSelection, selectionSection, showSelection } from "./selection.js";
@@ -57,7 +58,7 @@ const distributionSection = () =>
 
 const resultsPage = (summary, propagation) =>
   html`${plotSection(summary, propagation)}${selectionSection()}${topSection()}${examplesSection()}
-    ${distributionSection()}`;
+    ${distributionSection()}${dynamicsSection(summary)}`;
 
 /** Fills the query picker with the current query set's queries. */
 function fillQueries(summary) {
@@ -113,6 +114,6 @@ export async function showResults(job) {
   bindControls(summary, refresh);
   bindSelection(job.id);
   await refresh.windows();
-  await Promise.all([refresh.plots(), refresh.top(), refresh.examples(), refresh.selection()]);
+  await Promise.all([refresh.plots(), refresh.top(), refresh.examples(), refresh.selection(), drawDynamics(job.id)]);
   results.dataset.ready = "true";
 }

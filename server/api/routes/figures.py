@@ -49,6 +49,22 @@ def distribution_figure(
     return figures.distribution_figure(by_phase, title=f"scores by phase, {query_set}")
 
 
+@router.get("/jobs/{job_id}/dynamics")
+def value_dynamics(job: DoneJobDep) -> dict[str, Any]:
+    """Value dynamics of the job's checkpoint query sets (empty when the log recorded none), by series."""
+    return {"series": dict((job.summary or {}).get("dynamics") or {})}
+
+
+@router.get("/jobs/{job_id}/figures/dynamics")
+def dynamics_figure(job: DoneJobDep, series: str) -> dict[str, Any]:
+    """The value-dynamics plot of one series (``GET /jobs/{id}/dynamics`` lists them)."""
+    available = dict((job.summary or {}).get("dynamics") or {})
+    if series not in available:
+        known = ", ".join(sorted(available)) or "none: record queries with checkpoint=True during training"
+        raise BadRequest(f"series {series!r} has no value dynamics in this job; available: {known}")
+    return figures.dynamics_figure(available[series], title=f"value dynamics, {series}")
+
+
 @router.get("/jobs/{job_id}/metadata")
 def examples_metadata(job: JobDep, settings: SettingsDep, ids: str) -> dict[str, Any]:
     """What the listed examples are (comma-separated ids, at most 200)."""
