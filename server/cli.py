@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -80,6 +82,43 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 30) -
         process.wait()
 
 
+class LocalWorker:
+    """The embedded mode's worker process, kept alive: restarted (after ``backoff`` seconds) whenever it exits
+    while the server runs (killed, out of memory), so that queued tasks and the jobs the reconciler re-queues
+    after a lost worker (server/reconciler.py) are computed without anyone restarting ``dvemb serve``."""
+
+    def __init__(self, command: list[str], backoff: float = 1.0) -> None:
+        self.command, self.backoff = command, backoff
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.watcher = threading.Thread(target=self._watch, daemon=True, name="dvemb-local-worker")
+
+    def start(self) -> LocalWorker:
+        with self.lock:
+            self.process = subprocess.Popen(self.command)
+        self.watcher.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            stop_process(self.process)
+
+    def _watch(self) -> None:
+        while not self.stopping.is_set():
+            process = self.process
+            if process is not None and process.poll() is not None and not self.stopping.wait(self.backoff):
+                with self.lock:
+                    if self.stopping.is_set():
+                        return
+                    logging.getLogger(__name__).warning(
+                        "the local worker stopped (exit status %s): starting another", process.returncode
+                    )
+                    self.process = subprocess.Popen(self.command)
+            self.stopping.wait(0.5)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -89,7 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
     prepare()
     token = new_token(args.project, "serve")
     settings = get_settings()
-    worker = None if args.no_worker else subprocess.Popen(worker_command())
+    worker = None if args.no_worker else LocalWorker(worker_command()).start()
     print(
         f"dvemb serving on http://{args.host}:{args.port}  (database {settings.database}, storage {settings.storage})"
     )
@@ -100,5 +139,6 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        stop_process(worker)
+        if worker is not None:
+            worker.stop()
     return 0

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -16,9 +19,11 @@ from service_harness import Api, free_port, record_log
 from dvemb.client import upload_log
 
 
-def test_dvemb_serve_embedded(tmp_path: Path) -> None:
+@contextmanager
+def _serve(tmp_path: Path, **settings: str) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    """`dvemb serve` with nothing configured but ``settings`` (DVEMB_ variables): (process, URL, token)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVEMB_")}
-    env["DVEMB_DATA_DIR"] = str(tmp_path / "data")
+    env.update({"DVEMB_DATA_DIR": str(tmp_path / "data"), **settings})
     port = free_port()
     serve = subprocess.Popen(
         [sys.executable, "-m", "dvemb.cli", "serve", "--port", str(port)],
@@ -40,6 +45,17 @@ def test_dvemb_serve_embedded(tmp_path: Path) -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
+        yield serve, url, token
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGTERM)
+            serve.wait(timeout=60)
+        if serve.stdout is not None:
+            serve.stdout.close()
+
+
+def test_dvemb_serve_embedded(tmp_path: Path) -> None:
+    with _serve(tmp_path) as (serve, url, token):
         result = upload_log(record_log(tmp_path / "log"), server=url, token=token, run_name="embedded", analyze=True)
         assert result["status"] == "ready", result
         api = Api(url, token)
@@ -60,12 +76,39 @@ def test_dvemb_serve_embedded(tmp_path: Path) -> None:
         while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [pid for pid in children if _alive(pid)], "the worker outlived dvemb serve"
-    finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGTERM)
-            serve.wait(timeout=60)
-        if serve.stdout is not None:
-            serve.stdout.close()
+
+
+def test_a_job_survives_the_embedded_worker_being_killed(tmp_path: Path) -> None:
+    """Issue 13, item 5: the filesystem broker forgets a message once a worker takes it, so a job whose worker's
+    main process was killed stayed 'running' for ever. Its lease now expires, the API's reconciler queues it
+    again, and `dvemb serve` starts a new worker, which resumes it."""
+    settings = {"DVEMB_JOB_LEASE_SECONDS": "3", "DVEMB_RECONCILE_SECONDS": "0.5"}
+    with _serve(tmp_path, **settings) as (serve, url, token):
+        log = record_log(tmp_path / "log", steps=240, batch=8, shard_steps=40, dim=48)
+        result = upload_log(log, server=url, token=token, run_name="killed", analyze=True)
+        assert result["status"] == "ready", result
+        api = Api(url, token)
+        try:
+            job_id = result["job"]["id"]
+            deadline = time.monotonic() + 120
+            while True:  # kill the worker once the job is under way
+                job = api.get(f"/jobs/{job_id}").json()
+                if job["status"] == "running" and 0 < job["progress"] < 0.8:
+                    break
+                assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+                time.sleep(0.01)
+            [worker] = _children(serve.pid)
+            os.kill(worker, signal.SIGKILL)  # the worker's main process, by PID: no clean-up at all
+            job = api.wait_job(job_id, timeout=120)
+            assert job["status"] == "succeeded", job
+            with sqlite3.connect(tmp_path / "data" / "dvemb.db") as db:  # computed by a second attempt
+                assert db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone() == (2,)
+            replacement = _children(serve.pid)
+            assert replacement and worker not in replacement
+            top = api.get(f"/jobs/{job_id}/top", params={"query_set": "val", "limit": 3})
+            assert top.status_code == 200 and len(top.json()["data"]) == 3
+        finally:
+            api.client.close()
 
 
 def _children(pid: int) -> list[int]:
