@@ -265,7 +265,7 @@ class RecorderConfig(Config):
         t0 = time.perf_counter()
         self.rec.close()
         close_ms = (time.perf_counter() - t0) * 1e3
-        manifest = json.loads((self.log_dir / "manifest.json").read_text())
+        manifest = dvemb.open_log(self.log_dir).manifest  # with its shard list (version 3: from the shard index)
         shard_bytes = sum(s["bytes"] for s in manifest["shards"])
         dir_bytes = sum(p.stat().st_size for p in self.log_dir.iterdir() if p.is_file())
         recorded_rows = sum(s["num_rows"] for s in manifest["shards"])

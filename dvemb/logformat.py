@@ -38,9 +38,10 @@ __all__ = [
 ]
 
 FORMAT_NAME = "dvemb-gradient-log"
-FORMAT_VERSION = 2
-#: Versions this dvemb reads: 1 (no optimizer state: influence uses the SGD proxy for momentum and Adam).
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this dvemb reads: 1 (no optimizer state: influence uses the SGD proxy for momentum and Adam),
+#: 2 (shards listed in the manifest, rewritten after every shard), 3 (shards listed in an append-only index).
+READABLE_VERSIONS = (1, 2, 3)
 #: Per-step, per-layer scalars of the optimizer's linearised update, (S, n_layers) float64 in a shard.
 OPTIMIZER_SCALARS = ("opt.momentum", "opt.dampening", "opt.beta2", "opt.eps", "opt.step")
 #: Per-layer optimizer state per step. A layer stored whole, (S, d) each: Adam's exact preconditioner

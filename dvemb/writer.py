@@ -1,9 +1,14 @@
 """Streaming, crash-safe writer of gradient logs (see docs/format.md).
 
 Steps are buffered until a shard's worth of bytes is reached, then written to a temporary file,
-fsynced and renamed into place; only then is the manifest (itself replaced atomically) updated to
-list the shard. A process killed at any moment therefore leaves a valid log that ends at the last
-complete shard, and memory is bounded by one shard whatever the run length.
+fsynced and renamed into place; only then is the shard's record appended to the rank's shard index
+(``shards.jsonl``: one line, one write, fsync). A process killed at any moment therefore leaves a valid
+log that ends at the last complete shard, and memory is bounded by one shard whatever the run length.
+
+The manifest holds only run-level fields and is rewritten (atomically) on rare events: when a run-level
+field changed (the optimizer is described at the first step, a skipped step), a query set or example file
+is added, and at close, which seals the index (its final size and sha256). What is written per shard is
+one index line, so the metadata a run writes grows linearly with its length (bench/log_metadata.py).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from safetensors.torch import save, save_file
 from dvemb import formats
 from dvemb import logformat as fmt
 from dvemb.errors import ConfigError
+from dvemb.formats import index_line, index_name
 
 __all__ = ["LogWriter", "StepRecord", "sha256_file", "write_json_atomic"]
 
@@ -132,10 +138,15 @@ class LogWriter:
             "id_type": None,
             "num_steps": 0,
             **manifest,
-            "shards": [],
+            "shard_index": {"file": index_name(rank)},
             "query_sets": [],
             "example_files": [],
         }
+        self._index_path = self.directory / index_name(rank)
+        self._index_bytes = 0  # bytes of complete records in the index
+        self._num_shards = 0  # shards listed in the index (touched by the background thread only)
+        self._num_steps = 0  # steps those shards hold
+        self._saved_manifest = ""  # the manifest text last written or queued for writing
         self._pending: list[StepRecord] = []
         self._pending_bytes = 0
         self._next_step = 0
@@ -147,6 +158,7 @@ class LogWriter:
         self._examples: list[dict[str, Any]] = []
         self._examples_bytes = 0
         self._closed = False
+        self._write_bytes_atomic(self._index_path.name, b"")  # before the manifest that names it
         self._save_manifest()
 
     # -- directory and manifest -------------------------------------------------------------------
@@ -162,17 +174,46 @@ class LogWriter:
         if overwrite:
             # Remove only files this writer would create: never anything else the directory holds.
             patterns = (
-                ["shard-*", "queries-*", "examples-*", "manifest*.json*"]
+                ["shard-*", "shards*.jsonl*", "queries-*", "examples-*", "manifest*.json*"]
                 if self.rank == 0
-                else [f"shard-r{self.rank}-*", f"{fmt.rank_manifest_name(self.rank)}*"]
+                else [f"shard-r{self.rank}-*", f"{index_name(self.rank)}*", f"{fmt.rank_manifest_name(self.rank)}*"]
             )
             for pattern in patterns:
                 for old in self.directory.glob(pattern):
                     if old.is_file():
                         old.unlink()
 
+    def _manifest_text(self) -> str:
+        return json.dumps(self.manifest, indent=1)
+
     def _save_manifest(self) -> None:
-        write_json_atomic(self.directory / fmt.rank_manifest_name(self.rank), self.manifest)
+        """Write the manifest now (training thread, no shard write in flight)."""
+        self.manifest["num_steps"] = self._num_steps
+        self._saved_manifest = self._manifest_text()
+        self._write_manifest_text(self._saved_manifest)
+
+    def _write_manifest_text(self, text: str) -> None:
+        self._write_bytes_atomic(fmt.rank_manifest_name(self.rank), text.encode("utf-8"))
+
+    def _append_index(self, entry: dict[str, Any]) -> None:
+        """Append one shard's record to the index: one write, then fsync.
+
+        A record is valid only with its newline, so a crash mid-write leaves a partial last line that
+        readers drop. A partial line left by a failed append in this process is cut off first, so that
+        the retried record starts on a line of its own.
+        """
+        line = index_line(entry)
+        fd = os.open(self._index_path, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_size != self._index_bytes:
+                os.ftruncate(fd, self._index_bytes)
+            written = 0
+            while written < len(line):
+                written += os.pwrite(fd, line[written:], self._index_bytes + written)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._index_bytes += len(line)
 
     def _write_bytes_atomic(self, name: str, data: bytes) -> None:
         final = self.directory / name
@@ -229,7 +270,12 @@ class LogWriter:
     def _submit_shard(self) -> None:
         self._wait()  # first: if the previous write failed, the buffered steps stay buffered
         records, self._pending, self._pending_bytes = self._pending, [], 0
-        self._inflight = self._executor.submit(self._write_shard, records)
+        # Run-level fields the training thread changed since the manifest was last written (the optimizer
+        # described at the first step, a skipped step) go to disk with this shard; usually nothing changed.
+        text = self._manifest_text()
+        changed = text if text != self._saved_manifest else None
+        self._saved_manifest = text
+        self._inflight = self._executor.submit(self._write_shard, records, changed)
 
     def _wait(self) -> None:
         """Wait for the shard being written; re-raise its error here, in the training thread.
@@ -245,6 +291,7 @@ class LogWriter:
                 self._pending = self._failed + self._pending
                 self._pending_bytes = sum(_record_bytes(r) for r in self._pending)
                 self._failed = []
+                self._saved_manifest = ""  # the manifest may not have been written: write it with the retry
                 raise
 
     def flush(self) -> None:
@@ -256,12 +303,14 @@ class LogWriter:
         if self._examples:
             self._write_examples()
 
-    def _write_shard(self, records: list[StepRecord]) -> None:
+    def _write_shard(self, records: list[StepRecord], manifest_text: str | None = None) -> None:
         try:
             self._write_shard_now(records)
         except BaseException:
-            self._failed = records
+            self._failed = records  # not in the index: retried with the next shard
             raise
+        if manifest_text is not None:  # the shard is in the log whatever happens here
+            self._write_manifest_text(manifest_text)
 
     def _write_shard_now(self, records: list[StepRecord]) -> None:
         layers = list(records[0].grads)
@@ -283,8 +332,7 @@ class LogWriter:
                 tensors[fmt.curvature_key(layer)] = torch.cat([r.curvature[layer] for r in records])
         for key in records[0].optimizer:
             tensors[key] = torch.stack([r.optimizer[key] for r in records])
-        index = len(self.manifest["shards"])
-        name = fmt.shard_name(self.rank, index)
+        name = fmt.shard_name(self.rank, self._num_shards)
         data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": fmt.FORMAT_NAME})
         self._write_bytes_atomic(name, data)
         entry = {
@@ -295,9 +343,9 @@ class LogWriter:
             "last_step": records[-1].step,
             "num_rows": int(row_step.numel()),
         }
-        self.manifest["shards"].append(entry)
-        self.manifest["num_steps"] = records[-1].step + 1
-        self._save_manifest()
+        self._append_index(entry)  # only now is the shard part of the log
+        self._num_shards += 1
+        self._num_steps = records[-1].step + 1
 
     # -- query sets and example metadata ----------------------------------------------------------
 
@@ -318,7 +366,7 @@ class LogWriter:
     def write_projection(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         """Write the calibrated projection bases (before any shard) and list the file in the manifest."""
         self._check_open()
-        if self.manifest["shards"] or self._pending:
+        if self._num_shards or self._pending or self._inflight is not None:
             raise ConfigError("the projection must be written before the first step is recorded")
         self.manifest["projection"] = info
         if self.rank == 0:  # every rank holds the same bases; rank 0's manifest lists the one file
@@ -356,11 +404,18 @@ class LogWriter:
     # -- closing ----------------------------------------------------------------------------------
 
     def close(self, updates: dict[str, Any] | None = None) -> None:
-        """Write what is buffered, merge ``updates`` into the manifest and mark the log complete."""
+        """Write what is buffered, merge ``updates`` into the manifest, seal the shard index (its final
+        size and sha256, so that a truncated index of a complete log is refused) and mark the log complete."""
         if self._closed:
             return
         self.flush()
         self.manifest.update(updates or {})
+        self.manifest["shard_index"] = {
+            "file": self._index_path.name,
+            "num_shards": self._num_shards,
+            "bytes": self._index_bytes,
+            "sha256": sha256_file(self._index_path),
+        }
         self.manifest["complete"] = True
         self._save_manifest()
         self._closed = True

@@ -13,8 +13,16 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dvemb.errors import DvembError
-from dvemb.formats import MANIFEST, Manifest, is_manifest_name, manifest_names, rank_manifest_name
-from dvemb.reader import GradientLog, check_manifest_file
+from dvemb.formats import (
+    MANIFEST,
+    Manifest,
+    index_name,
+    is_index_name,
+    is_manifest_name,
+    manifest_names,
+    rank_manifest_name,
+)
+from dvemb.reader import GradientLog, check_index_file, check_manifest_file
 from server.db.models import LogFile, Run
 from server.db.run_files import missing_files
 from server.db.session import session_factory
@@ -42,10 +50,10 @@ def run_validate_file(file_id: int) -> None:
         part = part_path(storage, run.id, upload.upload_id)
         staging = staging_dir(storage, run.id)
         try:
-            if is_manifest_name(upload.name):
+            if is_manifest_name(upload.name) or is_index_name(upload.name):  # a manifest, or a rank's shard index
                 _accept_manifest(session, run, upload, part)
             else:
-                if _staged_manifests(staging) is None:
+                if _listing_manifests(staging) is None:
                     _wait_for_manifest(session, upload, staging)
                     return
                 GradientLog(staging).validate_file(upload.name, part)
@@ -82,7 +90,7 @@ def _settle_run(run_id: int) -> None:
 def _wait_for_manifest(session: Session, upload: LogFile, staging: Any) -> None:
     transition(session, upload, FileStatus.RECEIVED, error="waiting for the manifest(s) to be uploaded and validated")
     session.commit()
-    if _staged_manifests(staging) is not None:  # the manifest arrived meanwhile: its re-trigger may have missed us
+    if _listing_manifests(staging) is not None:  # the manifest arrived meanwhile: its re-trigger may have missed us
         sender().send_task(VALIDATE_FILE, args=[upload.id])
 
 
@@ -95,20 +103,39 @@ def _staged_manifests(staging: Any) -> list[dict[str, Any]] | None:
     return [json.loads(p.read_text()) for p in paths] if all(p.exists() for p in paths) else None
 
 
+def _listing_manifests(staging: Any, staged: list[dict[str, Any]] | None = None) -> list[dict[str, Any]] | None:
+    """The ranks' manifests with their shard lists, once every manifest and (version 3) shard index is staged."""
+    staged = staged if staged is not None else _staged_manifests(staging)
+    if staged is None:
+        return None
+    indexes = [staging / index_name(rank) for rank, m in enumerate(staged) if "shard_index" in m]
+    return GradientLog(staging).rank_manifests if all(p.exists() for p in indexes) else None
+
+
 def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> None:
-    manifest = check_manifest_file(part)
-    expected = rank_manifest_name(int(manifest["rank"]))
-    if upload.name != expected:
-        raise DvembError(f"{upload.name} holds the manifest of rank {manifest['rank']}; upload it as {expected}")
+    if is_index_name(upload.name):
+        check_index_file(part, upload.name)
+    else:
+        manifest = check_manifest_file(part)
+        expected = rank_manifest_name(int(manifest["rank"]))
+        if upload.name != expected:
+            raise DvembError(f"{upload.name} holds the manifest of rank {manifest['rank']}; upload it as {expected}")
     storage = get_settings().storage
     staged = staging_dir(storage, run.id) / upload.name
     shutil.copyfile(part, staged)
-    _publish(part, log_dir(storage, run.id) / upload.name)
     manifests = _staged_manifests(staging_dir(storage, run.id))
+    try:
+        listing = _listing_manifests(staging_dir(storage, run.id), manifests)
+    except DvembError:
+        staged.unlink()  # it disagrees with what is staged (a manifest and its shard index): refused, not kept
+        raise
+    _publish(part, log_dir(storage, run.id) / upload.name)
     if manifests is not None:
-        run.manifest = {"ranks": manifests}
-        typed = [Manifest.from_json(m) for m in manifests]
+        # Version 3 without its shard indexes yet: the manifests name the indexes, so the run waits for them.
+        run.manifest = {"ranks": listing or manifests}
+        typed = [Manifest.from_json(m) for m in listing or manifests]
         run.num_steps = min((m.shards[-1].last_step + 1 if m.shards else 0) for m in typed)
+    if listing is not None:
         # Files that arrived before the manifest wait for it: validate them now.
         waiting = session.scalars(
             select(LogFile.id).where(

@@ -6,6 +6,7 @@ instead of restating them (an import-linter contract keeps it so).
 - :mod:`dvemb.formats.log_files`: the file names of a gradient log and their grammar (docs/format.md).
 - :mod:`dvemb.formats.results_files`: the file names of a computation's results (docs/results.md).
 - :mod:`dvemb.formats.manifest`: the manifest as typed, validated values (``Manifest.from_json``).
+- :mod:`dvemb.formats.shard_index`: a rank's append-only shard index (``shards.jsonl``, version 3).
 - :mod:`dvemb.formats.summary`: a computation's ``summary.json`` as typed values (``Summary.from_json``).
 - :mod:`dvemb.formats.ids`: example ids as arrays (int64, or UTF-8 bytes with offsets) and back.
 - :mod:`dvemb.formats.phases`: the three training phases and which one a step falls in.
@@ -16,10 +17,14 @@ from dvemb.formats.log_files import (
     EXAMPLE_FILES_GLOB,
     LOG_FILE_NAME,
     MANIFEST,
+    MAX_INDEX_BYTES,
     MAX_MANIFEST_BYTES,
     PROJECTION_FILE,
     QUERY_SET_NAME,
     examples_file_name,
+    index_name,
+    index_rank,
+    is_index_name,
     is_log_file_name,
     is_manifest_name,
     listed_files,
@@ -28,7 +33,7 @@ from dvemb.formats.log_files import (
     rank_manifest_name,
     shard_name,
 )
-from dvemb.formats.manifest import LayerEntry, Manifest, ManifestError, QuerySetEntry, ShardEntry
+from dvemb.formats.manifest import LayerEntry, Manifest, ManifestError, QuerySetEntry, ShardEntry, ShardIndexEntry
 from dvemb.formats.phases import PHASE_NAMES, PhaseName, phase_of
 from dvemb.formats.results_files import (
     CHECKPOINT,
@@ -43,6 +48,7 @@ from dvemb.formats.results_files import (
     topk_file,
     totals_file,
 )
+from dvemb.formats.shard_index import ParsedIndex, ShardIndexError, index_line, parse_shard_index
 from dvemb.formats.summary import QuerySetSummary, Summary, SummaryError
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "LOG_FILE_NAME",
     "MANIFEST",
     "MAX_ID_CHARS",
+    "MAX_INDEX_BYTES",
     "MAX_MANIFEST_BYTES",
     "OCCURRENCES",
     "PHASE_NAMES",
@@ -63,10 +70,13 @@ __all__ = [
     "LayerEntry",
     "Manifest",
     "ManifestError",
+    "ParsedIndex",
     "PhaseName",
     "QuerySetEntry",
     "QuerySetSummary",
     "ShardEntry",
+    "ShardIndexEntry",
+    "ShardIndexError",
     "Summary",
     "SummaryError",
     "check_ids",
@@ -76,10 +86,15 @@ __all__ = [
     "encode_ids",
     "examples_file_name",
     "id_type",
+    "index_line",
+    "index_name",
+    "index_rank",
+    "is_index_name",
     "is_log_file_name",
     "is_manifest_name",
     "listed_files",
     "manifest_names",
+    "parse_shard_index",
     "phase_of",
     "query_file_name",
     "rank_manifest_name",

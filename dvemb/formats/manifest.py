@@ -12,12 +12,14 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["LayerEntry", "Manifest", "ManifestError", "QuerySetEntry", "ShardEntry"]
+__all__ = ["LayerEntry", "Manifest", "ManifestError", "QuerySetEntry", "ShardEntry", "ShardIndexEntry"]
 
 #: Module names as PyTorch writes them (dotted identifiers, digits for list indices); never a path.
 LAYER_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
 LAYER_KINDS = ("linear", "conv1d", "conv2d", "embedding")
 MAX_DIM = 1 << 31
+#: From this version a rank's shards are listed in its append-only shard index, not in its manifest.
+INDEXED_VERSION = 3
 
 
 class ManifestError(ValueError):
@@ -130,6 +132,51 @@ class ShardEntry:
 
 
 @dataclass(frozen=True)
+class ShardIndexEntry:
+    """A version-3 manifest's pointer to its rank's shard index (``shards.jsonl``).
+
+    While recording only ``file`` is set; ``close()`` seals the index: ``num_shards``, ``bytes`` and
+    ``sha256`` then describe it exactly, so a complete log whose index was truncated is refused.
+    """
+
+    file: str
+    num_shards: int | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+
+    @property
+    def sealed(self) -> bool:
+        """True once the recorder was closed and recorded the index's final size and checksum."""
+        return self.num_shards is not None
+
+    @classmethod
+    def from_json(cls, entry: Any, rank: int) -> ShardIndexEntry:
+        from dvemb.formats.log_files import index_name
+
+        if not isinstance(entry, dict):
+            raise ManifestError("shard_index must be an object")
+        expected = index_name(rank)
+        if entry.get("file") != expected:
+            raise ManifestError(f"shard_index file of rank {rank} must be {expected!r}, got {entry.get('file')!r}")
+        sealed = [k for k in ("num_shards", "bytes", "sha256") if k in entry]
+        if sealed and len(sealed) != 3:
+            raise ManifestError("a sealed shard_index records num_shards, bytes and sha256 together")
+        if not sealed:
+            return cls(file=expected)
+        return cls(
+            file=expected,
+            num_shards=_int("shard_index num_shards", entry["num_shards"]),
+            bytes=_int("shard_index bytes", entry["bytes"]),
+            sha256=_str("shard_index sha256", entry["sha256"]),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        if not self.sealed:
+            return {"file": self.file}
+        return {"file": self.file, "num_shards": self.num_shards, "bytes": self.bytes, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class QuerySetEntry:
     """One query set recorded at the final model."""
 
@@ -162,7 +209,12 @@ class QuerySetEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """One rank's manifest. ``other`` keeps every key this class does not model (optimizer, provenance...)."""
+    """One rank's manifest. ``other`` keeps every key this class does not model (optimizer, provenance...).
+
+    ``shards`` is the manifest's shard list: always there in versions 1 and 2; in version 3 the list is in
+    the shard index, and ``shards`` is None for the manifest file as written (``shard_index`` points to
+    the index) or the list once a reader merged the index in (what the reader and the server hold).
+    """
 
     version: int
     rank: int
@@ -172,8 +224,9 @@ class Manifest:
     loss_reduction: str
     num_steps: int
     layers: tuple[LayerEntry, ...]
-    shards: tuple[ShardEntry, ...]
+    shards: tuple[ShardEntry, ...] | None
     query_sets: tuple[QuerySetEntry, ...] = ()
+    shard_index: ShardIndexEntry | None = None
     other: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -186,12 +239,20 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError("a manifest must be a JSON object")
         modelled = {"version", "rank", "world_size", "complete", "dtype", "loss_reduction", "num_steps"}
-        modelled |= {"layers", "shards", "query_sets"}
+        modelled |= {"layers", "shards", "query_sets", "shard_index"}
         try:
             world = _int("world_size", data["world_size"], 1, max_world_size)
+            version = _int("version", data["version"], 1)
+            rank = _int("rank", data["rank"], 0, world - 1)
+            # Where the shards are listed follows from the keys: 'shards' (versions 1 and 2; version 3 once a
+            # reader merged the index in) or the index 'shard_index' names (required from version 3).
+            indexed = "shard_index" in data
+            if version >= INDEXED_VERSION and not indexed:
+                raise ManifestError(f"a version-{version} manifest names its shard index in 'shard_index'")
+            shards = data["shards"] if "shards" in data or not indexed else None
             manifest = cls(
-                version=_int("version", data["version"], 1),
-                rank=_int("rank", data["rank"], 0, world - 1),
+                version=version,
+                rank=rank,
                 world_size=world,
                 complete=bool(data["complete"]),
                 dtype=_str("dtype", data["dtype"]),
@@ -202,14 +263,17 @@ class Manifest:
                 layers=tuple(
                     LayerEntry.from_json(e, f"layer {i}") for i, e in enumerate(_entries("layers", data["layers"]))
                 ),
-                shards=tuple(ShardEntry.from_json(e) for e in _entries("shards", data["shards"])),
+                shards=None if shards is None else tuple(ShardEntry.from_json(e) for e in _entries("shards", shards)),
                 query_sets=tuple(
                     QuerySetEntry.from_json(e) for e in _entries("query_sets", data.get("query_sets", []))
                 ),
+                shard_index=ShardIndexEntry.from_json(data["shard_index"], rank) if indexed else None,
                 other={k: v for k, v in data.items() if k not in modelled},
             )
         except KeyError as exc:
             raise ManifestError(f"manifest lacks {exc.args[0]!r}") from None
+        if manifest.complete and manifest.shard_index is not None and not manifest.shard_index.sealed:
+            raise ManifestError("a complete manifest seals its shard_index (num_shards, bytes, sha256)")
         names = [layer.name for layer in manifest.layers]
         if len(set(names)) != len(names):
             raise ManifestError("two layers have the same name")
@@ -227,10 +291,13 @@ class Manifest:
                 "loss_reduction": self.loss_reduction,
                 "num_steps": self.num_steps,
                 "layers": [layer.to_json() for layer in self.layers],
-                "shards": [shard.to_json() for shard in self.shards],
                 "query_sets": [q.to_json() for q in self.query_sets],
             }
         )
+        if self.shards is not None:
+            out["shards"] = [shard.to_json() for shard in self.shards]
+        if self.shard_index is not None:
+            out["shard_index"] = self.shard_index.to_json()
         return out
 
 

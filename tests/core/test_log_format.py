@@ -21,6 +21,7 @@ from core_models import mlp
 from safetensors.torch import load_file, save_file
 
 import dvemb
+from dvemb import formats
 from dvemb.writer import sha256_file
 
 
@@ -105,13 +106,27 @@ def _shard(log_dir: Path) -> Path:
     return log_dir / dvemb.open_log(log_dir).manifest["shards"][1]["file"]
 
 
+def _index(log_dir: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (log_dir / "shards.jsonl").read_text().splitlines()]
+
+
+def _write_index(log_dir: Path, entries: list[dict[str, object]], *, tail: bytes = b"") -> None:
+    """Replace the shard index and record its size and checksum in the manifest (when the log is closed)."""
+    index = log_dir / "shards.jsonl"
+    index.write_bytes("".join(json.dumps(e) + "\n" for e in entries).encode() + tail)
+    manifest = json.loads((log_dir / "manifest.json").read_text())
+    if manifest["complete"]:
+        manifest["shard_index"].update(bytes=index.stat().st_size, sha256=sha256_file(index), num_shards=len(entries))
+    (log_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _reseal(log_dir: Path, path: Path) -> None:
     """Record a tampered file's true size and checksum, so that only the tampering itself is caught."""
-    manifest = json.loads((log_dir / "manifest.json").read_text())
-    for entry in manifest["shards"]:
+    entries = _index(log_dir)
+    for entry in entries:
         if entry["file"] == path.name:
             entry.update(bytes=path.stat().st_size, sha256=sha256_file(path))
-    (log_dir / "manifest.json").write_text(json.dumps(manifest))
+    _write_index(log_dir, entries)
 
 
 def _read_all(log_dir: Path) -> None:
@@ -215,9 +230,12 @@ def test_pickle_renamed_as_shard(log_dir: Path) -> None:
 
 def test_missing_shard_and_step_gap(log_dir: Path) -> None:
     _train(log_dir)
-    manifest = json.loads((log_dir / "manifest.json").read_text())
-    del manifest["shards"][1]
-    (log_dir / "manifest.json").write_text(json.dumps(manifest))
+    entries = _index(log_dir)
+    _write_index(log_dir, [entries[0], entries[2]])
+    with pytest.raises(dvemb.LogFormatError, match="line 2 lists 'shard-r0-000002.safetensors' where 'shard-r0-000001"):
+        dvemb.open_log(log_dir)
+    entries[1].update(first_step=3, last_step=3)
+    _write_index(log_dir, entries)
     with pytest.raises(dvemb.StepContinuityError, match="expected it to start at 2"):
         dvemb.open_log(log_dir)
 
@@ -255,6 +273,7 @@ def test_killed_writer_leaves_a_readable_prefix(log_dir: Path) -> None:
     log = dvemb.open_log(log_dir)
     log.validate()
     assert not log.complete and log.num_steps >= 6 and log.num_steps % 3 == 0
+    assert log.manifest["optimizer"]["type"] == "SGD"  # run-level fields set at the first step reached the disk
     assert log.end_note().startswith("incomplete log: recording stopped after the last complete shard")
     assert f"steps 0 to {log.num_steps - 1}" in log.end_note()
 
@@ -317,3 +336,166 @@ def test_a_manifest_with_nan_or_over_the_size_limit_is_refused(log_dir: Path) ->
     (log_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(dvemb.LogFormatError, match="a manifest holds at most 16777216 bytes"):
         dvemb.open_log(log_dir)
+
+
+# -- version 3: the shard index ----------------------------------------------------------------------
+
+
+def _bytes_written() -> int:
+    """Bytes this process has passed to write() so far, all threads (Linux)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no wchar in /proc/self/io")
+
+
+def _metadata_bytes_written(log_dir: Path, shards: int) -> tuple[int, int]:
+    """(bytes written for everything but shards while recording ``shards`` one-step shards, manifest size)."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _bytes_written()
+    rec = dvemb.Recorder(model, log_dir, proj_dim=4, shard_steps=1, projection="random")
+    for step in range(shards):
+        with rec.step([step], optimizer):
+            F.cross_entropy(model(torch.randn(1, 6)), torch.tensor([step % 3])).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    rec.close()
+    written = _bytes_written() - before
+    shard_bytes = sum(p.stat().st_size for p in log_dir.glob("shard-r0-*.safetensors"))
+    return written - shard_bytes, (log_dir / "manifest.json").stat().st_size
+
+
+def test_the_metadata_written_per_shard_does_not_grow_with_the_run(tmp_path: Path) -> None:
+    """Issue 14, item 5: version 2 rewrote the whole manifest, with every shard listed, after every shard:
+    about 3.4 MB for 160 shards here and quadratic in the run's length. Version 3 appends one index line."""
+    short, manifest_bytes = _metadata_bytes_written(tmp_path / "short", 40)
+    long, _ = _metadata_bytes_written(tmp_path / "long", 160)
+    index_bytes = (tmp_path / "long" / "shards.jsonl").stat().st_size
+    assert index_bytes < 300 * 160  # one line of about 200 bytes per shard
+    # A few manifest writes (open, the first step's run-level fields, close) and the index: linear.
+    assert long < index_bytes + 5 * manifest_bytes, (long, index_bytes, manifest_bytes)
+    assert long < 4.5 * short, (short, long)  # quadratic growth would be about 10x for 4x the shards
+
+
+def _reopen_as_incomplete(log_dir: Path) -> None:
+    """The manifest as it is while recording: not complete, the index not sealed."""
+    manifest = json.loads((log_dir / "manifest.json").read_text())
+    manifest.update(complete=False, shard_index={"file": "shards.jsonl"})
+    (log_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("tail", [b'{"file":"shard-r0-000003.safetensors","first_st', b"\x00" * 40])
+def test_a_partial_index_record_left_by_a_crash_is_dropped(log_dir: Path, tail: bytes) -> None:
+    """A crash mid-append leaves a partial last line (or file-system zero fill): the log ends at the last
+    complete record, and says so."""
+    _train(log_dir)
+    _reopen_as_incomplete(log_dir)
+    index = log_dir / "shards.jsonl"
+    index.write_bytes(index.read_bytes() + tail)
+    log = dvemb.open_log(log_dir)
+    log.validate()
+    assert not log.complete and log.num_steps == 6 and log.num_shards() == 3
+    assert f"a partial record of {len(tail)} bytes at the end of the shard index" in log.end_note()
+    # Cut inside the last complete record: that shard is no longer part of the log.
+    data = index.read_bytes()
+    index.write_bytes(data[: data.rindex(b"\n", 0, len(data) - len(tail)) - 20])
+    log = dvemb.open_log(log_dir)
+    assert log.num_steps == 4 and log.num_shards() == 2 and list(log.iter_shards())
+    assert log.end_note().startswith("incomplete log: recording stopped after the last complete shard")
+
+
+def test_a_closed_logs_truncated_or_changed_index_is_refused(log_dir: Path) -> None:
+    """A complete log's manifest seals the index: a truncated one never reads as a shorter complete log."""
+    _train(log_dir)
+    index = log_dir / "shards.jsonl"
+    data = index.read_bytes()
+    index.write_bytes(data[: data.rindex(b"\n", 0, len(data) - 1) + 1])  # the last record removed, cleanly
+    with pytest.raises(dvemb.TruncatedFileError, match=r"shards\.jsonl.*truncated or changed after recording"):
+        dvemb.open_log(log_dir)
+    index.write_bytes(data.replace(b'"num_rows":8', b'"num_rows":9', 1))  # same size, other bytes
+    with pytest.raises(dvemb.ChecksumError, match=r"shards\.jsonl.*the index is corrupt"):
+        dvemb.open_log(log_dir)
+
+
+def test_a_corrupt_line_inside_the_index_is_refused(log_dir: Path) -> None:
+    _train(log_dir)
+    _reopen_as_incomplete(log_dir)
+    index = log_dir / "shards.jsonl"
+    lines = index.read_bytes().split(b"\n")
+    lines[1] = b"#" + lines[1][1:]  # not JSON any more
+    index.write_bytes(b"\n".join(lines))
+    with pytest.raises(dvemb.LogFormatError, match=r"shards\.jsonl: line 2 is not a shard record"):
+        dvemb.open_log(log_dir)
+
+
+def test_a_failed_index_append_is_cut_before_the_retry(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails half way (disk full) leaves half a record; the retried shard's record replaces it."""
+    import dvemb.writer
+
+    real_pwrite = os.pwrite
+    calls = {"n": 0}
+
+    def half_then_fail(fd: int, data: bytes, offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second shard's record
+            real_pwrite(fd, data[: len(data) // 2], offset)
+            raise OSError("disk full (simulated)")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(dvemb.writer.os, "pwrite", half_then_fail)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = dvemb.Recorder(model, log_dir, shard_steps=2)
+    failures = 0
+    for step in range(8):
+        try:
+            with rec.step([step], optimizer):
+                F.cross_entropy(model(torch.randn(1, 6)), torch.tensor([0])).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        except OSError:
+            failures += 1
+    rec.close()
+    log = dvemb.open_log(log_dir)
+    log.validate()
+    assert failures == 1 and log.complete and log.num_steps == 8
+    assert len((log_dir / "shards.jsonl").read_text().splitlines()) == log.num_shards()
+
+
+_VERSION_2_LOG = Path(__file__).parent / "data" / "log_v2"  # written by dvemb at commit e300f16 (format version 2)
+
+
+def test_a_version_2_log_still_reads(tmp_path: Path) -> None:
+    """Logs recorded (and uploaded) before version 3 list their shards in the manifest; they still read."""
+    log = dvemb.open_log(_VERSION_2_LOG)
+    log.validate()
+    assert log.manifest["version"] == 2 and log.complete and log.num_steps == 6 and log.num_shards() == 3
+    assert log.end_note() == "complete log of 6 steps" and log.propagation == "momentum"
+    assert log.read_shard(1).example_ids == list(range(8, 16)) and "opt.momentum" in log.read_shard(2).optimizer
+    assert log.load_query_set("validation").texts == ["a", "b", "c"]
+    names = formats.listed_files([json.loads((_VERSION_2_LOG / "manifest.json").read_text())])
+    assert sorted(names) == sorted(p.name for p in _VERSION_2_LOG.iterdir())
+    damaged = tmp_path / "log_v2"
+    damaged.mkdir()
+    for path in _VERSION_2_LOG.iterdir():
+        (damaged / path.name).write_bytes(path.read_bytes())
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    del manifest["shards"][1]
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(dvemb.StepContinuityError, match="expected it to start at 2"):
+        dvemb.open_log(damaged)
+
+
+def test_corruption_that_breaks_a_check_is_reported_as_corruption(log_dir: Path) -> None:
+    """The checksum is verified in the same read as the tensors: when a flipped bit makes a gradient NaN,
+    the shard is refused as corrupt (the cause), not as holding NaN (the symptom)."""
+    _train(log_dir)
+    path = _shard(log_dir)
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    begin = 8 + n + json.loads(data[8 : 8 + n])["grad.0"]["data_offsets"][0]
+    data[begin : begin + 4] = struct.pack("<f", float("nan"))
+    path.write_bytes(bytes(data))
+    with pytest.raises(dvemb.ChecksumError, match=rf"{path.name}.*sha256.*corrupt"):
+        dvemb.open_log(log_dir).read_shard(1)

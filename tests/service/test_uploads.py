@@ -57,6 +57,27 @@ def _open_patch(api: Api, location: str, data: bytes, sent: int) -> socket.socke
     return conn
 
 
+def _upload_manifest(api: Api, run_id: int, log: Path) -> None:
+    """Upload a log's manifest and its shard index: with both validated, its shards are judged as they arrive."""
+    assert _upload(api, run_id, log / "manifest.json").status_code == 204
+    assert _upload(api, run_id, log / "shards.jsonl").status_code == 204
+
+
+def _vouch_for(log: Path, name: str, bad: Path, out: Path, **manifest_changes: object) -> Path:
+    """A copy of ``log``'s manifest and shard index (in ``out``) that records ``bad``'s bytes for shard ``name``:
+    a log that really recorded them."""
+    index = log / "shards.jsonl"
+    entries = [json.loads(line) for line in index.read_text().splitlines()]
+    next(e for e in entries if e["file"] == name).update(bytes=bad.stat().st_size, sha256=sha256_file(bad))
+    out.mkdir(exist_ok=True)
+    (out / index.name).write_text("".join(json.dumps(e) + "\n" for e in entries))
+    manifest = json.loads((log / "manifest.json").read_text())
+    manifest["shard_index"].update(bytes=(out / index.name).stat().st_size, sha256=sha256_file(out / index.name))
+    manifest.update(manifest_changes)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
 def _new_run(api: Api, name: str = "r") -> int:
     return int(api.post("/runs", json={"name": name}).json()["id"])
 
@@ -68,7 +89,7 @@ def _log_dir(run_id: int) -> Path:
 def test_interrupted_upload_resumes_byte_identical(api: Api, tmp_path: Path) -> None:
     log = record_log(tmp_path / "log", steps=8, shard_steps=8, dim=64)
     run_id = _new_run(api)
-    assert _upload(api, run_id, log / "manifest.json").status_code == 204
+    _upload_manifest(api, run_id, log)
     shard = log / "shard-r0-000000.safetensors"
     data = shard.read_bytes()
     location = _create(api, run_id, shard.name, len(data))
@@ -130,14 +151,8 @@ def test_bad_shard_is_refused_and_invisible(api: Api, tmp_path: Path, kind: str,
     log = record_log(tmp_path / "log")
     run_id = _new_run(api)
     name, bad = _damage(kind, log)
-    manifest = log / "manifest.json"
-    if kind == "nan":  # a log that really recorded NaN: its manifest vouches for the file's bytes
-        sealed = json.loads(manifest.read_text())
-        entry = next(e for e in sealed["shards"] if e["file"] == name)
-        entry.update(bytes=bad.stat().st_size, sha256=sha256_file(bad))
-        manifest = tmp_path / "manifest.json"
-        manifest.write_text(json.dumps(sealed))
-    assert _upload(api, run_id, manifest, "manifest.json").status_code == 204
+    # A log that really recorded NaN: its shard index vouches for the file's bytes.
+    _upload_manifest(api, run_id, _vouch_for(log, name, bad, tmp_path / "sealed") if kind == "nan" else log)
     response = _upload(api, run_id, bad, name)
     assert response.status_code == 400, response.text
     body = response.json()
@@ -201,6 +216,7 @@ def test_malformed_example_metadata_is_rejected(api: Api, tmp_path: Path) -> Non
     manifest.write_text(json.dumps(sealed))
     run_id = _new_run(api)
     assert _upload(api, run_id, manifest).status_code == 204
+    assert _upload(api, run_id, log / "shards.jsonl").status_code == 204
     response = _upload(api, run_id, bad)
     assert response.status_code == 400
     assert "line 2 is not an example record" in response.json()["detail"]
@@ -209,7 +225,7 @@ def test_malformed_example_metadata_is_rejected(api: Api, tmp_path: Path) -> Non
 def test_concurrent_patches_do_not_interleave(api: Api, tmp_path: Path) -> None:
     log = record_log(tmp_path / "log", steps=8, shard_steps=8, dim=64)
     run_id = _new_run(api)
-    assert _upload(api, run_id, log / "manifest.json").status_code == 204
+    _upload_manifest(api, run_id, log)
     shard = log / "shard-r0-000000.safetensors"
     data = shard.read_bytes()
     location = _create(api, run_id, shard.name, len(data))
@@ -265,14 +281,8 @@ def test_a_shard_with_unusable_ids_is_refused(api: Api, tmp_path: Path) -> None:
     tensors["example_id_offsets"] = torch.tensor(offsets, dtype=torch.int64)
     bad = tmp_path / "bad"
     save_file(tensors, str(bad), metadata={"format": "dvemb-gradient-log"})
-    sealed = json.loads((log / "manifest.json").read_text())
-    sealed["id_type"] = "str"
-    entry = next(e for e in sealed["shards"] if e["file"] == shard.name)
-    entry.update(bytes=bad.stat().st_size, sha256=sha256_file(bad))
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps(sealed))
     run_id = _new_run(api)
-    assert _upload(api, run_id, manifest, "manifest.json").status_code == 204
+    _upload_manifest(api, run_id, _vouch_for(log, shard.name, bad, tmp_path / "sealed", id_type="str"))
     response = _upload(api, run_id, bad, shard.name)
     assert response.status_code == 400 and "longer than 255 characters" in response.json()["detail"], response.text
 
@@ -313,7 +323,7 @@ def test_a_stalled_connection_releases_its_upload(api: Api, tmp_path: Path) -> N
     HEAD said offset 0. With DVEMB_UPLOAD_IDLE_SECONDS (2 s in the tests) the request ends, keeping its bytes."""
     log = record_log(tmp_path / "log", steps=8, shard_steps=8, dim=64)
     run_id = _new_run(api)
-    assert _upload(api, run_id, log / "manifest.json").status_code == 204
+    _upload_manifest(api, run_id, log)
     shard = log / "shard-r0-000000.safetensors"
     data = shard.read_bytes()
     location = _create(api, run_id, shard.name, len(data))
