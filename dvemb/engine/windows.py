@@ -3,10 +3,10 @@
 The engine keeps the overall top-k of the whole run; on a typical run all of it comes from the last steps,
 so "what harmed the model early?" cannot be answered by filtering it. This module ranks the occurrences
 *inside* each window exactly, from the (R, Q) scores file, reading it in row chunks (bounded memory
-whatever R): per window, query and kind, a running top-k is merged with each chunk's own top-k.
+whatever R): per window, query and kind, a running top-k takes in the chunk's scores that beat its k-th.
 
-Order: helpful rows by score descending, harmful rows by score ascending; equal scores by row (earlier
-first) when they meet in a merge (two equal scores inside one chunk are taken in torch.topk's order).
+Order: helpful rows by score descending, harmful rows by score ascending, equal scores by row (earlier first),
+whatever the chunking.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from dvemb.formats import PHASE_NAMES
 
@@ -107,22 +106,22 @@ def window_topk(
         epoch: (R,) epoch (occurrence number of the example) of each occurrence.
         windows: the windows to rank.
         k: rows kept per window, kind and column.
-        chunk_rows: rows read at a time (default: about 32 MiB of float64).
+        chunk_rows: rows read at a time (default: about 32 MiB of scores).
 
     Returns:
         The :class:`WindowTop`; the set mean of a row is the float64 mean of its Q scores.
     """
     total, queries = scores.shape
-    columns = queries + 1
-    chunk = chunk_rows or max(1, CHUNK_BYTES // (8 * columns))
-    kept = [[_Running(columns, k, largest) for largest in (True, False)] for _ in windows]
+    chunk = chunk_rows or max(1, CHUNK_BYTES // (4 * (queries + 2)))
+    # Per window and kind: the queries' columns (compared in the file's float32) and the set mean (float64).
+    kept = [[(_Running(queries, k, largest), _Running(1, k, largest)) for largest in (True, False)] for _ in windows]
     occurrences = np.zeros(len(windows), dtype=np.int64)
     row_step, epoch = np.asarray(row_step), np.asarray(epoch)
     for start in range(0, total, chunk):
         stop = min(total, start + chunk)
         steps, epochs = row_step[start:stop], epoch[start:stop]
         first, last = int(steps.min()), int(steps.max())
-        block: np.ndarray | None = None
+        block: tuple[np.ndarray, np.ndarray] | None = None
         for w, window in enumerate(windows):
             if window.step_max < first or window.step_min > last:
                 continue  # the chunk holds none of the window's steps
@@ -130,39 +129,60 @@ def window_topk(
             if not len(inside):
                 continue
             if block is None:  # read the chunk once, only when some window needs it
-                raw = np.asarray(scores[start:stop], dtype=np.float64)  # (n, Q)
-                block = np.concatenate([raw, raw.mean(axis=1, keepdims=True)], axis=1)  # (n, Q + 1)
+                raw = np.asarray(scores[start:stop])  # (n, Q)
+                block = (raw, raw.mean(axis=1, dtype=np.float64, keepdims=True))  # and (n, 1)
             occurrences[w] += len(inside)
-            candidates = torch.from_numpy(np.ascontiguousarray(block[inside].T))  # (Q + 1, m)
-            rows = torch.from_numpy(inside + start)
-            for running in kept[w]:
-                running.update(candidates, rows)
-    values = np.full((len(windows), 2, columns, k), np.nan)
-    row_ids = np.full((len(windows), 2, columns, k), -1, dtype=np.int64)
-    for w, pair in enumerate(kept):
-        for kind, running in enumerate(pair):
-            n = running.values.shape[1]
-            values[w, kind, :, :n] = running.values.numpy()
-            row_ids[w, kind, :, :n] = running.rows.numpy()
+            # Steps are chronological, so a step window's rows in a chunk are one slice (a view, no copy).
+            chosen = slice(inside[0], inside[-1] + 1) if inside[-1] - inside[0] + 1 == len(inside) else inside
+            rows = np.arange(start, stop)[chosen]
+            for pair in kept[w]:
+                for running, part in zip(pair, block, strict=True):
+                    running.update(part[chosen], rows)
+    values = np.full((len(windows), 2, queries + 1, k), np.nan)
+    row_ids = np.full((len(windows), 2, queries + 1, k), -1, dtype=np.int64)
+    for w, pairs in enumerate(kept):
+        for kind, (per_query, mean) in enumerate(pairs):
+            n = per_query.values.shape[1]
+            values[w, kind, :, :n] = np.concatenate([per_query.values, mean.values])
+            row_ids[w, kind, :, :n] = np.concatenate([per_query.rows, mean.rows])
     return WindowTop(values=values, rows=row_ids, occurrences=occurrences)
 
 
 class _Running:
-    """The k best (values, rows) per column so far; a chunk is first cut to its own k best per column."""
+    """The k best scores per column so far and their rows, exactly: ordered by score, equal scores by row.
+
+    Rows arrive in ascending order, so a kept row always precedes a new one: once k are kept, a new score enters
+    only when strictly better than the k-th (a comparison pass over the chunk; few pass, so the exact merge,
+    a lexicographic sort of the kept and the passing candidates, stays small).
+    """
 
     def __init__(self, columns: int, k: int, largest: bool) -> None:
-        self.k, self.largest = k, largest
-        self.values = torch.zeros((columns, 0), dtype=torch.float64)
-        self.rows = torch.zeros((columns, 0), dtype=torch.int64)
+        self.columns, self.k, self.largest = columns, k, largest
+        self.values = np.zeros((columns, 0))  # (C, kept) float64, best first
+        self.rows = np.zeros((columns, 0), dtype=np.int64)
 
-    def update(self, candidates: torch.Tensor, rows: torch.Tensor) -> None:
-        """Merge (C, m) candidate scores of the (m,) ascending rows."""
-        keep = min(self.k, candidates.shape[1])
-        top = torch.topk(candidates, keep, dim=1, largest=self.largest, sorted=False)
-        values = torch.cat([self.values, top.values], dim=1)
-        index = torch.cat([self.rows, rows[top.indices]], dim=1)
-        # Sort by row, then stably by score: equal scores stay in row order, earlier first.
-        by_row = torch.argsort(index, dim=1, stable=True)
-        values, index = values.gather(1, by_row), index.gather(1, by_row)
-        order = torch.sort(values, dim=1, descending=self.largest, stable=True).indices[:, : self.k]
-        self.values, self.rows = values.gather(1, order), index.gather(1, order)
+    def update(self, block: np.ndarray, rows: np.ndarray) -> None:
+        """Merge (m, C) scores of the (m,) ascending rows, all after the rows seen so far."""
+        better = np.greater if self.largest else np.less
+        if self.values.shape[1] == self.k:  # full: only strictly better than the k-th can enter
+            passing = better(block, self.values[:, -1].astype(block.dtype))
+        elif len(block) > self.k:  # not full: only the chunk's own k best (ties with its k-th included)
+            place = len(block) - self.k if self.largest else self.k - 1
+            bound = np.partition(np.ascontiguousarray(block.T), place, axis=1)[:, place]  # (contiguous: faster)
+            passing = ~better(bound, block)
+        else:
+            passing = np.ones(block.shape, dtype=bool)
+        at, column = np.nonzero(passing)
+        if not len(at):
+            return
+        kept = self.values.shape[1]
+        columns = np.concatenate([np.repeat(np.arange(self.columns), kept), column])
+        values = np.concatenate([self.values.ravel(), block[at, column].astype(np.float64)])
+        row_ids = np.concatenate([self.rows.ravel(), rows[at]])
+        order = np.lexsort((row_ids, -values if self.largest else values, columns))
+        columns, values, row_ids = columns[order], values[order], row_ids[order]
+        rank = np.arange(len(columns)) - np.searchsorted(columns, columns)  # place within its column
+        keep = rank < self.k
+        size = min(self.k, kept + len(rows))  # every column holds as many (each row scores every column)
+        self.values = values[keep].reshape(self.columns, size)
+        self.rows = row_ids[keep].reshape(self.columns, size)

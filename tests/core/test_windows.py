@@ -97,3 +97,15 @@ def test_standard_windows() -> None:
     assert [w.name for w in short if w.kind == "phase"] == ["early", "late"]
     assert all(w.step_max >= w.step_min for w in short) and len([w for w in short if w.kind == "tenth"]) == 4
     assert not [w for w in standard_windows(10, [2, 5], MAX_EPOCH_WINDOWS + 1) if w.kind == "epoch"]
+
+
+@pytest.mark.parametrize("chunk_rows", [5, 40, None])
+def test_many_equal_scores_are_ranked_as_the_reference(chunk_rows: int | None) -> None:
+    scores, row_step, epoch = synthetic_run(seed=3)
+    scores = np.round(scores / 50).astype(np.float32)  # a handful of distinct values: ties everywhere
+    windows = standard_windows(50, [4, 30], 3)
+    top = window_topk(scores, row_step, epoch, windows, 9, chunk_rows=chunk_rows)
+    for w, window in enumerate(windows):
+        values, rows = naive_topk(scores, row_step, epoch, window, 9)
+        np.testing.assert_array_equal(top.rows[w], rows, err_msg=window.name)
+        np.testing.assert_array_equal(top.values[w], values)
