@@ -1,5 +1,5 @@
 """The dashboard's windows of training and data-selection timing in a real headless Chromium: every phase's
-tables are non-empty and show the API's rows (which test_windows.py checks against a naive reference), a step
+tables are non-empty and show the API's rows (which test_windows_api.py checks against a naive reference), a step
 range is computed on demand and says so, a bad range is explained, and the selection recommendation is the
 API's. Screenshots go to docs/images/."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from playwright.sync_api import Browser, Page, expect
 from service_harness import Api
 from test_dashboard import browser  # noqa: F401  (the module's Chromium fixture)
-from test_windows import finished_job
+from test_windows_api import finished_job
 
 IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
 

@@ -50,7 +50,9 @@ def finished_job(api: Api, token: str, tmp_path: Path, top_k: int = 12) -> tuple
     return int(run["run"]), int(job["id"])
 
 
-def naive(directory: Path, step_min: int, step_max: int, epoch: int | None, query: int | None, kind: str) -> list:
+def naive(
+    directory: Path, step_min: int, step_max: int, epoch: int | None, query: int | None, kind: str
+) -> list[tuple[str, int, float]]:
     """(example id, step, score) of the window's occurrences sorted whole (score, then row)."""
     occurrences = load_file(str(directory / "occurrences.safetensors"))
     ids = [str(i) for i in decode_ids(load_file(str(directory / "examples.safetensors")))]
@@ -63,13 +65,15 @@ def naive(directory: Path, step_min: int, step_max: int, epoch: int | None, quer
     return [(ids[int(occurrences["example_index"][r])], int(steps[r]), float(column[r])) for r in order]
 
 
-def shown(api: Api, job_id: int, window_id: int, query: int | None, kind: str) -> tuple[list, dict[str, Any]]:
+def shown(
+    api: Api, job_id: int, window_id: int, query: int | None, kind: str
+) -> tuple[list[tuple[str, int, float]], dict[str, Any]]:
     params: dict[str, Any] = {"kind": kind, "limit": 1000, **({} if query is None else {"query": query})}
     body = api.get(f"/jobs/{job_id}/windows/{window_id}/top", params=params).json()
     return [(r["example_id"], r["step"], r["score"]) for r in body["data"]], body
 
 
-def assert_same(got: list, expected: list) -> None:
+def assert_same(got: list[tuple[str, int, float]], expected: list[tuple[str, int, float]]) -> None:
     assert [(e, s) for e, s, _ in got] == [(e, s) for e, s, _ in expected]
     np.testing.assert_allclose([v for *_, v in got], [v for *_, v in expected], rtol=1e-12, atol=0)
 
