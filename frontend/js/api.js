@@ -1,5 +1,6 @@
 // The REST API (/api/v1) with the session's bearer token. Failures are thrown as ApiError, which carries the
-// API's error body {error, detail}; a 401 forgets the token and goes back to the sign-in page.
+// API's error body {error, detail}; a 401 forgets the token and goes to the sign-in page, which returns to the
+// page that asked.
 import { state } from "./state.js";
 
 export const API = "/api/v1";
@@ -27,6 +28,7 @@ export async function api(path, options = {}) {
   const response = await fetch(API + path, { ...options, headers });
   if (response.status === 401) {
     state.token = null;
+    if (!location.hash.startsWith("#/signin")) state.returnTo = location.hash; // sign-in comes back here
     location.hash = "#/signin";
     throw new ApiError("unauthorized", "unauthorized", 401);
   }

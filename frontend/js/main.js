@@ -1,9 +1,12 @@
 // dvemb dashboard: native ES modules, no build step. It talks to the REST API only (/api/v1), with the token kept
-// for the browser session. The hash is the route: #/runs, #/runs/{id}, #/jobs/{id}/examples/{example}?qs=...
+// for the browser session (or in this browser). The hash is the route and its query the view, so every view has a
+// link: #/runs, #/runs/{id}?job=...&qs=...&page=..., #/jobs/{id}/examples/{example}?qs=..., #/compare?jobs=...
 import { ApiError } from "./api.js";
 import { byId } from "./dom.js";
 import { html, render } from "./html.js";
 import { state } from "./state.js";
+import { hashPath } from "./url.js";
+import { renderCompare } from "./views/compare.js";
 import { renderExample } from "./views/example.js";
 import { renderRun } from "./views/run.js";
 import { renderRuns } from "./views/runs.js";
@@ -16,15 +19,21 @@ function renderPage(parts) {
   if (parts[0] === "jobs" && parts[2] === "examples") {
     return renderExample(view, Number(parts[1]), decodeURIComponent(parts[3]));
   }
+  if (parts[0] === "compare") return renderCompare(view);
   return renderRuns(view);
 }
 
-/** Shows the page of the current hash (the sign-in page without a token); errors are shown in its place. */
+/** Shows the page of the current hash (the sign-in page without a token, which then returns to this very link);
+ * errors are shown in its place. */
 async function route() {
+  clearTimeout(state.pollTimer);
   byId("signout").hidden = !state.token;
-  if (!state.token) return renderSignIn(view, route);
+  if (!state.token) {
+    if (!location.hash.startsWith("#/signin") && hashPath()) state.returnTo = location.hash;
+    return renderSignIn(view, route);
+  }
   try {
-    return await renderPage(location.hash.replace(/^#\/?/, "").split("?")[0].split("/"));
+    return await renderPage(hashPath().split("/"));
   } catch (err) {
     const signedOut = err instanceof ApiError && err.status === 401;
     if (!signedOut) render(view, html`<p class="error" role="alert">${err.message}</p>`);
@@ -34,7 +43,8 @@ async function route() {
 window.addEventListener("hashchange", route);
 byId("signout").addEventListener("click", () => {
   state.token = null;
-  location.hash = "#/signin";
-  route();
+  state.returnTo = null;
+  if (location.hash === "#/signin") route();
+  else location.hash = "#/signin"; // the hashchange draws it
 });
 route();

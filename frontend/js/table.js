@@ -7,8 +7,10 @@ const cellOf = (column, row) => html`<td${attrs(column.td?.(row))}>${column.cell
 /** The <tr>s of the rows, for a table's <tbody>. */
 export const tableRows = (columns, rows) => rows.map((row) => html`<tr>${columns.map((c) => cellOf(c, row))}</tr>`);
 
-/** A table with a header row; attributes (id, class, data-*) go on the <table>. */
+/** A table with a header row; attributes (id, class, data-*) go on the <table>. It scrolls sideways inside its
+ * wrapper when it is wider than the page, instead of widening the page. */
 export function table({ columns, rows = [], attributes = {} }) {
   const heads = html`<thead><tr>${columns.map((column) => html`<th>${column.head}</th>`)}</tr></thead>`;
-  return html`<table${attrs(attributes)}>${heads}<tbody>${tableRows(columns, rows)}</tbody></table>`;
+  const body = html`<table${attrs(attributes)}>${heads}<tbody>${tableRows(columns, rows)}</tbody></table>`;
+  return html`<div class="table-wrap">${body}</div>`;
 }

@@ -1,10 +1,12 @@
-// An example's page: what it is, its total influence, and its influence at each occurrence in training.
+// An example's page: what it is, its total influence, and its influence at each occurrence in training (on the
+// whole query set or on one query, named by its id); a link back to the run's analysis it came from.
 import { api } from "../api.js";
 import { byId } from "../dom.js";
 import { fmtScore } from "../format.js";
 import { html, render } from "../html.js";
 import { table, tableRows } from "../table.js";
 import { drawImage } from "../thumbs.js";
+import { viewParams } from "../url.js";
 
 /** The history table's columns; value(h) is the influence shown (on the whole set, or on one query). */
 const historyColumns = (propagation, value = (h) => h.score) => [
@@ -21,9 +23,23 @@ function thumb(image) {
     style="width:${width * 8}px"></canvas>`;
 }
 
-const queryOption = (_, i) => html`<option value="${i}">query ${i}</option>`;
+const queryOption = (id, i) => html`<option value="${i}">query ${id}</option>`;
 
-const page = ({ exampleId, querySet, ex, meta, propagation }) => html`<h1>Example ${exampleId}</h1>
+const backLink = (job, run, querySet) =>
+  html`<p><a id="back-to-run" href="#/runs/${job.run_id}?job=${job.id}&qs=${encodeURIComponent(querySet)}"
+    >← ${run.name}, analysis ${job.id}</a></p>`;
+
+const page = ({
+  exampleId,
+  querySet,
+  ex,
+  meta,
+  propagation,
+  job,
+  run,
+  queryIds,
+}) => html`${backLink(job, run, querySet)}
+  <h1>Example ${exampleId}</h1>
   <section>
     <h2>What it is</h2>
     ${thumb(meta.image)}
@@ -35,15 +51,15 @@ const page = ({ exampleId, querySet, ex, meta, propagation }) => html`<h1>Exampl
   <section>
     <h2>Influence at each occurrence</h2>
     <label>On <select id="on-query"><option value="">the whole query set</option>
-      ${(ex.history[0]?.per_query || []).map(queryOption)}</select></label>
+      ${queryIds.map(queryOption)}</select></label>
     <div id="history-plot" style="height:280px"></div>
     ${table({ columns: historyColumns(propagation), attributes: { id: "history" } })}
   </section>`;
 
 /** The query set of the page's ?qs=, or else the job's first. */
-async function querySetOf(jobId) {
-  const given = new URLSearchParams(location.hash.split("?")[1] || "").get("qs");
-  return given || Object.keys((await api(`/jobs/${jobId}/summary`)).query_sets)[0];
+function querySetOf(summary) {
+  const given = viewParams().get("qs");
+  return given in summary.query_sets ? given : Object.keys(summary.query_sets)[0];
 }
 
 const historyLayout = () => ({
@@ -53,25 +69,30 @@ const historyLayout = () => ({
 });
 
 /** Shows the history table and bar chart for the query picked in #on-query (or the whole set). */
-async function showHistory(ex, propagation) {
+async function showHistory(ex, propagation, queryIds) {
   const q = byId("on-query").value;
   const value = (h) => (q === "" ? h.score : h.per_query[Number(q)]);
   render(document.querySelector("#history tbody"), html`${tableRows(historyColumns(propagation, value), ex.history)}`);
-  const name = q === "" ? "on the set" : `on query ${q}`;
+  const name = q === "" ? "on the set" : `on query ${queryIds[Number(q)]}`;
   const bars = { type: "bar", x: ex.history.map((h) => h.step), y: ex.history.map(value), name };
   await Plotly.react("history-plot", [bars], historyLayout(), { displaylogo: false });
 }
 
 /** Shows the page of one example of a job. */
 export async function renderExample(view, jobId, exampleId) {
-  const querySet = await querySetOf(jobId);
+  const [job, summary] = await Promise.all([api(`/jobs/${jobId}`), api(`/jobs/${jobId}/summary`)]);
+  const querySet = querySetOf(summary);
   const query = `query_set=${encodeURIComponent(querySet)}`;
-  const ex = await api(`/jobs/${jobId}/examples/${encodeURIComponent(exampleId)}?${query}`);
-  const propagation = (await api(`/jobs/${jobId}`)).propagation || "exact SGD";
+  const [ex, run] = await Promise.all([
+    api(`/jobs/${jobId}/examples/${encodeURIComponent(exampleId)}?${query}`),
+    api(`/runs/${job.run_id}`),
+  ]);
+  const propagation = job.propagation || "exact SGD";
   const meta = ex.metadata || {};
-  render(view, page({ exampleId, querySet, ex, meta, propagation }));
+  const queryIds = summary.query_sets[querySet].query_ids;
+  render(view, page({ exampleId, querySet, ex, meta, propagation, job, run, queryIds }));
   if (meta.image) drawImage(byId("thumb"), meta.image);
-  const show = () => showHistory(ex, propagation);
+  const show = () => showHistory(ex, propagation, queryIds);
   byId("on-query").addEventListener("change", show);
   await show();
 }

@@ -1,11 +1,61 @@
-// The run's analysis job: its status and progress, polled every second until it ends; then its results.
-import { api } from "../api.js";
-import { byId } from "../dom.js";
+// A run's analyses (jobs): the form that starts one with its options, the table of every job with its options
+// (cancel a queued or running one, retry a failed one, show any), and the shown job's progress, polled every second
+// while a job of the run is queued or running; a succeeded job's summary card and results.
+import { api, postJson } from "../api.js";
+import { byId, valueOf } from "../dom.js";
 import { html, render } from "../html.js";
 import { state } from "../state.js";
+import { table } from "../table.js";
 import { showResults } from "./results.js";
+import { showSummaryCard } from "./summary.js";
 
-function jobMarkup(job, pct) {
+const LIVE = ["queued", "running"];
+
+/** The form that starts an analysis; an option left at "default" takes the engine's default. */
+export const analyseForm = () => html`<form id="analyze-form" class="controls">
+  <label>Propagation <select id="opt-propagation">
+    <option value="">default (auto)</option><option value="optimizer">optimizer-exact</option>
+    <option value="sgd-proxy">SGD proxy</option></select></label>
+  <label>Curvature <select id="opt-curvature">
+    <option value="">default (the log's)</option><option>empirical</option><option>ggn</option></select></label>
+  <label>Top rows kept <input id="opt-top-k" type="number" min="1" max="1000" placeholder="100" size="5" /></label>
+  <button id="analyze" type="submit">Start analysis</button>
+</form>`;
+
+/** The options the form asks for (those left at their default are left out). */
+export function readOptions() {
+  const options = {};
+  if (valueOf("opt-propagation")) options.propagation = valueOf("opt-propagation");
+  if (valueOf("opt-curvature")) options.curvature = valueOf("opt-curvature");
+  if (valueOf("opt-top-k")) options.top_k = Number(valueOf("opt-top-k"));
+  return options;
+}
+
+const optionsText = (options) =>
+  Object.entries(options || {})
+    .map(([name, value]) => `${name}=${Array.isArray(value) ? value.join("+") : value}`)
+    .join(", ") || "defaults";
+
+function actions(job, runId, shownId) {
+  const show = job.id === shownId ? html`<b>shown</b>` : html`<a href="#/runs/${runId}?job=${job.id}">show</a>`;
+  const cancel = LIVE.includes(job.status) ? html` <button type="button" data-cancel="${job.id}">Cancel</button>` : "";
+  const retry = ["failed", "cancelled"].includes(job.status)
+    ? html` <button type="button" data-retry="${job.id}">Retry</button>`
+    : "";
+  return html`${show}${cancel}${retry}`;
+}
+
+const jobColumns = (runId, shownId) => [
+  { head: "analysis", cell: (j) => j.id },
+  { head: "status", cell: (j) => j.status, td: (j) => ({ class: "job-status", "data-job": j.id }) },
+  { head: "options", cell: (j) => optionsText(j.options) },
+  { head: "scores follow", cell: (j) => j.propagation || "" },
+  { head: "started", cell: (j) => new Date(j.created_at).toLocaleString() },
+  { head: "", cell: (j) => actions(j, runId, shownId) },
+];
+
+function progressMarkup(job) {
+  const pct = Math.round(100 * job.progress);
   const step = job.current_step != null ? ` · step ${job.current_step}` : "";
   const eta = job.eta_seconds ? ` · ETA ${Math.round(job.eta_seconds)} s` : "";
   return html`<h2>Analysis ${job.id}: <span id="job-status">${job.status}</span></h2>
@@ -15,14 +65,38 @@ function jobMarkup(job, pct) {
     ${job.error ? html`<p class="error" role="alert">${job.error}</p>` : ""}`;
 }
 
-/** Shows a job in the run page's #job box (when the run page is still shown), polling it while it runs. */
-export async function showJob(job) {
-  const box = byId("job");
-  if (!box) return;
-  render(box, jobMarkup(job, Math.round(100 * job.progress)));
-  if (job.status === "queued" || job.status === "running") {
-    state.pollTimer = setTimeout(async () => showJob(await api(`/jobs/${job.id}`)), 1000);
-  } else if (job.status === "succeeded") {
-    await showResults(job);
+function bindJobButtons(runId, shownId) {
+  byId("jobs").addEventListener("click", async (event) => {
+    const id = event.target.dataset.cancel || event.target.dataset.retry;
+    if (!id) return;
+    event.target.disabled = true;
+    await postJson(`/jobs/${id}/${event.target.dataset.cancel ? "cancel" : "retry"}`, {});
+    clearTimeout(state.pollTimer);
+    await followJobs(runId, (await api(`/runs/${runId}/jobs`)).data, shownId);
+  });
+}
+
+/** Shows the run's jobs and the shown one (its results once it succeeded), polling while any is live. */
+export async function followJobs(runId, jobs, shownId, drawn = null) {
+  const jobsBox = byId("jobs");
+  if (!jobsBox) return; // the page was left
+  if (!jobsBox.dataset.bound) {
+    bindJobButtons(runId, shownId);
+    jobsBox.dataset.bound = "true";
+  }
+  render(jobsBox, jobs.length ? table({ columns: jobColumns(runId, shownId), rows: jobs }) : html`<p>None yet.</p>`);
+  const shown = jobs.find((j) => j.id === shownId);
+  if (shown) {
+    byId("job").hidden = false;
+    render(byId("job"), progressMarkup(shown));
+  }
+  if (shown?.status === "succeeded" && drawn !== shown.id) {
+    await Promise.all([showSummaryCard(shown), showResults(shown)]);
+  }
+  if (jobs.some((j) => LIVE.includes(j.status))) {
+    state.pollTimer = setTimeout(async () => {
+      const fresh = (await api(`/runs/${runId}/jobs`)).data;
+      await followJobs(runId, fresh, shownId, shown?.status === "succeeded" ? shown.id : drawn);
+    }, 1000);
   }
 }

@@ -1,26 +1,56 @@
-// The results' figures: influence across training (with the phases' summary) and the scores by phase.
+// The results' figures: influence across training (with the phases' summary) and the scores by phase. A click on
+// a point lists that step's examples in the "Top training examples" tables.
 import { api } from "../api.js";
 import { byId } from "../dom.js";
 import { controls, setGiven } from "./controls.js";
 
 const PLOT_CONFIG = { responsive: true, displaylogo: false };
 
-/** "early: steps 0–9, 41% of |influence / lr| · basin: ..." */
-function phaseSummary(phases) {
-  const share = (name) => (100 * phases.share_abs_per_lr[name]).toFixed(0);
+/** "early: steps 0–9, 41% of |influence / lr| · basin: ..." (the shares of the view's measure). */
+function phaseSummary(phases, view) {
+  const key = view === "raw" ? "share_abs" : "share_abs_per_lr";
+  const measure = view === "raw" ? "|influence|" : "|influence / lr|";
+  const share = (name) => (100 * phases[key][name]).toFixed(0);
   return Object.entries(phases.ranges)
-    .map(([name, [first, last]]) => `${name}: steps ${first}–${last}, ${share(name)}% of |influence / lr|`)
+    .map(([name, [first, last]]) => `${name}: steps ${first}–${last}, ${share(name)}% of ${measure}`)
     .join(" · ");
 }
 
-/** Draws the phase plot, the phases' summary and the distribution for the current controls. */
+/** The step range of the top tables becomes the clicked step: the tables then list that step's examples. */
+function showStepExamples(step) {
+  byId("step-min").value = String(step);
+  byId("step-max").value = String(step);
+  byId("step-min").dispatchEvent(new Event("change", { bubbles: true }));
+  byId("top-chosen").scrollIntoView({ block: "start" });
+}
+
+function linkPoints() {
+  const plot = byId("phase-plot");
+  if (plot.dataset.linked) return;
+  plot.dataset.linked = "true";
+  plot.on("plotly_click", (event) => {
+    const point = event.points?.[0];
+    if (point && Number.isInteger(point.x)) showStepExamples(point.x);
+  });
+}
+
+let latest = 0;
+
+/** Draws the phase plot, the phases' summary and the distribution for the current controls; when the controls
+ * change again before the answers arrive, only the newest request's answers are drawn. */
 export async function drawPlots(jobId) {
+  const ticket = ++latest;
   const c = controls();
   const params = new URLSearchParams({ query_set: c.querySet, view: c.view, smooth: c.smooth, points: "1000" });
-  const figure = await api(`/jobs/${jobId}/figures/phase?${setGiven(params, [["query", c.query]])}`);
-  await Plotly.react("phase-plot", figure.data, figure.layout, PLOT_CONFIG);
   const querySet = encodeURIComponent(c.querySet);
-  byId("phase-summary").textContent = phaseSummary(await api(`/jobs/${jobId}/phases?query_set=${querySet}`));
-  const dist = await api(`/jobs/${jobId}/figures/distribution?query_set=${querySet}`);
+  const [figure, phases, dist] = await Promise.all([
+    api(`/jobs/${jobId}/figures/phase?${setGiven(params, [["query", c.query]])}`),
+    api(`/jobs/${jobId}/phases?query_set=${querySet}`),
+    api(`/jobs/${jobId}/figures/distribution?query_set=${querySet}`),
+  ]);
+  if (ticket !== latest) return; // a newer request was made meanwhile: its answer is the one to show
+  await Plotly.react("phase-plot", figure.data, figure.layout, PLOT_CONFIG);
+  linkPoints();
+  byId("phase-summary").textContent = phaseSummary(phases, c.view);
   await Plotly.react("distribution", dist.data, dist.layout, PLOT_CONFIG);
 }

@@ -1,9 +1,12 @@
 // A succeeded job's results: the phase plot with its controls, the ranking tables and the scores by phase.
 import { api } from "../api.js";
 import { byId, onEach } from "../dom.js";
+import { bindExports, exportButtons } from "../export.js";
 import { html, render } from "../html.js";
 import { state } from "../state.js";
+import { keepControlsInUrl, restoreControls, viewParams } from "../url.js";
 import { drawDynamics, dynamicsSection } from "./dynamics.js";
+import { resultsExportPath } from "./exports.js";
 import { drawPlots } from "./plots.js";
 import { showExamples, showTop } from "./rankings.js";
 import { bindSelection, selectionSection, showSelection } from "./selection.js";
@@ -28,6 +31,8 @@ const plotSection = (summary, propagation) => html`<section>
   ${summary.note ? html`<p class="muted">${summary.note}</p>` : ""}
   <div id="phase-plot" style="height:420px"></div>
   <p id="phase-summary" class="muted"></p>
+  <p class="muted">Hover a step for its influence, learning rate and loss; click it to list its examples below.
+    ${exportButtons("curve", "Curve (every step):")} ${exportButtons("phases", "Phases:")}</p>
 </section>`;
 
 const topSection = () => html`<section>
@@ -40,16 +45,16 @@ const topSection = () => html`<section>
   </div>
   <p id="top-chosen" class="muted" role="status"></p>
   <div class="cols">
-    <div><h2>Helpful</h2><div id="top-helpful"></div></div>
-    <div><h2>Harmful</h2><div id="top-harmful"></div></div>
+    <div><h2>Helpful</h2><div id="top-helpful"></div>${exportButtons("top-helpful", "Every row:")}</div>
+    <div><h2>Harmful</h2><div id="top-harmful"></div>${exportButtons("top-harmful", "Every row:")}</div>
   </div>
 </section>`;
 
 const examplesSection = () => html`<section>
   <h2>Examples by total influence (all their occurrences)</h2>
   <div class="cols">
-    <div><h2>Most helpful</h2><div id="examples-helpful"></div></div>
-    <div><h2>Most harmful</h2><div id="examples-harmful"></div></div>
+    <div><h2>Most helpful</h2><div id="examples-helpful"></div>${exportButtons("examples-helpful", "All:")}</div>
+    <div><h2>Most harmful</h2><div id="examples-harmful"></div>${exportButtons("examples-harmful", "All:")}</div>
   </div>
 </section>`;
 
@@ -102,7 +107,8 @@ export async function showResults(job) {
   const propagation = summary.propagation_label || "exact SGD";
   const results = byId("results");
   render(results, resultsPage(summary, propagation));
-  state.page = 0;
+  restoreControls(["qs"]); // the view in the URL (a link, a reload), else the defaults
+  state.page = Number(viewParams().get("page")) || 0;
   const refresh = {
     plots: () => drawPlots(job.id),
     top: () => showTop(job.id, propagation, summary.steps - 1),
@@ -111,9 +117,13 @@ export async function showResults(job) {
     selection: () => showSelection(job.id),
   };
   fillQueries(summary);
+  restoreControls(["query", "view-kind", "smooth", "step-min", "step-max"]);
   bindControls(summary, refresh);
   bindSelection(job.id);
+  bindExports(results, (name, format) => resultsExportPath(job.id, summary.steps - 1, name, format));
   await refresh.windows();
+  restoreControls(["window"]);
+  keepControlsInUrl(results);
   await Promise.all([refresh.plots(), refresh.top(), refresh.examples(), refresh.selection(), drawDynamics(job.id)]);
   results.dataset.ready = "true";
 }

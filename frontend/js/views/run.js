@@ -1,10 +1,12 @@
-// A run's page: its files (upload more by picking or dropping them), the analysis job and its results.
+// A run's page: what was found (the summary card), its analyses (each with its options; cancel, retry, show), the
+// upload panel (folded away once the log is complete), and the shown analysis's results. ?job= picks the analysis.
 import { api, postJson } from "../api.js";
 import { byId } from "../dom.js";
-import { html, render } from "../html.js";
+import { attrs, html, render } from "../html.js";
 import { state } from "../state.js";
 import { table } from "../table.js";
-import { showJob } from "./job.js";
+import { viewParams } from "../url.js";
+import { analyseForm, followJobs, readOptions } from "./job.js";
 import { uploadFiles } from "./upload.js";
 
 const FILE_COLUMNS = [
@@ -18,9 +20,9 @@ function missing(names) {
   return html`<p class="muted">missing: ${names.slice(0, 8).join(", ")}${names.length > 8 ? "…" : ""}</p>`;
 }
 
-const page = (run) => html`<h1>${run.name} <span class="muted">(${run.status})</span></h1>
-  <section>
-    <h2>Upload a gradient log</h2>
+const uploadPanel = (run) => html`<details id="upload-panel" class="panel"${attrs({ open: run.status !== "ready" })}>
+    <summary><h2>Upload a gradient log</h2>
+      <span class="muted">${run.files.length} file(s)${run.status === "ready" ? ", complete" : ""}</span></summary>
     <div id="dropzone" class="dropzone" tabindex="0">
       Drop the log's files here, or <label>pick files <input id="file-input" type="file" multiple /></label>
       or <label>a directory <input id="dir-input" type="file" webkitdirectory /></label>
@@ -31,9 +33,17 @@ const page = (run) => html`<h1>${run.name} <span class="muted">(${run.status})</
     <ul id="upload-files"></ul>
     ${table({ columns: FILE_COLUMNS, rows: run.files })}
     ${missing(run.missing_files)}
-    ${run.status === "ready" ? html`<button id="analyze">Start analysis</button>` : ""}
+  </details>`;
+
+const page = (run) => html`<h1>${run.name} <span class="muted">(${run.status})</span></h1>
+  <section id="summary-card" class="card" hidden></section>
+  ${uploadPanel(run)}
+  <section>
+    <h2>Analyses</h2>
+    <div id="jobs"></div>
+    ${run.status === "ready" ? analyseForm() : html`<p class="muted">Analyses start once the log is complete.</p>`}
   </section>
-  <section id="job"></section>
+  <section id="job" hidden></section>
   <div id="results"></div>`;
 
 function bindDropzone(take) {
@@ -58,19 +68,21 @@ function bindUploads(view, runId) {
 }
 
 function bindAnalyze(view, runId) {
-  byId("analyze")?.addEventListener("click", async () => {
-    await postJson(`/runs/${runId}/jobs`, {});
-    renderRun(view, runId);
+  byId("analyze-form")?.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const job = await postJson(`/runs/${runId}/jobs`, readOptions());
+    location.hash = `#/runs/${runId}?job=${job.id}`; // the hashchange shows it
   });
 }
 
-/** Shows a run's page, with its latest job. */
+/** Shows a run's page with its analyses; the one shown is ?job= or the latest. */
 export async function renderRun(view, runId) {
   clearTimeout(state.pollTimer);
-  const run = await api(`/runs/${runId}`);
-  const jobs = (await api(`/runs/${runId}/jobs`)).data;
+  const [run, jobs] = await Promise.all([api(`/runs/${runId}`), api(`/runs/${runId}/jobs`)]);
   render(view, page(run));
   bindUploads(view, runId);
   bindAnalyze(view, runId);
-  if (jobs[0]) showJob(jobs[0]);
+  const asked = Number(viewParams().get("job"));
+  const shown = jobs.data.find((j) => j.id === asked) || jobs.data[0];
+  await followJobs(runId, jobs.data, shown?.id);
 }

@@ -1,4 +1,5 @@
-// The runs list: search, create a run, and the table of runs.
+// The runs list: search, create a run, and the table of runs. The name pattern is compiled with the v flag, in
+// which a "-" inside a class must be escaped.
 import { api, postJson } from "../api.js";
 import { byId } from "../dom.js";
 import { fmtBytes } from "../format.js";
@@ -19,13 +20,13 @@ const page = (runs, search) => html`<h1>Runs</h1>
     <div class="controls">
       <label>Search <input id="search" value="${search}" /></label>
       <form id="create">
-        <label>New run <input id="new-name" required pattern="[A-Za-z0-9][A-Za-z0-9_. -]*" /></label>
+        <label>New run <input id="new-name" required pattern="[A-Za-z0-9][A-Za-z0-9_. \\-]*" /></label>
         <button>Create</button>
       </form>
       <span id="create-error" class="error" role="alert"></span>
     </div>
     ${table({ columns: COLUMNS, rows: runs.data, attributes: { id: "runs" } })}
-    <p class="muted">${runs.count} run(s)</p>
+    <p class="muted">${runs.count} run(s) · <a href="#/compare">compare their analyses</a></p>
   </section>`;
 
 async function createRun(event) {

@@ -19,23 +19,32 @@ function showProgress(progress, sent) {
   progress.status.textContent = `${((100 * sent) / progress.total).toFixed(0)}% · ${fmtBytes(speed)}/s · ETA ${eta} s`;
 }
 
+/** Uploads one file; false when it failed (its verdict then says why). */
 async function uploadOne(runId, file, verdict, onProgress) {
   try {
     await tusUpload(runId, file, onProgress);
     verdict.textContent = "uploaded";
+    return true;
   } catch (err) {
-    render(verdict, html`<span class="error">${err.message}</span>`);
+    render(verdict, html`<span class="error" role="alert">${err.message}</span>`);
+    return false;
   }
 }
 
-function showFinished(progress) {
+function showFinished(progress, failed) {
   progress.bar.style.width = "100%";
-  progress.status.textContent = "100% · upload finished; validating";
   progress.bar.parentElement.setAttribute("aria-valuenow", "100");
+  if (!failed) progress.status.textContent = "100% · upload finished; validating";
+  else {
+    progress.status.className = "error";
+    progress.status.setAttribute("role", "alert");
+    progress.status.textContent = `${failed} file(s) were refused: see why below, fix them and upload them again.`;
+  }
 }
 
 /** Uploads the files into the run one after the other (manifests first: each data file is then judged as it
- * arrives), then calls onDone() half a second later. */
+ * arrives). When every file went up, onDone() runs half a second later (the page is drawn again); when one was
+ * refused, the page stays as it is, so that the reasons stay in view. */
 export async function uploadFiles(runId, files, onDone) {
   const progress = {
     total: files.reduce((sum, f) => sum + f.size, 0),
@@ -46,11 +55,12 @@ export async function uploadFiles(runId, files, onDone) {
   files.sort((a, b) => isManifest(b) - isManifest(a));
   render(byId("upload-files"), html`${files.map(fileItem)}`);
   let done = 0;
+  let failed = 0;
   for (const [i, file] of files.entries()) {
     const verdict = document.querySelector(`#file-${i} .verdict`);
-    await uploadOne(runId, file, verdict, (offset) => showProgress(progress, done + offset));
+    if (!(await uploadOne(runId, file, verdict, (offset) => showProgress(progress, done + offset)))) failed += 1;
     done += file.size;
   }
-  showFinished(progress);
-  setTimeout(onDone, 500);
+  showFinished(progress, failed);
+  if (!failed) setTimeout(onDone, 500);
 }
