@@ -32,7 +32,9 @@ def phase_figure(
     else:
         curve = data.query_curve(job=job, query_set=query_set, query=query, points=points, storage=settings.storage)
     phases = results.phases(session, job=job, query_set=query_set)
-    title = f"{query_set}" + ("" if query is None else f", query {query}")
+    ids = (job.summary or {}).get("query_sets", {}).get(query_set, {}).get("query_ids") or []
+    name = ids[query] if query is not None and query < len(ids) else query  # the query's id, not its index
+    title = query_set + ("" if query is None else f", query {name}")
     return figures.phase_figure(curve, phases, view=view, smooth=smooth, title=title)
 
 
