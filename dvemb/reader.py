@@ -311,6 +311,12 @@ class GradientLog:
         """Number of steps the log holds (common to all ranks)."""
         return min(int(m["shards"][-1]["last_step"]) + 1 if m["shards"] else 0 for m in self.rank_manifests)
 
+    def digest(self) -> str:
+        """sha256 of the log as listed when it was opened: every rank's manifest with its shard list (each
+        shard's size and sha256 included). It changes whenever the log's content does; a version-3 log still
+        being recorded grows in its shard index, not in its manifest, so the manifest's bytes alone do not."""
+        return hashlib.sha256(json.dumps(self.rank_manifests, sort_keys=True).encode()).hexdigest()
+
     @property
     def complete(self) -> bool:
         """True when every rank's recorder was closed normally."""
