@@ -15,8 +15,9 @@ def check_log_file_name(name: str) -> str:
     """``name`` if a gradient log can hold it (dvemb.formats' grammar), else a 400 naming the problem."""
     if not is_log_file_name(name):
         raise BadRequest(
-            f"file name {name!r} is not a gradient-log file name (manifest.json, shard-rR-NNNNNN.safetensors, "
-            "queries-NAME.safetensors, examples-NNNNNN.jsonl, projection.safetensors); paths are not accepted"
+            f"file name {name!r} is not a gradient-log file name (manifest.json, shards.jsonl, "
+            "shard-rR-NNNNNN.safetensors, queries-NAME.safetensors, examples-NNNNNN.jsonl, projection.safetensors); "
+            "paths are not accepted"
         )
     return name
 
