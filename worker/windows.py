@@ -73,9 +73,9 @@ def run_window_topk(window_id: int) -> None:
             record.step_max,
             None if record.epoch == ANY_EPOCH else record.epoch,
         )
+        session.commit()  # nothing written: no transaction stays open while the scores file is read
         try:
             results = load_results(directory)
-            session.execute(delete(WindowTopKRow).where(WindowTopKRow.window_id == record.id))
             meta = functools.partial(_stored_metadata, session, job.id, record.query_set)
             _store_rows(session, [record], [window], results, record.query_set, record.top_k, meta)
         except Exception as exc:  # in words on the window, not a task stuck in a retry loop
@@ -104,6 +104,8 @@ def _store_rows(
     top = window_topk(results.scores(query_set), steps, epochs, windows, k)
     ids = [str(i) for i in results.example_ids]
     meta = metadata({ids[int(examples[r])] for r in np.unique(top.rows[top.rows >= 0])})
+    # A redelivered task's earlier attempt may have left rows (the ranking is done: the write starts now).
+    session.execute(delete(WindowTopKRow).where(WindowTopKRow.window_id.in_([r.id for r in records])))
     queries = top.values.shape[2] - 1
     session.flush()  # the windows' rows exist before their top rows are copied in
     for w, record in enumerate(records):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from server.api.deps import IdPath, JobDep, ProjectDep, SessionDep, SettingsDep
 from server.api.schemas import QueryCreate
+from server.api.waiting import wait_answer
 from server.db.models import Job, Run
 from server.db.session import session_factory
 from server.db.states import QueryStatus
@@ -26,10 +25,9 @@ router = APIRouter(tags=["queries"])
 @router.post("/jobs/{job_id}/queries", status_code=201)
 async def create_query(job: JobDep, body: QueryCreate, session: SessionDep, settings: SettingsDep) -> Response:
     """Store the vectors and queue their scoring; then wait up to ``wait_seconds`` for the answer without
-    holding a server thread (each look at the row is a short read in the thread pool; the waiting is
-    ``asyncio.sleep``), so clients waiting on a busy worker cannot starve other requests."""
+    holding a server thread (server/api/waiting.py)."""
     query_id = await run_in_threadpool(_create, session, job, body, settings.storage)
-    answer = await _wait(query_id, body.wait_seconds)
+    answer = await wait_answer(_answer, query_id, body.wait_seconds)
     status = 200 if answer["status"] in (QueryStatus.SUCCEEDED, QueryStatus.FAILED) else 202
     return JSONResponse(answer, status_code=status, headers={"Location": f"/api/v1/queries/{query_id}"})
 
@@ -45,15 +43,6 @@ def _create(session: Session, job: Job, body: QueryCreate, storage: Path) -> int
 @router.get("/queries/{query_id}")
 def get_query(query_id: IdPath, session: SessionDep, project: ProjectDep) -> dict[str, Any]:
     return adhoc.public(adhoc.get_query(session, project_id=project.id, query_id=query_id))
-
-
-async def _wait(query_id: int, seconds: float) -> dict[str, Any]:
-    deadline = time.monotonic() + seconds
-    while True:
-        answer = await run_in_threadpool(_answer, query_id)
-        if answer["status"] != QueryStatus.QUEUED or time.monotonic() >= deadline:
-            return answer
-        await asyncio.sleep(0.1)
 
 
 def _answer(query_id: int) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
@@ -13,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from server.api.deps import DB_INT_MAX, DoneJobDep, IdPath, IntQuery, SessionDep
 from server.api.schemas import TopRow, WindowCreate, WindowPublic, WindowsPublic, WindowTopPublic
+from server.api.waiting import wait_answer
 from server.db.models import Job
 from server.db.session import session_factory
 from server.db.states import QueryStatus
@@ -37,7 +36,7 @@ async def ask_window(job: DoneJobDep, body: WindowCreate, session: SessionDep) -
     worker from the scores file. Waits up to ``wait_seconds`` without holding a server thread; 200 once it is
     computed (or failed), 202 while it is queued (poll its Location)."""
     window_id = await run_in_threadpool(_ask, session, job, body)
-    answer = await _wait(window_id, body.wait_seconds)
+    answer = await wait_answer(_answer, window_id, body.wait_seconds)
     status = 202 if answer["status"] == QueryStatus.QUEUED else 200
     location = f"/api/v1/jobs/{job.id}/windows/{window_id}"
     return JSONResponse(answer, status_code=status, headers={"Location": location})
@@ -49,15 +48,6 @@ def _ask(session: Session, job: Job, body: WindowCreate) -> int:
     )
     session.commit()  # the task is sent on commit
     return window.id
-
-
-async def _wait(window_id: int, seconds: float) -> dict[str, Any]:
-    deadline = time.monotonic() + seconds
-    while True:
-        answer = await run_in_threadpool(_answer, window_id)
-        if answer["status"] != QueryStatus.QUEUED or time.monotonic() >= deadline:
-            return answer
-        await asyncio.sleep(0.05)
 
 
 def _answer(window_id: int) -> dict[str, Any]:
