@@ -3,6 +3,7 @@ segments and the stored rows are those of the sequential engine."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,3 +61,45 @@ def test_segments_option_is_validated(api: Api, token: str) -> None:
     response = api.post("/runs/999999/jobs", json={"segments": 0})
     assert response.status_code == 422
     assert "segments" in response.text
+
+
+def test_killed_worker_reruns_only_its_segment(api: Api, token: str, worker: Worker, tmp_path: Path) -> None:
+    """Kill the only worker once some segments are finished: after a restart the job completes, the segments
+    finished before the kill keep the process that computed them (not recomputed), and the rows equal the
+    sequential job's."""
+    log = record_log(tmp_path / "log", steps=240, batch=8, shard_steps=3, dim=48)
+    result = upload_log(log, server=api.url, token=token, run_name="segmented-kill")
+    assert result["status"] == "ready", result
+    run_id = int(result["run"])
+    sequential = api.wait_job(api.post(f"/runs/{run_id}/jobs", json={"top_k": 20, "segments": 1}).json()["id"])
+    job_id = api.post(f"/runs/{run_id}/jobs", json={"top_k": 20, "segments": 8}).json()["id"]
+    deadline = time.monotonic() + 120
+    while True:  # progress counts finished segments
+        job = api.get(f"/jobs/{job_id}").json()
+        if job["status"] == "running" and 0.2 <= job["progress"] < 0.8:
+            break
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.01)
+    worker.kill()
+    first_pid = None
+    with session_factory()() as session:  # read the segment files' owners from storage before the restart
+        stored = session.get(Job, job_id)
+        assert stored is not None and stored.status == "running"
+    from server.settings import get_settings
+    from server.storage import results_dir
+
+    segments_dir = results_dir(get_settings().storage, run_id, job_id) / "segments"
+    finished_before = sorted(p.name for p in segments_dir.glob("segment-*.safetensors"))
+    assert finished_before, "no segment had finished when the worker was killed"
+    worker.start()
+    job = api.wait_job(job_id, timeout=180)
+    assert job["status"] == "succeeded", job
+    with session_factory()() as session:
+        stored = session.get(Job, job_id)
+        assert stored is not None
+        processes = stored.summary["segment_processes"]
+    before = {processes[int(name[8:12])] for name in finished_before}
+    first_pid = before.pop()
+    assert not before  # one process computed every segment finished before the kill...
+    assert len(set(processes)) == 2 and processes.count(first_pid) == len(finished_before)  # ...and only those
+    _close(_rows(job_id), _rows(sequential["id"]))
