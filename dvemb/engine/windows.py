@@ -153,7 +153,7 @@ class _Running:
 
     Rows arrive in ascending order, so a kept row always precedes a new one: once k are kept, a new score enters
     only when strictly better than the k-th (a comparison pass over the chunk; few pass, so the exact merge,
-    a lexicographic sort of the kept and the passing candidates, stays small).
+    a stable sort per column of the kept and the passing candidates, stays small).
     """
 
     def __init__(self, columns: int, k: int, largest: bool) -> None:
@@ -172,17 +172,21 @@ class _Running:
             passing = ~better(bound, block)
         else:
             passing = np.ones(block.shape, dtype=bool)
-        at, column = np.nonzero(passing)
+        column, at = np.nonzero(passing.T)  # by column, then by row: each column's candidates in row order
         if not len(at):
             return
-        kept = self.values.shape[1]
-        columns = np.concatenate([np.repeat(np.arange(self.columns), kept), column])
-        values = np.concatenate([self.values.ravel(), block[at, column].astype(np.float64)])
-        row_ids = np.concatenate([self.rows.ravel(), rows[at]])
-        order = np.lexsort((row_ids, -values if self.largest else values, columns))
-        columns, values, row_ids = columns[order], values[order], row_ids[order]
-        rank = np.arange(len(columns)) - np.searchsorted(columns, columns)  # place within its column
-        keep = rank < self.k
+        counts = np.bincount(column, minlength=self.columns)
+        slot = np.arange(len(at)) - np.repeat(np.cumsum(counts) - counts, counts)  # place within its column
+        kept, width = self.values.shape[1], int(counts.max())
+        worst = -np.inf if self.largest else np.inf  # padding, sorted last
+        values = np.full((self.columns, kept + width), worst)
+        rows_2d = np.zeros((self.columns, kept + width), dtype=np.int64)
+        values[:, :kept], rows_2d[:, :kept] = self.values, self.rows
+        values[column, kept + slot] = block[at, column]
+        rows_2d[column, kept + slot] = rows[at]
+        # Kept rows precede new ones and new ones are in row order: a stable sort by score puts equal scores
+        # earlier row first.
+        order = np.argsort(-values if self.largest else values, axis=1, kind="stable")[:, : self.k]
         size = min(self.k, kept + len(rows))  # every column holds as many (each row scores every column)
-        self.values = values[keep].reshape(self.columns, size)
-        self.rows = row_ids[keep].reshape(self.columns, size)
+        self.values = np.take_along_axis(values, order, axis=1)[:, :size]
+        self.rows = np.take_along_axis(rows_2d, order, axis=1)[:, :size]
