@@ -40,7 +40,7 @@ from dvemb.errors import (
 )
 from dvemb.formats.ids import check_ids
 from dvemb.formats.manifest import LayerEntry, Manifest, ManifestError
-from dvemb.formats.shard_index import ShardIndexError, parse_shard_index
+from dvemb.formats.shard_index import ParsedIndex, ShardIndexError, parse_shard_index
 from dvemb.optim import PROPAGATIONS
 from dvemb.projection import LayerProjection
 
@@ -200,10 +200,7 @@ def _with_shard_list(directory: Path, rank: int, manifest: dict[str, Any]) -> tu
     path = directory / str(pointer["file"])
     if not path.is_file():
         raise LogFormatError(path, "missing: the manifest lists its shards in this index; copy or upload it too")
-    size = path.stat().st_size
-    if size > MAX_INDEX_BYTES:
-        raise LogFormatError(path, f"shard index of {size} bytes; an index holds at most {MAX_INDEX_BYTES} bytes")
-    data = path.read_bytes()
+    data = _index_bytes(path)
     sealed = "num_shards" in pointer
     if sealed and len(data) != int(pointer["bytes"]):
         raise TruncatedFileError(
@@ -213,10 +210,7 @@ def _with_shard_list(directory: Path, rank: int, manifest: dict[str, Any]) -> tu
         )
     if sealed and (digest := hashlib.sha256(data).hexdigest()) != pointer["sha256"]:
         raise ChecksumError(path, f"sha256 is {digest}, the manifest records {pointer['sha256']}; the index is corrupt")
-    try:
-        parsed = parse_shard_index(data, rank, sealed=sealed)
-    except ShardIndexError as exc:
-        raise LogFormatError(path, str(exc)) from None
+    parsed = _parsed_index(path, data, rank, sealed=sealed)
     entries = parsed.entries
     num_steps = int(entries[-1]["last_step"]) + 1 if entries else 0
     if sealed and (len(entries), num_steps) != (int(pointer["num_shards"]), int(manifest["num_steps"])):
@@ -785,15 +779,23 @@ def check_index_file(path: str | Path, name: str) -> list[dict[str, Any]]:
         The shard entries.
     """
     path = Path(path)
+    entries = _parsed_index(path, _index_bytes(path), formats.index_rank(name), sealed=False).entries
+    _check_shard_entries(path, entries)
+    return entries
+
+
+def _index_bytes(path: Path) -> bytes:
     size = path.stat().st_size
     if size > MAX_INDEX_BYTES:
         raise LogFormatError(path, f"shard index of {size} bytes; an index holds at most {MAX_INDEX_BYTES} bytes")
+    return path.read_bytes()
+
+
+def _parsed_index(path: Path, data: bytes, rank: int, *, sealed: bool) -> ParsedIndex:
     try:
-        entries = parse_shard_index(path.read_bytes(), formats.index_rank(name), sealed=False).entries
+        return parse_shard_index(data, rank, sealed=sealed)
     except ShardIndexError as exc:
         raise LogFormatError(path, str(exc)) from None
-    _check_shard_entries(path, entries)
-    return entries
 
 
 def _check_shard_entries(path: Path, shards: list[Any]) -> None:
