@@ -99,6 +99,8 @@ class DvembCallback(TrainerCallback):
         eval_batches: builds the query batches at the end of training (``(inputs, labels)`` pairs),
             or None to record no queries.
         query_set: name of the query set recorded on the evaluation data.
+        dynamics_every: also record the query set every this many optimizer steps as a checkpoint
+            (``{query_set}.step{N}``), for value dynamics (docs/results.md); 0: only at the end.
         calibration_batches: number of training batches (in dataset order) that fit curvature-aware
             projection bases before the first step; 0 keeps the random projection.
         loss_fn: per-example loss ``(logits, labels) -> (B,)`` for queries; default the causal-LM loss
@@ -115,6 +117,7 @@ class DvembCallback(TrainerCallback):
         text_column: str | None = None,
         eval_batches: Callable[[], Iterator[tuple[Any, torch.Tensor]]] | None = None,
         query_set: str = "eval",
+        dynamics_every: int = 0,
         calibration_batches: Callable[[], list[tuple[Any, torch.Tensor]]] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         recorder_options: Mapping[str, Any] | None = None,
@@ -125,6 +128,9 @@ class DvembCallback(TrainerCallback):
         self.text_column = text_column
         self.eval_batches = eval_batches
         self.query_set = query_set
+        if dynamics_every < 0:
+            raise ConfigError(f"dynamics_every={dynamics_every} must be 0 (off) or a number of steps")
+        self.dynamics_every = dynamics_every
         self.calibration_batches = calibration_batches
         self.loss_fn = loss_fn or _sequence_or_class_loss
         self.recorder_options = dict(recorder_options or {})
@@ -180,6 +186,10 @@ class DvembCallback(TrainerCallback):
         step, self._step = self._step, None
         if step is not None:
             step.__exit__(None, None, None)
+        rec, every = self.recorder, self.dynamics_every
+        at = state.global_step
+        if rec is not None and self.eval_batches is not None and every and at % every == 0 and at < state.max_steps:
+            rec.record_queries(self.query_set, self.eval_batches(), loss_fn=self.loss_fn, checkpoint=True)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -205,6 +215,7 @@ def record(
     text_column: str | None = None,
     query_set: str = "eval",
     record_eval: bool = True,
+    dynamics_every: int = 0,
     calibration_batches: int = 8,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     **recorder_options: Any,
@@ -218,6 +229,8 @@ def record(
         text_column: column with each example's text, shown on the dashboard.
         query_set: name of the query set recorded on ``trainer.eval_dataset`` at the end.
         record_eval: record query gradients on the evaluation set (when the Trainer has one).
+        dynamics_every: also record them every this many optimizer steps, as checkpoints for value
+            dynamics (the influence of early, basin and late data on each checkpoint); 0: at the end only.
         calibration_batches: training batches (in dataset order, collated as the Trainer does) that fit
             curvature-aware projection bases before the first step; 0 uses the random projection.
         loss_fn: per-example query loss ``(logits, labels) -> (B,)``; default :func:`causal_lm_loss` for
@@ -241,6 +254,7 @@ def record(
         text_column=text_column,
         eval_batches=_batches(trainer, trainer.eval_dataset, collate) if record_eval and trainer.eval_dataset else None,
         query_set=query_set,
+        dynamics_every=dynamics_every,
         calibration_batches=(
             (lambda: list(_collated(dataset, collate, batch_size, calibration_batches, trainer)))
             if calibration_batches

@@ -200,3 +200,28 @@ def test_ddp_through_accelerate_equals_one_process(tmp_path: Path) -> None:
         assert ids == ids_s and lr == pytest.approx(lr_s, rel=1e-12)
         for name, ours in rows.items():
             assert _relative(ours, rows_s[name]) < 1e-9, name
+
+
+def test_dynamics_every_records_checkpoint_query_sets(tmp_path: Path) -> None:
+    """``dynamics_every=2`` records the eval set at steps 2 and 4 of 6 (and at the end), and the engine turns them
+    into value dynamics with checkpoints 2, 4 and 6."""
+    from dvemb.engine import ComputeArguments, compute
+
+    trainer = Trainer(
+        model=tiny_gpt2(torch.float32),
+        args=arguments(tmp_path / "out", 4, steps=6),
+        train_dataset=SourceChunks("textwrap.py", 24),
+        eval_dataset=SourceChunks("textwrap.py", 4, offset=24),
+        data_collator=default_data_collator,
+    )
+    record(trainer, tmp_path / "log", calibration_batches=0, proj_dim=16, dynamics_every=2)
+    trainer.train()
+    log = dvemb.open_log(tmp_path / "log")
+    assert [(q["name"], q["step"]) for q in log.manifest["query_sets"]] == [
+        ("eval.step2", 2),
+        ("eval.step4", 4),
+        ("eval", 6),
+    ]
+    summary = compute(tmp_path / "log", tmp_path / "results", ComputeArguments())
+    assert summary["dynamics"]["eval"]["checkpoints"] == [2, 4, 6]
+    assert list(summary["query_sets"]) == ["eval"]
