@@ -166,6 +166,23 @@ def test_bad_shard_is_refused_and_invisible(api: Api, tmp_path: Path, kind: str,
         assert _upload(api, run_id, log / name).status_code == 204  # the real file can still be uploaded
 
 
+def test_a_shard_index_that_disagrees_with_its_manifest_is_refused(api: Api, tmp_path: Path) -> None:
+    """Format version 3: a closed log's manifest seals its shard index (size, sha256, shard count); an index
+    that lost records is refused, never taken for a shorter complete log, and the true one is still accepted."""
+    log = record_log(tmp_path / "log")
+    run_id = _new_run(api)
+    assert _upload(api, run_id, log / "manifest.json").status_code == 204
+    index = log / "shards.jsonl"
+    short = tmp_path / "shards.jsonl"
+    short.write_text("".join(index.read_text().splitlines(keepends=True)[:-1]))
+    response = _upload(api, run_id, short)
+    assert response.status_code == 400, response.text
+    assert "truncated or changed after recording" in response.json()["detail"]
+    run = api.get(f"/runs/{run_id}").json()
+    assert run["status"] != "ready" and "shards.jsonl" in run["missing_files"]
+    assert _upload(api, run_id, index).status_code == 204
+
+
 def test_wrong_format_version(api: Api, tmp_path: Path) -> None:
     log = record_log(tmp_path / "log")
     manifest = json.loads((log / "manifest.json").read_text())
