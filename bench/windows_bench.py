@@ -16,7 +16,7 @@ Run (from the repository root, with PostgreSQL on 127.0.0.1:5432 and Redis on 12
    (3 phases, 10 tenths, 10 epochs; top 100 helpful and harmful for every query and the set mean): seconds
    to rank them from the scores file (dvemb.engine.windows) and to insert the rows.
 3. The API (``uvicorn server.main:app``, its own process) and one Celery worker (its own process, default
-   queue). Cached: 200 requests of one stored window's page (random window and query, harmful, limit 10,
+   queue, Redis database ``DVEMB_BENCH_REDIS_DB``, 12 by default: never one a test suite flushes). Cached: 200 requests of one stored window's page (random window and query, harmful, limit 10,
    the dashboard's page), against ``/health`` and the overall ``/top`` page in the same run (peers).
    On demand: ``POST /jobs/{id}/windows`` for ranges of 1%, 10% and 100% of training (the 100% range is
    not a stored window), timed until the answer is computed and the first page read; the floor in the same
@@ -53,7 +53,7 @@ from bench.service_bench import ApiProcess, Postgres, percentile
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 SECTION = "Top examples per window"
-REDIS_DB = 7
+REDIS_DB = int(os.environ.get("DVEMB_BENCH_REDIS_DB", "12"))  # flushed by nobody else: not a test suite's
 TOP_K = 100
 EPOCHS = 10
 
