@@ -161,8 +161,8 @@ class _QueryScores:
 
 
 def _fingerprint(log: GradientLog, args: ComputeArguments) -> str:
-    manifest_bytes = (log.directory / fmt.MANIFEST).read_bytes()
-    payload = manifest_bytes + json.dumps(asdict(args), sort_keys=True).encode()
+    # The log's digest covers its shard list: a log still being recorded grows in its index, not its manifest.
+    payload = log.digest().encode() + json.dumps(asdict(args), sort_keys=True).encode()
     return hashlib.sha256(payload).hexdigest()
 
 
