@@ -23,10 +23,15 @@ function renderPage(parts) {
   return renderRuns(view);
 }
 
+let shown = 0;
+
 /** Shows the page of the current hash (the sign-in page without a token, which then returns to this very link);
- * errors are shown in its place. */
+ * errors are shown in its place, unless another page was asked for meanwhile (a late error of a page that was left
+ * must not replace the page now shown). */
 async function route() {
+  const ticket = ++shown;
   clearTimeout(state.pollTimer);
+  clearTimeout(state.runTimer);
   byId("signout").hidden = !state.token;
   if (!state.token) {
     if (!location.hash.startsWith("#/signin") && hashPath()) state.returnTo = location.hash;
@@ -36,7 +41,7 @@ async function route() {
     return await renderPage(hashPath().split("/"));
   } catch (err) {
     const signedOut = err instanceof ApiError && err.status === 401;
-    if (!signedOut) render(view, html`<p class="error" role="alert">${err.message}</p>`);
+    if (!signedOut && ticket === shown) render(view, html`<p class="error" role="alert">${err.message}</p>`);
   }
 }
 

@@ -33,6 +33,8 @@ export const state = {
   },
   /** The timer of the running job's next poll. */
   pollTimer: null,
+  /** The timer of the run page's next look at its files' verdicts. */
+  runTimer: null,
   /** The page of the "Top training examples" tables (10 rows each), kept in the URL as page=. */
   get page() {
     return page;

@@ -49,7 +49,9 @@ const page = (jobs) => html`<h1>Compare analyses</h1>
   </section>
   <div id="comparison"></div>`;
 
-const picked = () => [...document.querySelectorAll("input[name=pick]:checked")].map((i) => Number(i.value));
+/** The picked analyses, oldest first (a pair's differences are the newer's totals less the older's). */
+const picked = () =>
+  [...document.querySelectorAll("input[name=pick]:checked")].map((i) => Number(i.value)).sort((x, y) => x - y);
 
 /** The query set picker offers the sets every picked analysis has (or every set, before two are picked). */
 function fillQuerySets(jobs, wanted) {

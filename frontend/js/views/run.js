@@ -75,14 +75,21 @@ function bindAnalyze(view, runId) {
   });
 }
 
-/** Shows a run's page with its analyses; the one shown is ?job= or the latest. */
+const VALIDATING = ["received", "validating"];
+
+/** Shows a run's page with its analyses; the one shown is ?job= or the latest. While files wait for their verdict,
+ * the page is drawn again every second (unless an upload is under way in it). */
 export async function renderRun(view, runId) {
   clearTimeout(state.pollTimer);
+  clearTimeout(state.runTimer);
   const [run, jobs] = await Promise.all([api(`/runs/${runId}`), api(`/runs/${runId}/jobs`)]);
   render(view, page(run));
   bindUploads(view, runId);
   bindAnalyze(view, runId);
   const asked = Number(viewParams().get("job"));
   const shown = jobs.data.find((j) => j.id === asked) || jobs.data[0];
+  if (run.files.some((f) => VALIDATING.includes(f.status))) {
+    state.runTimer = setTimeout(() => byId("upload-files")?.childElementCount || renderRun(view, runId), 1000);
+  }
   await followJobs(runId, jobs.data, shown?.id);
 }
