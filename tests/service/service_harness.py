@@ -114,6 +114,7 @@ def record_log(
     dim: int = 16,
     seed: int = 0,
     optimizer_name: str = "sgd",
+    query_ids: list[str] | None = None,
 ) -> Path:
     """A small real log: an MLP trained with the recorder (plain SGD, or ``"adam"``), one query set."""
     torch.manual_seed(seed)
@@ -131,7 +132,8 @@ def record_log(
             F.cross_entropy(model(x[ids]), y[ids]).backward()
             optimizer.step()
             optimizer.zero_grad()
-    rec.record_queries("val", [(torch.randn(6, 10), torch.randint(0, 4, (6,)))])
+    queries, targets = torch.randn(6, 10), torch.randint(0, 4, (6,))
+    rec.record_queries("val", [(queries, targets) if query_ids is None else (queries, targets, query_ids)])
     everyone = list(range(steps * batch))
     rec.describe(everyone, labels=y.tolist(), sources=["even" if i % 2 == 0 else "odd" for i in everyone])
     rec.close()
