@@ -33,8 +33,14 @@ def store_windows(
 ) -> None:
     """Replace the job's windows with its stored ones: each phase, tenth of training and epoch of every query set,
     with the job's top_k rows per query (and the set mean) and kind (idempotent; cached ranges are dropped too)."""
-    session.execute(delete(TopKWindow).where(TopKWindow.job_id == job_id))
     epochs = int(results.epoch.max()) + 1 if len(results.epoch) else 0
+    # Ranked before the first write: on SQLite the write lock is taken by the first write and held to the commit,
+    # so the ranking (seconds on a large job) must not run inside it (issue 13.16).
+    ranked = {
+        name: _rank(results, name, standard_windows(summary.steps, info.boundaries, epochs), summary.top_k)
+        for name, info in summary.query_sets.items()
+    }
+    session.execute(delete(TopKWindow).where(TopKWindow.job_id == job_id))
     for name, info in summary.query_sets.items():
         windows = standard_windows(summary.steps, info.boundaries, epochs)
         records = [
@@ -53,7 +59,7 @@ def store_windows(
         ]
         session.add_all(records)
         session.flush()
-        _store_rows(session, records, windows, results, name, summary.top_k, lambda _: meta)
+        _store_rows(session, records, windows, results, name, summary.top_k, lambda _: meta, top=ranked[name])
 
 
 def run_window_topk(window_id: int) -> None:
@@ -97,11 +103,13 @@ def _store_rows(
     query_set: str,
     k: int,
     metadata: Callable[[Collection[str]], dict[str, tuple[str | None, str | None]]],
+    top: Any = None,
 ) -> None:
-    """Rank the windows on the scores file and insert their rows (query -1 is the set mean); ``metadata``
-    gives the (label, source) of the example ids it is passed."""
+    """Rank the windows on the scores file (unless ``top`` is their ranking, done already) and insert their rows
+    (query -1 is the set mean); ``metadata`` gives the (label, source) of the example ids it is passed."""
     steps, epochs, examples = results.row_step.numpy(), results.epoch.numpy(), results.example_index.numpy()
-    top = window_topk(results.scores(query_set), steps, epochs, windows, k)
+    if top is None:
+        top = _rank(results, query_set, windows, k)
     ids = [str(i) for i in results.example_ids]
     meta = metadata({ids[int(examples[r])] for r in np.unique(top.rows[top.rows >= 0])})
     # A redelivered task's earlier attempt may have left rows (the ranking is done: the write starts now).
@@ -137,6 +145,11 @@ def _store_rows(
     session.flush()
 
 
+def _rank(results: Results, query_set: str, windows: list[Window], k: int) -> Any:
+    """The windows' top-k rows and scores of each query, from the scores file (CPU: no transaction needed)."""
+    return window_topk(results.scores(query_set), results.row_step.numpy(), results.epoch.numpy(), windows, k)
+
+
 COLUMNS = ("window_id", "query", "kind", "rank", "score", "row", "step", "epoch", "example_id", "label", "source")
 
 
@@ -160,13 +173,13 @@ def _stored_metadata(
     session: Session, job_id: int, query_set: str, example_ids: Collection[str]
 ) -> dict[str, tuple[str | None, str | None]]:
     """(label, source) of these examples, as stored with the job's per-example totals."""
-    wanted, found = sorted(example_ids), {}
-    for start in range(0, len(wanted), 5000):
-        chunk = wanted[start : start + 5000]
-        for example, label, source in session.execute(
-            select(ExampleTotal.example_id, ExampleTotal.label, ExampleTotal.source).where(
-                ExampleTotal.job_id == job_id, ExampleTotal.query_set == query_set, ExampleTotal.example_id.in_(chunk)
-            )
-        ):
-            found[example] = (label, source)
-    return found
+    of_job = select(ExampleTotal.example_id, ExampleTotal.label, ExampleTotal.source).where(
+        ExampleTotal.job_id == job_id, ExampleTotal.query_set == query_set
+    )
+    if len(example_ids) > 1000:
+        # Many ids (a window of many queries): one pass over the job's examples. A long IN list is searched
+        # per row when the planner has no fresh statistics (34 s for 5,000 ids among 10^5 examples).
+        wanted = set(example_ids)
+        return {e: (label, source) for e, label, source in session.execute(of_job) if e in wanted}
+    found = session.execute(of_job.where(ExampleTotal.example_id.in_(sorted(example_ids))))
+    return {e: (label, source) for e, label, source in found}

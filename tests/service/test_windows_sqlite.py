@@ -16,12 +16,12 @@ from dvemb import formats
 from dvemb.engine import load_results
 from dvemb.engine.windows import standard_windows, window_topk
 from dvemb.formats import Summary
-from server.db.models import Job, Project, Run
+from server.db.models import ExampleTotal, Job, Project, Run
 from server.db.session import make_engine
 from server.db.window_models import TopKWindow
 from server.migrate import upgrade
 from server.services import windows as service
-from worker.windows import store_windows
+from worker.windows import _stored_metadata, store_windows
 
 STEPS, BATCH, QUERIES, TOP_K = 20, 6, 3, 4
 
@@ -97,4 +97,15 @@ def test_windows_on_sqlite(tmp_path: Path) -> None:
         phase = service.ask_window(session, job=job, query_set="val", step_min=0, step_max=2, epoch=None)
         assert phase.id == stored[0].id  # the stored early phase answers it
         assert session.scalars(select(TopKWindow).where(TopKWindow.kind == "range")).all() == [asked]
+        # Labels of an on-demand window's examples: by id for a few, one pass over the job's examples for many.
+        session.add_all(
+            ExampleTotal(
+                job_id=job.id, query_set="val", example_id=e, total=0.0, occurrences=2, label=m[0], source=m[1]
+            )
+            for e, m in meta.items()
+        )
+        session.flush()
+        few = _stored_metadata(session, job.id, "val", ["ex3", "ex7", "nope"])
+        many = _stored_metadata(session, job.id, "val", ["ex3", "ex7", *(f"absent{i}" for i in range(1200))])
+        assert few == many == {"ex3": ("0", "train"), "ex7": ("1", "train")}
         session.rollback()
