@@ -18,6 +18,7 @@ from dvemb.errors import DvembError
 from dvemb.formats import MANIFEST, is_log_file_name, is_manifest_name
 
 CHUNK = 8 << 20
+_QUOTA_WAIT_S = 10  # the server's Retry-After for the project's quota of files waiting for validation
 _TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 
@@ -40,6 +41,11 @@ class _Api:
             raise UploadError(f"cannot reach {self.server}: is the dvemb server running at that address?") from None
         except httpx.TimeoutException:
             raise UploadError(f"{self.server} did not answer {method} {path} in time; try again later") from None
+        except httpx.HTTPError as exc:  # any other transport or protocol failure: one line, never a traceback
+            raise UploadError(
+                f"{method} {path} to {self.server} failed ({type(exc).__name__}: {exc}); check that --server is a "
+                "dvemb server's address, then run the same command again (uploads resume)"
+            ) from None
         if response.status_code == 401:
             raise UploadError(
                 f"{self.server} refused the token (401): pass a token of this server with --token or DVEMB_TOKEN "
@@ -47,7 +53,13 @@ class _Api:
             )
         if response.status_code >= 400:
             raise UploadError(f"{method} {path} failed ({response.status_code}): {_detail(response.content)}")
-        return response.json() if response.content else None
+        try:
+            return response.json() if response.content else None
+        except ValueError:
+            raise UploadError(
+                f"{self.server} answered {method} {path} with something other than JSON: is --server the address "
+                "of a dvemb server?"
+            ) from None
 
 
 def _detail(content: bytes | None) -> str:
@@ -100,11 +112,13 @@ def upload_log(log_dir: Path, *, server: str, token: str, run_name: str, analyze
     run_id = _run_id(api, run_name)
     tus = tus_client.TusClient(f"{api.server}/api/v1/runs/{run_id}/uploads", headers=api.headers)
     storage = FileStorage(str(log_dir / ".dvemb-upload.json"))
-    files = _files(log_dir)
+    # Files the run already holds (valid, or being validated: a resumed upload) are not sent again.
+    held = {f["name"] for f in api.call("GET", f"/runs/{run_id}")["files"] if f["status"] in _HELD}
+    files = [p for p in _files(log_dir) if p.name not in held]
     total = sum(p.stat().st_size for p in files)
     rejected: dict[str, str] = {}
     try:
-        _upload_files(tus, storage, files, total, rejected, scope=f"{api.server}|{run_id}")
+        _upload_files(tus, storage, files, total, rejected, scope=f"{api.server}|{run_id}", server=api.server)
     finally:
         storage.close()
     sys.stderr.write("\n")
@@ -138,8 +152,11 @@ def _settled_run(api: _Api, run_id: int, timeout: float = 3600) -> dict[str, Any
         time.sleep(0.2)
 
 
+_HELD = ("ready", "received", "validating")
+
+
 def _upload_files(
-    tus: Any, storage: Any, files: list[Path], total: int, rejected: dict[str, str], *, scope: str
+    tus: Any, storage: Any, files: list[Path], total: int, rejected: dict[str, str], *, scope: str, server: str
 ) -> None:
     done = 0
     for path in files:
@@ -151,10 +168,24 @@ def _upload_files(
                     uploader.upload_chunk()
                     _progress(done + uploader.offset, total, path.name)
             except TusCommunicationError as exc:
-                rejected[path.name] = _detail(exc.response_content) if exc.response_content else str(exc)
+                _refused(exc, path.name, server, rejected)
             # Sent (or refused): a later run starts this file afresh rather than resuming a finished upload.
             storage.remove_item(fingerprint.key)
         done += path.stat().st_size
+
+
+def _refused(exc: TusCommunicationError, name: str, server: str, rejected: dict[str, str]) -> None:
+    """What a tus failure means: the file refused (kept in ``rejected``, with the server's reason), the file
+    already there (409: nothing to do), or a problem to stop on (:class:`UploadError`, one line)."""
+    if exc.status_code is None:  # no HTTP answer at all: the connection, not the file
+        raise UploadError(
+            f"lost the connection to {server} while uploading {name} ({exc}); run the same command again to resume"
+        ) from None
+    if exc.status_code == 401:
+        raise UploadError(f"{server} refused the token (401) while uploading {name}: pass a token of this server")
+    if exc.status_code == 409:
+        return  # the run already holds the file, or it is being validated: the run's status tells the rest
+    rejected[name] = _detail(exc.response_content) if exc.response_content else str(exc)
 
 
 def _uploader(tus: Any, storage: Any, stream: Any, name: str, fingerprint: _NameFingerprint, tries: int = 30) -> Any:
@@ -162,7 +193,7 @@ def _uploader(tus: Any, storage: Any, stream: Any, name: str, fingerprint: _Name
     forgotten: the server was reset, or the upload replaced), waiting out the project's quota (429)."""
     for _ in range(tries):
         try:
-            return tus.uploader(
+            uploader = tus.uploader(
                 file_stream=_KeepOpen(stream),
                 chunk_size=CHUNK,
                 metadata={"filename": name},
@@ -172,13 +203,20 @@ def _uploader(tus: Any, storage: Any, stream: Any, name: str, fingerprint: _Name
                 retry_delay=1,
                 fingerprinter=fingerprint,
             )
+            if not uploader.url:  # tuspy would create the upload in its first upload_chunk(), out of this loop
+                uploader.set_url(uploader.create_url())
+                uploader.offset = 0
+            return uploader
         except TusCommunicationError as exc:
             if exc.status_code in (404, 410) and storage.get_item(fingerprint.key):
                 storage.remove_item(fingerprint.key)
                 continue
             if exc.status_code != 429:
                 raise
-            time.sleep(10)  # the server's Retry-After for the quota of files waiting for validation
+            # The project's quota of files waiting for the validator: wait for some verdicts (the server's
+            # Retry-After), then ask again.
+            sys.stderr.write(f"\n{name}: the server is busy validating this project's files (429); waiting\n")
+            time.sleep(_QUOTA_WAIT_S)
     raise UploadError(f"{name}: the server kept refusing new uploads (429); try again later")
 
 

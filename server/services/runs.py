@@ -37,7 +37,8 @@ def list_runs(
 ) -> tuple[list[Run], int]:
     query = select(Run).where(Run.project_id == project.id)
     if search:
-        query = query.where(Run.name.ilike(f"%{search}%"))
+        # A substring, not a pattern: % and _ in the search match themselves.
+        query = query.where(Run.name.icontains(search, autoescape=True))
     count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     runs = session.scalars(query.order_by(Run.created_at.desc(), Run.id.desc()).offset(offset).limit(limit)).all()
     return list(runs), count

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from service_harness import Api, free_port, record_log
+from service_harness import Api, Worker, free_port, record_log
 
 from dvemb.client import UploadError, upload_log
 
@@ -77,3 +81,96 @@ def test_stale_resume_urls_are_forgotten(api: Api, token: str, tmp_path: Path) -
     storage.close()
     result = upload_log(log, server=api.url, token=token, run_name="stale")
     assert result["run"] == run_id and result["status"] == "ready" and result["rejected"] == {}, result
+
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def _tus_upload(api: Api, run_id: int, path: Path) -> None:
+    data = path.read_bytes()
+    meta = "filename " + base64.b64encode(path.name.encode()).decode()
+    created = api.post(
+        f"/runs/{run_id}/uploads", headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": meta}
+    )
+    assert created.status_code == 201, created.text
+    headers = {**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+    assert api.patch(created.headers["Location"], content=data, headers=headers).status_code == 204
+
+
+def test_a_resumed_upload_skips_what_the_run_holds(api: Api, token: str, tmp_path: Path) -> None:
+    """A review finding: resuming into an unfinished run, the client sent its valid files again and reported
+    the server's 409 ('already uploaded') as rejections (exit status 1, no --analyze)."""
+    log = record_log(tmp_path / "log")
+    run_id = api.post("/runs", json={"name": "partial"}).json()["id"]
+    first = ("manifest.json", "shards.jsonl", "shard-r0-000000.safetensors")
+    for name in first:  # an earlier upload that stopped after three files
+        _tus_upload(api, run_id, log / name)
+    deadline = time.monotonic() + 60
+    while sorted(f["status"] for f in api.get(f"/runs/{run_id}").json()["files"]) != ["ready"] * len(first):
+        assert time.monotonic() < deadline, api.get(f"/runs/{run_id}").json()["files"]
+        time.sleep(0.2)
+    result = upload_log(log, server=api.url, token=token, run_name="partial", analyze=True)
+    assert result["run"] == run_id and result["status"] == "ready" and result["rejected"] == {}, result
+    assert "job" in result
+
+
+def test_a_server_that_drops_the_connection_is_one_line(tmp_path: Path) -> None:
+    """Only connection and timeout errors were put in words; any other transport failure was a traceback."""
+    log = record_log(tmp_path / "log")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def drop() -> None:
+            for _ in range(5):
+                conn, _ = listener.accept()
+                conn.close()  # no answer at all
+
+        threading.Thread(target=drop, daemon=True).start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(
+            UploadError, match=r"failed \((RemoteProtocolError|ReadError): .*run the same command again"
+        ):
+            upload_log(log, server=url, token="t", run_name="x")
+
+
+def test_run_search_matches_wildcards_literally(api: Api) -> None:
+    """`GET /runs?search=` is a substring search: % and _ used to act as SQL wildcards."""
+    for name in ("a_b", "axb", "abc"):
+        assert api.post("/runs", json={"name": name}).status_code == 201
+    for search, expected in (("a_b", ["a_b"]), ("_", ["a_b"]), ("%", []), ("b", ["abc", "axb", "a_b"])):
+        found = [r["name"] for r in api.get("/runs", params={"search": search}).json()["data"]]
+        assert found == expected, (search, found)
+
+
+def test_the_client_waits_out_the_projects_quota(
+    api: Api,
+    token: str,
+    worker: Worker,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The 429 path: with DVEMB_MAX_PENDING_FILES (40 in the tests) files of the project waiting for a stopped
+    validator, the client waits and asks again, and completes once the validator is back."""
+    from dvemb.client import upload as client_upload
+
+    monkeypatch.setattr(client_upload, "_QUOTA_WAIT_S", 1)  # the server says 10 s; the test has no time for that
+    log = record_log(tmp_path / "log")
+    worker.kill()
+    restart = threading.Timer(4, worker.start)
+    try:
+        flood = api.post("/runs", json={"name": "flood"}).json()["id"]
+        for i in range(40):
+            meta = "filename " + base64.b64encode(f"examples-{i:06d}.jsonl".encode()).decode()
+            created = api.post(f"/runs/{flood}/uploads", headers={**TUS, "Upload-Length": "0", "Upload-Metadata": meta})
+            assert created.status_code == 201, created.text
+        restart.start()  # the validator comes back while the client waits
+        result = upload_log(log, server=api.url, token=token, run_name="patient")
+    finally:
+        restart.join()
+        if worker.process is None or worker.process.poll() is not None:
+            worker.start()
+    err = capsys.readouterr().err
+    assert result["status"] == "ready" and result["rejected"] == {}, (result, err)
+    assert "busy validating this project's files (429)" in err
