@@ -152,6 +152,30 @@ def test_exports_have_the_api_rows(api: Api, token: str, tmp_path: Path) -> None
     phases = csv_rows(api.get(f"/jobs/{job}/export/phases", params={"query_set": "val"}).content)
     shown = api.get(f"/jobs/{job}/phases", params={"query_set": "val"}).json()
     assert [(r["phase"], float(r["share_abs_per_lr"])) for r in phases] == list(shown["share_abs_per_lr"].items())
+    chosen = api.get(f"/jobs/{job}/selection", params={"query_set": "val", "share": 0.8, "windows": 2}).json()
+    sel = parquet_rows(
+        api.get(
+            f"/jobs/{job}/export/selection",
+            params={"query_set": "val", "share": 0.8, "windows": 2, "format": "parquet"},
+        ).content
+    )
+    assert [(r["first_step"], r["last_step"], r["share_of_influence"]) for r in sel] == [
+        (w["first"], w["last"], chosen[key]["share_of_influence"])
+        for key in ("fewest_steps", "early_late", "early_only")
+        for w in chosen[key]["windows"]
+    ]
+    example = ranked[0]["example_id"]
+    history = api.get(f"/jobs/{job}/examples/{example}", params={"query_set": "val"}).json()["history"]
+    got = parquet_rows(
+        api.get(
+            f"/jobs/{job}/export/example/{example}", params={"query_set": "val", "query": 3, "format": "parquet"}
+        ).content
+    )
+    assert got == [
+        {"step": h["step"], "epoch": h["epoch"], "phase": h["phase"], "influence": h["per_query"][3]} for h in history
+    ]
+    out_of_range = api.get(f"/jobs/{job}/export/example/{example}", params={"query_set": "val", "query": 6})
+    assert out_of_range.status_code == 400 and "0–5" in out_of_range.json()["detail"]
     refused = api.get(f"/jobs/{job}/export/top", params={"query_set": "val", "format": "xlsx"})
     assert refused.status_code == 422 and "format" in refused.json()["detail"]
 

@@ -140,6 +140,12 @@ def test_run_page_lists_every_analysis_with_cancel_and_keeps_upload_errors(
     expect(page.get_by_role("heading", name="Influence at each occurrence")).to_be_visible()
     options = page.locator("#on-query option").all_inner_texts()
     assert options == ["the whole query set", *[f"query {name}" for name in names]]
+    page.get_by_label("On").select_option("1")
+    history = api.get(
+        f"/jobs/{first}/examples/{page.url.split('/examples/')[1].split('?')[0]}", params={"query_set": "val"}
+    )
+    rows = downloaded(page, "history", "parquet")
+    assert [r["influence"] for r in rows] == [h["per_query"][1] for h in history.json()["history"]]
     shot(page, "example")
     page.get_by_role("link", name=f"views-run, analysis {first}").click()
     expect(page.locator("#results[data-ready=true]")).to_be_attached(timeout=60_000)
@@ -189,6 +195,15 @@ def test_deep_link_survives_sign_in_and_exports_equal_the_api(
     figure = phase_plot(page, "plot.data.find(t => t.name.startsWith('smoothed')).y")
     assert [r["step"] for r in curve] == list(range(40)) and [r["smoothed"] for r in curve] == pytest.approx(figure)
 
+    page.locator("#sel-share").select_option("0.8")
+    expect(page.locator("#selection-text")).to_contain_text("80")
+    chosen = api.get(f"/jobs/{job_id}/selection", params={"query_set": "val", "share": 0.8, "windows": 2}).json()
+    sel = downloaded(page, "selection", "csv")
+    assert [(int(r["first_step"]), float(r["share_of_influence"])) for r in sel] == [
+        (w["first"], chosen[key]["share_of_influence"])
+        for key in ("fewest_steps", "early_late", "early_only")
+        for w in chosen[key]["windows"]
+    ]
     page.locator("#smooth").select_option("21")
     page.get_by_role("button", name="next ▶").click()
     expect(page).to_have_url(re.compile(r"smooth=21.*page=2|page=2.*smooth=21"))

@@ -2,6 +2,7 @@
 // whole query set or on one query, named by its id); a link back to the run's analysis it came from.
 import { api } from "../api.js";
 import { byId } from "../dom.js";
+import { bindExports, exportButtons } from "../export.js";
 import { fmtScore } from "../format.js";
 import { html, render } from "../html.js";
 import { table, tableRows } from "../table.js";
@@ -48,12 +49,13 @@ const page = ({
     <p>total influence on <b>${querySet}</b> over ${ex.occurrences} occurrence(s): ${fmtScore(ex.total)}
       <span class="muted">(${propagation})</span></p>
   </section>
-  <section>
+  <section id="history-section">
     <h2>Influence at each occurrence</h2>
     <label>On <select id="on-query"><option value="">the whole query set</option>
       ${queryIds.map(queryOption)}</select></label>
     <div id="history-plot" style="height:280px"></div>
     ${table({ columns: historyColumns(propagation), attributes: { id: "history" } })}
+    ${exportButtons("history", "Every occurrence:")}
   </section>`;
 
 /** The query set of the page's ?qs=, or else the job's first. */
@@ -94,5 +96,10 @@ export async function renderExample(view, jobId, exampleId) {
   if (meta.image) drawImage(byId("thumb"), meta.image);
   const show = () => showHistory(ex, propagation, queryIds);
   byId("on-query").addEventListener("change", show);
+  bindExports(byId("history-section"), (_, format) => {
+    const params = new URLSearchParams({ query_set: querySet, format });
+    if (byId("on-query").value !== "") params.set("query", byId("on-query").value);
+    return `/jobs/${jobId}/export/example/${encodeURIComponent(exampleId)}?${params}`;
+  });
   await show();
 }

@@ -1,5 +1,6 @@
 // What the results' download buttons fetch: each table and curve of the page, at full resolution, with the
 // controls' filters (docs/compare-and-export.md).
+import { valueOf } from "../dom.js";
 import { controls, setGiven } from "./controls.js";
 import { chosenWindow } from "./windows.js";
 
@@ -23,5 +24,13 @@ export async function resultsExportPath(jobId, lastStep, name, format) {
     ]);
   }
   if (table === "examples") params.set("kind", kind);
+  if (table === "selection") {
+    const [share, windows, measure] = ["sel-share", "sel-windows", "sel-measure"].map(valueOf);
+    setGiven(params, [
+      ["share", share],
+      ["windows", windows],
+      ["measure", measure],
+    ]);
+  }
   return `/jobs/${jobId}/export/${table}?${params}`;
 }

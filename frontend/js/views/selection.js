@@ -2,6 +2,7 @@
 // paper's early+late rule on this run and the early phase alone, from /jobs/{id}/selection (docs/dashboard.md).
 import { api } from "../api.js";
 import { byId, onEach } from "../dom.js";
+import { exportButtons } from "../export.js";
 import { html, render } from "../html.js";
 import { table } from "../table.js";
 import { controls } from "./controls.js";
@@ -26,6 +27,7 @@ export const selectionSection = () => html`<section id="selection">
   </div>
   <p id="selection-text"></p>
   <div id="selection-table"></div>
+  ${exportButtons("selection")}
   <p class="muted">Where the run's influence on the queries was concentrated: the steps in which choosing better data
     would have mattered most. A guide to timing selection, not a promise of its gain (see docs/dashboard.md).</p>
 </section>`;

@@ -11,10 +11,11 @@ from dvemb.formats import PhaseName
 from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep
 from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids
 from server.api.schemas import ExampleRank, TopRow
+from server.errors import BadRequest
 from server.figures import moving_average
 from server.services import compare as comparing
 from server.services import figures as data
-from server.services import results, windows
+from server.services import results, selection, windows
 from server.services.tables import ExportFormat, download
 
 router = APIRouter(tags=["exports"])
@@ -134,6 +135,66 @@ def export_phases(job: DoneJobDep, session: SessionDep, query_set: str, format: 
     """The phases of the job's curve: steps and shares."""
     rows = phase_rows(results.phases(session, job=job, query_set=query_set))
     return download(PHASE_COLUMNS, rows, fmt=format, name=f"job{job.id}-{query_set}-phases")
+
+
+@router.get("/jobs/{job_id}/export/selection")
+def export_selection(
+    job: DoneJobDep,
+    session: SessionDep,
+    query_set: str,
+    format: FormatQuery = "csv",
+    share: Annotated[float, Query(gt=0, le=1)] = 0.9,
+    windows_: Annotated[int, Query(alias="windows", ge=1, le=4)] = 2,
+    measure: Literal["per_lr", "raw"] = "per_lr",
+    points: Annotated[int, Query(ge=10, le=2000)] = 1000,
+) -> Response:
+    """The "When to select data" table (as /selection answers it): one row per selection and window of steps."""
+    found = selection.job_selection(
+        session, job=job, query_set=query_set, share=share, max_windows=windows_, measure=measure, points=points
+    )
+    rows = [
+        {
+            "selection": name,
+            "first_step": window["first"],
+            "last_step": window["last"],
+            "share_of_steps": found[key]["share_of_steps"],
+            "share_of_influence": found[key]["share_of_influence"],
+        }
+        for name, key in (("fewest steps", "fewest_steps"), ("early + late", "early_late"), ("early", "early_only"))
+        for window in found[key]["windows"]
+    ]
+    columns = ["selection", "first_step", "last_step", "share_of_steps", "share_of_influence"]
+    return download(columns, rows, fmt=format, name=f"job{job.id}-{query_set}-selection")
+
+
+@router.get("/jobs/{job_id}/export/example/{example_id}")
+def export_example(
+    job: DoneJobDep,
+    example_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    query_set: str,
+    format: FormatQuery = "csv",
+    query: IntQuery = None,
+) -> Response:
+    """An example's page's table: its influence at each occurrence, on the query set (mean) or on one query."""
+    history = results.example_history(
+        session, job=job, query_set=query_set, example_id=example_id, storage=settings.storage
+    )["history"]
+    queries = results.summary_of(job).query_set(query_set).num_queries
+    if query is not None and query >= queries:
+        raise BadRequest(f"query {query} is out of range: the query set has queries 0–{queries - 1}")
+    rows = [
+        {
+            "step": h["step"],
+            "epoch": h["epoch"],
+            "phase": h["phase"],
+            "influence": h["score"] if query is None else h["per_query"][query],
+        }
+        for h in history
+    ]
+    name = f"job{job.id}-{query_set}-example-{example_id}" + ("" if query is None else f"-query{query}")
+    return download(["step", "epoch", "phase", "influence"], rows, fmt=format, name=name)
 
 
 @router.get("/compare/export/{table}")
