@@ -11,7 +11,10 @@ const COLUMNS = [
   { head: "status", cell: (r) => r.status },
   { head: "size", cell: (r) => fmtBytes(r.size_bytes) },
   { head: "steps", cell: (r) => r.num_steps },
-  { head: "examples", cell: (r) => r.num_examples },
+  {
+    head: "examples",
+    cell: (r) => r.num_examples ?? html`<span class="muted" title="known once an analysis has read the log">–</span>`,
+  },
   { head: "created", cell: (r) => new Date(r.created_at).toLocaleString() },
 ];
 
