@@ -89,11 +89,13 @@ async function showTopTable(jobId, kind, top, propagation) {
   await showRanking(byId(`top-${kind}`), jobId, { kind, cls: "top", rows: top.data, lead, tail, after });
 }
 
-/** The "Examples by total influence" tables, for the current query set. */
+/** The "Examples by total influence" tables, for the current query set; a newer call wins over a slower older one. */
 export async function showExamples(jobId, propagation) {
+  const ticket = (showExamples.ticket = (showExamples.ticket || 0) + 1);
   for (const kind of KINDS) {
     const querySet = encodeURIComponent(controls().querySet);
     const ranked = await api(`/jobs/${jobId}/examples?query_set=${querySet}&kind=${kind}&limit=10`);
+    if (ticket !== showExamples.ticket) return;
     const tail = [plainColumn("occurrences"), scoreColumn(`total (${propagation})`, "total")];
     await showRanking(byId(`examples-${kind}`), jobId, { kind, cls: "examples", rows: ranked.data, tail });
   }

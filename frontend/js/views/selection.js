@@ -39,7 +39,7 @@ const COLUMNS = [
   { head: "share of influence", cell: (r) => percent(r.share_of_influence), td: () => ({ class: "num" }) },
 ];
 
-/** Draws the recommendation for the current query set and the section's controls. */
+/** Draws the recommendation for the current query set and the section's controls (the newest request's answer). */
 export async function showSelection(jobId) {
   const params = new URLSearchParams({
     query_set: controls().querySet,
@@ -47,7 +47,9 @@ export async function showSelection(jobId) {
     windows: byId("sel-windows").value,
     measure: byId("sel-measure").value,
   });
+  const ticket = (showSelection.ticket = (showSelection.ticket || 0) + 1);
   const found = await api(`/jobs/${jobId}/selection?${params}`);
+  if (ticket !== showSelection.ticket) return; // the controls changed meanwhile: the newer answer is drawn
   byId("selection-text").textContent = found.recommendation;
   const rows = [
     { name: `fewest steps carrying ${percent(found.share)}`, ...found.fewest_steps },
