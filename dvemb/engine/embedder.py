@@ -213,7 +213,11 @@ class Embedder:
                     assert maps is not None
                     out = recursion.process(chunk, maps)
                 else:
-                    out = recursion.process(chunk)
+                    # Written straight into the embedding buffer when the group's columns form one (G, n, d) view.
+                    target = self._group_view(embedding[seed], group)
+                    out = recursion.process(chunk, out=target)
+                    if target is not None:
+                        continue
                 if full:
                     embedding[seed].copy_(out[0])
                 else:
@@ -226,6 +230,17 @@ class Embedder:
                 "try accumulate_dtype='float64' or re-record with a smaller learning rate or dtype='float32'"
             )
         return embedding
+
+    def _group_view(self, embedding: torch.Tensor, group: Group) -> torch.Tensor | None:
+        """The (G, n, d) view of a group's columns of ``embedding`` (n, D), or None if they are not adjacent."""
+        if self.blocks == "full":
+            return embedding.unsqueeze(0)
+        first = group.layers[0]
+        if group.layers != list(range(first, first + len(group.layers))):
+            return None
+        columns = embedding[:, self.offsets[first] : self.offsets[first] + len(group.layers) * group.dim]
+        view: torch.Tensor = columns.unflatten(1, (len(group.layers), group.dim)).transpose(0, 1)
+        return view
 
     def _rates(self, shard: ShardData, s0: int, s1: int, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         lr = shard.lr[s0:s1][:, layers].T  # (G, S)
