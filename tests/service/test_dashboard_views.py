@@ -195,9 +195,9 @@ def test_deep_link_survives_sign_in_and_exports_equal_the_api(
     figure = phase_plot(page, "plot.data.find(t => t.name.startsWith('smoothed')).y")
     assert [r["step"] for r in curve] == list(range(40)) and [r["smoothed"] for r in curve] == pytest.approx(figure)
 
-    page.locator("#sel-share").select_option("0.8")
-    expect(page.locator("#selection-text")).to_contain_text("80")
     chosen = api.get(f"/jobs/{job_id}/selection", params={"query_set": "val", "share": 0.8, "windows": 2}).json()
+    page.locator("#sel-share").select_option("0.8")
+    expect(page.locator("#selection-text")).to_have_text(chosen["recommendation"])
     sel = downloaded(page, "selection", "csv")
     assert [(int(r["first_step"]), float(r["share_of_influence"])) for r in sel] == [
         (w["first"], chosen[key]["share_of_influence"])
