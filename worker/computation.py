@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import func, literal, or_, text, update
+from sqlalchemy import func, literal, or_, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from dvemb.engine import ComputeArguments, ComputeProgress, compute
@@ -24,7 +24,7 @@ from server.db.states import JobStatus, transition
 from server.settings import get_settings
 from server.storage import log_dir, public_message, results_dir
 from server.tasks import COMPUTE_SEGMENT
-from worker.results_store import example_metadata, store_results
+from worker.results_store import ShortTransactions, example_metadata, store_results
 from worker.segments import compute_segmented_job, run_segment_task
 
 __all__ = ["JobCancelled", "LeaseHeld", "compute_arguments", "run_compute", "run_compute_segment"]
@@ -47,8 +47,9 @@ def compute_arguments(options: dict[str, Any]) -> ComputeArguments:
     return ComputeArguments(**given)
 
 
-def run_compute(job_id: int) -> None:
+def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
     """Compute a job (resuming the engine's checkpoint after a crash) and store its aggregates.
+    ``transient_retries_left``: how many more times the task will be retried after a database error.
 
     Raises:
         LeaseHeld: another worker is computing the job (its lease is alive): the task should come back later.
@@ -97,9 +98,11 @@ def run_compute(job_id: int) -> None:
     try:
         with _Heartbeat(job_id, lease, mine):
             summary = _compute(job_id, log_dir(storage, run_id), out, args, mine, lease)
+            # The rows are written while the job is still running, in short transactions fenced by this claim;
+            # the job becomes 'succeeded' (its rows visible) only in the last one.
+            writer = ShortTransactions(factory, _fence(job_id, mine, lease))
+            store_results(writer, job_id, out, summary, example_metadata(log_dir(storage, run_id)))
             with factory() as session:
-                _lock_job_rows(session, job_id)  # one writer of a job's rows at a time; the job row stays free
-                store_results(session, job_id, out, summary, example_metadata(log_dir(storage, run_id)))
                 # Conditional: a cancel that lands while the rows are written wins (the rows are then unused).
                 job = session.get(Job, job_id)
                 done = job is not None and transition(
@@ -122,7 +125,12 @@ def run_compute(job_id: int) -> None:
     except JobCancelled:
         return
     except OperationalError:
-        raise  # transient (database): the task retries
+        # Transient (a database hiccup, a lock timeout): the task retries, and this attempt does not count toward
+        # the cap, which is for workers that die; the last retry leaves the lease to expire (the reconciler then
+        # queues the job again, and that attempt counts), so a database error that persists still ends.
+        if transient_retries_left > 0:
+            _hand_back(factory, job_id, mine)
+        raise
     except Exception as exc:  # the job fails with the reason in words rather than staying 'running'
         problem = public_message(_in_words(exc), storage)
         with factory() as session:
@@ -221,11 +229,36 @@ def _in_words(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _lock_job_rows(session: Any, job_id: int) -> None:
-    """Serialise writers of one job's aggregate rows (Postgres advisory lock, released at commit); SQLite has a
-    single writer anyway. The job row itself stays unlocked, so a cancel is not held up by a long store."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": job_id})
+def _hand_back(factory: Any, job_id: int, mine: Any) -> None:
+    """After a transient database error: give the claim back uncounted (attempts one less, no lease, so that
+    the task's retry takes the job at once). Best effort: if the database is still unreachable, the lease
+    expires and the attempt counts."""
+    try:
+        with factory() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING, mine)
+                .values(attempts=Job.attempts - 1, lease_expires_at=None)
+            )
+            session.commit()
+    except SQLAlchemyError:
+        logger.warning("could not hand job %s back after a database error", job_id, exc_info=True)
+
+
+def _fence(job_id: int, mine: Any, lease: float) -> Any:
+    """A write that opens each transaction storing this attempt's rows: it renews the lease and locks the job's
+    row for the transaction (one writer of a job's rows at a time), or raises JobCancelled when this attempt no
+    longer holds the job (cancelled, or taken over after its lease expired)."""
+
+    def hold(session: Any) -> None:
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lease)
+        held = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING, mine).values(lease_expires_at=expires)
+        )
+        if held.rowcount != 1:
+            raise JobCancelled
+
+    return hold
 
 
 def _progress_writer(job_id: int, mine: Any) -> Any:

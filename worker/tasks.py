@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from celery import Task
 from sqlalchemy.exc import OperationalError
 
 from server.tasks import ADHOC_QUERY, COMPUTE, COMPUTE_SEGMENT, VALIDATE_FILE, WINDOW_TOPK
@@ -25,10 +26,10 @@ def validate_file(file_id: int) -> None:
     run_validate_file(file_id)
 
 
-@app.task(name=COMPUTE, **RELIABLE)
-def compute_job(job_id: int) -> None:
+@app.task(name=COMPUTE, bind=True, **RELIABLE)
+def compute_job(self: Task, job_id: int) -> None:
     try:
-        run_compute(job_id)
+        run_compute(job_id, transient_retries_left=int(self.max_retries or 0) - int(self.request.retries))
     except LeaseHeld as held:
         # A redelivery of a job another worker computes: look again when its lease would end, with a fresh
         # message (a retry would count against max_retries and end, leaving nothing to take over a dead worker).

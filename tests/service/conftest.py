@@ -15,6 +15,7 @@ import redis
 import uvicorn
 from service_harness import PG_ADMIN, REDIS_DB, Api, Worker, free_port, make_token
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 
 @pytest.fixture(scope="session")
@@ -94,12 +95,19 @@ def _clean_tables(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     from server.db.session import get_engine
 
-    with get_engine().begin() as conn:
-        tables = (
-            "projects, api_tokens, runs, log_files, jobs, topk_rows, example_totals, curve_points, phase_summaries, "
-            "task_outbox"
-        )
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    tables = (
+        "projects, api_tokens, runs, log_files, jobs, topk_rows, example_totals, curve_points, phase_summaries, "
+        "task_outbox"
+    )
+    for attempt in range(5):
+        try:
+            with get_engine().begin() as conn:
+                conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+            break
+        except OperationalError:  # a deadlock with the API's reconciler or a worker's last writes: again
+            if attempt == 4:
+                raise
+            time.sleep(0.5)
     from server.settings import get_settings
 
     shutil.rmtree(get_settings().storage / "runs", ignore_errors=True)  # ids restart: so must storage

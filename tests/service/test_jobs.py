@@ -149,3 +149,40 @@ def test_a_job_whose_lease_is_alive_is_not_computed_twice(api: Api, token: str, 
     finally:
         worker.start()
     assert api.get(f"/jobs/{job_id}").json()["status"] == "succeeded"
+
+
+def test_a_database_error_is_retried_without_counting_as_an_attempt(
+    api: Api, token: str, worker: Worker, tmp_path: Path, service_env: dict[str, str]
+) -> None:
+    """A review finding: a transient database error (here a real lock timeout) made the task retry, and each
+    retry counted as a lost worker: with the attempt cap at 1 the job failed, saying its worker had died. The
+    attempt is now handed back: the job succeeds on its first counted attempt."""
+    import psycopg
+
+    from server.db.models import Job
+
+    log = record_log(tmp_path / "log")
+    run_id = upload_log(log, server=api.url, token=token, run_name="locked")["run"]
+    url = service_env["DVEMB_DATABASE_URL"]
+    impatient = Worker(
+        {
+            **service_env,
+            "DVEMB_DATABASE_URL": url + "?options=-c%20lock_timeout%3D200",  # gives up on a lock after 0.2 s
+            "DVEMB_TASK_MAX_ATTEMPTS": "1",
+        }
+    )
+    worker.kill()
+    try:
+        with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as locker:
+            locker.execute("LOCK TABLE example_totals IN ACCESS EXCLUSIVE MODE")  # held until the block ends
+            impatient.start()
+            job_id = api.post(f"/runs/{run_id}/jobs", json={}).json()["id"]
+            time.sleep(4)  # the job computes in under a second; storing its rows fails on the lock, again and again
+            assert api.get(f"/jobs/{job_id}").json()["status"] == "running"
+        job = api.wait_job(job_id, timeout=120)
+        assert job["status"] == "succeeded", job
+        with session_factory()() as session:
+            assert session.get(Job, job_id).attempts == 1  # type: ignore[union-attr]
+    finally:
+        impatient.stop()
+        worker.start()
