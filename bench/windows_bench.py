@@ -22,6 +22,10 @@ Run (from the repository root, with PostgreSQL on 127.0.0.1:5432 and Redis on 12
    not a stored window), timed until the answer is computed and the first page read; the floor in the same
    run is reading the range's rows of the scores file (page cache, numpy). Then each range asked again:
    served from the cache.
+4. Page load: the run page of that job in headless Chromium (Debian's, as the dashboard tests run it), a
+   full load timed to its first plot and to every section drawn (median of 3 after one warm-up), against
+   the phase figure's API request alone. The synthetic job has 10,000 curve points and a phase summary but no
+   overall top-k rows (those tables are empty).
 
 The machine is shared and noisy: read the ratios. Results: a table on stdout, bench/out/windows_bench.json
 and the "## Top examples per window" section of BENCHMARKS.md.
@@ -64,7 +68,7 @@ def synthetic_job(url: str, storage: Path, *, rows: int, queries: int, steps: in
     from sqlalchemy.orm import Session
 
     from dvemb import formats
-    from server.db.models import ExampleTotal, Job, Run
+    from server.db.models import CurvePoint, ExampleTotal, Job, PhaseSummaryRow, Run
     from server.db.session import make_engine
     from server.services.auth import create_token, get_or_create_project
     from server.storage import results_dir
@@ -105,6 +109,15 @@ def synthetic_job(url: str, storage: Path, *, rows: int, queries: int, steps: in
         ]  # fmt: skip
         for i in range(0, len(totals), 20_000):
             session.execute(insert(ExampleTotal), totals[i : i + 20_000])
+        lr = np.linspace(0.1, 0.001, steps)  # what the page plots (the phase figure, the selection timing)
+        influence = np.random.default_rng(1).exponential(size=steps) * (1 + 10 * np.exp(-np.arange(steps) / 200))
+        curve = [
+            {"job_id": job.id, "query_set": "val", "step": t, "lr": float(lr[t]), "mean": float(influence[t] * lr[t]),
+             "mean_per_lr": float(influence[t]), "abs_sum": float(influence[t] * lr[t] * 100), "loss": 1.0}
+            for t in range(steps)
+        ]  # fmt: skip
+        session.execute(insert(CurvePoint), curve)
+        session.add(PhaseSummaryRow(job_id=job.id, query_set="val", summary=phases))
         session.commit()
         run_id, job_id = run.id, job.id
     engine.dispose()
@@ -230,6 +243,41 @@ def on_demand(client: httpx.Client, job: dict[str, Any], steps: int, rows: int) 
     return found
 
 
+def page_load(url: str, token: str, run_id: int, job_id: int, repeats: int = 3) -> dict[str, Any]:
+    """Headless Chromium (as the dashboard tests run it): a full load of the run page, timed to its first plot
+    (the phase plot drawn) and to every section drawn; the peer is the phase figure's API request alone."""
+    from playwright.sync_api import sync_playwright
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    first, ready = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url + "/")
+        page.get_by_label("API token").fill(token)
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_role("heading", name="Runs").wait_for()
+        for i in range(repeats + 1):  # the first load warms the browser's and the server's caches
+            start = time.perf_counter()
+            page.goto(f"{url}/?load={i}#/runs/{run_id}")
+            page.wait_for_function("document.getElementById('phase-plot')?.data?.length > 0", timeout=120_000)
+            plotted = time.perf_counter() - start
+            page.locator("#results[data-ready=true]").wait_for(state="attached", timeout=120_000)
+            if i:
+                first.append(plotted)
+                ready.append(time.perf_counter() - start)
+        browser.close()
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=f"{url}/api/v1", headers=headers, timeout=60) as client:
+        figure = [timed_get(client, f"/jobs/{job_id}/figures/phase", query_set="val") for _ in range(repeats)]
+    return {
+        "first_plot_s": statistics.median(first),
+        "all_drawn_s": statistics.median(ready),
+        "phase_figure_request_s": statistics.median(figure),
+        "repeats": repeats,
+    }
+
+
 def markdown(results: dict[str, Any], command: str) -> str:
     size = results["size"]
     cached, stored = results["cached"], results["stored"]
@@ -258,6 +306,12 @@ def markdown(results: dict[str, Any], command: str) -> str:
             f"{r['cached_post_p50_ms']:.1f} ms | reading its rows of the scores file: {r['read_floor_s']:.2f} s "
             f"(x{r['computed_s'] / max(r['read_floor_s'], 1e-9):.1f}) |"
         )
+    page = results["page_load"]
+    lines.append(
+        f"| the run page loaded in headless Chromium, to its first plot / to every section drawn (median of "
+        f"{page['repeats']}) | {page['first_plot_s']:.2f} s / {page['all_drawn_s']:.2f} s | the phase figure's "
+        f"request alone: {page['phase_figure_request_s']:.2f} s |"
+    )
     lines += [
         "",
         "The on-demand cost grows with the range's occurrences x queries (every query and the set mean are ranked "
@@ -301,6 +355,8 @@ def main() -> None:
             print(f"cached: {cached}", flush=True)
             demand = on_demand(client, job, steps, rows)
             print(f"on demand: {demand}", flush=True)
+        page = page_load(api.url, job["token"], job["run_id"], job["job_id"])
+        print(f"page load: {page}", flush=True)
         results = {
             "date": dt.date.today().isoformat(),
             "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
@@ -309,6 +365,7 @@ def main() -> None:
             "stored": stored,
             "cached": cached,
             "on_demand": demand,
+            "page_load": page,
         }  # fmt: skip
         OUT.mkdir(parents=True, exist_ok=True)
         name = "windows_bench.quick.json" if args.quick else "windows_bench.json"
