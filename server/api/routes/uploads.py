@@ -17,7 +17,7 @@ from fastapi import APIRouter, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from dvemb.formats import is_manifest_name
+from dvemb.formats import is_index_name, is_manifest_name
 from server.api.deps import IdPath, ProjectDep, SessionDep, SettingsDep
 from server.db.models import LogFile, Run
 from server.db.session import session_factory
@@ -157,8 +157,11 @@ async def upload_patch(
             offset = await run_in_threadpool(_advance, upload.id, upload.offset + written)
     if offset is None:
         raise NotFound(f"upload {upload_id} was deleted while it was being written")
-    # A data file can only be judged against a manifest: wait for the verdict when one is there.
-    if offset == upload.size_bytes and (is_manifest_name(upload.name) or run.manifest is not None):
+    # A data file can only be judged against a manifest: wait for the verdict when one is there. Manifests and
+    # shard indexes are judged on their own: always wait (their validation also updates the run's row).
+    if offset == upload.size_bytes and (
+        is_manifest_name(upload.name) or is_index_name(upload.name) or run.manifest is not None
+    ):
         await _wait_for_verdict(upload.id, settings.validation_wait_seconds)
     return Response(status_code=204, headers={**TUS, "Upload-Offset": str(offset)})
 
