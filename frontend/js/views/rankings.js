@@ -38,8 +38,9 @@ const plainColumn = (key) => ({ head: key, cell: (r) => r[key] });
 
 /** Renders a ranking table (and what follows it) into its container and draws its examples' images; its columns
  * are lead, the shared example columns, then tail. */
-async function showRanking(container, jobId, { kind, cls, rows, lead = [], tail, after = "" }) {
+async function showRanking(container, jobId, { kind, cls, rows, lead = [], tail, after = "", current = () => true }) {
   const meta = await metadataOf(jobId, rows);
+  if (!current()) return; // a newer request was made while the examples' metadata was fetched
   const columns = [...lead, ...exampleColumns(jobId, controls().querySet, meta), ...tail];
   render(container, html`${table({ columns, rows, attributes: { class: cls, "data-kind": kind } })}${after}`);
   drawThumbs(container, meta);
@@ -74,19 +75,20 @@ export async function showTop(jobId, propagation, lastStep) {
     if (ticket !== showTop.ticket) return;
     const count = tops[0].window?.occurrences; // a window's answer describes the window
     const where = count != null ? ` · ${count} occurrence(s) in the window` : "";
-    showChosen(`Rows: ${tops[0].chosen}${where}`);
-    await Promise.all(KINDS.map((kind, i) => showTopTable(jobId, kind, tops[i], propagation)));
+    const current = () => ticket === showTop.ticket;
+    await Promise.all(KINDS.map((kind, i) => showTopTable(jobId, kind, tops[i], propagation, current)));
+    if (current()) showChosen(`Rows: ${tops[0].chosen}${where}`); // said once its rows are shown
   } catch (err) {
     if (ticket === showTop.ticket) showChosen(err.message, true);
   }
 }
 
-async function showTopTable(jobId, kind, top, propagation) {
+async function showTopTable(jobId, kind, top, propagation, current) {
   const lead = [{ head: "#", cell: (r) => r.rank + 1 }];
   const score = scoreColumn(`score (${top.propagation || propagation})`, "score");
   const tail = [...["step", "epoch", "phase"].map(plainColumn), score];
   const after = html`<p class="muted">${top.count} row(s)</p>`;
-  await showRanking(byId(`top-${kind}`), jobId, { kind, cls: "top", rows: top.data, lead, tail, after });
+  await showRanking(byId(`top-${kind}`), jobId, { kind, cls: "top", rows: top.data, lead, tail, after, current });
 }
 
 /** The "Examples by total influence" tables, for the current query set; a newer call wins over a slower older one. */
