@@ -146,6 +146,8 @@ def test_run_page_lists_every_analysis_with_cancel_and_keeps_upload_errors(
     )
     rows = downloaded(page, "history", "parquet")
     assert [r["influence"] for r in rows] == [h["per_query"][1] for h in history.json()["history"]]
+    page.reload()  # the query picked is in the URL
+    expect(page.get_by_label("On")).to_have_value("1")
     shot(page, "example")
     page.get_by_role("link", name=f"views-run, analysis {first}").click()
     expect(page.locator("#results[data-ready=true]")).to_be_attached(timeout=60_000)

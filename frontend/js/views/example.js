@@ -7,7 +7,7 @@ import { fmtScore } from "../format.js";
 import { html, render } from "../html.js";
 import { table, tableRows } from "../table.js";
 import { drawImage } from "../thumbs.js";
-import { viewParams } from "../url.js";
+import { setViewParams, viewParams } from "../url.js";
 
 /** The history table's columns; value(h) is the influence shown (on the whole set, or on one query). */
 const historyColumns = (propagation, value = (h) => h.score) => [
@@ -95,7 +95,12 @@ export async function renderExample(view, jobId, exampleId) {
   render(view, page({ exampleId, querySet, ex, meta, propagation, job, run, queryIds }));
   if (meta.image) drawImage(byId("thumb"), meta.image);
   const show = () => showHistory(ex, propagation, queryIds);
-  byId("on-query").addEventListener("change", show);
+  const asked = viewParams().get("query"); // the query picked is kept in the URL (?query=)
+  if (asked && Number(asked) < queryIds.length) byId("on-query").value = asked;
+  byId("on-query").addEventListener("change", () => {
+    setViewParams({ query: byId("on-query").value });
+    show();
+  });
   bindExports(byId("history-section"), (_, format) => {
     const params = new URLSearchParams({ query_set: querySet, format });
     if (byId("on-query").value !== "") params.set("query", byId("on-query").value);
