@@ -64,20 +64,21 @@ function querySetOf(summary) {
   return given in summary.query_sets ? given : Object.keys(summary.query_sets)[0];
 }
 
-const historyLayout = () => ({
-  xaxis: { title: { text: "training step" } },
+/** The bars on the whole run's steps (one bar alone would otherwise fill the plot's width). */
+const historyLayout = (steps) => ({
+  xaxis: { title: { text: "training step" }, range: [-0.5, steps - 0.5] },
   yaxis: { title: { text: "influence (+ helped)" } },
   margin: { t: 20 },
 });
 
 /** Shows the history table and bar chart for the query picked in #on-query (or the whole set). */
-async function showHistory(ex, propagation, queryIds) {
+async function showHistory(ex, propagation, queryIds, steps) {
   const q = byId("on-query").value;
   const value = (h) => (q === "" ? h.score : h.per_query[Number(q)]);
   render(document.querySelector("#history tbody"), html`${tableRows(historyColumns(propagation, value), ex.history)}`);
   const name = q === "" ? "on the set" : `on query ${queryIds[Number(q)]}`;
   const bars = { type: "bar", x: ex.history.map((h) => h.step), y: ex.history.map(value), name };
-  await Plotly.react("history-plot", [bars], historyLayout(), { displaylogo: false });
+  await Plotly.react("history-plot", [bars], historyLayout(steps), { displaylogo: false });
 }
 
 /** Shows the page of one example of a job. */
@@ -94,7 +95,7 @@ export async function renderExample(view, jobId, exampleId) {
   const queryIds = summary.query_sets[querySet].query_ids;
   render(view, page({ exampleId, querySet, ex, meta, propagation, job, run, queryIds }));
   if (meta.image) drawImage(byId("thumb"), meta.image);
-  const show = () => showHistory(ex, propagation, queryIds);
+  const show = () => showHistory(ex, propagation, queryIds, summary.steps);
   const asked = viewParams().get("query"); // the query picked is kept in the URL (?query=)
   if (asked && Number(asked) < queryIds.length) byId("on-query").value = asked;
   byId("on-query").addEventListener("change", () => {
