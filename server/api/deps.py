@@ -25,11 +25,15 @@ IntQuery = Annotated[int | None, Query(ge=0, le=DB_INT_MAX)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def current_project(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Project:
-    token = None
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header."""
     if authorization and authorization.lower().startswith("bearer "):
-        token = authorization[7:].strip()
-    return project_for_token(session, token=token)
+        return authorization[7:].strip()
+    return None
+
+
+def current_project(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Project:
+    return project_for_token(session, token=bearer(authorization))
 
 
 ProjectDep = Annotated[Project, Depends(current_project)]

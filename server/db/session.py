@@ -34,6 +34,17 @@ def get_engine() -> Engine:
     return make_engine(get_settings().database)
 
 
+@lru_cache
+def get_read_engine() -> Engine:
+    """The engine of the hot reads (server/services/reads.py): on PostgreSQL in autocommit, without a ping per
+    checkout (a request is one statement: no BEGIN, ROLLBACK or ping round trips around it; a connection found
+    dead is retried once by the caller); SQLite shares the process's engine."""
+    url = get_settings().database
+    if url.startswith("sqlite"):
+        return get_engine()
+    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=20, max_overflow=20)
+
+
 def session_factory() -> sessionmaker[Session]:
     """Sessions bound to the process's engine."""
     return sessionmaker(bind=get_engine(), expire_on_commit=False)

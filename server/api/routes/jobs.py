@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import JSONResponse
 
 from dvemb.formats import PhaseName
-from server.api.deps import DB_INT_MAX, DoneJobDep, IdPath, IntQuery, JobDep, ProjectDep, SessionDep, SettingsDep
-from server.api.schemas import ExampleRank, ExamplesPublic, JobCreate, JobPublic, JobsPublic, TopPublic, TopRow
+from server.api.deps import (
+    DB_INT_MAX,
+    DoneJobDep,
+    IdPath,
+    IntQuery,
+    JobDep,
+    ProjectDep,
+    SessionDep,
+    SettingsDep,
+    bearer,
+)
+from server.api.schemas import ExamplesPublic, JobCreate, JobPublic, JobsPublic, TopPublic
 from server.services import jobs as service
-from server.services import results
+from server.services import reads, results
 from server.services.figures import example_metadata
 
 router = APIRouter(tags=["jobs"])
@@ -50,10 +61,9 @@ def job_summary(job: DoneJobDep) -> dict[str, Any]:
     return {k: v for k, v in (job.summary or {}).items() if k != "log"}
 
 
-@router.get("/jobs/{job_id}/top")
+@router.get("/jobs/{job_id}/top", response_model=TopPublic)
 def top(
-    job: DoneJobDep,
-    session: SessionDep,
+    job_id: IdPath,
     query_set: str,
     kind: Literal["helpful", "harmful"] = "helpful",
     query: IntQuery = None,
@@ -65,22 +75,21 @@ def top(
     epoch: IntQuery = None,
     label: str | None = None,
     source: str | None = None,
-) -> TopPublic:
-    """Top occurrences; filters select among the job's stored top_k rows per query (raise top_k for deeper lists)."""
-    rows, count = results.top_rows(
-        session,
-        job=job,
+    authorization: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Top occurrences; filters select among the job's stored top_k rows per query (raise top_k for deeper lists).
+    One SQL statement answers it, authentication included (server/services/reads.py)."""
+    facts, rows, count = reads.top_rows(
+        bearer(authorization),
+        job_id,
         query_set=query_set,
         query=query,
         kind=kind,
         offset=offset,
         limit=limit,
+        filters={"phase": phase, "epoch": epoch, "label": label, "source": source},
         step_min=step_min,
         step_max=step_max,
-        phase=phase,
-        epoch=epoch,
-        label=label,
-        source=source,
     )
     filters = [
         f"{name} {value}"
@@ -89,49 +98,60 @@ def top(
     ]
     if step_min is not None or step_max is not None:
         filters.append(f"steps {step_min or 0}–{'end' if step_max is None else step_max}")
-    kept = results.summary_of(job).top_k
+    kept = facts.top_k
     chosen = f"overall top {kept} of the whole run" + (
         f", filtered to {', '.join(filters)} (only the kept {kept} are filtered: ask /windows for a window's own top)"
         if filters
         else ""
     )
-    return TopPublic(
-        query_set=query_set,
-        query=query,
-        kind=kind,
-        propagation=job.propagation,
-        chosen=chosen,
-        data=[TopRow.model_validate(r) for r in rows],
-        count=count,
+    return JSONResponse(
+        {
+            "query_set": query_set,
+            "query": query,
+            "kind": kind,
+            "propagation": facts.propagation,
+            "chosen": chosen,
+            "data": rows,
+            "count": count,
+        }
     )
 
 
-@router.get("/jobs/{job_id}/examples")
+@router.get("/jobs/{job_id}/examples", response_model=ExamplesPublic)
 def ranked_examples(
-    job: DoneJobDep,
-    session: SessionDep,
+    job_id: IdPath,
     query_set: str,
     kind: Literal["helpful", "harmful"] = "helpful",
     label: str | None = None,
     source: str | None = None,
     offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-) -> ExamplesPublic:
-    """Every example ranked by total influence (all epochs), exactly, with label and source filters."""
-    rows, count = results.ranked_examples(
-        session, job=job, query_set=query_set, kind=kind, label=label, source=source, offset=offset, limit=limit
+    authorization: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Every example ranked by total influence (all epochs), exactly, with label and source filters (one SQL
+    statement, authentication included)."""
+    rows, count = reads.ranked_examples(
+        bearer(authorization),
+        job_id,
+        query_set=query_set,
+        kind=kind,
+        label=label,
+        source=source,
+        offset=offset,
+        limit=limit,
     )
-    return ExamplesPublic(data=[ExampleRank.model_validate(r) for r in rows], count=count)
+    return JSONResponse({"data": rows, "count": count})
 
 
-@router.get("/jobs/{job_id}/curve")
+@router.get("/jobs/{job_id}/curve", response_model=dict[str, list[float | None]])
 def curve(
-    job: DoneJobDep,
-    session: SessionDep,
+    job_id: IdPath,
     query_set: str,
     points: Annotated[int, Query(ge=2, le=100_000)] = 1000,
-) -> dict[str, list[float | None]]:
-    return results.curve(session, job=job, query_set=query_set, points=points)
+    authorization: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """The per-step curve in at most ``points`` bins (one SQL statement, authentication included)."""
+    return JSONResponse(reads.curve(bearer(authorization), job_id, query_set=query_set, points=points))
 
 
 @router.get("/jobs/{job_id}/phases")

@@ -1,0 +1,268 @@
+"""The hot reads (a job's top-k rows, its ranked examples, its curve) answered with one SQL statement each: the
+token's project, the job, its status and the page of rows with their total count come back together, through
+one pooled connection (SQLAlchemy Core, no ORM session), so a request costs one thread-pool hop and one round
+trip (issue 14.6: the ORM and 4-6 queries cost 10-20x a bare endpoint's CPU).
+
+When the statement returns nothing (a wrong token, another project's job, a page past the end) or says the job
+has not succeeded, :func:`diagnose` finds out which, with the ordinary services, so that every error is the
+same as elsewhere in the API. A job's summary (its query sets, top_k and propagation label) never changes once
+it has succeeded: it is parsed once per process and kept (keyed by the job's id and creation time, so a
+database reset cannot serve another job's summary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Float, Integer, Row, Select, and_, bindparam, cast, func, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from dvemb.formats import Summary
+from server.db.models import ApiToken, CurvePoint, ExampleTotal, Job, Run, TopKRow
+from server.db.session import get_engine, get_read_engine
+from server.db.states import JobStatus
+from server.errors import NotFound
+from server.services import jobs, results
+from server.services.auth import hash_token, project_for_token
+
+__all__ = ["JobFacts", "curve", "ranked_examples", "top_rows"]
+
+_JOB = (Job.id, Job.status, Job.created_at)
+
+
+class JobFacts:
+    """What a response needs of a succeeded job's summary."""
+
+    def __init__(self, summary: Summary) -> None:
+        self.query_sets = sorted(summary.query_sets)
+        self.top_k = summary.top_k
+        self.steps = summary.steps
+        self.propagation = summary.propagation_label
+
+
+@lru_cache(maxsize=1024)
+def job_facts(job_id: int, created_at: Any) -> JobFacts:
+    """The job's summary facts (cached: a succeeded job's summary is final)."""
+    with get_engine().connect() as connection:
+        summary = connection.scalar(select(Job.summary).where(Job.id == job_id))
+    return JobFacts(Summary.from_json(summary))
+
+
+def _owned_job() -> Select[Any]:
+    """The FROM clause of every hot read: the job (``:job_id``), joined to its run and to the caller's token
+    (``:token_hash``), so that another project's job or a wrong token finds nothing."""
+    return (
+        select()
+        .select_from(ApiToken)
+        .join(Run, Run.project_id == ApiToken.project_id)
+        .join(Job, and_(Job.run_id == Run.id, Job.id == bindparam("job_id")))
+        .where(ApiToken.token_hash == bindparam("token_hash"))
+    )
+
+
+def _fetch(statement: Select[Any], params: dict[str, Any]) -> Sequence[Row[Any]]:
+    """Run one prepared statement on a pooled connection (retried once on a connection found dead)."""
+    for attempt in (1, 2):
+        try:
+            with get_read_engine().connect() as connection:
+                return connection.execute(statement, params).all()
+        except DBAPIError as exc:
+            if attempt == 2 or not exc.connection_invalidated:
+                raise
+    raise AssertionError("unreachable")
+
+
+def diagnose(token: str | None, job_id: int, query_set: str) -> JobFacts:
+    """The reason a hot read found nothing, as the API's usual error (401, 404, 409), or the job's facts when
+    there is simply nothing to show (an empty page, a filter matching nothing)."""
+    with Session(get_engine()) as session:
+        project = project_for_token(session, token=token)
+        job = jobs.get_job(session, project=project, job_id=job_id)
+        results.require_done(job)
+        results.check_query_set(job, query_set)
+        return job_facts(job.id, job.created_at)
+
+
+def _facts(first: Row[Any], token: str | None, job_id: int, query_set: str) -> JobFacts:
+    if first.status != JobStatus.SUCCEEDED:
+        return diagnose(token, job_id, query_set)  # raises the 409
+    facts = job_facts(first.id, first.created_at)
+    if query_set not in facts.query_sets:
+        raise NotFound(f"no results for query set {query_set!r}; this job has {facts.query_sets}")
+    return facts
+
+
+@lru_cache(maxsize=64)
+def _top_statement(filters: tuple[str, ...], step_min: bool, step_max: bool) -> Select[Any]:
+    """The top-k statement for one combination of filters (built and compiled once per process)."""
+    on = [
+        TopKRow.job_id == Job.id,
+        TopKRow.query_set == bindparam("query_set"),
+        TopKRow.query == bindparam("query"),
+        TopKRow.kind == bindparam("kind"),
+    ]
+    on += [getattr(TopKRow, name) == bindparam(name) for name in filters]
+    if step_min:
+        on.append(TopKRow.step >= bindparam("step_min"))
+    if step_max:
+        on.append(TopKRow.step <= bindparam("step_max"))
+    columns = (TopKRow.rank, TopKRow.score, TopKRow.step, TopKRow.epoch, TopKRow.phase, TopKRow.example_id)
+    return (
+        _owned_job()
+        .add_columns(*_JOB, *columns, TopKRow.label, TopKRow.source, func.count(TopKRow.id).over().label("total"))
+        .outerjoin(TopKRow, and_(*on))
+        .order_by(TopKRow.rank)
+        .offset(bindparam("offset"))
+        .limit(bindparam("limit"))
+    )
+
+
+def top_rows(
+    token: str | None,
+    job_id: int,
+    *,
+    query_set: str,
+    query: int | None,
+    kind: str,
+    offset: int,
+    limit: int,
+    filters: dict[str, Any],
+    step_min: int | None,
+    step_max: int | None,
+) -> tuple[JobFacts, list[dict[str, Any]], int]:
+    """(the job's facts, the page of top-k rows as dicts, the count of rows matching) in one statement."""
+    given = {name: value for name, value in filters.items() if value is not None}
+    statement = _top_statement(tuple(sorted(given)), step_min is not None, step_max is not None)
+    params = {
+        "job_id": job_id,
+        "token_hash": hash_token(token or ""),
+        "query_set": query_set,
+        "query": -1 if query is None else query,
+        "kind": kind,
+        "offset": offset,
+        "limit": limit,
+        "step_min": step_min,
+        "step_max": step_max,
+        **given,
+    }
+    found = _fetch(statement, params)
+    if not found:
+        return diagnose(token, job_id, query_set), [], _count_past_the_end(statement, params)
+    facts = _facts(found[0], token, job_id, query_set)
+    names = ("rank", "score", "step", "epoch", "phase", "example_id", "label", "source")
+    rows: list[dict[str, Any]] = [dict(zip(names, r[3:11], strict=True)) for r in found if r.rank is not None]
+    return facts, rows, int(found[0].total)
+
+
+@lru_cache(maxsize=16)
+def _examples_statement(label: bool, source: bool, helpful: bool) -> Select[Any]:
+    on = [ExampleTotal.job_id == Job.id, ExampleTotal.query_set == bindparam("query_set")]
+    if label:
+        on.append(ExampleTotal.label == bindparam("label"))
+    if source:
+        on.append(ExampleTotal.source == bindparam("source"))
+    order = ExampleTotal.total.desc() if helpful else ExampleTotal.total.asc()
+    columns = (ExampleTotal.example_id, ExampleTotal.total, ExampleTotal.occurrences)
+    return (
+        _owned_job()
+        .add_columns(
+            *_JOB, *columns, ExampleTotal.label, ExampleTotal.source, func.count(ExampleTotal.id).over().label("n")
+        )
+        .outerjoin(ExampleTotal, and_(*on))
+        .order_by(order, ExampleTotal.example_id)
+        .offset(bindparam("offset"))
+        .limit(bindparam("limit"))
+    )
+
+
+def ranked_examples(
+    token: str | None,
+    job_id: int,
+    *,
+    query_set: str,
+    kind: str,
+    label: str | None,
+    source: str | None,
+    offset: int,
+    limit: int,
+) -> tuple[list[dict[str, Any]], int]:
+    """(the page of examples ranked by total influence, the count of examples matching) in one statement."""
+    statement = _examples_statement(label is not None, source is not None, kind == "helpful")
+    params = {
+        "job_id": job_id,
+        "token_hash": hash_token(token or ""),
+        "query_set": query_set,
+        "label": label,
+        "source": source,
+        "offset": offset,
+        "limit": limit,
+    }
+    found = _fetch(statement, params)
+    if not found:
+        diagnose(token, job_id, query_set)
+        return [], _count_past_the_end(statement, params)
+    _facts(found[0], token, job_id, query_set)
+    names = ("example_id", "total", "occurrences", "label", "source")
+    return [dict(zip(names, r[3:8], strict=True)) for r in found if r.example_id is not None], int(found[0].n)
+
+
+@lru_cache(maxsize=4)
+def _curve_statement(binned: bool) -> Select[Any]:
+    points, steps = bindparam("points", type_=Integer), bindparam("steps", type_=Integer)
+    bucket = (CurvePoint.step * points) // steps if binned else CurvePoint.step
+    return (
+        _owned_job()
+        .add_columns(
+            *_JOB,
+            func.min(CurvePoint.step).label("first"),
+            func.avg(cast(CurvePoint.mean, Float)),
+            func.avg(CurvePoint.mean_per_lr),
+            func.avg(CurvePoint.lr),
+            func.avg(CurvePoint.loss),
+            func.sum(CurvePoint.abs_sum),
+        )
+        .outerjoin(CurvePoint, and_(CurvePoint.job_id == Job.id, CurvePoint.query_set == bindparam("query_set")))
+        .group_by(*_JOB, bucket)
+        .order_by(func.min(CurvePoint.step))
+    )
+
+
+def curve(token: str | None, job_id: int, *, query_set: str, points: int) -> dict[str, list[Any]]:
+    """The per-step curve averaged into at most ``points`` bins, in one statement (the bins need the job's
+    number of steps: remembered per process after the job's first curve request, which runs twice)."""
+    known = _STEPS.get(job_id)
+    steps = known[1] if known is not None else 1
+    params = {
+        "job_id": job_id,
+        "token_hash": hash_token(token or ""),
+        "query_set": query_set,
+        "points": points,
+        "steps": steps,
+    }
+    found = _fetch(_curve_statement(steps > points), params)
+    if not found:
+        diagnose(token, job_id, query_set)
+        return {name: [] for name in _CURVE}
+    facts = _facts(found[0], token, job_id, query_set)
+    if known is None or known[0] != found[0].created_at:  # first request for this job (or a reset database)
+        if len(_STEPS) > 4096:
+            _STEPS.clear()
+        right = max(facts.steps or 1, 1)
+        _STEPS[job_id] = (found[0].created_at, right)
+        if right != steps and max(right, steps) > points:  # binned with the wrong number of steps: again
+            return curve(token, job_id, query_set=query_set, points=points)
+    rows = [r[3:] for r in found if r.first is not None]
+    return {name: [r[i] for r in rows] for i, name in enumerate(_CURVE)}
+
+
+_CURVE = ("step", "mean", "mean_per_lr", "lr", "loss", "abs_sum")
+_STEPS: dict[int, tuple[Any, int]] = {}  # job id -> (its creation time, its number of steps)
+
+
+def _count_past_the_end(statement: Select[Any], params: dict[str, Any]) -> int:
+    """The total count for a page past the end (the same statement, first page): rare, a second statement."""
+    first = _fetch(statement, {**params, "offset": 0, "limit": 1})
+    return int(first[0][-1]) if first else 0
