@@ -15,13 +15,24 @@ ExportFormat = Literal["csv", "parquet"]
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet"}
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def cell(value: Any) -> Any:
+    """A CSV cell: None is empty, a float keeps every digit, and text that a spreadsheet would run as a formula
+    (uploaded labels and ids are anyone's text) is quoted with a leading apostrophe."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def to_csv(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> bytes:
     """RFC 4180 CSV with a header row."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([row.get(c) for c in columns])  # None: an empty cell; a float: every digit
+        writer.writerow([cell(row.get(c)) for c in columns])
     return out.getvalue().encode()
 
 
