@@ -428,7 +428,6 @@ def insert_results(url: str, run_id: int, *, queries: int, top_k: int, examples:
             insert(Job).returning(Job.id),
             {
                 "run_id": run_id,
-                "kind": "compute",
                 "status": "succeeded",
                 "options": {"top_k": top_k},
                 "progress": 1.0,

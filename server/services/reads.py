@@ -63,6 +63,11 @@ def _owned_job() -> Select[Any]:
     )
 
 
+def _caller(token: str | None, job_id: int, query_set: str) -> dict[str, Any]:
+    """The parameters every hot read binds: who asks, for which job and query set."""
+    return {"job_id": job_id, "token_hash": hash_token(token or ""), "query_set": query_set}
+
+
 def _fetch(statement: Select[Any], params: dict[str, Any]) -> Sequence[Row[Any]]:
     """Run one prepared statement on a pooled connection (retried once on a connection found dead)."""
     for attempt in (1, 2):
@@ -137,9 +142,7 @@ def top_rows(
     given = {name: value for name, value in filters.items() if value is not None}
     statement = _top_statement(tuple(sorted(given)), step_min is not None, step_max is not None)
     params = {
-        "job_id": job_id,
-        "token_hash": hash_token(token or ""),
-        "query_set": query_set,
+        **_caller(token, job_id, query_set),
         "query": -1 if query is None else query,
         "kind": kind,
         "offset": offset,
@@ -192,9 +195,7 @@ def ranked_examples(
     """(the page of examples ranked by total influence, the count of examples matching) in one statement."""
     statement = _examples_statement(label is not None, source is not None, kind == "helpful")
     params = {
-        "job_id": job_id,
-        "token_hash": hash_token(token or ""),
-        "query_set": query_set,
+        **_caller(token, job_id, query_set),
         "label": label,
         "source": source,
         "offset": offset,
@@ -235,13 +236,7 @@ def curve(token: str | None, job_id: int, *, query_set: str, points: int) -> dic
     number of steps: remembered per process after the job's first curve request, which runs twice)."""
     known = _STEPS.get(job_id)
     steps = known[1] if known is not None else 1
-    params = {
-        "job_id": job_id,
-        "token_hash": hash_token(token or ""),
-        "query_set": query_set,
-        "points": points,
-        "steps": steps,
-    }
+    params = {**_caller(token, job_id, query_set), "points": points, "steps": steps}
     found = _fetch(_curve_statement(steps > points), params)
     if not found:
         diagnose(token, job_id, query_set)
