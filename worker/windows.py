@@ -154,15 +154,20 @@ COLUMNS = ("window_id", "query", "kind", "rank", "score", "row", "step", "epoch"
 
 
 def _copy_rows(session: Session, rows: Iterable[tuple[Any, ...]]) -> None:
-    """Insert top rows: PostgreSQL's COPY (a 1,000-query job stores millions of rows: an INSERT per batch of
-    them costs ~50 times longer), one INSERT per batch elsewhere (SQLite)."""
+    """Insert top rows through the driver, in the session's transaction: PostgreSQL's COPY (a 1,000-query job
+    stores millions of rows: an INSERT per batch of them costs ~50 times longer), sqlite3's ``executemany`` of
+    tuples (the demo's 683,400 rows: 14 s through SQLAlchemy's INSERT of dicts, about 10 times faster)."""
     connection = session.connection()
+    driver = connection.connection.driver_connection
+    assert driver is not None
     if connection.dialect.name == "postgresql":
-        driver = connection.connection.driver_connection
-        assert driver is not None
         with driver.cursor() as cursor, cursor.copy(f"COPY window_topk_rows ({', '.join(COLUMNS)}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
+        return
+    if connection.dialect.name == "sqlite":
+        marks = ", ".join("?" * len(COLUMNS))
+        driver.executemany(f"INSERT INTO window_topk_rows ({', '.join(COLUMNS)}) VALUES ({marks})", rows)
         return
     batch = [dict(zip(COLUMNS, row, strict=True)) for row in rows]
     for start in range(0, len(batch), 20_000):
