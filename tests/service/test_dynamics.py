@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from playwright.sync_api import Browser, expect
 from service_harness import Api
 from test_dashboard import browser  # noqa: F401  (the module's Chromium fixture)
+from test_dashboard_windows import sign_in
 
 import dvemb
 from dvemb.client import upload_log
@@ -84,12 +85,8 @@ def test_dynamics_in_api_and_dashboard(
     errors: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server_url + "/")
-    page.get_by_label("API token").fill(token)
-    page.get_by_role("button", name="Sign in").click()
-    page.goto(f"{server_url}/#/runs/{run_id}")
-    expect(page.get_by_role("heading", name="Value dynamics")).to_be_visible(timeout=120_000)
-    expect(page.locator("#results[data-ready=true]")).to_be_attached(timeout=60_000)
+    sign_in(page, server_url, token, run_id)
+    expect(page.get_by_role("heading", name="Value dynamics")).to_be_visible()
     assert not errors, errors
     lines = page.evaluate("document.getElementById('dynamics-plot').data.map(t => t.x.length)")
     assert lines and all(n == 3 for n in lines)
