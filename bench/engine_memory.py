@@ -329,9 +329,11 @@ def write_markdown(results: dict[str, Any]) -> None:
         "split into `RssAnon` (memory the engine allocates) and `RssFile` + `RssShmem` (pages of the "
         "memory-mapped results and scratch files, and of the libraries: page cache that the kernel can drop, "
         f"counted in RSS while mapped). 'previous engine' is commit {OLD_COMMIT} (occurrence index, per-example "
-        "totals and curves in memory), run from a git worktree on a log written by its own writer with the same seed.",
+        "totals and curves in memory), run from a git worktree on a log written by its own writer with the same seed, "
+        f"up to {results.get('old_max_steps', 10000):,} steps. Wall seconds are what each run took on the loaded machine, "
+        "not a speed figure (Engine speed and Segmented computation measure speed).",
         "",
-        "| examples | steps | occurrences | engine | seconds | peak RSS MB | of which anonymous MB | of which file pages MB | processes | scores: max rel. diff vs sequential |",
+        "| examples | steps | occurrences | engine | wall s | peak RSS MB | of which anonymous MB | of which file pages MB | processes | scores: max rel. diff vs sequential |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
