@@ -13,7 +13,7 @@ layers are projected, so no second-moment slot). Per-layer blocks (D = 6,400 > 4
    the process pool's start included), for 1 segment (the sequential engine) and 2 or 4 segments on
    1 or 2 worker processes; rounds run every configuration in turn and each configuration's time is
    divided by the sequential engine's in the same round; the table gives medians over rounds.
-2. Stages, in this process (2 torch threads): the sequential engine against
+2. Stages, in this process (one torch thread, CPU time): the sequential engine against
    :func:`~dvemb.engine.segmented.prepare_segments`, every :func:`~dvemb.engine.segmented.run_segment`
    and :func:`~dvemb.engine.segmented.combine_segments` run one after the other, with and without
    the embeddings file (which the combine step rebuilds from the local embeddings, ``D^2`` per row
@@ -45,7 +45,7 @@ from dvemb.engine.segmented import combine_segments, prepare_segments, run_segme
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 BATCH = 32
-STEPS = {"sgd": 300, "adamw": 150}
+STEPS = {"sgd": 800, "adamw": 300}
 JOBS = [(1, 1), (2, 1), (4, 1), (2, 2), (4, 2)]  # (segments, workers)
 
 
@@ -61,25 +61,26 @@ def job_seconds(log: Path, out: Path, segments: int, workers: int) -> float:
 
 
 def stage_seconds(log: Path, out: Path, segments: int, embeddings: bool) -> dict[str, float]:
-    """Seconds of the sequential engine, or of each stage of a segmented computation, in this process."""
+    """CPU seconds of the sequential engine, or of each stage of a segmented computation, in this process
+    (one torch thread: wall time on the shared machine would measure the other agents' load)."""
     shutil.rmtree(out, ignore_errors=True)
     args = ComputeArguments(save_embeddings=embeddings, segments=segments)
     if segments == 1:
-        start = time.perf_counter()
+        start = time.process_time()
         compute(log, out, args)
-        return {"sequential": time.perf_counter() - start}
+        return {"sequential": time.process_time() - start}
     out.mkdir(parents=True)
-    start = time.perf_counter()
+    start = time.process_time()
     plan = prepare_segments(log, out, args, segments)
-    prepared = time.perf_counter()
+    prepared = time.process_time()
     per_segment = []
     for index in reversed(range(plan.num_segments)):
-        begin = time.perf_counter()
+        begin = time.process_time()
         run_segment(log, out, args, plan, index)
-        per_segment.append(time.perf_counter() - begin)
-    ran = time.perf_counter()
+        per_segment.append(time.process_time() - begin)
+    ran = time.process_time()
     combine_segments(log, out, args, plan)
-    done = time.perf_counter()
+    done = time.process_time()
     return {
         "prepare": prepared - start,
         "segments": ran - prepared,
@@ -94,6 +95,8 @@ def run(rounds: int, work: Path) -> dict[str, Any]:
     for name, steps in STEPS.items():
         logs[name] = work / f"log-{name}"
         write_log(logs[name], name, steps, BATCH)
+    for log in logs.values():  # warm-up: the first process to start pays for cold caches
+        job_seconds(log, work / "out", 1, 1)
     jobs: dict[str, dict[str, list[float]]] = {name: {} for name in logs}
     stages: dict[str, dict[str, list[dict[str, float]]]] = {name: {} for name in logs}
     for r in range(rounds):
@@ -101,10 +104,13 @@ def run(rounds: int, work: Path) -> dict[str, Any]:
             for segments, workers in JOBS:
                 key = f"{segments}x{workers}"
                 jobs[name].setdefault(key, []).append(job_seconds(log, work / "out", segments, workers))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
             for segments in (1, 2, 4):
                 for embeddings in (False, True):
                     key = f"{segments}{'+emb' if embeddings else ''}"
                     stages[name].setdefault(key, []).append(stage_seconds(log, work / "out", segments, embeddings))
+            torch.set_num_threads(threads)
         print(json.dumps({"round": r, "jobs": jobs}), flush=True)
     return {"jobs": jobs, "stages": stages}
 
@@ -160,12 +166,12 @@ def write_markdown(results: dict[str, Any]) -> None:
             lines.append(f"| {name} | {segments} | {workers} | {value['seconds']:.1f} | {value['ratio']:.2f}x |")
     lines += [
         "",
-        "Stages in one process (2 torch threads), run one after the other: `prepare_segments`, every `run_segment`, "
+        "Stages in one process (one torch thread, CPU seconds), run one after the other: `prepare_segments`, every `run_segment`, "
         "`combine_segments`, each as a ratio to the sequential engine (`compute()` with one segment) in the same "
         "round; 'slowest segment' is the bound on the segments' stage with one worker per segment. With "
         "embeddings, the combine step rebuilds every occurrence's full embedding from the local ones.",
         "",
-        "| log | embeddings file | segments | sequential s | prepare | all segments | slowest segment | combine | total |",
+        "| log | embeddings file | segments | sequential CPU s | prepare | all segments | slowest segment | combine | total |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, per in stages.items():
