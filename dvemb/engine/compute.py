@@ -57,7 +57,7 @@ class ComputeArguments:
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         accumulate_dtype: ``"float32"`` or ``"float64"`` for ``M`` and the recursion.
         block_rows: curvature rows processed together (whole steps; capped by memory). ``None`` means
-            256: the blocked recursion does about ``4 d^2 + 3 n d`` flops per row, so large chunks add
+            256: the blocked recursion does about ``4 d^2 + 2 n d`` flops per row, so large chunks add
             Gram and solve work, while tiny ones run many small, slow products; 128 to 256 rows ran fastest
             for d = 256 to 1024 on the benchmark machine (BENCHMARKS.md).
         top_k: helpful and harmful examples kept per query and per query set.

@@ -316,7 +316,10 @@ class _CombinedRun(_Run):
             for name, scorer in self.scorers.items():
                 self._score_rows(scorer, states[name].score(chunk), rows, row_steps, steps)
             if rebuild is not None and self.embeddings is not None:
-                self.embeddings[start:end] = rebuild.rebuild(chunk).numpy()
+                full = rebuild.rebuild(chunk)
+                if self.embeddings.dtype == np.float16:  # torch casts to float16 much faster than numpy
+                    full = full.half()
+                self.embeddings[start:end] = full.numpy()
             start = end
 
     def _series_states(self) -> dict[str, _Dynamics]:
