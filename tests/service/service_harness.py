@@ -23,6 +23,15 @@ PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 REDIS_DB = int(os.environ.get("DVEMB_TEST_REDIS_DB", "5"))
 
 
+def screenshot_dir() -> Path:
+    """Where the browser tests put screenshots: artifacts/ (untracked), or docs/images/ when
+    DVEMB_UPDATE_SCREENSHOTS=1 asks to refresh the documentation's pictures."""
+    root = Path(__file__).resolve().parents[2]
+    folder = root / "docs" / "images" if os.environ.get("DVEMB_UPDATE_SCREENSHOTS") == "1" else root / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,7 +2,7 @@
 issue 15 with a check that failed on the old dashboard: upload errors that vanished, the learning-rate axis below
 zero, shares named for the wrong measure, the title over a phase label, an older answer drawn over a newer one,
 tables wider than the page, only the latest analysis shown, no cancel, no way back from an example and queries
-named by index, Swagger UI from a CDN, no favicon, an invalid name pattern. Screenshots go to docs/images/."""
+named by index, Swagger UI from a CDN, no favicon, an invalid name pattern. Screenshots go to artifacts/ (docs/images/ with DVEMB_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Download, Page, expect
-from service_harness import Api, Worker, record_log
+from service_harness import Api, Worker, record_log, screenshot_dir
 from test_dashboard import browser  # noqa: F401  (the module's Chromium fixture)
 
 from dvemb.client import upload_log
 
-IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+IMAGES = screenshot_dir()
 
 
 def analysed(api: Api, token: str, tmp_path: Path, name: str, *, seed: int = 0, steps: int = 40) -> tuple[int, int]:
@@ -41,7 +41,6 @@ def sign_in(page: Page, token: str, *, remember: bool = False) -> None:
 
 
 def shot(page: Page, name: str) -> None:
-    IMAGES.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(IMAGES / f"dashboard-{name}.png"), full_page=True)
 
 

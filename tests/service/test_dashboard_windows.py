@@ -1,18 +1,18 @@
 """The dashboard's windows of training and data-selection timing in a real headless Chromium: every phase's
 tables are non-empty and show the API's rows (which test_windows_api.py checks against a naive reference), a step
 range is computed on demand and says so, a bad range is explained, and the selection recommendation is the
-API's. Screenshots go to docs/images/."""
+API's. Screenshots go to artifacts/ (docs/images/ with DVEMB_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from playwright.sync_api import Browser, Page, expect
-from service_harness import Api
+from service_harness import Api, screenshot_dir
 from test_dashboard import browser  # noqa: F401  (the module's Chromium fixture)
 from test_windows_api import finished_job
 
-IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+IMAGES = screenshot_dir()
 
 
 def shown_scores(page: Page, kind: str) -> list[float]:
