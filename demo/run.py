@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tempfile
 import threading
 import time
@@ -25,14 +24,14 @@ class _Service:
     def __init__(self, port: int) -> None:
         import uvicorn
 
-        from server.cli import new_token, prepare
+        from server.cli import LocalWorker, new_token, prepare
         from server.main import create_app
         from server.tasks import worker_command
 
         prepare()
         self.token = new_token("demo", "demo")
         self.url = f"http://127.0.0.1:{port}"
-        self.worker = subprocess.Popen(worker_command(), stdout=subprocess.DEVNULL)
+        self.worker = LocalWorker(worker_command(), quiet=True).start()  # restarted if it dies, as `dvemb serve`
         self.server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -54,11 +53,9 @@ class _Service:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        from server.cli import stop_process
-
         self.server.should_exit = True
         self.thread.join(10)
-        stop_process(self.worker)
+        self.worker.stop()
 
 
 def _upload(service: _Service, log_dir: Path, name: str) -> dict[str, Any]:

@@ -87,8 +87,9 @@ class LocalWorker:
     while the server runs (killed, out of memory), so that queued tasks and the jobs the reconciler re-queues
     after a lost worker (server/reconciler.py) are computed without anyone restarting ``dvemb serve``."""
 
-    def __init__(self, command: list[str], backoff: float = 1.0) -> None:
+    def __init__(self, command: list[str], backoff: float = 1.0, *, quiet: bool = False) -> None:
         self.command, self.backoff = command, backoff
+        self.stdout = subprocess.DEVNULL if quiet else None  # quiet: no Celery banner (the demo's own output)
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
         self.lock = threading.Lock()
@@ -96,7 +97,7 @@ class LocalWorker:
 
     def start(self) -> LocalWorker:
         with self.lock:
-            self.process = subprocess.Popen(self.command)
+            self.process = subprocess.Popen(self.command, stdout=self.stdout)
         self.watcher.start()
         return self
 
@@ -115,7 +116,7 @@ class LocalWorker:
                     logging.getLogger(__name__).warning(
                         "the local worker stopped (exit status %s): starting another", process.returncode
                     )
-                    self.process = subprocess.Popen(self.command)
+                    self.process = subprocess.Popen(self.command, stdout=self.stdout)
             self.stopping.wait(0.5)
 
 
