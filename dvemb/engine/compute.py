@@ -28,6 +28,7 @@ from dvemb import logformat as fmt
 from dvemb.engine.arrays import open_array, save_safetensors
 from dvemb.engine.embedder import AUTO_FULL_MAX_DIM, Embedder, resolve_blocks
 from dvemb.engine.phases import find_phases
+from dvemb.engine.query_sets import checkpoint_series, final_query_sets
 from dvemb.engine.scoring import RunningTopK
 from dvemb.errors import ConfigError
 from dvemb.optim import PROPAGATIONS
@@ -191,6 +192,8 @@ class _Run:
         self.scorers = {name: self._scorer(name) for name in self._query_set_names()}
         self.embeddings: np.memmap | None = None
         self.self_influence: np.memmap | None = None
+        # Totals rows of the checkpoint being resumed, applied again once the arrays are open.
+        self._replay: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.step_lr = self.step_batch = self.step_loss = torch.zeros(
             0
         )  # (T,) views of a scratch file, see _open_arrays
@@ -236,8 +239,7 @@ class _Run:
     def _query_set_names(self) -> list[str]:
         """The query sets to score: recorded at the end of training (earlier ones feed value dynamics)."""
         available = self.log.query_set_names()
-        final = [q for q in self.log.manifest.get("query_sets", []) if int(q["step"]) >= self.num_steps]
-        finals = [str(q["name"]) for q in final]
+        finals = final_query_sets(self.log)
         wanted = list(self.args.query_sets) if self.args.query_sets is not None else finals
         missing = [name for name in wanted if name not in available]
         if missing:
@@ -378,7 +380,7 @@ class _Run:
         started = time.monotonic()
         resume_from = self._load_checkpoint()
         self._open_arrays(resume=resume_from is not None)
-        for name, (rows, values) in getattr(self, "_replay", {}).items():
+        for name, (rows, values) in self._replay.items():
             self._apply_totals(self.scorers[name], rows, values)  # the checkpoint's totals rows, again
         if resume_from is None:
             self._write_index()
@@ -633,7 +635,7 @@ def compute(
 
 def is_segmented(log: GradientLog, args: ComputeArguments) -> bool:
     """True when the computation runs in segments: asked for, or needed for the log's checkpoint query sets."""
-    return args.segments > 1 or any(int(q["step"]) < log.num_steps for q in log.manifest.get("query_sets", []))
+    return args.segments > 1 or bool(checkpoint_series(log))
 
 
 def prepare_out(

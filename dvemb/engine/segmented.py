@@ -26,7 +26,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import socket
 import time
@@ -49,6 +48,7 @@ from dvemb.engine.compute import (
     make_embedder,
 )
 from dvemb.engine.propagators import QueryState, SegmentPropagator, propagator_from_state
+from dvemb.engine.query_sets import checkpoint_series
 from dvemb.errors import ConfigError
 from dvemb.formats.results_files import dynamics_file
 from dvemb.reader import GradientLog, open_log
@@ -69,7 +69,6 @@ LOCAL_FILE = "local.npy"
 PLAN_FILE = "plan.json"
 #: Value dynamics groups training occurrences by the tenth of training they were used in.
 DYNAMICS_BUCKETS = 10
-_CHECKPOINT_SUFFIX = re.compile(r"^(?P<series>.+)\.step(?P<step>\d+)$")
 _COMBINE_ROWS = 8192
 
 
@@ -87,28 +86,6 @@ class SegmentPlan:
 
     def to_json(self) -> dict[str, Any]:
         return {"boundaries": list(self.boundaries), "fingerprint": self.fingerprint}
-
-
-def checkpoint_series(log: GradientLog) -> dict[str, list[tuple[int, str]]]:
-    """Query sets recorded before the end of training, by series: ``{series: [(step, set name), ...]}``.
-
-    A set named ``{series}.step{N}`` recorded at step ``N < T`` (``rec.record_queries(...,
-    checkpoint=True)``) measures the model ``theta_N``; the series' final set, if any, is the one named
-    ``{series}`` recorded at ``T``. Other sets recorded before ``T`` form a series of their own name.
-    """
-    series: dict[str, list[tuple[int, str]]] = {}
-    for entry in log.manifest.get("query_sets", []):
-        step, name = int(entry["step"]), str(entry["name"])
-        if step >= log.num_steps:
-            continue
-        match = _CHECKPOINT_SUFFIX.match(name)
-        series.setdefault(match["series"] if match else name, []).append((step, name))
-    return {key: sorted(value) for key, value in series.items()}
-
-
-def final_query_sets(log: GradientLog) -> list[str]:
-    """Query sets recorded at the end of training (scored by the engine)."""
-    return [str(q["name"]) for q in log.manifest.get("query_sets", []) if int(q["step"]) >= log.num_steps]
 
 
 def _plan(log: GradientLog, args: ComputeArguments, segments: int) -> SegmentPlan:
@@ -166,16 +143,13 @@ def prepare_segments(log_dir: str | Path, out_dir: str | Path, args: ComputeArgu
     return plan
 
 
-def _segment_done(path: Path, plan: SegmentPlan) -> bool:
+def segment_done(out_dir: str | Path, plan: SegmentPlan, index: int) -> bool:
+    """True when segment ``index`` of ``plan`` has finished (its file is written last, atomically)."""
+    path = _segment_file(Path(out_dir), index)
     if not path.exists():
         return False
     with safe_open(str(path), framework="pt") as f:
         return (f.metadata() or {}).get("plan") == plan.fingerprint
-
-
-def segment_done(out_dir: str | Path, plan: SegmentPlan, index: int) -> bool:
-    """True when segment ``index`` of ``plan`` has finished (its file is written last, atomically)."""
-    return _segment_done(_segment_file(Path(out_dir), index), plan)
 
 
 def run_segment(
@@ -188,7 +162,7 @@ def run_segment(
     """
     out = Path(out_dir)
     path = _segment_file(out, index)
-    if _segment_done(path, plan):
+    if segment_done(out, plan, index):
         return path
     log = open_log(log_dir)
     mode, propagation = _resolved(log, args)
@@ -380,7 +354,7 @@ def combine_segments(
     """Score every finished segment, write the results and the summary, remove the scratch files."""
     log = open_log(log_dir)
     out = Path(out_dir)
-    missing = [j for j in range(plan.num_segments) if not _segment_done(_segment_file(out, j), plan)]
+    missing = [j for j in range(plan.num_segments) if not segment_done(out, plan, j)]
     if missing:
         raise ConfigError(f"segments {missing} of the plan are not finished; run them before combining")
     summary = _CombinedRun(log, out, args, plan).run()
