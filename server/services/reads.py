@@ -213,7 +213,7 @@ def ranked_examples(
 @lru_cache(maxsize=4)
 def _curve_statement(binned: bool) -> Select[Any]:
     points, steps = bindparam("points", type_=Integer), bindparam("steps", type_=Integer)
-    bucket = (CurvePoint.step * points) // steps if binned else CurvePoint.step
+    bucket = results.curve_bucket(steps, points, binned=binned)
     return (
         _owned_job()
         .add_columns(

@@ -106,12 +106,18 @@ def ranked_examples(
     return list(rows), count
 
 
+def curve_bucket(steps: Any, points: Any, *, binned: bool) -> Any:
+    """The bin of each curve point, ``step * points // steps`` (ints or bound parameters), or the step itself
+    when the curve is not binned. Floor division: SQLAlchemy 2's '/' is true division, which would put every
+    step in its own bin."""
+    return (CurvePoint.step * points) // steps if binned else CurvePoint.step
+
+
 def curve(session: Session, *, job: Job, query_set: str, points: int) -> dict[str, list[float | None]]:
     """The per-step curve averaged into at most ``points`` bins of consecutive steps (in SQL)."""
     check_query_set(job, query_set)
     steps = (job.results.steps if job.results is not None else 0) or 1
-    # floor division (SQLAlchemy 2's '/' is true division, which would put every step in its own bin)
-    bucket = (CurvePoint.step * points) // steps if steps > points else CurvePoint.step
+    bucket = curve_bucket(steps, points, binned=steps > points)
     q = (
         select(
             func.min(CurvePoint.step),

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from server.db.models import CurvePoint, Job
 from server.selection import selection_timing
-from server.services.results import check_query_set, phases, summary_of
+from server.services.results import check_query_set, curve_bucket, phases, summary_of
 
 __all__ = ["job_selection"]
 
@@ -22,7 +22,7 @@ def job_selection(
     """The recommendation for a job's query set, searched on at most ``points`` bins of consecutive steps."""
     check_query_set(job, query_set)
     steps = summary_of(job).steps or 1
-    bucket = (CurvePoint.step * points) // steps if steps > points else CurvePoint.step
+    bucket = curve_bucket(steps, points, binned=steps > points)
     per_lr = case((CurvePoint.lr > 0, CurvePoint.abs_sum / CurvePoint.lr), else_=0.0)
     weight = cast(CurvePoint.abs_sum, Float) if measure == "raw" else per_lr
     rows = session.execute(
