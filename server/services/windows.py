@@ -4,6 +4,7 @@ file) and a page of a window's rows, each with a sentence saying how its rows we
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import case, delete, func, select
@@ -18,10 +19,23 @@ from server.errors import BadRequest, Conflict, NotFound
 from server.services.results import check_query_set, summary_of
 from server.tasks import WINDOW_TOPK, enqueue_after_commit
 
-__all__ = ["ask_window", "chosen", "get_window", "list_windows", "public", "window_rows"]
+__all__ = ["ask_window", "chosen", "chosen_overall", "get_window", "list_windows", "public", "window_rows"]
 
 KIND_ORDER = ("phase", "tenth", "epoch", "range")
 MAX_CACHED_RANGES = 100  # asked-for windows kept per job; the oldest go first
+
+
+def chosen_overall(kept: int, filters: Mapping[str, object], step_min: int | None, step_max: int | None) -> str:
+    """How /top's rows were chosen: the run's overall top ``kept``, filtered by what was given."""
+    given = [f"{name} {value}" for name, value in filters.items() if value is not None]
+    if step_min is not None or step_max is not None:
+        given.append(f"steps {step_min or 0}–{'end' if step_max is None else step_max}")
+    if not given:
+        return f"overall top {kept} of the whole run"
+    return (
+        f"overall top {kept} of the whole run, filtered to {', '.join(given)} "
+        f"(only the kept {kept} are filtered: ask /windows for a window's own top)"
+    )
 
 
 def chosen(window: TopKWindow) -> str:

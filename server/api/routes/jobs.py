@@ -21,7 +21,7 @@ from server.api.deps import (
 )
 from server.api.schemas import ExamplesPublic, JobCreate, JobPublic, JobsPublic, TopPublic
 from server.services import jobs as service
-from server.services import reads, results
+from server.services import reads, results, windows
 from server.services.figures import example_metadata
 
 router = APIRouter(tags=["jobs"])
@@ -91,19 +91,8 @@ def top(
         step_min=step_min,
         step_max=step_max,
     )
-    filters = [
-        f"{name} {value}"
-        for name, value in (("phase", phase), ("epoch", epoch), ("label", label), ("source", source))
-        if value is not None
-    ]
-    if step_min is not None or step_max is not None:
-        filters.append(f"steps {step_min or 0}–{'end' if step_max is None else step_max}")
-    kept = facts.top_k
-    chosen = f"overall top {kept} of the whole run" + (
-        f", filtered to {', '.join(filters)} (only the kept {kept} are filtered: ask /windows for a window's own top)"
-        if filters
-        else ""
-    )
+    given = {"phase": phase, "epoch": epoch, "label": label, "source": source}
+    chosen = windows.chosen_overall(facts.top_k, given, step_min, step_max)
     return JSONResponse(
         {
             "query_set": query_set,
