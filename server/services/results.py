@@ -15,7 +15,7 @@ from dvemb import formats
 from dvemb.formats import Summary
 from server.db.models import CurvePoint, ExampleTotal, Job, PhaseSummaryRow, TopKRow
 from server.db.states import JobStatus
-from server.errors import Conflict, NotFound
+from server.errors import BadRequest, Conflict, NotFound
 from server.storage import results_dir
 
 
@@ -40,6 +40,13 @@ def query_sets(job: Job) -> list[str]:
 def check_query_set(job: Job, name: str) -> None:
     if name not in query_sets(job):
         raise NotFound(f"no results for query set {name!r}; this job has {query_sets(job)}")
+
+
+def check_query(job: Job, query_set: str, query: int | None) -> None:
+    """A 400 when ``query`` (None: the set's mean) is past the query set's last query."""
+    queries = summary_of(job).query_set(query_set).num_queries
+    if query is not None and query >= queries:
+        raise BadRequest(f"query {query} is out of range: the query set has queries 0–{queries - 1}")
 
 
 def top_rows(

@@ -16,7 +16,7 @@ from server.db.models import Job
 from server.db.states import QueryStatus
 from server.db.window_models import ANY_EPOCH, TopKWindow, WindowTopKRow
 from server.errors import BadRequest, Conflict, NotFound
-from server.services.results import check_query_set, summary_of
+from server.services.results import check_query, check_query_set, summary_of
 from server.tasks import WINDOW_TOPK, enqueue_after_commit
 
 __all__ = ["ask_window", "chosen", "chosen_overall", "get_window", "list_windows", "public", "window_rows"]
@@ -152,9 +152,7 @@ def window_rows(
         raise Conflict(f"window {window.id} is still being computed; ask again in a moment")
     if window.status == QueryStatus.FAILED:
         raise Conflict(f"window {window.id} failed: {window.error}; ask for it again to retry")
-    queries = summary_of(job).query_set(window.query_set).num_queries
-    if query is not None and query >= queries:
-        raise BadRequest(f"query {query} is out of range: the query set has queries 0–{queries - 1}")
+    check_query(job, window.query_set, query)
     where = (
         WindowTopKRow.window_id == window.id,
         WindowTopKRow.query == (-1 if query is None else query),

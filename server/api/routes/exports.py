@@ -11,7 +11,6 @@ from dvemb.formats import PhaseName
 from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep
 from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids
 from server.api.schemas import ExampleRank, TopRow
-from server.errors import BadRequest
 from server.figures import moving_average
 from server.services import compare as comparing
 from server.services import figures as data
@@ -181,9 +180,7 @@ def export_example(
     history = results.example_history(
         session, job=job, query_set=query_set, example_id=example_id, storage=settings.storage
     )["history"]
-    queries = results.summary_of(job).query_set(query_set).num_queries
-    if query is not None and query >= queries:
-        raise BadRequest(f"query {query} is out of range: the query set has queries 0–{queries - 1}")
+    results.check_query(job, query_set, query)
     rows = [
         {
             "step": h["step"],
