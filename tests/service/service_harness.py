@@ -54,11 +54,14 @@ class Worker:
 
         def watch() -> None:
             assert self.process is not None and self.process.stderr is not None
-            for line in self.process.stderr:
-                if " ready." in line:
-                    ready.set()
-                if os.environ.get("DVEMB_TEST_WORKER_LOG"):
-                    sys.stderr.write(line)
+            try:
+                for line in self.process.stderr:
+                    if " ready." in line:
+                        ready.set()
+                    if os.environ.get("DVEMB_TEST_WORKER_LOG"):
+                        sys.stderr.write(line)
+            except (OSError, ValueError):  # _reap closed the pipe under us: the worker is gone, nothing to watch
+                return
 
         threading.Thread(target=watch, daemon=True).start()
         assert ready.wait(60), "the Celery worker did not start"
