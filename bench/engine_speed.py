@@ -321,8 +321,10 @@ def write_markdown(results: dict) -> None:  # type: ignore[type-arg]
     lines += [
         "",
         f"Reading: at least 60% of GEMM **{'met' if len(met_gemm) == len(speed) else 'NOT met'}** "
-        f"({len(met_gemm)} of {len(speed)} shapes with the default 256 rows per chunk: "
-        f"{', '.join('d={} B={}'.format(r['d'], r['B']) for r in met_gemm) or 'none'}); faster than dattri "
+        f"({len(met_gemm)} of {len(speed)} shapes with the default {DEFAULT_BLOCK_ROWS} rows per chunk; met at "
+        f"{', '.join('d={} B={}'.format(r['d'], r['B']) for r in met_gemm) or 'none'}, not met at "
+        f"{', '.join('d={} B={}'.format(r['d'], r['B']) for r in speed if r not in met_gemm) or 'none'}); "
+        "faster than dattri "
         f"**{'met' if len(met_dattri) == len(speed) else 'NOT met'}** ({len(met_dattri)} of {len(speed)}, "
         f"{min(r.get('speedup_vs_dattri', 0) for r in speed):.2f}x to {max(r.get('speedup_vs_dattri', 0) for r in speed):.2f}x).",
     ]
