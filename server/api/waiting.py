@@ -14,11 +14,22 @@ from fastapi.concurrency import run_in_threadpool
 from server.db.states import QueryStatus
 
 
-async def wait_answer(answer: Callable[[int], dict[str, Any]], item_id: int, seconds: float) -> dict[str, Any]:
-    """``answer(item_id)`` once its status is no longer queued, or as it is after ``seconds``."""
+def answered(found: dict[str, Any]) -> bool:
+    """An ad-hoc query's or a window's answer is in once its status is no longer queued."""
+    return bool(found["status"] != QueryStatus.QUEUED)
+
+
+async def wait_answer(
+    answer: Callable[[int], dict[str, Any]],
+    item_id: int,
+    seconds: float,
+    *,
+    settled: Callable[[dict[str, Any]], bool] = answered,
+) -> dict[str, Any]:
+    """``answer(item_id)`` once ``settled`` says so, or as it is after ``seconds``."""
     deadline = time.monotonic() + seconds
     while True:
         found = await run_in_threadpool(answer, item_id)
-        if found["status"] != QueryStatus.QUEUED or time.monotonic() >= deadline:
+        if settled(found) or time.monotonic() >= deadline:
             return found
         await asyncio.sleep(0.1)

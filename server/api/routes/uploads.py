@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -19,6 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from dvemb.formats import is_index_name, is_manifest_name
 from server.api.deps import IdPath, ProjectDep, SessionDep, SettingsDep
+from server.api.waiting import wait_answer
 from server.db.models import LogFile, Run
 from server.db.session import session_factory
 from server.db.states import FileStatus
@@ -208,17 +208,20 @@ def _advance(file_id: int, offset: int) -> int | None:
 
 async def _wait_for_verdict(file_id: int, seconds: float) -> None:
     """Answer the last PATCH with the validator's verdict when it comes in time (400 if rejected)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        status, error = await run_in_threadpool(_status, file_id)
-        if status == FileStatus.REJECTED:
-            raise BadRequest(f"rejected: {error}")
-        if status == FileStatus.READY or (status == FileStatus.RECEIVED and error):
-            return  # valid, or waiting for the manifest (error says so)
-        await asyncio.sleep(0.1)
+    found = await wait_answer(_status, file_id, seconds, settled=_judged)
+    if found["status"] == FileStatus.REJECTED:
+        raise BadRequest(f"rejected: {found['error']}")
 
 
-def _status(file_id: int) -> tuple[str, str | None]:
+def _judged(found: dict[str, Any]) -> bool:
+    """Rejected, valid, or waiting for the manifest (its error says so)."""
+    status = found["status"]
+    return status in (FileStatus.REJECTED, FileStatus.READY) or (status == FileStatus.RECEIVED and bool(found["error"]))
+
+
+def _status(file_id: int) -> dict[str, Any]:
     with session_factory()() as session:
         upload = session.get(LogFile, file_id)
-        return ("missing", None) if upload is None else (upload.status, upload.error)
+        if upload is None:  # deleted meanwhile: nothing to wait for but the deadline
+            return {"status": "missing", "error": None}
+        return {"status": upload.status, "error": upload.error}
