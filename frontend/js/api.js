@@ -22,8 +22,9 @@ export async function errorOf(response) {
   return new ApiError(body?.error ?? "http_error", body?.detail || response.statusText, response.status);
 }
 
-/** Fetches API + path with the token and returns the JSON body (null for 204). */
-export async function api(path, options = {}) {
+/** Fetches API + path with the token and returns the response; a failure is thrown (a 401 also forgets the token
+ * and goes to sign-in). Every authenticated call goes through here, JSON or file alike. */
+export async function request(path, options = {}) {
   const headers = { ...authHeaders(), ...(options.headers || {}) };
   const response = await fetch(API + path, { ...options, headers });
   if (response.status === 401) {
@@ -33,6 +34,12 @@ export async function api(path, options = {}) {
     throw new ApiError("unauthorized", "unauthorized", 401);
   }
   if (!response.ok) throw await errorOf(response);
+  return response;
+}
+
+/** Fetches API + path with the token and returns the JSON body (null for 204). */
+export async function api(path, options = {}) {
+  const response = await request(path, options);
   return response.status === 204 ? null : response.json().catch(() => null);
 }
 

@@ -1,6 +1,6 @@
 // Downloads of what a table or curve shows (CSV or Parquet), from the API's export endpoints with the page's
 // filters: the request carries the token, so the file is fetched and then saved from a blob.
-import { API, authHeaders, errorOf } from "./api.js";
+import { request } from "./api.js";
 import { html } from "./html.js";
 
 /** A "Download CSV · Parquet" pair of buttons; what they fetch is named by data-export (see bindExports). */
@@ -14,10 +14,9 @@ function filenameOf(response, fallback) {
   return match ? match[1] : fallback;
 }
 
-/** Fetches API + path and saves the body as a file. */
+/** Fetches API + path and saves the body as a file (an expired token leads to sign-in, as for any other call). */
 export async function download(path) {
-  const response = await fetch(API + path, { headers: authHeaders() });
-  if (!response.ok) throw await errorOf(response);
+  const response = await request(path);
   const url = URL.createObjectURL(await response.blob());
   const link = document.createElement("a");
   link.href = url;

@@ -4,6 +4,7 @@
 import { ApiError } from "./api.js";
 import { byId } from "./dom.js";
 import { html, render } from "./html.js";
+import { latestOnly } from "./latest.js";
 import { state } from "./state.js";
 import { hashPath } from "./url.js";
 import { renderCompare } from "./views/compare.js";
@@ -23,13 +24,10 @@ function renderPage(parts) {
   return renderRuns(view);
 }
 
-let shown = 0;
-
 /** Shows the page of the current hash (the sign-in page without a token, which then returns to this very link);
  * errors are shown in its place, unless another page was asked for meanwhile (a late error of a page that was left
  * must not replace the page now shown). */
-async function route() {
-  const ticket = ++shown;
+const route = latestOnly(async (current) => {
   clearTimeout(state.pollTimer);
   clearTimeout(state.runTimer);
   byId("signout").hidden = !state.token;
@@ -41,9 +39,9 @@ async function route() {
     return await renderPage(hashPath().split("/"));
   } catch (err) {
     const signedOut = err instanceof ApiError && err.status === 401;
-    if (!signedOut && ticket === shown) render(view, html`<p class="error" role="alert">${err.message}</p>`);
+    if (!signedOut && current()) render(view, html`<p class="error" role="alert">${err.message}</p>`);
   }
-}
+});
 
 window.addEventListener("hashchange", route);
 byId("signout").addEventListener("click", () => {

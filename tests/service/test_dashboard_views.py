@@ -2,7 +2,8 @@
 issue 15 with a check that failed on the old dashboard: upload errors that vanished, the learning-rate axis below
 zero, shares named for the wrong measure, the title over a phase label, an older answer drawn over a newer one,
 tables wider than the page, only the latest analysis shown, no cancel, no way back from an example and queries
-named by index, Swagger UI from a CDN, no favicon, an invalid name pattern. Screenshots go to artifacts/ (docs/images/ with DVEMB_UPDATE_SCREENSHOTS=1)."""
+named by index, Swagger UI from a CDN, no favicon, an invalid name pattern; then a stale comparison drawn over a newer
+one and a download whose expired token did not lead to sign-in. Screenshots go to artifacts/ (docs/images/ with DVEMB_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,20 @@ def downloaded(page: Page, export: str, fmt: str, within: str = "body") -> list[
     if fmt == "csv":
         return list(csv.DictReader(io.StringIO(body.decode())))
     return list(pq.read_table(io.BytesIO(body)).to_pylist())
+
+
+def hold_back(page: Page, pattern: str, ms: int = 2000) -> None:
+    """Delays the page's requests whose URL matches the JavaScript regex pattern by ms, so that their answers arrive
+    after those of requests made later (an older answer racing a newer one)."""
+    page.evaluate(
+        """([pattern, ms]) => {
+        const real = window.fetch;
+        const slow = new RegExp(pattern);
+        window.fetch = (url, options) => slow.test(String(url))
+          ? new Promise((r) => setTimeout(r, ms)).then(() => real(url, options)) : real(url, options);
+      }""",
+        [pattern, ms],
+    )
 
 
 def every_row(api: Api, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -245,13 +260,7 @@ def test_deep_link_survives_sign_in_and_exports_equal_the_api(
     assert steps and set(steps) == {"7"}
 
     # an older answer never replaces a newer one: the answer for query 0 is held back 2 s
-    page.evaluate(
-        """(() => {
-        const real = window.fetch;
-        window.fetch = (url, options) => /figures[/]phase.*[?&]query=0(&|$)/.test(String(url))
-          ? new Promise((r) => setTimeout(r, 2000)).then(() => real(url, options)) : real(url, options);
-      })()"""
-    )
+    hold_back(page, "figures[/]phase.*[?&]query=0(&|$)")
     page.locator("#query").select_option("0")
     page.locator("#query").select_option("1")
     page.wait_for_timeout(3000)
@@ -260,6 +269,13 @@ def test_deep_link_survives_sign_in_and_exports_equal_the_api(
     page.set_viewport_size({"width": 480, "height": 900})  # wide tables scroll in their box, not the page
     page.wait_for_timeout(300)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+    # a download with an expired token leads to sign-in like any other call, and sign-in comes back here
+    page.evaluate("sessionStorage.setItem('dvemb-token', 'expired')")
+    page.locator("[data-export='curve'] [data-format='csv']").click()
+    sign_in(page, token)
+    expect(page.locator("#results[data-ready=true]")).to_be_attached(timeout=60_000)
+    assert page.url.startswith(f"{server_url}/#/runs/{run_id}?job={job_id}")
     context.close()
 
 
@@ -304,6 +320,16 @@ def test_compare_page_with_two_runs(
     page.reload()  # the comparison is in the URL
     expect(page.locator("#comparison[data-ready=true]")).to_be_attached(timeout=60_000)
     expect(page.get_by_label("Top examples matched")).to_have_value("15")
+
+    # an older answer never replaces a newer one: the comparison of the top 3 is held back 2 s
+    hold_back(page, "/compare[?].*[?&]top=3(&|$)")
+    shown_top = r"document.getElementById('comparison').textContent.match(/each run's\s+(\d+) most/)?.[1]"
+    for top in ("3", "4"):
+        page.get_by_label("Top examples matched").fill(top)
+        page.get_by_role("button", name="Compare").click()
+    page.wait_for_function(f"{shown_top} === '4'")
+    page.wait_for_timeout(3000)  # the held-back answer for the top 3 has arrived meanwhile
+    assert page.evaluate(shown_top) == "4"
     context.close()
 
 

@@ -7,6 +7,7 @@ import { byId, onEach, valueOf } from "../dom.js";
 import { bindExports, exportButtons } from "../export.js";
 import { fmtScore } from "../format.js";
 import { html, render } from "../html.js";
+import { latestOnly } from "../latest.js";
 import { table } from "../table.js";
 import { setViewParams, viewParams } from "../url.js";
 
@@ -117,8 +118,9 @@ function comparisonParams() {
   return new URLSearchParams({ jobs: picked().join(","), query_set: valueOf("cmp-qs"), top: valueOf("cmp-top") });
 }
 
-/** Draws the comparison of the picked analyses and keeps the picks and options in the URL. */
-async function showComparison() {
+/** Draws the comparison of the picked analyses and keeps the picks and options in the URL; when they change again
+ * before the answer arrives, only the newest comparison is drawn. */
+const showComparison = latestOnly(async (current) => {
   const params = comparisonParams();
   setViewParams({
     jobs: params.get("jobs"),
@@ -132,14 +134,16 @@ async function showComparison() {
   render(byId("compare-error"), html``);
   try {
     const found = await api(`/compare?${params}`);
+    if (!current()) return; // the picks or options changed meanwhile: the newer comparison is the one to show
     render(byId("comparison"), comparisonMarkup(found));
     await Plotly.react("compare-curves", found.figures.curves.data, found.figures.curves.layout, PLOT_CONFIG);
+    if (!current()) return; // (the plots are found by id: a newer comparison's markup may have replaced them)
     await Plotly.react("compare-shares", found.figures.shares.data, found.figures.shares.layout, PLOT_CONFIG);
-    byId("comparison").dataset.ready = "true";
+    if (current()) byId("comparison").dataset.ready = "true";
   } catch (err) {
-    byId("compare-error").textContent = err.message;
+    if (current()) byId("compare-error").textContent = err.message;
   }
-}
+});
 
 function restore(jobs) {
   const params = viewParams();

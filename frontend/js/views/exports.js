@@ -1,7 +1,7 @@
 // What the results' download buttons fetch: each table and curve of the page, at full resolution, with the
 // controls' filters (docs/compare-and-export.md).
-import { valueOf } from "../dom.js";
 import { controls, setGiven } from "./controls.js";
+import { selectionChoices } from "./selection.js";
 import { chosenWindow } from "./windows.js";
 
 /** The API path of the export called name ("curve", "phases", "top-helpful", "examples-harmful", ...). */
@@ -24,13 +24,6 @@ export async function resultsExportPath(jobId, lastStep, name, format) {
     ]);
   }
   if (table === "examples") params.set("kind", kind);
-  if (table === "selection") {
-    const [share, windows, measure] = ["sel-share", "sel-windows", "sel-measure"].map(valueOf);
-    setGiven(params, [
-      ["share", share],
-      ["windows", windows],
-      ["measure", measure],
-    ]);
-  }
+  if (table === "selection") setGiven(params, selectionChoices());
   return `/jobs/${jobId}/export/${table}?${params}`;
 }

@@ -2,6 +2,7 @@
 // a point lists that step's examples in the "Top training examples" tables.
 import { api } from "../api.js";
 import { byId } from "../dom.js";
+import { latestOnly } from "../latest.js";
 import { controls, setGiven } from "./controls.js";
 
 const PLOT_CONFIG = { responsive: true, displaylogo: false };
@@ -34,12 +35,9 @@ function linkPoints() {
   });
 }
 
-let latest = 0;
-
 /** Draws the phase plot, the phases' summary and the distribution for the current controls; when the controls
  * change again before the answers arrive, only the newest request's answers are drawn. */
-export async function drawPlots(jobId) {
-  const ticket = ++latest;
+export const drawPlots = latestOnly(async (current, jobId) => {
   const c = controls();
   const params = new URLSearchParams({ query_set: c.querySet, view: c.view, smooth: c.smooth, points: "1000" });
   const querySet = encodeURIComponent(c.querySet);
@@ -48,9 +46,9 @@ export async function drawPlots(jobId) {
     api(`/jobs/${jobId}/phases?query_set=${querySet}`),
     api(`/jobs/${jobId}/figures/distribution?query_set=${querySet}`),
   ]);
-  if (ticket !== latest) return; // a newer request was made meanwhile: its answer is the one to show
+  if (!current()) return; // a newer request was made meanwhile: its answer is the one to show
   await Plotly.react("phase-plot", figure.data, figure.layout, PLOT_CONFIG);
   linkPoints();
   byId("phase-summary").textContent = phaseSummary(phases, c.view);
   await Plotly.react("distribution", dist.data, dist.layout, PLOT_CONFIG);
-}
+});

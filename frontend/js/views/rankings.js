@@ -4,6 +4,7 @@ import { api } from "../api.js";
 import { byId } from "../dom.js";
 import { fmtScore } from "../format.js";
 import { html, render } from "../html.js";
+import { latestOnly } from "../latest.js";
 import { state } from "../state.js";
 import { table } from "../table.js";
 import { describe, drawThumbs } from "../thumbs.js";
@@ -38,7 +39,7 @@ const plainColumn = (key) => ({ head: key, cell: (r) => r[key] });
 
 /** Renders a ranking table (and what follows it) into its container and draws its examples' images; its columns
  * are lead, the shared example columns, then tail. */
-async function showRanking(container, jobId, { kind, cls, rows, lead = [], tail, after = "", current = () => true }) {
+async function showRanking(container, jobId, { kind, cls, rows, lead = [], tail, after = "", current }) {
   const meta = await metadataOf(jobId, rows);
   if (!current()) return; // a newer request was made while the examples' metadata was fetched
   const columns = [...lead, ...exampleColumns(jobId, controls().querySet, meta), ...tail];
@@ -66,22 +67,20 @@ function showChosen(text, failed = false) {
 }
 
 /** The "Top training examples" tables, for the current controls and page; a newer call wins over a slower older one. */
-export async function showTop(jobId, propagation, lastStep) {
-  const ticket = (showTop.ticket = (showTop.ticket || 0) + 1);
+export const showTop = latestOnly(async (current, jobId, propagation, lastStep) => {
   showChosen("…");
   try {
     const window = await chosenWindow(jobId, lastStep);
     const tops = await Promise.all(KINDS.map((kind) => topOf(jobId, kind, window)));
-    if (ticket !== showTop.ticket) return;
+    if (!current()) return;
     const count = tops[0].window?.occurrences; // a window's answer describes the window
     const where = count != null ? ` · ${count} occurrence(s) in the window` : "";
-    const current = () => ticket === showTop.ticket;
     await Promise.all(KINDS.map((kind, i) => showTopTable(jobId, kind, tops[i], propagation, current)));
     if (current()) showChosen(`Rows: ${tops[0].chosen}${where}`); // said once its rows are shown
   } catch (err) {
-    if (ticket === showTop.ticket) showChosen(err.message, true);
+    if (current()) showChosen(err.message, true);
   }
-}
+});
 
 async function showTopTable(jobId, kind, top, propagation, current) {
   const lead = [{ head: "#", cell: (r) => r.rank + 1 }];
@@ -92,13 +91,12 @@ async function showTopTable(jobId, kind, top, propagation, current) {
 }
 
 /** The "Examples by total influence" tables, for the current query set; a newer call wins over a slower older one. */
-export async function showExamples(jobId, propagation) {
-  const ticket = (showExamples.ticket = (showExamples.ticket || 0) + 1);
+export const showExamples = latestOnly(async (current, jobId, propagation) => {
   for (const kind of KINDS) {
     const querySet = encodeURIComponent(controls().querySet);
     const ranked = await api(`/jobs/${jobId}/examples?query_set=${querySet}&kind=${kind}&limit=10`);
-    if (ticket !== showExamples.ticket) return;
+    if (!current()) return;
     const tail = [plainColumn("occurrences"), scoreColumn(`total (${propagation})`, "total")];
-    await showRanking(byId(`examples-${kind}`), jobId, { kind, cls: "examples", rows: ranked.data, tail });
+    await showRanking(byId(`examples-${kind}`), jobId, { kind, cls: "examples", rows: ranked.data, tail, current });
   }
-}
+});

@@ -1,14 +1,21 @@
 // "When to select data": the step windows that carry a chosen share of the influence in the fewest steps, the
 // paper's early+late rule on this run and the early phase alone, from /jobs/{id}/selection (docs/dashboard.md).
 import { api } from "../api.js";
-import { byId, onEach } from "../dom.js";
+import { byId, onEach, valueOf } from "../dom.js";
 import { exportButtons } from "../export.js";
 import { html, render } from "../html.js";
+import { latestOnly } from "../latest.js";
 import { table } from "../table.js";
 import { controls } from "./controls.js";
 
 const percent = (x) => `${(100 * x).toFixed(1)}%`;
 const spans = (windows) => windows.map((w) => `${w.first}–${w.last}`).join(", ") || "none";
+
+/** The section's controls: the API parameter each one sets, and its element id. */
+const CHOICES = { share: "sel-share", windows: "sel-windows", measure: "sel-measure" };
+
+/** The section's controls as [parameter, value] pairs: what the recommendation and its export are asked with. */
+export const selectionChoices = () => Object.entries(CHOICES).map(([name, id]) => [name, valueOf(id)]);
 
 /** The section's markup (its controls and empty boxes). */
 export const selectionSection = () => html`<section id="selection">
@@ -40,16 +47,10 @@ const COLUMNS = [
 ];
 
 /** Draws the recommendation for the current query set and the section's controls (the newest request's answer). */
-export async function showSelection(jobId) {
-  const params = new URLSearchParams({
-    query_set: controls().querySet,
-    share: byId("sel-share").value,
-    windows: byId("sel-windows").value,
-    measure: byId("sel-measure").value,
-  });
-  const ticket = (showSelection.ticket = (showSelection.ticket || 0) + 1);
+export const showSelection = latestOnly(async (current, jobId) => {
+  const params = new URLSearchParams([["query_set", controls().querySet], ...selectionChoices()]);
   const found = await api(`/jobs/${jobId}/selection?${params}`);
-  if (ticket !== showSelection.ticket) return; // the controls changed meanwhile: the newer answer is drawn
+  if (!current()) return; // the controls changed meanwhile: the newer answer is drawn
   byId("selection-text").textContent = found.recommendation;
   const rows = [
     { name: `fewest steps carrying ${percent(found.share)}`, ...found.fewest_steps },
@@ -62,9 +63,9 @@ export async function showSelection(jobId) {
     html`${table({ columns: COLUMNS, rows, attributes: { id: "selection-rows" } })}
       <p class="muted">${found.measure_label} · ${found.steps} steps · ${note}</p>`,
   );
-}
+});
 
 /** Redraws the recommendation when one of the section's controls changes. */
 export function bindSelection(jobId) {
-  onEach(["sel-share", "sel-windows", "sel-measure"], "change", () => showSelection(jobId));
+  onEach(Object.values(CHOICES), "change", () => showSelection(jobId));
 }
