@@ -3,7 +3,7 @@ one whose results exist)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, Header, Path, Query
 from sqlalchemy.orm import Session
@@ -22,6 +22,10 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 DB_INT_MAX = 2**31 - 1
 IdPath = Annotated[int, Path(ge=1, le=DB_INT_MAX)]
 IntQuery = Annotated[int | None, Query(ge=0, le=DB_INT_MAX)]
+#: A page of a table: its first row and its length (at most 1000 rows a page).
+OffsetQuery = Annotated[int, Query(ge=0, le=DB_INT_MAX)]
+LimitQuery = Annotated[int, Query(ge=1, le=1000)]
+Kind = Literal["helpful", "harmful"]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

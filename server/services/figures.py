@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 
 from dvemb import formats
 from server.db.models import Job
-from server.errors import BadRequest
 from server.services import results
 from server.storage import log_dir, results_dir
 
@@ -34,9 +33,7 @@ def _binned(values: np.ndarray, edges: np.ndarray) -> list[float | None]:
 
 def query_curve(*, job: Job, query_set: str, query: int, points: int, storage: Path) -> dict[str, list[Any]]:
     """One query's per-step curve, from the results files, averaged into at most ``points`` bins."""
-    info = results.summary_of(job).query_set(query_set)
-    if not 0 <= query < info.num_queries:
-        raise BadRequest(f"query {query} is out of range 0..{info.num_queries - 1}")
+    results.check_query(job, query_set, query)
     directory = results_dir(storage, job.run_id, job.id)
     table = load_file(str(directory / formats.curve_file(query_set)))
     per_query = np.load(directory / formats.curves_file(query_set), mmap_mode="r")[:, query].astype(np.float64)

@@ -16,15 +16,14 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Float, Integer, Row, Select, and_, bindparam, cast, func, select
+from sqlalchemy import Integer, Row, Select, and_, bindparam, case, func, select
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from dvemb.formats import Summary
 from server.db.models import ApiToken, CurvePoint, ExampleTotal, Job, Run, TopKRow
 from server.db.session import get_engine, get_read_engine
 from server.db.states import JobStatus
-from server.errors import NotFound
 from server.services import jobs, results
 from server.services.auth import hash_token, project_for_token
 
@@ -39,7 +38,6 @@ class JobFacts:
     def __init__(self, summary: Summary) -> None:
         self.query_sets = sorted(summary.query_sets)
         self.top_k = summary.top_k
-        self.steps = summary.steps
         self.propagation = summary.propagation_label
 
 
@@ -95,8 +93,7 @@ def _facts(first: Row[Any], token: str | None, job_id: int, query_set: str) -> J
     if first.status != JobStatus.SUCCEEDED:
         return diagnose(token, job_id, query_set)  # raises the 409
     facts = job_facts(first.id, first.created_at)
-    if query_set not in facts.query_sets:
-        raise NotFound(f"no results for query set {query_set!r}; this job has {facts.query_sets}")
+    results.check_query_set_among(query_set, facts.query_sets)
     return facts
 
 
@@ -134,11 +131,15 @@ def top_rows(
     kind: str,
     offset: int,
     limit: int,
-    filters: dict[str, Any],
     step_min: int | None,
     step_max: int | None,
+    phase: str | None,
+    epoch: int | None,
+    label: str | None,
+    source: str | None,
 ) -> tuple[JobFacts, list[dict[str, Any]], int]:
     """(the job's facts, the page of top-k rows as dicts, the count of rows matching) in one statement."""
+    filters = {"phase": phase, "epoch": epoch, "label": label, "source": source}
     given = {name: value for name, value in filters.items() if value is not None}
     statement = _top_statement(tuple(sorted(given)), step_min is not None, step_max is not None)
     params = {
@@ -210,21 +211,27 @@ def ranked_examples(
     return [dict(zip(names, r[3:8], strict=True)) for r in found if r.example_id is not None], int(found[0].n)
 
 
-@lru_cache(maxsize=4)
-def _curve_statement(binned: bool) -> Select[Any]:
-    points, steps = bindparam("points", type_=Integer), bindparam("steps", type_=Integer)
-    bucket = results.curve_bucket(steps, points, binned=binned)
+def _job_steps() -> Any:
+    """The job's number of steps (at least 1, as the ORM read takes it), read from its summary by the statement
+    itself: an uncorrelated subquery on its own alias of the job, so the database evaluates it once, not per
+    curve point."""
+    job = aliased(Job)
+    steps = job.summary["steps"].as_integer()
+    return select(case((steps > 0, steps), else_=1)).where(job.id == bindparam("job_id")).scalar_subquery()
+
+
+@lru_cache(maxsize=1)
+def _curve_statement() -> Select[Any]:
+    points, steps = bindparam("points", type_=Integer), _job_steps()
+    # Binned only when the job has more steps than points, as the ORM read decides in Python (step * points
+    # stays small for short runs).
+    bucket = case(
+        (steps > points, results.curve_bucket(steps, points, binned=True)),
+        else_=results.curve_bucket(steps, points, binned=False),
+    )
     return (
         _owned_job()
-        .add_columns(
-            *_JOB,
-            func.min(CurvePoint.step).label("first"),
-            func.avg(cast(CurvePoint.mean, Float)),
-            func.avg(CurvePoint.mean_per_lr),
-            func.avg(CurvePoint.lr),
-            func.avg(CurvePoint.loss),
-            func.sum(CurvePoint.abs_sum),
-        )
+        .add_columns(*_JOB, *results.curve_columns())
         .outerjoin(CurvePoint, and_(CurvePoint.job_id == Job.id, CurvePoint.query_set == bindparam("query_set")))
         .group_by(*_JOB, bucket)
         .order_by(func.min(CurvePoint.step))
@@ -232,29 +239,15 @@ def _curve_statement(binned: bool) -> Select[Any]:
 
 
 def curve(token: str | None, job_id: int, *, query_set: str, points: int) -> dict[str, list[Any]]:
-    """The per-step curve averaged into at most ``points`` bins, in one statement (the bins need the job's
-    number of steps: remembered per process after the job's first curve request, which runs twice)."""
-    known = _STEPS.get(job_id)
-    steps = known[1] if known is not None else 1
-    params = {**_caller(token, job_id, query_set), "points": points, "steps": steps}
-    found = _fetch(_curve_statement(steps > points), params)
+    """The per-step curve averaged into at most ``points`` bins, in one statement (which also reads the job's
+    number of steps, which the bins need)."""
+    found = _fetch(_curve_statement(), {**_caller(token, job_id, query_set), "points": points})
     if not found:
         diagnose(token, job_id, query_set)
-        return {name: [] for name in _CURVE}
-    facts = _facts(found[0], token, job_id, query_set)
-    if known is None or known[0] != found[0].created_at:  # first request for this job (or a reset database)
-        if len(_STEPS) > 4096:
-            _STEPS.clear()
-        right = max(facts.steps or 1, 1)
-        _STEPS[job_id] = (found[0].created_at, right)
-        if right != steps and max(right, steps) > points:  # binned with the wrong number of steps: again
-            return curve(token, job_id, query_set=query_set, points=points)
-    rows = [r[3:] for r in found if r.first is not None]
-    return {name: [r[i] for r in rows] for i, name in enumerate(_CURVE)}
-
-
-_CURVE = ("step", "mean", "mean_per_lr", "lr", "loss", "abs_sum")
-_STEPS: dict[int, tuple[Any, int]] = {}  # job id -> (its creation time, its number of steps)
+        return {name: [] for name in results.CURVE}
+    _facts(found[0], token, job_id, query_set)
+    rows = [r[3:] for r in found if r.first is not None]  # no first step: the job has no curve points
+    return {name: [r[i] for r in rows] for i, name in enumerate(results.CURVE)}
 
 
 def _count_past_the_end(statement: Select[Any], params: dict[str, Any]) -> int:

@@ -1,5 +1,6 @@
-"""Results served from the database (top-k, curves, phases, totals) and, for one example's
-history, from the results files in storage (numpy and safetensors only: no torch here)."""
+"""Results served from the database (curves, phases, an example's total; the top-k rows and the ranked examples
+are read by server/services/reads.py) and, for one example's history, from the results files in storage (numpy
+and safetensors only: no torch here)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from dvemb import formats
 from dvemb.formats import Summary
-from server.db.models import CurvePoint, ExampleTotal, Job, PhaseSummaryRow, TopKRow
+from server.db.models import CurvePoint, ExampleTotal, Job, PhaseSummaryRow
 from server.db.states import JobStatus
 from server.errors import BadRequest, Conflict, NotFound
 from server.storage import results_dir
@@ -38,86 +39,44 @@ def query_sets(job: Job) -> list[str]:
 
 
 def check_query_set(job: Job, name: str) -> None:
-    if name not in query_sets(job):
-        raise NotFound(f"no results for query set {name!r}; this job has {query_sets(job)}")
+    check_query_set_among(name, query_sets(job))
+
+
+def check_query_set_among(name: str, known: list[str]) -> None:
+    """A 404 naming the job's query sets ``known`` when ``name`` is not one of them."""
+    if name not in known:
+        raise NotFound(f"no results for query set {name!r}; this job has {known}")
 
 
 def check_query(job: Job, query_set: str, query: int | None) -> None:
-    """A 400 when ``query`` (None: the set's mean) is past the query set's last query."""
+    """A 400 when ``query`` (None: the set's mean) is not one of the query set's queries."""
     queries = summary_of(job).query_set(query_set).num_queries
-    if query is not None and query >= queries:
+    if query is not None and not 0 <= query < queries:
         raise BadRequest(f"query {query} is out of range: the query set has queries 0–{queries - 1}")
 
 
-def top_rows(
-    session: Session,
-    *,
-    job: Job,
-    query_set: str,
-    query: int | None,
-    kind: str,
-    offset: int,
-    limit: int,
-    step_min: int | None,
-    step_max: int | None,
-    phase: str | None,
-    epoch: int | None,
-    label: str | None = None,
-    source: str | None = None,
-) -> tuple[list[TopKRow], int]:
-    check_query_set(job, query_set)
-    q = select(TopKRow).where(
-        TopKRow.job_id == job.id,
-        TopKRow.query_set == query_set,
-        TopKRow.query == (-1 if query is None else query),
-        TopKRow.kind == kind,
-    )
-    for column, value in (
-        (TopKRow.phase, phase),
-        (TopKRow.epoch, epoch),
-        (TopKRow.label, label),
-        (TopKRow.source, source),
-    ):
-        if value is not None:
-            q = q.where(column == value)
-    if step_min is not None:
-        q = q.where(TopKRow.step >= step_min)
-    if step_max is not None:
-        q = q.where(TopKRow.step <= step_max)
-    count = session.scalar(select(func.count()).select_from(q.subquery())) or 0
-    rows = session.scalars(q.order_by(TopKRow.rank).offset(offset).limit(limit)).all()
-    return list(rows), count
-
-
-def ranked_examples(
-    session: Session,
-    *,
-    job: Job,
-    query_set: str,
-    kind: str,
-    label: str | None,
-    source: str | None,
-    offset: int,
-    limit: int,
-) -> tuple[list[ExampleTotal], int]:
-    """Every example ranked by its total influence on the query set (summed over its occurrences)."""
-    check_query_set(job, query_set)
-    q = select(ExampleTotal).where(ExampleTotal.job_id == job.id, ExampleTotal.query_set == query_set)
-    if label is not None:
-        q = q.where(ExampleTotal.label == label)
-    if source is not None:
-        q = q.where(ExampleTotal.source == source)
-    count = session.scalar(select(func.count()).select_from(q.subquery())) or 0
-    order = ExampleTotal.total.desc() if kind == "helpful" else ExampleTotal.total.asc()
-    rows = session.scalars(q.order_by(order, ExampleTotal.example_id).offset(offset).limit(limit)).all()
-    return list(rows), count
-
-
 def curve_bucket(steps: Any, points: Any, *, binned: bool) -> Any:
-    """The bin of each curve point, ``step * points // steps`` (ints or bound parameters), or the step itself
+    """The bin of each curve point, ``step * points // steps`` (ints or SQL expressions), or the step itself
     when the curve is not binned. Floor division: SQLAlchemy 2's '/' is true division, which would put every
     step in its own bin."""
     return (CurvePoint.step * points) // steps if binned else CurvePoint.step
+
+
+#: The columns of a curve, one value per bin of consecutive steps (those of :func:`curve_columns`).
+CURVE = ("step", "mean", "mean_per_lr", "lr", "loss", "abs_sum")
+
+
+def curve_columns() -> tuple[Any, ...]:
+    """The aggregates of a bin of curve points, in the order of :data:`CURVE`: its first step, the means of
+    the step values and the sum of |influence|."""
+    return (
+        func.min(CurvePoint.step).label("first"),
+        func.avg(cast(CurvePoint.mean, Float)),
+        func.avg(CurvePoint.mean_per_lr),
+        func.avg(CurvePoint.lr),
+        func.avg(CurvePoint.loss),
+        func.sum(CurvePoint.abs_sum),
+    )
 
 
 def curve(session: Session, *, job: Job, query_set: str, points: int) -> dict[str, list[float | None]]:
@@ -126,21 +85,13 @@ def curve(session: Session, *, job: Job, query_set: str, points: int) -> dict[st
     steps = (job.results.steps if job.results is not None else 0) or 1
     bucket = curve_bucket(steps, points, binned=steps > points)
     q = (
-        select(
-            func.min(CurvePoint.step),
-            func.avg(cast(CurvePoint.mean, Float)),
-            func.avg(CurvePoint.mean_per_lr),
-            func.avg(CurvePoint.lr),
-            func.avg(CurvePoint.loss),
-            func.sum(CurvePoint.abs_sum),
-        )
+        select(*curve_columns())
         .where(CurvePoint.job_id == job.id, CurvePoint.query_set == query_set)
         .group_by(bucket)
         .order_by(func.min(CurvePoint.step))
     )
     rows = session.execute(q).all()
-    names = ["step", "mean", "mean_per_lr", "lr", "loss", "abs_sum"]
-    return {name: [r[i] for r in rows] for i, name in enumerate(names)}
+    return {name: [r[i] for r in rows] for i, name in enumerate(CURVE)}
 
 
 def phases(session: Session, *, job: Job, query_set: str) -> dict[str, Any]:

@@ -5,22 +5,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 
-from dvemb.formats import PhaseName
-from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep
+from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep, bearer
 from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids
+from server.api.routes.jobs import ExampleFiltersQuery, TopFiltersQuery
+from server.api.routes.windows import SelectionQuery
 from server.api.schemas import ExampleRank, TopRow
 from server.figures import moving_average
 from server.services import compare as comparing
 from server.services import figures as data
-from server.services import results, selection, windows
+from server.services import reads, results, selection, windows
 from server.services.tables import ExportFormat, download
 
 router = APIRouter(tags=["exports"])
 
 FormatQuery = Annotated[ExportFormat, Query(description="csv or parquet")]
-Kind = Literal["helpful", "harmful"]
 ALL_ROWS = DB_INT_MAX  # an export has every row the filters keep, not one page
 TOP_COLUMNS = list(TopRow.model_fields)
 EXAMPLE_COLUMNS = ["rank", *ExampleRank.model_fields]
@@ -32,59 +32,34 @@ PHASE_COLUMNS = ["phase", "first_step", "last_step", "share_abs_per_lr", "share_
 def export_top(
     job: DoneJobDep,
     session: SessionDep,
-    query_set: str,
+    shown: TopFiltersQuery,
     format: FormatQuery = "csv",
-    kind: Kind = "helpful",
-    query: IntQuery = None,
     window_id: Annotated[int | None, Query(ge=1, le=DB_INT_MAX, description="a window's own top rows")] = None,
-    step_min: IntQuery = None,
-    step_max: IntQuery = None,
-    phase: PhaseName | None = None,
-    epoch: IntQuery = None,
-    label: str | None = None,
-    source: str | None = None,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The "Top training examples" table: every row of /top (or of /windows/{window_id}/top) for these filters."""
     if window_id is not None:
         window = windows.get_window(session, job=job, window_id=window_id)
-        rows, _ = windows.window_rows(session, job=job, window=window, query=query, kind=kind, offset=0, limit=ALL_ROWS)
-    else:
-        found, _ = results.top_rows(
-            session,
-            job=job,
-            query_set=query_set,
-            query=query,
-            kind=kind,
-            offset=0,
-            limit=ALL_ROWS,
-            step_min=step_min,
-            step_max=step_max,
-            phase=phase,
-            epoch=epoch,
-            label=label,
-            source=source,
+        rows, _ = windows.window_rows(
+            session, job=job, window=window, query=shown.query, kind=shown.kind, offset=0, limit=ALL_ROWS
         )
-        rows = [TopRow.model_validate(r).model_dump() for r in found]
-    return download(TOP_COLUMNS, rows, fmt=format, name=f"job{job.id}-{query_set}-top-{kind}")
+    else:
+        _, rows, _ = reads.top_rows(bearer(authorization), job.id, offset=0, limit=ALL_ROWS, **shown.model_dump())
+    return download(TOP_COLUMNS, rows, fmt=format, name=f"job{job.id}-{shown.query_set}-top-{shown.kind}")
 
 
 @router.get("/jobs/{job_id}/export/examples")
 def export_examples(
     job: DoneJobDep,
-    session: SessionDep,
-    query_set: str,
+    shown: ExampleFiltersQuery,
     format: FormatQuery = "csv",
-    kind: Kind = "helpful",
-    label: str | None = None,
-    source: str | None = None,
     limit: Annotated[int, Query(ge=1, le=DB_INT_MAX, description="the first rows only")] = ALL_ROWS,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Examples by total influence, ranked as /examples ranks them (rank 0 first), every example by default."""
-    found, _ = results.ranked_examples(
-        session, job=job, query_set=query_set, kind=kind, label=label, source=source, offset=0, limit=limit
-    )
-    rows = [{"rank": i, **ExampleRank.model_validate(r).model_dump()} for i, r in enumerate(found)]
-    return download(EXAMPLE_COLUMNS, rows, fmt=format, name=f"job{job.id}-{query_set}-examples-{kind}")
+    found, _ = reads.ranked_examples(bearer(authorization), job.id, offset=0, limit=limit, **shown.model_dump())
+    rows = [{"rank": i, **r} for i, r in enumerate(found)]
+    return download(EXAMPLE_COLUMNS, rows, fmt=format, name=f"job{job.id}-{shown.query_set}-examples-{shown.kind}")
 
 
 @router.get("/jobs/{job_id}/export/curve")
@@ -138,19 +113,10 @@ def export_phases(job: DoneJobDep, session: SessionDep, query_set: str, format: 
 
 @router.get("/jobs/{job_id}/export/selection")
 def export_selection(
-    job: DoneJobDep,
-    session: SessionDep,
-    query_set: str,
-    format: FormatQuery = "csv",
-    share: Annotated[float, Query(gt=0, le=1)] = 0.9,
-    windows_: Annotated[int, Query(alias="windows", ge=1, le=4)] = 2,
-    measure: Literal["per_lr", "raw"] = "per_lr",
-    points: Annotated[int, Query(ge=10, le=2000)] = 1000,
+    job: DoneJobDep, session: SessionDep, query_set: str, options: SelectionQuery, format: FormatQuery = "csv"
 ) -> Response:
     """The "When to select data" table (as /selection answers it): one row per selection and window of steps."""
-    found = selection.job_selection(
-        session, job=job, query_set=query_set, share=share, max_windows=windows_, measure=measure, points=points
-    )
+    found = selection.job_selection(session, job=job, query_set=query_set, **options.model_dump())
     rows = [
         {
             "selection": name,

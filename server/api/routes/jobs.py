@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from dvemb.formats import PhaseName
 from server.api.deps import (
-    DB_INT_MAX,
     DoneJobDep,
     IdPath,
     IntQuery,
     JobDep,
+    Kind,
+    LimitQuery,
+    OffsetQuery,
     ProjectDep,
     SessionDep,
     SettingsDep,
@@ -61,43 +64,51 @@ def job_summary(job: DoneJobDep) -> dict[str, Any]:
     return {k: v for k, v in (job.summary or {}).items() if k != "log"}
 
 
+class ExampleFilters(BaseModel):
+    """The query parameters of the ranked examples, shared by GET /examples and its export."""
+
+    query_set: str
+    kind: Kind = "helpful"
+    label: str | None = None
+    source: str | None = None
+
+
+class TopFilters(ExampleFilters):
+    """The query parameters of the top occurrences, shared by GET /top and its export."""
+
+    query: IntQuery = None
+    step_min: IntQuery = None
+    step_max: IntQuery = None
+    phase: PhaseName | None = None
+    epoch: IntQuery = None
+
+    def given(self) -> dict[str, Any]:
+        """The filters on a row's own columns (None: not filtered)."""
+        return {"phase": self.phase, "epoch": self.epoch, "label": self.label, "source": self.source}
+
+
+# Their fields are the keyword arguments of reads.ranked_examples and reads.top_rows.
+ExampleFiltersQuery = Annotated[ExampleFilters, Query()]
+TopFiltersQuery = Annotated[TopFilters, Query()]
+
+
 @router.get("/jobs/{job_id}/top", response_model=TopPublic)
 def top(
     job_id: IdPath,
-    query_set: str,
-    kind: Literal["helpful", "harmful"] = "helpful",
-    query: IntQuery = None,
-    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    step_min: IntQuery = None,
-    step_max: IntQuery = None,
-    phase: PhaseName | None = None,
-    epoch: IntQuery = None,
-    label: str | None = None,
-    source: str | None = None,
+    shown: TopFiltersQuery,
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 20,
     authorization: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Top occurrences; filters select among the job's stored top_k rows per query (raise top_k for deeper lists).
     One SQL statement answers it, authentication included (server/services/reads.py)."""
-    facts, rows, count = reads.top_rows(
-        bearer(authorization),
-        job_id,
-        query_set=query_set,
-        query=query,
-        kind=kind,
-        offset=offset,
-        limit=limit,
-        filters={"phase": phase, "epoch": epoch, "label": label, "source": source},
-        step_min=step_min,
-        step_max=step_max,
-    )
-    given = {"phase": phase, "epoch": epoch, "label": label, "source": source}
-    chosen = windows.chosen_overall(facts.top_k, given, step_min, step_max)
+    facts, rows, count = reads.top_rows(bearer(authorization), job_id, offset=offset, limit=limit, **shown.model_dump())
+    chosen = windows.chosen_overall(facts.top_k, shown.given(), shown.step_min, shown.step_max)
     return JSONResponse(
         {
-            "query_set": query_set,
-            "query": query,
-            "kind": kind,
+            "query_set": shown.query_set,
+            "query": shown.query,
+            "kind": shown.kind,
             "propagation": facts.propagation,
             "chosen": chosen,
             "data": rows,
@@ -109,26 +120,14 @@ def top(
 @router.get("/jobs/{job_id}/examples", response_model=ExamplesPublic)
 def ranked_examples(
     job_id: IdPath,
-    query_set: str,
-    kind: Literal["helpful", "harmful"] = "helpful",
-    label: str | None = None,
-    source: str | None = None,
-    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    shown: ExampleFiltersQuery,
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 20,
     authorization: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Every example ranked by total influence (all epochs), exactly, with label and source filters (one SQL
     statement, authentication included)."""
-    rows, count = reads.ranked_examples(
-        bearer(authorization),
-        job_id,
-        query_set=query_set,
-        kind=kind,
-        label=label,
-        source=source,
-        offset=offset,
-        limit=limit,
-    )
+    rows, count = reads.ranked_examples(bearer(authorization), job_id, offset=offset, limit=limit, **shown.model_dump())
     return JSONResponse({"data": rows, "count": count})
 
 

@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from server.api.deps import DB_INT_MAX, DoneJobDep, IdPath, IntQuery, SessionDep
+from server.api.deps import DoneJobDep, IdPath, IntQuery, Kind, LimitQuery, OffsetQuery, SessionDep
 from server.api.schemas import TopRow, WindowCreate, WindowPublic, WindowsPublic, WindowTopPublic
 from server.api.waiting import wait_answer
 from server.db.models import Job
@@ -68,10 +69,10 @@ def window_top(
     job: DoneJobDep,
     window_id: IdPath,
     session: SessionDep,
-    kind: Literal["helpful", "harmful"] = "helpful",
+    kind: Kind = "helpful",
     query: IntQuery = None,
-    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 20,
 ) -> WindowTopPublic:
     """A page of the window's own top rows for one query (or the set mean), best first (409 while computing)."""
     window = windows.get_window(session, job=job, window_id=window_id)
@@ -91,20 +92,22 @@ def window_top(
     )
 
 
-@router.get("/jobs/{job_id}/selection")
-def selection_timing(
-    job: DoneJobDep,
-    session: SessionDep,
-    query_set: str,
-    share: Annotated[float, Query(gt=0, le=1, description="share of the influence to carry")] = 0.9,
-    windows_: Annotated[int, Query(alias="windows", ge=1, le=4, description="the most windows of selection")] = 2,
+class SelectionOptions(BaseModel):
+    """The query parameters of when to select data, shared by GET /selection and its export."""
+
+    share: Annotated[float, Query(gt=0, le=1, description="share of the influence to carry")] = 0.9
+    max_windows: Annotated[int, Query(alias="windows", ge=1, le=4, description="the most windows of selection")] = 2
     measure: Annotated[
         Literal["per_lr", "raw"], Query(description="per_lr: |influence| / lr (the paper's view); raw: |influence|")
-    ] = "per_lr",
-    points: Annotated[int, Query(ge=10, le=2000, description="resolution: bins of consecutive steps")] = 1000,
-) -> dict[str, Any]:
+    ] = "per_lr"
+    points: Annotated[int, Query(ge=10, le=2000, description="resolution: bins of consecutive steps")] = 1000
+
+
+SelectionQuery = Annotated[SelectionOptions, Query()]  # its fields are job_selection's arguments
+
+
+@router.get("/jobs/{job_id}/selection")
+def selection_timing(job: DoneJobDep, session: SessionDep, query_set: str, options: SelectionQuery) -> dict[str, Any]:
     """When to run data selection: the step windows that carry ``share`` of the influence in the fewest steps,
     and the paper's early+late rule evaluated on this run (docs/dashboard.md explains both and their limits)."""
-    return selection.job_selection(
-        session, job=job, query_set=query_set, share=share, max_windows=windows_, measure=measure, points=points
-    )
+    return selection.job_selection(session, job=job, query_set=query_set, **options.model_dump())
