@@ -4,10 +4,10 @@ examples' total influence differs most (docs/compare-and-export.md)."""
 
 from __future__ import annotations
 
+import math
 from itertools import combinations
 from typing import Any
 
-import numpy as np
 from sqlalchemy import Float, Select, cast, func, select
 from sqlalchemy.orm import Session, aliased
 
@@ -18,29 +18,6 @@ from server.services import results
 from server.services.jobs import get_job
 
 MAX_JOBS = 8
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of ``values`` (shape ``(n,)``), ties sharing their average rank (as Spearman's rho needs)."""
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.arange(1, len(values) + 1, dtype=np.float64)
-    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
-    for start, count in zip(first, counts, strict=True):
-        if count > 1:  # a tie: every member gets the mean of the ranks it spans
-            ranks[order[start : start + count]] = start + (count + 1) / 2
-    return ranks
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman's rank correlation of paired samples ``a`` and ``b`` (shape ``(n,)``); None when it is undefined
-    (fewer than two pairs, or one side constant)."""
-    if len(a) < 2:
-        return None
-    ra, rb = average_ranks(a), average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
-    return None if denominator == 0 else float((ra * rb).sum() / denominator)
 
 
 def compared_jobs(session: Session, *, project: Project, job_ids: list[int], query_set: str) -> list[Job]:
@@ -119,11 +96,15 @@ def _average_rank(column: Any) -> Any:
     return cast(func.rank().over(order_by=column), Float) + cast(func.count().over(partition_by=column) - 1, Float) / 2
 
 
-def spearman_in_database(session: Session, a: Job, b: Job, query_set: str) -> tuple[int, float | None]:
-    """How many examples both jobs scored, and Spearman's rho of their totals, computed by the database (only
-    the sums come back): average ranks by window functions, then Pearson's correlation of the ranks centred on
-    their exact mean (n + 1) / 2 (centring first keeps the sums of 10^6 squared ranks accurate)."""
-    pairs = shared_rows(a, b, query_set).subquery()
+def spearman_in_database(
+    session: Session, a: Job, b: Job, query_set: str, ids: set[str] | None = None
+) -> tuple[int, float | None]:
+    """How many examples both jobs scored (only ``ids`` when given), and Spearman's rho of their totals; None
+    when it is undefined (fewer than two pairs, or one side constant). Computed by the database, so that only
+    the sums come back however many examples there are: average ranks (ties share theirs) by window functions,
+    then Pearson's correlation of the ranks centred on their exact mean (n + 1) / 2 (centring first keeps the
+    sums of 10^6 squared ranks accurate)."""
+    pairs = shared_rows(a, b, query_set, ids).subquery()
     ranked = select(
         _average_rank(pairs.c.total_a).label("ra"),
         _average_rank(pairs.c.total_b).label("rb"),
@@ -135,7 +116,7 @@ def spearman_in_database(session: Session, a: Job, b: Job, query_set: str) -> tu
     ).one()
     if n < 2 or not saa or not sbb:
         return int(n), None
-    return int(n), float(sab) / float(np.sqrt(float(saa) * float(sbb)))
+    return int(n), float(sab) / math.sqrt(float(saa) * float(sbb))
 
 
 def _count(session: Session, job: Job, query_set: str) -> int:
@@ -165,7 +146,7 @@ def pair(session: Session, a: Job, b: Job, *, query_set: str, top: int, differ: 
         both = set(top_a) & set(top_b)
         union |= set(top_a) | set(top_b)
         overlap[kind] = {"shared": len(both), "of": max(len(top_a), len(top_b)), "share": _share(both, top_a, top_b)}
-    tops = session.execute(shared_rows(a, b, query_set, union)).all()
+    top_shared, top_rho = spearman_in_database(session, a, b, query_set, union)
     rows = shared_rows(a, b, query_set).subquery()
     differing = session.execute(
         select(rows).order_by(func.abs(rows.c.total_b - rows.c.total_a).desc(), rows.c.example_id).limit(differ)
@@ -179,8 +160,8 @@ def pair(session: Session, a: Job, b: Job, *, query_set: str, top: int, differ: 
         "top": top,
         "overlap": overlap,
         "spearman_all": rho,
-        "spearman_top": spearman(np.array([r[1] for r in tops]), np.array([r[2] for r in tops])),
-        "top_union_shared": len(tops),
+        "spearman_top": top_rho,
+        "top_union_shared": top_shared,
         "differences": [
             {"example_id": e, "total_a": ta, "total_b": tb, "difference": tb - ta} for e, ta, tb in differing
         ],
