@@ -9,7 +9,9 @@ Two things can leave a row waiting for a task that will never come:
   timeout): the job stays ``running`` with a lease nobody renews. Once the lease has expired, the reconciler
   moves the job back to ``queued`` and queues a compute task in the same transaction; the next worker resumes
   from the engine's checkpoint, and the attempt cap (worker/computation.py) still stops a job that kills every
-  worker.
+  worker;
+* likewise a file whose validator died stays ``validating``: it moves back to ``received`` with a new
+  validation task, and the cap (worker/validation.py) rejects a file that kills every validator, saying so.
 
 Every API process runs one (a thread started by the app's lifespan, every ``DVEMB_RECONCILE_SECONDS``); they
 may run side by side: each move is a compare-and-set, and every task is idempotent.
@@ -24,45 +26,34 @@ import threading
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db.models import Job, OutboxTask
-from server.db.states import JobStatus, transition
+from server.db.leases import requeue_expired
+from server.db.models import Job, LogFile, OutboxTask
+from server.db.states import FileStatus, JobStatus
 from server.settings import get_settings
-from server.tasks import COMPUTE, enqueue_after_commit, send_outboxed
+from server.tasks import COMPUTE, VALIDATE_FILE, send_outboxed
 
-__all__ = ["Reconciler", "reconcile_once", "requeue_expired_jobs", "send_due_tasks"]
+__all__ = ["Reconciler", "reconcile_once", "requeue_expired_files", "requeue_expired_jobs", "send_due_tasks"]
 
 logger = logging.getLogger(__name__)
 
-BATCH = 200  # entries or jobs handled per pass: a long backlog is worked off over several passes
+BATCH = 200  # outbox entries handled per pass: a long backlog is worked off over several passes
 
 
 def requeue_expired_jobs(factory: sessionmaker[Session]) -> int:
     """Queue again every running job whose lease has expired (its worker is gone); returns how many."""
-    now = dt.datetime.now(dt.UTC)
-    with factory() as session:
-        expired = session.scalars(
-            select(Job.id)
-            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < now)
-            .limit(BATCH)
-        ).all()
-    moved = 0
-    for job_id in expired:
-        with factory() as session:
-            job = session.get(Job, job_id)
-            # Conditional on the lease being still expired: a worker that renewed it meanwhile keeps its job.
-            if job is not None and transition(
-                session,
-                job,
-                JobStatus.QUEUED,
-                only_from=(JobStatus.RUNNING,),
-                when=Job.lease_expires_at < now,
-                lease_expires_at=None,
-            ):
-                logger.warning("job %s lost its worker (lease expired): queued again", job_id)
-                enqueue_after_commit(session, COMPUTE, job_id)
-                moved += 1
-            session.commit()
-    return moved
+    moved = requeue_expired(factory, Job, working=JobStatus.RUNNING, waiting=JobStatus.QUEUED, task=COMPUTE)
+    for job_id in moved:
+        logger.warning("job %s lost its worker (lease expired): queued again", job_id)
+    return len(moved)
+
+
+def requeue_expired_files(factory: sessionmaker[Session]) -> int:
+    """Queue again every file being validated whose lease has expired (its validator is gone); returns how many."""
+    working, waiting = FileStatus.VALIDATING, FileStatus.RECEIVED
+    moved = requeue_expired(factory, LogFile, working=working, waiting=waiting, task=VALIDATE_FILE)
+    for file_id in moved:
+        logger.warning("file %s lost its validator (lease expired): queued again", file_id)
+    return len(moved)
 
 
 def send_due_tasks(factory: sessionmaker[Session]) -> int:
@@ -99,6 +90,7 @@ def send_due_tasks(factory: sessionmaker[Session]) -> int:
 def reconcile_once(factory: sessionmaker[Session]) -> None:
     """One pass: expired leases first (their new tasks go out through the outbox), then due outbox entries."""
     requeue_expired_jobs(factory)
+    requeue_expired_files(factory)
     send_due_tasks(factory)
 
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import threading
 import time
 from typing import Any
 
-from sqlalchemy import func, literal, or_, update
+from sqlalchemy import func, literal, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from dvemb.engine import ComputeArguments, ComputeProgress, compute
@@ -18,6 +17,7 @@ from dvemb.engine.compute import is_segmented, prepare_out
 from dvemb.errors import DvembError
 from dvemb.formats import Summary
 from dvemb.reader import open_log
+from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, holder
 from server.db.models import Job, Run
 from server.db.session import session_factory
 from server.db.states import JobStatus, transition
@@ -63,16 +63,14 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
         # overwritten by a plain write of 'running' (the job would then run to 'succeeded'); a running job is
         # taken over only when its lease has expired (its worker died), never while its worker computes it.
         job = session.get(Job, job_id)
-        claimed = job is not None and transition(
+        claimed = job is not None and claim(
             session,
             job,
-            JobStatus.RUNNING,
-            only_from=(JobStatus.QUEUED, JobStatus.RUNNING),
-            when=or_(Job.status == JobStatus.QUEUED, Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
-            attempts=Job.attempts + 1,
+            working=JobStatus.RUNNING,
+            waiting=JobStatus.QUEUED,
+            lease=lease,
             error=None,
             started_at=func.coalesce(Job.started_at, literal(now, Job.__table__.c.started_at.type)),
-            lease_expires_at=now + dt.timedelta(seconds=lease),
         )
         session.commit()
         if not claimed:
@@ -92,11 +90,11 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
         options, run_id = dict(job.options), int(job.run_id)
         # This claim's token: every later write of this attempt is conditional on it, so a worker whose lease was
         # taken over (or whose job was cancelled and retried) can no longer write anything.
-        mine = Job.attempts == job.attempts
+        mine = holder(job)
     out = results_dir(storage, run_id, job_id)
     args = compute_arguments(options)
     try:
-        with _Heartbeat(job_id, lease, mine):
+        with Heartbeat(Job, job_id, JobStatus.RUNNING, lease, mine):
             summary = _compute(job_id, log_dir(storage, run_id), out, args, mine, lease)
             # The rows are written while the job is still running, in short transactions fenced by this claim;
             # the job becomes 'succeeded' (its rows visible) only in the last one.
@@ -129,7 +127,7 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
         # the cap, which is for workers that die; the last retry leaves the lease to expire (the reconciler then
         # queues the job again, and that attempt counts), so a database error that persists still ends.
         if transient_retries_left > 0:
-            _hand_back(factory, job_id, mine)
+            hand_back(factory, Job, job_id, JobStatus.RUNNING, mine)
         raise
     except Exception as exc:  # the job fails with the reason in words rather than staying 'running'
         problem = public_message(_in_words(exc), storage)
@@ -178,47 +176,6 @@ def run_compute_segment(job_id: int, index: int) -> None:
     )
 
 
-class LeaseHeld(Exception):
-    """The job is being computed by a worker whose lease is alive; the task should come back in ``seconds``."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"another worker holds the job's lease; retry in {seconds:.0f} s")
-        self.seconds = seconds
-
-
-class _Heartbeat:
-    """Renews a running job's lease every third of its length while the engine computes, from a thread of its
-    own (a long shard gives no progress report for a while); a dead worker stops renewing, so its job can be
-    taken over once the lease expires."""
-
-    def __init__(self, job_id: int, lease: float, mine: Any) -> None:
-        self.job_id, self.lease, self.mine = job_id, lease, mine
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True, name=f"lease-{job_id}")
-
-    def __enter__(self) -> _Heartbeat:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopped.set()
-        self.thread.join(self.lease)
-
-    def _beat(self) -> None:
-        while not self.stopped.wait(self.lease / 3):
-            try:
-                with session_factory()() as session:
-                    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.lease)
-                    session.execute(
-                        update(Job)
-                        .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING, self.mine)
-                        .values(lease_expires_at=expires)
-                    )
-                    session.commit()
-            except SQLAlchemyError:  # a database hiccup: try again at the next beat rather than stop renewing
-                logger.warning("could not renew the lease of job %s", self.job_id, exc_info=True)
-
-
 def _in_words(exc: Exception) -> str:
     """What a user is told about a failure: dvemb's own message, or the kind of error; never SQL text."""
     if isinstance(exc, DvembError):
@@ -227,22 +184,6 @@ def _in_words(exc: Exception) -> str:
         logger.exception("database error in a job")
         return f"a database error stopped the job ({type(exc).__name__}; the worker's log has the details)"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _hand_back(factory: Any, job_id: int, mine: Any) -> None:
-    """After a transient database error: give the claim back uncounted (attempts one less, no lease, so that
-    the task's retry takes the job at once). Best effort: if the database is still unreachable, the lease
-    expires and the attempt counts."""
-    try:
-        with factory() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING, mine)
-                .values(attempts=Job.attempts - 1, lease_expires_at=None)
-            )
-            session.commit()
-    except SQLAlchemyError:
-        logger.warning("could not hand job %s back after a database error", job_id, exc_info=True)
 
 
 def _fence(job_id: int, mine: Any, lease: float) -> Any:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from celery import Task
 from sqlalchemy.exc import OperationalError
 
+from server.db.leases import LeaseHeld
 from server.tasks import ADHOC_QUERY, COMPUTE, COMPUTE_SEGMENT, VALIDATE_FILE, WINDOW_TOPK
 from worker.adhoc import run_adhoc_query
 from worker.celery_app import app
-from worker.computation import LeaseHeld, run_compute, run_compute_segment
+from worker.computation import run_compute, run_compute_segment
 from worker.validation import run_validate_file
 from worker.windows import run_window_topk
 
@@ -21,15 +22,22 @@ RELIABLE = {
 }
 
 
-@app.task(name=VALIDATE_FILE, **RELIABLE)
-def validate_file(file_id: int) -> None:
-    run_validate_file(file_id)
+def _retries_left(task: Task) -> int:
+    return int(task.max_retries or 0) - int(task.request.retries)
+
+
+@app.task(name=VALIDATE_FILE, bind=True, **RELIABLE)
+def validate_file(self: Task, file_id: int) -> None:
+    try:
+        run_validate_file(file_id, transient_retries_left=_retries_left(self))
+    except LeaseHeld as held:
+        validate_file.apply_async((file_id,), countdown=held.seconds)  # as compute_job below
 
 
 @app.task(name=COMPUTE, bind=True, **RELIABLE)
 def compute_job(self: Task, job_id: int) -> None:
     try:
-        run_compute(job_id, transient_retries_left=int(self.max_retries or 0) - int(self.request.retries))
+        run_compute(job_id, transient_retries_left=_retries_left(self))
     except LeaseHeld as held:
         # A redelivery of a job another worker computes: look again when its lease would end, with a fresh
         # message (a retry would count against max_retries and end, leaving nothing to take over a dead worker).

@@ -1,15 +1,19 @@
 """Validating an uploaded file with the core reader: a valid file moves into the run's log, an invalid
 one is rejected with the reason and its bytes removed; the run becomes ready once every file its
-manifests list is. Idempotent: a redelivered task finds the file already claimed and does nothing."""
+manifests list is. Idempotent: a redelivered task finds the file judged and does nothing, or claimed by a live
+validator and comes back later; a file whose validator died (its lease expired) is taken over, and the attempt
+cap rejects a file that kills every validator (server/db/leases.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from dvemb.errors import DvembError
@@ -23,6 +27,7 @@ from dvemb.formats import (
     rank_manifest_name,
 )
 from dvemb.reader import GradientLog, check_index_file, check_manifest_file
+from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, holder, lock_run
 from server.db.models import LogFile, Run
 from server.db.run_files import missing_files
 from server.db.session import session_factory
@@ -34,52 +39,120 @@ from server.tasks import VALIDATE_FILE, enqueue_after_commit, sender
 __all__ = ["run_validate_file"]
 
 
-def run_validate_file(file_id: int) -> None:
-    """Validate one received file; move it into the run's log if valid, reject it (and its bytes) if not."""
-    storage = get_settings().storage
-    with session_factory()() as session:
-        # Claim the file: of two tasks for it (a re-delivery, a re-trigger), only one validates.
-        upload = session.get(LogFile, file_id)
-        claimed = upload is not None and transition(session, upload, FileStatus.VALIDATING)
-        session.commit()
-        if not claimed:
+def run_validate_file(file_id: int, transient_retries_left: int = 0) -> None:
+    """Validate one received file; move it into the run's log if valid, reject it (and its bytes) if not.
+    ``transient_retries_left``: how many more times the task will be retried after a database error.
+
+    Raises:
+        LeaseHeld: another validator holds the file (its lease is alive): the task should come back later.
+    """
+    settings = get_settings()
+    factory = session_factory()
+    lease = settings.job_lease_seconds
+    with factory() as session:
+        upload = _claim(session, file_id, lease)
+        if upload is None:
             return
-        assert upload is not None
-        run = session.get(Run, upload.run_id)
-        assert run is not None
-        part = part_path(storage, run.id, upload.upload_id)
-        staging = staging_dir(storage, run.id)
+        # This claim's token: a validator whose file was taken over (its lease expired) writes no verdict.
+        mine = holder(upload)
+        if upload.attempts > settings.task_max_attempts:  # each validator died on it (out of memory? killed?)
+            _reject(session, upload, mine, _gave_up(settings.task_max_attempts))
+            return
+        run_id = upload.run_id
         try:
-            if is_manifest_name(upload.name) or is_index_name(upload.name):  # a manifest, or a rank's shard index
-                _accept_manifest(session, run, upload, part)
-            else:
-                if _listing_manifests(staging) is None:
-                    _wait_for_manifest(session, upload, staging)
-                    return
-                GradientLog(staging).validate_file(upload.name, part)
-                _publish(part, log_dir(storage, run.id) / upload.name)
-        except Exception as exc:  # DvembError explains itself; anything else is still this file's fault
-            problem = str(exc) if isinstance(exc, DvembError) else f"could not be read ({type(exc).__name__}: {exc})"
-            problem = public_message(problem.replace(str(part), upload.name), storage)
-            transition(session, upload, FileStatus.REJECTED, error=problem)
-            part.unlink(missing_ok=True)  # nothing of an invalid file stays
-            session.commit()
-            return
-        transition(session, upload, FileStatus.READY, error=None)
-        # Concurrent validators of one run serialise on the run row (Postgres); sizes add up in SQL.
-        session.execute(update(Run).where(Run.id == run.id).values(size_bytes=Run.size_bytes + upload.size_bytes))
-        locked = session.get(Run, run.id, with_for_update=True, populate_existing=True)
-        assert locked is not None
-        _update_run(session, locked)
-        session.commit()
-    _settle_run(upload.run_id)
+            with Heartbeat(LogFile, file_id, FileStatus.VALIDATING, lease, mine):  # a large file takes a while
+                ready = _validate(session, upload, mine)
+        except OperationalError:
+            # Transient (a lost connection, a lock timeout): the task retries, and this attempt does not count
+            # toward the cap, which is for validators that die; the last retry leaves the lease to expire (the
+            # reconciler then queues the file again, and that attempt counts), so an error that persists still ends.
+            session.rollback()
+            if transient_retries_left > 0:
+                hand_back(factory, LogFile, file_id, FileStatus.VALIDATING, mine)
+            raise
+    if ready:
+        _settle_run(run_id)
+
+
+def _claim(session: Session, file_id: int, lease: float) -> LogFile | None:
+    """The file, claimed: of two tasks for it (a redelivery, a re-trigger), one validates; a file whose
+    validator died (its lease expired) is taken over. None when there is nothing to do (judged, deleted)."""
+    upload = session.get(LogFile, file_id)
+    claimed = upload is not None and claim(
+        session, upload, working=FileStatus.VALIDATING, waiting=FileStatus.RECEIVED, lease=lease
+    )
+    session.commit()
+    if not claimed and upload is not None and upload.status == FileStatus.VALIDATING:
+        raise LeaseHeld(lease)  # delivered again while its validator works on it
+    return upload if claimed else None
+
+
+def _gave_up(cap: int) -> str:
+    return (
+        f"validation was started {cap} times and its validator stopped each time before giving a verdict (out of "
+        "memory? killed?); upload the file again once the cause is fixed (the cap is DVEMB_TASK_MAX_ATTEMPTS)"
+    )
+
+
+def _validate(session: Session, upload: LogFile, mine: Any) -> bool:
+    """Judge the claimed file and record the verdict; True once it is ready. The run's row is locked before any
+    write to the run or its files (the lock order of server/db/leases.py), and only after the long read."""
+    storage = get_settings().storage
+    run = session.get(Run, upload.run_id)
+    assert run is not None
+    part = _received_bytes(storage, upload)
+    staging = staging_dir(storage, run.id)
+    try:
+        if is_manifest_name(upload.name) or is_index_name(upload.name):  # a manifest, or a rank's shard index
+            run = lock_run(session, run.id)  # held while the manifests are staged: they are judged together
+            assert run is not None
+            _accept_manifest(session, run, upload, part)
+        else:
+            if _listing_manifests(staging) is None:
+                _wait_for_manifest(session, upload, staging, mine)
+                return False
+            GradientLog(staging).validate_file(upload.name, part)
+            _publish(part, log_dir(storage, run.id) / upload.name)
+            # Concurrent validators and uploads of one run serialise on the run's row (Postgres).
+            run = lock_run(session, run.id)
+            assert run is not None
+    except OperationalError:
+        raise  # the database's fault, not the file's: the task retries
+    except Exception as exc:  # DvembError explains itself; anything else is still this file's fault
+        session.rollback()  # drops the run's lock and anything half-written
+        session.info.pop("after_commit_tasks", None)
+        problem = str(exc) if isinstance(exc, DvembError) else f"could not be read ({type(exc).__name__}: {exc})"
+        _reject(session, upload, mine, public_message(problem.replace(str(part), upload.name), storage))
+        return False
+    if not transition(session, upload, FileStatus.READY, when=mine, error=None, lease_expires_at=None):
+        session.rollback()  # another validator took the file over (this one's lease had expired): its verdict stands
+        return False
+    # Sizes add up in SQL.
+    session.execute(update(Run).where(Run.id == run.id).values(size_bytes=Run.size_bytes + upload.size_bytes))
+    _update_run(session, run)
+    session.commit()
+    return True
+
+
+def _received_bytes(storage: Path, upload: LogFile) -> Path:
+    """Where the file's bytes are: its upload's part, or the run's log when a validator moved them there and died
+    before its verdict was committed (the part is gone; no other file of the run has this name)."""
+    part = part_path(storage, upload.run_id, upload.upload_id)
+    published = log_dir(storage, upload.run_id) / upload.name
+    return published if not part.exists() and published.exists() else part
+
+
+def _reject(session: Session, upload: LogFile, mine: Any, problem: str) -> None:
+    if transition(session, upload, FileStatus.REJECTED, when=mine, error=problem, lease_expires_at=None):
+        _received_bytes(get_settings().storage, upload).unlink(missing_ok=True)  # nothing of an invalid file stays
+    session.commit()
 
 
 def _settle_run(run_id: int) -> None:
     """A second look in a fresh transaction: the run is ready once every file it lists is, even when the
     validator that marked the last file could not see another file's commit (SQLite has no row locks)."""
     with session_factory()() as session:
-        run = session.get(Run, run_id, with_for_update=True)
+        run = lock_run(session, run_id)
         if run is None or run.status != RunStatus.UPLOADING:
             return
         if _all_files_ready(session, run):
@@ -87,8 +160,18 @@ def _settle_run(run_id: int) -> None:
             session.commit()
 
 
-def _wait_for_manifest(session: Session, upload: LogFile, staging: Any) -> None:
-    transition(session, upload, FileStatus.RECEIVED, error="waiting for the manifest(s) to be uploaded and validated")
+def _wait_for_manifest(session: Session, upload: LogFile, staging: Any, mine: Any) -> None:
+    # The attempt ended with an answer: it is given back (the cap counts validators that died).
+    waiting = "waiting for the manifest(s) to be uploaded and validated"
+    transition(
+        session,
+        upload,
+        FileStatus.RECEIVED,
+        when=mine,
+        error=waiting,
+        lease_expires_at=None,
+        attempts=LogFile.attempts - 1,
+    )
     session.commit()
     if _listing_manifests(staging) is not None:  # the manifest arrived meanwhile: its re-trigger may have missed us
         sender().send_task(VALIDATE_FILE, args=[upload.id])

@@ -95,6 +95,10 @@ class LogFile(Base):
     status: Mapped[str] = mapped_column(String(20), default=FileStatus.UPLOADING)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # While validating: until when its validator holds it (renewed by a heartbeat; server/db/leases.py), and how
+    # many validators have claimed it (the cap rejects a file that kills every validator).
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Job(Base):
@@ -113,7 +117,7 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    # While running: until when the worker computing it holds it (renewed by a heartbeat; server/db/states.py).
+    # While running: until when the worker computing it holds it (renewed by a heartbeat; server/db/leases.py).
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     @property

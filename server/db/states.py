@@ -6,7 +6,8 @@ one function that makes a move.
     Run:    created ──▶ uploading ◀──▶ ready            (failed: reserved, never entered today)
     File:   uploading ──▶ received ──▶ validating ──▶ ready | rejected
                               ▲            │
-                              └────────────┘  (waits for the manifest)
+                              └────────────┘  (waits for the manifest; a lost validator's lease expired)
+            validating ──▶ validating (a redelivery takes over a lost validator's file)
     Job:    queued ──▶ running ──▶ succeeded | failed | cancelled;   queued ──▶ cancelled;
             failed | cancelled ──▶ queued (retry);   running ──▶ queued (a lost worker's redelivery)
     Query:  queued ──▶ succeeded | failed
@@ -70,7 +71,9 @@ ALLOWED: dict[type[StrEnum], dict[str, frozenset[str]]] = {
     FileStatus: {
         FileStatus.UPLOADING: frozenset({FileStatus.RECEIVED}),
         FileStatus.RECEIVED: frozenset({FileStatus.RECEIVED, FileStatus.VALIDATING}),
-        FileStatus.VALIDATING: frozenset({FileStatus.RECEIVED, FileStatus.READY, FileStatus.REJECTED}),
+        FileStatus.VALIDATING: frozenset(
+            {FileStatus.VALIDATING, FileStatus.RECEIVED, FileStatus.READY, FileStatus.REJECTED}
+        ),
         FileStatus.READY: frozenset(),
         FileStatus.REJECTED: frozenset(),
     },

@@ -15,6 +15,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from dvemb.formats import MAX_MANIFEST_BYTES, is_manifest_name
+from server.db.leases import lock_run
 from server.db.models import LogFile, Run
 from server.db.states import FileStatus, RunStatus, transition
 from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, TooManyRequests
@@ -43,6 +44,13 @@ def parse_metadata(header: str | None) -> dict[str, str]:
 
 def create_upload(session: Session, *, run: Run, name: str, length: int, settings: Settings) -> LogFile:
     check_log_file_name(name)
+    # The run's row is locked first, before any write to its files (the lock order of server/db/leases.py:
+    # inserting a file takes a key-share lock on the run's row, and updating the run after that deadlocked with
+    # a validator). Uploads to one run are serialised, so the quotas below are checked against committed files.
+    locked = lock_run(session, run.id)
+    if locked is None:
+        raise NotFound(f"run {run.id} not found (deleted meanwhile)")
+    run = locked
     if run.status == RunStatus.READY:
         # A complete run cannot change: an extra file would only be rejected, and used to leave the run
         # 'uploading' for ever.
