@@ -396,3 +396,31 @@ def test_a_project_flooding_the_validator_gets_429_and_others_do_not(
 
 def _meta(index: int) -> str:
     return "filename " + base64.b64encode(f"examples-{index:06d}.jsonl".encode()).decode()
+
+
+def test_the_run_row_keeps_the_manifest_not_every_shard(api: Api, token: str, tmp_path: Path) -> None:
+    """A version-3 manifest names its sealed shard index; the run's row used to inline every shard entry read
+    from it (about 180 bytes per shard, tens of MB per run at 10^5 shards, parsed on every request)."""
+    from sqlalchemy import select
+
+    from dvemb.client import upload_log
+    from server.db.models import Run
+    from server.db.session import session_factory
+
+    log = record_log(tmp_path / "log", steps=6, shard_steps=2)
+    run_id = _new_run(api, "compact")
+    _upload_manifest(api, run_id, log)
+    shards = [json.loads(line)["file"] for line in (log / "shards.jsonl").read_text().splitlines()]
+    assert len(shards) == 3
+    deadline = time.monotonic() + 30
+    while not set(shards) <= set(api.get(f"/runs/{run_id}").json()["missing_files"]):
+        assert time.monotonic() < deadline, api.get(f"/runs/{run_id}").json()
+        time.sleep(0.2)
+    with session_factory()() as session:
+        run = session.scalar(select(Run).where(Run.id == run_id))
+        assert run is not None and run.num_steps == 6
+        stored = run.manifest["ranks"][0]
+    assert "shards" not in stored and stored == json.loads((log / "manifest.json").read_text())
+    result = upload_log(log, server=api.url, token=token, run_name="compact")
+    assert result["run"] == run_id and result["status"] == "ready", result
+    assert api.get(f"/runs/{run_id}").json()["missing_files"] == []
