@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from dvemb import formats
 from server.db.models import Job
+from server.errors import BadRequest
 from server.services import results
 from server.storage import log_dir, results_dir
 
@@ -50,18 +51,36 @@ def query_curve(*, job: Job, query_set: str, query: int, points: int, storage: P
     }
 
 
-def scores_by_phase(*, job: Job, query_set: str, sample: int, storage: Path) -> dict[str, list[float]]:
-    """Query-set-mean scores of up to ``sample`` evenly spaced occurrences, grouped by phase."""
+def sampled_scores(*, job: Job, query_set: str, sample: int, storage: Path) -> list[dict[str, Any]]:
+    """Query-set-mean scores of up to ``sample`` evenly spaced occurrences (what the box plot draws), in row
+    order: each with its occurrence row, step and phase."""
     directory = results_dir(storage, job.run_id, job.id)
     scores = np.load(directory / formats.scores_file(query_set), mmap_mode="r")
     rows = np.unique(np.linspace(0, scores.shape[0] - 1, min(sample, scores.shape[0])).astype(np.int64))
     steps = load_file(str(directory / formats.OCCURRENCES))["row_step"][rows]
     values = np.asarray(scores[rows]).mean(axis=1)
     bounds = results.summary_of(job).query_set(query_set).boundaries
+    return [
+        {"row": row, "step": step, "phase": formats.phase_of(step, bounds), "score": value}
+        for row, step, value in zip(rows.tolist(), steps.tolist(), values.tolist(), strict=True)
+    ]
+
+
+def scores_by_phase(*, job: Job, query_set: str, sample: int, storage: Path) -> dict[str, list[float]]:
+    """The sampled scores (:func:`sampled_scores`) grouped by phase."""
     out: dict[str, list[float]] = {name: [] for name in formats.PHASE_NAMES}
-    for step, value in zip(steps.tolist(), values.tolist(), strict=True):
-        out[formats.phase_of(int(step), bounds)].append(float(value))
+    for point in sampled_scores(job=job, query_set=query_set, sample=sample, storage=storage):
+        out[point["phase"]].append(float(point["score"]))
     return out
+
+
+def dynamics_series(job: Job, series: str) -> dict[str, Any]:
+    """One series of the job's value dynamics (``summary["dynamics"]``); a 400 naming the ones there are."""
+    available = dict((job.summary or {}).get("dynamics") or {})
+    if series not in available:
+        known = ", ".join(sorted(available)) or "none: record queries with checkpoint=True during training"
+        raise BadRequest(f"series {series!r} has no value dynamics in this job; available: {known}")
+    return dict(available[series])
 
 
 def examples_metadata(*, job: Job, example_ids: set[str], storage: Path) -> dict[str, dict[str, Any]]:

@@ -3,14 +3,17 @@ engine's dynamics in the API and a plot in the dashboard (headless Chromium)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from playwright.sync_api import Browser, expect
 from service_harness import Api
 from test_dashboard import browser  # noqa: F401  (the module's Chromium fixture)
+from test_dashboard_views import downloaded
 from test_dashboard_windows import sign_in
 
 import dvemb
@@ -90,6 +93,30 @@ def test_dynamics_in_api_and_dashboard(
     assert not errors, errors
     lines = page.evaluate("document.getElementById('dynamics-plot').data.map(t => t.x.length)")
     assert lines and all(n == 3 for n in lines)
+
+    # Both figures below the tables are exportable, exactly as drawn (issue 15 item 5: every curve).
+    exported = api.get(f"/jobs/{job['id']}/export/dynamics", params={"series": "val", "format": "parquet"})
+    assert exported.status_code == 200, exported.text
+    rows = pq.read_table(io.BytesIO(exported.content)).to_pylist()
+    assert len(rows) == 3 * 10 and [r["checkpoint"] for r in rows[::10]] == [10, 20, STEPS]
+    means = np.array([[r["mean"] for r in rows[c * 10 : (c + 1) * 10]] for c in range(3)], dtype=float)
+    np.testing.assert_array_equal(means, got)
+    assert [[r["first_step"], r["last_step"]] for r in rows[:10]] == series["val"]["buckets"]
+    assert [[r["count"] for r in rows[c * 10 : (c + 1) * 10]] for c in range(3)] == series["val"]["count"]
+    on_page = downloaded(page, "dynamics", "csv")
+    assert [(int(r["checkpoint"]), int(r["first_step"]), r["count"]) for r in on_page] == [
+        (r["checkpoint"], r["first_step"], str(r["count"])) for r in rows
+    ]
+    missing = api.get(f"/jobs/{job['id']}/export/dynamics", params={"series": "nope"})
+    assert missing.status_code == 400 and "val" in missing.json()["detail"]
+
+    drawn = page.evaluate("document.getElementById('distribution').data.map(t => [t.name, t.y])")
+    points = downloaded(page, "distribution", "csv")
+    by_phase = {name: [float(p["score"]) for p in points if p["phase"] == name] for name, _ in drawn}
+    for name, values in drawn:
+        np.testing.assert_allclose(by_phase[name], values, rtol=1e-12)
+    assert sum(len(v) for _, v in drawn) == len(points) == STEPS * BATCH  # fewer than the sample: every occurrence
+    assert [int(p["row"]) for p in points] == list(range(STEPS * BATCH))
     page.close()
 
 

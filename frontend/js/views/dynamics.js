@@ -2,7 +2,9 @@
 // evolves over the checkpoints, shown when the log recorded checkpoint query sets.
 import { api } from "../api.js";
 import { byId } from "../dom.js";
+import { exportButtons } from "../export.js";
 import { html } from "../html.js";
+import { latestOnly } from "../latest.js";
 
 const PLOT_CONFIG = { responsive: true, displaylogo: false };
 
@@ -18,18 +20,24 @@ export const dynamicsSection = (summary) => {
     </p>
     <label>Query series <select id="dynamics-series">${options}</select></label>
     <div id="dynamics-plot" style="height:380px"></div>
+    <p class="muted">${exportButtons("dynamics", "Every point:")}</p>
   </section>`;
 };
+
+/** The series the plot shows. */
+export const shownSeries = () => byId("dynamics-series").value;
+
+/** Draws the series picked when called, unless another was picked before its answer arrived. */
+const drawSeries = latestOnly(async (current, jobId) => {
+  const figure = await api(`/jobs/${jobId}/figures/dynamics?series=${encodeURIComponent(shownSeries())}`);
+  if (!current()) return;
+  await Plotly.react("dynamics-plot", figure.data, figure.layout, PLOT_CONFIG);
+});
 
 /** Draws the selected series and redraws when another is picked (nothing to do without the section). */
 export async function drawDynamics(jobId) {
   const picker = byId("dynamics-series");
   if (!picker) return;
-  const draw = async () => {
-    const series = encodeURIComponent(picker.value);
-    const figure = await api(`/jobs/${jobId}/figures/dynamics?series=${series}`);
-    await Plotly.react("dynamics-plot", figure.data, figure.layout, PLOT_CONFIG);
-  };
-  picker.addEventListener("change", draw);
-  await draw();
+  picker.addEventListener("change", () => drawSeries(jobId));
+  await drawSeries(jobId);
 }

@@ -59,7 +59,9 @@ const examplesSection = () => html`<section>
 </section>`;
 
 const distributionSection = () =>
-  html`<section><h2>Scores by phase</h2><div id="distribution" style="height:320px"></div></section>`;
+  html`<section><h2>Scores by phase</h2><div id="distribution" style="height:320px"></div>
+    <p class="muted">A sample of 20,000 evenly spaced occurrences. ${exportButtons("distribution", "Its points:")}</p>
+  </section>`;
 
 const resultsPage = (summary, propagation) =>
   html`${plotSection(summary, propagation)}${selectionSection()}${topSection()}${examplesSection()}

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Query, Response
 
 from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep, bearer
 from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids
+from server.api.routes.figures import SampleQuery
 from server.api.routes.jobs import ExampleFiltersQuery, TopFiltersQuery
 from server.api.routes.windows import SelectionQuery
 from server.api.schemas import ExampleRank, TopRow
@@ -130,6 +131,33 @@ def export_selection(
     ]
     columns = ["selection", "first_step", "last_step", "share_of_steps", "share_of_influence"]
     return download(columns, rows, fmt=format, name=f"job{job.id}-{query_set}-selection")
+
+
+@router.get("/jobs/{job_id}/export/distribution")
+def export_distribution(
+    job: DoneJobDep, settings: SettingsDep, query_set: str, sample: SampleQuery = 20_000, format: FormatQuery = "csv"
+) -> Response:
+    """The "Scores by phase" box plot's points: the sampled occurrences (row, step, phase, query-set mean score)."""
+    results.check_query_set(job, query_set)
+    rows = data.sampled_scores(job=job, query_set=query_set, sample=sample, storage=settings.storage)
+    return download(["row", "step", "phase", "score"], rows, fmt=format, name=f"job{job.id}-{query_set}-distribution")
+
+
+@router.get("/jobs/{job_id}/export/dynamics")
+def export_dynamics(job: DoneJobDep, series: str, format: FormatQuery = "csv") -> Response:
+    """The value-dynamics plot: one row per checkpoint and tenth of training (its steps, the mean influence on
+    the checkpoint of what was trained in it, and how many occurrences that mean is over; no mean before the
+    tenth was trained)."""
+    dynamics = data.dynamics_series(job, series)
+    rows = [
+        {"checkpoint": checkpoint, "first_step": first, "last_step": last, "mean": mean, "count": count}
+        for checkpoint, means, row_counts in zip(
+            dynamics["checkpoints"], dynamics["mean"], dynamics["count"], strict=True
+        )
+        for (first, last), mean, count in zip(dynamics["buckets"], means, row_counts, strict=True)
+    ]
+    columns = ["checkpoint", "first_step", "last_step", "mean", "count"]
+    return download(columns, rows, fmt=format, name=f"job{job.id}-{series}-dynamics")
 
 
 @router.get("/jobs/{job_id}/export/example/{example_id}")

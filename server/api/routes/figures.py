@@ -14,6 +14,9 @@ from server.services import results
 
 router = APIRouter(tags=["figures"])
 
+#: How many evenly spaced occurrences the box plot of scores by phase draws (and its export holds).
+SampleQuery = Annotated[int, Query(ge=10, le=200_000, description="evenly spaced occurrences to sample")]
+
 
 @router.get("/jobs/{job_id}/figures/phase")
 def phase_figure(
@@ -44,7 +47,7 @@ def distribution_figure(
     session: SessionDep,
     settings: SettingsDep,
     query_set: str,
-    sample: Annotated[int, Query(ge=10, le=200_000)] = 20_000,
+    sample: SampleQuery = 20_000,
 ) -> dict[str, Any]:
     results.check_query_set(job, query_set)
     by_phase = data.scores_by_phase(job=job, query_set=query_set, sample=sample, storage=settings.storage)
@@ -60,11 +63,7 @@ def value_dynamics(job: DoneJobDep) -> dict[str, Any]:
 @router.get("/jobs/{job_id}/figures/dynamics")
 def dynamics_figure(job: DoneJobDep, series: str) -> dict[str, Any]:
     """The value-dynamics plot of one series (``GET /jobs/{id}/dynamics`` lists them)."""
-    available = dict((job.summary or {}).get("dynamics") or {})
-    if series not in available:
-        known = ", ".join(sorted(available)) or "none: record queries with checkpoint=True during training"
-        raise BadRequest(f"series {series!r} has no value dynamics in this job; available: {known}")
-    return figures.dynamics_figure(available[series], title=f"value dynamics, {series}")
+    return figures.dynamics_figure(data.dynamics_series(job, series), title=f"value dynamics, {series}")
 
 
 @router.get("/jobs/{job_id}/metadata")
