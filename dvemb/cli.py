@@ -61,8 +61,9 @@ def _progress_printer() -> Callable[[ComputeProgress], None]:
         width = 30
         filled = int(width * p.fraction)
         eta = "?" if p.eta_s is None else f"{p.eta_s:.0f}s"
+        step = "" if p.current_step is None else f"step {p.current_step:>8}  "
         sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {p.fraction:6.1%}  step {p.current_step:>8}  "
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {p.fraction:6.1%}  {step}"
             f"{p.steps_done}/{p.total_steps} steps  elapsed {p.elapsed_s:.0f}s  ETA {eta}   "
         )
         if p.steps_done >= p.total_steps:

@@ -152,7 +152,7 @@ def _compute(job_id: int, log: Any, out: Any, args: ComputeArguments, mine: Any,
 
     def segments_done(done: int, total: int) -> None:
         elapsed = time.monotonic() - started
-        report(ComputeProgress(done, total, 0, elapsed, elapsed / done * (total - done) if done else None))
+        report(ComputeProgress(done, total, None, elapsed, elapsed / done * (total - done) if done else None))
 
     def send(index: int) -> None:
         from worker.celery_app import app

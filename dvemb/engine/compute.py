@@ -127,7 +127,7 @@ class ComputeProgress:
 
     steps_done: int
     total_steps: int
-    current_step: int
+    current_step: int | None  # None where work is not one backward pass (a segmented job counts segments)
     elapsed_s: float
     eta_s: float | None
 

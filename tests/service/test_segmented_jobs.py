@@ -50,6 +50,8 @@ def test_segmented_job_on_two_workers_equals_sequential(
     assert sequential["status"] == "succeeded", sequential
     job = api.wait_job(api.post(f"/runs/{run_id}/jobs", json={"top_k": 20, "segments": 6}).json()["id"])
     assert job["status"] == "succeeded", job
+    assert job["current_step"] is None  # it counted segments: no 'step 0' shown while they ran
+    assert sequential["current_step"] == 0  # the backward pass ends at the first step
     with session_factory()() as session:
         stored = session.get(Job, job["id"])
         assert stored is not None
