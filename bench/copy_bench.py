@@ -19,7 +19,7 @@ from sqlalchemy.orm import sessionmaker
 
 from server.db.models import ExampleTotal
 from server.migrate import upgrade
-from worker.results_store import _copy_rows
+from worker.row_writes import copy_rows
 
 ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 CHUNK = 5000
@@ -52,7 +52,10 @@ def main() -> None:
                         if kind == "insert":
                             session.execute(insert(ExampleTotal), rows[i : i + CHUNK])
                         else:
-                            _copy_rows(session, ExampleTotal.__tablename__, rows[i : i + CHUNK])
+                            batch = rows[i : i + CHUNK]
+                            columns = list(batch[0])
+                            values = ([row[c] for c in columns] for row in batch)
+                            copy_rows(session, ExampleTotal.__tablename__, columns, values)
                         session.commit()
                 seconds[kind].append(time.perf_counter() - started)
                 with factory() as session:

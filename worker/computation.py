@@ -24,7 +24,8 @@ from server.db.states import JobStatus, transition
 from server.settings import get_settings
 from server.storage import log_dir, public_message, results_dir
 from server.tasks import COMPUTE_SEGMENT
-from worker.results_store import ShortTransactions, example_metadata, store_results
+from worker.results_store import example_metadata, store_results
+from worker.row_writes import ShortTransactions
 from worker.segments import compute_segmented_job, run_segment_task
 
 __all__ = ["JobCancelled", "LeaseHeld", "compute_arguments", "run_compute", "run_compute_segment"]

@@ -3,22 +3,18 @@ database in short transactions, replacing any rows of an earlier attempt (idempo
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
-from itertools import islice
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, insert, select
-from sqlalchemy.orm import Session, sessionmaker
 
 from dvemb.engine import load_results
 from dvemb.formats import Summary, phase_of
 from dvemb.reader import GradientLog
 from server.db.models import CurvePoint, ExampleTotal, PhaseSummaryRow, TopKRow
+from worker.row_writes import ShortTransactions
 from worker.windows import store_windows
 
-__all__ = ["ShortTransactions", "example_metadata", "store_results"]
+__all__ = ["example_metadata", "store_results"]
 
 
 def example_metadata(directory: Any) -> dict[str, tuple[str | None, str | None]]:
@@ -31,65 +27,6 @@ def example_metadata(directory: Any) -> dict[str, tuple[str | None, str | None]]
             None if source is None else str(source)[:255],
         )
     return meta
-
-
-class ShortTransactions:
-    """Writes a job's rows in short transactions, each opened by ``fence`` (a write to the job's row that raises
-    when this attempt no longer holds the job: cancelled, or taken over). A job's rows may take seconds to write;
-    on SQLite one transaction would hold the database's only write lock all that time and every API write would
-    wait for it (issue 13.16). Writers of one job serialise on the fence (it locks the job's row), and a job's
-    rows are only ever read once it has succeeded, which the last transaction says: half-written rows of a
-    running, failed or cancelled job are never shown, and the next attempt deletes them before writing its own."""
-
-    #: On SQLite, after holding the write lock this long (seconds, over several transactions), leave it free for
-    #: ``YIELD_S``: a writer waiting in SQLite's busy handler looks again only every 100 ms, and would otherwise
-    #: keep finding the lock taken by the next chunk (measured: 1.6 s for a POST /runs against back-to-back chunks).
-    HOLD_S, YIELD_S = 0.25, 0.12
-
-    def __init__(self, factory: sessionmaker[Session], fence: Callable[[Session], None]) -> None:
-        self.factory, self.fence = factory, fence
-        bind = factory.kw.get("bind")
-        self.single_writer = bind is not None and bind.dialect.name == "sqlite"
-        # Rows per transaction: about 50 ms of SQLite's write lock; PostgreSQL's writers do not block the API.
-        self.chunk = 500 if self.single_writer else 5000
-        self.held = 0.0
-
-    def run(self, work: Callable[[Session], object]) -> None:
-        """``work`` in one fenced transaction (keep it bounded)."""
-        started = time.monotonic()
-        with self.factory() as session:
-            self.fence(session)
-            work(session)
-            session.commit()
-        self.held += time.monotonic() - started
-        if self.single_writer and self.held >= self.HOLD_S:
-            time.sleep(self.YIELD_S)  # the API's writes get their turn
-            self.held = 0.0
-
-    def insert(self, model: Any, rows: Iterable[dict[str, Any]]) -> None:
-        """Insert rows (dicts of plain values, one set of keys), a bounded batch per transaction: PostgreSQL's
-        ``COPY`` (several times faster than a multi-row INSERT), SQLite's executemany."""
-        iterator = iter(rows)
-        while batch := list(islice(iterator, self.chunk)):
-
-            def work(session: Session, batch: list[dict[str, Any]] = batch) -> None:
-                if self.single_writer or any(isinstance(v, dict | list) for v in batch[0].values()):
-                    session.execute(insert(model), batch)  # SQLite, or JSON values (COPY would need them adapted)
-                else:
-                    _copy_rows(session, model.__tablename__, batch)
-
-            self.run(work)
-
-    def delete_job_rows(self, model: Any, job_id: int) -> None:
-        """Delete the job's rows of ``model``, a bounded number per transaction."""
-        deleted = [self.chunk]
-        while deleted[0] >= self.chunk:
-
-            def work(session: Session) -> None:
-                some = select(model.id).where(model.job_id == job_id).limit(self.chunk)
-                deleted[0] = session.execute(delete(model).where(model.id.in_(some))).rowcount  # type: ignore[attr-defined]
-
-            self.run(work)
 
 
 def store_results(
@@ -167,22 +104,7 @@ def store_results(
         )
         writer.insert(PhaseSummaryRow, [{"job_id": job_id, "query_set": name, "summary": info.phases}])
     # The top examples of each phase, tenth and epoch (bounded: windows x queries x top_k rows).
-    writer.run(lambda session: store_windows(session, job_id, results, typed, meta))
-
-
-def _copy_rows(session: Session, table: str, rows: list[dict[str, Any]]) -> None:
-    """``COPY table (columns) FROM STDIN`` of plain-valued rows, in the session's transaction (psycopg 3)."""
-    from psycopg import sql
-
-    columns = list(rows[0])
-    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(c) for c in columns)
-    )
-    driver = session.connection().connection.driver_connection
-    assert driver is not None
-    with driver.cursor() as cursor, cursor.copy(statement) as copy:
-        for row in rows:
-            copy.write_row([row[c] for c in columns])
+    store_windows(writer, job_id, results, typed, meta)
 
 
 def _finite(value: float) -> float | None:

@@ -5,11 +5,12 @@ reads the scores file; the rows are cached in topk_windows / window_topk_rows)."
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Iterable
+import itertools
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from dvemb.engine import load_results
@@ -22,6 +23,7 @@ from server.db.states import QueryStatus, transition
 from server.db.window_models import ANY_EPOCH, TopKWindow, WindowTopKRow
 from server.settings import get_settings
 from server.storage import public_message, results_dir
+from worker.row_writes import ShortTransactions
 
 __all__ = ["run_window_topk", "store_windows"]
 
@@ -29,49 +31,69 @@ KINDS = ("helpful", "harmful")
 
 
 def store_windows(
-    session: Session, job_id: int, results: Results, summary: Summary, meta: dict[str, tuple[str | None, str | None]]
+    writer: ShortTransactions,
+    job_id: int,
+    results: Results,
+    summary: Summary,
+    meta: dict[str, tuple[str | None, str | None]],
 ) -> None:
     """Replace the job's windows with its stored ones: each phase, tenth of training and epoch of every query set,
-    with the job's top_k rows per query (and the set mean) and kind (idempotent; cached ranges are dropped too)."""
+    with the job's top_k rows per query (and the set mean) and kind (idempotent; cached ranges are dropped too).
+    The rows go in the writer's short transactions, like the job's other rows: a 1,000-query job has millions."""
     epochs = int(results.epoch.max()) + 1 if len(results.epoch) else 0
+    windows = {
+        name: standard_windows(summary.steps, info.boundaries, epochs) for name, info in summary.query_sets.items()
+    }
     # Ranked before the first write: on SQLite the write lock is taken by the first write and held to the commit,
     # so the ranking (seconds on a large job) must not run inside it (issue 13.16).
-    ranked = {
-        name: _rank(results, name, standard_windows(summary.steps, info.boundaries, epochs), summary.top_k)
-        for name, info in summary.query_sets.items()
-    }
-    session.execute(delete(TopKWindow).where(TopKWindow.job_id == job_id))
-    for name, info in summary.query_sets.items():
-        windows = standard_windows(summary.steps, info.boundaries, epochs)
-        records = [
-            TopKWindow(
-                job_id=job_id,
-                query_set=name,
-                kind=w.kind,
-                name=w.name,
-                step_min=w.step_min,
-                step_max=w.step_max,
-                epoch=ANY_EPOCH if w.epoch is None else w.epoch,
-                top_k=summary.top_k,
-                status=QueryStatus.SUCCEEDED,
-            )
-            for w in windows
-        ]
-        session.add_all(records)
-        session.flush()
-        _store_rows(session, records, windows, results, name, summary.top_k, lambda _: meta, top=ranked[name])
+    ranked = {name: _rank(results, name, windows[name], summary.top_k) for name in windows}
+    record_ids: dict[str, list[int]] = {}
+
+    def create_windows(session: Session) -> None:
+        session.execute(delete(TopKWindow).where(TopKWindow.job_id == job_id))  # their rows go with them
+        for name, of_set in windows.items():
+            records = [_record(job_id, name, w, summary.top_k, QueryStatus.SUCCEEDED) for w in of_set]
+            for record, occurrences in zip(records, ranked[name].occurrences.tolist(), strict=True):
+                record.occurrences = int(occurrences)
+            session.add_all(records)
+            session.flush()
+            record_ids[name] = [r.id for r in records]
+
+    writer.run(create_windows)
+    for name in windows:
+        writer.insert_tuples(WindowTopKRow.__tablename__, COLUMNS, _rows(record_ids[name], results, ranked[name], meta))
+
+
+def _record(job_id: int, query_set: str, window: Window, top_k: int, status: QueryStatus) -> TopKWindow:
+    return TopKWindow(
+        job_id=job_id,
+        query_set=query_set,
+        kind=window.kind,
+        name=window.name,
+        step_min=window.step_min,
+        step_max=window.step_max,
+        epoch=ANY_EPOCH if window.epoch is None else window.epoch,
+        top_k=top_k,
+        status=status,
+    )
 
 
 def run_window_topk(window_id: int) -> None:
     """Compute one asked-for window (a step range) from the job's scores file and store its rows."""
     storage = get_settings().storage
-    with session_factory()() as session:
+    factory = session_factory()
+    with factory() as session:
         record = session.get(TopKWindow, window_id)
         if record is None or record.status != QueryStatus.QUEUED:
             return  # done already (a redelivery) or deleted with its run
         job = session.get(Job, record.job_id)
         assert job is not None
-        directory = results_dir(storage, job.run_id, job.id)
+        job_id, query_set, top_k, directory = (
+            job.id,
+            record.query_set,
+            record.top_k,
+            results_dir(storage, job.run_id, job.id),
+        )
         window = Window(
             record.kind,
             record.name,
@@ -79,70 +101,83 @@ def run_window_topk(window_id: int) -> None:
             record.step_max,
             None if record.epoch == ANY_EPOCH else record.epoch,
         )
-        session.commit()  # nothing written: no transaction stays open while the scores file is read
-        try:
-            results = load_results(directory)
-            meta = functools.partial(_stored_metadata, session, job.id, record.query_set)
-            _store_rows(session, [record], [window], results, record.query_set, record.top_k, meta)
-        except Exception as exc:  # in words on the window, not a task stuck in a retry loop
-            session.rollback()
-            record = session.get(TopKWindow, window_id)
-            if record is not None:
-                transition(session, record, QueryStatus.FAILED, error=public_message(f"{exc}", storage))
-                session.commit()
-            return
-        transition(session, record, QueryStatus.SUCCEEDED)
-        session.commit()
+    # Nothing written yet: no transaction stays open while the scores file is read. The rows then go in short
+    # transactions (the window's rows are read only once it has succeeded; a redelivery deletes them first).
+    writer = ShortTransactions(factory, fence=functools.partial(_still_queued, window_id))
+    try:
+        results = load_results(directory)
+        top = _rank(results, query_set, [window], top_k)
+        with factory() as session:
+            meta = _stored_metadata(session, job_id, query_set, _chosen_ids(results, top))
+
+        def start(session: Session) -> None:
+            session.execute(delete(WindowTopKRow).where(WindowTopKRow.window_id == window_id))
+            session.execute(
+                update(TopKWindow).where(TopKWindow.id == window_id).values(occurrences=int(top.occurrences[0]))
+            )
+
+        writer.run(start)
+        writer.insert_tuples(WindowTopKRow.__tablename__, COLUMNS, _rows([window_id], results, top, meta))
+    except _WindowGone:
+        return
+    except Exception as exc:  # in words on the window, not a task stuck in a retry loop
+        _settle(factory, window_id, QueryStatus.FAILED, error=public_message(f"{exc}", storage))
+        return
+    _settle(factory, window_id, QueryStatus.SUCCEEDED)
 
 
-def _store_rows(
-    session: Session,
-    records: list[TopKWindow],
-    windows: list[Window],
-    results: Results,
-    query_set: str,
-    k: int,
-    metadata: Callable[[Collection[str]], dict[str, tuple[str | None, str | None]]],
-    top: Any = None,
-) -> None:
-    """Rank the windows on the scores file (unless ``top`` is their ranking, done already) and insert their rows
-    (query -1 is the set mean); ``metadata`` gives the (label, source) of the example ids it is passed."""
+class _WindowGone(Exception):
+    """The window was deleted (with its job or run) or settled by another task while this one wrote."""
+
+
+def _still_queued(window_id: int, session: Session) -> None:
+    status = session.scalar(select(TopKWindow.status).where(TopKWindow.id == window_id).with_for_update())
+    if status != QueryStatus.QUEUED:
+        raise _WindowGone
+
+
+def _settle(factory: Any, window_id: int, status: QueryStatus, **values: Any) -> None:
+    with factory() as session:
+        record = session.get(TopKWindow, window_id)
+        if record is not None and record.status == QueryStatus.QUEUED:
+            transition(session, record, status, **values)
+            session.commit()
+
+
+def _chosen_ids(results: Results, top: Any) -> set[str]:
+    """The example ids of every row the ranking chose."""
+    examples = results.example_index.numpy()
+    return {str(results.example_ids[int(examples[r])]) for r in np.unique(top.rows[top.rows >= 0])}
+
+
+def _rows(
+    record_ids: list[int], results: Results, top: Any, meta: dict[str, tuple[str | None, str | None]]
+) -> Iterator[tuple[Any, ...]]:
+    """The windows' top rows in ``COLUMNS`` order (query -1 is the set mean), window by window, each query's
+    rows best first."""
     steps, epochs, examples = results.row_step.numpy(), results.epoch.numpy(), results.example_index.numpy()
-    if top is None:
-        top = _rank(results, query_set, windows, k)
     ids = [str(i) for i in results.example_ids]
-    meta = metadata({ids[int(examples[r])] for r in np.unique(top.rows[top.rows >= 0])})
-    # A redelivered task's earlier attempt may have left rows (the ranking is done: the write starts now).
-    session.execute(delete(WindowTopKRow).where(WindowTopKRow.window_id.in_([r.id for r in records])))
     queries = top.values.shape[2] - 1
-    session.flush()  # the windows' rows exist before their top rows are copied in
-    for w, record in enumerate(records):
-        record.occurrences = int(top.occurrences[w])
+    for w, record_id in enumerate(record_ids):
         for kind_index, kind in enumerate(KINDS):
             chosen = top.rows[w, kind_index]  # (Q + 1, k)
             columns, ranks = np.nonzero(chosen >= 0)  # query by query, best first
             rows = chosen[columns, ranks]
             example_ids = [ids[i] for i in examples[rows].tolist()]
             labels = [meta.get(e, (None, None)) for e in example_ids]
-            n = len(rows)
-            _copy_rows(
-                session,
-                zip(
-                    [record.id] * n,
-                    np.where(columns == queries, -1, columns).tolist(),
-                    [kind] * n,
-                    ranks.tolist(),
-                    top.values[w, kind_index][columns, ranks].tolist(),
-                    rows.tolist(),
-                    steps[rows].tolist(),
-                    epochs[rows].tolist(),
-                    example_ids,
-                    [label for label, _ in labels],
-                    [source for _, source in labels],
-                    strict=True,
-                ),
+            yield from zip(
+                itertools.repeat(record_id),
+                np.where(columns == queries, -1, columns).tolist(),
+                itertools.repeat(kind),
+                ranks.tolist(),
+                top.values[w, kind_index][columns, ranks].tolist(),
+                rows.tolist(),
+                steps[rows].tolist(),
+                epochs[rows].tolist(),
+                example_ids,
+                [label for label, _ in labels],
+                [source for _, source in labels],
             )
-    session.flush()
 
 
 def _rank(results: Results, query_set: str, windows: list[Window], k: int) -> Any:
@@ -151,27 +186,6 @@ def _rank(results: Results, query_set: str, windows: list[Window], k: int) -> An
 
 
 COLUMNS = ("window_id", "query", "kind", "rank", "score", "row", "step", "epoch", "example_id", "label", "source")
-
-
-def _copy_rows(session: Session, rows: Iterable[tuple[Any, ...]]) -> None:
-    """Insert top rows through the driver, in the session's transaction: PostgreSQL's COPY (a 1,000-query job
-    stores millions of rows: an INSERT per batch of them costs ~50 times longer), sqlite3's ``executemany`` of
-    tuples (the demo's 683,400 rows: 14 s through SQLAlchemy's INSERT of dicts, about 10 times faster)."""
-    connection = session.connection()
-    driver = connection.connection.driver_connection
-    assert driver is not None
-    if connection.dialect.name == "postgresql":
-        with driver.cursor() as cursor, cursor.copy(f"COPY window_topk_rows ({', '.join(COLUMNS)}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-        return
-    if connection.dialect.name == "sqlite":
-        marks = ", ".join("?" * len(COLUMNS))
-        driver.executemany(f"INSERT INTO window_topk_rows ({', '.join(COLUMNS)}) VALUES ({marks})", rows)
-        return
-    batch = [dict(zip(COLUMNS, row, strict=True)) for row in rows]
-    for start in range(0, len(batch), 20_000):
-        session.execute(insert(WindowTopKRow), batch[start : start + 20_000])
 
 
 def _stored_metadata(

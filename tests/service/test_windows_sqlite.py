@@ -1,6 +1,7 @@
 """Windows of training on SQLite (the embedded mode's database, made by the migrations): the stored windows'
 rows are those of dvemb.engine.windows with the examples' ids and labels, pages come back best first, and a
-step range asked twice is one window. No broker: nothing here is committed."""
+step range asked twice is one window. No broker: only the stored windows are committed (in the job writer's short
+transactions, as the worker writes them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from dvemb import formats
 from dvemb.engine import load_results
@@ -21,6 +22,7 @@ from server.db.session import make_engine
 from server.db.window_models import TopKWindow
 from server.migrate import upgrade
 from server.services import windows as service
+from worker.row_writes import ShortTransactions
 from worker.windows import _stored_metadata, store_windows
 
 STEPS, BATCH, QUERIES, TOP_K = 20, 6, 3, 4
@@ -56,7 +58,8 @@ def test_windows_on_sqlite(tmp_path: Path) -> None:
     upgrade(url)
     summary = results_directory(tmp_path)
     results = load_results(tmp_path)
-    with Session(make_engine(url)) as session:
+    engine = make_engine(url)
+    with Session(engine) as session:
         project = Project(name="p")
         session.add(project)
         session.flush()
@@ -66,8 +69,13 @@ def test_windows_on_sqlite(tmp_path: Path) -> None:
         job = Job(run_id=run.id, status="succeeded", options={}, summary=summary)
         session.add(job)
         session.flush()
+        session.commit()
         meta: dict[str, tuple[str | None, str | None]] = {f"ex{i}": (str(i % 3), "train") for i in range(60)}
-        store_windows(session, job.id, results, Summary.from_json(summary), meta)
+        fenced: list[int] = []
+        writer = ShortTransactions(sessionmaker(bind=engine), fence=lambda _: fenced.append(1))
+        writer.chunk = 50  # rows per transaction: the windows' 480 rows never hold SQLite's write lock at once
+        store_windows(writer, job.id, results, Summary.from_json(summary), meta)
+        assert len(fenced) == 1 + 10  # the windows, then their rows 50 at a time (query set, window, kind order)
         stored = service.list_windows(session, job=job, query_set="val")
         assert [w.name for w in stored][:3] == ["early", "basin", "late"]
         assert [w.kind for w in stored].count("epoch") == 2 and len(stored) == 3 + 10 + 2
