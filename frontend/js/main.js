@@ -15,13 +15,15 @@ import { renderSignIn } from "./views/signin.js";
 
 const view = byId("view");
 
-function renderPage(parts) {
-  if (parts[0] === "runs" && parts[1]) return renderRun(view, Number(parts[1]));
+/** Draws the page of the route parts; each page checks current() after each await and draws nothing once another
+ * route was asked for (a page left while it loads must not be drawn over the page followed). */
+function renderPage(current, parts) {
+  if (parts[0] === "runs" && parts[1]) return renderRun(current, view, Number(parts[1]));
   if (parts[0] === "jobs" && parts[2] === "examples") {
-    return renderExample(view, Number(parts[1]), decodeURIComponent(parts[3]));
+    return renderExample(current, view, Number(parts[1]), decodeURIComponent(parts[3]));
   }
-  if (parts[0] === "compare") return renderCompare(view);
-  return renderRuns(view);
+  if (parts[0] === "compare") return renderCompare(current, view);
+  return renderRuns(current, view);
 }
 
 /** Shows the page of the current hash (the sign-in page without a token, which then returns to this very link);
@@ -36,7 +38,7 @@ const route = latestOnly(async (current) => {
     return renderSignIn(view, route);
   }
   try {
-    return await renderPage(hashPath().split("/"));
+    return await renderPage(current, hashPath().split("/"));
   } catch (err) {
     const signedOut = err instanceof ApiError && err.status === 401;
     if (!signedOut && current()) render(view, html`<p class="error" role="alert">${err.message}</p>`);

@@ -3,7 +3,9 @@ issue 15 with a check that failed on the old dashboard: upload errors that vanis
 zero, shares named for the wrong measure, the title over a phase label, an older answer drawn over a newer one,
 tables wider than the page, only the latest analysis shown, no cancel, no way back from an example and queries
 named by index, Swagger UI from a CDN, no favicon, an invalid name pattern; then a stale comparison drawn over a newer
-one and a download whose expired token did not lead to sign-in. Screenshots go to artifacts/ (docs/images/ with DVEMB_UPDATE_SCREENSHOTS=1)."""
+one, a download whose expired token did not lead to sign-in, a page left while it loaded drawn over the page followed
+and an older plot request's summary written while its plot was drawn. Screenshots go to artifacts/ (docs/images/ with
+DVEMB_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
@@ -266,6 +268,28 @@ def test_deep_link_survives_sign_in_and_exports_equal_the_api(
     page.wait_for_timeout(3000)
     assert phase_plot(page, "plot.layout.title.text") == "val, query 1"
 
+    # nor while the older plot is being drawn: the raw view's phase plot takes until released to draw, and the
+    # per-lr view asked for meanwhile keeps its summary
+    page.evaluate(
+        """() => {
+        const react = Plotly.react;
+        Plotly.react = (id, ...rest) => {
+          const drawn = react(id, ...rest);
+          if (id !== 'phase-plot' || window.releasePlot) return drawn;
+          return drawn.then((v) => new Promise((resolve) => (window.releasePlot = () => resolve(v))));
+        };
+      }"""
+    )
+    page.locator("#view-kind").select_option("raw")
+    page.wait_for_function("typeof window.releasePlot === 'function'")  # (a function itself would be called)
+    page.evaluate("document.getElementById('phase-summary').textContent = ''")
+    page.locator("#view-kind").select_option("per_lr")
+    expect(page.locator("#phase-summary")).to_contain_text("|influence / lr|")
+    page.evaluate("window.releasePlot()")
+    page.wait_for_timeout(500)  # the raw view's drawing has gone on meanwhile
+    expect(page.locator("#phase-summary")).not_to_contain_text("of |influence|")
+    expect(page.locator("#phase-summary")).to_contain_text("|influence / lr|")
+
     page.set_viewport_size({"width": 480, "height": 900})  # wide tables scroll in their box, not the page
     page.wait_for_timeout(300)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
@@ -330,6 +354,29 @@ def test_compare_page_with_two_runs(
     page.wait_for_function(f"{shown_top} === '4'")
     page.wait_for_timeout(3000)  # the held-back answer for the top 3 has arrived meanwhile
     assert page.evaluate(shown_top) == "4"
+    context.close()
+
+
+def test_a_page_left_while_it_loads_is_not_drawn(
+    browser: Browser,  # noqa: F811
+    api: Api,
+    token: str,
+    server_url: str,
+) -> None:
+    run_id = api.post("/runs", json={"name": "slow-run"}).json()["id"]
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(f"{server_url}/#/runs")
+    sign_in(page, token)
+    expect(page.locator("#runs")).to_contain_text("slow-run", timeout=30_000)
+    hold_back(page, f"/runs/{run_id}$")  # the run page's answer arrives 2 s late
+    page.evaluate(f"location.hash = '#/runs/{run_id}'")
+    page.wait_for_timeout(200)
+    page.evaluate("location.hash = '#/compare'")  # left before the run page was drawn
+    expect(page.get_by_role("heading", name="Compare analyses")).to_be_visible()
+    page.wait_for_timeout(3000)  # the held-back answer for the run page has arrived meanwhile
+    expect(page.get_by_role("heading", name="Compare analyses")).to_be_visible()
+    expect(page.get_by_role("heading", name="slow-run")).to_have_count(0)
     context.close()
 
 

@@ -160,9 +160,11 @@ function restore(jobs) {
   return picked().length >= 2;
 }
 
-/** Shows the comparison page; a link with jobs= draws its comparison at once. */
-export async function renderCompare(view) {
+/** Shows the comparison page; a link with jobs= draws its comparison at once. Nothing is drawn once current() is
+ * false (the page was left while it loaded). */
+export async function renderCompare(current, view) {
   const jobs = (await api("/compare/jobs")).data;
+  if (!current()) return; // another page was asked for meanwhile: it is the one to show
   render(view, page(jobs));
   byId("compare-picks").addEventListener("change", () => fillQuerySets(jobs, valueOf("cmp-qs")));
   byId("compare").addEventListener("click", showComparison);

@@ -81,8 +81,8 @@ async function showHistory(ex, propagation, queryIds, steps) {
   await Plotly.react("history-plot", [bars], historyLayout(steps), { displaylogo: false });
 }
 
-/** Shows the page of one example of a job. */
-export async function renderExample(view, jobId, exampleId) {
+/** Shows the page of one example of a job, unless current() is false once its answers arrive (the page was left). */
+export async function renderExample(current, view, jobId, exampleId) {
   const [job, summary] = await Promise.all([api(`/jobs/${jobId}`), api(`/jobs/${jobId}/summary`)]);
   const querySet = querySetOf(summary);
   const query = `query_set=${encodeURIComponent(querySet)}`;
@@ -90,6 +90,7 @@ export async function renderExample(view, jobId, exampleId) {
     api(`/jobs/${jobId}/examples/${encodeURIComponent(exampleId)}?${query}`),
     api(`/runs/${job.run_id}`),
   ]);
+  if (!current()) return; // another page was asked for meanwhile: it is the one to show
   const propagation = job.propagation || "exact SGD";
   const meta = ex.metadata || {};
   const queryIds = summary.query_sets[querySet].query_ids;

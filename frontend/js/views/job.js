@@ -65,23 +65,24 @@ function progressMarkup(job) {
     ${job.error ? html`<p class="error" role="alert">${job.error}</p>` : ""}`;
 }
 
-function bindJobButtons(runId, shownId) {
+function bindJobButtons(current, runId, shownId) {
   byId("jobs").addEventListener("click", async (event) => {
     const id = event.target.dataset.cancel || event.target.dataset.retry;
     if (!id) return;
     event.target.disabled = true;
     await postJson(`/jobs/${id}/${event.target.dataset.cancel ? "cancel" : "retry"}`, {});
     clearTimeout(state.pollTimer);
-    await followJobs(runId, (await api(`/runs/${runId}/jobs`)).data, shownId);
+    await followJobs(current, runId, (await api(`/runs/${runId}/jobs`)).data, shownId);
   });
 }
 
-/** Shows the run's jobs and the shown one (its results once it succeeded), polling while any is live. */
-export async function followJobs(runId, jobs, shownId, drawn = null) {
+/** Shows the run's jobs and the shown one (its results once it succeeded), polling while any is live; nothing once
+ * current() is false (the run page was left). */
+export async function followJobs(current, runId, jobs, shownId, drawn = null) {
+  if (!current()) return; // every caller awaited jobs just before: the page may have been left meanwhile
   const jobsBox = byId("jobs");
-  if (!jobsBox) return; // the page was left
   if (!jobsBox.dataset.bound) {
-    bindJobButtons(runId, shownId);
+    bindJobButtons(current, runId, shownId);
     jobsBox.dataset.bound = "true";
   }
   render(jobsBox, jobs.length ? table({ columns: jobColumns(runId, shownId), rows: jobs }) : html`<p>None yet.</p>`);
@@ -91,12 +92,12 @@ export async function followJobs(runId, jobs, shownId, drawn = null) {
     render(byId("job"), progressMarkup(shown));
   }
   if (shown?.status === "succeeded" && drawn !== shown.id) {
-    await Promise.all([showSummaryCard(shown), showResults(shown)]);
+    await Promise.all([showSummaryCard(current, shown), showResults(current, shown)]);
   }
   if (jobs.some((j) => LIVE.includes(j.status))) {
     state.pollTimer = setTimeout(async () => {
       const fresh = (await api(`/runs/${runId}/jobs`)).data;
-      await followJobs(runId, fresh, shownId, shown?.status === "succeeded" ? shown.id : drawn);
+      await followJobs(current, runId, fresh, shownId, shown?.status === "succeeded" ? shown.id : drawn);
     }, 1000);
   }
 }

@@ -48,6 +48,9 @@ export const drawPlots = latestOnly(async (current, jobId) => {
   ]);
   if (!current()) return; // a newer request was made meanwhile: its answer is the one to show
   await Plotly.react("phase-plot", figure.data, figure.layout, PLOT_CONFIG);
+  // A newer request's answers may have arrived while this plot was drawn: its summary and distribution are the ones
+  // to show (and its own phase plot has replaced this one).
+  if (!current()) return;
   linkPoints();
   byId("phase-summary").textContent = phaseSummary(phases, c.view);
   await Plotly.react("distribution", dist.data, dist.layout, PLOT_CONFIG);

@@ -103,9 +103,11 @@ function bindControls(summary, refresh) {
   });
 }
 
-/** Shows a succeeded job's results in the run page's #results, which gets data-ready="true" once all is drawn. */
-export async function showResults(job) {
+/** Shows a succeeded job's results in the run page's #results, which gets data-ready="true" once all is drawn;
+ * nothing more is drawn once current() is false (the page was left). */
+export async function showResults(current, job) {
   const summary = await api(`/jobs/${job.id}/summary`);
+  if (!current()) return; // another page (perhaps another run's, with its own results) was asked for meanwhile
   const propagation = summary.propagation_label || "exact SGD";
   const results = byId("results");
   render(results, resultsPage(summary, propagation));
@@ -124,6 +126,7 @@ export async function showResults(job) {
   bindSelection(job.id);
   bindExports(results, (name, format) => resultsExportPath(job.id, summary.steps - 1, name, format));
   await refresh.windows();
+  if (!current()) return;
   restoreControls(["window"]);
   keepControlsInUrl(results);
   await Promise.all([refresh.plots(), refresh.top(), refresh.examples(), refresh.selection(), drawDynamics(job.id)]);

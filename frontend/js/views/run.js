@@ -60,8 +60,8 @@ function bindDropzone(take) {
   });
 }
 
-function bindUploads(view, runId) {
-  const take = (files) => uploadFiles(runId, [...files], () => renderRun(view, runId));
+function bindUploads(runId, drawAgain) {
+  const take = (files) => uploadFiles(runId, [...files], drawAgain);
   byId("file-input").addEventListener("change", (e) => take(e.target.files));
   byId("dir-input").addEventListener("change", (e) => take(e.target.files));
   bindDropzone(take);
@@ -78,18 +78,23 @@ function bindAnalyze(view, runId) {
 const VALIDATING = ["received", "validating"];
 
 /** Shows a run's page with its analyses; the one shown is ?job= or the latest. While files wait for their verdict,
- * the page is drawn again every second (unless an upload is under way in it). */
-export async function renderRun(view, runId) {
+ * the page is drawn again every second (unless an upload is under way in it). Nothing is drawn once current() is
+ * false (another page was asked for). */
+export async function renderRun(current, view, runId) {
   clearTimeout(state.pollTimer);
   clearTimeout(state.runTimer);
   const [run, jobs] = await Promise.all([api(`/runs/${runId}`), api(`/runs/${runId}/jobs`)]);
+  if (!current()) return; // the page was left while it loaded: the page asked for since is the one to show
   render(view, page(run));
-  bindUploads(view, runId);
+  // An upload ends long after it began: the page is drawn again only if it is still the one shown (a call on a
+  // page left would also stop that page's timers).
+  const drawAgain = () => current() && renderRun(current, view, runId);
+  bindUploads(runId, drawAgain);
   bindAnalyze(view, runId);
   const asked = Number(viewParams().get("job"));
   const shown = jobs.data.find((j) => j.id === asked) || jobs.data[0];
   if (run.files.some((f) => VALIDATING.includes(f.status))) {
-    state.runTimer = setTimeout(() => byId("upload-files")?.childElementCount || renderRun(view, runId), 1000);
+    state.runTimer = setTimeout(() => byId("upload-files")?.childElementCount || drawAgain(), 1000);
   }
-  await followJobs(runId, jobs.data, shown?.id);
+  await followJobs(current, runId, jobs.data, shown?.id);
 }

@@ -42,10 +42,11 @@ async function createRun(event) {
   }
 }
 
-/** Shows the runs whose names match search. */
-export async function renderRuns(view, search = "") {
+/** Shows the runs whose names match search, unless current() is false once they arrive (the page was left). */
+export async function renderRuns(current, view, search = "") {
   const runs = await api(`/runs?limit=200&search=${encodeURIComponent(search)}`);
+  if (!current()) return; // another page was asked for meanwhile: it is the one to show
   render(view, page(runs, search));
-  byId("search").addEventListener("change", (e) => renderRuns(view, e.target.value));
+  byId("search").addEventListener("change", (e) => renderRuns(current, view, e.target.value));
   byId("create").addEventListener("submit", createRun);
 }

@@ -49,8 +49,9 @@ function card({ job, summary, querySet, rows, helpful, harmful }) {
       ${exampleLink(job.id, querySet, harmful, "harmful")}.</p>`;
 }
 
-/** Fills the run page's #summary-card for a succeeded job (query set: the URL's qs=, else the job's first). */
-export async function showSummaryCard(job) {
+/** Fills the run page's #summary-card for a succeeded job (query set: the URL's qs=, else the job's first), unless
+ * current() is false by then (the page was left). */
+export async function showSummaryCard(current, job) {
   const summary = await api(`/jobs/${job.id}/summary`);
   const asked = viewParams().get("qs");
   const querySet = asked in summary.query_sets ? asked : Object.keys(summary.query_sets)[0];
@@ -58,8 +59,8 @@ export async function showSummaryCard(job) {
     api(`/jobs/${job.id}/examples?query_set=${encodeURIComponent(querySet)}&kind=${kind}&limit=1`);
   const [helpful, harmful] = await Promise.all([first("helpful"), first("harmful")]);
   const rows = phaseRows(summary.query_sets[querySet].phases, summary.steps);
+  if (!current()) return; // another page (perhaps another run's, with its own card) was asked for meanwhile
   const box = byId("summary-card");
-  if (!box) return;
   render(box, card({ job, summary, querySet, rows, helpful: helpful.data[0], harmful: harmful.data[0] }));
   box.hidden = false;
 }
