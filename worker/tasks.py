@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Task
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from server.db.leases import LeaseHeld
 from server.tasks import ADHOC_QUERY, COMPUTE, COMPUTE_SEGMENT, VALIDATE_FILE, WINDOW_TOPK
@@ -26,7 +26,9 @@ def _retries_left(task: Task) -> int:
     return int(task.max_retries or 0) - int(task.request.retries)
 
 
-@app.task(name=VALIDATE_FILE, bind=True, **RELIABLE)
+# Any database error retries a validation (the validator gives the claim back first): rejecting the file would
+# blame it and delete its bytes. A job fails instead, with the error in words (worker/computation.py).
+@app.task(name=VALIDATE_FILE, bind=True, **{**RELIABLE, "autoretry_for": (SQLAlchemyError,)})
 def validate_file(self: Task, file_id: int) -> None:
     try:
         run_validate_file(file_id, transient_retries_left=_retries_left(self))

@@ -2,7 +2,9 @@
 one is rejected with the reason and its bytes removed; the run becomes ready once every file its
 manifests list is. Idempotent: a redelivered task finds the file judged and does nothing, or claimed by a live
 validator and comes back later; a file whose validator died (its lease expired) is taken over, and the attempt
-cap rejects a file that kills every validator (server/db/leases.py)."""
+cap rejects a file that kills every validator (server/db/leases.py). Only the validator that holds the file moves
+or deletes its bytes, in the transaction that records its verdict (:func:`_hold`): a validator whose file was
+taken over while it worked (alive, but its lease expired) touches nothing."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dvemb.errors import DvembError
@@ -27,7 +29,7 @@ from dvemb.formats import (
     rank_manifest_name,
 )
 from dvemb.reader import GradientLog, check_index_file, check_manifest_file
-from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, holder, lock_run
+from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, hold, holder, lock_run
 from server.db.models import LogFile, Run
 from server.db.run_files import missing_files
 from server.db.session import session_factory
@@ -61,11 +63,12 @@ def run_validate_file(file_id: int, transient_retries_left: int = 0) -> None:
         run_id = upload.run_id
         try:
             with Heartbeat(LogFile, file_id, FileStatus.VALIDATING, lease, mine):  # a large file takes a while
-                ready = _validate(session, upload, mine)
-        except OperationalError:
-            # Transient (a lost connection, a lock timeout): the task retries, and this attempt does not count
-            # toward the cap, which is for validators that die; the last retry leaves the lease to expire (the
-            # reconciler then queues the file again, and that attempt counts), so an error that persists still ends.
+                ready = _validate(session, upload, mine, lease)
+        except SQLAlchemyError:
+            # The database's fault, not the file's (a lost connection, a lock timeout, or a bug): the file is not
+            # rejected for it, nor told SQL. The task retries, and this attempt does not count toward the cap,
+            # which is for validators that die; the last retry leaves the lease to expire (the reconciler then
+            # queues the file again, and that attempt counts), so an error that persists still ends.
             session.rollback()
             if transient_retries_left > 0:
                 hand_back(factory, LogFile, file_id, FileStatus.VALIDATING, mine)
@@ -94,29 +97,29 @@ def _gave_up(cap: int) -> str:
     )
 
 
-def _validate(session: Session, upload: LogFile, mine: Any) -> bool:
+def _validate(session: Session, upload: LogFile, mine: Any, lease: float) -> bool:
     """Judge the claimed file and record the verdict; True once it is ready. The run's row is locked before any
     write to the run or its files (the lock order of server/db/leases.py), and only after the long read."""
     storage = get_settings().storage
-    run = session.get(Run, upload.run_id)
-    assert run is not None
     part = _received_bytes(storage, upload)
-    staging = staging_dir(storage, run.id)
+    staging = staging_dir(storage, upload.run_id)
     try:
         if is_manifest_name(upload.name) or is_index_name(upload.name):  # a manifest, or a rank's shard index
-            run = lock_run(session, run.id)  # held while the manifests are staged: they are judged together
-            assert run is not None
+            run = _hold(session, upload, mine, lease)  # held while the manifests are staged: judged together
+            if run is None:
+                return False
             _accept_manifest(session, run, upload, part)
         else:
             if _listing_manifests(staging) is None:
                 _wait_for_manifest(session, upload, staging, mine)
                 return False
             GradientLog(staging).validate_file(upload.name, part)
-            _publish(part, log_dir(storage, run.id) / upload.name)
             # Concurrent validators and uploads of one run serialise on the run's row (Postgres).
-            run = lock_run(session, run.id)
-            assert run is not None
-    except OperationalError:
+            run = _hold(session, upload, mine, lease)
+            if run is None:
+                return False
+            _publish(part, log_dir(storage, run.id) / upload.name)
+    except SQLAlchemyError:
         raise  # the database's fault, not the file's: the task retries
     except Exception as exc:  # DvembError explains itself; anything else is still this file's fault
         session.rollback()  # drops the run's lock and anything half-written
@@ -124,14 +127,24 @@ def _validate(session: Session, upload: LogFile, mine: Any) -> bool:
         problem = str(exc) if isinstance(exc, DvembError) else f"could not be read ({type(exc).__name__}: {exc})"
         _reject(session, upload, mine, public_message(problem.replace(str(part), upload.name), storage))
         return False
-    if not transition(session, upload, FileStatus.READY, when=mine, error=None, lease_expires_at=None):
-        session.rollback()  # another validator took the file over (this one's lease had expired): its verdict stands
-        return False
+    transition(session, upload, FileStatus.READY, when=mine, error=None, lease_expires_at=None)  # held: it moves
     # Sizes add up in SQL.
     session.execute(update(Run).where(Run.id == run.id).values(size_bytes=Run.size_bytes + upload.size_bytes))
     _update_run(session, run)
     session.commit()
     return True
+
+
+def _hold(session: Session, upload: LogFile, mine: Any, lease: float) -> Run | None:
+    """Lock the run's row, then the file's while this validator still holds the file (the lock order of
+    server/db/leases.py); the locked run, or None (rolled back) once another validator took the file over. The
+    bytes move only after this, before the verdict's commit. Before, a validator whose lease expired while it read
+    moved the part from under its successor, which then rejected the file and deleted the moved bytes."""
+    run = lock_run(session, upload.run_id)
+    if run is None or not hold(session, LogFile, upload.id, FileStatus.VALIDATING, mine, lease):
+        session.rollback()  # the successor's verdict stands; this validator touches neither the row nor the bytes
+        return None
+    return run
 
 
 def _received_bytes(storage: Path, upload: LogFile) -> Path:

@@ -8,6 +8,9 @@ Jobs (worker/computation.py) and uploaded files (worker/validation.py) share one
   status once the lease has expired (its worker is gone), counting an attempt and starting a lease;
 * :class:`Heartbeat` renews the lease while the work runs, from a thread of its own;
 * :func:`holder` is the claim's token: a write conditional on it is lost once another attempt took the row;
+* :func:`hold` locks the row for the rest of a transaction while the claim holds: anything done outside the
+  database that only the holder may do (moving or deleting a file's bytes) comes after it, so a taken-over
+  worker does nothing, and a worker taking the row over waits for that transaction;
 * :func:`hand_back` gives an attempt back uncounted after a transient database error;
 * :func:`requeue_expired` (the API's reconciler) moves rows whose lease expired back to their waiting status
   and queues their task; the attempt cap stops a row that kills every worker.
@@ -36,7 +39,7 @@ from server.db.session import session_factory
 from server.db.states import transition
 from server.tasks import enqueue_after_commit
 
-__all__ = ["Heartbeat", "LeaseHeld", "claim", "hand_back", "holder", "lock_run", "requeue_expired"]
+__all__ = ["Heartbeat", "LeaseHeld", "claim", "hand_back", "hold", "holder", "lock_run", "requeue_expired"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,8 @@ def lock_run(session: Session, run_id: int) -> Run | None:
 def claim(session: Session, row: Any, *, working: StrEnum, waiting: StrEnum, lease: float, **values: Any) -> bool:
     """Move ``row`` to ``working`` from ``waiting``, or take it over in ``working`` once its lease has expired (never
     while its worker holds it); counts an attempt and starts a lease of ``lease`` seconds. A compare-and-set
-    (server/db/states.py): of two deliveries of one task, one claims."""
+    (server/db/states.py): of two deliveries of one task, one claims. Clears ``error`` unless ``values`` sets it:
+    a note from an earlier attempt ('waiting for the manifest') no longer says why the row waits."""
     model = type(row)
     now = dt.datetime.now(dt.UTC)
     return transition(
@@ -72,7 +76,7 @@ def claim(session: Session, row: Any, *, working: StrEnum, waiting: StrEnum, lea
         when=or_(model.status == waiting, model.lease_expires_at.is_(None), model.lease_expires_at < now),
         attempts=model.attempts + 1,
         lease_expires_at=now + dt.timedelta(seconds=lease),
-        **values,
+        **{"error": None, **values},
     )
 
 
@@ -80,6 +84,17 @@ def holder(row: Any) -> ColumnElement[bool]:
     """This claim's token: true while no later attempt has claimed the row (a taken-over worker writes nothing)."""
     model = type(row)
     return model.attempts == row.attempts  # type: ignore[no-any-return]
+
+
+def hold(session: Session, model: Any, row_id: int, working: StrEnum, mine: Any, lease: float) -> bool:
+    """Whether this claim still holds the row; if so, the row is locked until the transaction ends (its lease
+    renewed). A write rather than ``FOR UPDATE``: SQLite takes its write lock only then. Whoever takes the row
+    over next (its ``claim`` is an update of the row) waits for this transaction and finds its outcome."""
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lease)
+    renewed = session.execute(
+        update(model).where(model.id == row_id, model.status == working, mine).values(lease_expires_at=expires)
+    )
+    return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
 
 
 class Heartbeat:
@@ -115,15 +130,17 @@ class Heartbeat:
 
 
 def hand_back(factory: sessionmaker[Session], model: Any, row_id: int, working: StrEnum, mine: Any) -> None:
-    """After a transient database error: give the claim back uncounted (attempts one less, no lease, so that the
-    task's retry takes the row at once). Best effort: if the database is still unreachable, the lease expires
-    and the attempt counts."""
+    """After a database error the task retries: give the claim back uncounted (attempts one less, a lease that has
+    already expired, so that the task's retry takes the row at once). Expired rather than none: if the retry's
+    message is lost, the reconciler re-queues the row (it skips rows without a lease); if both come, one claims
+    and the other finds the lease held (:class:`LeaseHeld`) or the work done. Best effort: if the database is
+    still unreachable, the lease expires and the attempt counts."""
     try:
         with factory() as session:
             session.execute(
                 update(model)
                 .where(model.id == row_id, model.status == working, mine)
-                .values(attempts=model.attempts - 1, lease_expires_at=None)
+                .values(attempts=model.attempts - 1, lease_expires_at=dt.datetime.now(dt.UTC))
             )
             session.commit()
     except SQLAlchemyError:
@@ -134,7 +151,8 @@ def requeue_expired(
     factory: sessionmaker[Session], model: Any, *, working: StrEnum, waiting: StrEnum, task: str
 ) -> list[int]:
     """Move every row in ``working`` whose lease has expired (its worker is gone) back to ``waiting`` and queue
-    ``task`` for it in the same transaction; returns their ids."""
+    ``task`` for it in the same transaction; returns their ids. Clears ``error``, as :func:`claim` does: the row
+    is queued, whatever an earlier attempt noted."""
     now = dt.datetime.now(dt.UTC)
     with factory() as session:
         expired = session.scalars(
@@ -148,7 +166,13 @@ def requeue_expired(
             row = session.get(model, row_id)
             # Conditional on the lease being still expired: a worker that renewed it meanwhile keeps its row.
             if row is not None and transition(
-                session, row, waiting, only_from=(working,), when=model.lease_expires_at < now, lease_expires_at=None
+                session,
+                row,
+                waiting,
+                only_from=(working,),
+                when=model.lease_expires_at < now,
+                lease_expires_at=None,
+                error=None,
             ):
                 enqueue_after_commit(session, task, row_id)
                 moved.append(row_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Iterator
@@ -11,8 +12,9 @@ import httpx
 import pytest
 from alembic import command
 from service_harness import Api, make_token
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
 
+from server.db.models import LogFile
 from server.migrate import alembic_config, downgrade, upgrade
 
 
@@ -51,6 +53,39 @@ def test_migrations_postgres(service_env: dict[str, str]) -> None:
 
 def test_migrations_sqlite(tmp_path: Path) -> None:
     _check_round_trip(f"sqlite:///{tmp_path / 'dvemb.db'}")
+
+
+def test_migration_0009_gives_a_validating_file_a_full_lease(tmp_path: Path) -> None:
+    """A file 'validating' when 0009 runs got an expired lease: during a rolling deploy, the reconciler queued
+    it again at once while an old validator (no claim check) still worked on it. It gets a full default lease."""
+    url = f"sqlite:///{tmp_path / 'dvemb.db'}"
+    upgrade(url, "0008")
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (id, name, created_at) VALUES (1, 'p', CURRENT_TIMESTAMP)"))
+            conn.execute(
+                text(
+                    "INSERT INTO runs (id, project_id, name, status, size_bytes, created_at) "
+                    "VALUES (1, 1, 'r', 'uploading', 0, CURRENT_TIMESTAMP)"
+                )
+            )
+            for file_id, status in enumerate(["validating", "received"], 1):
+                conn.execute(
+                    text(
+                        'INSERT INTO log_files (id, run_id, name, upload_id, size_bytes, "offset", status, created_at) '
+                        "VALUES (:id, 1, :name, :name, 10, 10, :status, CURRENT_TIMESTAMP)"
+                    ),
+                    {"id": file_id, "name": f"f{file_id}", "status": status},
+                )
+        before = dt.datetime.now(dt.UTC).replace(tzinfo=None)  # SQLite keeps UTC without its zone
+        upgrade(url)
+        with engine.connect() as conn:
+            leases = dict(conn.execute(select(LogFile.id, LogFile.lease_expires_at)).all())
+    finally:
+        engine.dispose()
+    assert leases[2] is None
+    assert before + dt.timedelta(seconds=29) < leases[1] < before + dt.timedelta(seconds=60), leases
 
 
 def test_job_needs_a_ready_run(api: Api) -> None:

@@ -7,6 +7,7 @@ run serialise instead of deadlocking on PostgreSQL."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shutil
 import threading
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
+import pytest
 from service_harness import Worker, record_log
 from sqlalchemy import text, update
 
@@ -169,8 +171,6 @@ def test_the_reconciler_requeues_a_lost_validation_and_the_cap_rejects_it(
 ) -> None:
     """A file whose validator's lease expired goes back to 'received' with a new task (the reconciler); a live
     lease sends a redelivery away (LeaseHeld); past the attempt cap, the file is rejected with the reason."""
-    import pytest
-
     from server.db.leases import LeaseHeld
     from server.reconciler import requeue_expired_files
     from worker.validation import run_validate_file
@@ -209,3 +209,128 @@ def test_the_reconciler_requeues_a_lost_validation_and_the_cap_rejects_it(
     upload = _file(ids[OTHER])
     assert upload.status == FileStatus.REJECTED and f"started {cap} times" in (upload.error or ""), upload.error
     assert not part_path(get_settings().storage, upload.run_id, upload.upload_id).exists()
+
+
+def _set(file_id: int, **values: object) -> None:
+    with session_factory()() as session:
+        session.execute(update(LogFile).where(LogFile.id == file_id).values(**values))
+        session.commit()
+
+
+def test_a_validator_whose_file_was_taken_over_leaves_its_bytes(
+    service_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validator A, alive but past its lease, finished reading and moved the part into the log while B, which had
+    taken the file over, was about to read it: B found no part, rejected the file and deleted the moved bytes (a
+    valid file lost). A now checks its claim, locked, before it moves anything. Heartbeats are off: the test says
+    when A's lease has expired; B waits in its read until A has given up."""
+    import worker.validation as validation
+    from dvemb.reader import GradientLog
+
+    run_id, ids, log = _ready_to_validate(tmp_path)
+    shard_id = ids[SHARD]
+    read = GradientLog.validate_file
+    a_reads, b_reads = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def validate_file(self: GradientLog, name: str, part: Path) -> None:
+        if not a_reads.is_set():  # A: its lease expires while it reads
+            a_reads.set()
+            assert b_reads.wait(30), "B never read"
+        else:  # B: reads once A is done
+            b_reads.set()
+            a.join(30)
+        read(self, name, part)
+
+    monkeypatch.setattr(validation, "Heartbeat", lambda *args: contextlib.nullcontext())
+    monkeypatch.setattr(GradientLog, "validate_file", validate_file)
+    a = _in_thread(lambda: validation.run_validate_file(shard_id), errors)
+    assert a_reads.wait(30), "A never read"
+    _set(shard_id, lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+    validation.run_validate_file(shard_id)  # B, as the reconciler's task would
+    assert not a.is_alive() and not errors, errors
+    upload = _file(shard_id)
+    assert (upload.status, upload.error, upload.attempts) == (FileStatus.READY, None, 2), upload.error
+    published = get_settings().storage / "runs" / str(run_id) / "log" / SHARD
+    assert published.read_bytes() == (log / SHARD).read_bytes()
+
+
+def test_a_claim_and_a_requeue_clear_the_waiting_note(
+    service_env: dict[str, str], worker: Worker, tmp_path: Path
+) -> None:
+    """A file claimed or queued again kept an earlier attempt's 'waiting for the manifest' note: queued, it then
+    looked parked (the quota skipped it, the dashboard gave a wrong reason)."""
+    from server.reconciler import requeue_expired_files
+    from worker.validation import _claim
+
+    _, ids, _ = _ready_to_validate(tmp_path)
+    shard_id = ids[SHARD]
+    note = "waiting for the manifest(s) to be uploaded and validated"
+    worker.kill()  # the re-queued task waits for the test's checks
+    try:
+        _set(shard_id, error=note)
+        with session_factory()() as session:
+            assert _claim(session, shard_id, 30) is not None
+        assert (_file(shard_id).status, _file(shard_id).error) == (FileStatus.VALIDATING, None)
+        _set(shard_id, error=note, lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+        assert requeue_expired_files(session_factory()) == 1
+        assert (_file(shard_id).status, _file(shard_id).error) == (FileStatus.RECEIVED, None)
+    finally:
+        worker.start()
+    _wait_until(lambda: _file(shard_id).status == FileStatus.READY, 60, "the re-queued file was not validated")
+
+
+def test_a_claim_handed_back_is_requeued_if_its_retry_is_lost(
+    service_env: dict[str, str], worker: Worker, tmp_path: Path
+) -> None:
+    """After a transient database error the validator gives its claim back for the task's retry; it left no lease,
+    and the reconciler looks only at leases that expired: had the retry's message been lost, the file stayed
+    'validating' for ever. The lease given back has expired instead."""
+    from server.db.leases import hand_back, holder
+    from server.reconciler import requeue_expired_files
+    from worker.validation import _claim
+
+    _, ids, _ = _ready_to_validate(tmp_path)
+    shard_id = ids[SHARD]
+    worker.kill()
+    try:
+        with session_factory()() as session:
+            upload = _claim(session, shard_id, 30)
+            assert upload is not None
+            hand_back(session_factory(), LogFile, shard_id, FileStatus.VALIDATING, holder(upload))
+        assert _file(shard_id).attempts == 0
+        assert requeue_expired_files(session_factory()) == 1  # the retry's message never came
+        assert _file(shard_id).status == FileStatus.RECEIVED
+    finally:
+        worker.start()
+    _wait_until(lambda: _file(shard_id).status == FileStatus.READY, 60, "the re-queued file was not validated")
+
+
+def test_a_database_error_does_not_reject_the_file(
+    service_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database error other than OperationalError (here a real one: a query PostgreSQL refuses) rejected the file,
+    deleting its bytes, with the SQL in its reason. It is the database's fault: the claim is given back and the
+    task retries; the retry validates the file."""
+    from sqlalchemy.exc import ProgrammingError
+
+    from dvemb.reader import GradientLog
+    from worker.validation import run_validate_file
+
+    run_id, ids, _ = _ready_to_validate(tmp_path)
+    shard_id = ids[SHARD]
+
+    def broken(*args: object) -> None:
+        with get_engine().connect() as conn:
+            conn.execute(text("SELECT no_such_column FROM log_files"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GradientLog, "validate_file", broken)
+        with pytest.raises(ProgrammingError):
+            run_validate_file(shard_id, transient_retries_left=1)
+    upload = _file(shard_id)
+    assert upload.status != FileStatus.REJECTED and upload.error is None, upload.error
+    assert upload.attempts == 0  # given back: a database error is not a validator that died
+    assert part_path(get_settings().storage, run_id, upload.upload_id).exists()
+    run_validate_file(shard_id)  # the task's retry
+    assert _file(shard_id).status == FileStatus.READY
