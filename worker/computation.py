@@ -17,7 +17,7 @@ from dvemb.engine.compute import is_segmented, prepare_out
 from dvemb.errors import DvembError
 from dvemb.formats import Summary
 from dvemb.reader import open_log
-from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, holder
+from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, hold, holder
 from server.db.models import Job, Run
 from server.db.session import session_factory
 from server.db.states import JobStatus, transition
@@ -192,15 +192,11 @@ def _fence(job_id: int, mine: Any, lease: float) -> Any:
     row for the transaction (one writer of a job's rows at a time), or raises JobCancelled when this attempt no
     longer holds the job (cancelled, or taken over after its lease expired)."""
 
-    def hold(session: Any) -> None:
-        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lease)
-        held = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING, mine).values(lease_expires_at=expires)
-        )
-        if held.rowcount != 1:
+    def fence(session: Any) -> None:
+        if not hold(session, Job, job_id, JobStatus.RUNNING, mine, lease):
             raise JobCancelled
 
-    return hold
+    return fence
 
 
 def _progress_writer(job_id: int, mine: Any) -> Any:
