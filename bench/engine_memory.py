@@ -151,8 +151,11 @@ def _status_kb(pid: int) -> dict[str, int]:
     return out
 
 
-def measure(command: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
-    """Run ``command``; its wall time and the peaks of its process tree's summed memory (MB)."""
+def measure(
+    command: list[str], env: dict[str, str] | None = None, samples: list[tuple[float, int, int]] | None = None
+) -> dict[str, float]:
+    """Run ``command``; its wall time and the peaks of its process tree's summed memory (MB). ``samples``, if
+    given, receives every sample as (``time.time()``, anonymous kB, file-backed kB)."""
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = {"rss": 0, "anon": 0, "file": 0, "hwm": 0, "processes": 0}
@@ -168,6 +171,9 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> dict[str, 
         peak["file"] = max(peak["file"], sum(s.get("RssFile", 0) + s.get("RssShmem", 0) for s in stats))
         peak["hwm"] = max(peak["hwm"], max((s.get("VmHWM", 0) for s in stats), default=0))
         peak["processes"] = max(peak["processes"], len([s for s in stats if s]))
+        if samples is not None:
+            anon = sum(s.get("RssAnon", 0) for s in stats)
+            samples.append((time.time(), anon, sum(s.get("RssFile", 0) + s.get("RssShmem", 0) for s in stats)))
         time.sleep(SAMPLE_S)
     seconds = time.perf_counter() - start
     _, stderr = process.communicate()
