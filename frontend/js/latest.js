@@ -10,3 +10,9 @@ export function latestOnly(load) {
     return load(() => ticket === latest, ...args);
   };
 }
+
+/** latestOnly for a part of a page (a table, a plot, a picker): each call's first argument is the page's current()
+ * from the router, and load's current() is also false once that page is no longer the one shown. The part finds its
+ * elements by id, and the page followed (another run's) has elements of the same ids: an answer that arrives late
+ * would be drawn there. */
+export const latestOnPage = (load) => latestOnly((mine, page, ...args) => load(() => mine() && page(), ...args));

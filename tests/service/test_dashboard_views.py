@@ -3,9 +3,10 @@ issue 15 with a check that failed on the old dashboard: upload errors that vanis
 zero, shares named for the wrong measure, the title over a phase label, an older answer drawn over a newer one,
 tables wider than the page, only the latest analysis shown, no cancel, no way back from an example and queries
 named by index, Swagger UI from a CDN, no favicon, an invalid name pattern; then a stale comparison drawn over a newer
-one, a download whose expired token did not lead to sign-in, a page left while it loaded drawn over the page followed
-and an older plot request's summary written while its plot was drawn. Screenshots go to artifacts/ (docs/images/ with
-DVEMB_UPDATE_SCREENSHOTS=1)."""
+one, a download whose expired token did not lead to sign-in, a page left while it loaded drawn over the page followed,
+an older plot request's summary written while its plot was drawn, a run's top rows loading when another run's page
+was shown drawn on that page, and an older search's answer drawn over a newer one's. Screenshots go to artifacts/
+(docs/images/ with DVEMB_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
@@ -310,8 +311,8 @@ def test_compare_page_with_two_runs(
     server_url: str,
     tmp_path: Path,
 ) -> None:
-    _, a = analysed(api, token, tmp_path, "seed-0", seed=0, steps=20)
-    _, b = analysed(api, token, tmp_path, "seed-1", seed=1, steps=30)
+    run_a, a = analysed(api, token, tmp_path, "seed-0", seed=0, steps=20)
+    run_b, b = analysed(api, token, tmp_path, "seed-1", seed=1, steps=30)
     context: BrowserContext = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.goto(server_url + "/#/compare")
@@ -354,6 +355,26 @@ def test_compare_page_with_two_runs(
     page.wait_for_function(f"{shown_top} === '4'")
     page.wait_for_timeout(3000)  # the held-back answer for the top 3 has arrived meanwhile
     assert page.evaluate(shown_top) == "4"
+
+    # a run page's part still loading when another run's page is shown is not drawn there: run A's next top rows
+    # arrive 2 s late, once run B's page is drawn but before its own top rows (its windows arrive 4 s late)
+    page.goto(f"{server_url}/#/runs/{run_a}?job={a}")
+    expect(page.locator("#results[data-ready=true]")).to_be_attached(timeout=60_000)
+    hold_back(page, f"/jobs/{a}/top")
+    hold_back(page, f"/jobs/{b}/windows", 4000)
+    page.get_by_role("button", name="next ▶").click()
+    page.evaluate(f"location.hash = '#/runs/{run_b}?job={b}'")
+    expect(page.get_by_role("heading", name="seed-1")).to_be_visible()
+    page.evaluate(
+        f"""() => {{
+        const seen = () => document.querySelector('a[href^="#/jobs/{a}/"]') && (window.seenA = true);
+        seen();
+        new MutationObserver(seen).observe(document.body, {{ childList: true, subtree: true }});
+      }}"""
+    )
+    expect(page.locator("#results[data-ready=true]")).to_be_attached(timeout=60_000)
+    assert page.evaluate("window.seenA") is None  # run A's rows never showed on run B's page
+    expect(page.locator(f"table.top[data-kind=helpful] a[href^='#/jobs/{b}/']").first).to_be_attached()
     context.close()
 
 
@@ -364,11 +385,24 @@ def test_a_page_left_while_it_loads_is_not_drawn(
     server_url: str,
 ) -> None:
     run_id = api.post("/runs", json={"name": "slow-run"}).json()["id"]
+    api.post("/runs", json={"name": "other-run"})
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.goto(f"{server_url}/#/runs")
     sign_in(page, token)
     expect(page.locator("#runs")).to_contain_text("slow-run", timeout=30_000)
+
+    # two searches in a row: the first's answer arrives 2 s late, and the list stays the second's
+    hold_back(page, "search=slow")
+    for search in ("slow", "other"):
+        page.get_by_label("Search").fill(search)
+        page.get_by_label("Search").dispatch_event("change")
+    expect(page.get_by_label("Search")).to_have_value("other")
+    expect(page.locator("#runs tbody tr")).to_have_count(1)
+    page.wait_for_timeout(2500)  # the held-back answer for the first search has arrived meanwhile
+    expect(page.locator("#runs tbody tr")).to_have_text(re.compile("other-run"))
+    expect(page.get_by_label("Search")).to_have_value("other")
+
     hold_back(page, f"/runs/{run_id}$")  # the run page's answer arrives 2 s late
     page.evaluate(f"location.hash = '#/runs/{run_id}'")
     page.wait_for_timeout(200)

@@ -7,7 +7,7 @@ import { byId, onEach, valueOf } from "../dom.js";
 import { bindExports, exportButtons } from "../export.js";
 import { fmtScore } from "../format.js";
 import { html, render } from "../html.js";
-import { latestOnly } from "../latest.js";
+import { latestOnPage } from "../latest.js";
 import { table } from "../table.js";
 import { setViewParams, viewParams } from "../url.js";
 
@@ -119,8 +119,8 @@ function comparisonParams() {
 }
 
 /** Draws the comparison of the picked analyses and keeps the picks and options in the URL; when they change again
- * before the answer arrives, only the newest comparison is drawn. */
-const showComparison = latestOnly(async (current) => {
+ * before the answer arrives, only the newest comparison is drawn (none once the page was left). */
+const showComparison = latestOnPage(async (current) => {
   const params = comparisonParams();
   setViewParams({
     jobs: params.get("jobs"),
@@ -167,12 +167,12 @@ export async function renderCompare(current, view) {
   if (!current()) return; // another page was asked for meanwhile: it is the one to show
   render(view, page(jobs));
   byId("compare-picks").addEventListener("change", () => fillQuerySets(jobs, valueOf("cmp-qs")));
-  byId("compare").addEventListener("click", showComparison);
-  onEach(["cmp-view", "cmp-smooth"], "change", () => byId("comparison").childElementCount && showComparison());
+  byId("compare").addEventListener("click", () => showComparison(current));
+  onEach(["cmp-view", "cmp-smooth"], "change", () => byId("comparison").childElementCount && showComparison(current));
   bindExports(byId("comparison"), (name, format) => {
     const params = comparisonParams();
     params.set("format", format);
     return `/compare/export/${name}?${params}`;
   });
-  if (restore(jobs)) await showComparison();
+  if (restore(jobs)) await showComparison(current);
 }

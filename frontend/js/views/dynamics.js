@@ -4,7 +4,7 @@ import { api } from "../api.js";
 import { byId } from "../dom.js";
 import { exportButtons } from "../export.js";
 import { html } from "../html.js";
-import { latestOnly } from "../latest.js";
+import { latestOnPage } from "../latest.js";
 
 const PLOT_CONFIG = { responsive: true, displaylogo: false };
 
@@ -27,17 +27,17 @@ export const dynamicsSection = (summary) => {
 /** The series the plot shows. */
 export const shownSeries = () => byId("dynamics-series").value;
 
-/** Draws the series picked when called, unless another was picked before its answer arrived. */
-const drawSeries = latestOnly(async (current, jobId) => {
+/** Draws the series picked when called, unless another was picked (or the page left) before its answer arrived. */
+const drawSeries = latestOnPage(async (current, jobId) => {
   const figure = await api(`/jobs/${jobId}/figures/dynamics?series=${encodeURIComponent(shownSeries())}`);
   if (!current()) return;
   await Plotly.react("dynamics-plot", figure.data, figure.layout, PLOT_CONFIG);
 });
 
 /** Draws the selected series and redraws when another is picked (nothing to do without the section). */
-export async function drawDynamics(jobId) {
+export async function drawDynamics(current, jobId) {
   const picker = byId("dynamics-series");
   if (!picker) return;
-  picker.addEventListener("change", () => drawSeries(jobId));
-  await drawSeries(jobId);
+  picker.addEventListener("change", () => drawSeries(current, jobId));
+  await drawSeries(current, jobId);
 }

@@ -2,7 +2,7 @@
 // a point lists that step's examples in the "Top training examples" tables.
 import { api } from "../api.js";
 import { byId } from "../dom.js";
-import { latestOnly } from "../latest.js";
+import { latestOnPage } from "../latest.js";
 import { controls, setGiven } from "./controls.js";
 
 const PLOT_CONFIG = { responsive: true, displaylogo: false };
@@ -36,8 +36,8 @@ function linkPoints() {
 }
 
 /** Draws the phase plot, the phases' summary and the distribution for the current controls; when the controls
- * change again before the answers arrive, only the newest request's answers are drawn. */
-export const drawPlots = latestOnly(async (current, jobId) => {
+ * change again before the answers arrive, only the newest request's answers are drawn (none once the page was left). */
+export const drawPlots = latestOnPage(async (current, jobId) => {
   const c = controls();
   const params = new URLSearchParams({ query_set: c.querySet, view: c.view, smooth: c.smooth, points: "1000" });
   const querySet = encodeURIComponent(c.querySet);

@@ -4,7 +4,7 @@ import { api } from "../api.js";
 import { byId } from "../dom.js";
 import { fmtScore } from "../format.js";
 import { html, render } from "../html.js";
-import { latestOnly } from "../latest.js";
+import { latestOnPage } from "../latest.js";
 import { state } from "../state.js";
 import { table } from "../table.js";
 import { describe, drawThumbs } from "../thumbs.js";
@@ -66,8 +66,9 @@ function showChosen(text, failed = false) {
   box.textContent = text;
 }
 
-/** The "Top training examples" tables, for the current controls and page; a newer call wins over a slower older one. */
-export const showTop = latestOnly(async (current, jobId, propagation, lastStep) => {
+/** The "Top training examples" tables, for the current controls and page; a newer call wins over a slower older one,
+ * and nothing is drawn once the page was left. */
+export const showTop = latestOnPage(async (current, jobId, propagation, lastStep) => {
   showChosen("…");
   try {
     const window = await chosenWindow(jobId, lastStep);
@@ -90,8 +91,9 @@ async function showTopTable(jobId, kind, top, propagation, current) {
   await showRanking(byId(`top-${kind}`), jobId, { kind, cls: "top", rows: top.data, lead, tail, after, current });
 }
 
-/** The "Examples by total influence" tables, for the current query set; a newer call wins over a slower older one. */
-export const showExamples = latestOnly(async (current, jobId, propagation) => {
+/** The "Examples by total influence" tables, for the current query set; a newer call wins over a slower older one,
+ * and nothing is drawn once the page was left. */
+export const showExamples = latestOnPage(async (current, jobId, propagation) => {
   for (const kind of KINDS) {
     const querySet = encodeURIComponent(controls().querySet);
     const ranked = await api(`/jobs/${jobId}/examples?query_set=${querySet}&kind=${kind}&limit=10`);

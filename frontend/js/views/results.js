@@ -114,21 +114,27 @@ export async function showResults(current, job) {
   restoreControls(["qs"]); // the view in the URL (a link, a reload), else the defaults
   state.page = Number(viewParams().get("page")) || 0;
   const refresh = {
-    plots: () => drawPlots(job.id),
-    top: () => showTop(job.id, propagation, summary.steps - 1),
-    examples: () => showExamples(job.id, propagation),
-    windows: () => fillWindows(job.id),
-    selection: () => showSelection(job.id),
+    plots: () => drawPlots(current, job.id),
+    top: () => showTop(current, job.id, propagation, summary.steps - 1),
+    examples: () => showExamples(current, job.id, propagation),
+    windows: () => fillWindows(current, job.id),
+    selection: () => showSelection(current, job.id),
   };
   fillQueries(summary);
   restoreControls(["query", "view-kind", "smooth", "step-min", "step-max"]);
   bindControls(summary, refresh);
-  bindSelection(job.id);
+  bindSelection(current, job.id);
   bindExports(results, (name, format) => resultsExportPath(job.id, summary.steps - 1, name, format));
   await refresh.windows();
   if (!current()) return;
   restoreControls(["window"]);
   keepControlsInUrl(results);
-  await Promise.all([refresh.plots(), refresh.top(), refresh.examples(), refresh.selection(), drawDynamics(job.id)]);
+  await Promise.all([
+    refresh.plots(),
+    refresh.top(),
+    refresh.examples(),
+    refresh.selection(),
+    drawDynamics(current, job.id),
+  ]);
   results.dataset.ready = "true";
 }

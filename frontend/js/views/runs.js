@@ -4,6 +4,7 @@ import { api, postJson } from "../api.js";
 import { byId } from "../dom.js";
 import { fmtBytes } from "../format.js";
 import { html, render } from "../html.js";
+import { latestOnPage } from "../latest.js";
 import { table } from "../table.js";
 
 const COLUMNS = [
@@ -42,11 +43,18 @@ async function createRun(event) {
   }
 }
 
-/** Shows the runs whose names match search, unless current() is false once they arrive (the page was left). */
-export async function renderRuns(current, view, search = "") {
+/** Draws the runs whose names match search; searchAgain(text) is what the search box calls. Only the newest
+ * search's answer is drawn (two searches in a row: the older answer may arrive last), none once the page was left. */
+const showRuns = latestOnPage(async (current, view, search, searchAgain) => {
   const runs = await api(`/runs?limit=200&search=${encodeURIComponent(search)}`);
-  if (!current()) return; // another page was asked for meanwhile: it is the one to show
+  if (!current()) return; // a newer search, or another page, was asked for meanwhile: it is the one to show
   render(view, page(runs, search));
-  byId("search").addEventListener("change", (e) => renderRuns(current, view, e.target.value));
+  byId("search").addEventListener("change", (e) => searchAgain(e.target.value));
   byId("create").addEventListener("submit", createRun);
+});
+
+/** Shows the runs page (every run), unless current() is false once they arrive (the page was left). */
+export function renderRuns(current, view) {
+  const searchAgain = (search) => showRuns(current, view, search, searchAgain);
+  return searchAgain("");
 }

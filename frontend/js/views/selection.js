@@ -4,7 +4,7 @@ import { api } from "../api.js";
 import { byId, onEach, valueOf } from "../dom.js";
 import { exportButtons } from "../export.js";
 import { html, render } from "../html.js";
-import { latestOnly } from "../latest.js";
+import { latestOnPage } from "../latest.js";
 import { table } from "../table.js";
 import { controls } from "./controls.js";
 
@@ -46,8 +46,9 @@ const COLUMNS = [
   { head: "share of influence", cell: (r) => percent(r.share_of_influence), td: () => ({ class: "num" }) },
 ];
 
-/** Draws the recommendation for the current query set and the section's controls (the newest request's answer). */
-export const showSelection = latestOnly(async (current, jobId) => {
+/** Draws the recommendation for the current query set and the section's controls (the newest request's answer,
+ * while the page is shown). */
+export const showSelection = latestOnPage(async (current, jobId) => {
   const params = new URLSearchParams([["query_set", controls().querySet], ...selectionChoices()]);
   const found = await api(`/jobs/${jobId}/selection?${params}`);
   if (!current()) return; // the controls changed meanwhile: the newer answer is drawn
@@ -66,6 +67,6 @@ export const showSelection = latestOnly(async (current, jobId) => {
 });
 
 /** Redraws the recommendation when one of the section's controls changes. */
-export function bindSelection(jobId) {
-  onEach(Object.values(CHOICES), "change", () => showSelection(jobId));
+export function bindSelection(current, jobId) {
+  onEach(Object.values(CHOICES), "change", () => showSelection(current, jobId));
 }

@@ -4,6 +4,7 @@
 import { ApiError, api, postJson } from "../api.js";
 import { byId } from "../dom.js";
 import { html, render } from "../html.js";
+import { latestOnPage } from "../latest.js";
 import { controls } from "./controls.js";
 
 const GROUPS = [
@@ -14,10 +15,12 @@ const GROUPS = [
 
 const label = (w) => (w.kind === "epoch" ? w.name : `${w.name} (steps ${w.step_min}–${w.step_max})`);
 
-/** Fills the window picker with the stored windows of the current query set. */
-export async function fillWindows(jobId) {
+/** Fills the window picker with the stored windows of the current query set; when the query set changes again
+ * before the answer arrives (or the page is left), only the newest request's windows are offered. */
+export const fillWindows = latestOnPage(async (current, jobId) => {
   const querySet = encodeURIComponent(controls().querySet);
   const windows = (await api(`/jobs/${jobId}/windows?query_set=${querySet}`)).data;
+  if (!current()) return;
   const group = ([kind, head]) => {
     const option = (w) => html`<option value="${w.id}">${label(w)}</option>`;
     const options = windows.filter((w) => w.kind === kind).map(option);
@@ -28,7 +31,7 @@ export async function fillWindows(jobId) {
     html`<option value="">whole run (overall top)</option>${GROUPS.map(group)}
       <option value="steps">steps (from – to), on demand</option>`,
   );
-}
+});
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
