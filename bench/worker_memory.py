@@ -19,7 +19,8 @@ resident memory of the process and its children):
    top-k, per-example totals, curves, phases and the stored windows, in short fenced transactions by COPY, and
    the job set to succeeded). Its process wraps ``worker.computation.store_results`` only to write the time it
    starts into a file, which splits the samples into the engine's part and the rows' part;
-3. a process that only imports ``worker.computation`` (the floor of every worker process).
+3. a process that only imports ``worker.computation`` (the floor of every worker process), and one that only
+   imports ``dvemb.cli`` and ``dvemb.engine`` (the floor of ``dvemb compute``).
 
 The job must end 'succeeded' with the same scores as ``dvemb compute`` (checked), and the rows it stored are
 counted. Results: a table on stdout, bench/out/worker_memory.json and the "## Worker job memory" section of
@@ -191,8 +192,9 @@ def run(steps_list: list[int], kinds: list[bool], work: Path, save: Any) -> dict
     db = Database()
     try:
         floor = measure(_python_with(ROOT, "import worker.computation"))
-        print(json.dumps({"process": "imports only", **floor}), flush=True)
-        results: dict[str, Any] = {"rows": [], "floor": floor}
+        cli_floor = measure(_python_with(ROOT, "import dvemb.cli, dvemb.engine"))
+        print(json.dumps({"process": "imports only", "worker": floor, "cli": cli_floor}), flush=True)
+        results: dict[str, Any] = {"rows": [], "floor": floor, "cli_floor": cli_floor}
         for unique in kinds:
             for steps in steps_list:
                 results["rows"] += one_size(db, work, steps, unique)
@@ -259,7 +261,13 @@ def write_markdown(results: dict[str, Any]) -> None:
         "function only to write that time to a file): 'engine part' is before, 'rows part' after. Each job "
         "ended succeeded with the scores of `dvemb compute` (max relative difference in the last column). A "
         "process that only imports `worker.computation` peaks at "
-        f"{floor['peak_anon_mb']:.0f} MB anonymous and {floor['peak_file_mb']:.0f} MB of file pages.",
+        f"{floor['peak_anon_mb']:.0f} MB anonymous and {floor['peak_file_mb']:.0f} MB of file pages"
+        + (
+            f"; one that only imports `dvemb.cli` and `dvemb.engine` at {cli['peak_anon_mb']:.0f} MB and "
+            f"{cli['peak_file_mb']:.0f} MB."
+            if (cli := results.get("cli_floor"))
+            else "."
+        ),
         "",
         "| examples | steps | occurrences | process | wall s | peak anonymous MB | ratio to `dvemb compute` | "
         "peak file pages MB | engine part: anon / file MB | rows part: anon / file MB, s | rows stored | "
