@@ -301,18 +301,23 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def _reading(rows: list[dict[str, Any]]) -> str:
     parts = []
     for kind in ("reused", "unique"):
-        for process in ("dvemb compute", "worker job"):
+        for name, process, key in (
+            ("dvemb compute", "dvemb compute", "peak_anon_mb"),
+            ("worker job", "worker job", "peak_anon_mb"),
+            ("worker job, engine part", "worker job", "engine_peak_anon_mb"),
+            ("worker job, rows part", "worker job", "rows_peak_anon_mb"),
+        ):
             mine = sorted(
                 (r for r in rows if r["examples"] == kind and r["process"] == process), key=lambda r: r["steps"]
             )
             if len(mine) < 2:
                 continue
-            first, last = mine[0], mine[-1]
-            added = max(last["occurrences"] - first["occurrences"], 1)
-            growth = (last["peak_anon_mb"] - first["peak_anon_mb"]) * 2**20 / added
+            added = max(mine[-1]["occurrences"] - mine[0]["occurrences"], 1)
+            growth = (mine[-1][key] - mine[0][key]) * 2**20 / added
+            peaks = " / ".join(f"{r[key]:.0f}" for r in mine)
+            steps = " / ".join(f"{r['steps']:,}" for r in mine)
             parts.append(
-                f"{kind}, {process}: {first['peak_anon_mb']:.0f} -> {last['peak_anon_mb']:.0f} MB from "
-                f"{first['steps']:,} to {last['steps']:,} steps ({growth:.0f} B per added occurrence)"
+                f"{kind}, {name}: {peaks} MB at {steps} steps ({growth:.0f} B per added occurrence, first to last)"
             )
     return "Growth of the anonymous peak: " + "; ".join(parts) + "." if parts else ""
 
