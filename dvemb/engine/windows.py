@@ -22,6 +22,10 @@ __all__ = ["MAX_EPOCH_WINDOWS", "Window", "WindowTop", "standard_windows", "wind
 
 MAX_EPOCH_WINDOWS = 20  # more epochs than this: per-epoch tables are computed on demand instead
 CHUNK_BYTES = 32 << 20  # float64 bytes of one chunk of scores (plus the set mean) held at a time
+# Rows of one chunk at most, whatever Q: besides its scores a chunk holds about 100 B of temporaries per row
+# (row numbers, positions, float64 means, masks, the partition's copies), so with few queries CHUNK_BYTES alone
+# let a chunk grow to the whole run (466,000 rows at Q = 16: 50 MB more at 800,000 occurrences than at 80,000).
+MAX_CHUNK_ROWS = 1 << 16
 TENTHS = 10
 
 
@@ -106,13 +110,13 @@ def window_topk(
         epoch: (R,) epoch (occurrence number of the example) of each occurrence.
         windows: the windows to rank.
         k: rows kept per window, kind and column.
-        chunk_rows: rows read at a time (default: about 32 MiB of scores).
+        chunk_rows: rows read at a time (default: about 32 MiB of scores, at most :data:`MAX_CHUNK_ROWS`).
 
     Returns:
         The :class:`WindowTop`; the set mean of a row is the float64 mean of its Q scores.
     """
     total, queries = scores.shape
-    chunk = chunk_rows or max(1, CHUNK_BYTES // (4 * (queries + 2)))
+    chunk = chunk_rows or max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // (4 * (queries + 2))))
     # Per window and kind: the queries' columns (compared in the file's float32) and the set mean (float64).
     kept = [[(_Running(queries, k, largest), _Running(1, k, largest)) for largest in (True, False)] for _ in windows]
     occurrences = np.zeros(len(windows), dtype=np.int64)
