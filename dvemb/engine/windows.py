@@ -168,14 +168,16 @@ class _Running:
     def update(self, block: np.ndarray, rows: np.ndarray) -> None:
         """Merge (m, C) scores of the (m,) ascending rows, all after the rows seen so far."""
         better = np.greater if self.largest else np.less
-        if self.values.shape[1] == self.k:  # full: only strictly better than the k-th can enter
-            passing = better(block, self.values[:, -1].astype(block.dtype))
-        elif len(block) > self.k:  # not full: only the chunk's own k best (ties with its k-th included)
+        full = self.values.shape[1] == self.k
+        # Full: only strictly better than the k-th can enter.
+        passing = better(block, self.values[:, -1].astype(block.dtype)) if full else np.ones(block.shape, dtype=bool)
+        # Only the chunk's own k best can enter too (ties with its k-th included): when scores trend (a late chunk
+        # beats most of what was kept) the candidates would otherwise be the whole chunk, and the merge's arrays
+        # (C, k + chunk) several times the chunk's scores.
+        if len(block) > self.k and (not full or int(passing.sum(axis=0).max()) > self.k):
             place = len(block) - self.k if self.largest else self.k - 1
             bound = np.partition(np.ascontiguousarray(block.T), place, axis=1)[:, place]  # (contiguous: faster)
-            passing = ~better(bound, block)
-        else:
-            passing = np.ones(block.shape, dtype=bool)
+            passing &= ~better(bound, block)
         column, at = np.nonzero(passing.T)  # by column, then by row: each column's candidates in row order
         if not len(at):
             return
