@@ -74,9 +74,14 @@ def scores_by_phase(*, job: Job, query_set: str, sample: int, storage: Path) -> 
     return out
 
 
+def dynamics(job: Job) -> dict[str, Any]:
+    """The job's value dynamics by series (``summary["dynamics"]``; empty when the log recorded no checkpoint)."""
+    return dict((job.summary or {}).get("dynamics") or {})
+
+
 def dynamics_series(job: Job, series: str) -> dict[str, Any]:
-    """One series of the job's value dynamics (``summary["dynamics"]``); a 400 naming the ones there are."""
-    available = dict((job.summary or {}).get("dynamics") or {})
+    """One series of the job's value dynamics; a 400 naming the ones there are."""
+    available = dynamics(job)
     if series not in available:
         known = ", ".join(sorted(available)) or "none: record queries with checkpoint=True during training"
         raise BadRequest(f"series {series!r} has no value dynamics in this job; available: {known}")

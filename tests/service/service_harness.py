@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ def screenshot_dir() -> Path:
     folder = root / "docs" / "images" if os.environ.get("DVEMB_UPDATE_SCREENSHOTS") == "1" else root / "artifacts"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, *, poll: float = 0.1) -> None:
+    """Polls ``condition`` until it is true; fails with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(poll)
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from service_harness import PG_ADMIN, Api, Worker, free_port, record_log
+from service_harness import PG_ADMIN, Api, Worker, free_port, record_log, wait_until
 
 from dvemb.client import upload_log
 
@@ -37,13 +37,13 @@ class RedisServer:
     def start(self) -> None:
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_until(lambda: _accepts(self.port), 20, "redis-server did not start")
+        wait_until(lambda: _accepts(self.port), 20, "redis-server did not start")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=20)
-        _wait_until(lambda: not _accepts(self.port), 20, "redis-server did not stop")
+        wait_until(lambda: not _accepts(self.port), 20, "redis-server did not stop")
 
 
 def _accepts(port: int) -> bool:
@@ -54,13 +54,6 @@ def _accepts(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _wait_until(condition: object, seconds: float, message: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, message
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -101,7 +94,7 @@ def own_services(tmp_path: Path) -> Iterator[tuple[str, str, RedisServer]]:
     worker = Worker(env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until(lambda: _accepts(port), 60, "the API did not start")
+        wait_until(lambda: _accepts(port), 60, "the API did not start")
         worker.start()
         yield url, token, redis_server
     finally:

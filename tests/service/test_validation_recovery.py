@@ -11,13 +11,12 @@ import contextlib
 import datetime as dt
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
-from service_harness import Worker, record_log
+from service_harness import Worker, record_log, wait_until
 from sqlalchemy import text, update
 
 from server.db.models import LogFile, Project, Run
@@ -94,10 +93,7 @@ def _in_thread(work: Callable[[], object], errors: list[BaseException]) -> threa
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
+    wait_until(condition, timeout, what, poll=0.05)
 
 
 def test_an_upload_and_a_validator_of_one_run_do_not_deadlock(service_env: dict[str, str], tmp_path: Path) -> None:
@@ -182,10 +178,7 @@ def test_the_reconciler_requeues_a_lost_validation_and_the_cap_rejects_it(
     now = dt.datetime.now(dt.UTC)
 
     def lost(file_id: int, attempts: int, lease: dt.timedelta) -> None:  # a validator claimed the file and died
-        with session_factory()() as session:
-            values = {"status": "validating", "attempts": attempts, "lease_expires_at": now + lease}
-            session.execute(update(LogFile).where(LogFile.id == file_id).values(**values))
-            session.commit()
+        _set(file_id, status="validating", attempts=attempts, lease_expires_at=now + lease)
 
     worker.kill()  # no worker takes the task while the rows are set up
     try:

@@ -57,7 +57,7 @@ def distribution_figure(
 @router.get("/jobs/{job_id}/dynamics")
 def value_dynamics(job: DoneJobDep) -> dict[str, Any]:
     """Value dynamics of the job's checkpoint query sets (empty when the log recorded none), by series."""
-    return {"series": dict((job.summary or {}).get("dynamics") or {})}
+    return {"series": data.dynamics(job)}
 
 
 @router.get("/jobs/{job_id}/figures/dynamics")
