@@ -70,7 +70,6 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
             working=JobStatus.RUNNING,
             waiting=JobStatus.QUEUED,
             lease=lease,
-            error=None,
             started_at=func.coalesce(Job.started_at, literal(now, Job.__table__.c.started_at.type)),
         )
         session.commit()

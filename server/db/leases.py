@@ -103,8 +103,7 @@ class Heartbeat:
     over once the lease expires."""
 
     def __init__(self, model: Any, row_id: int, working: StrEnum, lease: float, mine: Any) -> None:
-        self.renew = update(model).where(model.id == row_id, model.status == working, mine)
-        self.model, self.row_id, self.lease = model, row_id, lease
+        self.model, self.row_id, self.working, self.lease, self.mine = model, row_id, working, lease, mine
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True, name=f"lease-{model.__tablename__}-{row_id}")
 
@@ -120,8 +119,7 @@ class Heartbeat:
         while not self.stopped.wait(self.lease / 3):
             try:
                 with session_factory()() as session:
-                    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.lease)
-                    session.execute(self.renew.values(lease_expires_at=expires))
+                    hold(session, self.model, self.row_id, self.working, self.mine, self.lease)
                     session.commit()
             except SQLAlchemyError:  # a database hiccup: try again at the next beat rather than stop renewing
                 logger.warning(

@@ -54,6 +54,7 @@ def query_curve(*, job: Job, query_set: str, query: int, points: int, storage: P
 def sampled_scores(*, job: Job, query_set: str, sample: int, storage: Path) -> list[dict[str, Any]]:
     """Query-set-mean scores of up to ``sample`` evenly spaced occurrences (what the box plot draws), in row
     order: each with its occurrence row, step and phase."""
+    results.check_query_set(job, query_set)
     directory = results_dir(storage, job.run_id, job.id)
     scores = np.load(directory / formats.scores_file(query_set), mmap_mode="r")
     rows = np.unique(np.linspace(0, scores.shape[0] - 1, min(sample, scores.shape[0])).astype(np.int64))

@@ -138,7 +138,6 @@ def export_distribution(
     job: DoneJobDep, settings: SettingsDep, query_set: str, sample: SampleQuery = 20_000, format: FormatQuery = "csv"
 ) -> Response:
     """The "Scores by phase" box plot's points: the sampled occurrences (row, step, phase, query-set mean score)."""
-    results.check_query_set(job, query_set)
     rows = data.sampled_scores(job=job, query_set=query_set, sample=sample, storage=settings.storage)
     return download(["row", "step", "phase", "score"], rows, fmt=format, name=f"job{job.id}-{query_set}-distribution")
 

@@ -49,7 +49,6 @@ def distribution_figure(
     query_set: str,
     sample: SampleQuery = 20_000,
 ) -> dict[str, Any]:
-    results.check_query_set(job, query_set)
     by_phase = data.scores_by_phase(job=job, query_set=query_set, sample=sample, storage=settings.storage)
     return figures.distribution_figure(by_phase, title=f"scores by phase, {query_set}")
 
