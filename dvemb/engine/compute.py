@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from dvemb import formats
 from dvemb import logformat as fmt
+from dvemb.engine.approximations import approximations, tracked_share
 from dvemb.engine.arrays import open_array, save_safetensors
 from dvemb.engine.embedder import AUTO_FULL_MAX_DIM, Embedder, resolve_blocks
 from dvemb.engine.phases import find_phases
@@ -506,6 +507,15 @@ class _Run:
             }
         optimizer = self.log.manifest.get("optimizer") or {}
         proxy = self.propagation == "proxy"
+        note = _propagation_note(self.log, self.propagation)
+        approximated = approximations(
+            self.log.manifest,
+            curvature=self.mode,
+            propagation=self.propagation,
+            blocks=self.blocks,
+            second_moment=self.args.second_moment,
+            proxy_note=note,
+        )
         summary = {
             "format": "dvemb-results",
             "version": RESULTS_VERSION,
@@ -524,7 +534,9 @@ class _Run:
             "propagation": self.propagation,
             "propagation_label": PROPAGATIONS[self.propagation],
             "sgd_proxy": proxy,
-            "note": _propagation_note(self.log, self.propagation),
+            "note": note,
+            "approximations": [a.to_json() for a in approximated],
+            "tracked_share": tracked_share(self.log.manifest),
             "query_sets": query_summaries,
             "seconds": seconds,
             "segments": 1,

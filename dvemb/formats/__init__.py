@@ -50,7 +50,7 @@ from dvemb.formats.results_files import (
     totals_file,
 )
 from dvemb.formats.shard_index import ParsedIndex, ShardIndexError, index_line, parse_shard_index
-from dvemb.formats.summary import QuerySetSummary, Summary, SummaryError
+from dvemb.formats.summary import Approximation, QuerySetSummary, Summary, SummaryError
 
 __all__ = [
     "CHECKPOINT",
@@ -68,6 +68,7 @@ __all__ = [
     "QUERY_SET_NAME",
     "SELF_INFLUENCE",
     "SUMMARY",
+    "Approximation",
     "LayerEntry",
     "Manifest",
     "ManifestError",

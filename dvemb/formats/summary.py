@@ -4,6 +4,9 @@ API's services, the worker that stores aggregates, the CLI.
 ``Summary.from_json`` checks what readers rely on (the counts, each query set's size and phase boundaries,
 the top-k and embedding options) and raises :class:`SummaryError` naming the field; the JSON itself is
 kept (``raw``) so that the API can return the summary as the engine wrote it.
+
+:class:`Approximation` is one entry of the summary's ``approximations`` (what the scores approximate beyond first
+order, ``dvemb.engine.approximations``); a summary written before the field existed has none listed.
 """
 
 from __future__ import annotations
@@ -11,11 +14,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["QuerySetSummary", "Summary", "SummaryError"]
+__all__ = ["Approximation", "QuerySetSummary", "Summary", "SummaryError"]
 
 
 class SummaryError(ValueError):
     """A summary value is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True)
+class Approximation:
+    """One approximation the scores carry: ``kind`` a stable key (``"random-projection"``...), ``label`` a few
+    words for a display, ``detail`` one sentence on what it means for the scores and how to avoid it."""
+
+    kind: str
+    label: str
+    detail: str
+
+    @classmethod
+    def from_json(cls, data: Any) -> Approximation:
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("kind", "label", "detail")):
+            raise SummaryError(f"approximation {data!r}: needs string kind, label and detail")
+        return cls(kind=data["kind"], label=data["label"], detail=data["detail"])
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "label": self.label, "detail": self.detail}
+
+
+def _approximations(data: Any) -> tuple[Approximation, ...]:
+    """The summary's ``approximations`` (none in a summary written before the field existed)."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise SummaryError("approximations must be a list")
+    return tuple(Approximation.from_json(a) for a in data)
 
 
 @dataclass(frozen=True)
@@ -50,6 +81,7 @@ class Summary:
     save_embeddings: bool
     propagation_label: str | None
     query_sets: dict[str, QuerySetSummary]
+    approximations: tuple[Approximation, ...]
     raw: dict[str, Any] = field(repr=False)
 
     @classmethod
@@ -67,6 +99,7 @@ class Summary:
                 save_embeddings=bool(arguments.get("save_embeddings", True)),
                 propagation_label=data.get("propagation_label"),
                 query_sets={str(n): QuerySetSummary.from_json(str(n), q) for n, q in sets.items()},
+                approximations=_approximations(data.get("approximations")),
                 raw=data,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -1,0 +1,216 @@
+"""What a computation's scores approximate beyond first order, said in the results (issue 20: no silent
+approximation).
+
+:func:`approximations` reads a gradient log's manifest (a plain dict, every field with a default: older logs
+lack newer fields) and the computation's resolved settings, and lists every approximation the user can change,
+as :class:`dvemb.formats.Approximation` values ``(kind, label, detail)``, the largest loss against exact
+retraining first. The kinds (stable keys; DESIGN.md §2 and BENCHMARKS.md measure each):
+
+- ``sgd-proxy``: influence follows plain SGD (learning rate times gradient) whatever the optimizer did.
+- ``curvature-empirical``: the curvature is the gradients' own outer products (the paper's), much less
+  faithful than Gauss-Newton.
+- ``random-projection``: a projected layer uses a random (seeded) basis instead of a calibrated one.
+- ``untracked-parameters``: under 80% of the trainable parameters are tracked (``tracked_parameters /
+  total_parameters``); influence through the others is not counted.
+- ``curvature-sampled``: Gauss-Newton factors from labels sampled from the model's prediction, not all classes.
+- ``second-moment-dropped``: under Adam or AdamW, how removing an example changes the second moment is not
+  modelled (in projected layers, or anywhere with ``second_moment=False``).
+- ``per-layer-blocks``: one curvature block per layer: the curvature between layers is ignored.
+
+First order itself (the linearisation of the leave-one-out change) is the method, not an option: not listed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dvemb.formats import Approximation
+
+__all__ = ["KINDS", "TRACKED_SHARE_MIN", "approximations", "tracked_share"]
+
+#: Every kind :func:`approximations` can list, in the order it lists them.
+KINDS = (
+    "sgd-proxy",
+    "curvature-empirical",
+    "random-projection",
+    "untracked-parameters",
+    "curvature-sampled",
+    "second-moment-dropped",
+    "per-layer-blocks",
+)
+#: Below this share of the trainable parameters tracked, the untracked ones are listed as an approximation.
+TRACKED_SHARE_MIN = 0.8
+
+
+def tracked_share(manifest: Mapping[str, Any]) -> float | None:
+    """Share of the trainable parameters whose gradients the log records; None when the log does not say."""
+    tracked, total = manifest.get("tracked_parameters"), manifest.get("total_parameters")
+    if not isinstance(tracked, int) or not isinstance(total, int) or total <= 0 or tracked < 0:
+        return None
+    return tracked / total
+
+
+def approximations(
+    manifest: Mapping[str, Any],
+    *,
+    curvature: str,
+    propagation: str,
+    blocks: str,
+    second_moment: bool = True,
+    proxy_note: str | None = None,
+) -> list[Approximation]:
+    """The approximations of a computation's scores, largest first (the module's docstring lists the kinds).
+
+    Args:
+        manifest: the gradient log's manifest (``GradientLog.manifest``).
+        curvature: the curvature mode used, ``"empirical"`` or ``"ggn"``.
+        propagation: the propagation used (a key of :data:`dvemb.optim.PROPAGATIONS`).
+        blocks: the block structure used, ``"layer"`` or ``"full"`` (resolved).
+        second_moment: the computation's ``second_moment`` option.
+        proxy_note: why the SGD proxy is used (the summary's ``note``), if it is.
+    """
+    layers = [layer for layer in manifest.get("layers") or [] if isinstance(layer, Mapping)]
+    found = [
+        _proxy(propagation, proxy_note),
+        _empirical(curvature, manifest),
+        _random_projection(layers),
+        _untracked(manifest),
+        _sampled(curvature, manifest),
+        _second_moment(propagation, second_moment, layers),
+        _per_layer(blocks, layers),
+    ]
+    return [a for a in found if a is not None]
+
+
+def _projected(layer: Mapping[str, Any]) -> bool:
+    """True when a side of the layer is kept at fewer dimensions than it has (a size not given: kept whole)."""
+    sides = [(_int(layer.get("out_dim"), 0), layer.get("k_out")), (_int(layer.get("in_dim"), 0), layer.get("k_in"))]
+    return any(_int(k, dim) < dim for dim, k in sides)
+
+
+def _stored_whole(layer: Mapping[str, Any]) -> bool:
+    """True when the layer's gradient is stored in its own coordinates (what Adam's second-moment term needs)."""
+    return not _projected(layer) and layer.get("basis", "seeded") != "calibrated"
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _proxy(propagation: str, note: str | None) -> Approximation | None:
+    if propagation != "proxy":
+        return None
+    why = f"{note[0].upper()}{note[1:]}" if note else "Influence follows the SGD proxy: scores are approximate"
+    return Approximation(
+        "sgd-proxy",
+        "SGD proxy for the optimizer",
+        f"{why}; it ignores the optimizer's momentum and moments (0.1 to 0.2 Spearman against exact retraining "
+        "for momentum and Adam runs, DESIGN.md): SGD with momentum, Adam and AdamW are followed exactly with "
+        "propagation='auto' on a log recorded by this dvemb.",
+    )
+
+
+def _empirical(curvature: str, manifest: Mapping[str, Any]) -> Approximation | None:
+    if curvature != "empirical":
+        return None
+    recorded = (manifest.get("curvature") or {}).get("mode")
+    fix = (
+        "compute with curvature='ggn' (this log holds the Gauss-Newton factors)"
+        if recorded == "ggn"
+        else "record with Recorder(curvature='ggn') and compute with curvature='ggn'"
+    )
+    return Approximation(
+        "curvature-empirical",
+        "empirical curvature",
+        "The curvature is the gradients' own outer products (the paper's choice), the largest loss against exact "
+        f"retraining (about 0.4 Spearman, against 0.8 with Gauss-Newton curvature, DESIGN.md): {fix}.",
+    )
+
+
+def _random_projection(layers: list[Mapping[str, Any]]) -> Approximation | None:
+    random = [layer for layer in layers if _projected(layer) and layer.get("basis", "seeded") == "seeded"]
+    if not random:
+        return None
+    return Approximation(
+        "random-projection",
+        "random projection",
+        f"{len(random)} of {len(layers)} tracked layers are projected onto random (seeded) bases, which keep "
+        "much less of the curvature signal than calibrated ones (0.35 to 0.48 Spearman against exact retraining at "
+        "256 dimensions per layer, against about 0.72 calibrated, DESIGN.md): call rec.calibrate(batches) before "
+        "training, or record those layers with a larger proj_dim.",
+    )
+
+
+def _untracked(manifest: Mapping[str, Any]) -> Approximation | None:
+    share = tracked_share(manifest)
+    if share is None or share >= TRACKED_SHARE_MIN:
+        return None
+    percent = f"{100 * share:.2g}%" if share < 0.1 else f"{100 * share:.0f}%"
+    return Approximation(
+        "untracked-parameters",
+        f"{percent} of parameters tracked",
+        f"{percent} of trainable parameters are tracked: influence through the others (layers not recorded, "
+        "normalisation, embeddings) is not counted; record more of them with Recorder(layers='all') or a list of "
+        "layer names.",
+    )
+
+
+def _sampled(curvature: str, manifest: Mapping[str, Any]) -> Approximation | None:
+    if curvature != "ggn":
+        return None
+    info = manifest.get("curvature") or {}
+    samples = info.get("samples")
+    if not _int(samples, 0) >= 1:
+        # Without a sample count, the recorder's automatic softmax rows are sampled when there is one per example
+        # (more than 32 classes, or a sequence); all-class rows are at least two; rows given by hand
+        # (rec.curvature()) and mean-squared-error rows are exact.
+        rows = info.get("rows_per_example")
+        automatic = info.get("source", "output") == "output" and info.get("loss", "cross_entropy") == "cross_entropy"
+        if not (automatic and rows == 1):
+            return None
+        samples = 1
+    labels = "label" if samples == 1 else "labels"
+    return Approximation(
+        "curvature-sampled",
+        f"{samples} sampled {labels} in the curvature",
+        f"The Gauss-Newton curvature uses {samples} {labels} per example sampled from the model's prediction "
+        "instead of every class, an unbiased but noisy estimate: record with a larger curvature_samples "
+        "(Recorder(curvature_samples=...)) to reduce the noise.",
+    )
+
+
+def _second_moment(propagation: str, second_moment: bool, layers: list[Mapping[str, Any]]) -> Approximation | None:
+    if propagation not in ("adam", "adamw"):
+        return None
+    if not second_moment:
+        return Approximation(
+            "second-moment-dropped",
+            "Adam's second moment not modelled",
+            "second_moment=False was asked for: how removing an example changes Adam's second moment is not "
+            "modelled in any layer; compute with second_moment=True (the default) to model it in the layers "
+            "stored whole.",
+        )
+    dropped = [layer for layer in layers if not _stored_whole(layer)]
+    if not dropped:
+        return None
+    return Approximation(
+        "second-moment-dropped",
+        "Adam's second moment dropped",
+        f"How removing an example changes Adam's second moment is modelled only in layers stored whole: it is "
+        f"dropped in the {len(dropped)} projected layer(s) of {len(layers)}; record small layers with proj_dim=None "
+        "to keep it there.",
+    )
+
+
+def _per_layer(blocks: str, layers: list[Mapping[str, Any]]) -> Approximation | None:
+    if blocks != "layer" or len(layers) < 2:
+        return None
+    return Approximation(
+        "per-layer-blocks",
+        "per-layer curvature blocks",
+        "The curvature is kept one block per layer, so the curvature between layers is ignored (blocks='full' "
+        "gained 0.1 to 0.15 Spearman against exact retraining, BENCHMARKS.md): compute with blocks='full' when "
+        "the projected dimensions add up to a size whose D x D matrix fits in memory and all layers share one "
+        "optimizer setting.",
+    )
