@@ -3,17 +3,16 @@
 Forward hooks on the tracked modules project each input as it passes; a hook on each module's
 output tensor projects the output gradient when the user's ``loss.backward()`` reaches it, and
 the two are combined into one projected gradient per example. Nothing is recomputed: the only
-extra autograd work is the optional curvature pass of the ``ggn`` mode and the query gradients.
+extra autograd work is the curvature pass of the ``ggn`` mode (the default; its rows start at the
+model's own output, found automatically: :mod:`dvemb.output_curvature`) and the query gradients.
 
 Typical use::
 
-    rec = dvemb.Recorder(model, "runs/exp1", proj_dim=256, curvature="ggn")
-    rec.calibrate(calibration_batches)             # (inputs, targets) batches: curvature-aware bases
+    rec = dvemb.Recorder(model, "runs/exp1")
+    rec.calibrate(calibration_batches, optimizer=optimizer, lookahead_steps=total_steps // 10)
     for x, y, ids in loader:
         with rec.step(ids, optimizer):
-            logits = model(x)
-            rec.curvature(logits)                  # ggn mode only, before loss.backward()
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step(); optimizer.zero_grad()
     rec.record_queries("validation", val_loader)
@@ -26,6 +25,7 @@ import base64
 import copy
 import fnmatch
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -47,6 +47,7 @@ from dvemb.errors import ConfigError, RecorderError
 from dvemb.formats import LayerEntry
 from dvemb.layers import LayerAdapter, adapter_type, is_default_layer, make_adapter
 from dvemb.optim import DvembWarning, OptimizerInfo, TrackedParameters, describe_optimizer
+from dvemb.output_curvature import cross_entropy_weights, find_logits, output_factor_rows, tolerance_for
 from dvemb.projection import LayerProjection
 from dvemb.writer import LogWriter, StepRecord
 
@@ -57,6 +58,8 @@ DEFAULT_PROJ_DIM = 256
 ProjDim = int | tuple[int, int] | None
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _MAX_IMAGE_PIXELS = 128 * 128 * 4
+#: Below this share of trainable parameters tracked, the first step warns (Recorder.untracked_modules).
+UNTRACKED_WARNING_SHARE = 0.8
 
 
 @dataclass
@@ -69,6 +72,8 @@ class _Slots:
     # names the layer's own output after an in-place op (e.g. ReLU(inplace=True)) rebinds the tensor.
     outputs: list[GradientEdge | None] = field(default_factory=list)
     curvature: list[torch.Tensor | None] = field(default_factory=list)  # (B, R, d) each
+    # Rows found from the output carry the loss's own weights: rescaled per example when the step ends.
+    curvature_weighted: list[bool] = field(default_factory=list)
     outside_backward: int = 0  # forward passes seen outside a backward pass (see activation checkpointing)
 
 
@@ -120,10 +125,16 @@ class Recorder:
             patterns. A module whose weight is tied to a recorded one (GPT-2's input embedding and LM
             head) is recorded with it as one layer: their per-example gradients are summed, the weight
             counted once.
-        curvature: ``"empirical"`` (the paper: curvature from the gradients themselves) or
-            ``"ggn"`` (Gauss-Newton factors from :meth:`curvature`).
+        curvature: ``"ggn"`` (default: Gauss-Newton factors, rows started at the model's output logits,
+            found automatically during ``loss.backward()``, or given with :meth:`curvature`) or
+            ``"empirical"`` (the paper: curvature from the gradients themselves; less faithful,
+            BENCHMARKS.md, and no extra backward work).
         curvature_samples: labels sampled per example in ggn mode; ``None`` uses all classes for
             (B, C) logits with at most 32 classes and one sample otherwise.
+        curvature_loss: the loss at the model's output that ggn mode models when it finds the rows
+            itself: ``"cross_entropy"`` (default: softmax cross-entropy, checked against the gradient
+            that reaches the output at every step; any weighting, ignored positions and reduction) or
+            ``"mse"`` (mean squared error, the per-example loss the mean over the output's values).
         loss_reduction: ``"mean"`` if the step's gradient is the mean of its examples' gradients
             (``F.cross_entropy`` default, also with gradient accumulation over the ids of the
             step), ``"sum"`` if it is their sum. Recorded gradients are always per-example.
@@ -146,8 +157,9 @@ class Recorder:
         *,
         proj_dim: ProjDim | Mapping[str, ProjDim] = DEFAULT_PROJ_DIM,
         layers: Sequence[str] | str | None = None,
-        curvature: str = "empirical",
+        curvature: str = "ggn",
         curvature_samples: int | None = None,
+        curvature_loss: str = "cross_entropy",
         loss_reduction: str = "mean",
         dtype: str = "float32",
         seed: int = 0,
@@ -159,6 +171,7 @@ class Recorder:
         overwrite: bool = False,
     ) -> None:
         _check_choice("curvature", curvature, ("empirical", "ggn"))
+        _check_choice("curvature_loss", curvature_loss, ("cross_entropy", "mse"))
         _check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         _check_choice("projection", projection, ("auto", "calibrated", "random"))
         _check_choice("dtype", dtype, tuple(fmt.STORAGE_DTYPES))
@@ -171,6 +184,10 @@ class Recorder:
         self._projection_fixed = False
         self.curvature_mode = curvature
         self.curvature_samples = curvature_samples
+        self.curvature_loss = curvature_loss
+        self._curvature_problem: str | None = None  # why rows could not be found from the output this step
+        self._curvature_sources: set[str] = set()
+        self._slots_before_forward: list[int] | None = None
         self.loss_reduction = loss_reduction
         self.seed = seed
         self.rank, self.world_size = _distributed_defaults(rank, world_size)
@@ -189,6 +206,9 @@ class Recorder:
         self._hooks = [
             a.module.register_forward_hook(partial(self._on_forward, i)) for i, a in enumerate(self.adapters)
         ]
+        if curvature == "ggn":
+            self._hooks.append(model.register_forward_pre_hook(self._before_model_forward))
+            self._hooks.append(model.register_forward_hook(self._on_model_output))
         self._writer = LogWriter(
             log_dir,
             self._manifest(),
@@ -249,7 +269,13 @@ class Recorder:
             "torch_version": torch.__version__,
             "model": type(self.model).__name__,
             "loss_reduction": self.loss_reduction,
-            "curvature": {"mode": self.curvature_mode, "samples": self.curvature_samples, "rows_per_example": None},
+            "curvature": {
+                "mode": self.curvature_mode,
+                "samples": self.curvature_samples,
+                "rows_per_example": None,
+                "source": None,
+                "loss": None,
+            },
             "projection": {"kind": "kronecker-gaussian", "seed": self.seed},
             "projection_files": [],
             "layers": [self._layer_entry(a).to_json() for a in self.layers],
@@ -321,6 +347,7 @@ class Recorder:
         slots.forward.append(self.adapters[index].forward_factor(args))
         slots.grads.append(None)
         slots.curvature.append(None)
+        slots.curvature_weighted.append(False)
         keep_output = self._mode == "query" or self.curvature_mode == "ggn"
         slots.outputs.append(get_gradient_edge(output) if keep_output else None)
         if self._mode == "train":
@@ -363,6 +390,94 @@ class Recorder:
             outputs.append(edge)
         return slot_of, outputs
 
+    # -- Gauss-Newton rows from the model's output (ggn mode) -------------------------------------
+
+    def _before_model_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._mode == "train" and torch.is_grad_enabled():
+            self._slots_before_forward = [len(s.forward) for s in self._slots]
+
+    def _on_model_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Hooks the model's output logits so that their gradient, during ``loss.backward()``, starts the rows."""
+        before, self._slots_before_forward = self._slots_before_forward, None
+        if self._mode != "train" or not torch.is_grad_enabled() or before is None:
+            return
+        logits = find_logits(output)
+        if logits is None or not logits.requires_grad:
+            self._curvature_problem = (
+                f"the model returned a {type(output).__name__}, not logits (a tensor, a tuple whose first element "
+                "is one, or an output with .logits)"
+            )
+            return
+        slot_of = [len(s.forward) - 1 for s in self._slots]
+        missed = [a.name for a, s, n in zip(self.adapters, self._slots, before, strict=True) if len(s.forward) == n]
+        if missed:
+            self._curvature_problem = (
+                f"layer {missed[0]!r} did not run with gradients during the model's forward pass (reentrant "
+                "activation checkpointing runs it later, inside backward: use use_reentrant=False)"
+            )
+            return
+        edges = [s.outputs[i] for s, i in zip(self._slots, slot_of, strict=True)]
+        logits.register_hook(partial(self._on_logits_grad, logits.detach(), get_gradient_edge(logits), slot_of, edges))
+
+    def _on_logits_grad(
+        self,
+        logits: torch.Tensor,
+        logits_edge: GradientEdge,
+        slot_of: list[int],
+        edges: list[GradientEdge | None],
+        grad: torch.Tensor,
+    ) -> None:
+        """Computes the slot's curvature rows from the loss's gradient at the logits (explicit rows win)."""
+        if self._mode != "train" or all(s.curvature[i] is not None for s, i in zip(self._slots, slot_of, strict=True)):
+            return
+        weights = None
+        if self.curvature_loss == "cross_entropy":
+            weights, misfit = cross_entropy_weights(logits, grad)
+            if misfit > tolerance_for(logits.dtype):
+                self._curvature_problem = (
+                    "the gradient that reached the model's output is not softmax cross-entropy's c (p - onehot) "
+                    f"(relative misfit {misfit:.2g}; label smoothing, a loss on another tensor, or another loss)"
+                )
+                return
+        generator = torch.Generator(device=logits.device).manual_seed(self.seed * 1_000_003 + self._step)
+        rows = output_factor_rows(
+            logits, loss=self.curvature_loss, weights=weights, samples=self.curvature_samples, generator=generator
+        )  # (R, *logits.shape)
+        self._mode = "curvature"  # the training hooks must not take these gradients for the loss's
+        try:
+            per_row = _batched_grads(logits_edge, [e for e in edges if e is not None], rows)
+        finally:
+            self._mode = "train"
+        per_layer: list[list[torch.Tensor]] = [[] for _ in self.adapters]
+        for grads in per_row:
+            for index, layer_rows in enumerate(self._rows_from_output_grads(slot_of, grads)):
+                per_layer[index].append(layer_rows)
+        for index, slot in enumerate(slot_of):
+            self._slots[index].curvature[slot] = torch.stack(per_layer[index], dim=1)  # (B, R, d)
+            self._slots[index].curvature_weighted[slot] = self.curvature_loss == "cross_entropy"
+        self._curvature_sources.add("output")
+
+    def _weigh_output_rows(self, examples: int, loss_scale: float | None) -> None:
+        """Rows found from the output carry the loss's weights: make them per-example rows, as the gradients are
+        (times the step's example count for a mean-reduced loss, divided by a mixed-precision loss scale)."""
+        factor = (examples if self.loss_reduction == "mean" else 1.0) / (loss_scale or 1.0)
+        for slots in self._slots:
+            for slot, weighted in enumerate(slots.curvature_weighted):
+                rows = slots.curvature[slot]
+                if weighted and rows is not None:
+                    rows.mul_(math.sqrt(factor))
+                    slots.curvature_weighted[slot] = False
+
+    def _raise_curvature_problem(self) -> None:
+        problem, self._curvature_problem = self._curvature_problem, None
+        self._writer.flush()
+        raise RecorderError(
+            f"step {self._step}: curvature='ggn' (the default) finds its Gauss-Newton rows at the model's output, "
+            f"but {problem}. Fixes: pass curvature_loss='mse' for mean squared error; call rec.curvature(logits) "
+            "after the forward pass when the loss is computed on another tensor; or pass curvature='empirical' "
+            "(the paper's estimator: no extra backward work, less faithful, BENCHMARKS.md)"
+        )
+
     # -- training steps ---------------------------------------------------------------------------
 
     @contextmanager
@@ -401,6 +516,7 @@ class Recorder:
             self._watch(optimizer)
         if self._step == 0 and not self._projection_fixed:
             self._first_step_without_calibration()
+            self._warn_if_untracked()
         loss_scale = _loss_scale(scaler)
         self._begin("train")
         self._pending_ids = [] if id_list is None else None
@@ -439,6 +555,36 @@ class Recorder:
             )
         self._projection_fixed = True  # the first step fixes the projection: it no longer changes
 
+    def untracked_modules(self) -> list[tuple[str, str, int]]:
+        """Modules holding trainable parameters that are not recorded: ``(name, type, parameters)``, largest first."""
+        recorded = {id(a.module) for a in self.adapters}
+        found = []
+        for name, module in self.model.named_modules():
+            count = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+            if count and id(module) not in recorded:
+                found.append((name or "(the model itself)", type(module).__name__, count))
+        return sorted(found, key=lambda item: -item[2])
+
+    def _warn_if_untracked(self) -> None:
+        """Below 80% of the trainable parameters tracked, scores miss most of the model: say so, and what helps."""
+        if self.tracked_fraction >= UNTRACKED_WARNING_SHARE:
+            return
+        largest = self.untracked_modules()[:3]
+        named = ", ".join(f"{name} ({kind}, {count:,} parameters)" for name, kind, count in largest)
+        modules = dict(self.model.named_modules())
+        supported = [name for name, _, _ in largest if name in modules and adapter_type(modules[name]) is not None]
+        fix = (
+            f"layers='all' (or layers=[...] naming {supported[0]!r}) records the supported ones"
+            if supported
+            else "dvemb records Linear, Conv1D, Conv2d and Embedding layers; the others cannot be tracked yet"
+        )
+        warnings.warn(
+            f"only {self.tracked_fraction:.1%} of the model's trainable parameters are tracked: influence scores "
+            f"see those layers only. Largest untracked: {named}. {fix}",
+            DvembWarning,
+            stacklevel=4,
+        )
+
     def calibrate(
         self,
         batches: Iterable[Sequence[Any]],
@@ -447,6 +593,8 @@ class Recorder:
         keep_whole_sides: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
         lookahead_steps: int = 0,
+        scheduler: Any = None,
+        lookahead_loss_fn: LossFn | None = None,
     ) -> int:
         """Fit curvature-aware projection bases on a few batches, before training (the first ``rec.step``).
 
@@ -471,6 +619,11 @@ class Recorder:
                 model reached, then restore the parameters, buffers, gradients, optimizer state and random
                 state exactly: bases of the early
                 training phase, estimated before training (BENCHMARKS.md, "Projection fidelity").
+            scheduler: the learning-rate scheduler of the run (anything with ``step()``, ``state_dict()`` and
+                ``load_state_dict()``): stepped after every look-ahead step, so that a warm-up is followed, and
+                restored with the rest.
+            lookahead_loss_fn: per-example loss the look-ahead trains with (default ``loss_fn``, else
+                cross-entropy averaged over positions); the bases' factors still follow ``loss_fn``.
 
         Returns:
             The number of examples used.
@@ -482,14 +635,21 @@ class Recorder:
         if lookahead_steps < 0 or (lookahead_steps and optimizer is None):
             raise ConfigError("lookahead_steps must be >= 0 and needs optimizer=... (the one that trains the model)")
         batches = list(batches)
+        self._lookahead_steps = lookahead_steps if batches else 0
         if lookahead_steps and batches:
-            with _restored(self.model, optimizer):
-                self._look_ahead(batches, loss_fn, optimizer, lookahead_steps)  # type: ignore[arg-type]
+            with _restored(self.model, optimizer, scheduler):
+                train_loss = lookahead_loss_fn or loss_fn
+                self._look_ahead(batches, train_loss, optimizer, lookahead_steps, scheduler)  # type: ignore[arg-type]
                 return self._calibrate(batches, loss_fn, keep_whole_sides)
         return self._calibrate(batches, loss_fn, keep_whole_sides)
 
     def _look_ahead(
-        self, batches: list[Sequence[Any]], loss_fn: LossFn | None, optimizer: torch.optim.Optimizer, steps: int
+        self,
+        batches: list[Sequence[Any]],
+        loss_fn: LossFn | None,
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        scheduler: Any,
     ) -> None:
         for step in range(steps):
             batch = batches[step % len(batches)]
@@ -500,6 +660,11 @@ class Recorder:
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            if scheduler is not None:
+                with warnings.catch_warnings():
+                    # accelerate re-wraps optimizer.step(), which hides the call from the scheduler's order check
+                    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+                    scheduler.step()
 
     def _calibrate(self, batches: list[Sequence[Any]], loss_fn: LossFn | None, keep_whole_sides: bool) -> int:
         covariances = [FactorCovariance(a.projection.out_dim, a.projection.in_dim) for a in self.adapters]
@@ -582,7 +747,11 @@ class Recorder:
         info = {
             "kind": "calibrated",
             "seed": self.seed,
-            "calibration": {"examples": examples, "factors": "ggn" if ggn else "loss"},
+            "calibration": {
+                "examples": examples,
+                "factors": "ggn" if ggn else "loss",
+                "lookahead_steps": getattr(self, "_lookahead_steps", 0),
+            },
         }
         for entry, adapter in zip(self._writer.manifest["layers"], self.layers, strict=True):
             entry["basis"] = "calibrated" if adapter.projection.calibrated else "seeded"
@@ -604,6 +773,7 @@ class Recorder:
 
     def _begin(self, mode: str) -> None:
         self._mode = mode
+        self._curvature_problem = None
         self._slots = [_Slots() for _ in self.adapters]
         self._loss = None
 
@@ -647,6 +817,7 @@ class Recorder:
             self._mode = "train"
         for index, slot in enumerate(slot_of):
             self._slots[index].curvature[slot] = torch.stack(per_layer[index], dim=1)  # (B, R, d)
+        self._curvature_sources.add("manual")
 
     def _curvature_rows(
         self,
@@ -684,6 +855,9 @@ class Recorder:
         grads = self._merged([self._collect(a, slots.grads, "gradient", ids) for a, slots in pairs])
         curvature: dict[str, torch.Tensor] = {}
         if self.curvature_mode == "ggn":
+            if self._curvature_problem is not None and any(None in s.curvature for s in self._slots):
+                self._raise_curvature_problem()
+            self._weigh_output_rows(len(ids), loss_scale)
             curvature = self._merged([self._collect(a, slots.curvature, "curvature", ids) for a, slots in pairs])
         if loss_scale is not None:
             for rows in grads.values():
@@ -703,7 +877,10 @@ class Recorder:
         else:
             lrs, decays = [float(lr or 0.0)] * len(self.layers), [0.0] * len(self.layers)
         if self.curvature_mode == "ggn" and self._writer.manifest["curvature"]["rows_per_example"] is None:
-            self._writer.manifest["curvature"]["rows_per_example"] = int(next(iter(curvature.values())).shape[1])
+            entry = self._writer.manifest["curvature"]
+            entry["rows_per_example"] = int(next(iter(curvature.values())).shape[1])
+            entry["source"] = "+".join(sorted(self._curvature_sources))
+            entry["loss"] = self.curvature_loss if "output" in self._curvature_sources else "cross_entropy"
         self._writer.accept_step(
             StepRecord(self._step, ids, lrs, decays, self._loss, grads, curvature, optimizer_state)
         )
@@ -741,7 +918,8 @@ class Recorder:
             hint = (
                 "call loss.backward() inside rec.step()"
                 if what == "gradient"
-                else "call rec.curvature(logits) after every forward pass"
+                else "the model's output did not reach the loss: call rec.curvature(logits) after every forward "
+                "pass, or pass curvature='empirical'"
             )
             raise RecorderError(f"no {what} reached layer {adapter.name!r} in step {self._step}; {hint}")
         rows = torch.cat([p for p in parts if p is not None])
@@ -906,11 +1084,12 @@ class Recorder:
 
 
 @contextmanager
-def _restored(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
-    """Run a block, then put the model's parameters and buffers, the optimizer's state and the random
-    state back exactly as they were (look-ahead calibration trains in place)."""
+def _restored(model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any = None) -> Iterator[None]:
+    """Run a block, then put the model's parameters and buffers, the optimizer's and the scheduler's state
+    and the random state back exactly as they were (look-ahead calibration trains in place)."""
     state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()}
     optimizer_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+    scheduler_state = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
     grads = {id(p): (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -923,6 +1102,8 @@ def _restored(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iter
             p.grad = grads[id(p)]
         if optimizer is not None and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
+        if scheduler is not None and scheduler_state is not None:
+            scheduler.load_state_dict(scheduler_state)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -1000,6 +1181,27 @@ def _outputs(model: nn.Module, inputs: Any) -> torch.Tensor:
             "a tensor, or a loss_fn over what the model returns"
         )
     return logits
+
+
+def _batched_grads(
+    output: GradientEdge, inputs: list[GradientEdge], rows: torch.Tensor
+) -> list[list[torch.Tensor | None]]:
+    """For each of the R ``rows`` (R, *output.shape), the gradients of ``output`` with respect to ``inputs``:
+    one vectorised backward when every operation supports it, else one backward per row."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap's "no batching rule, slower fallback" notices
+            batched = torch.autograd.grad(
+                output, inputs, grad_outputs=rows, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        return [[None if g is None else g[r] for g in batched] for r in range(rows.shape[0])]
+    except RuntimeError as exc:
+        if "second time" in str(exc) or "freed" in str(exc):
+            raise
+    return [
+        list(torch.autograd.grad(output, inputs, grad_outputs=row, retain_graph=True, allow_unused=True))
+        for row in rows
+    ]
 
 
 def _loss_scale(scaler: Any) -> float | None:

@@ -11,7 +11,11 @@
 How it works: the training set is wrapped so that every example carries its dataset index through
 the data collator (under :data:`INDEX_KEY`, kept by the Trainer's column filter); a forward
 pre-hook on the model takes the indices out before the model sees them and hands the step's
-example ids to the recorder (the id column's values, or the dataset index). :class:`DvembCallback`
+example ids to the recorder (the id column's values, or the dataset index). Before the first step the
+callback fits curvature-aware projection bases with look-ahead (a tenth of the run's steps on the first
+training batches, with the Trainer's own optimizer and schedule, then everything restored), and the
+recorder's Gauss-Newton rows start at the model's output logits: the README recipe, with no options.
+:class:`DvembCallback`
 opens one recorder step per optimizer step (``on_step_begin`` to ``on_step_end``, so gradient
 accumulation and gradient checkpointing are covered), reads the learning rate and optimizer state
 from the Trainer's optimizer, unscales gradients with the ``GradScaler`` of an fp16 run (a step the
@@ -101,8 +105,11 @@ class DvembCallback(TrainerCallback):
         query_set: name of the query set recorded on the evaluation data.
         dynamics_every: also record the query set every this many optimizer steps as a checkpoint
             (``{query_set}.step{N}``), for value dynamics (docs/results.md); 0: only at the end.
-        calibration_batches: number of training batches (in dataset order) that fit curvature-aware
-            projection bases before the first step; 0 keeps the random projection.
+        calibration_batches: builds the training batches (in dataset order) that fit curvature-aware
+            projection bases before the first step; None keeps the random projection.
+        lookahead: share of the run's optimizer steps (``state.max_steps``) that calibration first trains
+            on those batches with the Trainer's optimizer and scheduler (then restores everything), so that
+            the bases are those of the early training phase; 0 fits them at initialisation.
         loss_fn: per-example loss ``(logits, labels) -> (B,)`` for queries; default the causal-LM loss
             for (B, L, V) logits, cross-entropy for (B, C).
         recorder_options: keyword arguments for :class:`~dvemb.Recorder` (``proj_dim``, ``layers``, ...).
@@ -119,9 +126,12 @@ class DvembCallback(TrainerCallback):
         query_set: str = "eval",
         dynamics_every: int = 0,
         calibration_batches: Callable[[], list[tuple[Any, torch.Tensor]]] | None = None,
+        lookahead: float = 0.1,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         recorder_options: Mapping[str, Any] | None = None,
     ) -> None:
+        if not 0.0 <= lookahead < 1.0:
+            raise ConfigError(f"lookahead={lookahead} must be a share of the run's steps in [0, 1)")
         self.log_dir = Path(log_dir)
         self.dataset = dataset
         self.id_column = id_column
@@ -132,6 +142,7 @@ class DvembCallback(TrainerCallback):
             raise ConfigError(f"dynamics_every={dynamics_every} must be 0 (off) or a number of steps")
         self.dynamics_every = dynamics_every
         self.calibration_batches = calibration_batches
+        self.lookahead = lookahead
         self.loss_fn = loss_fn or _sequence_or_class_loss
         self.recorder_options = dict(recorder_options or {})
         self.recorder: Recorder | None = None
@@ -170,7 +181,15 @@ class DvembCallback(TrainerCallback):
             options.setdefault("projection", "random")
         self.recorder = Recorder(_unwrapped(model), self.log_dir, **options)
         if self.calibration_batches is not None:
-            self.recorder.calibrate(self.calibration_batches())
+            optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
+            steps = int(self.lookahead * state.max_steps) if optimizer is not None else 0
+            self.recorder.calibrate(
+                self.calibration_batches(),
+                optimizer=getattr(optimizer, "optimizer", optimizer),  # accelerate wraps the real one
+                scheduler=getattr(scheduler, "scheduler", scheduler),
+                lookahead_steps=steps,
+                lookahead_loss_fn=self.loss_fn,
+            )
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -217,6 +236,7 @@ def record(
     record_eval: bool = True,
     dynamics_every: int = 0,
     calibration_batches: int = 8,
+    lookahead: float = 0.1,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     **recorder_options: Any,
 ) -> DvembCallback:
@@ -233,6 +253,9 @@ def record(
             dynamics (the influence of early, basin and late data on each checkpoint); 0: at the end only.
         calibration_batches: training batches (in dataset order, collated as the Trainer does) that fit
             curvature-aware projection bases before the first step; 0 uses the random projection.
+        lookahead: share of the run's steps that calibration first trains on those batches (the Trainer's
+            optimizer and schedule; everything restored after), so that the bases are those of the early
+            training phase (the README recipe); 0 fits them at initialisation.
         loss_fn: per-example query loss ``(logits, labels) -> (B,)``; default :func:`causal_lm_loss` for
             (B, L, V) logits, cross-entropy for (B, C).
         **recorder_options: passed to :class:`~dvemb.Recorder` (``proj_dim``, ``layers``, ``dtype``, ...).
@@ -260,6 +283,7 @@ def record(
             if calibration_batches
             else None
         ),
+        lookahead=lookahead,
         loss_fn=loss_fn,
         recorder_options=recorder_options,
     )

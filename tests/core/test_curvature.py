@@ -77,18 +77,20 @@ def test_curvature_after_a_plain_backward_says_how_to_fix_it(log_dir: Path) -> N
         rec.curvature(logits)
 
 
-def test_missing_curvature_call_is_reported(log_dir: Path) -> None:
+def test_an_output_that_does_not_reach_the_loss_is_reported(log_dir: Path) -> None:
+    """ggn finds its rows at the model's output: when the loss is computed from something else, say how to fix it."""
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = dvemb.Recorder(model, log_dir, curvature="ggn")
     with pytest.raises(dvemb.RecorderError, match="rec.curvature"), rec.step([0, 1], optimizer):
-        F.cross_entropy(model(torch.randn(2, 6)), torch.tensor([0, 1])).backward()
+        hidden = model[:2](torch.randn(2, 6))  # the loss is taken from a slice of the model, not model(x)
+        F.cross_entropy(model[2](hidden), torch.tensor([0, 1])).backward()
         optimizer.step()
     assert dvemb.open_log(log_dir).num_steps == 0  # nothing half-recorded
 
 
 def test_curvature_in_empirical_mode_is_refused(log_dir: Path) -> None:
     model = mlp()
-    rec = dvemb.Recorder(model, log_dir)
+    rec = dvemb.Recorder(model, log_dir, curvature="empirical")
     with pytest.raises(dvemb.RecorderError, match="ggn"), rec.step([0], torch.optim.SGD(model.parameters(), lr=0.1)):
         rec.curvature(model(torch.randn(1, 6)))

@@ -79,7 +79,9 @@ def arguments(out: Path, batch: int, steps: int = 6, **overrides: Any) -> Traini
     return TrainingArguments(str(out), **options)
 
 
-def train_with_callback(out: Path, log: Path, batch: int, **overrides: Any) -> tuple[Trainer, DvembCallback]:
+def train_with_callback(
+    out: Path, log: Path, batch: int, *, curvature: str = "ggn", **overrides: Any
+) -> tuple[Trainer, DvembCallback]:
     model = tiny_gpt2()
     trainer = Trainer(
         model=model,
@@ -97,6 +99,7 @@ def train_with_callback(out: Path, log: Path, batch: int, **overrides: Any) -> t
         dtype="float64",
         proj_dim=None,
         shard_steps=3,
+        curvature=curvature,
     )
     trainer.train()
     return trainer, callback

@@ -21,14 +21,16 @@ from dvemb.reader import GradientLog
 HERE = Path(__file__).parent
 
 
-def _steps(log: GradientLog) -> list[tuple[list[object], float, dict[str, torch.Tensor]]]:
-    """(ids, lr of the first layer, per-layer rows) of every step of a log."""
+def _steps(log: GradientLog, *, curvature: bool = False) -> list[tuple[list[object], float, dict[str, torch.Tensor]]]:
+    """(ids, lr of the first layer, per-layer rows) of every step of a log; with ``curvature`` the rows are the
+    step's Gauss-Newton factor rows (B, R, d) instead of its gradients."""
     out = []
     for shard in log.iter_shards():
         for position, step in enumerate(shard.steps.tolist()):
             rows = shard.row_step == step
             ids = [i for i, keep in zip(shard.example_ids, rows.tolist(), strict=True) if keep]
-            out.append((ids, float(shard.lr[position, 0]), {k: v[rows] for k, v in shard.grads.items()}))
+            tensors = shard.curvature if curvature else shard.grads
+            out.append((ids, float(shard.lr[position, 0]), {k: v[rows] for k, v in tensors.items()}))
     return out
 
 
@@ -71,6 +73,12 @@ def test_trainer_callback_log_equals_the_plain_recorder(tmp_path: Path) -> None:
         assert ids == ids_p and lr == pytest.approx(lr_p, rel=1e-12)
         for name, ours in rows.items():
             assert _relative(ours, rows_p[name]) < 1e-10, name
+    # ggn by default on both paths: the Gauss-Newton rows found at the logits (one sampled label per token)
+    assert hf.manifest["curvature"]["mode"] == plain.manifest["curvature"]["mode"] == "ggn"
+    assert hf.manifest["curvature"]["source"] == "output"
+    for (_, _, rows), (_, _, rows_p) in zip(_steps(hf, curvature=True), _steps(plain, curvature=True), strict=True):
+        for name, ours in rows.items():
+            assert ours.shape[1] == 1 and _relative(ours, rows_p[name]) < 1e-10, name
     ours_q, theirs_q = hf.load_query_set("eval"), plain.load_query_set("eval")
     for name, grads in theirs_q.grads.items():
         assert _relative(ours_q.grads[name], grads) < 1e-10, name
@@ -81,15 +89,28 @@ def test_trainer_callback_log_equals_the_plain_recorder(tmp_path: Path) -> None:
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_records_the_same_log(tmp_path: Path, reentrant: bool) -> None:
     """Non-reentrant checkpointing runs each block's forward twice with gradients (the recompute must be
-    ignored); reentrant checkpointing runs it first without gradients (the recompute must be recorded)."""
-    train_with_callback(tmp_path / "o1", tmp_path / "plain", 4, gradient_accumulation_steps=2)
+    ignored); reentrant checkpointing runs it first without gradients (the recompute must be recorded).
+    The Gauss-Newton rows (the default) start at the logits before backward reaches the blocks, so they need
+    non-reentrant checkpointing; reentrant checkpointing is recorded in empirical mode."""
+    curvature = {"curvature": "empirical"} if reentrant else {}
+    train_with_callback(tmp_path / "o1", tmp_path / "plain", 4, gradient_accumulation_steps=2, **curvature)
     checkpointing = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": reentrant}}
-    train_with_callback(tmp_path / "o2", tmp_path / "ckpt", 4, gradient_accumulation_steps=2, **checkpointing)
+    train_with_callback(
+        tmp_path / "o2", tmp_path / "ckpt", 4, gradient_accumulation_steps=2, **checkpointing, **curvature
+    )
     plain, ckpt = dvemb.open_log(tmp_path / "plain"), dvemb.open_log(tmp_path / "ckpt")
-    for (ids, lr, rows), (ids_c, lr_c, rows_c) in zip(_steps(plain), _steps(ckpt), strict=True):
-        assert ids == ids_c and lr == lr_c
-        for name, ours in rows.items():
-            assert _relative(rows_c[name], ours) < 1e-12, name
+    for which in (False, True) if not reentrant else (False,):
+        steps = zip(_steps(plain, curvature=which), _steps(ckpt, curvature=which), strict=True)
+        for (ids, lr, rows), (ids_c, lr_c, rows_c) in steps:
+            assert ids == ids_c and lr == lr_c
+            for name, ours in rows.items():
+                assert _relative(rows_c[name], ours) < 1e-12, name
+
+
+def test_ggn_under_reentrant_checkpointing_says_what_to_do(tmp_path: Path) -> None:
+    checkpointing = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}
+    with pytest.raises(dvemb.RecorderError, match="use_reentrant=False"):
+        train_with_callback(tmp_path / "o", tmp_path / "log", 4, **checkpointing)
 
 
 def test_conv1d_and_tied_embedding_rows_equal_a_naive_per_example_reference(tmp_path: Path) -> None:
@@ -144,6 +165,33 @@ def test_record_calibrates_the_projection_by_default(tmp_path: Path) -> None:
     bases = {entry["name"]: entry["basis"] for entry in log.manifest["layers"]}
     assert bases.pop("transformer.wte") == "seeded"
     assert set(bases.values()) == {"calibrated"}
+
+
+def test_record_looks_ahead_by_default_and_leaves_training_unchanged(tmp_path: Path) -> None:
+    """The one-liner's defaults: ggn rows from the logits, bases fitted a tenth into training (look-ahead with
+    the Trainer's AdamW and warm-up schedule, then everything restored): the trained weights are bit-identical
+    to a run without dvemb."""
+
+    def trainer(out: str) -> Trainer:
+        options = {"warmup_steps": 3, "lr_scheduler_type": "cosine"}
+        return Trainer(
+            model=tiny_gpt2(torch.float32),
+            args=arguments(tmp_path / out, 4, steps=20, **options),
+            train_dataset=SourceChunks("textwrap.py", 32),
+            data_collator=default_data_collator,
+        )
+
+    recorded, plain = trainer("recorded"), trainer("plain")
+    record(recorded, tmp_path / "log", calibration_batches=2, proj_dim=64)
+    recorded.train()
+    plain.train()
+    for (name, ours), theirs in zip(
+        recorded.model.state_dict().items(), plain.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(ours, theirs), name
+    manifest = dvemb.open_log(tmp_path / "log").manifest
+    assert manifest["projection"]["calibration"]["lookahead_steps"] == 2
+    assert manifest["curvature"]["mode"] == "ggn" and manifest["curvature"]["source"] == "output"
 
 
 def test_record_refuses_what_it_cannot_do(tmp_path: Path) -> None:
