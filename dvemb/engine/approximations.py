@@ -4,7 +4,7 @@ approximation).
 :func:`approximations` reads a gradient log's manifest (a plain dict, every field with a default: older logs
 lack newer fields) and the computation's resolved settings, and lists every approximation the user can change,
 as :class:`dvemb.formats.Approximation` values ``(kind, label, detail)``, the largest loss against exact
-retraining first. The kinds (stable keys; DESIGN.md §2 and BENCHMARKS.md measure each):
+retraining first. The kinds (stable keys; BENCHMARKS.md measures each):
 
 - ``sgd-proxy``: influence follows plain SGD (learning rate times gradient) whatever the optimizer did.
 - ``curvature-empirical``: the curvature is the gradients' own outer products (the paper's), much less
@@ -105,9 +105,9 @@ def _proxy(propagation: str, note: str | None) -> Approximation | None:
     return Approximation(
         "sgd-proxy",
         "SGD proxy for the optimizer",
-        f"{why}; it ignores the optimizer's momentum and moments (0.1 to 0.2 Spearman against exact retraining "
-        "for momentum and Adam runs, DESIGN.md): SGD with momentum, Adam and AdamW are followed exactly with "
-        "propagation='auto' on a log recorded by this dvemb.",
+        f"{why}; it ignores the optimizer's momentum and moments (under momentum 0.21 Spearman against exact "
+        "retraining, against 0.70 followed exactly, BENCHMARKS.md): SGD with momentum, Adam and AdamW are followed "
+        "exactly with propagation='auto' on a log recorded by this dvemb.",
     )
 
 
@@ -124,7 +124,7 @@ def _empirical(curvature: str, manifest: Mapping[str, Any]) -> Approximation | N
         "curvature-empirical",
         "empirical curvature",
         "The curvature is the gradients' own outer products (the paper's choice), the largest loss against exact "
-        f"retraining (about 0.4 Spearman, against 0.8 with Gauss-Newton curvature, DESIGN.md): {fix}.",
+        f"retraining (about 0.4 Spearman, against 0.7 with Gauss-Newton curvature, BENCHMARKS.md): {fix}.",
     )
 
 
@@ -136,8 +136,8 @@ def _random_projection(layers: list[Mapping[str, Any]]) -> Approximation | None:
         "random-projection",
         "random projection",
         f"{len(random)} of {len(layers)} tracked layers are projected onto random (seeded) bases, which keep "
-        "much less of the curvature signal than calibrated ones (0.35 to 0.48 Spearman against exact retraining at "
-        "256 dimensions per layer, against about 0.72 calibrated, DESIGN.md): call rec.calibrate(batches) before "
+        "much less of the curvature signal than calibrated ones (about 0.5 Spearman against exact retraining at 256 "
+        "dimensions per layer, against 0.7 to 0.8 calibrated, BENCHMARKS.md): call rec.calibrate(batches) before "
         "training, or record those layers with a larger proj_dim.",
     )
 

@@ -6,7 +6,8 @@ the top-k and embedding options) and raises :class:`SummaryError` naming the fie
 kept (``raw``) so that the API can return the summary as the engine wrote it.
 
 :class:`Approximation` is one entry of the summary's ``approximations`` (what the scores approximate beyond first
-order, ``dvemb.engine.approximations``); a summary written before the field existed has none listed.
+order, ``dvemb.engine.approximations``); a summary written before the field existed has none listed and says so
+(``approximations_known`` false), so that a reader does not present it as free of approximations.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Summary:
     propagation_label: str | None
     query_sets: dict[str, QuerySetSummary]
     approximations: tuple[Approximation, ...]
+    approximations_known: bool  # False: an older summary, written before the engine listed them
     raw: dict[str, Any] = field(repr=False)
 
     @classmethod
@@ -100,6 +102,7 @@ class Summary:
                 propagation_label=data.get("propagation_label"),
                 query_sets={str(n): QuerySetSummary.from_json(str(n), q) for n, q in sets.items()},
                 approximations=_approximations(data.get("approximations")),
+                approximations_known=data.get("approximations") is not None,
                 raw=data,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -111,6 +114,10 @@ class Summary:
     def query_set(self, name: str) -> QuerySetSummary:
         """The summary of query set ``name`` (a :class:`KeyError` when it was not scored)."""
         return self.query_sets[name]
+
+    def approximations_json(self) -> list[dict[str, str]] | None:
+        """The approximations as JSON values; None when the summary predates the list (unknown, not none)."""
+        return [a.to_json() for a in self.approximations] if self.approximations_known else None
 
     def to_json(self) -> dict[str, Any]:
         return self.raw

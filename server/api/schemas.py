@@ -64,6 +64,20 @@ class JobCreate(BaseModel):
     )
 
 
+class ApproximationPublic(BaseModel):
+    """One approximation the scores carry beyond first order (docs/results.md, "Approximations")."""
+
+    kind: str = Field(description='a stable key, e.g. "random-projection", "curvature-empirical"')
+    label: str = Field(description="a few words for a display")
+    detail: str = Field(description="what it means for the scores and how to avoid it")
+
+
+_APPROXIMATIONS = (
+    "every approximation the scores carry beyond first order, largest first (empty: none); set when done "
+    "(null also for results computed before dvemb listed them)"
+)
+
+
 class JobPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -81,6 +95,7 @@ class JobPublic(BaseModel):
     propagation: str | None = Field(
         default=None, description="how the scores follow the optimizer (exact SGD, Adam, SGD proxy...); set when done"
     )
+    approximations: list[ApproximationPublic] | None = Field(default=None, description=_APPROXIMATIONS)
 
 
 class TopRow(BaseModel):
@@ -116,6 +131,7 @@ class TopPublic(BaseModel):
     query: int | None
     kind: str
     propagation: str | None = Field(default=None, description="how these scores follow the optimizer")
+    approximations: list[ApproximationPublic] | None = Field(default=None, description=_APPROXIMATIONS)
     chosen: str | None = Field(default=None, description="how the rows were chosen (what was kept, which filters)")
     data: list[TopRow]
     count: int

@@ -131,6 +131,13 @@ class Job(Base):
         results = self.results
         return results.propagation_label if results is not None else None
 
+    @property
+    def approximations(self) -> list[dict[str, str]] | None:
+        """What the scores approximate beyond first order (``{kind, label, detail}``, largest first), once computed
+        (None also when the summary predates the list)."""
+        results = self.results
+        return results.approximations_json() if results is not None else None
+
 
 class TopKRow(Base):
     __tablename__ = "topk_rows"

@@ -47,6 +47,7 @@ def candidates(session: Session, *, project: Project) -> list[dict[str, Any]]:
             "run_name": name,
             "options": job.options,
             "propagation": job.propagation,
+            "approximations": job.approximations,
             "query_sets": results.query_sets(job),
             "finished_at": job.finished_at,
         }
@@ -72,6 +73,7 @@ def run_summaries(session: Session, jobs: list[Job], *, query_set: str, points: 
                 "steps": summary.steps,
                 "examples": summary.examples,
                 "propagation": job.propagation,
+                "approximations": job.approximations,
                 "options": job.options,
                 "phases": results.phases(session, job=job, query_set=query_set),
                 "curve": results.curve(session, job=job, query_set=query_set, points=points),

@@ -5,9 +5,9 @@ trip (issue 14.6: the ORM and 4-6 queries cost 10-20x a bare endpoint's CPU).
 
 When the statement returns nothing (a wrong token, another project's job, a page past the end) or says the job
 has not succeeded, :func:`diagnose` finds out which, with the ordinary services, so that every error is the
-same as elsewhere in the API. A job's summary (its query sets, top_k and propagation label) never changes once
-it has succeeded: it is parsed once per process and kept (keyed by the job's id and creation time, so a
-database reset cannot serve another job's summary).
+same as elsewhere in the API. A job's summary (its query sets, top_k, propagation label and approximations) never
+changes once it has succeeded: it is parsed once per process and kept (keyed by the job's id and creation time, so
+a database reset cannot serve another job's summary).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class JobFacts:
         self.query_sets = sorted(summary.query_sets)
         self.top_k = summary.top_k
         self.propagation = summary.propagation_label
+        self.approximations = summary.approximations_json()
 
 
 @lru_cache(maxsize=1024)

@@ -184,6 +184,8 @@ def test_the_summary_lists_them_and_the_typed_summary_reads_them(tmp_path: Path)
     typed = Summary.from_json(written)
     assert [a.to_json() for a in typed.approximations] == summary["approximations"]
     older = {k: v for k, v in written.items() if k != "approximations"}
-    assert Summary.from_json(older).approximations == ()  # a summary written before the field existed
+    assert typed.approximations_known and typed.approximations_json() == summary["approximations"]
+    before = Summary.from_json(older)  # a summary written before the field existed: none listed, and unknown
+    assert before.approximations == () and not before.approximations_known and before.approximations_json() is None
     with pytest.raises(SummaryError, match="needs string kind, label and detail"):
         Summary.from_json({**written, "approximations": [{"kind": "x"}]})

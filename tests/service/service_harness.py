@@ -136,8 +136,10 @@ def record_log(
     seed: int = 0,
     optimizer_name: str = "sgd",
     query_ids: list[str] | None = None,
+    **recorder_options: Any,
 ) -> Path:
-    """A small real log: an MLP trained with the recorder (plain SGD, or ``"adam"``), one query set."""
+    """A small real log: an MLP trained with the recorder (plain SGD, or ``"adam"``), one query set;
+    ``recorder_options`` go to the Recorder (``curvature=``, ``projection=``...)."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(10, dim), torch.nn.Tanh(), torch.nn.Linear(dim, 4))
     optimizer = (
@@ -146,7 +148,7 @@ def record_log(
         else torch.optim.SGD(model.parameters(), lr=0.1)
     )
     x, y = torch.randn(steps * batch, 10), torch.randint(0, 4, (steps * batch,))
-    rec = dvemb.Recorder(model, directory, proj_dim=64, shard_steps=shard_steps)
+    rec = dvemb.Recorder(model, directory, proj_dim=64, shard_steps=shard_steps, **recorder_options)
     for step in range(steps):
         ids = list(range(step * batch, (step + 1) * batch))
         with rec.step(ids, optimizer):

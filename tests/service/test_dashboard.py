@@ -3,6 +3,7 @@ analyse it, read the phase plot and the top tables, open an example. Screenshots
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def test_dashboard_end_to_end(browser: Browser, api: Api, token: str, server_url
     expect(page.locator("#job-status")).to_have_text("succeeded")
 
     expect(page.locator("#propagation")).to_contain_text("exact SGD")  # how the scores follow the optimizer
-    expect(page.locator("table.top[data-kind=helpful] th").last).to_have_text("score (exact SGD)")
+    header = page.locator("table.top[data-kind=helpful] th").last  # the optimizer, and how many approximations
+    expect(header).to_have_text(re.compile(r"^score \(exact SGD\) (\d+|no) approximations?$"))
     points = page.evaluate("document.getElementById('phase-plot').data[0].x.length")
     assert points == 40  # one point per step (under the 1000-point limit)
     phases = page.evaluate(

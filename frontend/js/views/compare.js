@@ -10,6 +10,7 @@ import { html, render } from "../html.js";
 import { latestOnPage } from "../latest.js";
 import { table } from "../table.js";
 import { setViewParams, viewParams } from "../url.js";
+import { approximationMarker } from "./trust.js";
 
 const PLOT_CONFIG = { responsive: true, displaylogo: false };
 const fixed = (x) => (x == null ? "n/a" : x.toFixed(3));
@@ -29,7 +30,7 @@ const pickColumns = [
         .map(([k, v]) => `${k}=${v}`)
         .join(", ") || "defaults",
   },
-  { head: "scores follow", cell: (j) => j.propagation || "" },
+  { head: "scores follow", cell: (j) => html`${j.propagation || ""}${approximationMarker(j.approximations)}` },
   { head: "query sets", cell: (j) => j.query_sets.join(", ") },
 ];
 

@@ -8,13 +8,18 @@ import { html, render } from "../html.js";
 import { table, tableRows } from "../table.js";
 import { drawImage } from "../thumbs.js";
 import { setViewParams, viewParams } from "../url.js";
+import { approximationMarker } from "./trust.js";
 
-/** The history table's columns; value(h) is the influence shown (on the whole set, or on one query). */
-const historyColumns = (propagation, value = (h) => h.score) => [
+/** The history table's columns; value(h) is the influence shown (on the whole set, or on one query). scores:
+ * {propagation, approximations} of the job. */
+const historyColumns = (scores, value = (h) => h.score) => [
   { head: "step", cell: (h) => h.step },
   { head: "epoch", cell: (h) => h.epoch },
   { head: "phase", cell: (h) => h.phase },
-  { head: `influence (${propagation})`, cell: (h) => fmtScore(value(h)) },
+  {
+    head: html`influence (${scores.propagation})${approximationMarker(scores.approximations)}`,
+    cell: (h) => fmtScore(value(h)),
+  },
 ];
 
 function thumb(image) {
@@ -30,16 +35,7 @@ const backLink = (job, run, querySet) =>
   html`<p><a id="back-to-run" href="#/runs/${job.run_id}?job=${job.id}&qs=${encodeURIComponent(querySet)}"
     >← ${run.name}, analysis ${job.id}</a></p>`;
 
-const page = ({
-  exampleId,
-  querySet,
-  ex,
-  meta,
-  propagation,
-  job,
-  run,
-  queryIds,
-}) => html`${backLink(job, run, querySet)}
+const page = ({ exampleId, querySet, ex, meta, scores, job, run, queryIds }) => html`${backLink(job, run, querySet)}
   <h1>Example ${exampleId}</h1>
   <section>
     <h2>What it is</h2>
@@ -47,14 +43,14 @@ const page = ({
     <p>${meta.text}</p>
     <p>label: <b>${meta.label ?? ex.label}</b> · source: ${meta.source ?? ex.source}</p>
     <p>total influence on <b>${querySet}</b> over ${ex.occurrences} occurrence(s): ${fmtScore(ex.total)}
-      <span class="muted">(${propagation})</span></p>
+      <span class="muted">(${scores.propagation})</span>${approximationMarker(scores.approximations)}</p>
   </section>
   <section id="history-section">
     <h2>Influence at each occurrence</h2>
     <label>On <select id="on-query"><option value="">the whole query set</option>
       ${queryIds.map(queryOption)}</select></label>
     <div id="history-plot" style="height:280px"></div>
-    ${table({ columns: historyColumns(propagation), attributes: { id: "history" } })}
+    ${table({ columns: historyColumns(scores), attributes: { id: "history" } })}
     ${exportButtons("history", "Every occurrence:")}
   </section>`;
 
@@ -72,10 +68,10 @@ const historyLayout = (steps) => ({
 });
 
 /** Shows the history table and bar chart for the query picked in #on-query (or the whole set). */
-async function showHistory(ex, propagation, queryIds, steps) {
+async function showHistory(ex, scores, queryIds, steps) {
   const q = byId("on-query").value;
   const value = (h) => (q === "" ? h.score : h.per_query[Number(q)]);
-  render(document.querySelector("#history tbody"), html`${tableRows(historyColumns(propagation, value), ex.history)}`);
+  render(document.querySelector("#history tbody"), html`${tableRows(historyColumns(scores, value), ex.history)}`);
   const name = q === "" ? "on the set" : `on query ${queryIds[Number(q)]}`;
   const bars = { type: "bar", x: ex.history.map((h) => h.step), y: ex.history.map(value), name };
   await Plotly.react("history-plot", [bars], historyLayout(steps), { displaylogo: false });
@@ -91,12 +87,12 @@ export async function renderExample(current, view, jobId, exampleId) {
     api(`/runs/${job.run_id}`),
   ]);
   if (!current()) return; // another page was asked for meanwhile: it is the one to show
-  const propagation = job.propagation || "exact SGD";
+  const scores = { propagation: job.propagation || "exact SGD", approximations: job.approximations };
   const meta = ex.metadata || {};
   const queryIds = summary.query_sets[querySet].query_ids;
-  render(view, page({ exampleId, querySet, ex, meta, propagation, job, run, queryIds }));
+  render(view, page({ exampleId, querySet, ex, meta, scores, job, run, queryIds }));
   if (meta.image) drawImage(byId("thumb"), meta.image);
-  const show = () => showHistory(ex, propagation, queryIds, summary.steps);
+  const show = () => showHistory(ex, scores, queryIds, summary.steps);
   const asked = viewParams().get("query"); // the query picked is kept in the URL (?query=)
   if (asked && Number(asked) < queryIds.length) byId("on-query").value = asked;
   byId("on-query").addEventListener("change", () => {

@@ -8,6 +8,7 @@ import { state } from "../state.js";
 import { table } from "../table.js";
 import { showResults } from "./results.js";
 import { showSummaryCard } from "./summary.js";
+import { approximationMarker } from "./trust.js";
 
 const LIVE = ["queued", "running"];
 
@@ -49,7 +50,7 @@ const jobColumns = (runId, shownId) => [
   { head: "analysis", cell: (j) => j.id },
   { head: "status", cell: (j) => j.status, td: (j) => ({ class: "job-status", "data-job": j.id }) },
   { head: "options", cell: (j) => optionsText(j.options) },
-  { head: "scores follow", cell: (j) => j.propagation || "" },
+  { head: "scores follow", cell: (j) => html`${j.propagation || ""}${approximationMarker(j.approximations)}` },
   { head: "started", cell: (j) => new Date(j.created_at).toLocaleString() },
   { head: "", cell: (j) => actions(j, runId, shownId) },
 ];

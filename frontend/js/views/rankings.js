@@ -9,6 +9,7 @@ import { state } from "../state.js";
 import { table } from "../table.js";
 import { describe, drawThumbs } from "../thumbs.js";
 import { controls, setGiven } from "./controls.js";
+import { approximationMarker } from "./trust.js";
 import { chosenWindow } from "./windows.js";
 
 const KINDS = ["helpful", "harmful"];
@@ -36,6 +37,11 @@ const scoreColumn = (head, key) => ({
 });
 
 const plainColumn = (key) => ({ head: key, cell: (r) => r[key] });
+
+/** A score column's header: what it is, how the scores follow the optimizer and how many approximations they carry
+ * (the list in the marker's tooltip). */
+const scoreHead = (what, propagation, approximations) =>
+  html`${what} (${propagation})${approximationMarker(approximations)}`;
 
 /** Renders a ranking table (and what follows it) into its container and draws its examples' images; its columns
  * are lead, the shared example columns, then tail. */
@@ -67,8 +73,8 @@ function showChosen(text, failed = false) {
 }
 
 /** The "Top training examples" tables, for the current controls and page; a newer call wins over a slower older one,
- * and nothing is drawn once the page was left. */
-export const showTop = latestOnPage(async (current, jobId, propagation, lastStep) => {
+ * and nothing is drawn once the page was left. scores: {propagation, approximations} of the job. */
+export const showTop = latestOnPage(async (current, jobId, scores, lastStep) => {
   showChosen("…");
   try {
     const window = await chosenWindow(jobId, lastStep);
@@ -76,29 +82,31 @@ export const showTop = latestOnPage(async (current, jobId, propagation, lastStep
     if (!current()) return;
     const count = tops[0].window?.occurrences; // a window's answer describes the window
     const where = count != null ? ` · ${count} occurrence(s) in the window` : "";
-    await Promise.all(KINDS.map((kind, i) => showTopTable(jobId, kind, tops[i], propagation, current)));
+    await Promise.all(KINDS.map((kind, i) => showTopTable(jobId, kind, tops[i], scores, current)));
     if (current()) showChosen(`Rows: ${tops[0].chosen}${where}`); // said once its rows are shown
   } catch (err) {
     if (current()) showChosen(err.message, true);
   }
 });
 
-async function showTopTable(jobId, kind, top, propagation, current) {
+async function showTopTable(jobId, kind, top, scores, current) {
   const lead = [{ head: "#", cell: (r) => r.rank + 1 }];
-  const score = scoreColumn(`score (${top.propagation || propagation})`, "score");
+  const head = scoreHead("score", top.propagation || scores.propagation, top.approximations ?? scores.approximations);
+  const score = scoreColumn(head, "score");
   const tail = [...["step", "epoch", "phase"].map(plainColumn), score];
   const after = html`<p class="muted">${top.count} row(s)</p>`;
   await showRanking(byId(`top-${kind}`), jobId, { kind, cls: "top", rows: top.data, lead, tail, after, current });
 }
 
 /** The "Examples by total influence" tables, for the current query set; a newer call wins over a slower older one,
- * and nothing is drawn once the page was left. */
-export const showExamples = latestOnPage(async (current, jobId, propagation) => {
+ * and nothing is drawn once the page was left. scores: {propagation, approximations} of the job. */
+export const showExamples = latestOnPage(async (current, jobId, scores) => {
   for (const kind of KINDS) {
     const querySet = encodeURIComponent(controls().querySet);
     const ranked = await api(`/jobs/${jobId}/examples?query_set=${querySet}&kind=${kind}&limit=10`);
     if (!current()) return;
-    const tail = [plainColumn("occurrences"), scoreColumn(`total (${propagation})`, "total")];
+    const head = scoreHead("total", scores.propagation, scores.approximations);
+    const tail = [plainColumn("occurrences"), scoreColumn(head, "total")];
     await showRanking(byId(`examples-${kind}`), jobId, { kind, cls: "examples", rows: ranked.data, tail, current });
   }
 });

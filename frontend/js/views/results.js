@@ -10,6 +10,7 @@ import { resultsExportPath } from "./exports.js";
 import { drawPlots } from "./plots.js";
 import { showExamples, showTop } from "./rankings.js";
 import { bindSelection, selectionSection, showSelection } from "./selection.js";
+import { trustBox } from "./trust.js";
 import { fillWindows } from "./windows.js";
 
 const setOption = (name) => html`<option>${name}</option>`;
@@ -64,8 +65,8 @@ const distributionSection = () =>
   </section>`;
 
 const resultsPage = (summary, propagation) =>
-  html`${plotSection(summary, propagation)}${selectionSection()}${topSection()}${examplesSection()}
-    ${distributionSection()}${dynamicsSection(summary)}`;
+  html`${trustBox(summary.approximations)}${plotSection(summary, propagation)}${selectionSection()}${topSection()}
+    ${examplesSection()}${distributionSection()}${dynamicsSection(summary)}`;
 
 /** Fills the query picker with the current query set's queries. */
 function fillQueries(summary) {
@@ -109,14 +110,15 @@ export async function showResults(current, job) {
   const summary = await api(`/jobs/${job.id}/summary`);
   if (!current()) return; // another page (perhaps another run's, with its own results) was asked for meanwhile
   const propagation = summary.propagation_label || "exact SGD";
+  const scores = { propagation, approximations: summary.approximations }; // how the score columns are labelled
   const results = byId("results");
   render(results, resultsPage(summary, propagation));
   restoreControls(["qs"]); // the view in the URL (a link, a reload), else the defaults
   state.page = Number(viewParams().get("page")) || 0;
   const refresh = {
     plots: () => drawPlots(current, job.id),
-    top: () => showTop(current, job.id, propagation, summary.steps - 1),
-    examples: () => showExamples(current, job.id, propagation),
+    top: () => showTop(current, job.id, scores, summary.steps - 1),
+    examples: () => showExamples(current, job.id, scores),
     windows: () => fillWindows(current, job.id),
     selection: () => showSelection(current, job.id),
   };

@@ -110,6 +110,7 @@ def top(
             "query": shown.query,
             "kind": shown.kind,
             "propagation": facts.propagation,
+            "approximations": facts.approximations,
             "chosen": chosen,
             "data": rows,
             "count": count,

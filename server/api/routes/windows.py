@@ -11,7 +11,14 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from server.api.deps import DoneJobDep, IdPath, IntQuery, Kind, LimitQuery, OffsetQuery, SessionDep
-from server.api.schemas import TopRow, WindowCreate, WindowPublic, WindowsPublic, WindowTopPublic
+from server.api.schemas import (
+    ApproximationPublic,
+    TopRow,
+    WindowCreate,
+    WindowPublic,
+    WindowsPublic,
+    WindowTopPublic,
+)
 from server.api.waiting import wait_answer
 from server.db.models import Job
 from server.db.session import session_factory
@@ -80,11 +87,13 @@ def window_top(
         session, job=job, window=window, query=query, kind=kind, offset=offset, limit=limit
     )
     described = windows.public(window)
+    found = job.approximations
     return WindowTopPublic(
         query_set=window.query_set,
         query=query,
         kind=kind,
         propagation=job.propagation,
+        approximations=None if found is None else [ApproximationPublic(**a) for a in found],
         chosen=described["chosen"],
         data=[TopRow(**r) for r in rows],
         count=count,
