@@ -41,7 +41,7 @@ def train_digits(log_dir: Path, *, quick: bool, seed: int = 0, flip_share: float
         noisy[i] = (int(noisy[i]) + int(rng.integers(1, 10))) % 10  # a different class, chosen at random
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = dvemb.Recorder(model, log_dir, proj_dim=(32, 32), curvature="ggn", overwrite=True)
+    rec = dvemb.Recorder(model, log_dir, proj_dim=(32, 32), overwrite=True)  # Gauss-Newton curvature by default
     rec.describe(
         list(range(n_train)),
         labels=noisy.tolist(),
@@ -66,9 +66,7 @@ def train_digits(log_dir: Path, *, quick: bool, seed: int = 0, flip_share: float
         for start in range(0, n_train - batch + 1, batch):
             ids = perm[start : start + batch]
             with rec.step(ids, optimizer):
-                logits = model(x[train][ids])
-                rec.curvature(logits)
-                loss = F.cross_entropy(logits, noisy[ids])
+                loss = F.cross_entropy(model(x[train][ids]), noisy[ids])
                 loss.backward()
                 rec.log_loss(loss)
                 optimizer.step()
