@@ -16,13 +16,16 @@ over test points of the Spearman correlation across the sampled (step, example) 
    by default. The loop drives the integration's own :class:`DvembCallback` (``on_train_begin``,
    ``on_step_begin`` / ``on_step_end`` around each optimizer step, ``on_train_end``) with real
    ``TrainingArguments`` / ``TrainerState``, the calibration batches ``record()`` would build (the
-   first ``calibration_batches`` batches of the training set in dataset order) and the query batches
+   first ``calibration_batches`` batches of the training set in dataset order), the run's optimizer
+   and scheduler in the events' keyword arguments (its look-ahead uses them) and the query batches
    of the test set; the example ids are handed over as the integration's forward pre-hook does.
    Default ``compute``.
 3. ``README recipe``: ``Recorder(model, log_dir, proj_dim=256, curvature="ggn")``,
-   ``rec.calibrate(first 8 training batches, optimizer=optimizer, lookahead_steps=total_steps // 10)``,
-   ``rec.curvature(logits)`` every step; default ``compute``.
-4. ``unprojected ggn, full M``: ``proj_dim=None``, ``curvature="ggn"``, float64 log; ``compute`` with
+   ``rec.calibrate(first 8 training batches, optimizer=optimizer, lookahead_steps=total_steps // 10)``
+   (no scheduler passed, as the README writes it), no ``rec.curvature()`` call (the README's loop has
+   none since "ggn by default": the rows start at the model's output); default ``compute``.
+4. ``unprojected ggn, full M``: ``proj_dim=None``, ``curvature="ggn"``, explicit ``rec.curvature(logits)``
+   (all ten classes), float64 log; ``compute`` with
    ``blocks="full"`` (float64 accumulation, as the other fidelity benchmarks).
 5. ``exact first-order ceiling``: :func:`bench.optimizer_fidelity.first_order_ceiling`.
 6. ``gradient dot product``: :func:`bench.fidelity.grad_dot_scores` (no training dynamics).
@@ -43,6 +46,7 @@ import contextlib
 import copy
 import json
 import platform
+import subprocess
 import tempfile
 import time
 import warnings
@@ -116,8 +120,8 @@ class Recording:
     warnings: list[str] = field(default_factory=list)
 
 
-#: (model, optimizer, x, y, setup) -> Recording; builds the recorder before the first step.
-RecordingFactory = Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor, Setup], Recording]
+#: (model, optimizer, scheduler, x, y, setup) -> Recording; builds the recorder before the first step.
+RecordingFactory = Callable[[nn.Module, torch.optim.Optimizer, Any, torch.Tensor, torch.Tensor, Setup], Recording]
 
 
 def training_batches(setup: Setup, n: int) -> list[torch.Tensor]:
@@ -128,14 +132,20 @@ def training_batches(setup: Setup, n: int) -> list[torch.Tensor]:
 
 
 def run_training(setup: Setup, make: RecordingFactory | None) -> tuple[Trajectory, Recording | None]:
-    """The loop of :func:`bench.fidelity.train`, recorded by ``make`` (or not at all)."""
+    """The loop of :func:`bench.fidelity.train`, recorded by ``make`` (or not at all).
+
+    The rate follows :func:`bench.fidelity._lr_at` through a ``LambdaLR`` scheduler stepped after every
+    optimizer step, as a real run's schedule is (the Trainer's look-ahead calibration steps it too); the
+    rate each step used is kept for the replays.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.manual_seed(setup.seed)
         x, y, x_test, y_test = _data(setup)
         model = nn.Sequential(nn.Linear(64, setup.hidden), nn.Tanh(), nn.Linear(setup.hidden, 10)).double()
         optimizer = OPTIMIZERS[setup.optimizer](model.parameters(), setup.lr)
-        recording = make(model, optimizer, x, y, setup) if make is not None else None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_at(setup, step) / setup.lr)
+        recording = make(model, optimizer, scheduler, x, y, setup) if make is not None else None
         generator = torch.Generator().manual_seed(setup.seed)
         per_epoch = len(x) // setup.batch
         batches: list[torch.Tensor] = []
@@ -144,9 +154,7 @@ def run_training(setup: Setup, make: RecordingFactory | None) -> tuple[Trajector
             if step % per_epoch == 0:
                 perm = torch.randperm(len(x), generator=generator)
             batch = perm[(step % per_epoch) * setup.batch : (step % per_epoch + 1) * setup.batch]
-            lr = _lr_at(setup, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = optimizer.param_groups[0]["lr"]
             params.append({k: v.detach().clone() for k, v in model.named_parameters()})
             if recording is None:
                 states.append(copy.deepcopy(optimizer.state_dict()))
@@ -156,6 +164,7 @@ def run_training(setup: Setup, make: RecordingFactory | None) -> tuple[Trajector
                     recording.after_forward(logits)
                 F.cross_entropy(logits, y[batch], reduction="sum").backward()
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad()
             batches.append(batch)
             lrs.append(lr)
@@ -182,24 +191,31 @@ def _plain(rec: dvemb.Recorder, *, ggn_call: bool) -> Recording:
 
 
 def no_options(log_dir: Path) -> RecordingFactory:
-    def make(model: nn.Module, optimizer: Any, x: torch.Tensor, y: torch.Tensor, setup: Setup) -> Recording:
+    def make(
+        model: nn.Module, optimizer: Any, scheduler: Any, x: torch.Tensor, y: torch.Tensor, setup: Setup
+    ) -> Recording:
         return _plain(dvemb.Recorder(model, log_dir, loss_reduction="sum"), ggn_call=False)
 
     return make
 
 
 def readme_recipe(log_dir: Path) -> RecordingFactory:
-    def make(model: nn.Module, optimizer: Any, x: torch.Tensor, y: torch.Tensor, setup: Setup) -> Recording:
+    def make(
+        model: nn.Module, optimizer: Any, scheduler: Any, x: torch.Tensor, y: torch.Tensor, setup: Setup
+    ) -> Recording:
         rec = dvemb.Recorder(model, log_dir, proj_dim=256, curvature="ggn", loss_reduction="sum")
         first = training_batches(setup, len(x))[:CALIBRATION_BATCHES]
+        # The README's call: no scheduler passed, so the look-ahead runs at the optimizer's current rate.
         rec.calibrate([(x[b], y[b]) for b in first], optimizer=optimizer, lookahead_steps=setup.steps // 10)
-        return _plain(rec, ggn_call=True)
+        return _plain(rec, ggn_call=False)
 
     return make
 
 
 def unprojected(log_dir: Path) -> RecordingFactory:
-    def make(model: nn.Module, optimizer: Any, x: torch.Tensor, y: torch.Tensor, setup: Setup) -> Recording:
+    def make(
+        model: nn.Module, optimizer: Any, scheduler: Any, x: torch.Tensor, y: torch.Tensor, setup: Setup
+    ) -> Recording:
         rec = dvemb.Recorder(
             model, log_dir, proj_dim=None, curvature="ggn", loss_reduction="sum", dtype="float64", seed=setup.seed
         )
@@ -211,7 +227,9 @@ def unprojected(log_dir: Path) -> RecordingFactory:
 def trainer_path(log_dir: Path, work: Path) -> RecordingFactory:
     """Drive ``dvemb.integrations.huggingface.DvembCallback`` as ``record(trainer, log_dir)`` sets it up."""
 
-    def make(model: nn.Module, optimizer: Any, x: torch.Tensor, y: torch.Tensor, setup: Setup) -> Recording:
+    def make(
+        model: nn.Module, optimizer: Any, scheduler: Any, x: torch.Tensor, y: torch.Tensor, setup: Setup
+    ) -> Recording:
         from transformers import TrainerControl, TrainerState, TrainingArguments
 
         from dvemb.integrations.huggingface import DvembCallback
@@ -243,7 +261,7 @@ def trainer_path(log_dir: Path, work: Path) -> RecordingFactory:
             calibration_batches=lambda: list(calibration),
             recorder_options={"loss_reduction": "sum"},
         )
-        events = {"model": model, "optimizer": optimizer, "lr_scheduler": None, "train_dataloader": None}
+        events = {"model": model, "optimizer": optimizer, "lr_scheduler": scheduler, "train_dataloader": None}
         callback.on_train_begin(args, state, control, **events)
 
         @contextlib.contextmanager
@@ -411,7 +429,8 @@ def markdown(
         "test points against exact trajectory-specific leave-one-out (replay from the example's step without it, the "
         "optimizer's state restored), "
         + ("mean over seeds [min, max]" if seeds > 1 else "one seed")
-        + ". Every recorded trajectory is bit for bit the unrecorded one (checked).",
+        + ". The rate is set by a `LambdaLR` scheduler stepped after each optimizer step. Every recorded trajectory "
+        "is bit for bit the unrecorded one (checked).",
         "",
         "Rows (every recorder gets `loss_reduction='sum'` because this loop sums its loss; nothing else unless said):",
         "",
@@ -422,14 +441,19 @@ def markdown(
         "- **Trainer path**: the plain loop drives `dvemb.integrations.huggingface.DvembCallback` as "
         "`record(trainer, log_dir)` sets it up (real `TrainingArguments`/`TrainerState`, `on_train_begin`, "
         "`on_step_begin`/`on_step_end` around each step, `on_train_end`; its default `calibration_batches=8`: the first "
-        "8 batches of the training set in dataset order; the ids handed over as its forward pre-hook does); no "
-        "`rec.curvature()` call (the callback makes none); default `compute`. Only the recorder side is the "
+        "8 batches of the training set in dataset order; its default `lookahead=0.1` of `state.max_steps` with the run's "
+        "optimizer and scheduler passed as the Trainer passes them; the ids handed over as its forward pre-hook does); "
+        "no `rec.curvature()` call (the callback makes none); default `compute`. Only the recorder side is the "
         "Trainer's: the training itself is this loop (no gradient clipping, the run's own optimizer and "
         "schedule). From the log: " + _describe_log(first["trainer"]) + ".",
         "- **README recipe**: `Recorder(model, log_dir, proj_dim=256, curvature='ggn')`, "
-        "`rec.calibrate(first 8 training batches, optimizer=optimizer, lookahead_steps=total_steps // 10)`, "
-        "`rec.curvature(logits)` every step; default `compute`. From the log: " + _describe_log(first["recipe"]) + ".",
-        "- **unprojected ggn, full M**: `proj_dim=None`, `curvature='ggn'`, float64 log; `compute(curvature='ggn', "
+        "`rec.calibrate(first 8 training batches, optimizer=optimizer, lookahead_steps=total_steps // 10)` (no "
+        "`scheduler=`, as the README writes it: the look-ahead runs at the optimizer's current rate), no "
+        "`rec.curvature()` call (the README's loop has none); default `compute`. From the log: "
+        + _describe_log(first["recipe"])
+        + ".",
+        "- **unprojected ggn, full M**: `proj_dim=None`, `curvature='ggn'` with an explicit `rec.curvature(logits)` "
+        "(all ten classes), float64 log; `compute(curvature='ggn', "
         "blocks='full', accumulate_dtype='float64')`.",
         "- **exact first-order ceiling**: the exact derivative of the real trajectory in the example's loss weight "
         "(central difference of the replay); no estimator linear in the removal beats it.",
@@ -458,6 +482,19 @@ def markdown(
     if notes:
         lines += ["", "Warnings the recorder gave (first run):", "", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _commit() -> str:
+    """HEAD's short hash, and whether dvemb/ differs from it in the working tree."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "dvemb"], cwd=root, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + (" (dvemb/ with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
 def main() -> None:
@@ -494,7 +531,7 @@ def main() -> None:
     table = aggregate(runs)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta = (
-        f"on {stamp}, {platform.processor() or platform.machine()} ({args.threads} thread, CPU), "
+        f"at commit {_commit()} on {stamp}, {platform.processor() or platform.machine()} ({args.threads} thread, CPU), "
         f"torch {torch.__version__}, dvemb {dvemb.__version__}, {time.time() - started:.0f} s."
     )
     text = markdown(table, runs, base, seeds, meta)
