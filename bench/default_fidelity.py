@@ -506,6 +506,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md even with --quick")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--commit", help="the commit measured, for a run from an exported tree without .git")
     args = parser.parse_args()
     seeds = 1 if args.quick else args.seeds
     torch.set_num_threads(args.threads)
@@ -531,14 +532,14 @@ def main() -> None:
     table = aggregate(runs)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta = (
-        f"at commit {_commit()} on {stamp}, {platform.processor() or platform.machine()} ({args.threads} thread, CPU), "
+        f"at commit {args.commit or _commit()} on {stamp}, {platform.processor() or platform.machine()} ({args.threads} thread, CPU), "
         f"torch {torch.__version__}, dvemb {dvemb.__version__}, {time.time() - started:.0f} s."
     )
     text = markdown(table, runs, base, seeds, meta)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     (out / "default_fidelity.json").write_text(
-        json.dumps({"setup": asdict(base), "seeds": seeds, "runs": runs, "table": table}, indent=1)
+        json.dumps({"setup": asdict(base), "seeds": seeds, "runs": runs, "table": table, "markdown": text}, indent=1)
     )
     print(text)
     if not args.no_write and (args.write or not args.quick):
