@@ -160,22 +160,25 @@ def _sampled(curvature: str, manifest: Mapping[str, Any]) -> Approximation | Non
     if curvature != "ggn":
         return None
     info = manifest.get("curvature") or {}
-    samples = info.get("samples")
-    if not _int(samples, 0) >= 1:
-        # Without a sample count, the recorder's automatic softmax rows are sampled when there is one per example
-        # (more than 32 classes, or a sequence); all-class rows are at least two; rows given by hand
-        # (rec.curvature()) and mean-squared-error rows are exact.
-        rows = info.get("rows_per_example")
-        automatic = info.get("source", "output") == "output" and info.get("loss", "cross_entropy") == "cross_entropy"
-        if not (automatic and rows == 1):
+    samples = _int(info.get("samples"), 0)
+    mse = info.get("loss") == "mse"
+    if samples < 1:
+        # Without a sample count the recorder samples one row per example where it cannot take every class (more
+        # than 32, or a sequence); every class is at least two rows. A mean-squared-error log with one row per
+        # example is ambiguous (one output, exact; or over 32 outputs, sampled) and not listed.
+        if mse or info.get("rows_per_example") != 1:
             return None
         samples = 1
-    labels = "label" if samples == 1 else "labels"
+    if mse:
+        what, instead = ("random direction" if samples == 1 else "random directions"), "every output"
+    else:
+        what = "label" if samples == 1 else "labels"
+        instead = "every class"
     return Approximation(
         "curvature-sampled",
-        f"{samples} sampled {labels} in the curvature",
-        f"The Gauss-Newton curvature uses {samples} {labels} per example sampled from the model's prediction "
-        "instead of every class, an unbiased but noisy estimate: record with a larger curvature_samples "
+        f"{samples} sampled {what} in the curvature",
+        f"The Gauss-Newton curvature uses {samples} {what} per example sampled from the model's prediction "
+        f"instead of {instead}, an unbiased but noisy estimate: record with a larger curvature_samples "
         "(Recorder(curvature_samples=...)) to reduce the noise.",
     )
 

@@ -68,9 +68,10 @@ def test_empirical_curvature_is_listed_with_the_fix_the_log_allows() -> None:
         ({"mode": "ggn", "samples": 4, "rows_per_example": 4}, 4),  # asked for samples
         ({"mode": "ggn", "samples": None, "rows_per_example": 1}, 1),  # the recorder's fallback: many classes
         ({"mode": "ggn", "samples": None, "rows_per_example": 1, "source": "output", "loss": "cross_entropy"}, 1),
+        ({"mode": "ggn", "samples": None, "rows_per_example": 1, "source": "manual"}, 1),  # rec.curvature(logits)
         ({"mode": "ggn", "samples": None, "rows_per_example": 10}, None),  # all ten classes
-        ({"mode": "ggn", "samples": None, "rows_per_example": 1, "source": "manual"}, None),  # rows given by hand
-        ({"mode": "ggn", "samples": None, "rows_per_example": 1, "loss": "mse"}, None),  # one output, exact
+        ({"mode": "ggn", "samples": 3, "rows_per_example": 3, "loss": "mse"}, 3),  # random directions
+        ({"mode": "ggn", "samples": None, "rows_per_example": 1, "loss": "mse"}, None),  # maybe one output: exact
         ({"mode": "ggn", "samples": None, "rows_per_example": None}, None),  # no step recorded
         ({"mode": "ggn"}, None),  # an older log
     ],
@@ -81,7 +82,8 @@ def test_sampled_curvature_labels_are_listed_with_their_count(curvature: dict[st
         assert "curvature-sampled" not in _kinds(manifest)
         return
     found = _one(manifest, "curvature-sampled")
-    assert f"{expected} sampled label" in found.label and f"uses {expected} label" in found.detail
+    what = "random direction" if curvature.get("loss") == "mse" else "label"
+    assert f"{expected} sampled {what}" in found.label and f"uses {expected} {what}" in found.detail
     assert "curvature-sampled" not in _kinds(manifest, curvature="empirical")  # the factors are not used
 
 
