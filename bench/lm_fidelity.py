@@ -10,15 +10,21 @@ LayerNorms), 2 epochs. The same training, with the same data order, is taken by:
 - ``trainer``: the Hugging Face ``Trainer`` with ``dvemb.integrations.huggingface.record(trainer, log_dir)``
   and no options (the plain loop follows the Trainer's own shuffled order, captured from an unrecorded
   Trainer run);
-- ``recipe``: the README's recipe: ``curvature="ggn"``, ``rec.calibrate(first 8 batches, optimizer=...,
-  lookahead_steps=total_steps // 10)``;
-- ``whole``: no projection (``proj_dim=None``), ``curvature="ggn"``, no calibration;
+- ``recipe``: the README's recipe for a causal LM: ``dvemb.Recorder(model, log_dir)`` (Gauss-Newton
+  curvature found at the model's output), ``rec.calibrate(first 8 batches, optimizer=...,
+  lookahead_steps=total_steps // 10, scheduler=..., lookahead_loss_fn=causal_lm_loss)`` (what
+  ``record(trainer)`` does);
+- ``recipe_verbatim``: the README's lines as written (``rec.calibrate(batches, optimizer=...,
+  lookahead_steps=...)``: no scheduler, so a linear warm-up's rate 0, and unshifted labels);
+- ``whole``: no projection (``proj_dim=None``), Gauss-Newton curvature, no calibration;
 - ``grad_dot``: the final model's query gradient dotted with the occurrence's recorded gradient (from the
   unprojected log): no training dynamics.
 
 Every log is computed with ``dvemb.engine.compute`` and its default ``ComputeArguments``. Training is
-checked bit for bit: every recorded run (and the Trainer) must take exactly the parameters of an
-unrecorded plain run, so one ground truth serves all. Ground truth: for sampled (step, example)
+checked bit for bit: every recorded plain loop must take exactly the parameters of the unrecorded one,
+and the recorded Trainer those of the unrecorded Trainer. The Trainer's loss is not the plain loop's (it
+divides by the labels it counts, ``num_items_in_batch``), so it gets its own ground truth, from a plain
+loop that passes the same count (checked to take the Trainer's trajectory bit for bit). Ground truth: for sampled (step, example)
 occurrences, training is replayed from that step with the example removed from its one batch (the
 Hugging Face loss then averages over the remaining examples' tokens, as the Trainer's does), with the
 optimizer's state (AdamW moments, step count) and the learning rate schedule as they were, and every
@@ -29,8 +35,9 @@ Spearman correlation across occurrences, 3 seeds (model initialisation, the Trai
 sampled occurrences).
 
 Run from the repository root: ``.venv/bin/python -m bench.lm_fidelity`` (``--quick`` for a small smoke
-run that leaves BENCHMARKS.md alone). Writes ``bench/out/lm_fidelity.json`` and the BENCHMARKS.md section
-"Transformer LM fidelity".
+run that leaves BENCHMARKS.md alone; ``--root`` to write the results into another checkout than the one
+this file is in, e.g. when running a clean worktree of a commit). Writes ``bench/out/lm_fidelity.json``
+and the BENCHMARKS.md section "Transformer LM fidelity". About 15 minutes on one core.
 """
 
 from __future__ import annotations
@@ -64,13 +71,15 @@ SECTION = "Transformer LM fidelity"
 TRAIN_FILES = ("os.py", "random.py", "textwrap.py", "string.py", "functools.py", "heapq.py")
 QUERY_FILES = ("glob.py", "shlex.py", "fnmatch.py")
 DATA_SEED = 1234
-ESTIMATORS = ("plain", "trainer", "recipe", "recipe_ggn", "whole", "grad_dot", "ceiling")
-RECORDED = ("plain", "trainer", "recipe", "recipe_ggn", "whole")
+ESTIMATORS = ("plain", "trainer", "recipe", "recipe_verbatim", "whole", "grad_dot", "ceiling")
+RECORDED = ("plain", "trainer", "recipe", "recipe_verbatim", "whole")
 LABELS = {
     "plain": "plain loop, `Recorder(model, log_dir)`, no options",
     "trainer": "Trainer, `record(trainer, log_dir)`, no options",
-    "recipe": "README recipe (ggn, calibrated with look-ahead, 256 per layer), `loss_fn=causal_lm_loss`",
-    "recipe_ggn": "README recipe, calibration targets shifted instead of `loss_fn` (Gauss-Newton calibration factors)",
+    "recipe": "README recipe for a causal LM: `Recorder(model, log_dir)`, `rec.calibrate(8 batches, optimizer=..., "
+    "lookahead_steps=total_steps // 10, scheduler=..., lookahead_loss_fn=causal_lm_loss)`",
+    "recipe_verbatim": "README recipe verbatim: `rec.calibrate(8 batches, optimizer=..., "
+    "lookahead_steps=total_steps // 10)`",
     "whole": "no projection, ggn, no calibration",
     "grad_dot": "gradient dot product (final query gradient . recorded gradient)",
     "ceiling": "first-order ceiling (exact derivative of the real training)",
@@ -257,21 +266,25 @@ def plain_run(
     rec = None
     if mode == "plain":
         rec = dvemb.Recorder(model, log_dir)
-    elif mode == "recipe":
-        # The look-ahead trains on the calibration loss: a Hugging Face causal LM needs its own (labels shifted),
-        # which also makes the loss's gradients (not Gauss-Newton rows) the calibration factors.
-        rec = dvemb.Recorder(model, log_dir, proj_dim=256, curvature="ggn")
+    elif mode in ("recipe", "recipe_verbatim"):
+        rec = dvemb.Recorder(model, log_dir)
         calibration = [({"input_ids": data.train[b]}, data.train[b]) for b in order[: s.calibration_batches]]
-        rec.calibrate(calibration, optimizer=optimizer, lookahead_steps=s.steps // 10, loss_fn=causal_lm_loss)
-    elif mode == "recipe_ggn":
-        # The same with targets shifted by one (-100 at the end): the default loss is then the causal-LM loss and
-        # the calibration factors stay Gauss-Newton rows.
-        rec = dvemb.Recorder(model, log_dir, proj_dim=256, curvature="ggn")
-        calibration = [({"input_ids": data.train[b]}, _shifted(data.train[b])) for b in order[: s.calibration_batches]]
-        rec.calibrate(calibration, optimizer=optimizer, lookahead_steps=s.steps // 10)
+        if mode == "recipe":
+            # The look-ahead follows the warm-up (the scheduler) and trains on the causal-LM loss (labels shifted);
+            # the bases' factors stay Gauss-Newton rows. This is what record(trainer) does.
+            rec.calibrate(
+                calibration,
+                optimizer=optimizer,
+                lookahead_steps=s.steps // 10,
+                scheduler=scheduler,
+                lookahead_loss_fn=causal_lm_loss,
+            )
+        else:
+            # As the README writes it: without the scheduler the look-ahead runs at the optimizer's current rate
+            # (0 before the first step of a linear warm-up), on cross-entropy of the unshifted labels.
+            rec.calibrate(calibration, optimizer=optimizer, lookahead_steps=s.steps // 10)
     elif mode == "whole":
-        rec = dvemb.Recorder(model, log_dir, proj_dim=None, curvature="ggn")
-    explicit_curvature = mode in ("recipe", "recipe_ggn", "whole")
+        rec = dvemb.Recorder(model, log_dir, proj_dim=None)
     traj = Trajectory([], order, counts=counts)
     for t, batch in enumerate(order):
         x = data.train[batch]
@@ -280,13 +293,7 @@ def plain_run(
             traj.optimizer_states.append(copy.deepcopy(optimizer.state_dict()))
             traj.lrs.append([g["lr"] for g in optimizer.param_groups])
         with rec.step(batch, optimizer) if rec is not None else contextlib.nullcontext():
-            if counts is not None:
-                loss = batch_loss(model, x, counts[t])
-            else:
-                out = model(input_ids=x, labels=x)
-                if explicit_curvature:
-                    rec.curvature(out.logits)  # type: ignore[union-attr]
-                loss = out.loss
+            loss = batch_loss(model, x, None if counts is None else counts[t])
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -296,11 +303,6 @@ def plain_run(
         rec.record_queries("test", _query_batches(data, s.batch), loss_fn=causal_lm_loss)
         rec.close()
     return traj
-
-
-def _shifted(x: torch.Tensor) -> torch.Tensor:
-    """Next-token targets of a batch of sequences: ``x`` shifted left by one, -100 (ignored) at the end."""
-    return torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], 1)
 
 
 class _Dataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -484,7 +486,7 @@ def run_seed(s: Settings, data: Corpus, seed: int, work: Path, log: Any = print)
         lap("trainer recorded")
         checks["trainer recorded: same order"] = recorded_trainer.order == order
         checks["trainer recorded = trainer unrecorded"] = same_trajectory(recorded_trainer, ref_trainer)
-        for mode in ("plain", "recipe", "recipe_ggn", "whole"):
+        for mode in ("plain", "recipe", "recipe_verbatim", "whole"):
             caught.clear()
             checks[f"{mode} recorded = plain loop"] = same_trajectory(
                 plain_run(s, data, seed, order, work / f"log-{mode}", mode), ref
@@ -520,7 +522,7 @@ def run_seed(s: Settings, data: Corpus, seed: int, work: Path, log: Any = print)
         "plain": dvemb_scores(work / "log-plain", work / "out-plain", "test", keys),
         "trainer": dvemb_scores(work / "log-trainer", work / "out-trainer", "eval", keys),
         "recipe": dvemb_scores(work / "log-recipe", work / "out-recipe", "test", keys),
-        "recipe_ggn": dvemb_scores(work / "log-recipe_ggn", work / "out-recipe_ggn", "test", keys),
+        "recipe_verbatim": dvemb_scores(work / "log-recipe_verbatim", work / "out-recipe_verbatim", "test", keys),
     }
     lap("compute (projected)")
     estimates["whole"] = dvemb_scores(work / "log-whole", work / "out-whole", "test", keys)
@@ -583,8 +585,10 @@ def _cell(values: list[float]) -> str:
 
 
 def _git(*args: str) -> str:
+    """git in the checkout of the dvemb package actually imported."""
+    where = Path(dvemb.__file__).resolve().parent
     try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=where).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
 
@@ -623,7 +627,7 @@ def markdown(s: Settings, runs: list[dict[str, Any]], data: Corpus, meta: str) -
         f"{np.mean([r['final_query_loss'] for r in runs]):.2f} after training.",
         "",
         "The plain loop follows the Trainer's own shuffled order (read from an unrecorded Trainer run). The "
-        "three recorded plain loops took bit for bit the parameters of the unrecorded plain loop at every step, "
+        "recorded plain loops took bit for bit the parameters of the unrecorded plain loop at every step, "
         "and the recorded Trainer those of the unrecorded Trainer (checked every seed). The Trainer's trajectory "
         "is not the plain loop's: it divides the summed token losses by `num_items_in_batch`, the labels it "
         f"counts ({runs[0]['trainer_labels_per_example']:.0f} per sequence with this transformers version: "
@@ -663,6 +667,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small smoke run; BENCHMARKS.md is left alone")
     parser.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent,
+        help="checkout whose BENCHMARKS.md and bench/out/ receive the results (default: this file's)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     s = QUICK if args.quick else Settings()
@@ -679,7 +689,7 @@ def main() -> None:
             )
     elapsed = time.time() - started
     commit = _git("rev-parse", "--short", "HEAD")
-    dirty = _git("status", "--porcelain", "--", "dvemb")
+    dirty = _git("status", "--porcelain", "--", ".")
     meta = (
         f"on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, {platform.processor() or platform.machine()}, "
         f"one thread, torch {torch.__version__}, transformers {_version('transformers')}, dvemb at {commit}"
@@ -687,7 +697,7 @@ def main() -> None:
         + f": {elapsed:.0f} s ({elapsed / 60:.1f} min)."
     )
     text = markdown(s, runs, data, meta)
-    out = Path(__file__).parent / "out"
+    out = args.root / "bench" / "out"
     out.mkdir(exist_ok=True)
     name = "lm_fidelity_quick.json" if args.quick else "lm_fidelity.json"
     (out / name).write_text(
@@ -695,7 +705,7 @@ def main() -> None:
     )
     print(text)
     if not (args.quick or args.no_write):
-        replace_section(SECTION, text)
+        replace_section(SECTION, text, args.root / "BENCHMARKS.md")
 
 
 def _version(package: str) -> str:
