@@ -43,7 +43,7 @@ class Setup:
     test_size: int = 40
     pairs: int = 100
     optimizer: str = "sgd"  # "sgd", "momentum", "adam" or "adamw" (see OPTIMIZERS)
-    projection: str = "random"  # or "calibrated": rec.calibrate() on calibration_batches batches first
+    projection: str = "random"  # "calibrated": rec.calibrate() on calibration_batches first; "auto": the defaults
     calibration_batches: int = 8
     lookahead_steps: int = 0  # calibrate at the model this many optimizer steps into training (restored after)
 
@@ -108,7 +108,7 @@ def train(
         curvature_samples=curvature_samples,
         seed=setup.seed,
         overwrite=True,
-        projection="calibrated" if setup.projection == "calibrated" else "random",
+        projection={"calibrated": "calibrated", "auto": "auto"}.get(setup.projection, "random"),
     )
     if setup.projection == "calibrated":
         # Batches of the training set in an order of their own: training's generator is not touched.

@@ -110,6 +110,10 @@ class LayerAdapter(ABC):
             return x
         return x @ self._matrix(side, x)
 
+    def project_raw(self, side: str, x: torch.Tensor) -> torch.Tensor:
+        """Project an unprojected factor from :meth:`raw_forward` / :meth:`raw_backward`: (..., dim) -> (..., k)."""
+        return self._project(side, x)
+
     def set_projection(self, projection: LayerProjection) -> None:
         """Switch to another projection of the same layer (after calibration), dropping cached matrices."""
         self.projection = projection

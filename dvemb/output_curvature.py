@@ -43,8 +43,10 @@ def find_logits(output: Any) -> torch.Tensor | None:
     first element, a mapping's or a ``ModelOutput``'s ``logits``; None when there is none."""
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
+    if isinstance(output, Mapping):
+        found = output.get("logits")
+        if isinstance(found, torch.Tensor):
+            return found
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits

@@ -45,6 +45,7 @@ from dvemb.calibration import FactorCovariance, calibrated_projection
 from dvemb.curvature import logit_factor_rows
 from dvemb.errors import ConfigError, RecorderError
 from dvemb.formats import LayerEntry
+from dvemb.held_steps import HeldLayer, HeldStep
 from dvemb.layers import LayerAdapter, adapter_type, is_default_layer, make_adapter
 from dvemb.optim import DvembWarning, OptimizerInfo, TrackedParameters, describe_optimizer
 from dvemb.output_curvature import cross_entropy_weights, find_logits, output_factor_rows, tolerance_for
@@ -60,6 +61,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _MAX_IMAGE_PIXELS = 128 * 128 * 4
 #: Below this share of trainable parameters tracked, the first step warns (Recorder.untracked_modules).
 UNTRACKED_WARNING_SHARE = 0.8
+#: Steps held unprojected while the recorder fits its own bases (no rec.calibrate), and their memory cap.
+DEFAULT_CALIBRATION_STEPS = 16
+HOLD_BUDGET_BYTES = 256 << 20
 
 
 @dataclass
@@ -142,9 +146,13 @@ class Recorder:
         seed: seed of the projections and of sampled curvature labels.
         shard_size_mb: a shard is written when this many MB of gradients are buffered.
         shard_steps: write a shard every this many steps instead (keeps distributed ranks aligned).
-        projection: ``"auto"`` (default: the calibrated projection when :meth:`calibrate` runs before
-            training, else the random one, with a warning), ``"calibrated"`` (:meth:`calibrate` must
-            run first) or ``"random"`` (seeded Gaussian Kronecker projection, nothing to calibrate).
+        projection: ``"auto"`` (default: the bases of :meth:`calibrate` when it runs before training, else
+            bases the recorder fits itself on the first ``calibration_steps`` steps), ``"calibrated"``
+            (:meth:`calibrate` must run first) or ``"random"`` (seeded Gaussian Kronecker projection).
+        calibration_steps: with ``projection="auto"`` and no :meth:`calibrate` call, the recorder holds the
+            first this many steps unprojected (at most 256 MB of factors in a single process), fits
+            curvature-aware bases on them, then projects and writes them (:mod:`dvemb.held_steps`); 0 keeps
+            the random projection (with a warning).
         rank: this process's rank; defaults to ``torch.distributed`` when initialised, else 0.
         world_size: number of ranks; same default.
         overwrite: replace a log already in ``log_dir``.
@@ -166,6 +174,7 @@ class Recorder:
         shard_size_mb: float = 256.0,
         shard_steps: int | None = None,
         projection: str = "auto",
+        calibration_steps: int = DEFAULT_CALIBRATION_STEPS,
         rank: int | None = None,
         world_size: int | None = None,
         overwrite: bool = False,
@@ -177,11 +186,15 @@ class Recorder:
         _check_choice("dtype", dtype, tuple(fmt.STORAGE_DTYPES))
         if curvature_samples is not None and curvature_samples < 1:
             raise ConfigError(f"curvature_samples must be None or at least 1, got {curvature_samples}")
+        if calibration_steps < 0:
+            raise ConfigError(f"calibration_steps must be 0 (off) or a number of steps, got {calibration_steps}")
         if shard_size_mb <= 0 or (shard_steps is not None and shard_steps < 1):
             raise ConfigError("shard_size_mb must be positive and shard_steps None or at least 1")
         self.model = model
         self.projection_mode = projection
+        self.calibration_steps = calibration_steps
         self._projection_fixed = False
+        self._held: list[HeldStep] = []
         self.curvature_mode = curvature
         self.curvature_samples = curvature_samples
         self.curvature_loss = curvature_loss
@@ -194,6 +207,7 @@ class Recorder:
         self.adapters, self._owner = self._make_adapters(layers, proj_dim)
         #: The layers written to the log: one per weight (a tied partner adds its rows to its owner's).
         self.layers = [a for i, a in enumerate(self.adapters) if self._owner[i] == i]
+        self._deferred = [False] * len(self.adapters)  # layers whose rows wait for the bases (held steps)
         self.tracked_parameters = sum(a.parameter_count() for a in self.layers)
         self.total_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self._mode = "off"
@@ -344,7 +358,8 @@ class Recorder:
             # Reentrant checkpointing ran it without gradients, so the recompute is the pass to record.
             return
         slot = len(slots.forward)
-        slots.forward.append(self.adapters[index].forward_factor(args))
+        adapter = self.adapters[index]
+        slots.forward.append(adapter.raw_forward(args) if self._deferred[index] else adapter.forward_factor(args))
         slots.grads.append(None)
         slots.curvature.append(None)
         slots.curvature_weighted.append(False)
@@ -356,20 +371,27 @@ class Recorder:
     def _on_output_grad(self, index: int, slot: int, grad: torch.Tensor) -> None:
         if self._mode != "train":
             return
-        slots = self._slots[index]
-        rows = self.adapters[index].combine(slots.forward[slot], self.adapters[index].backward_factor(grad))  # (B, d)
+        slots, adapter = self._slots[index], self.adapters[index]
+        if self._deferred[index]:
+            rows = adapter.raw_backward(grad)  # (B, L, out_dim): projected when the bases are fitted
+        else:
+            rows = adapter.combine(slots.forward[slot], adapter.backward_factor(grad))  # (B, d)
         previous = slots.grads[slot]
         slots.grads[slot] = rows if previous is None else previous + rows  # a second backward adds, as autograd does
 
     def _rows_from_output_grads(
         self, slot_of: list[int], output_grads: Sequence[torch.Tensor | None]
     ) -> list[torch.Tensor]:
-        """(B, d) projected rows per layer from gradients with respect to the layers' outputs."""
+        """(B, d) projected rows per layer from gradients with respect to the layers' outputs ((B, L, out_dim)
+        unprojected output gradients for a layer whose bases are not fitted yet)."""
         rows = []
         for index, grad in enumerate(output_grads):
             slots, adapter = self._slots[index], self.adapters[index]
             forward = slots.forward[slot_of[index]]
-            if grad is None:
+            if self._deferred[index]:
+                shape = (forward.shape[0], forward.shape[1], adapter.projection.out_dim)
+                rows.append(forward.new_zeros(shape) if grad is None else adapter.raw_backward(grad))
+            elif grad is None:
                 rows.append(forward.new_zeros(forward.shape[0], adapter.projection.dim))
             else:
                 rows.append(adapter.combine(forward, adapter.backward_factor(grad)))
@@ -545,7 +567,9 @@ class Recorder:
                 "projection='calibrated': call rec.calibrate(batches) before the first rec.step(), "
                 "or pass projection='random'"
             )
-        if self.projection_mode == "auto" and any(not a.projection.is_identity for a in self.adapters):
+        if self.projection_mode == "auto" and self.calibration_steps and any(self._fittable()):
+            self._deferred = self._fittable()  # held unprojected until the bases are fitted on the first steps
+        elif self.projection_mode == "auto" and any(not a.projection.is_identity for a in self.adapters):
             warnings.warn(
                 "recording with the random projection: call rec.calibrate(batches) before training for "
                 "curvature-aware bases (much closer to exact retraining at the same size, BENCHMARKS.md), or pass "
@@ -554,6 +578,16 @@ class Recorder:
                 stacklevel=4,
             )
         self._projection_fixed = True  # the first step fixes the projection: it no longer changes
+
+    def _fittable(self) -> list[bool]:
+        """Per adapter: projected, and a layer whose bases can be fitted (Linear, Conv1D, Conv2d, not tied)."""
+        return [
+            a.kind in ("linear", "conv1d", "conv2d")
+            and self._owner[i] == i
+            and not self._partners(a)
+            and not a.projection.is_identity
+            for i, a in enumerate(self.adapters)
+        ]
 
     def untracked_modules(self) -> list[tuple[str, str, int]]:
         """Modules holding trainable parameters that are not recorded: ``(name, type, parameters)``, largest first."""
@@ -701,7 +735,7 @@ class Recorder:
                 hook.remove()
         if not examples:
             raise ConfigError("calibrate() got no batches")
-        self._apply_calibration(covariances, fitted, keep_whole_sides, examples, loss_fn is None)
+        self._apply_calibration(covariances, fitted, keep_whole_sides, examples, loss_fn is None, source="batches")
         return examples
 
     def _calibration_grads(
@@ -730,6 +764,8 @@ class Recorder:
         keep_whole_sides: bool,
         examples: int,
         ggn: bool,
+        *,
+        source: str,
     ) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
             for cov in covariances:  # every rank must use the same bases
@@ -750,7 +786,9 @@ class Recorder:
             "calibration": {
                 "examples": examples,
                 "factors": "ggn" if ggn else "loss",
+                "source": source,  # "batches": rec.calibrate(); "first steps": fitted by the recorder itself
                 "lookahead_steps": getattr(self, "_lookahead_steps", 0),
+                "steps": len(self._held),
             },
         }
         for entry, adapter in zip(self._writer.manifest["layers"], self.layers, strict=True):
@@ -852,21 +890,26 @@ class Recorder:
             self._optimizer.take_step_values(require_step=False)
             return
         pairs = list(zip(self.adapters, self._slots, strict=True))
-        grads = self._merged([self._collect(a, slots.grads, "gradient", ids) for a, slots in pairs])
-        curvature: dict[str, torch.Tensor] = {}
-        if self.curvature_mode == "ggn":
+        ggn = self.curvature_mode == "ggn"
+        live = {i: (a, s) for i, (a, s) in enumerate(pairs) if not self._deferred[i]}
+        grads = self._merged({i: self._collect(a, s.grads, "gradient", ids) for i, (a, s) in live.items()})
+        for index, (adapter, slots) in enumerate(pairs):
+            if self._deferred[index]:
+                self._collect(adapter, slots.grads, "gradient", ids)  # the same checks, before any other error
+        if ggn:
             if self._curvature_problem is not None and any(None in s.curvature for s in self._slots):
                 self._raise_curvature_problem()
             self._weigh_output_rows(len(ids), loss_scale)
-            curvature = self._merged([self._collect(a, slots.curvature, "curvature", ids) for a, slots in pairs])
-        if loss_scale is not None:
-            for rows in grads.values():
-                rows.div_(loss_scale)  # the backward ran on the scaled loss
-        if self.loss_reduction == "mean":
-            # The step's gradient was the mean over its examples: recover each example's own gradient.
-            for rows in grads.values():
-                rows.mul_(len(ids))
-        self._check_finite(grads, curvature)
+        curvature: dict[str, torch.Tensor] = {}
+        if ggn:
+            curvature = self._merged({i: self._collect(a, s.curvature, "curvature", ids) for i, (a, s) in live.items()})
+        held = {i: self._held_layer(a, s, ids, ggn) for i, (a, s) in enumerate(pairs) if self._deferred[i]}
+        # The backward ran on the scaled loss; a mean-reduced step's gradient is the mean of its examples'.
+        factor = (len(ids) if self.loss_reduction == "mean" else 1.0) / (loss_scale or 1.0)
+        if factor != 1.0:
+            for rows in [*grads.values(), *(t for layer in held.values() for t in layer.grads)]:
+                rows.mul_(factor)
+        self._check_finite(grads, curvature, [t for layer in held.values() for t in layer.tensors()])
         optimizer_state: dict[str, torch.Tensor] = {}
         if self._optimizer is not None and lr is None:
             try:
@@ -876,21 +919,66 @@ class Recorder:
             optimizer_state = self._optimizer_tensors(state)
         else:
             lrs, decays = [float(lr or 0.0)] * len(self.layers), [0.0] * len(self.layers)
-        if self.curvature_mode == "ggn" and self._writer.manifest["curvature"]["rows_per_example"] is None:
+        if ggn and self._writer.manifest["curvature"]["rows_per_example"] is None:
             entry = self._writer.manifest["curvature"]
-            entry["rows_per_example"] = int(next(iter(curvature.values())).shape[1])
+            held_rows = [layer.curvature[0] for layer in held.values() if layer.curvature]
+            some_rows = next(iter(curvature.values())) if curvature else held_rows[0]
+            entry["rows_per_example"] = int(some_rows.shape[1])
             entry["source"] = "+".join(sorted(self._curvature_sources))
             entry["loss"] = self.curvature_loss if "output" in self._curvature_sources else "cross_entropy"
-        self._writer.accept_step(
-            StepRecord(self._step, ids, lrs, decays, self._loss, grads, curvature, optimizer_state)
-        )
+        record = StepRecord(self._step, ids, lrs, decays, self._loss, grads, curvature, optimizer_state)
+        if held:
+            self._held.append(HeldStep(record, held))
+            self._step += 1
+            if len(self._held) >= self.calibration_steps or self._held_too_large():
+                self._release_held()
+            return
+        self._writer.accept_step(record)
         self._step += 1  # recorded: a write error below concerns the disk, and the step is retried with the next shard
         self._writer.flush_if_full()
 
-    def _merged(self, rows: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-adapter (B, d) rows as per logged layer: a tied partner's rows are added to its owner's."""
+    def _held_layer(self, adapter: LayerAdapter, slots: _Slots, ids: Sequence[Any], ggn: bool) -> HeldLayer:
+        """A deferred layer's unprojected factors of the step, checked as :meth:`_collect` checks rows."""
+        if ggn:
+            self._collect(adapter, slots.curvature, "curvature", ids)
+        curvature = [c for c in slots.curvature if c is not None] if ggn else None
+        return HeldLayer(list(slots.forward), [g for g in slots.grads if g is not None], curvature)
+
+    def _held_too_large(self) -> bool:
+        # Ranks of a distributed run must fit their bases at the same step: only the step count decides there.
+        return self.world_size == 1 and sum(step.nbytes for step in self._held) > HOLD_BUDGET_BYTES
+
+    def _release_held(self) -> None:
+        """Fit the bases on the held steps' factors, then project those steps and write them in order."""
+        if not self._held:
+            return
+        covariances = [FactorCovariance(a.projection.out_dim, a.projection.in_dim) for a in self.adapters]
+        examples = 0
+        for step in self._held:
+            counts = [layer.add_to(covariances[index]) for index, layer in step.layers.items()]
+            examples += counts[0]
+        ggn = self.curvature_mode == "ggn"
+        self._apply_calibration(covariances, self._deferred, True, examples, ggn, source="first steps")
+        held, self._held = self._held, []
+        for step in held:
+            for index, layer in step.layers.items():
+                name = self.adapters[index].name
+                step.record.grads[name], rows = layer.project(self.adapters[index])
+                if rows is not None:
+                    step.record.curvature[name] = rows
+            order = [a.name for a in self.layers]
+            step.record.grads = {n: step.record.grads[n] for n in order}
+            if step.record.curvature:
+                step.record.curvature = {n: step.record.curvature[n] for n in order}
+            self._writer.accept_step(step.record)
+            self._writer.flush_if_full()
+        self._deferred = [False] * len(self.adapters)
+
+    def _merged(self, rows: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-adapter (B, d) rows (by adapter index) as per logged layer: a tied partner's rows are added to its
+        owner's."""
         out: dict[str, torch.Tensor] = {}
-        for index, part in enumerate(rows):
+        for index, part in rows.items():
             name = self.adapters[self._owner[index]].name
             out[name] = part if name not in out else out[name] + part
         return out
@@ -933,13 +1021,17 @@ class Recorder:
             )
         return rows
 
-    def _check_finite(self, grads: dict[str, torch.Tensor], curvature: dict[str, torch.Tensor]) -> None:
-        tensors = [*grads.values(), *curvature.values()]
+    def _check_finite(
+        self, grads: dict[str, torch.Tensor], curvature: dict[str, torch.Tensor], held: Sequence[torch.Tensor] = ()
+    ) -> None:
+        tensors = [*grads.values(), *curvature.values(), *held]
         # One synchronisation per step: the largest magnitude of each tensor is finite iff the tensor is.
         peaks = torch.stack([t.abs().amax() for t in tensors])
         if bool(torch.isfinite(peaks).all()):
             return
-        bad = next(name for name, t in (*grads.items(), *curvature.items()) if not bool(torch.isfinite(t).all()))
+        named = [*grads.items(), *curvature.items(), *(("a layer whose bases are being fitted", t) for t in held)]
+        bad = next(name for name, t in named if not bool(torch.isfinite(t).all()))
+        self._release_held()
         self._writer.flush()
         raise RecorderError(
             f"non-finite gradient in layer {bad!r} at step {self._step} (learning rate too large, or "
@@ -987,6 +1079,7 @@ class Recorder:
             raise ConfigError(f"query set name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
         if self._mode != "off":
             raise RecorderError("record_queries() cannot run inside rec.step()")
+        self._release_held()  # queries are projected with the bases of the training rows
         if self.rank != 0:
             return 0
         loss_fn = loss_fn or _default_loss
@@ -1019,7 +1112,7 @@ class Recorder:
             raise ConfigError(f"query set {name!r} is empty")
         if texts is not None and len(texts) != len(ids):
             raise ConfigError(f"{len(texts)} texts for {len(ids)} queries in query set {name!r}")
-        merged = self._merged([torch.cat(p) for p in parts])
+        merged = self._merged(dict(enumerate(torch.cat(p) for p in parts)))
         tensors = {fmt.grad_key(name): rows for name, rows in merged.items()}
         tensors.update(fmt.encode_ids(ids), loss=torch.cat(losses))
         if len(labels) and sum(len(lab) for lab in labels) == len(ids):
@@ -1065,6 +1158,7 @@ class Recorder:
 
     def close(self) -> None:
         """Write everything buffered, mark the log complete and remove the hooks."""
+        self._release_held()
         updates: dict[str, Any] = {"num_steps": self._step}
         if self._optimizer is not None:
             optimizer_entry = dict(self._writer.manifest["optimizer"] or {})

@@ -166,7 +166,7 @@ def test_what_the_recorder_refuses(tmp_path: Path) -> None:
     with pytest.raises(dvemb.ConfigError, match="random"):
         rec.calibrate([(x, y)])
     rec.close()
-    rec = dvemb.Recorder(model, tmp_path / "c", proj_dim=(2, 3))
+    rec = dvemb.Recorder(model, tmp_path / "c", proj_dim=(2, 3), calibration_steps=0)
     with pytest.warns(dvemb.DvembWarning, match="random projection"):
         _step(rec, optimizer, model, x, y)
     with pytest.raises(dvemb.RecorderError, match="before the first"):

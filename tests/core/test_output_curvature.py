@@ -91,7 +91,8 @@ def test_sampled_sequence_rows_found_at_the_output_equal_explicit_calls(tmp_path
     for explicit in (False, True):
         torch.manual_seed(0)
         model = TinyLM(vocab=7, width=4, hidden=6)
-        _train(model, tmp_path / str(explicit), data * 2, _lm_loss, explicit=explicit, layers="all", proj_dim=(2, 2))
+        options = {"layers": "all", "proj_dim": (2, 2), "projection": "random"}
+        _train(model, tmp_path / str(explicit), data * 2, _lm_loss, explicit=explicit, **options)
     _assert_same_logs(tmp_path / "False", tmp_path / "True", 1e-12)
 
 

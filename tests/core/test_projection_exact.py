@@ -29,7 +29,9 @@ def _record_one_step(
 ) -> dvemb.ShardData:
     """One optimizer step, possibly over several micro-batches, with the loss scaled as users do."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    rec = dvemb.Recorder(model, log_dir, proj_dim=proj_dim, layers=layers, loss_reduction=reduction, dtype="float64")
+    rec = dvemb.Recorder(
+        model, log_dir, proj_dim=proj_dim, layers=layers, loss_reduction=reduction, dtype="float64", projection="random"
+    )  # the seeded projection: these tests rebuild it from the manifest
     with rec.step(list(range(100, 100 + len(x))), optimizer):
         for part in micro_batches:
             logits = model(x[part])
