@@ -46,6 +46,7 @@ class Setup:
     projection: str = "random"  # "calibrated": rec.calibrate() on calibration_batches first; "auto": the defaults
     calibration_batches: int = 8
     lookahead_steps: int = 0  # calibrate at the model this many optimizer steps into training (restored after)
+    second_moment_rank: int | None = None  # Recorder(second_moment_rank=...); None: the recorder's default
 
 
 #: The optimizer of each Setup.optimizer, with the rate it trains the digits MLP well at.
@@ -109,6 +110,7 @@ def train(
         seed=setup.seed,
         overwrite=True,
         projection={"calibrated": "calibrated", "auto": "auto"}.get(setup.projection, "random"),
+        **({} if setup.second_moment_rank is None else {"second_moment_rank": setup.second_moment_rank}),
     )
     if setup.projection == "calibrated":
         # Batches of the training set in an order of their own: training's generator is not touched.

@@ -47,8 +47,22 @@ OPTIMIZER_SCALARS = ("opt.momentum", "opt.dampening", "opt.beta2", "opt.eps", "o
 #: Per-layer optimizer state per step. A layer stored whole, (S, d) each: Adam's exact preconditioner
 #: ``precond``, the sensitivity ``vsens`` of the update to the second moment (divided by lr) and the
 #: gradient ``batch_grad`` the moments took in. A projected layer: the row and column sums of the
-#: bias-corrected second moment, ``v_row`` (S, out_dim) and ``v_col`` (S, in_dim).
-OPTIMIZER_LAYER_TENSORS = ("precond", "vsens", "batch_grad", "v_row", "v_col")
+#: bias-corrected second moment, ``v_row`` (S, out_dim) and ``v_col`` (S, in_dim), and for Adam's second-moment
+#: term the top R singular pairs of ``vsens`` and ``batch_grad`` as matrices (dvemb.low_rank): ``vsens_out``
+#: (S, R, out_dim), ``vsens_in`` (S, R, in_dim), ``bgrad_out``, ``bgrad_in`` (absent in logs before them).
+OPTIMIZER_LAYER_TENSORS = (
+    "precond",
+    "vsens",
+    "batch_grad",
+    "v_row",
+    "v_col",
+    "vsens_out",
+    "vsens_in",
+    "bgrad_out",
+    "bgrad_in",
+)
+#: The second-moment factors of a projected layer: (left, right) pairs of ``vsens`` and ``batch_grad``.
+SECOND_MOMENT_FACTORS = (("vsens_out", "vsens_in"), ("bgrad_out", "bgrad_in"))
 WHOLE_LAYER_ADAM_TENSORS = ("precond", "vsens", "batch_grad")
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,  # for exactness checks on small models

@@ -14,7 +14,9 @@ beta1, dampening, beta2, eps, the optimizer's step count) and, for Adam, the bia
 moment: whole (as the preconditioner ``1 / (sqrt(v_hat) + eps)``, with the sensitivity of the update
 to ``v`` and the step's gradient for the second-moment term) for a layer stored without
 projection, or as its row and column sums (an Adafactor factorisation, ``n_out + n_in`` values)
-for a projected layer. Never a copy of the optimizer state.
+for a projected layer, with the top singular pairs of that sensitivity and of the step's gradient
+(:mod:`dvemb.low_rank`: ``R (n_out + n_in)`` values each) for the second-moment term. Never a copy of
+the optimizer state.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from dvemb.low_rank import low_rank_factors
 
 __all__ = ["PROPAGATIONS", "DvembWarning", "OptimizerInfo", "TrackedParameters", "describe_optimizer"]
 
@@ -99,10 +103,15 @@ class OptimizerInfo:
     Args:
         optimizer: the user's optimizer.
         tracked: for each tracked layer, its parameters.
+        second_moment_rank: singular pairs of Adam's second-moment sensitivity and of the step's gradient kept
+            per projected layer and step (0: none, the term is then left out for projected layers).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, tracked: list[TrackedParameters]) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, tracked: list[TrackedParameters], *, second_moment_rank: int = 0
+    ) -> None:
         self.optimizer = optimizer
+        self.second_moment_rank = second_moment_rank
         self.tracked = tracked
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         missing = [i for i, t in enumerate(tracked) if id(t.weight) not in group_of]
@@ -129,7 +138,10 @@ class OptimizerInfo:
             state = optimizer.state
             self._fresh = [state.get(t.weight, {}).get("momentum_buffer") is None for t in self.tracked]
         if self.propagation in ("adam", "adamw"):
-            self._batch_grads = [self._batch_gradient(i, t) if t.whole else None for i, t in enumerate(self.tracked)]
+            self._batch_grads = [
+                self._batch_gradient(i, t) if t.whole or self.second_moment_rank else None
+                for i, t in enumerate(self.tracked)
+            ]
 
     def _batch_gradient(self, index: int, t: TrackedParameters) -> torch.Tensor:
         """The gradient Adam's moments take in at this step, as the layer's flattened gradient matrix
@@ -192,6 +204,25 @@ class OptimizerInfo:
             else:
                 out[f"opt.v_row.{index}"] = v_hat.sum(1)
                 out[f"opt.v_col.{index}"] = v_hat.sum(0)
+                if self.second_moment_rank:
+                    out.update(self._second_moment_factors(index, t, v_hat, g, bc1, bc2))
+        return out
+
+    def _second_moment_factors(
+        self, index: int, t: TrackedParameters, v_hat: torch.Tensor, group: dict[str, Any], bc1: float, bc2: float
+    ) -> dict[str, torch.Tensor]:
+        """Top singular pairs of a projected layer's ``vsens`` and ``batch_grad`` matrices (docs/optimizers.md)."""
+        root = v_hat.sqrt()
+        precond = 1.0 / (root + float(group["eps"]))
+        m_hat = self._moment(t, "exp_avg") / bc1
+        sensitivity = torch.where(root > 0, m_hat * precond**2 / (2.0 * root.clamp_min(1e-300) * bc2), 0.0)
+        batch_grad = self._batch_grads[index]
+        assert batch_grad is not None
+        out = {}
+        names = (("vsens_out", "vsens_in"), ("bgrad_out", "bgrad_in"))  # logformat.SECOND_MOMENT_FACTORS
+        for (left_name, right_name), matrix in zip(names, (sensitivity, batch_grad.view_as(v_hat)), strict=True):
+            left, right = low_rank_factors(matrix, self.second_moment_rank, seed=index)
+            out[f"opt.{left_name}.{index}"], out[f"opt.{right_name}.{index}"] = left, right
         return out
 
     def _moment(self, t: TrackedParameters, key: str) -> torch.Tensor:

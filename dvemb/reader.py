@@ -501,6 +501,24 @@ class GradientLog:
                 if what in ("precond", "v_row", "v_col") and bool((value < 0).any()):
                     raise HeaderMismatchError(path, f"{key} holds negative values; it must be a second moment")
                 out[key] = value
+            if not stored_whole:
+                out.update(self._second_moment_factors(path, tensors, num_steps, layer.name, p))
+        return out
+
+    def _second_moment_factors(
+        self, path: Path, tensors: dict[str, torch.Tensor], num_steps: int, name: str, p: LayerProjection
+    ) -> dict[str, torch.Tensor]:
+        """A projected layer's second-moment factors (dvemb.low_rank), (S, R, out_dim) and (S, R, in_dim) pairs
+        with one R; none in logs recorded before them or with ``second_moment_rank=0``."""
+        out: dict[str, torch.Tensor] = {}
+        for left, right in fmt.SECOND_MOMENT_FACTORS:
+            left_key, right_key = fmt.optimizer_layer_key(left, name), fmt.optimizer_layer_key(right, name)
+            if left_key not in tensors and right_key not in tensors:
+                continue
+            rank = int(tensors[left_key].shape[1]) if left_key in tensors and tensors[left_key].dim() == 3 else 0
+            for key, size in ((left_key, p.out_dim), (right_key, p.in_dim)):
+                value = self._tensor(path, tensors, key, (num_steps, rank, size), self.dtype)
+                out[key] = self._finite(path, key, value)
         return out
 
     # -- validation helpers -----------------------------------------------------------------------

@@ -63,6 +63,10 @@ _MAX_IMAGE_PIXELS = 128 * 128 * 4
 UNTRACKED_WARNING_SHARE = 0.8
 #: Steps held unprojected while the recorder fits its own bases (no rec.calibrate), and their memory cap.
 DEFAULT_CALIBRATION_STEPS = 16
+#: Singular pairs per projected layer and Adam step for the second-moment term (dvemb.low_rank). Off by default:
+#: measured, the term carried through a 256- or 1024-dimensional projection lowers fidelity (BENCHMARKS.md,
+#: "Adam's second moment under projection"); it is exact only as the bases approach full rank.
+DEFAULT_SECOND_MOMENT_RANK = 0
 HOLD_BUDGET_BYTES = 256 << 20
 
 
@@ -153,6 +157,10 @@ class Recorder:
             first this many steps unprojected (at most 256 MB of factors in a single process), fits
             curvature-aware bases on them, then projects and writes them (:mod:`dvemb.held_steps`); 0 keeps
             the random projection (with a warning).
+        second_moment_rank: under Adam and AdamW, the singular pairs of the second-moment sensitivity and of
+            the step's gradient kept per projected layer and step, so that the engine carries Adam's
+            second-moment term through the projection (docs/optimizers.md; exact at full rank). 0 (default)
+            leaves the term out for projected layers: at the default sizes carrying it measured worse.
         rank: this process's rank; defaults to ``torch.distributed`` when initialised, else 0.
         world_size: number of ranks; same default.
         overwrite: replace a log already in ``log_dir``.
@@ -175,6 +183,7 @@ class Recorder:
         shard_steps: int | None = None,
         projection: str = "auto",
         calibration_steps: int = DEFAULT_CALIBRATION_STEPS,
+        second_moment_rank: int = DEFAULT_SECOND_MOMENT_RANK,
         rank: int | None = None,
         world_size: int | None = None,
         overwrite: bool = False,
@@ -186,6 +195,8 @@ class Recorder:
         _check_choice("dtype", dtype, tuple(fmt.STORAGE_DTYPES))
         if curvature_samples is not None and curvature_samples < 1:
             raise ConfigError(f"curvature_samples must be None or at least 1, got {curvature_samples}")
+        if second_moment_rank < 0:
+            raise ConfigError(f"second_moment_rank must be 0 (off) or a number of pairs, got {second_moment_rank}")
         if calibration_steps < 0:
             raise ConfigError(f"calibration_steps must be 0 (off) or a number of steps, got {calibration_steps}")
         if shard_size_mb <= 0 or (shard_steps is not None and shard_steps < 1):
@@ -193,6 +204,7 @@ class Recorder:
         self.model = model
         self.projection_mode = projection
         self.calibration_steps = calibration_steps
+        self.second_moment_rank = second_moment_rank
         self._projection_fixed = False
         self._held: list[HeldStep] = []
         self.curvature_mode = curvature
@@ -803,11 +815,16 @@ class Recorder:
         if self._optimizer is not None:
             self._optimizer.remove()
         try:
-            self._optimizer = OptimizerInfo(optimizer, [_tracked(a) for a in self.layers])
+            self._optimizer = OptimizerInfo(
+                optimizer, [_tracked(a) for a in self.layers], second_moment_rank=self.second_moment_rank
+            )
         except ValueError as exc:
             raise ConfigError(f"{exc}; pass the optimizer that trains the model") from None
         if self._writer.manifest["optimizer"] is None:
-            self._writer.manifest["optimizer"] = describe_optimizer(self._optimizer)
+            entry = describe_optimizer(self._optimizer)
+            if self._optimizer.propagation in ("adam", "adamw"):
+                entry["second_moment_rank"] = self.second_moment_rank
+            self._writer.manifest["optimizer"] = entry
 
     def _begin(self, mode: str) -> None:
         self._mode = mode

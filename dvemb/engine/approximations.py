@@ -14,7 +14,10 @@ retraining first. The kinds (stable keys; BENCHMARKS.md measures each):
   total_parameters``); influence through the others is not counted.
 - ``curvature-sampled``: Gauss-Newton factors from labels sampled from the model's prediction, not all classes.
 - ``second-moment-dropped``: under Adam or AdamW, how removing an example changes the second moment is not
-  modelled (in projected layers, or anywhere with ``second_moment=False``).
+  modelled (in projected layers of a log without the recorder's singular pairs, or anywhere with
+  ``second_moment=False``).
+- ``second-moment-low-rank``: it is modelled in projected layers through the top R singular pairs per step of
+  the second-moment sensitivity and of the step's gradient (exact when R covers the layer's rank).
 - ``per-layer-blocks``: one curvature block per layer: the curvature between layers is ignored.
 
 First order itself (the linearisation of the leave-one-out change) is the method, not an option: not listed.
@@ -37,6 +40,7 @@ KINDS = (
     "untracked-parameters",
     "curvature-sampled",
     "second-moment-dropped",
+    "second-moment-low-rank",
     "per-layer-blocks",
 )
 #: Below this share of the trainable parameters tracked, the untracked ones are listed as an approximation.
@@ -77,7 +81,7 @@ def approximations(
         _random_projection(layers),
         _untracked(manifest),
         _sampled(curvature, manifest),
-        _second_moment(propagation, second_moment, layers),
+        _second_moment(propagation, second_moment, layers, manifest),
         _per_layer(blocks, layers),
     ]
     return [a for a in found if a is not None]
@@ -183,7 +187,9 @@ def _sampled(curvature: str, manifest: Mapping[str, Any]) -> Approximation | Non
     )
 
 
-def _second_moment(propagation: str, second_moment: bool, layers: list[Mapping[str, Any]]) -> Approximation | None:
+def _second_moment(
+    propagation: str, second_moment: bool, layers: list[Mapping[str, Any]], manifest: Mapping[str, Any]
+) -> Approximation | None:
     if propagation not in ("adam", "adamw"):
         return None
     if not second_moment:
@@ -197,6 +203,17 @@ def _second_moment(propagation: str, second_moment: bool, layers: list[Mapping[s
     dropped = [layer for layer in layers if not _stored_whole(layer)]
     if not dropped:
         return None
+    optimizer = manifest.get("optimizer")
+    rank = _int(optimizer.get("second_moment_rank"), 0) if isinstance(optimizer, Mapping) else 0
+    if rank > 0:
+        return Approximation(
+            "second-moment-low-rank",
+            f"Adam's second moment at rank {rank}",
+            f"How removing an example changes Adam's second moment is carried through the {len(dropped)} projected "
+            f"layer(s) by the top {rank} singular pairs per step of the update's sensitivity to it and of the step's "
+            "gradient (docs/optimizers.md): exact when that covers the layer's rank; record with a larger "
+            "Recorder(second_moment_rank=...) to tighten it.",
+        )
     return Approximation(
         "second-moment-dropped",
         "Adam's second moment dropped",

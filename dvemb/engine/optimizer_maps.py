@@ -26,6 +26,7 @@ import torch
 
 from dvemb import logformat as fmt
 from dvemb.errors import NumericalError
+from dvemb.low_rank import kronecker_sum_factors
 from dvemb.projection import LayerProjection
 
 __all__ = ["COEFFICIENTS", "Preconditioner", "StepMaps", "kronecker_preconditioner", "step_maps"]
@@ -47,6 +48,9 @@ class Preconditioner:
             projected coordinates, or None.
         sigma: (G, S, n) ``d theta_{k+1} / d v_k`` (Adam's second-moment term), or None when it is off.
         nu: (G, S, n) ``d v_k / d gamma_k = 2 (1 - beta2) gamma_k``, set with ``sigma``.
+        sigma_kron: a projected layer's ``sigma`` as R Kronecker pairs, ((G, S, R, k_out, k_out), (G, S, R, k_in,
+            k_in)) whose products summed over R are ``P^T diag(sigma) P`` (dvemb.low_rank), or None.
+        nu_kron: the same for ``nu``, set with ``sigma_kron``.
     """
 
     start: int
@@ -54,6 +58,8 @@ class Preconditioner:
     kron: tuple[torch.Tensor, torch.Tensor] | None = None
     sigma: torch.Tensor | None = None
     nu: torch.Tensor | None = None
+    sigma_kron: tuple[torch.Tensor, torch.Tensor] | None = None
+    nu_kron: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def size(self) -> int:
@@ -69,8 +75,18 @@ class Preconditioner:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, dtype)
 
-        kron = None if self.kron is None else (self.kron[0].to(device, dtype), self.kron[1].to(device, dtype))
-        return Preconditioner(self.start, move(self.diag), kron, move(self.sigma), move(self.nu))
+        def pair(p: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+            return None if p is None else (p[0].to(device, dtype), p[1].to(device, dtype))
+
+        return Preconditioner(
+            self.start,
+            move(self.diag),
+            pair(self.kron),
+            move(self.sigma),
+            move(self.nu),
+            pair(self.sigma_kron),
+            pair(self.nu_kron),
+        )
 
 
 @dataclass
@@ -102,7 +118,7 @@ class StepMaps:
     @property
     def second_moment(self) -> bool:
         """True when some segment carries the second-moment term."""
-        return any(p.sigma is not None for p in self.preconditioners)
+        return any(p.sigma is not None or p.sigma_kron is not None for p in self.preconditioners)
 
 
 def kronecker_preconditioner(
@@ -189,8 +205,8 @@ def step_maps(
         layer_index: index of each of them among the log's layers.
         first_step: the chunk's first global step (for error messages).
         full: the layers are concatenated into one vector (``blocks="full"``) instead of stacked.
-        second_moment: model how removing the example changes Adam's second moment (layers stored
-            whole only; projected layers never carry the term).
+        second_moment: model how removing the example changes Adam's second moment (exactly for layers
+            stored whole; through the recorded singular pairs for projected ones, when the log has them).
         projected_preconditioner: ``"kronecker"`` (:func:`kronecker_preconditioner`) or ``"scalar"``
             (:func:`scalar_preconditioner`) for projected layers.
 
@@ -244,14 +260,54 @@ def _add_second_moment(
     beta2: torch.Tensor,
     full: bool,
 ) -> None:
-    """Attach ``sigma = lr * vsens`` and ``nu = 2 (1 - beta2) gamma`` to a whole-layer segment."""
+    """Attach ``sigma = lr * vsens`` and ``nu = 2 (1 - beta2) gamma`` to a segment: per coordinate for a layer
+    stored whole, as Kronecker sums for a projected one."""
     if seg.diag is None:
-        return  # projected layers: the term needs per-coordinate products the projection does not keep
+        _add_projected_second_moment(seg, optimizer, layers, lr, beta2, full)
+        return
     names = [layers[_segment_layer(seg, layers)][0]] if full else [name for name, _ in layers]
     vsens = torch.stack([optimizer[fmt.optimizer_layer_key("vsens", n)].double() for n in names])  # (G, S, n)
     batch_grad = torch.stack([optimizer[fmt.optimizer_layer_key("batch_grad", n)].double() for n in names])
     seg.sigma = lr.unsqueeze(-1) * vsens
     seg.nu = (2.0 * (1.0 - beta2)).unsqueeze(-1) * batch_grad
+
+
+def _add_projected_second_moment(
+    seg: Preconditioner,
+    optimizer: dict[str, torch.Tensor],
+    layers: list[tuple[str, LayerProjection]],
+    lr: torch.Tensor,
+    beta2: torch.Tensor,
+    full: bool,
+) -> None:
+    """``sigma`` and ``nu`` of projected layers as R Kronecker pairs (docs/optimizers.md, section 3), from the
+    singular pairs the recorder kept; nothing when the log has none (recorded before them, or rank 0)."""
+    group = [layers[_segment_layer(seg, layers)]] if full else layers
+    pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"sigma": [], "nu": []}
+    cpu = torch.device("cpu")
+    for name, projection in group:
+        keys = [fmt.optimizer_layer_key(w, name) for pair in fmt.SECOND_MOMENT_FACTORS for w in pair]
+        if not all(k in optimizer for k in keys):
+            return
+        p_out = projection.p_out(dtype=torch.float64, device=cpu)
+        p_in = projection.p_in(dtype=torch.float64, device=cpu)
+        values = [optimizer[k].double() for k in keys]  # (S, R, out), (S, R, in) for vsens, then batch_grad
+        pairs["sigma"].append(kronecker_sum_factors(values[0], values[1], p_out, p_in))
+        pairs["nu"].append(kronecker_sum_factors(values[2], values[3], p_out, p_in))
+    sigma_out, sigma_in = _stacked(pairs["sigma"])  # (G, S, R, ko, ko), (G, S, R, ki, ki)
+    nu_out, nu_in = _stacked(pairs["nu"])
+    seg.sigma_kron = (sigma_out * lr[:, :, None, None, None], sigma_in)
+    seg.nu_kron = (nu_out * (2.0 * (1.0 - beta2.double()))[:, :, None, None, None], nu_in)
+
+
+def _stacked(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the layers' (S, R, k, k) Kronecker pairs along a new first axis, zero-padding R where it differs."""
+    rank = max(p[0].shape[1] for p in pairs)
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, 0, 0, 0, 0, rank - t.shape[1]))
+
+    return torch.stack([padded(p[0]) for p in pairs]), torch.stack([padded(p[1]) for p in pairs])
 
 
 def _segment_layer(seg: Preconditioner, layers: list[tuple[str, LayerProjection]]) -> int:

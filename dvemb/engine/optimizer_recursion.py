@@ -150,22 +150,38 @@ class OptimizerRecursion:
 def _add_rows(
     base: torch.Tensor, theta: torch.Tensor, segments: list[Preconditioner], what: str, step: int
 ) -> torch.Tensor:
-    """``base + diag(x) theta`` over the segments that carry ``x`` (``sigma``), a new tensor."""
+    """``base + X theta`` over the segments that carry ``X`` (``sigma``: a diagonal, or a Kronecker sum in a
+    projected layer's coordinates), a new tensor."""
     out = base.clone()
     for seg in segments:
-        x = getattr(seg, what)
+        rows = slice(seg.start, seg.start + seg.size)
+        x, pairs = getattr(seg, what), getattr(seg, f"{what}_kron")
         if x is not None:
-            rows = slice(seg.start, seg.start + seg.size)
             out[:, rows] += x[:, step, :, None] * theta[:, rows]
+        elif pairs is not None:
+            out[:, rows] += _kronecker_sum_rows(pairs, step, theta[:, rows])
     return out
 
 
 def _scale_rows(y: torch.Tensor, segments: list[Preconditioner], what: str, step: int) -> torch.Tensor:
-    """``diag(x) y`` (rows of segments without ``x`` are zero), a new tensor."""
+    """``X y`` for the segments that carry ``X`` (``nu``; rows of the others are zero), a new tensor."""
     out = torch.zeros_like(y)
     for seg in segments:
-        x = getattr(seg, what)
+        rows = slice(seg.start, seg.start + seg.size)
+        x, pairs = getattr(seg, what), getattr(seg, f"{what}_kron")
         if x is not None:
-            rows = slice(seg.start, seg.start + seg.size)
             out[:, rows] = x[:, step, :, None] * y[:, rows]
+        elif pairs is not None:
+            out[:, rows] = _kronecker_sum_rows(pairs, step, y[:, rows])
     return out
+
+
+def _kronecker_sum_rows(pairs: tuple[torch.Tensor, torch.Tensor], step: int, rows: torch.Tensor) -> torch.Tensor:
+    """``(sum_r A_r kron B_r) X`` for a segment's rows X (G, k_out * k_in, d), with the symmetric pairs
+    ``A`` (G, S, R, k_out, k_out) and ``B`` (G, S, R, k_in, k_in) of the chunk's step ``step``."""
+    a, b = pairs[0][:, step], pairs[1][:, step]  # (G, R, ko, ko), (G, R, ki, ki)
+    g, ko, ki, d = rows.shape[0], a.shape[-1], b.shape[-1], rows.shape[-1]
+    x = rows.reshape(g, 1, ko, ki * d)
+    x = torch.matmul(a, x).reshape(g, -1, ko, ki, d)  # (G, R, ko, ki, d): the out side
+    x = torch.matmul(b.unsqueeze(2), x)  # the in side, (G, R, ko, ki, d)
+    return x.sum(1).reshape(g, ko * ki, d)

@@ -5,6 +5,8 @@ one forward pass per occurrence, full dimension, float64."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 import dvemb
@@ -30,14 +32,22 @@ def _steps(log: dvemb.GradientLog) -> list[dict[str, object]]:
     return out
 
 
+Preconditioner = Callable[[int], torch.Tensor]
+
+
 def removal_effects(
-    log_dir: object, layers: list[str] | None = None, *, second_moment: bool = True
+    log_dir: object,
+    layers: list[str] | None = None,
+    *,
+    second_moment: bool = True,
+    preconditioner: Preconditioner | None = None,
 ) -> list[torch.Tensor]:
     """Per step, (B, D) change of the final parameters (tracked layers concatenated, or those
     of ``layers`` only) when each of the step's examples is removed from that one step.
 
     Curvature is per layer block when ``layers`` has one name, else over the concatenated vector.
     ``second_moment``: under Adam, also follow the change of the second moment ``v``.
+    ``preconditioner``: under Adam, step index -> (D, D) matrix used instead of the recorded diagonal.
     """
     log = dvemb.open_log(log_dir)
     optimizer = log.manifest["optimizer"]
@@ -51,9 +61,8 @@ def removal_effects(
         rows = []
         grads_s = torch.cat([first["grads"][n] for n in names], 1)  # type: ignore[index]
         for g in grads_s:
-            rows.append(
-                _push(steps, s, g, names, index, kind, nesterov, mean, log.curvature_mode == "ggn", second_moment)
-            )
+            ggn = log.curvature_mode == "ggn"
+            rows.append(_push(steps, s, g, names, index, kind, nesterov, mean, ggn, second_moment, preconditioner))
         effects.append(torch.stack(rows))
     return effects
 
@@ -69,6 +78,7 @@ def _push(
     mean: bool,
     ggn: bool,
     second_moment: bool,
+    preconditioner: Preconditioner | None = None,
 ) -> torch.Tensor:
     i0 = index[0]  # the tests give every layer the same hyperparameters
     d_theta = torch.zeros_like(g)
@@ -105,7 +115,8 @@ def _push(
             # m = beta1 m + (1 - beta1) grad;  v = beta2 v + (1 - beta2) grad^2;  p -= lr m_hat / (sqrt(v_hat) + eps)
             d_buf = beta1 * d_buf + (1 - beta1) * d_grad
             d_v = beta2 * d_v + 2 * (1 - beta2) * state("batch_grad") * d_grad
-            d_theta = d_theta - lr / (1 - beta1**count) * state("precond") * d_buf
+            step_d = state("precond") * d_buf if preconditioner is None else preconditioner(k) @ d_buf
+            d_theta = d_theta - lr / (1 - beta1**count) * step_d
             if second_moment:
                 d_theta = d_theta + lr * state("vsens") * d_v
     return d_theta

@@ -18,6 +18,7 @@ from optimizer_reference import removal_effects
 import dvemb
 from dvemb import logformat as fmt
 from dvemb.engine import ComputeArguments, compute
+from dvemb.engine.optimizer_maps import kronecker_preconditioner
 
 OPTIMIZERS: dict[str, Callable[[object], torch.optim.Optimizer]] = {
     "momentum": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9),  # type: ignore[arg-type]
@@ -37,6 +38,8 @@ def _record(
     proj_dim: object = None,
     epochs: int = 2,
     micro_batches: int = 1,
+    rotate: bool = False,
+    **options: object,
 ) -> None:
     """Two epochs of 4 steps over 16 examples (batch 4, in ``micro_batches`` accumulated parts), shards
     of 3 steps, float64."""
@@ -45,8 +48,17 @@ def _record(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + 0.1 * s))
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     rec = dvemb.Recorder(
-        model, log_dir, proj_dim=proj_dim, dtype="float64", shard_steps=3, curvature=curvature, loss_reduction=reduction
+        model,
+        log_dir,
+        proj_dim=proj_dim,
+        dtype="float64",
+        shard_steps=3,
+        curvature=curvature,
+        loss_reduction=reduction,
+        **options,  # type: ignore[arg-type]
     )
+    if rotate:  # full-rank bases that rotate every side: the projection changes coordinates, loses nothing
+        rec.calibrate([(x[:8], y[:8])], keep_whole_sides=False)
     for _ in range(epochs):
         order = torch.randperm(16)
         for b in range(4):
@@ -244,3 +256,62 @@ def test_unknown_propagation_in_a_manifest_is_a_clear_error_before_any_work(tmp_
     with pytest.raises(dvemb.LogFormatError, match="propagation 'lion'"):
         compute(tmp_path / "log", tmp_path / "out")
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_projected_second_moment_is_exact_with_full_rank_bases(tmp_path: Path, name: str) -> None:
+    """Full-rank rotated bases (every side projected onto all its eigenvectors) and second-moment factors of
+    full rank: the projected propagation, Adam's second-moment term included, equals the unprojected forward
+    reference run with the same preconditioner (the Kronecker map of D that projected layers use, rotated
+    back). Without the term the two differ: the term is carried, not dropped."""
+    torch.manual_seed(0)
+    _record(tmp_path / "whole", OPTIMIZERS[name])
+    torch.manual_seed(0)
+    _record(tmp_path / "rotated", OPTIMIZERS[name], proj_dim=(8, 8), rotate=True, second_moment_rank=8)
+    rotated = dvemb.open_log(tmp_path / "rotated")
+    assert rotated.manifest["optimizer"]["second_moment_rank"] == 8
+    emb, _ = _embeddings(tmp_path / "rotated", tmp_path / "out", blocks="layer")
+    without, _ = _embeddings(tmp_path / "rotated", tmp_path / "out-no-v", blocks="layer", second_moment=False)
+    shards = list(rotated.iter_shards())
+    v_rows = {k: torch.cat([shard.optimizer[k] for shard in shards]) for k in shards[0].optimizer if ".v_" in k}
+    offset = 0
+    for layer in rotated.layers:
+        p = layer.projection
+        assert p.basis_out is not None and p.basis_in is not None and p.k_out == p.out_dim and p.k_in == p.in_dim
+        full = torch.kron(p.basis_out, p.basis_in)  # (D, D) orthogonal: x~ = full^T x
+        a, b = kronecker_preconditioner(
+            v_rows[fmt.optimizer_layer_key("v_row", layer.name)],
+            v_rows[fmt.optimizer_layer_key("v_col", layer.name)],
+            p.basis_out,
+            p.basis_in,
+        )
+
+        def preconditioner(k: int, a: torch.Tensor = a, b: torch.Tensor = b, full: torch.Tensor = full) -> torch.Tensor:
+            return full @ torch.kron(a[k], b[k]) @ full.T
+
+        effects = removal_effects(tmp_path / "whole", [layer.name], preconditioner=preconditioner)
+        expected = (torch.cat(effects) @ full).numpy()
+        got = emb[:, offset : offset + layer.dim]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+        assert np.abs(without[:, offset : offset + layer.dim] - expected).max() > 1e-3 * np.abs(expected).max()
+        offset += layer.dim
+
+
+def test_second_moment_factors_reconstruct_the_recorded_matrices(tmp_path: Path) -> None:
+    """At full rank the recorded singular pairs give back vsens and the batch gradient of the whole log."""
+    torch.manual_seed(0)
+    _record(tmp_path / "whole", OPTIMIZERS["adam"])
+    torch.manual_seed(0)
+    _record(tmp_path / "rotated", OPTIMIZERS["adam"], proj_dim=(8, 8), rotate=True, second_moment_rank=8)
+    whole, rotated = (
+        next(dvemb.open_log(tmp_path / "whole").iter_shards()),
+        next(dvemb.open_log(tmp_path / "rotated").iter_shards()),
+    )
+    for name, shape in (("0", (4, 6)), ("2", (3, 5))):
+        for (left, right), flat in zip(fmt.SECOND_MOMENT_FACTORS, ("vsens", "batch_grad"), strict=True):
+            factors_l = rotated.optimizer[fmt.optimizer_layer_key(left, name)]  # (S, R, out)
+            factors_r = rotated.optimizer[fmt.optimizer_layer_key(right, name)]  # (S, R, in)
+            rebuilt = torch.einsum("sro,sri->soi", factors_l, factors_r).flatten(1)
+            expected = whole.optimizer[fmt.optimizer_layer_key(flat, name)]
+            assert factors_l.shape[1] == min(shape)
+            torch.testing.assert_close(rebuilt, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
