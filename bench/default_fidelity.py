@@ -507,7 +507,19 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--commit", help="the commit measured, for a run from an exported tree without .git")
+    parser.add_argument(
+        "--readme-from-json",
+        action="store_true",
+        help="only rewrite README.md's table from bench/out/default_fidelity.json (the last full run), then exit",
+    )
     args = parser.parse_args()
+    if args.readme_from_json:
+        saved = json.loads((Path(__file__).parent / "out" / "default_fidelity.json").read_text())
+        commit = (
+            saved["markdown"].split("at commit ", 1)[1].split(" ", 1)[0] if "at commit " in saved["markdown"] else "?"
+        )
+        write_readme({run: {k: tuple(v) for k, v in rows.items()} for run, rows in saved["table"].items()}, commit)
+        return
     seeds = 1 if args.quick else args.seeds
     torch.set_num_threads(args.threads)
     base = Setup()
@@ -544,6 +556,39 @@ def main() -> None:
     print(text)
     if not args.no_write and (args.write or not args.quick):
         replace_section(SECTION, text)
+        write_readme(table, meta_commit := (args.commit or _commit()))
+        print(f"README.md's fidelity table written (commit {meta_commit})")
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_START, README_END = "<!-- default-fidelity:start -->", "<!-- default-fidelity:end -->"
+
+
+def readme_table(table: dict[str, dict[str, tuple[float, float, float]]], commit: str) -> str:
+    """The README's accuracy table: the means of this benchmark's rows, no options first."""
+    runs = [run for run in RUNS if run in table]
+    lines = [
+        "| digits MLP, Spearman against exact leave-one-out | " + " | ".join(RUN_LABELS[r] for r in runs) + " |",
+        "|---|" + "---:|" * len(runs),
+    ]
+    for row, label in ROWS.items():
+        lines.append(f"| {label} | " + " | ".join(f"{table[r][row][0]:.2f}" for r in runs) + " |")
+    lines.append("")
+    lines.append(
+        f"(written by `bench/default_fidelity.py` at commit {commit}; mean of 3 seeds, min and max in "
+        "[BENCHMARKS.md](BENCHMARKS.md#fidelity-at-the-default-settings))"
+    )
+    return "\n".join(lines)
+
+
+def write_readme(table: dict[str, dict[str, tuple[float, float, float]]], commit: str, path: Path = README) -> None:
+    """Replace the README's block between the default-fidelity markers (figures never written by hand)."""
+    text = path.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start == -1 or end < start:
+        raise SystemExit(f"{path} has no {README_START} ... {README_END} block to write the table into")
+    block = f"{README_START}\n{readme_table(table, commit)}\n{README_END}"
+    path.write_text(text[:start] + block + text[end + len(README_END) :])
 
 
 if __name__ == "__main__":
