@@ -211,3 +211,24 @@ def test_untracked_parameters_are_named_at_the_first_step(tmp_path: Path) -> Non
             F.cross_entropy(mlp_model(torch.randn(2, 6)), torch.tensor([0, 1])).backward()
             mlp_optimizer.step()
     rec.close()
+
+
+def test_bfloat16_autocast_logits_are_accepted_and_give_the_float32_rows(tmp_path: Path) -> None:
+    """Under CPU autocast the logits and their gradient are bfloat16: the cross-entropy check allows for that,
+    and the rows equal those of the same step without autocast to bfloat16 precision."""
+    logs = {}
+    for name, enabled in (("bf16", True), ("fp32", False)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).float()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        rec = dvemb.Recorder(model, tmp_path / name, proj_dim=None)
+        x, y = torch.randn(5, 6, dtype=torch.float32), torch.randint(0, 3, (5,))  # autocast leaves float64 alone
+        with rec.step(list(range(5)), optimizer):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+        rec.close()
+        logs[name] = _shards(tmp_path / name)[0]
+    for layer, rows in logs["fp32"].curvature.items():
+        assert (logs["bf16"].curvature[layer] - rows).abs().max() < 3e-2 * rows.abs().max(), layer
