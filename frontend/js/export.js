@@ -9,8 +9,19 @@ export const exportButtons = (name, label = "Download") =>
     <button type="button" data-format="csv">CSV</button><button type="button" data-format="parquet">Parquet</button>
   </span>`;
 
+/** The file's name from Content-Disposition: the exact UTF-8 name (filename*=UTF-8''...) when given, else the
+ * ASCII fallback (filename="..."). */
 function filenameOf(response, fallback) {
-  const match = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "");
+  const header = response.headers.get("Content-Disposition") || "";
+  const exact = /filename\*=UTF-8''([^;\s]+)/i.exec(header);
+  if (exact) {
+    try {
+      return decodeURIComponent(exact[1]);
+    } catch {
+      // a malformed encoding: the ASCII name below
+    }
+  }
+  const match = /filename="([^"]+)"/.exec(header);
   return match ? match[1] : fallback;
 }
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +18,8 @@ MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apa
 
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# What a quoted filename may hold as it is (RFC 6266's ASCII fallback); anything else becomes "_".
+UNSAFE_IN_FILENAME = re.compile(r"[^A-Za-z0-9._\-+=@()\[\],]")
 
 
 def cell(value: Any) -> Any:
@@ -24,6 +28,15 @@ def cell(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(FORMULA_STARTS):
         return "'" + value
     return value
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with ``filename`` for any text (RFC 6266, RFC 5987): an ASCII fallback ``filename="..."`` with
+    every character outside letters, digits and ``._-+=@()[],`` replaced by ``_`` (no quote, backslash, semicolon or
+    line break can end the parameter), and the exact name as ``filename*=UTF-8''<percent-encoded>``, which browsers
+    prefer. Latin-1 is all an HTTP header may hold, so an id such as ``café-例#8`` written raw failed the response."""
+    fallback = UNSAFE_IN_FILENAME.sub("_", filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def to_csv(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> bytes:
@@ -47,5 +60,5 @@ def to_parquet(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> byt
 def download(columns: Sequence[str], rows: Sequence[Mapping[str, Any]], *, fmt: ExportFormat, name: str) -> Response:
     """The rows as a file to save (``name`` without extension: the format adds it)."""
     body = to_csv(columns, rows) if fmt == "csv" else to_parquet(columns, rows)
-    headers = {"Content-Disposition": f'attachment; filename="{name}.{fmt}"', "X-Row-Count": str(len(rows))}
+    headers = {"Content-Disposition": content_disposition(f"{name}.{fmt}"), "X-Row-Count": str(len(rows))}
     return Response(content=body, media_type=MEDIA_TYPES[fmt], headers=headers)

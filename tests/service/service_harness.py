@@ -136,10 +136,14 @@ def record_log(
     seed: int = 0,
     optimizer_name: str = "sgd",
     query_ids: list[str] | None = None,
+    id_of: Callable[[int], Any] | None = None,
+    label_of: Callable[[int], Any] | None = None,
     **recorder_options: Any,
 ) -> Path:
     """A small real log: an MLP trained with the recorder (plain SGD, or ``"adam"``), one query set;
+    ``id_of`` names the i-th example (default: i), ``label_of`` labels it (default: its class);
     ``recorder_options`` go to the Recorder (``curvature=``, ``projection=``...)."""
+    name = id_of or (lambda i: i)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(10, dim), torch.nn.Tanh(), torch.nn.Linear(dim, 4))
     optimizer = (
@@ -150,14 +154,16 @@ def record_log(
     x, y = torch.randn(steps * batch, 10), torch.randint(0, 4, (steps * batch,))
     rec = dvemb.Recorder(model, directory, proj_dim=64, shard_steps=shard_steps, **recorder_options)
     for step in range(steps):
-        ids = list(range(step * batch, (step + 1) * batch))
-        with rec.step(ids, optimizer):
-            F.cross_entropy(model(x[ids]), y[ids]).backward()
+        rows = list(range(step * batch, (step + 1) * batch))
+        with rec.step([name(i) for i in rows], optimizer):
+            F.cross_entropy(model(x[rows]), y[rows]).backward()
             optimizer.step()
             optimizer.zero_grad()
     queries, targets = torch.randn(6, 10), torch.randint(0, 4, (6,))
     rec.record_queries("val", [(queries, targets) if query_ids is None else (queries, targets, query_ids)])
     everyone = list(range(steps * batch))
-    rec.describe(everyone, labels=y.tolist(), sources=["even" if i % 2 == 0 else "odd" for i in everyone])
+    sources = ["even" if i % 2 == 0 else "odd" for i in everyone]
+    labels = y.tolist() if label_of is None else [label_of(i) for i in everyone]
+    rec.describe([name(i) for i in everyone], labels=labels, sources=sources)
     rec.close()
     return directory

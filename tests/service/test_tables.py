@@ -7,7 +7,7 @@ import io
 
 import pyarrow.parquet as pq
 
-from server.services.tables import to_csv, to_parquet
+from server.services.tables import content_disposition, to_csv, to_parquet
 
 ROWS = [
     {"example_id": "7", "score": -0.1234567890123456, "label": None, "step": 3},
@@ -30,3 +30,12 @@ def test_parquet_round_trip_is_exact_and_typed() -> None:
     assert str(table.schema.field("score").type) == "double" and str(table.schema.field("step").type) == "int64"
     empty = pq.read_table(io.BytesIO(to_parquet(["a"], [])))
     assert empty.num_rows == 0 and empty.column_names == ["a"]
+
+
+def test_content_disposition_holds_any_name() -> None:
+    header = content_disposition('job1-val-example-café-例#8 "x"; y\r\n.csv')
+    header.encode("latin-1")  # an HTTP header holds Latin-1 only: a raw 例 failed the response (500)
+    assert header == (
+        'attachment; filename="job1-val-example-caf_-__8__x___y__.csv"; '
+        "filename*=UTF-8''job1-val-example-caf%C3%A9-%E4%BE%8B%238%20%22x%22%3B%20y%0D%0A.csv"
+    )
