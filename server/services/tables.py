@@ -24,8 +24,10 @@ UNSAFE_IN_FILENAME = re.compile(r"[^A-Za-z0-9._\-+=@()\[\],]")
 
 def cell(value: Any) -> Any:
     """A CSV cell: None is empty, a float keeps every digit, and text that a spreadsheet would run as a formula
-    (uploaded labels and ids are anyone's text) is quoted with a leading apostrophe."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+    (uploaded labels and ids are anyone's text) is quoted with a leading apostrophe. Spreadsheets skip leading
+    blanks before they look for a formula (" =1+1", "\\n@SUM(A1)" run too), so any leading whitespace is looked
+    past."""
+    if isinstance(value, str) and (value.startswith(FORMULA_STARTS) or value.lstrip().startswith(FORMULA_STARTS)):
         return "'" + value
     return value
 

@@ -49,7 +49,11 @@ def csv_rows(body: bytes) -> list[dict[str, str]]:
 def test_an_export_names_its_file_safely_for_any_id(api: Api, token: str, tmp_path: Path) -> None:
     job = analysed(api, token, tmp_path)
     for example in ("café-例#8", 'say "hi"; n=1'):
-        for path, params in ((f"/jobs/{job}/export/example/{quote(example, safe='')}", {"query_set": "val"}),):
+        # the path form (for ids without '/') and the query form
+        for path, params in (
+            (f"/jobs/{job}/export/example/{quote(example, safe='')}", {"query_set": "val"}),
+            (f"/jobs/{job}/export/example", {"query_set": "val", "example_id": example}),
+        ):
             got = api.get(path, params=params)
             assert got.status_code == 200, (example, got.text)
             ascii_name, name = filenames(got.headers["content-disposition"])
@@ -57,7 +61,56 @@ def test_an_export_names_its_file_safely_for_any_id(api: Api, token: str, tmp_pa
             assert ascii_name.isascii() and not set(ascii_name) & set('"\\;\r\n'), ascii_name
             assert ascii_name.endswith(".csv") and ascii_name.startswith(f"job{job}-val-example-")
             rows = csv_rows(got.content)
-            history = api.get(f"/jobs/{job}/examples/{quote(example, safe='')}", params={"query_set": "val"}).json()
+            history = api.get(f"/jobs/{job}/example", params={"query_set": "val", "example_id": example}).json()
             assert [int(r["step"]) for r in rows] == [h["step"] for h in history["history"]] != []
     parquet = api.get(f"/jobs/{job}/export/top", params={"query_set": "val", "format": "parquet"})
     assert filenames(parquet.headers["content-disposition"])[1] == f"job{job}-val-top-helpful.parquet"
+
+
+def risky(text: str) -> bool:
+    """Text a spreadsheet may run as a formula: a formula character after any leading whitespace."""
+    return text.lstrip(" \t\r\n").startswith(("=", "+", "-", "@")) or text.startswith(("\t", "\r"))
+
+
+def test_csv_cells_never_start_a_formula_even_after_whitespace(api: Api, token: str, tmp_path: Path) -> None:
+    job = analysed(api, token, tmp_path)
+    ranked = api.get(f"/jobs/{job}/examples", params={"query_set": "val", "limit": 1000}).json()["data"]
+    rows = csv_rows(api.get(f"/jobs/{job}/export/examples", params={"query_set": "val"}).content)
+    assert len(rows) == len(ranked) == 64
+    defused = 0
+    for shown, row in zip(ranked, rows, strict=True):
+        for column in ("example_id", "label"):
+            text, cell = str(shown[column]), row[column]
+            if risky(text):
+                defused += 1
+                assert cell == "'" + text, (text, cell)  # the apostrophe comes first: nothing for a sheet to run
+            else:
+                assert cell == text
+    assert defused == 32 + 48  # ids: "  =SUM", " @cmd", "   +", " -"; labels: all but "ok" and "  fine="
+
+
+def test_ids_with_a_slash_have_their_page_and_export(api: Api, token: str, tmp_path: Path) -> None:
+    job = analysed(api, token, tmp_path)
+    ranked = api.get(f"/jobs/{job}/examples", params={"query_set": "val", "limit": 1000}).json()["data"]
+    ids = [r["example_id"] for r in ranked]
+    slashed = [e for e in ids if "/" in e]
+    assert len(slashed) == 8
+    for example in [*slashed[:2], "  =SUM(3)", " @cmd4", "café-例#8", 'say "hi"; n=1']:
+        params = {"query_set": "val", "example_id": example}
+        page = api.get(f"/jobs/{job}/example", params=params)
+        assert page.status_code == 200, (example, page.text)
+        assert page.json()["history"] and page.json()["example_id"] == example
+        exported = api.get(f"/jobs/{job}/export/example", params=params)
+        assert exported.status_code == 200 and len(csv_rows(exported.content)) == len(page.json()["history"])
+    encoded = api.get(f"/jobs/{job}/examples/dir%2F2", params={"query_set": "val"})  # the old path form, %2F
+    assert encoded.status_code == 200 and encoded.json()["example_id"] == "dir/2", encoded.text
+    missing = api.get(f"/jobs/{job}/example", params={"query_set": "val", "example_id": "dir/nope"})
+    assert missing.status_code == 404 and "dir/nope" in missing.json()["detail"]
+    empty = api.get(f"/jobs/{job}/example", params={"query_set": "val", "example_id": ""})
+    assert empty.status_code == 422 and "example_id" in empty.json()["detail"]
+    # what the examples are: id= once per example takes ids with commas, slashes, quotes
+    named = ["dir/2", 'say "hi"; n=1', "café-例#8"]
+    meta = api.get(f"/jobs/{job}/metadata", params=[("id", e) for e in named])
+    assert meta.status_code == 200 and set(meta.json()) == set(named), meta.text
+    nothing = api.get(f"/jobs/{job}/metadata")
+    assert nothing.status_code == 400 and "id=" in nothing.json()["detail"]

@@ -39,3 +39,12 @@ def test_content_disposition_holds_any_name() -> None:
         'attachment; filename="job1-val-example-caf_-__8__x___y__.csv"; '
         "filename*=UTF-8''job1-val-example-caf%C3%A9-%E4%BE%8B%238%20%22x%22%3B%20y%0D%0A.csv"
     )
+
+
+def test_csv_defuses_formulas_after_leading_whitespace() -> None:
+    texts = ["  =1+1", "\n@SUM(A1)", "\r\n-2", " \t +3", "\u00a0=x", "\t", "ok = fine", "  plain", "", "3-2"]
+    rows = list(csv.reader(io.StringIO(to_csv(["t"], [{"t": t} for t in texts]).decode())))[1:]
+    assert [r[0] for r in rows] == [
+        *("'" + t for t in texts[:6]),
+        *texts[6:],
+    ]

@@ -81,11 +81,9 @@ async function showHistory(ex, scores, queryIds, steps) {
 export async function renderExample(current, view, jobId, exampleId) {
   const [job, summary] = await Promise.all([api(`/jobs/${jobId}`), api(`/jobs/${jobId}/summary`)]);
   const querySet = querySetOf(summary);
-  const query = `query_set=${encodeURIComponent(querySet)}`;
-  const [ex, run] = await Promise.all([
-    api(`/jobs/${jobId}/examples/${encodeURIComponent(exampleId)}?${query}`),
-    api(`/runs/${job.run_id}`),
-  ]);
+  // the id as a query parameter: any id works, a "/" in it too (a path segment would be split there)
+  const query = new URLSearchParams({ query_set: querySet, example_id: exampleId });
+  const [ex, run] = await Promise.all([api(`/jobs/${jobId}/example?${query}`), api(`/runs/${job.run_id}`)]);
   if (!current()) return; // another page was asked for meanwhile: it is the one to show
   const scores = { propagation: job.propagation || "exact SGD", approximations: job.approximations };
   const meta = ex.metadata || {};
@@ -100,9 +98,9 @@ export async function renderExample(current, view, jobId, exampleId) {
     show();
   });
   bindExports(byId("history-section"), (_, format) => {
-    const params = new URLSearchParams({ query_set: querySet, format });
+    const params = new URLSearchParams({ query_set: querySet, example_id: exampleId, format });
     if (byId("on-query").value !== "") params.set("query", byId("on-query").value);
-    return `/jobs/${jobId}/export/example/${encodeURIComponent(exampleId)}?${params}`;
+    return `/jobs/${jobId}/export/example?${params}`;
   });
   await show();
 }

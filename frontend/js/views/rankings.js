@@ -17,7 +17,8 @@ const KINDS = ["helpful", "harmful"];
 /** The metadata of the rows' examples, by example id. */
 async function metadataOf(jobId, rows) {
   if (!rows.length) return {};
-  return api(`/jobs/${jobId}/metadata?ids=${encodeURIComponent(rows.map((r) => r.example_id).join(","))}`);
+  const ids = new URLSearchParams(rows.map((r) => ["id", r.example_id])); // id= once per example: any id, commas too
+  return api(`/jobs/${jobId}/metadata?${ids}`);
 }
 
 /** The columns the ranking tables share: the example (a link to its page), what it is, its label. */

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Response
 from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep, bearer
 from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids
 from server.api.routes.figures import SampleQuery
-from server.api.routes.jobs import ExampleFiltersQuery, TopFiltersQuery
+from server.api.routes.jobs import ExampleFiltersQuery, ExampleIdQuery, TopFiltersQuery
 from server.api.routes.windows import SelectionQuery
 from server.api.schemas import ExampleRank, TopRow
 from server.figures import moving_average
@@ -159,7 +159,21 @@ def export_dynamics(job: DoneJobDep, series: str, format: FormatQuery = "csv") -
     return download(columns, rows, fmt=format, name=f"job{job.id}-{series}-dynamics")
 
 
-@router.get("/jobs/{job_id}/export/example/{example_id}")
+@router.get("/jobs/{job_id}/export/example")
+def export_example_by_id(
+    job: DoneJobDep,
+    example_id: ExampleIdQuery,
+    session: SessionDep,
+    settings: SettingsDep,
+    query_set: str,
+    format: FormatQuery = "csv",
+    query: IntQuery = None,
+) -> Response:
+    """An example's table, the id a query parameter (any id, a '/' in it included)."""
+    return export_example(job, example_id, session, settings, query_set, format, query)
+
+
+@router.get("/jobs/{job_id}/export/example/{example_id:path}")
 def export_example(
     job: DoneJobDep,
     example_id: str,

@@ -66,9 +66,17 @@ def dynamics_figure(job: DoneJobDep, series: str) -> dict[str, Any]:
 
 
 @router.get("/jobs/{job_id}/metadata")
-def examples_metadata(job: JobDep, settings: SettingsDep, ids: str) -> dict[str, Any]:
-    """What the listed examples are (comma-separated ids, at most 200)."""
-    wanted = {i for i in ids.split(",") if i}
+def examples_metadata(
+    job: JobDep,
+    settings: SettingsDep,
+    ids: Annotated[str | None, Query(description="comma-separated ids (ids without a comma)")] = None,
+    id: Annotated[list[str] | None, Query(description="one id per parameter, any characters: id=a&id=b")] = None,
+) -> dict[str, Any]:
+    """What the listed examples are (at most 200): ``id=`` once per example takes any id, ``ids=a,b`` ids without
+    a comma."""
+    if ids is None and id is None:
+        raise BadRequest("name the examples: id=<id> once per example (any id), or ids=<id>,<id> (ids without a comma)")
+    wanted = {i for i in (ids or "").split(",") if i} | set(id or [])
     if len(wanted) > 200:
         raise BadRequest("ask for at most 200 examples at a time")
     return data.examples_metadata(job=job, example_ids=wanted, storage=settings.storage)

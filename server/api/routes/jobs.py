@@ -148,10 +148,26 @@ def phases(job: DoneJobDep, session: SessionDep, query_set: str) -> dict[str, An
     return results.phases(session, job=job, query_set=query_set)
 
 
-@router.get("/jobs/{job_id}/examples/{example_id}")
+ExampleIdQuery = Annotated[
+    str,
+    Query(min_length=1, description="the example's id, whatever characters it holds ('/' too), URL-encoded"),
+]
+
+
+@router.get("/jobs/{job_id}/example")
+def example_by_id(
+    job: DoneJobDep, example_id: ExampleIdQuery, session: SessionDep, settings: SettingsDep, query_set: str
+) -> dict[str, Any]:
+    """One example's total and every occurrence, the id a query parameter: any id, a '/' or '..' in it included."""
+    return example(job, example_id, session, settings, query_set)
+
+
+@router.get("/jobs/{job_id}/examples/{example_id:path}")
 def example(
     job: DoneJobDep, example_id: str, session: SessionDep, settings: SettingsDep, query_set: str
 ) -> dict[str, Any]:
+    """One example's total and every occurrence (the id in the path, '%2F' for '/'; ``GET /jobs/{id}/example?
+    example_id=`` takes any id)."""
     history = results.example_history(
         session, job=job, query_set=query_set, example_id=example_id, storage=settings.storage
     )
