@@ -7,7 +7,8 @@
     ├── Conflict            409  state does not allow it (e.g. upload offset mismatch)
     ├── PayloadTooLarge     413  over a configured size limit
     ├── TooManyRequests     429  over a per-project quota (the message names it and when to come back)
-    └── UnsupportedMedia    415  wrong content type for a tus PATCH
+    ├── UnsupportedMedia    415  wrong content type for a tus PATCH
+    └── TimedOut            504  the database stopped the request's statements at its time limit
 422 is left to FastAPI's payload validation.
 """
 
@@ -57,6 +58,10 @@ class TooManyRequests(ServiceError):
 
 class UnsupportedMedia(ServiceError):
     status_code, error = 415, "unsupported_media_type"
+
+
+class TimedOut(ServiceError):
+    status_code, error = 504, "timeout"
 
 
 def install_handlers(app: FastAPI) -> None:

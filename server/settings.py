@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,6 +42,8 @@ class Settings(BaseSettings):
     # the request that wrote it is sending it)
     upload_idle_seconds: float = 30.0  # a PATCH whose client sends nothing this long ends (offset kept)
     validation_wait_seconds: float = 60.0  # the last upload PATCH waits this long for the validator's verdict
+    compare_timeout_seconds: float = Field(default=30.0, ge=0)  # PostgreSQL stops a comparison's statements past this
+    # (GET /compare and its exports answer 504 then); 0: no limit
 
     @property
     def database(self) -> str:

@@ -24,7 +24,7 @@ from server.db.states import JobStatus, transition
 from server.settings import get_settings
 from server.storage import log_dir, public_message, results_dir
 from server.tasks import COMPUTE_SEGMENT
-from worker.results_store import example_metadata, store_results
+from worker.results_store import example_metadata, refresh_statistics, store_results
 from worker.row_writes import ShortTransactions
 from worker.segments import compute_segmented_job, run_segment_task
 
@@ -100,6 +100,8 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
             # the job becomes 'succeeded' (its rows visible) only in the last one.
             writer = ShortTransactions(factory, _fence(job_id, mine, lease))
             store_results(writer, job_id, out, summary, example_metadata(log_dir(storage, run_id)))
+            # Before the job is visible as succeeded: its first comparison is planned with the new rows counted.
+            refresh_statistics(factory)
             with factory() as session:
                 # Conditional: a cancel that lands while the rows are written wins (the rows are then unused).
                 job = session.get(Job, job_id)

@@ -3,18 +3,32 @@ database in short transactions, replacing any rows of an earlier attempt (idempo
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from dvemb.engine import load_results
 from dvemb.formats import Summary, phase_of
 from dvemb.reader import GradientLog
 from server.db.models import CurvePoint, ExampleTotal, PhaseSummaryRow, TopKRow
+from server.db.window_models import TopKWindow, WindowTopKRow
 from worker.row_writes import ShortTransactions
 from worker.windows import store_windows
 
-__all__ = ["example_metadata", "store_results"]
+__all__ = ["example_metadata", "refresh_statistics", "store_results"]
+
+log = logging.getLogger(__name__)
+
+# Every table a job's results go to: their planner statistics are refreshed once the rows are in.
+RESULT_TABLES = tuple(
+    m.__tablename__ for m in (TopKRow, ExampleTotal, CurvePoint, PhaseSummaryRow, TopKWindow, WindowTopKRow)
+)
+# ANALYZE waits at most this long for a table's lock (another worker's ANALYZE of it, a VACUUM): skipped past it.
+ANALYZE_LOCK_TIMEOUT = "5s"
 
 
 def example_metadata(directory: Any) -> dict[str, tuple[str | None, str | None]]:
@@ -105,6 +119,26 @@ def store_results(
         writer.insert(PhaseSummaryRow, [{"job_id": job_id, "query_set": name, "summary": info.phases}])
     # The top examples of each phase, tenth and epoch (bounded: windows x queries x top_k rows).
     store_windows(writer, job_id, results, typed, meta)
+
+
+def refresh_statistics(factory: sessionmaker[Session]) -> None:
+    """``ANALYZE`` the result tables on PostgreSQL (a no-op on SQLite), before the job is marked succeeded.
+
+    Freshly written rows have no statistics until autovacuum comes by (a minute or more, later on a busy database):
+    meanwhile the planner takes a job's 10^4 example totals for one row and joins two jobs with a nested loop
+    (84 s for ``GET /compare`` of two 9,600-example jobs, 0.14 s once analysed). ANALYZE samples at most 30,000 rows
+    per table whatever its size, so it costs about as much for the millionth job as for the first. Statistics are
+    an optimisation: a failure (a lock held past ANALYZE_LOCK_TIMEOUT, a lost connection) is logged, not the job's.
+    """
+    try:
+        with factory() as session:
+            if session.get_bind().dialect.name != "postgresql":
+                return
+            session.execute(text(f"SET LOCAL lock_timeout = '{ANALYZE_LOCK_TIMEOUT}'"))
+            session.execute(text(f"ANALYZE {', '.join(RESULT_TABLES)}"))
+            session.commit()
+    except SQLAlchemyError as exc:
+        log.warning("statistics of the result tables not refreshed (autovacuum will): %s", exc)
 
 
 def _finite(value: float) -> float | None:

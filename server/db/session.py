@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.settings import get_settings
@@ -43,6 +44,23 @@ def get_read_engine() -> Engine:
     if url.startswith("sqlite"):
         return get_engine()
     return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=20, max_overflow=20)
+
+
+# PostgreSQL's SQLSTATE of a statement cancelled at statement_timeout (query_canceled).
+QUERY_CANCELED = "57014"
+
+
+def limit_statement_time(session: Session, seconds: float) -> None:
+    """Stops every later statement of the session's transaction that runs (or waits for a lock) longer than
+    ``seconds`` (0: no limit): ``SET LOCAL statement_timeout`` on PostgreSQL, which ends with the transaction, so
+    a pooled connection never keeps it. SQLite (embedded, one user) has no such limit: nothing is done."""
+    if seconds > 0 and session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}"))
+
+
+def timed_out(exc: OperationalError) -> bool:
+    """Whether the database cancelled the statement at its time limit (see limit_statement_time)."""
+    return getattr(exc.orig, "sqlstate", None) == QUERY_CANCELED
 
 
 def session_factory() -> sessionmaker[Session]:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from server import figures
-from server.api.deps import ProjectDep, SessionDep
-from server.errors import BadRequest
+from server.api.deps import ProjectDep, SessionDep, SettingsDep
+from server.db.session import limit_statement_time, timed_out
+from server.errors import BadRequest, TimedOut
 from server.services import compare as service
+from server.settings import Settings
 
 router = APIRouter(tags=["compare"])
 
@@ -26,6 +32,23 @@ def job_ids(jobs: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+@contextmanager
+def time_limited(session: Session, settings: Settings) -> Iterator[None]:
+    """A comparison's statements stop at DVEMB_COMPARE_TIMEOUT_SECONDS (PostgreSQL): one request cannot hold the
+    shared database for minutes, and its statements end even when its client has left. Past it: 504 in words."""
+    limit = settings.compare_timeout_seconds
+    limit_statement_time(session, limit)
+    try:
+        yield
+    except OperationalError as exc:
+        if not timed_out(exc):
+            raise
+        raise TimedOut(
+            f"the comparison took longer than {limit:g} s and the database stopped it: compare fewer jobs or ask "
+            "for smaller top= and differ=; the operator can raise DVEMB_COMPARE_TIMEOUT_SECONDS"
+        ) from None
+
+
 @router.get("/compare/jobs")
 def comparable_jobs(session: SessionDep, project: ProjectDep) -> dict[str, Any]:
     """Every succeeded job of the project, newest first: the ones a comparison can take."""
@@ -36,6 +59,7 @@ def comparable_jobs(session: SessionDep, project: ProjectDep) -> dict[str, Any]:
 @router.get("/compare")
 def compare(
     session: SessionDep,
+    settings: SettingsDep,
     project: ProjectDep,
     jobs: JobsQuery,
     query_set: str,
@@ -48,9 +72,10 @@ def compare(
     """Two or more jobs side by side: their runs and phases, overlaid curves (x: share of training), phase
     shares, and per pair the overlap and rank correlation of their top examples (matched by example id) and the
     examples whose total influence differs most."""
-    found = service.compare(
-        session, project=project, job_ids=job_ids(jobs), query_set=query_set, points=points, top=top, differ=differ
-    )
+    with time_limited(session, settings):
+        found = service.compare(
+            session, project=project, job_ids=job_ids(jobs), query_set=query_set, points=points, top=top, differ=differ
+        )
     curves = [{"label": r["label"], "steps": r["steps"], **r["curve"]} for r in found["runs"]]
     found["figures"] = {
         "curves": figures.compare_curves_figure(curves, view=view, smooth=smooth),

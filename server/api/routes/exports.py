@@ -6,13 +6,15 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy.orm import Session
 
 from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep, bearer
-from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids
+from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids, time_limited
 from server.api.routes.figures import SampleQuery
 from server.api.routes.jobs import ExampleFiltersQuery, ExampleIdQuery, TopFiltersQuery
 from server.api.routes.windows import SelectionQuery
 from server.api.schemas import ExampleRank, TopRow
+from server.db.models import Project
 from server.figures import moving_average
 from server.services import compare as comparing
 from server.services import figures as data
@@ -205,6 +207,7 @@ def export_example(
 def export_comparison(
     table: Literal["curves", "phases", "overlap", "differences"],
     session: SessionDep,
+    settings: SettingsDep,
     project: ProjectDep,
     jobs: JobsQuery,
     query_set: str,
@@ -214,7 +217,21 @@ def export_comparison(
 ) -> Response:
     """A table of the comparison page: the runs' curves (every step, with the share of training done), their
     phases, the pairs' overlap and rank correlations, or the most differing examples."""
-    ids = job_ids(jobs)
+    with time_limited(session, settings):
+        return _comparison_table(table, session, project, job_ids(jobs), query_set, format, top, differ)
+
+
+def _comparison_table(
+    table: str,
+    session: Session,
+    project: Project,
+    ids: list[int],
+    query_set: str,
+    format: ExportFormat,
+    top: int,
+    differ: int,
+) -> Response:
+    """The comparison's table ``table`` as a file (its statements under the comparison's time limit)."""
     name = f"compare-{'-'.join(map(str, ids))}-{query_set}-{table}"
     if table in ("curves", "phases"):
         found = comparing.compared_jobs(session, project=project, job_ids=ids, query_set=query_set)

@@ -1,0 +1,105 @@
+"""Bounded work on the shared database (issue 21, item 1): a job's result tables have planner statistics as soon
+as it has succeeded, and a comparison's statements stop at DVEMB_COMPARE_TIMEOUT_SECONDS with a 504 in words."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from service_harness import Api, record_log
+from sqlalchemy import text
+
+from dvemb.client import upload_log
+
+RESULT_TABLES = ("topk_rows", "example_totals", "curve_points", "phase_summaries", "topk_windows", "window_topk_rows")
+
+
+def analysed(api: Api, token: str, tmp_path: Path, name: str) -> int:
+    log = record_log(tmp_path / name, steps=8, batch=8, shard_steps=4)
+    result = upload_log(log, server=api.url, token=token, run_name=name, analyze=True)
+    job = api.wait_job(result["job"]["id"])
+    assert job["status"] == "succeeded", job
+    return int(job["id"])
+
+
+def analyses() -> dict[str, int]:
+    """How many times each result table was analysed by hand (ANALYZE; autovacuum's runs are counted apart)."""
+    from server.db.session import get_engine
+
+    with get_engine().connect() as conn:
+        found = conn.execute(
+            text("SELECT relname, analyze_count FROM pg_stat_user_tables WHERE relname = ANY(:names)"),
+            {"names": list(RESULT_TABLES)},
+        ).all()
+    return {name: int(count) for name, count in found}
+
+
+def test_a_jobs_tables_have_statistics_once_it_succeeded(api: Api, token: str, tmp_path: Path) -> None:
+    from server.db.session import get_engine
+
+    before = analyses()
+    analysed(api, token, tmp_path, "stats")
+    after = analyses()
+    assert set(after) == set(RESULT_TABLES)
+    assert all(after[t] > before.get(t, 0) for t in RESULT_TABLES), (before, after)
+    with get_engine().connect() as conn:
+        tuples = conn.scalar(text("SELECT reltuples FROM pg_class WHERE relname = 'example_totals'"))
+        rows = conn.scalar(text("SELECT count(*) FROM example_totals"))
+    assert rows == 64 and tuples == rows  # the planner counts the job's rows, not "1 row" of a never-analysed table
+
+
+@contextmanager
+def compare_timeout(seconds: float) -> Iterator[None]:
+    from server.settings import get_settings
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DVEMB_COMPARE_TIMEOUT_SECONDS", str(seconds))
+            get_settings.cache_clear()
+            yield
+    finally:
+        get_settings.cache_clear()
+
+
+@contextmanager
+def totals_locked() -> Iterator[None]:
+    """example_totals locked against readers: any comparison waits (as one over a badly planned join runs)."""
+    from server.db.session import get_engine
+
+    with get_engine().connect() as conn:
+        conn.execute(text("LOCK TABLE example_totals IN ACCESS EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+def test_a_comparison_stops_at_its_time_limit_with_a_504(api: Api, token: str, tmp_path: Path) -> None:
+    from server.db.session import get_engine
+
+    a, b = analysed(api, token, tmp_path, "first"), analysed(api, token, tmp_path, "second")
+    params = {"jobs": f"{a},{b}", "query_set": "val"}
+    with compare_timeout(1.0):
+        with totals_locked():
+            for path in ("/compare", "/compare/export/differences"):
+                started = time.monotonic()
+                got = api.get(path, params=params, timeout=httpx.Timeout(15))
+                assert got.status_code == 504, got.text
+                assert time.monotonic() - started < 10
+                body = got.json()
+                assert set(body) == {"error", "detail"} and body["error"] == "timeout"
+                assert "longer than 1 s" in body["detail"] and "DVEMB_COMPARE_TIMEOUT_SECONDS" in body["detail"]
+            with get_engine().connect() as conn:  # the cancelled statements are gone, not waiting on
+                waiting = conn.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND state = 'active' AND query ILIKE '%example_totals%' AND pid <> pg_backend_pid()"
+                    )
+                )
+            assert waiting == 0
+        fine = api.get("/compare", params=params)  # the same limit, an ordinary comparison: well within it
+        assert fine.status_code == 200 and fine.json()["pairs"][0]["shared_examples"] == 64
