@@ -1,6 +1,6 @@
 """The reconciler: what the broker could not be trusted with, put right from the database, periodically.
 
-Two things can leave a row waiting for a task that will never come:
+Several things can leave a row waiting for a task that will never come:
 
 * the broker was down when the task was sent: its outbox entry (server/tasks.py) is still there; the reconciler
   sends it once it is due, and deletes it once the broker has it;
@@ -11,7 +11,11 @@ Two things can leave a row waiting for a task that will never come:
   from the engine's checkpoint, and the attempt cap (worker/computation.py) still stops a job that kills every
   worker;
 * likewise a file whose validator died stays ``validating``: it moves back to ``received`` with a new
-  validation task, and the cap (worker/validation.py) rejects a file that kills every validator, saying so.
+  validation task, and the cap (worker/validation.py) rejects a file that kills every validator, saying so;
+* a message lost after it was sent (a worker killed while it held the task prefetched and unstarted, a broker
+  restarted without its queue) leaves a job ``queued`` or a file ``received`` with no lease, no outbox entry and
+  nothing in the broker: every row waiting for a task has a deadline (server/db/leases.py, ``task_deadline``),
+  past which its task is sent again.
 
 Every API process runs one (a thread started by the app's lifespan, every ``DVEMB_RECONCILE_SECONDS``); they
 may run side by side: each move is a compare-and-set, and every task is idempotent.
@@ -26,13 +30,20 @@ import threading
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db.leases import requeue_expired
+from server.db.leases import requeue_expired, resend_overdue
 from server.db.models import Job, LogFile, OutboxTask
 from server.db.states import FileStatus, JobStatus
 from server.settings import get_settings
 from server.tasks import COMPUTE, VALIDATE_FILE, send_outboxed
 
-__all__ = ["Reconciler", "reconcile_once", "requeue_expired_files", "requeue_expired_jobs", "send_due_tasks"]
+__all__ = [
+    "Reconciler",
+    "reconcile_once",
+    "requeue_expired_files",
+    "requeue_expired_jobs",
+    "resend_overdue_tasks",
+    "send_due_tasks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +65,19 @@ def requeue_expired_files(factory: sessionmaker[Session]) -> int:
     for file_id in moved:
         logger.warning("file %s lost its validator (lease expired): queued again", file_id)
     return len(moved)
+
+
+def resend_overdue_tasks(factory: sessionmaker[Session]) -> int:
+    """Send again the task of every queued job and received file past its deadline (its message is lost); returns
+    how many. A file waiting for its manifest (noted in ``error``) waits for no task."""
+    jobs = resend_overdue(factory, Job, waiting=JobStatus.QUEUED, task=COMPUTE)
+    files = resend_overdue(
+        factory, LogFile, waiting=FileStatus.RECEIVED, task=VALIDATE_FILE, expects_task=LogFile.error.is_(None)
+    )
+    for kind, ids in (("job", jobs), ("file", files)):
+        for row_id in ids:
+            logger.warning("%s %s waited past its deadline for a worker: its task is sent again", kind, row_id)
+    return len(jobs) + len(files)
 
 
 def send_due_tasks(factory: sessionmaker[Session]) -> int:
@@ -88,9 +112,11 @@ def send_due_tasks(factory: sessionmaker[Session]) -> int:
 
 
 def reconcile_once(factory: sessionmaker[Session]) -> None:
-    """One pass: expired leases first (their new tasks go out through the outbox), then due outbox entries."""
+    """One pass: expired leases and overdue waits first (their new tasks go out through the outbox), then due outbox
+    entries."""
     requeue_expired_jobs(factory)
     requeue_expired_files(factory)
+    resend_overdue_tasks(factory)
     send_due_tasks(factory)
 
 

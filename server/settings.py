@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     task_max_attempts: int = 3  # a job whose worker dies this many times fails with the reason
     compute_workers: int = 1  # worker processes that compute jobs: a job whose options do not set `segments`
     # is split into this many segments, run in parallel and combined exactly (docs/service.md)
+    task_deadline_seconds: float = Field(default=300.0, gt=0)  # a queued job or received file not claimed by a
+    # worker this long after its task was sent has its task sent again (then after as long as it has waited)
     reconcile_seconds: float = 5.0  # the API's reconciler looks this often for unsent tasks and expired leases
     outbox_grace_seconds: float = 10.0  # an outbox entry is the reconciler's once it is this old (before that,
     # the request that wrote it is sending it)

@@ -29,7 +29,7 @@ from dvemb.formats import (
     rank_manifest_name,
 )
 from dvemb.reader import GradientLog, check_index_file, check_manifest_file
-from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, hold, holder, lock_run
+from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, hold, holder, lock_run, task_deadline
 from server.db.models import LogFile, Run
 from server.db.run_files import missing_files
 from server.db.session import session_factory
@@ -240,7 +240,9 @@ def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> 
         ).all()
         session.info.setdefault("after_commit_tasks", []).extend(waiting)
         # They are queued again: they count toward the project's quota of files waiting for the validator.
-        session.execute(update(LogFile).where(LogFile.id.in_(waiting)).values(error=None))
+        session.execute(
+            update(LogFile).where(LogFile.id.in_(waiting)).values(error=None, lease_expires_at=task_deadline())
+        )
 
 
 def _stored_manifests(staged: list[dict[str, Any]], listing: list[dict[str, Any]] | None) -> list[dict[str, Any]]:

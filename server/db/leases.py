@@ -13,7 +13,11 @@ Jobs (worker/computation.py) and uploaded files (worker/validation.py) share one
   worker does nothing, and a worker taking the row over waits for that transaction;
 * :func:`hand_back` gives an attempt back uncounted after a transient database error;
 * :func:`requeue_expired` (the API's reconciler) moves rows whose lease expired back to their waiting status
-  and queues their task; the attempt cap stops a row that kills every worker.
+  and queues their task; the attempt cap stops a row that kills every worker;
+* :func:`task_deadline` and :func:`resend_overdue`: a row waiting for its task (a ``queued`` job, a ``received``
+  file) keeps in ``lease_expires_at`` the time by which a worker should have claimed it; past it (the message was
+  lost: a worker killed with the task prefetched, a broker restarted without its queue) the reconciler sends the
+  task again and pushes the deadline back. Idempotent: :func:`claim` lets one delivery do the work.
 
 **Lock order.** A transaction that writes a run's row and its files' rows locks the run's row first
 (:func:`lock_run`), then the files. Inserting a file takes a key-share lock on the run's row (the foreign key);
@@ -30,16 +34,28 @@ import threading
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, true, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.models import Run
 from server.db.session import session_factory
 from server.db.states import transition
+from server.settings import get_settings
 from server.tasks import enqueue_after_commit
 
-__all__ = ["Heartbeat", "LeaseHeld", "claim", "hand_back", "hold", "holder", "lock_run", "requeue_expired"]
+__all__ = [
+    "Heartbeat",
+    "LeaseHeld",
+    "claim",
+    "hand_back",
+    "hold",
+    "holder",
+    "lock_run",
+    "requeue_expired",
+    "resend_overdue",
+    "task_deadline",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -169,10 +185,55 @@ def requeue_expired(
                 waiting,
                 only_from=(working,),
                 when=model.lease_expires_at < now,
-                lease_expires_at=None,
+                lease_expires_at=task_deadline(),
                 error=None,
             ):
                 enqueue_after_commit(session, task, row_id)
                 moved.append(row_id)
             session.commit()
     return moved
+
+
+def task_deadline() -> dt.datetime:
+    """When a row whose task is being sent now must have been claimed by a worker (DVEMB_TASK_DEADLINE_SECONDS from
+    now); kept in its ``lease_expires_at`` while it waits (``queued``, ``received``)."""
+    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=get_settings().task_deadline_seconds)
+
+
+def resend_overdue(
+    factory: sessionmaker[Session], model: Any, *, waiting: StrEnum, task: str, expects_task: Any = None
+) -> list[int]:
+    """Send ``task`` again for every row still ``waiting`` past its deadline (:func:`task_deadline`; a row written
+    before deadlines were kept counts from its creation), whatever happened to its message; returns their ids.
+
+    The next deadline is as far off as the row is old (at least DVEMB_TASK_DEADLINE_SECONDS): a job that waits for
+    hours behind others in a busy queue is sent again a few times, not every pass. A task delivered twice does its
+    work once (:func:`claim`). ``expects_task`` narrows the rows to those that wait for a task at all (a file
+    waiting for its manifest has none: the manifest's validation sends it)."""
+    now = dt.datetime.now(dt.UTC)
+    base = dt.timedelta(seconds=get_settings().task_deadline_seconds)
+    overdue = and_(
+        model.status == waiting,
+        or_(
+            model.lease_expires_at < now,
+            and_(model.lease_expires_at.is_(None), model.created_at < now - base),
+        ),
+        true() if expects_task is None else expects_task,
+    )
+    with factory() as session:
+        found = session.scalars(select(model.id).where(overdue).order_by(model.id).limit(BATCH)).all()
+    resent = []
+    for row_id in found:
+        with factory() as session:
+            row = session.get(model, row_id)
+            if row is None:
+                continue
+            created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=dt.UTC)
+            again = now + max(base, now - created)
+            # Conditional: a worker that claimed the row meanwhile (or another reconciler) keeps it.
+            moved = session.execute(update(model).where(model.id == row_id, overdue).values(lease_expires_at=again))
+            if moved.rowcount == 1:  # type: ignore[attr-defined]
+                enqueue_after_commit(session, task, row_id)
+                resent.append(row_id)
+            session.commit()
+    return resent

@@ -95,8 +95,9 @@ class LogFile(Base):
     status: Mapped[str] = mapped_column(String(20), default=FileStatus.UPLOADING)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    # While validating: until when its validator holds it (renewed by a heartbeat; server/db/leases.py), and how
-    # many validators have claimed it (the cap rejects a file that kills every validator).
+    # While validating: until when its validator holds it (renewed by a heartbeat; server/db/leases.py); while
+    # received with a task sent: by when a validator should have claimed it (past it the task is sent again). And
+    # how many validators have claimed it (the cap rejects a file that kills every validator).
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
@@ -117,7 +118,8 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    # While running: until when the worker computing it holds it (renewed by a heartbeat; server/db/leases.py).
+    # While running: until when the worker computing it holds it (renewed by a heartbeat; server/db/leases.py);
+    # while queued: by when a worker should have claimed it (past it the reconciler sends its task again).
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     @property

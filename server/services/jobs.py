@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dvemb.formats import Manifest
+from server.db.leases import task_deadline
 from server.db.models import Job, Project, Run
 from server.db.run_files import missing_files
 from server.db.states import JobStatus, RunStatus, transition
@@ -38,7 +39,7 @@ def start_job(session: Session, *, project: Project, run_id: int, options: dict[
         raise Conflict(f"query set(s) {unknown} are not in this run's log, which has {sorted(available)}")
     if not available:
         raise Conflict("the run's log has no query set; record one with rec.record_queries(...)")
-    job = Job(run_id=run.id, options=options)
+    job = Job(run_id=run.id, options=options, lease_expires_at=task_deadline())  # claimed by then, or sent again
     session.add(job)
     session.flush()
     enqueue_after_commit(session, COMPUTE, job.id)
@@ -60,7 +61,8 @@ def cancel_job(session: Session, *, job: Job) -> Job:
 def retry_job(session: Session, *, job: Job) -> Job:
     """Queue a failed or cancelled job again."""
     retryable = (JobStatus.FAILED, JobStatus.CANCELLED)
-    if not transition(session, job, JobStatus.QUEUED, only_from=retryable, error=None, progress=0.0, attempts=0):
+    again = {"error": None, "progress": 0.0, "attempts": 0, "lease_expires_at": task_deadline()}
+    if not transition(session, job, JobStatus.QUEUED, only_from=retryable, **again):
         raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
     enqueue_after_commit(session, COMPUTE, job.id)
     return job

@@ -15,7 +15,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from dvemb.formats import MAX_MANIFEST_BYTES, is_manifest_name
-from server.db.leases import lock_run
+from server.db.leases import lock_run, task_deadline
 from server.db.models import LogFile, Run
 from server.db.states import FileStatus, RunStatus, transition
 from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, TooManyRequests
@@ -144,6 +144,9 @@ def get_upload(session: Session, *, project_id: int, upload_id: str) -> tuple[Lo
 
 def finish_upload(session: Session, *, upload: LogFile) -> None:
     """All bytes are in: hand the file to the validator once this is committed."""
-    if not transition(session, upload, FileStatus.RECEIVED, only_from=(FileStatus.UPLOADING,), error=None):
+    deadline = task_deadline()  # claimed by a validator by then, or its task is sent again
+    if not transition(
+        session, upload, FileStatus.RECEIVED, only_from=(FileStatus.UPLOADING,), error=None, lease_expires_at=deadline
+    ):
         raise Conflict(f"{upload.name} is {upload.status}; only an upload in progress can be finished")
     enqueue_after_commit(session, VALIDATE_FILE, upload.id)

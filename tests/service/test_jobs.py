@@ -105,7 +105,9 @@ def test_a_job_that_keeps_losing_its_worker_fails_with_the_reason(
         job_id = api.post(f"/runs/{run_id}/jobs", json={}).json()["id"]
         cap = get_settings().task_max_attempts
         with session_factory()() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(status="running", attempts=cap))
+            # running with no lease (its worker died); queued, the row held the deadline for its task instead
+            values = {"status": "running", "attempts": cap, "lease_expires_at": None}
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
             session.commit()
         run_compute(job_id)  # the redelivered task
     finally:
