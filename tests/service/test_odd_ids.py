@@ -9,7 +9,10 @@ import re
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from playwright.sync_api import Browser, expect
 from service_harness import Api, record_log
+from test_dashboard import browser  # noqa: F401  (the module's Chromium fixture)
+from test_dashboard_views import sign_in
 
 from dvemb.client import upload_log
 
@@ -114,3 +117,29 @@ def test_ids_with_a_slash_have_their_page_and_export(api: Api, token: str, tmp_p
     assert meta.status_code == 200 and set(meta.json()) == set(named), meta.text
     nothing = api.get(f"/jobs/{job}/metadata")
     assert nothing.status_code == 400 and "id=" in nothing.json()["detail"]
+
+
+def test_the_dashboard_opens_and_exports_an_example_whose_id_has_a_slash(
+    browser: Browser,  # noqa: F811
+    api: Api,
+    token: str,
+    server_url: str,
+    tmp_path: Path,
+) -> None:
+    job = analysed(api, token, tmp_path)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server_url + "/")
+    sign_in(page, token)
+    expect(page.get_by_role("heading", name="Runs")).to_be_visible()
+    for example in ("dir/2", "café-例#8"):
+        history = api.get(f"/jobs/{job}/example", params={"query_set": "val", "example_id": example}).json()
+        page.goto(f"{server_url}/#/jobs/{job}/examples/{quote(example, safe='')}?qs=val")
+        expect(page.locator("h1")).to_have_text(f"Example {example}")  # this example's page, not the last one's
+        expect(page.locator("#history tbody tr")).to_have_count(len(history["history"]))
+        with page.expect_download() as info:
+            page.locator("[data-export='history'] [data-format='csv']").click()
+        rows = csv_rows(Path(info.value.path()).read_bytes())
+        assert [int(r["step"]) for r in rows] == [h["step"] for h in history["history"]]
+        if "/" not in example:  # the exact name (filename*), not the ASCII fallback
+            assert info.value.suggested_filename == f"job{job}-val-example-{example}.csv"
+    page.close()
