@@ -8,8 +8,11 @@ own copy of the model:
 
 - plain: the Trainer alone;
 - dvemb: ``dvemb.integrations.huggingface.record(trainer, log_dir, calibration_batches=0,
-  projection="random", proj_dim=256, shard_size_mb=4)`` (16 x 16 per layer; shards every 4 MB, so that
-  writing happens inside the measured window);
+  projection="random", proj_dim=256, curvature="empirical", shard_size_mb=4)`` (16 x 16 per layer; shards
+  every 4 MB, so that writing happens inside the measured window): the settings of the earlier defaults;
+- dvemb default: ``record(trainer, log_dir, shard_size_mb=4)``, the one-liner's defaults (Gauss-Newton rows
+  found at the logits, one sampled label per token; bases calibrated with look-ahead before the first step,
+  outside the measured window);
 - bergson: EleutherAI's ``bergson.huggingface.GradientCollectorCallback`` with ``projection_dim=16``
   (16 x 16 per module, the same size), after ``prepare_for_gradient_collection(trainer)``, its defaults
   otherwise. When bergson cannot be imported or fails, the peer is reported unavailable with the reason.
@@ -299,6 +302,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             calibration_batches=0,
             projection="random",
             proj_dim=PROJ_DIM,
+            curvature="empirical",
             shard_size_mb=SHARD_SIZE_MB,
         )
         runners.append(
@@ -307,7 +311,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 trainer,
                 done,
                 f"`record(trainer, log, calibration_batches=0, projection='random', proj_dim={PROJ_DIM}, "
-                f"shard_size_mb={SHARD_SIZE_MB})`",
+                f"curvature='empirical', shard_size_mb={SHARD_SIZE_MB})` (the earlier defaults)",
+            )
+        )
+        default_trainer = trainer_for(ByteChunks(chunks), work / "dvemb-default", total)
+        record(default_trainer, work / "dvemb-default-log", shard_size_mb=SHARD_SIZE_MB)
+        runners.append(
+            Runner(
+                "dvemb default",
+                default_trainer,
+                done,
+                f"`record(trainer, log, shard_size_mb={SHARD_SIZE_MB})`: the defaults (Gauss-Newton rows at the "
+                "logits, look-ahead calibration before the first step)",
             )
         )
         bergson_callback = None
@@ -337,7 +352,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             for runner in active[shift:] + active[:shift]:
                 runner.turn(round_, args.warmup if round_ < 0 else args.steps)
                 if runner.error is not None:
-                    if runner.name == "plain" or runner.name == "dvemb":
+                    if runner.name in ("plain", "dvemb", "dvemb default"):
                         raise RuntimeError(f"{runner.name} failed: {runner.error}")
                     print(f"{runner.name} failed: {runner.error}", flush=True)
             if round_ < 0 and callback.recorder is not None:
@@ -412,6 +427,10 @@ def summary(runner: Runner, plain: Runner) -> dict[str, Any]:
 # -- report ---------------------------------------------------------------------------------------
 
 
+#: Issue 20's target for the one-liner's defaults (Gauss-Newton rows found at the logits).
+DEFAULT_TARGET_RATIO = 1.25
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     by = {r["configuration"]: r for r in rows}
     ours = by["dvemb"]
@@ -428,7 +447,16 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     else:
         lower = ours["ratio"] < peer["ratio"]
         line += f"; bergson {peer['ratio']:.2f}x: lower than bergson's " + ("**met**" if lower else "**NOT met**")
-    return [line + "."]
+    out = [line + "."]
+    default = by.get("dvemb default")
+    if default is not None and "ratio" in default:
+        out.append(
+            f"dvemb default (Gauss-Newton) {default['ratio']:.2f}x the plain step (IQR {default['ratio_iqr'][0]:.2f}-"
+            f"{default['ratio_iqr'][1]:.2f}): at most {DEFAULT_TARGET_RATIO}x (issue 20) "
+            + ("**met**" if default["ratio"] <= DEFAULT_TARGET_RATIO else "**NOT met**")
+            + (f"; bergson {peer['ratio']:.2f}x." if peer is not None and "ratio" in peer else ".")
+        )
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
