@@ -601,7 +601,12 @@ FACTORS: list[tuple[str, str, str, str]] = [
         "e_wte_whole",
         "raw",
     ),
-    ("the same, exact first order (true Hessian, every parameter)", "lin_hessian_all", "lin_hessian_all", "raw"),
+    (
+        "the removal taken as `-g_z/B` instead of centred, at exact first order (true Hessian, every parameter)",
+        "lin_hessian_all",
+        "lin_hessian_all",
+        "raw",
+    ),
     ("Adam's second-moment term left out (unprojected, one matrix)", "lin_rows", "lin_rows_nosm", "spearman_centred"),
     (
         "Adam's second-moment term left out of `transformer.wte` (whole; the other layers never carry it)",
@@ -656,22 +661,35 @@ def factors_text(runs: list[dict[str, Any]]) -> str:
 
 
 def reading(runs: list[dict[str, Any]]) -> str:
-    """The paragraph under the table (its figures from the runs)."""
+    """The paragraphs under the table (their figures from the runs)."""
     m = lambda name, key="spearman_raw": mean_of(runs, name, key)  # noqa: E731
     c = lambda name: mean_of(runs, name, "spearman_centred")  # noqa: E731
     wte = [ko * ki for name, ko, ki, _ in runs[0]["layers_seen"]["wte_whole"] if name == "transformer.wte"]
+    chain = [
+        ("defaults", m("e_defaults")),
+        ("`transformer.wte` stored whole (its second-moment term with it)", m("e_wte_whole")),
+        ("centred (the removal as the ground truth makes it)", c("e_wte_whole")),
+        ("no projection of the Conv1D layers either (the same rows, one matrix)", c("lin_rows")),
+        ("the exact Gauss-Newton matrix instead of 1 sampled label", c("lin_ggn")),
+        ("the true Hessian instead of Gauss-Newton", c("lin_hessian")),
+        ("every parameter (`wpe`, LayerNorms too): the ceiling's own derivative", c("lin_hessian_all")),
+    ]
+    steps = [f"{label} {value:.2f}" for label, value in chain[:1]] + [
+        f"{label} {value - chain[i][1]:+.2f} = {value:.2f}" for i, (label, value) in enumerate(chain[1:])
+    ]
     return (
-        "Reading (means over seeds, dvemb's scores / centred): the defaults score "
-        f"{m('e_defaults'):.2f} / {c('e_defaults'):.2f} and the gradient dot product {m('grad_dot'):.2f} / "
-        f"{c('grad_dot'):.2f}. Storing `transformer.wte` whole ({wte[0]} numbers a row) with everything else at the "
-        f"defaults gives {m('e_wte_whole'):.2f} / {c('e_wte_whole'):.2f}, against {m('lin_rows'):.2f} / "
-        f"{c('lin_rows'):.2f} for no projection at all with the same rows and one matrix, and "
-        f"{m('lin_ggn'):.2f} / {c('lin_ggn'):.2f} with the exact Gauss-Newton matrix; the ceiling is "
-        f"{m('ceiling'):.2f} ({m('ceiling', 'spearman_raw_after_warmup'):.2f} after the warm-up). Projecting "
-        "`transformer.wte` on either side alone (vocabulary side to 32, or embedding side to 16) gives "
-        f"{c('e_wte_v32'):.2f} and {c('e_wte_e16'):.2f} centred; leaving it out {c('e_no_embedding'):.2f}; a "
-        f"larger projection for every layer (1024) {c('e_p1024'):.2f}. Each factor alone, as the loss of mean "
-        "Spearman (centred unless it is the removal itself) it causes, [min, max] over the seeds, largest first:"
+        "Reading (means over seeds). From the defaults to the ceiling, one change at a time: "
+        + "; ".join(steps)
+        + f" (the ceiling: {m('ceiling'):.2f}; {m('ceiling', 'spearman_raw_after_warmup'):.2f} after the warm-up). "
+        f"Storing `transformer.wte` whole costs {wte[0]} numbers a row here; projecting it on one side only gives "
+        f"{c('e_wte_v32'):.2f} centred with its vocabulary side randomly projected (92 -> 32, embedding dims whole) "
+        f"and {c('e_wte_e16'):.2f} with its embedding side projected (32 -> 16, vocabulary whole; "
+        f"{c('e_wte_whole_nosm'):.2f} for the whole layer without its second-moment term, which every projected "
+        f"layer drops); leaving it out gives {c('e_no_embedding'):.2f}, 1024 per layer {c('e_p1024'):.2f}, and with "
+        f"it whole the other layers at 64 per layer {c('e_wte_whole_p64'):.2f}. The gradient dot product: "
+        f"{m('grad_dot'):.2f} / {c('grad_dot'):.2f} centred.\n\n"
+        "Each factor alone, as the Spearman it costs (the row without it minus the row with it, centred unless the "
+        "factor is the centring; mean [min, max] over the seeds), largest first:"
     )
 
 
@@ -701,8 +719,8 @@ def markdown(s: Settings, runs: list[dict[str, Any]], meta: str) -> str:
         "exactly as the engine's recursion would score it with one unprojected matrix over all 28096 tracked "
         "coordinates, which the engine cannot hold here. Checks: with the true Hessian over every parameter "
         "the linearised rows reproduce the ceiling (every seed; largest difference "
-        f"{max(r['check_linearised_vs_ceiling'] for r in runs):.1e} of the largest ceiling score, the central "
-        "difference's error), and with the log's rows in per-layer blocks the engine on the unprojected log "
+        f"{max(r['check_linearised_vs_ceiling'] for r in runs):.1e} of the largest ceiling score; the same "
+        "Spearman to two decimals in every column), and with the log's rows in per-layer blocks the engine on the unprojected log "
         + (
             f"(first seed; largest difference {max(engine_check):.1e} of the largest score: float32 storage and "
             "accumulation)."
@@ -810,7 +828,20 @@ def main() -> None:
         )
     print(text)
     if not (args.quick or args.no_write):
+        _place_after(args.root / "BENCHMARKS.md", "Transformer LM fidelity")
         replace_section(SECTION, text, args.root / "BENCHMARKS.md")
+
+
+def _place_after(path: Path, title: str) -> None:
+    """Put an empty ``## SECTION`` heading right after section ``title`` when the file has none yet (so that
+    replace_section fills it there instead of appending it at the end)."""
+    text = path.read_text()
+    if f"\n## {SECTION}\n" in text or f"\n## {title}\n" not in text:
+        return
+    start = text.index(f"\n## {title}\n") + 1
+    end = text.find("\n## ", start + 1)
+    end = len(text) if end == -1 else end + 1
+    path.write_text(text[:end].rstrip("\n") + f"\n\n## {SECTION}\n\n" + text[end:])
 
 
 if __name__ == "__main__":
