@@ -8,8 +8,11 @@ factors ``f`` of the Gauss-Newton matrix, ``GGN = sum f f^T``:
 - all classes (classification logits (B, C) with few classes): ``sqrt(p_c) (p - e_c)`` for every c;
 - sampled labels ``y ~ p`` (any logits, one row per sample): ``(p - e_y) / sqrt(n)``, an unbiased
   estimate ``E[f f^T] = GGN``. For sequence logits (B, L, V) labels are drawn at every position
-  independently (cross terms vanish in expectation); with the per-example loss averaged over
-  positions the rows are further scaled by ``1/sqrt(L)``.
+  independently (cross terms vanish in expectation).
+
+A loss that weights its positions (``c`` per position: ``1/L`` for a per-example mean over positions, the
+loss's own weights when they are read off its gradient, :mod:`dvemb.output_curvature`) has Hessian
+``c (diag(p) - p p^T)``: the rows are scaled by ``sqrt(c)``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,51 @@ import math
 
 import torch
 
-__all__ = ["logit_factor_rows"]
+__all__ = ["ALL_CLASSES_UP_TO", "cross_entropy_factor_rows", "logit_factor_rows", "rows_per_example"]
+
+#: Classes up to which every class of (B, C) logits gets its own row (the exact GGN); one sample beyond.
+ALL_CLASSES_UP_TO = 32
+
+
+def rows_per_example(samples: int | None, logits: torch.Tensor) -> int | None:
+    """The ``samples`` to use for these logits: as asked, or None (all classes) only for (B, C) logits with at
+    most :data:`ALL_CLASSES_UP_TO` classes, else one sampled label."""
+    if samples is None and (logits.dim() != 2 or logits.shape[-1] > ALL_CLASSES_UP_TO):
+        return 1
+    return samples
+
+
+def cross_entropy_factor_rows(
+    logits: torch.Tensor, weights: torch.Tensor, *, samples: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Rows at the logits whose back-propagation gives Gauss-Newton factors of a weighted cross-entropy.
+
+    Args:
+        logits: (B, [L,] V) logits.
+        weights: (B, [L]) weight ``c >= 0`` of every position in the loss.
+        samples: sampled labels per position, or None for one row per class (2-D logits only).
+        generator: random generator for the sampled labels (same device as ``logits``).
+
+    Returns:
+        (R, *logits.shape) rows in the logits' dtype: ``sqrt(c p_k) (p - e_k)`` for every class k (R = C), or
+        ``sqrt(c / n) (p - e_y)`` with ``y ~ p`` (R = n = ``samples``).
+    """
+    z = logits.detach()
+    work = torch.float64 if z.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(z.to(work), dim=-1)  # (B, [L,] V)
+    root = weights.to(device=z.device, dtype=work).sqrt().unsqueeze(-1)  # (B, [L,] 1)
+    classes = probs.shape[-1]
+    if samples is None:
+        if z.dim() != 2:
+            raise ValueError("all-class curvature factors need (B, C) logits; set curvature_samples for sequences")
+        eye = torch.eye(classes, dtype=work, device=z.device)
+        rows = probs.sqrt().T.unsqueeze(-1) * (probs.unsqueeze(0) - eye.view(classes, 1, classes))  # (C, B, C)
+        return (rows * root.unsqueeze(0)).to(z.dtype)
+    flat = probs.reshape(-1, classes)  # (B*L, V)
+    drawn = torch.multinomial(flat, samples, replacement=True, generator=generator)  # (B*L, n)
+    one_hot = torch.nn.functional.one_hot(drawn.T, classes).to(work)  # (n, B*L, V)
+    rows = (flat.unsqueeze(0) - one_hot).reshape(samples, *probs.shape) / math.sqrt(samples)
+    return (rows * root.unsqueeze(0)).to(z.dtype)
 
 
 def logit_factor_rows(
@@ -28,7 +75,7 @@ def logit_factor_rows(
     position_reduction: str,
     generator: torch.Generator | None = None,
 ) -> list[torch.Tensor]:
-    """Gradients with respect to the logits whose back-propagation gives GGN factors.
+    """Gradients with respect to the logits whose back-propagation gives GGN factors of the per-example loss.
 
     Args:
         logits: (B, C) or (B, L, V) logits of the per-example softmax cross-entropy loss.
@@ -40,21 +87,7 @@ def logit_factor_rows(
         R tensors shaped like ``logits`` (R = C for all classes, else ``samples``); back-propagating
         each gives one factor row per example.
     """
-    z = logits.detach()
-    probs = torch.softmax(z.to(torch.float64 if z.dtype == torch.float64 else torch.float32), dim=-1)  # (B, [L,] V)
-    num_classes = probs.shape[-1]
-    if samples is None:
-        if z.dim() != 2:
-            raise ValueError("all-class curvature factors need (B, C) logits; set curvature_samples for sequences")
-        eye = torch.eye(num_classes, dtype=probs.dtype, device=probs.device)
-        rows = [(probs.sqrt()[:, c : c + 1] * (probs - eye[c])).to(z.dtype) for c in range(num_classes)]  # (B, C) each
-        return rows
-    positions = 1 if z.dim() == 2 else math.prod(z.shape[1:-1])
-    scale = 1.0 / math.sqrt(samples * (positions if position_reduction == "mean" else 1))
-    flat = probs.reshape(-1, num_classes)  # (B*L, V)
-    drawn = torch.multinomial(flat, samples, replacement=True, generator=generator)  # (B*L, samples)
-    rows = []
-    for s in range(samples):
-        one_hot = torch.nn.functional.one_hot(drawn[:, s], num_classes).to(probs.dtype)  # (B*L, V)
-        rows.append(((flat - one_hot) * scale).reshape(probs.shape).to(z.dtype))
-    return rows
+    positions = 1 if logits.dim() == 2 else math.prod(logits.shape[1:-1])
+    weight = 1.0 / positions if position_reduction == "mean" else 1.0
+    weights = torch.full(logits.shape[:-1], weight, dtype=torch.float64)
+    return list(cross_entropy_factor_rows(logits, weights, samples=samples, generator=generator))

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dvemb import logformat as fmt
 from dvemb.low_rank import low_rank_factors
 
 __all__ = ["PROPAGATIONS", "DvembWarning", "OptimizerInfo", "TrackedParameters", "describe_optimizer"]
@@ -191,13 +192,9 @@ class OptimizerInfo:
             bc1, bc2 = 1.0 - float(g["betas"][0]) ** step, 1.0 - float(g["betas"][1]) ** step
             v_hat = self._moment(t, "exp_avg_sq") / bc2  # (out_dim, in_dim)
             if t.whole:
-                precond = 1.0 / (v_hat.sqrt() + float(g["eps"]))
+                precond, sensitivity = self._preconditioner(t, v_hat, g, bc1, bc2)
                 out[f"opt.precond.{index}"] = precond.flatten()
-                # d(update)/d(v) / lr: how a change of v moves the parameters (zero where v_hat is 0).
-                root = v_hat.sqrt()
-                m_hat = self._moment(t, "exp_avg") / bc1
-                sensitivity = m_hat * precond**2 / (2.0 * root.clamp_min(1e-300) * bc2)
-                out[f"opt.vsens.{index}"] = torch.where(root > 0, sensitivity, 0.0).flatten()
+                out[f"opt.vsens.{index}"] = sensitivity.flatten()
                 batch_grad = self._batch_grads[index] if index < len(self._batch_grads) else None
                 assert batch_grad is not None
                 out[f"opt.batch_grad.{index}"] = batch_grad
@@ -208,19 +205,28 @@ class OptimizerInfo:
                     out.update(self._second_moment_factors(index, t, v_hat, g, bc1, bc2))
         return out
 
+    def _preconditioner(
+        self, t: TrackedParameters, v_hat: torch.Tensor, group: dict[str, Any], bc1: float, bc2: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out_dim, in_dim) Adam's preconditioner ``1 / (sqrt(v_hat) + eps)`` and the sensitivity of the update
+        to ``v`` divided by lr, ``d(update)/d(v) / lr`` (zero where ``v_hat`` is 0)."""
+        root = v_hat.sqrt()
+        precond = 1.0 / (root + float(group["eps"]))
+        m_hat = self._moment(t, "exp_avg") / bc1
+        sensitivity = m_hat * precond**2 / (2.0 * root.clamp_min(1e-300) * bc2)
+        return precond, torch.where(root > 0, sensitivity, 0.0)
+
     def _second_moment_factors(
         self, index: int, t: TrackedParameters, v_hat: torch.Tensor, group: dict[str, Any], bc1: float, bc2: float
     ) -> dict[str, torch.Tensor]:
         """Top singular pairs of a projected layer's ``vsens`` and ``batch_grad`` matrices (docs/optimizers.md)."""
-        root = v_hat.sqrt()
-        precond = 1.0 / (root + float(group["eps"]))
-        m_hat = self._moment(t, "exp_avg") / bc1
-        sensitivity = torch.where(root > 0, m_hat * precond**2 / (2.0 * root.clamp_min(1e-300) * bc2), 0.0)
+        _, sensitivity = self._preconditioner(t, v_hat, group, bc1, bc2)
         batch_grad = self._batch_grads[index]
         assert batch_grad is not None
         out = {}
-        names = (("vsens_out", "vsens_in"), ("bgrad_out", "bgrad_in"))  # logformat.SECOND_MOMENT_FACTORS
-        for (left_name, right_name), matrix in zip(names, (sensitivity, batch_grad.view_as(v_hat)), strict=True):
+        for (left_name, right_name), matrix in zip(
+            fmt.SECOND_MOMENT_FACTORS, (sensitivity, batch_grad.view_as(v_hat)), strict=True
+        ):
             left, right = low_rank_factors(matrix, self.second_moment_rank, seed=index)
             out[f"opt.{left_name}.{index}"], out[f"opt.{right_name}.{index}"] = left, right
         return out

@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
+from dvemb.curvature import ALL_CLASSES_UP_TO, cross_entropy_factor_rows, rows_per_example
+
 __all__ = ["CROSS_ENTROPY_TOLERANCE", "cross_entropy_weights", "find_logits", "output_factor_rows"]
 
 #: Largest relative misfit ``|g - c (p - e_y)| / |g|`` accepted as softmax cross-entropy, by logits dtype.
 CROSS_ENTROPY_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
 _HALF_TOLERANCE = 5e-2  # float16 / bfloat16 logits and gradients
-#: Classes up to which every class gets its own row (the exact GGN), as in :mod:`dvemb.curvature`.
-ALL_CLASSES_UP_TO = 32
 
 
 def find_logits(output: Any) -> torch.Tensor | None:
@@ -109,29 +109,14 @@ def output_factor_rows(
         generator: random generator for the samples (same device as ``logits``).
 
     Returns:
-        (R, *logits.shape) rows in the logits' dtype: for cross-entropy ``sqrt(c p_k) (p - e_k)`` for every
-        class k, or ``sqrt(c / n) (p - e_y)`` with ``y ~ p``; for mse ``sqrt(2/D) e_j`` or
+        (R, *logits.shape) rows in the logits' dtype: for cross-entropy
+        :func:`dvemb.curvature.cross_entropy_factor_rows`; for mse ``sqrt(2/D) e_j`` or
         ``sqrt(2 / (D n)) s`` with random signs ``s``.
     """
-    z = logits.detach()
-    work = torch.float64 if z.dtype == torch.float64 else torch.float32
-    classes = z.shape[-1]
-    if samples is None and (z.dim() != 2 or classes > ALL_CLASSES_UP_TO):
-        samples = 1
     if loss == "mse":
-        return _mse_rows(z, samples, generator).to(z.dtype)
+        return _mse_rows(logits.detach(), samples, generator).to(logits.dtype)
     assert weights is not None
-    probs = torch.softmax(z.to(work), dim=-1)  # (B, [L,] V)
-    root = weights.to(work).sqrt().unsqueeze(-1)  # (B, [L,] 1)
-    if samples is None:
-        eye = torch.eye(classes, dtype=work, device=z.device)
-        rows = (probs.sqrt().movedim(-1, 0).unsqueeze(-1)) * (probs.unsqueeze(0) - eye.view(classes, 1, classes))
-        return (rows * root.unsqueeze(0)).to(z.dtype)  # (C, B, C)
-    flat = probs.reshape(-1, classes)  # (B*L, V)
-    drawn = torch.multinomial(flat, samples, replacement=True, generator=generator)  # (B*L, n)
-    one_hot = torch.nn.functional.one_hot(drawn.T, classes).to(work)  # (n, B*L, V)
-    rows = (flat.unsqueeze(0) - one_hot).reshape(samples, *probs.shape) / math.sqrt(samples)
-    return (rows * root.unsqueeze(0)).to(z.dtype)
+    return cross_entropy_factor_rows(logits, weights, samples=rows_per_example(samples, logits), generator=generator)
 
 
 def _mse_rows(z: torch.Tensor, samples: int | None, generator: torch.Generator | None) -> torch.Tensor:

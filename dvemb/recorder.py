@@ -42,7 +42,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from dvemb import logformat as fmt
 from dvemb.calibration import FactorCovariance, calibrated_projection
-from dvemb.curvature import logit_factor_rows
+from dvemb.curvature import logit_factor_rows, rows_per_example
 from dvemb.errors import ConfigError, RecorderError
 from dvemb.formats import LayerEntry
 from dvemb.held_steps import HeldLayer, HeldStep
@@ -477,18 +477,8 @@ class Recorder:
         rows = output_factor_rows(
             logits, loss=self.curvature_loss, weights=weights, samples=self.curvature_samples, generator=generator
         )  # (R, *logits.shape)
-        self._mode = "curvature"  # the training hooks must not take these gradients for the loss's
-        try:
-            per_row = _batched_grads(logits_edge, [e for e in edges if e is not None], rows)
-        finally:
-            self._mode = "train"
-        per_layer: list[list[torch.Tensor]] = [[] for _ in self.adapters]
-        for grads in per_row:
-            for index, layer_rows in enumerate(self._rows_from_output_grads(slot_of, grads)):
-                per_layer[index].append(layer_rows)
-        for index, slot in enumerate(slot_of):
-            self._slots[index].curvature[slot] = torch.stack(per_layer[index], dim=1)  # (B, R, d)
-            self._slots[index].curvature_weighted[slot] = self.curvature_loss == "cross_entropy"
+        weighted = self.curvature_loss == "cross_entropy"
+        self._store_curvature(logits_edge, slot_of, [e for e in edges if e is not None], rows, weighted=weighted)
         self._curvature_sources.add("output")
 
     def _weigh_output_rows(self, examples: int, loss_scale: float | None) -> None:
@@ -762,9 +752,7 @@ class Recorder:
         if loss_fn is not None:
             yield torch.autograd.grad(loss_fn(outputs, targets).sum(), edges, allow_unused=True)
             return
-        samples = self.curvature_samples
-        if samples is None and (outputs.dim() != 2 or outputs.shape[-1] > 32):
-            samples = 1
+        samples = rows_per_example(self.curvature_samples, outputs)
         generator = torch.Generator(device=outputs.device).manual_seed(self.seed * 1_000_003 - 1 - number)
         for row in logit_factor_rows(outputs, samples=samples, position_reduction="mean", generator=generator):
             yield torch.autograd.grad(outputs, edges, grad_outputs=row, retain_graph=True, allow_unused=True)
@@ -860,44 +848,46 @@ class Recorder:
             raise RecorderError("rec.curvature() must be called inside rec.step()")
         _check_choice("position_reduction", position_reduction, ("mean", "sum"))
         slot_of, outputs = self._latest_outputs("rec.curvature()")
-        samples = self.curvature_samples
-        if samples is None and (logits.dim() != 2 or logits.shape[-1] > 32):
-            samples = 1
+        samples = rows_per_example(self.curvature_samples, logits)
         generator = torch.Generator(device=logits.device).manual_seed(self.seed * 1_000_003 + self._step)
-        per_layer: list[list[torch.Tensor]] = [[] for _ in self.adapters]
-        self._mode = "curvature"  # the training hooks must not take these gradients for the loss's
+        rows = torch.stack(
+            logit_factor_rows(logits, samples=samples, position_reduction=position_reduction, generator=generator)
+        )  # (R, *logits.shape)
         try:
-            self._curvature_rows(logits, samples, position_reduction, generator, slot_of, outputs, per_layer)
-        finally:
-            self._mode = "train"
-        for index, slot in enumerate(slot_of):
-            self._slots[index].curvature[slot] = torch.stack(per_layer[index], dim=1)  # (B, R, d)
+            self._store_curvature(get_gradient_edge(logits), slot_of, outputs, rows, weighted=False)
+        except RuntimeError as exc:
+            if "second time" in str(exc) or "freed" in str(exc):
+                raise RecorderError(
+                    "rec.curvature() needs the autograd graph: call it before loss.backward(), "
+                    "or use loss.backward(retain_graph=True)"
+                ) from exc
+            raise
         self._curvature_sources.add("manual")
 
-    def _curvature_rows(
+    def _store_curvature(
         self,
-        logits: torch.Tensor,
-        samples: int | None,
-        position_reduction: str,
-        generator: torch.Generator,
+        output: GradientEdge,
         slot_of: list[int],
-        outputs: list[GradientEdge],
-        per_layer: list[list[torch.Tensor]],
+        edges: Sequence[GradientEdge],
+        rows: torch.Tensor,
+        *,
+        weighted: bool,
     ) -> None:
-        for row in logit_factor_rows(
-            logits, samples=samples, position_reduction=position_reduction, generator=generator
-        ):
-            try:
-                grads = torch.autograd.grad(logits, outputs, grad_outputs=row, retain_graph=True, allow_unused=True)
-            except RuntimeError as exc:
-                if "second time" in str(exc) or "freed" in str(exc):
-                    raise RecorderError(
-                        "rec.curvature() needs the autograd graph: call it before loss.backward(), "
-                        "or use loss.backward(retain_graph=True)"
-                    ) from exc
-                raise
-            for index, rows in enumerate(self._rows_from_output_grads(slot_of, grads)):
-                per_layer[index].append(rows)
+        """Back-propagate R ``rows`` (R, *output.shape) from ``output`` to the layers' outputs and keep each
+        layer's (B, R, d) curvature rows in its slot; ``weighted``: the rows carry the loss's own weights
+        (rescaled per example when the step ends)."""
+        self._mode = "curvature"  # the training hooks must not take these gradients for the loss's
+        try:
+            per_row = _batched_grads(output, list(edges), rows)
+        finally:
+            self._mode = "train"
+        per_layer: list[list[torch.Tensor]] = [[] for _ in self.adapters]
+        for grads in per_row:
+            for index, layer_rows in enumerate(self._rows_from_output_grads(slot_of, grads)):
+                per_layer[index].append(layer_rows)
+        for index, slot in enumerate(slot_of):
+            self._slots[index].curvature[slot] = torch.stack(per_layer[index], dim=1)  # (B, R, d)
+            self._slots[index].curvature_weighted[slot] = weighted
 
     def _finish_step(self, ids: list[int] | list[str], lr: float | None, loss_scale: float | None) -> None:
         self._iteration += 1
