@@ -51,6 +51,7 @@ __all__ = [
     "ShardData",
     "check_index_file",
     "check_manifest_file",
+    "check_rank_manifest",
     "layers_from_manifest",
     "open_log",
 ]
@@ -182,6 +183,34 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_rank_manifest(first: dict[str, Any], manifest: dict[str, Any], rank: int, path: str | Path) -> None:
+    """Check that ``manifest`` (read from ``path``, the file of rank ``rank``) belongs to the run of rank 0's
+    manifest ``first``: it is that rank, of rank 0's world size, with rank 0's storage dtype, id type, loss
+    reduction and tracked layers (else the merged steps would mix two runs).
+
+    Raises:
+        LogFormatError: naming the first disagreement.
+    """
+    path = Path(path)
+    if manifest["rank"] != rank or manifest["world_size"] != first["world_size"]:
+        raise LogFormatError(
+            path,
+            f"holds rank {manifest['rank']} of world size {manifest['world_size']}, but {fmt.MANIFEST} records "
+            f"world size {first['world_size']} and this is rank {rank}'s file: it belongs to another run",
+        )
+    for key in ("dtype", "id_type", "loss_reduction"):
+        if manifest.get(key) != first.get(key):
+            raise LogFormatError(
+                path, f"{key} is {manifest.get(key)!r}, {first.get(key)!r} in {fmt.MANIFEST}: it belongs to another run"
+            )
+
+    def layers(m: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [(e.get("name"), e.get("k_out"), e.get("k_in")) for e in m["layers"]]
+
+    if layers(manifest) != layers(first):
+        raise LogFormatError(path, f"tracks other layers than {fmt.MANIFEST}: it belongs to another run")
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
@@ -260,6 +289,8 @@ class GradientLog:
         on_disk = [first] + [
             _load_manifest(self.directory / fmt.rank_manifest_name(r)) for r in range(1, self.world_size)
         ]
+        for rank, manifest in enumerate(on_disk[1:], 1):
+            check_rank_manifest(first, manifest, rank, self.directory / fmt.rank_manifest_name(rank))
         # Each rank's manifest with its shard list (version 3: read from its shard index), as version 2 had it.
         listed = [_with_shard_list(self.directory, rank, m) for rank, m in enumerate(on_disk)]
         self.rank_manifests = [manifest for manifest, _ in listed]

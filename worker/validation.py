@@ -28,7 +28,7 @@ from dvemb.formats import (
     manifest_names,
     rank_manifest_name,
 )
-from dvemb.reader import GradientLog, check_index_file, check_manifest_file
+from dvemb.reader import GradientLog, check_index_file, check_manifest_file, check_rank_manifest
 from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, hold, holder, lock_run, task_deadline
 from server.db.models import LogFile, Run
 from server.db.run_files import missing_files
@@ -190,11 +190,17 @@ def _wait_for_manifest(session: Session, upload: LogFile, staging: Any, mine: An
         sender().send_task(VALIDATE_FILE, args=[upload.id])
 
 
-def _staged_manifests(staging: Any) -> list[dict[str, Any]] | None:
+def _staged_world_size(staging: Any) -> int | None:
+    """The world size rank 0's staged manifest records (None until ``manifest.json`` is staged)."""
     main = staging / MANIFEST
-    if not main.exists():
+    return int(json.loads(main.read_text())["world_size"]) if main.exists() else None
+
+
+def _staged_manifests(staging: Any) -> list[dict[str, Any]] | None:
+    """Every rank's manifest, rank 0's first, once all of them are staged."""
+    world = _staged_world_size(staging)
+    if world is None:
         return None
-    world = int(json.loads(main.read_text())["world_size"])
     paths = [staging / name for name in manifest_names(world)]
     return [json.loads(p.read_text()) for p in paths] if all(p.exists() for p in paths) else None
 
@@ -216,6 +222,7 @@ def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> 
         expected = rank_manifest_name(int(manifest["rank"]))
         if upload.name != expected:
             raise DvembError(f"{upload.name} holds the manifest of rank {manifest['rank']}; upload it as {expected}")
+        _check_rank_fits(staging_dir(get_settings().storage, run.id), upload.name, manifest)
     storage = get_settings().storage
     staged = staging_dir(storage, run.id) / upload.name
     shutil.copyfile(part, staged)
@@ -231,6 +238,11 @@ def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> 
         run.manifest = {"ranks": _stored_manifests(manifests, listing)}
         typed = [Manifest.from_json(m) for m in listing or manifests]
         run.num_steps = min((m.shards[-1].last_step + 1 if m.shards else 0) for m in typed)
+    else:
+        # A distributed run whose other ranks' manifests are not in yet: the run's row records how many ranks
+        # rank 0's manifest announces, so that the run is not complete (nor analysed) without them.
+        world = _staged_world_size(staging_dir(storage, run.id))
+        run.manifest = None if world is None else {"ranks": [], "world_size": world}
     if listing is not None:
         # Files that arrived before the manifest wait for it: validate them now.
         waiting = session.scalars(
@@ -243,6 +255,26 @@ def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> 
         session.execute(
             update(LogFile).where(LogFile.id.in_(waiting)).values(error=None, lease_expires_at=task_deadline())
         )
+
+
+def _check_rank_fits(staging: Any, name: str, manifest: dict[str, Any]) -> None:
+    """A rank's manifest belongs with rank 0's (its world size, dtype, layers...: the reader's rule), checked as
+    soon as both are staged: a manifest once validated cannot be replaced."""
+    if name != MANIFEST:
+        main = staging / MANIFEST
+        if main.exists():
+            world = json.loads(main.read_text())["world_size"]
+            if int(manifest["rank"]) >= world:
+                raise DvembError(
+                    f"{name} is the manifest of rank {manifest['rank']}, but {MANIFEST} records a world size of "
+                    f"{world}: it belongs to another run"
+                )
+            check_rank_manifest(json.loads(main.read_text()), manifest, int(manifest["rank"]), name)
+        return
+    for rank in range(1, int(manifest["world_size"])):
+        other = staging / rank_manifest_name(rank)
+        if other.exists():
+            check_rank_manifest(manifest, json.loads(other.read_text()), rank, other.name)
 
 
 def _stored_manifests(staged: list[dict[str, Any]], listing: list[dict[str, Any]] | None) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dvemb.formats import MANIFEST, listed_files
+from dvemb.formats import listed_files, manifest_names
 from server.db.models import LogFile, Run
 from server.db.states import FileStatus
 
@@ -14,9 +14,11 @@ __all__ = ["missing_files"]
 
 
 def missing_files(session: Session, *, run: Run) -> list[str]:
-    """Listed files without a validated upload, in manifest order (``manifest.json`` until one is validated)."""
+    """Listed files without a validated upload, in manifest order: ``manifest.json`` until one is validated, then
+    every rank's manifest its ``world_size`` announces, until all of them are (then every file they list)."""
     ready = set(
         session.scalars(select(LogFile.name).where(LogFile.run_id == run.id, LogFile.status == FileStatus.READY))
     )
-    expected = listed_files((run.manifest or {}).get("ranks", [])) or [MANIFEST]
+    recorded = run.manifest or {}
+    expected = listed_files(recorded.get("ranks", [])) or manifest_names(int(recorded.get("world_size", 1)))
     return [name for name in expected if name not in ready]
