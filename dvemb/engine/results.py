@@ -50,6 +50,9 @@ class Results:
     ) -> list[dict[str, Any]]:
         """Top-k helpful or harmful occurrences for one query (index) or the whole set (``None``).
 
+        Helpful rows have a positive score and harmful rows a negative one (the service's rule too): the file keeps
+        the k largest and smallest scores whatever their sign, and those of the other sign are left out here.
+
         Returns:
             rows of ``{rank, score, row, step, epoch, example_id}``, best first.
         """
@@ -60,6 +63,7 @@ class Results:
             raise ConfigError(f"query {query} is out of range 0..{info['num_queries'] - 1}")
         table = load_file(str(self.directory / formats.topk_file(query_set)))
         mask = (table["query"] == (-1 if query is None else query)) & (table["kind"] == KINDS.index(kind))
+        mask &= table["score"] > 0 if kind == "helpful" else table["score"] < 0
         chosen = torch.nonzero(mask).squeeze(1)[:k]
         return [
             {

@@ -99,13 +99,14 @@ def _facts(first: Row[Any], token: str | None, job_id: int, query_set: str) -> J
 
 
 @lru_cache(maxsize=64)
-def _top_statement(filters: tuple[str, ...], step_min: bool, step_max: bool) -> Select[Any]:
-    """The top-k statement for one combination of filters (built and compiled once per process)."""
+def _top_statement(filters: tuple[str, ...], step_min: bool, step_max: bool, kind: str) -> Select[Any]:
+    """The top-k statement for one combination of filters and kind (built and compiled once per process)."""
     on = [
         TopKRow.job_id == Job.id,
         TopKRow.query_set == bindparam("query_set"),
         TopKRow.query == bindparam("query"),
-        TopKRow.kind == bindparam("kind"),
+        TopKRow.kind == kind,
+        results.of_its_kind(TopKRow.score, kind),  # helpful rows positive, harmful rows negative
     ]
     on += [getattr(TopKRow, name) == bindparam(name) for name in filters]
     if step_min:
@@ -142,11 +143,10 @@ def top_rows(
     """(the job's facts, the page of top-k rows as dicts, the count of rows matching) in one statement."""
     filters = {"phase": phase, "epoch": epoch, "label": label, "source": source}
     given = {name: value for name, value in filters.items() if value is not None}
-    statement = _top_statement(tuple(sorted(given)), step_min is not None, step_max is not None)
+    statement = _top_statement(tuple(sorted(given)), step_min is not None, step_max is not None, kind)
     params = {
         **_caller(token, job_id, query_set),
         "query": -1 if query is None else query,
-        "kind": kind,
         "offset": offset,
         "limit": limit,
         "step_min": step_min,

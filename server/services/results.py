@@ -55,6 +55,15 @@ def check_query(job: Job, query_set: str, query: int | None) -> None:
         raise BadRequest(f"query {query} is out of range: the query set has queries 0–{queries - 1}")
 
 
+def of_its_kind(score: Any, kind: str) -> Any:
+    """The rule of every list of helpful or harmful occurrences (``/top``, a window's ``/top`` and their exports):
+    a helpful row has a positive score and a harmful row a negative one. The engine keeps the ``top_k`` largest and
+    smallest scores, whatever their sign: when a window holds fewer than ``top_k`` occurrences of a sign, the
+    others (a positive score among the "harmful") are left out here, so no occurrence is in both lists and an empty
+    list means that none helped (or hurt). ``score`` is a SQL column."""
+    return score > 0 if kind == "helpful" else score < 0
+
+
 def curve_bucket(steps: Any, points: Any, *, binned: bool) -> Any:
     """The bin of each curve point, ``step * points // steps`` (ints or SQL expressions), or the step itself
     when the curve is not binned. Floor division: SQLAlchemy 2's '/' is true division, which would put every

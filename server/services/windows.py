@@ -16,7 +16,7 @@ from server.db.models import Job
 from server.db.states import QueryStatus
 from server.db.window_models import ANY_EPOCH, TopKWindow, WindowTopKRow
 from server.errors import BadRequest, Conflict, NotFound
-from server.services.results import check_query, check_query_set, summary_of
+from server.services.results import check_query, check_query_set, of_its_kind, summary_of
 from server.tasks import WINDOW_TOPK, enqueue_after_commit
 
 __all__ = ["ask_window", "chosen", "chosen_overall", "get_window", "list_windows", "public", "window_rows"]
@@ -147,7 +147,8 @@ def _forget_oldest_ranges(session: Session, job: Job) -> None:
 def window_rows(
     session: Session, *, job: Job, window: TopKWindow, query: int | None, kind: str, offset: int, limit: int
 ) -> tuple[list[dict[str, Any]], int]:
-    """A page of the window's rows for a query (None: the set mean) and kind, best first, with each row's phase."""
+    """A page of the window's rows for a query (None: the set mean) and kind, best first, with each row's phase;
+    only the rows of the kind's sign (:func:`server.services.results.of_its_kind`)."""
     if window.status == QueryStatus.QUEUED:
         raise Conflict(f"window {window.id} is still being computed; ask again in a moment")
     if window.status == QueryStatus.FAILED:
@@ -157,6 +158,7 @@ def window_rows(
         WindowTopKRow.window_id == window.id,
         WindowTopKRow.query == (-1 if query is None else query),
         WindowTopKRow.kind == kind,
+        of_its_kind(WindowTopKRow.score, kind),  # helpful rows positive, harmful rows negative
     )
     count = session.scalar(select(func.count()).select_from(WindowTopKRow).where(*where)) or 0
     rows = session.scalars(select(WindowTopKRow).where(*where).order_by(WindowTopKRow.rank).offset(offset).limit(limit))

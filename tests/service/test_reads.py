@@ -40,6 +40,7 @@ def _top_reference(job_id: int, params: dict[str, Any]) -> tuple[list[dict[str, 
             for r in _stored(job_id, TopKRow)
             if (r.query_set, r.query, r.kind) == ("val", query, params.get("kind", "helpful"))
             and step_min <= r.step <= step_max
+            and (r.score > 0 if r.kind == "helpful" else r.score < 0)  # a kind's rows have its sign
             and all(getattr(r, f) == params[f] for f in ("phase", "epoch", "label", "source") if f in params)
         ),
         key=lambda r: r.rank,

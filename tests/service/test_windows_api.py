@@ -53,13 +53,15 @@ def finished_job(api: Api, token: str, tmp_path: Path, top_k: int = 12) -> tuple
 def naive(
     directory: Path, step_min: int, step_max: int, epoch: int | None, query: int | None, kind: str
 ) -> list[tuple[str, int, float]]:
-    """(example id, step, score) of the window's occurrences sorted whole (score, then row)."""
+    """(example id, step, score) of the window's occurrences of the kind's sign (helpful: positive, harmful:
+    negative) sorted whole (score, then row)."""
     occurrences = load_file(str(directory / "occurrences.safetensors"))
     ids = [str(i) for i in decode_ids(load_file(str(directory / "examples.safetensors")))]
     scores = np.load(directory / "scores-val.npy").astype(np.float64)
     column = scores.mean(1) if query is None else scores[:, query]
     steps, epochs = occurrences["row_step"], occurrences["epoch"]
     inside = (steps >= step_min) & (steps <= step_max) & ((epochs == epoch) if epoch is not None else True)
+    inside &= column > 0 if kind == "helpful" else column < 0
     rows = np.flatnonzero(inside)
     order = rows[np.lexsort((rows, (-1 if kind == "helpful" else 1) * column[rows]))]
     return [(ids[int(occurrences["example_index"][r])], int(steps[r]), float(column[r])) for r in order]
