@@ -9,9 +9,10 @@ export function describe(meta, row) {
     return html`<canvas class="thumb" data-id="${row.example_id}" width="${width}" height="${height}"
       style="width:${width * 3}px" role="img" aria-label="image of example ${row.example_id}"></canvas>`;
   }
+  // The cell cuts it with an ellipsis where its column ends; the whole text is in the tooltip and on its page.
   const text = meta.text || "";
-  const start = text.length > 48 ? `${text.slice(0, 48)}…` : text;
-  return html`<code title="${text}">${start}</code> <span class="muted">${meta.source}</span>`;
+  const start = text.length > 240 ? `${text.slice(0, 240)}…` : text;
+  return html`<code title="${text}">${start}</code> <span class="muted">${meta.source ?? ""}</span>`;
 }
 
 /** Draws an image ({shape: [h, w] or [h, w, channels], base64}) of 8-bit pixels on a canvas. */

@@ -40,7 +40,7 @@ const page = ({ exampleId, querySet, ex, meta, scores, job, run, queryIds }) => 
   <section>
     <h2>What it is</h2>
     ${thumb(meta.image)}
-    <p>${meta.text}</p>
+    ${meta.text ? html`<pre class="example-text">${meta.text}</pre>` : ""}
     <p>label: <b>${meta.label ?? ex.label}</b> · source: ${meta.source ?? ex.source}</p>
     <p>total influence on <b>${querySet}</b> over ${ex.occurrences} occurrence(s): ${fmtScore(ex.total)}
       <span class="muted">(${scores.propagation})</span>${approximationMarker(scores.approximations)}</p>

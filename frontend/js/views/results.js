@@ -43,6 +43,7 @@ const topSection = () => html`<section>
     <label>Steps <input id="step-min" type="number" min="0" size="6" placeholder="from" /> –
       <input id="step-max" type="number" min="0" size="6" placeholder="to" /></label>
     <button id="prev">◀ previous</button><button id="next">next ▶</button>
+    <span id="top-page" class="muted" role="status"></span>
   </div>
   <p id="top-chosen" class="muted" role="status"></p>
   <div class="cols">
@@ -99,6 +100,7 @@ function bindControls(summary, refresh) {
     refresh.top();
   });
   byId("next").addEventListener("click", () => {
+    if (state.page >= Number(byId("next").dataset.last ?? Infinity)) return; // the last page: nothing after it
     state.page += 1;
     refresh.top();
   });
