@@ -88,6 +88,7 @@ def _compute(args: argparse.Namespace) -> int:
         propagation=args.propagation,
         second_moment=not args.no_second_moment,
         projected_preconditioner=args.projected_preconditioner,
+        removal=args.removal,
         segments=args.segments,
         embeddings_dtype=args.embeddings_dtype,
     )
@@ -154,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["kronecker", "scalar"],
         default="kronecker",
         help="how Adam's preconditioner acts in projected coordinates",
+    )
+    comp.add_argument(
+        "--removal",
+        choices=["auto", "batch", "weight"],
+        default="auto",
+        help="what removing an example means: batch (it leaves its batch, whose mean is over the others; the "
+        "default for a mean-reduced loss) or weight (its weight in the step's loss becomes 0; a summed loss)",
     )
     comp.add_argument(
         "--segments",

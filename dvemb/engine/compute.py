@@ -30,6 +30,7 @@ from dvemb.engine.arrays import open_array, save_safetensors
 from dvemb.engine.embedder import AUTO_FULL_MAX_DIM, Embedder, resolve_blocks
 from dvemb.engine.phases import find_phases
 from dvemb.engine.query_sets import checkpoint_series, final_query_sets
+from dvemb.engine.removal import REMOVALS, centre_steps, resolve_removal
 from dvemb.engine.scoring import RunningTopK
 from dvemb.errors import ConfigError
 from dvemb.optim import PROPAGATIONS
@@ -86,6 +87,13 @@ class ComputeArguments:
             gradient at the step it was used, a stand-in for its influence on its own loss (the log
             holds no final-model gradients of training examples). Large values flag examples the
             model had to bend to fit (memorised, mislabelled).
+        removal: what removing an occurrence from its step means. ``"auto"`` (default): ``"batch"`` for a
+            log whose loss is the batch mean (``loss_reduction="mean"``), ``"weight"`` for a summed loss.
+            ``"batch"``: the example leaves its batch and the step averages over the others, a gradient
+            change of ``-(g_z - g_B) / (B - 1)`` (``g_B`` the batch mean), which is what dropping it from
+            the data does; ``"weight"``: its weight in the step's loss becomes 0 and the others keep
+            theirs, ``-g_z / B`` (the paper's sum-loss definition). Both are exact post hoc from the same
+            embeddings (they are linear in the gradient); docs/engine.md and BENCHMARKS.md.
     """
 
     curvature: str | None = None
@@ -102,6 +110,7 @@ class ComputeArguments:
     projected_preconditioner: str = "kronecker"
     segments: int = 1
     embeddings_dtype: str = "auto"
+    removal: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -112,6 +121,7 @@ class ComputeArguments:
             ("propagation", self.propagation, ("auto", "optimizer", "sgd-proxy")),
             ("projected_preconditioner", self.projected_preconditioner, ("kronecker", "scalar")),
             ("embeddings_dtype", self.embeddings_dtype, ("auto", "float32", "float16")),
+            ("removal", self.removal, REMOVALS),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -187,6 +197,7 @@ class _Run:
         self.propagation = _propagation(log, args)
         self.fingerprint = _fingerprint(log, args)
         self.embedder = make_embedder(log, args, self.mode, self.propagation)
+        self.removal = resolve_removal(args.removal, log)
         self.blocks, self.total_dim = self.embedder.blocks, self.embedder.total_dim
         self.num_steps = log.num_steps
         self._index()
@@ -411,8 +422,16 @@ class _Run:
         self.step_lr[shard.steps], self.step_batch[shard.steps] = shard.lr[:, 0], shard.batch_size.double()
         self.step_loss[shard.steps] = shard.loss
         for s0, s1, r0, r1 in self.embedder.chunks(shard):
-            embedding = self.embedder.embed(shard, s0, s1, r0, r1)[0]  # (n, D)
+            embedding = self.embedder.embed(shard, s0, s1, r0, r1)[0]  # (n, D), "weight" removal
             rows = slice(row_offset + r0, row_offset + r1)
+            for scorer in self.scorers.values():
+                scores = (embedding @ scorer.matrix.T).double().cpu()  # (n, Q): positive = the example helped
+                self._score_rows(
+                    scorer, scores, torch.arange(rows.start, rows.stop), shard.row_step[r0:r1], shard.steps[s0:s1]
+                )
+            if self.removal == "batch":
+                position = (shard.row_step[r0:r1] - shard.steps[s0]).to(embedding.device)
+                embedding = centre_steps(embedding, position, s1 - s0)
             if self.embeddings is not None:
                 half = self.embeddings.dtype == np.float16  # torch casts to float16 5x faster than numpy
                 self.embeddings[rows] = (embedding.half() if half else embedding).cpu().numpy()
@@ -420,30 +439,31 @@ class _Run:
                 own = torch.cat([shard.grads[layer.name][r0:r1] for layer in self.log.layers], 1)  # (n, D)
                 own = own.to(self.device, self.dtype)
                 self.self_influence[rows] = (embedding * own).sum(1).cpu().numpy()
-            for scorer in self.scorers.values():
-                scores = (embedding @ scorer.matrix.T).double().cpu()  # (n, Q): positive = the example helped
-                self._score_rows(
-                    scorer, scores, torch.arange(rows.start, rows.stop), shard.row_step[r0:r1], shard.steps[s0:s1]
-                )
 
     def _score_rows(
         self, s: _QueryScores, scores: torch.Tensor, rows: torch.Tensor, row_steps: torch.Tensor, steps: torch.Tensor
     ) -> None:
-        """Fold the (n, Q) float64 scores of rows ``rows`` (whole steps ``steps``) into the aggregates."""
-        set_scores = scores.mean(1, keepdim=True)  # (n, 1)
+        """Fold the (n, Q) float64 scores of rows ``rows`` (whole steps ``steps``) into the aggregates.
+
+        ``scores`` are those of the ``"weight"`` removal: the per-step curves (each step's data as a whole) come
+        from them; the occurrences' scores, tops and totals follow ``self.removal`` (:mod:`dvemb.engine.removal`).
+        """
         assert s.scores is not None
         assert s.curves is not None
+        position = row_steps - steps[0]  # (n,) step within the chunk
+        count = torch.bincount(position, minlength=len(steps)).double().clamp_min(1).unsqueeze(1)
+        per_query = torch.zeros(len(steps), scores.shape[1], dtype=torch.float64).index_add_(0, position, scores)
+        s.curves[int(steps[0]) : int(steps[-1]) + 1] = (per_query / count).numpy()
+        s.step_mean[steps] = (per_query.mean(1, keepdim=True) / count).squeeze(1)
+        if self.removal == "batch":
+            scores = centre_steps(scores, position, len(steps))
+        set_scores = scores.mean(1, keepdim=True)  # (n, 1)
         s.scores[int(rows[0]) : int(rows[-1]) + 1] = scores.numpy()
         s.helpful.update(scores, rows)
         s.harmful.update(scores, rows)
         s.set_helpful.update(set_scores, rows)
         s.set_harmful.update(set_scores, rows)
         s.pending.append((self.example_index[rows].numpy(), scores.numpy()))
-        position = row_steps - steps[0]  # (n,) step within the chunk
-        count = torch.bincount(position, minlength=len(steps)).double().clamp_min(1).unsqueeze(1)
-        per_query = torch.zeros(len(steps), scores.shape[1], dtype=torch.float64).index_add_(0, position, scores)
-        s.curves[int(steps[0]) : int(steps[-1]) + 1] = (per_query / count).numpy()
-        s.step_mean[steps] = (per_query.mean(1, keepdim=True) / count).squeeze(1)
         s.step_abs[steps] = torch.zeros(len(steps), dtype=torch.float64).index_add_(0, position, set_scores.abs()[:, 0])
 
     # -- results ----------------------------------------------------------------------------------
@@ -528,6 +548,7 @@ class _Run:
             "layers": [{"name": layer.name, "dim": layer.dim} for layer in self.log.layers],
             "curvature": self.mode,
             "blocks": self.blocks,
+            "removal": self.removal,
             "arguments": asdict(self.args),
             "device": str(self.device),
             "optimizer": optimizer.get("type"),

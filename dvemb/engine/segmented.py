@@ -49,6 +49,7 @@ from dvemb.engine.compute import (
 )
 from dvemb.engine.propagators import QueryState, SegmentPropagator, propagator_from_state
 from dvemb.engine.query_sets import checkpoint_series
+from dvemb.engine.removal import centre_steps
 from dvemb.errors import ConfigError
 from dvemb.formats.results_files import dynamics_file
 from dvemb.reader import GradientLog, open_log
@@ -291,6 +292,8 @@ class _CombinedRun(_Run):
                 self._score_rows(scorer, states[name].score(chunk), rows, row_steps, steps)
             if rebuild is not None and self.embeddings is not None:
                 full = rebuild.rebuild(chunk)
+                if self.removal == "batch":
+                    full = centre_steps(full, row_steps - steps[0], len(steps))
                 if self.embeddings.dtype == np.float16:  # torch casts to float16 much faster than numpy
                     full = full.half()
                 self.embeddings[start:end] = full.numpy()

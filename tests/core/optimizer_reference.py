@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from reference import batch_removed
 
 import dvemb
 from dvemb import logformat as fmt
@@ -60,6 +61,8 @@ def removal_effects(
     for s, first in enumerate(steps):
         rows = []
         grads_s = torch.cat([first["grads"][n] for n in names], 1)  # type: ignore[index]
+        if mean:  # the engine's default removal: the example leaves its batch, whose mean is over the others
+            grads_s = batch_removed(grads_s)
         for g in grads_s:
             ggn = log.curvature_mode == "ggn"
             rows.append(_push(steps, s, g, names, index, kind, nesterov, mean, ggn, second_moment, preconditioner))

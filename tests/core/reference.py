@@ -71,3 +71,13 @@ def per_example_ggn(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tens
         H = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)  # (L, V, V)
         blocks.append(torch.einsum("lvd,lvw,lwe->de", J, H, J) / positions)
     return torch.stack(blocks)
+
+
+def batch_removed(grads: torch.Tensor) -> torch.Tensor:
+    """(B, d) per-example gradients of one step -> (B, d) gradient changes, in units of ``-1/B``, when each
+    example leaves its mean-reduced batch: ``B/(B-1) (g_z - mean g)`` (a batch of one: ``g_z``), so that
+    ``-(rate = 1/B) * row`` is ``-(g_z - g_B)/(B - 1)``, what the engine's ``removal="batch"`` models."""
+    count = grads.shape[0]
+    if count == 1:
+        return grads
+    return count / (count - 1) * (grads - grads.mean(0, keepdim=True))

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from core_models import mlp
+from reference import batch_removed
 from safetensors.torch import load_file
 
 import dvemb
@@ -106,8 +107,15 @@ def _explicit(a: dict[str, torch.Tensor], mode: str, blocks: str, reduction: str
                 rate, decay = _rate(a, k, layer, reduction)
                 product = product @ (decay * eye - rate * hessians[k])
             rows = a["row_step"] == t
-            out[rows, lo:hi] = _rate(a, t, layer, reduction)[0] * a["grads"][rows, lo:hi] @ product.T
+            out[rows, lo:hi] = (
+                _rate(a, t, layer, reduction)[0] * _removed(a["grads"][rows, lo:hi], reduction) @ product.T
+            )
     return out
+
+
+def _removed(grads: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A step's (B, d) rows as the gradient changes the engine's default removal gives them."""
+    return batch_removed(grads) if reduction == "mean" else grads
 
 
 def _naive(a: dict[str, torch.Tensor], mode: str, blocks: str, reduction: str) -> torch.Tensor:
@@ -121,7 +129,10 @@ def _naive(a: dict[str, torch.Tensor], mode: str, blocks: str, reduction: str) -
             else [a["curv"][a["row_step"] == t][:, :, lo:hi].flatten(0, 1) for t in range(steps)]
         )
         rates = [_rate(a, t, layer, reduction) for t in range(steps)]
-        embeddings = reference_embeddings(g, c, [r for r, _ in rates], [d for _, d in rates])
+        removed = [_removed(rows, reduction) for rows in g]
+        embeddings = reference_embeddings(
+            removed, c if c is not None else g, [r for r, _ in rates], [d for _, d in rates]
+        )
         for t in range(steps):
             out[a["row_step"] == t, lo:hi] = embeddings[t]
     return out
@@ -256,11 +267,37 @@ def test_scores_topk_totals_and_curves_agree(tmp_path: Path) -> None:
     rows = [i for i, e in enumerate(occ["example_index"].tolist()) if e == 3]
     assert np.allclose(totals[3], scores[rows].sum(0).numpy())
     assert len(rows) == 2 and example in examples
+    # The curves are those of each step's data as a whole: the mean of the "weight" removal's scores (the
+    # default "batch" removal's step means are 0 by construction).
+    compute(tmp_path / "log", tmp_path / "weight", ComputeArguments(accumulate_dtype="float64", removal="weight"))
+    weight_scores = torch.from_numpy(np.load(tmp_path / "weight" / "scores-val.npy"))
     curve = load_file(str(out / "curve-val.safetensors"))
-    step_mean = torch.stack([scores[occ["row_step"] == t].mean() for t in range(8)])
-    assert torch.allclose(curve["mean"], step_mean)
+    step_mean = torch.stack([weight_scores[occ["row_step"] == t].mean() for t in range(8)])
+    assert torch.allclose(curve["mean"], step_mean) and bool(step_mean.abs().max() > 0)
     assert torch.allclose(curve["mean_per_lr"], step_mean / curve["lr"])
     assert summary["query_sets"]["other"]["num_queries"] == 2 and summary["sgd_proxy"] is False
+    assert summary["removal"] == "batch"  # a mean-reduced log
+
+
+def test_batch_removal_is_the_weight_removal_centred_per_step(tmp_path: Path) -> None:
+    """removal='batch' (the default for a mean-reduced loss) equals, per step, B/(B-1) (s_z - mean s) of the
+    removal='weight' scores and embeddings, computed naively; a summed loss keeps the weight removal."""
+    _record(tmp_path / "log")
+    weight, batch = tmp_path / "weight", tmp_path / "batch"
+    compute(tmp_path / "log", weight, ComputeArguments(accumulate_dtype="float64", removal="weight", block_rows=5))
+    compute(tmp_path / "log", batch, ComputeArguments(accumulate_dtype="float64", removal="batch", block_rows=5))
+    steps = load_file(str(weight / "occurrences.safetensors"))["row_step"]
+    for name in ("scores-val.npy", "embeddings.npy"):
+        expected = torch.from_numpy(np.load(weight / name)).clone()
+        for t in steps.unique():
+            rows = steps == t
+            expected[rows] = batch_removed(expected[rows])
+        got = torch.from_numpy(np.load(batch / name))
+        assert _relative_error(got.numpy(), expected) < 1e-12, name
+    totals = np.load(batch / "totals-val.npy")
+    assert not np.allclose(totals, np.load(weight / "totals-val.npy"))
+    _record(tmp_path / "sum", reduction="sum")
+    assert compute(tmp_path / "sum", tmp_path / "sum-out", ComputeArguments())["removal"] == "weight"
 
 
 def test_phases_are_found_from_the_data() -> None:
