@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     max_file_bytes: int = 64 << 30
     max_run_bytes: int = 1 << 40
     max_files_per_run: int = 100_000
-    max_pending_files: int = 2_000  # files of one project waiting for the validator at once
+    max_pending_files: int = 500  # files of one project waiting for the validator (or their manifest) at once
     max_request_bytes: int = 32 << 20  # any request body but an upload's data (JSON is parsed whole)
     task_visibility_timeout: int = 3600  # seconds before an unacknowledged task of a lost worker is redelivered
     task_restore_interval: int = 10  # seconds between the Redis broker's sweeps for such tasks

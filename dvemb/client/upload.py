@@ -15,7 +15,7 @@ from tusclient.exceptions import TusCommunicationError
 from tusclient.storage.filestorage import FileStorage
 
 from dvemb.errors import DvembError
-from dvemb.formats import MANIFEST, is_log_file_name, is_manifest_name
+from dvemb.formats import MANIFEST, is_index_name, is_log_file_name, is_manifest_name
 
 CHUNK = 8 << 20
 _QUOTA_WAIT_S = 10  # the server's Retry-After for the project's quota of files waiting for validation
@@ -74,8 +74,10 @@ def _detail(content: bytes | None) -> str:
 
 def _files(log_dir: Path) -> list[Path]:
     files = sorted(p for p in log_dir.iterdir() if p.is_file() and is_log_file_name(p.name))
-    # Data files first, manifests last: the run is complete only when the manifest arrives.
-    return sorted(files, key=lambda p: is_manifest_name(p.name))
+    # Manifests and shard indexes first: each data file is then validated as it arrives. Sent before them, data
+    # files wait for them and count toward the project's quota of files waiting for the validator (a log of more
+    # files than the quota would never get through); the run is complete only once every listed file is in.
+    return sorted(files, key=lambda p: not (is_manifest_name(p.name) or is_index_name(p.name)))
 
 
 def _run_id(api: _Api, name: str) -> int:

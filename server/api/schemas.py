@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 
 class RunCreate(BaseModel):
@@ -78,6 +78,17 @@ _APPROXIMATIONS = (
 )
 
 
+def job_stage(status: str, progress: float, current_step: int | None) -> str:
+    """What a job is doing, in the words the dashboard shows (see :class:`JobPublic`'s ``stage``)."""
+    if status != "running":
+        return status
+    if progress >= 1.0:
+        return "storing results"  # the engine has reported its last step: the worker writes the rows
+    if progress <= 0.0 and current_step is None:
+        return "reading the log"
+    return "computing"
+
+
 class JobPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -96,6 +107,23 @@ class JobPublic(BaseModel):
         default=None, description="how the scores follow the optimizer (exact SGD, Adam, SGD proxy...); set when done"
     )
     approximations: list[ApproximationPublic] | None = Field(default=None, description=_APPROXIMATIONS)
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="what a job is doing: its status, or while running 'reading the log' (no progress reported "
+        "yet), 'computing' (progress, current_step and eta_seconds count its work) or 'storing results' (computed, "
+        "its rows being written)"
+    )
+    @property
+    def stage(self) -> str:
+        return job_stage(self.status, self.progress, self.current_step)
+
+    @model_validator(mode="after")
+    def _eta_while_computing(self) -> JobPublic:
+        """An estimate of the time left only while the job computes: none once it is storing its results,
+        cancelled, failed or done (the worker's last estimate stays in the row)."""
+        if self.stage != "computing":
+            self.eta_seconds = None
+        return self
 
 
 class TopRow(BaseModel):

@@ -61,7 +61,14 @@ def cancel_job(session: Session, *, job: Job) -> Job:
 def retry_job(session: Session, *, job: Job) -> Job:
     """Queue a failed or cancelled job again."""
     retryable = (JobStatus.FAILED, JobStatus.CANCELLED)
-    again = {"error": None, "progress": 0.0, "attempts": 0, "lease_expires_at": task_deadline()}
+    again = {
+        "error": None,
+        "progress": 0.0,
+        "current_step": None,  # the last attempt's step and estimate are not this one's ("reading the log")
+        "eta_seconds": None,
+        "attempts": 0,
+        "lease_expires_at": task_deadline(),
+    }
     if not transition(session, job, JobStatus.QUEUED, only_from=retryable, **again):
         raise Conflict(f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried")
     enqueue_after_commit(session, COMPUTE, job.id)

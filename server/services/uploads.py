@@ -11,10 +11,10 @@ import base64
 import binascii
 import secrets
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from dvemb.formats import MAX_MANIFEST_BYTES, is_manifest_name
+from dvemb.formats import MAX_MANIFEST_BYTES, is_index_name, is_manifest_name
 from server.db.leases import lock_run, task_deadline
 from server.db.models import LogFile, Run
 from server.db.states import FileStatus, RunStatus, transition
@@ -57,7 +57,7 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
         raise Conflict(
             f"run {run.name!r} is complete (every file its manifest lists is validated); upload to a new run"
         )
-    _check_quotas(session, run=run, settings=settings)
+    _check_quotas(session, run=run, settings=settings, releases=is_manifest_name(name) or is_index_name(name))
     if length < 0:
         raise BadRequest("Upload-Length must be a non-negative integer")
     if is_manifest_name(name) and length > MAX_MANIFEST_BYTES:
@@ -101,37 +101,50 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
     return upload
 
 
-def _check_quotas(session: Session, *, run: Run, settings: Settings) -> None:
+def _check_quotas(session: Session, *, run: Run, settings: Settings, releases: bool) -> None:
     """Per-run and per-project ceilings, so that one project's flood of files cannot starve the others: files
-    in a run, and files of the project waiting for the validator."""
+    in a run, and files of the project waiting for the validator, those waiting for their run's manifest or shard
+    index included (a manifest's arrival hands every one of them to the validator at once). A manifest or shard
+    index (``releases``) never waits for another file: the files waiting for one do not keep it out."""
     files = session.scalar(select(func.count()).where(LogFile.run_id == run.id)) or 0
     if files >= settings.max_files_per_run:
         raise PayloadTooLarge(
             f"run {run.name!r} holds {files} files; the limit is {settings.max_files_per_run} "
             "(DVEMB_MAX_FILES_PER_RUN): record with larger shards (shard_size_mb)"
         )
-    waiting = (
-        session.scalar(
-            select(func.count())
-            .select_from(LogFile)
-            .join(Run, Run.id == LogFile.run_id)
-            .where(
-                Run.project_id == run.project_id,
-                # queued for the validator or in it; not the files judged to wait for their manifest
-                or_(
-                    LogFile.status == FileStatus.VALIDATING,
-                    (LogFile.status == FileStatus.RECEIVED) & LogFile.error.is_(None),
-                ),
-            )
-        )
-        or 0
-    )
-    if waiting >= settings.max_pending_files:
+    waiting = session.execute(
+        select(func.count(), func.count(LogFile.error))  # a received file with a note waits for its manifest
+        .select_from(LogFile)
+        .join(Run, Run.id == LogFile.run_id)
+        .where(Run.project_id == run.project_id, LogFile.status.in_((FileStatus.RECEIVED, FileStatus.VALIDATING)))
+    ).one()
+    pending, for_manifest = int(waiting[0]), int(waiting[1])
+    if releases:
+        pending -= for_manifest
+    if pending >= settings.max_pending_files:
         raise TooManyRequests(
-            f"{waiting} files of this project are waiting for validation; the limit is {settings.max_pending_files} "
-            "(DVEMB_MAX_PENDING_FILES): retry once some verdicts are in",
+            f"{pending} files of this project are waiting for validation ({for_manifest} of them for their run's "
+            f"manifest or shard index); the limit is {settings.max_pending_files} (DVEMB_MAX_PENDING_FILES): "
+            "upload each run's manifests and shard indexes (manifest*.json, shards*.jsonl) before its other files, "
+            "so that each file is validated as it arrives (dvemb upload and the dashboard do), and delete the files "
+            "that wait for a manifest that will not come (DELETE /uploads/{id}); then retry once some verdicts are in",
             headers={"Retry-After": "10"},
         )
+
+
+def delete_waiting(session: Session, *, upload: LogFile, settings: Settings) -> None:
+    """Delete a received file that waits for its run's manifest or shard index (it counts toward the project's
+    quota of pending files, and the manifest may never come). A compare-and-set under the run's lock: a file that
+    a manifest has just handed to the validator is not deleted (409)."""
+    lock_run(session, upload.run_id)
+    gone = session.execute(
+        delete(LogFile)
+        .where(LogFile.id == upload.id, LogFile.status == FileStatus.RECEIVED, LogFile.error.is_not(None))
+        .execution_options(synchronize_session=False)
+    )
+    if gone.rowcount != 1:  # type: ignore[attr-defined]
+        raise Conflict(f"{upload.name} is being validated; wait for the verdict")
+    part_path(settings.storage, upload.run_id, upload.upload_id).unlink(missing_ok=True)
 
 
 def get_upload(session: Session, *, project_id: int, upload_id: str) -> tuple[LogFile, Run]:

@@ -155,15 +155,25 @@ def test_the_client_waits_out_the_projects_quota(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The 429 path: with DVEMB_MAX_PENDING_FILES (40 in the tests) files of the project waiting for a stopped
-    validator, the client waits and asks again, and completes once the validator is back."""
+    validator, the client waits and asks again, and completes once the validator is back. The flood's run has
+    its manifest and shard index, so that its files get their verdicts (files waiting for a manifest stay counted,
+    issue 21.4)."""
     from dvemb.client import upload as client_upload
 
     monkeypatch.setattr(client_upload, "_QUOTA_WAIT_S", 1)  # the server says 10 s; the test has no time for that
     log = record_log(tmp_path / "log")
+    flood = api.post("/runs", json={"name": "flood"}).json()["id"]
+    for name in ("manifest.json", "shards.jsonl"):
+        data = (log / name).read_bytes()
+        meta = "filename " + base64.b64encode(name.encode()).decode()
+        created = api.post(
+            f"/runs/{flood}/uploads", headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": meta}
+        )
+        headers = {**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+        assert api.patch(created.headers["Location"], content=data, headers=headers).status_code == 204
     worker.kill()
     restart = threading.Timer(4, worker.start)
     try:
-        flood = api.post("/runs", json={"name": "flood"}).json()["id"]
         for i in range(40):
             meta = "filename " + base64.b64encode(f"examples-{i:06d}.jsonl".encode()).decode()
             created = api.post(f"/runs/{flood}/uploads", headers={**TUS, "Upload-Length": "0", "Upload-Metadata": meta})

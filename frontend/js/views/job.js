@@ -55,14 +55,33 @@ const jobColumns = (runId, shownId) => [
   { head: "", cell: (j) => actions(j, runId, shownId) },
 ];
 
+const STAGE_TEXT = {
+  "reading the log": "reading the log",
+  "storing results": "computed · storing results (the tables appear when they are stored)",
+  queued: "queued: waiting for a worker",
+  succeeded: "done",
+};
+
+/** Where the job stands, in words: the share, step and estimate only while it computes (the API's stage: an ETA
+ * only then); "storing results" once computed; nothing that suggests work goes on once it stopped. */
+export function progressText(job) {
+  const pct = Math.round(100 * job.progress);
+  const stage = job.stage ?? job.status;
+  if (stage === "computing") {
+    const step = job.current_step != null ? ` · step ${job.current_step}` : "";
+    const eta = job.eta_seconds != null ? ` · ETA ${Math.round(job.eta_seconds)} s` : "";
+    return `computing · ${pct}%${step}${eta}`;
+  }
+  if (stage === "cancelled" || stage === "failed") return `${stage} at ${pct}%`;
+  return STAGE_TEXT[stage] ?? stage;
+}
+
 function progressMarkup(job) {
   const pct = Math.round(100 * job.progress);
-  const step = job.current_step != null ? ` · step ${job.current_step}` : "";
-  const eta = job.eta_seconds ? ` · ETA ${Math.round(job.eta_seconds)} s` : "";
   return html`<h2>Analysis ${job.id}: <span id="job-status">${job.status}</span></h2>
     <div class="bar" role="progressbar" aria-label="analysis progress" aria-valuenow="${pct}" aria-valuemin="0"
       aria-valuemax="100"><div style="width:${pct}%"></div></div>
-    <p class="muted">${pct}%${step}${eta}</p>
+    <p id="job-progress" class="muted" data-stage="${job.stage ?? job.status}">${progressText(job)}</p>
     ${job.error ? html`<p class="error" role="alert">${job.error}</p>` : ""}`;
 }
 

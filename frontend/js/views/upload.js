@@ -4,19 +4,35 @@ import { fmtBytes } from "../format.js";
 import { html, render } from "../html.js";
 import { tusUpload } from "../tus.js";
 
-const isManifest = (file) => (file.name.startsWith("manifest") ? 1 : 0);
+// Manifests and shard indexes (shards.jsonl, shards.rankR.jsonl) go first: each data file is then judged as it
+// arrives instead of waiting for them (files waiting count toward the project's quota of pending files).
+const isManifest = (file) => (file.name.startsWith("manifest") || file.name.startsWith("shards.") ? 1 : 0);
 
 const fileItem = (file, i) => {
   const size = html`<span class="muted">${fmtBytes(file.size)}</span>`;
   return html`<li id="file-${i}">${file.name} ${size} <span class="verdict"></span></li>`;
 };
 
+/** Bytes to send before the speed is measured well enough to estimate the time left: the small files that go
+ * first (manifests, shard indexes) cost a request each, and a speed measured on them made the first ETA absurd
+ * ("ETA 1705 s" for 26 MB sent in seconds). */
+const MEASURED_BYTES = 4 * 1024 * 1024;
+
+/** The upload's progress in words: the share and bytes sent; the speed and ETA once enough bytes were sent (a
+ * quarter of the upload when it is small) over at least a second. */
+export function uploadText(total, sent, seconds) {
+  const pct = `${((100 * sent) / total).toFixed(0)}%`;
+  if (sent < Math.min(MEASURED_BYTES, total / 4) || seconds < 1) {
+    return `${pct} · ${fmtBytes(sent)} of ${fmtBytes(total)}`;
+  }
+  const speed = sent / seconds;
+  return `${pct} · ${fmtBytes(speed)}/s · ETA ${Math.round((total - sent) / speed)} s`;
+}
+
 function showProgress(progress, sent) {
   const seconds = (performance.now() - progress.started) / 1000;
-  const speed = sent / Math.max(seconds, 1e-3);
-  const eta = Math.round((progress.total - sent) / Math.max(speed, 1));
   progress.bar.style.width = `${((100 * sent) / progress.total).toFixed(1)}%`;
-  progress.status.textContent = `${((100 * sent) / progress.total).toFixed(0)}% · ${fmtBytes(speed)}/s · ETA ${eta} s`;
+  progress.status.textContent = uploadText(progress.total, sent, seconds);
 }
 
 /** Uploads one file; false when it failed (its verdict then says why). */
@@ -42,9 +58,9 @@ function showFinished(progress, failed) {
   }
 }
 
-/** Uploads the files into the run one after the other (manifests first: each data file is then judged as it
- * arrives). When every file went up, onDone() runs half a second later (the page is drawn again); when one was
- * refused, the page stays as it is, so that the reasons stay in view. */
+/** Uploads the files into the run one after the other (manifests and shard indexes first: each data file is then
+ * judged as it arrives). When every file went up, onDone() runs half a second later (the page is drawn again); when
+ * one was refused, the page stays as it is, so that the reasons stay in view. */
 export async function uploadFiles(runId, files, onDone) {
   const progress = {
     total: files.reduce((sum, f) => sum + f.size, 0),

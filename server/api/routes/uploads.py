@@ -93,6 +93,9 @@ def upload_delete(upload_id: str, session: SessionDep, project: ProjectDep, sett
     upload, run = service.get_upload(session, project_id=project.id, upload_id=upload_id)
     if upload.status == FileStatus.READY:
         raise Conflict(f"{upload.name} is already validated; delete the run to remove it")
+    if upload.status == FileStatus.RECEIVED and upload.error:
+        service.delete_waiting(session, upload=upload, settings=settings)  # waiting for a manifest: its own call
+        return Response(status_code=204, headers=TUS)
     if upload.status in (FileStatus.RECEIVED, FileStatus.VALIDATING):
         raise Conflict(f"{upload.name} is being validated; wait for the verdict")
     part_path(settings.storage, run.id, upload.upload_id).unlink(missing_ok=True)

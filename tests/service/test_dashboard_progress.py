@@ -1,0 +1,100 @@
+"""Progress that tells the truth (issue 24.5), through the API and in a real headless Chromium: a job that has
+computed and is storing its results says "storing results" (not "running 100% · step 0"), an estimate of the time
+left is given only while a job computes (never once it is cancelled, failed or storing), a retried job starts
+without its last attempt's step, and the first upload estimate waits for enough bytes to be measured."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from playwright.sync_api import Browser, expect
+from service_harness import Api, record_log
+from sqlalchemy import update
+from test_dashboard import browser  # noqa: F401  (the module's Chromium fixture)
+from test_dashboard_views import sign_in
+
+from dvemb.client import upload_log
+from server.db.models import Job
+from server.db.session import session_factory
+
+
+def set_job(job_id: int, **values: Any) -> None:
+    """Writes a job's row as a worker would (its lease held for an hour: nothing takes it over meanwhile)."""
+    lease = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    with session_factory()() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=lease, **values))
+        session.commit()
+
+
+def test_a_job_says_what_it_is_doing_and_gives_an_eta_only_while_computing(
+    browser: Browser,  # noqa: F811
+    api: Api,
+    token: str,
+    server_url: str,
+    tmp_path: Path,
+) -> None:
+    log = record_log(tmp_path / "log", steps=12, batch=8)
+    result = upload_log(log, server=api.url, token=token, run_name="progress", analyze=True)
+    job_id = int(api.wait_job(result["job"]["id"])["id"])
+
+    states = [  # (the row as the worker leaves it, the API's stage and ETA, what the page says)
+        ({"status": "running", "progress": 0.0, "current_step": None, "eta_seconds": None}, "reading the log", None),
+        ({"status": "running", "progress": 0.5, "current_step": 5, "eta_seconds": 7.2}, "computing", 7.2),
+        ({"status": "running", "progress": 1.0, "current_step": 0, "eta_seconds": 3.0}, "storing results", None),
+        ({"status": "cancelled", "progress": 0.5, "current_step": 5, "eta_seconds": 7.2}, "cancelled", None),
+        ({"status": "failed", "progress": 0.5, "current_step": 5, "eta_seconds": 7.2}, "failed", None),
+    ]
+    for row, stage, eta in states:
+        set_job(job_id, **row)
+        got = api.get(f"/jobs/{job_id}").json()
+        assert (got["stage"], got["eta_seconds"]) == (stage, eta), row
+        listed = api.get(f"/runs/{result['run']}/jobs").json()["data"][0]
+        assert (listed["stage"], listed["eta_seconds"]) == (stage, eta)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    said = page.locator("#job-progress")
+    page.goto(f"{server_url}/#/runs/{result['run']}?job={job_id}")
+    sign_in(page, token)
+    expect(said).to_have_text("failed at 50%")  # no ETA once it stopped
+    texts = {
+        "reading the log": "reading the log",
+        "computing": "computing · 50% · step 5 · ETA 7 s",
+        "storing results": "computed · storing results (the tables appear when they are stored)",
+        "cancelled": "cancelled at 50%",
+    }
+    for row, stage, _ in states[:4]:
+        set_job(job_id, **row)
+        if stage == "reading the log":  # the page polls only while a job is live: drawn again for this one
+            page.reload()
+        expect(said).to_have_attribute("data-stage", stage, timeout=10_000)  # the next poll, a second later
+        expect(said).to_have_text(texts[stage])
+    page.close()
+
+    # A retried job starts from nothing: no step or estimate of the attempt before it.
+    retried = api.post(f"/jobs/{job_id}/retry").json()
+    assert (retried["stage"], retried["current_step"], retried["eta_seconds"]) == ("queued", None, None)
+    assert api.wait_job(job_id)["status"] == "succeeded"
+
+
+def test_the_upload_eta_waits_for_a_measured_speed(browser: Browser, server_url: str) -> None:  # noqa: F811
+    page = browser.new_page()
+    page.goto(server_url + "/")
+    texts = page.evaluate(
+        """async () => {
+        const { uploadText } = await import("/js/views/upload.js");
+        const MB = 1e6;
+        return [
+          uploadText(26 * MB, 2000, 1.2),     // the manifest went up: 2 kB in 1.2 s says nothing of the speed
+          uploadText(26 * MB, 3 * MB, 1.5),   // still under 4 MiB
+          uploadText(26 * MB, 8.4 * MB, 0.6), // enough bytes, but under a second
+          uploadText(26 * MB, 8.4 * MB, 2),   // measured: 4.2 MB/s, 17.6 MB left
+          uploadText(40000, 12000, 1.5),      // a small upload: a quarter of it is enough
+        ];
+      }"""
+    )
+    assert texts[:3] == ["0% · 2.0 kB of 26.0 MB", "12% · 3.0 MB of 26.0 MB", "32% · 8.4 MB of 26.0 MB"]
+    assert texts[3] == "32% · 4.2 MB/s · ETA 4 s"
+    assert texts[4] == "30% · 8.0 kB/s · ETA 4 s"
+    page.close()
