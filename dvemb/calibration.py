@@ -16,7 +16,11 @@ import torch
 
 from dvemb.projection import LayerProjection
 
-__all__ = ["FactorCovariance", "calibrated_projection", "top_eigenvectors"]
+__all__ = ["MAX_FITTED_SIDE", "FactorCovariance", "calibrated_projection", "top_eigenvectors"]
+
+#: A side larger than this keeps its seeded random projection: its covariance alone would be
+#: ``8 * dim^2`` bytes (128 MiB at 4096) and its eigendecomposition minutes (a vocabulary of 50k: 20 GB).
+MAX_FITTED_SIDE = 4096
 
 
 @dataclass
@@ -26,18 +30,25 @@ class FactorCovariance:
     Attributes:
         out_dim: size of the out side.
         in_dim: size of the in side.
-        out_cov: (out_dim, out_dim) weighted sum of ``u u^T``.
-        in_cov: (in_dim, in_dim) weighted sum of ``v v^T``.
+        out_cov: (out_dim, out_dim) weighted sum of ``u u^T``, or None when the side is larger than
+            :data:`MAX_FITTED_SIDE` (it keeps its random projection).
+        in_cov: (in_dim, in_dim) weighted sum of ``v v^T``, or None likewise.
     """
 
     out_dim: int
     in_dim: int
-    out_cov: torch.Tensor = field(init=False)
-    in_cov: torch.Tensor = field(init=False)
+    out_cov: torch.Tensor | None = field(init=False)
+    in_cov: torch.Tensor | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.out_cov = torch.zeros(self.out_dim, self.out_dim, dtype=torch.float64)
-        self.in_cov = torch.zeros(self.in_dim, self.in_dim, dtype=torch.float64)
+        def zeros(dim: int) -> torch.Tensor | None:
+            return torch.zeros(dim, dim, dtype=torch.float64) if dim <= MAX_FITTED_SIDE else None
+
+        self.out_cov, self.in_cov = zeros(self.out_dim), zeros(self.in_dim)
+
+    def matrices(self) -> list[torch.Tensor]:
+        """The side covariances that are accumulated (for an all-reduce across ranks), out side first."""
+        return [m for m in (self.out_cov, self.in_cov) if m is not None]
 
     def add_gradient(self, out_factors: torch.Tensor, in_factors: torch.Tensor) -> None:
         """Add the per-example gradients ``G = u v^T`` of (B, L, ·) factors: ``sum G G^T`` to the out side
@@ -52,11 +63,24 @@ class FactorCovariance:
     def add(self, side: str, factors: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Add (B, L, dim) unprojected factors of one side (``"out"`` or ``"in"``), each row weighted
         by ``weights`` (B, L) when given."""
+        cov = self.out_cov if side == "out" else self.in_cov
+        if cov is None:
+            return
         rows = factors.reshape(-1, factors.shape[-1]).to(torch.float64)
         weighted = rows if weights is None else rows * weights.reshape(-1, 1).to(torch.float64)
-        gram = (weighted.T @ rows).cpu()  # on the factors' device, then summed on the CPU
+        cov += (weighted.T @ rows).cpu()  # on the factors' device, then summed on the CPU
+
+    def add_one_hot(self, side: str, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add one-hot factors ``e_i`` given by their (B, L) ``indices`` (negative: no factor, e.g. an
+        embedding's padding index), each weighted by ``weights`` (B, L): ``sum w e_i e_i^T`` is diagonal."""
         cov = self.out_cov if side == "out" else self.in_cov
-        cov += gram
+        if cov is None:
+            return
+        flat, w = indices.reshape(-1), weights.reshape(-1).to(torch.float64)
+        keep = flat >= 0
+        diagonal = torch.zeros(cov.shape[0], dtype=torch.float64, device=flat.device)
+        diagonal.index_add_(0, flat[keep], w[keep])
+        cov.diagonal().add_(diagonal.cpu())
 
 
 def top_eigenvectors(cov: torch.Tensor, k: int) -> torch.Tensor:
@@ -80,13 +104,15 @@ def calibrated_projection(
 
     Args:
         projection: the layer's current (random) projection, for its sizes.
-        cov: the layer's factor covariances.
+        cov: the layer's factor covariances (a side without one keeps its seeded projection).
         keep_whole_sides: a side whose ``k`` equals its dimension stays the identity (stored whole);
             ``False`` rotates it into its eigenbasis too (full rank: same dot products, for checks).
     """
 
-    def basis(dim: int, k: int, matrix: torch.Tensor) -> torch.Tensor | None:
-        return None if keep_whole_sides and k == dim else top_eigenvectors(matrix, k)
+    def basis(dim: int, k: int, matrix: torch.Tensor | None) -> torch.Tensor | None:
+        if matrix is None or (keep_whole_sides and k == dim):
+            return None
+        return top_eigenvectors(matrix, k)
 
     return LayerProjection(
         out_dim=projection.out_dim,

@@ -27,9 +27,10 @@ class HeldLayer:
     """One layer's unprojected factors in one step, one entry per micro-batch (slot).
 
     Attributes:
-        forward: (B_s, L_s, in_dim) inputs (the bias's constant column included).
-        grads: (B_s, L_s, out_dim) output gradients, scaled to per-example gradients.
-        curvature: (B_s, R, L_s, out_dim) output gradients of the Gauss-Newton rows, or None (empirical mode).
+        forward: (B_s, L_s, in_dim) inputs (the bias's constant column included), or (B_s, L_s) tokens of an
+            embedding (:meth:`LayerAdapter.raw_forward`).
+        grads: (B_s, L_s, ·) output gradients, scaled to per-example gradients.
+        curvature: (B_s, R, L_s, ·) output gradients of the Gauss-Newton rows, or None (empirical mode).
     """
 
     forward: list[torch.Tensor]
@@ -46,16 +47,16 @@ class HeldLayer:
         """Every held tensor (for the finiteness check)."""
         return [*self.grads, *(self.curvature or [])]
 
-    def add_to(self, covariance: FactorCovariance) -> int:
-        """Add this step's factors to the layer's covariances (the curvature rows in ggn mode, else the
+    def add_to(self, covariance: FactorCovariance, adapter: LayerAdapter) -> int:
+        """Add this step's factors to the weight's covariances (the curvature rows in ggn mode, else the
         gradients, as :meth:`Recorder.calibrate` with or without ``loss_fn``); returns the examples added."""
         for slot, inputs in enumerate(self.forward):
             if self.curvature is None:
-                covariance.add_gradient(self.grads[slot], inputs)
+                adapter.add_covariance(covariance, inputs, self.grads[slot])
                 continue
-            rows = self.curvature[slot]  # (B_s, R, L_s, out_dim)
+            rows = self.curvature[slot]  # (B_s, R, L_s, ·)
             for r in range(rows.shape[1]):
-                covariance.add_gradient(rows[:, r], inputs)
+                adapter.add_covariance(covariance, inputs, rows[:, r])
         return sum(int(f.shape[0]) for f in self.forward)
 
     def project(self, adapter: LayerAdapter) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -63,11 +64,12 @@ class HeldLayer:
         current (fitted) projection, micro-batches in order."""
         grads, rows = [], []
         for slot, raw_inputs in enumerate(self.forward):
-            inputs = adapter.project_raw("in", raw_inputs)  # (B_s, L_s, k_in)
-            grads.append(adapter.combine(inputs, adapter.project_raw("out", self.grads[slot])))
+            inputs = adapter.project_forward(raw_inputs)  # (B_s, L_s, k)
+            grads.append(adapter.combine(inputs, adapter.project_backward(self.grads[slot])))
             if self.curvature is not None:
-                outputs = adapter.project_raw("out", self.curvature[slot])  # (B_s, R, L_s, k_out)
-                rows.append(torch.einsum("brlo,bli->broi", outputs, inputs).flatten(2))  # (B_s, R, d)
+                outputs = adapter.project_backward(self.curvature[slot])  # (B_s, R, L_s, k)
+                per_row = [adapter.combine(inputs, outputs[:, r]) for r in range(outputs.shape[1])]
+                rows.append(torch.stack(per_row, dim=1))  # (B_s, R, d)
         return torch.cat(grads), (torch.cat(rows) if rows else None)
 
 

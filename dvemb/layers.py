@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dvemb.calibration import FactorCovariance
 from dvemb.errors import ConfigError
 from dvemb.projection import LayerProjection
 
@@ -110,9 +111,25 @@ class LayerAdapter(ABC):
             return x
         return x @ self._matrix(side, x)
 
-    def project_raw(self, side: str, x: torch.Tensor) -> torch.Tensor:
-        """Project an unprojected factor from :meth:`raw_forward` / :meth:`raw_backward`: (..., dim) -> (..., k)."""
-        return self._project(side, x)
+    def project_forward(self, raw: torch.Tensor) -> torch.Tensor:
+        """Project a factor from :meth:`raw_forward` with the current projection: (B, L, k) as
+        :meth:`forward_factor` gives it."""
+        return self._project("out" if self.forward_is_out else "in", raw)
+
+    def project_backward(self, raw: torch.Tensor) -> torch.Tensor:
+        """Project a factor from :meth:`raw_backward` (any leading dims, (..., dim) -> (..., k)) with the
+        current projection, as :meth:`backward_factor` does."""
+        return self._project("in" if self.forward_is_out else "out", raw)
+
+    def add_covariance(self, covariance: FactorCovariance, forward: torch.Tensor, backward: torch.Tensor) -> None:
+        """Add the per-example gradients of unprojected factors to the weight's factor covariances.
+
+        Args:
+            covariance: the covariances of this layer's weight (shared by a tied partner).
+            forward: (B, L, ·) from :meth:`raw_forward`.
+            backward: (B, L, ·) from :meth:`raw_backward` (an output gradient or a curvature row's).
+        """
+        covariance.add_gradient(backward, forward)
 
     def set_projection(self, projection: LayerProjection) -> None:
         """Switch to another projection of the same layer (after calibration), dropping cached matrices."""
@@ -263,23 +280,41 @@ class EmbeddingAdapter(LayerAdapter):
         return module.num_embeddings, module.embedding_dim
 
     def forward_factor(self, inputs: tuple[object, ...]) -> torch.Tensor:
+        return self.project_forward(self.raw_forward(inputs))
+
+    def raw_forward(self, inputs: tuple[object, ...]) -> torch.Tensor:
+        """The tokens, (B, L) int64, -1 at the padding index: the one-hot out side, never built."""
         emb = self.module
         assert isinstance(emb, nn.Embedding)
         idx = inputs[0]
         assert isinstance(idx, torch.Tensor)
         if idx.dim() < 1:
             raise ConfigError("embedding input needs a leading batch dimension")
-        idx = idx.reshape(idx.shape[0], -1)  # (B, L)
-        p_out = self._matrix("out", emb.weight)  # (V, k_out); the identity when not projected
-        rows = p_out[idx]  # (B, L, k_out): P_out^T e_idx without building the one-hot
+        idx = idx.detach().reshape(idx.shape[0], -1).long()  # (B, L)
         if emb.padding_idx is not None:
-            rows = rows * (idx != emb.padding_idx).unsqueeze(-1).to(rows.dtype)
-        return rows
+            idx = idx.masked_fill(idx == emb.padding_idx, -1)
+        return idx
+
+    def project_forward(self, raw: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens -> (B, L, k_out): ``P_out^T e_idx`` gathered, zero at the padding index."""
+        assert isinstance(self.module, nn.Embedding)
+        p_out = self._matrix("out", widened(self.module.weight))  # (V, k_out); the identity when not projected
+        rows = p_out[raw.clamp(min=0)]
+        return rows * (raw >= 0).unsqueeze(-1).to(rows.dtype)
+
+    def raw_backward(self, grad_output: torch.Tensor) -> torch.Tensor:
+        assert isinstance(self.module, nn.Embedding)
+        return widened(_as_positions(grad_output.detach(), self.module.embedding_dim))  # (B, L, D)
 
     def backward_factor(self, grad_output: torch.Tensor) -> torch.Tensor:
-        assert isinstance(self.module, nn.Embedding)
-        delta = _as_positions(grad_output.detach(), self.module.embedding_dim)  # (B, L, D)
-        return self._project("in", delta)
+        return self.project_backward(self.raw_backward(grad_output))
+
+    def add_covariance(self, covariance: FactorCovariance, forward: torch.Tensor, backward: torch.Tensor) -> None:
+        """The token side's covariance is diagonal (one-hot factors), weighted by the output gradient's energy;
+        the embedding side's is that of the output gradients at the tokens that are not padding."""
+        present = (forward >= 0).to(backward.dtype)  # (B, L)
+        covariance.add_one_hot("out", forward, backward.pow(2).sum(-1) * present)
+        covariance.add("in", backward, present)
 
 
 SUPPORTED_TYPES: dict[type[nn.Module], type[LayerAdapter]] = {

@@ -582,14 +582,15 @@ class Recorder:
         self._projection_fixed = True  # the first step fixes the projection: it no longer changes
 
     def _fittable(self) -> list[bool]:
-        """Per adapter: projected, and a layer whose bases can be fitted (Linear, Conv1D, Conv2d, not tied)."""
-        return [
-            a.kind in ("linear", "conv1d", "conv2d")
-            and self._owner[i] == i
-            and not self._partners(a)
-            and not a.projection.is_identity
-            for i, a in enumerate(self.adapters)
-        ]
+        """Per adapter: its weight is projected, so its bases are fitted (every supported kind; a tied weight's
+        modules, GPT-2's embedding and LM head, share one basis fitted on both paths' factors)."""
+        return [not self.adapters[self._owner[i]].projection.is_identity for i in range(len(self.adapters))]
+
+    def _covariances(self, fitted: Sequence[bool]) -> dict[int, FactorCovariance]:
+        """Empty factor covariances of the fitted weights, by the index of the adapter that owns the weight."""
+        owners = sorted({self._owner[i] for i, fit in enumerate(fitted) if fit})
+        shapes = {i: (self.adapters[i].projection.out_dim, self.adapters[i].projection.in_dim) for i in owners}
+        return {i: FactorCovariance(*shape) for i, shape in shapes.items()}
 
     def untracked_modules(self) -> list[tuple[str, str, int]]:
         """Modules holding trainable parameters that are not recorded: ``(name, type, parameters)``, largest first."""
@@ -703,12 +704,9 @@ class Recorder:
                     scheduler.step()
 
     def _calibrate(self, batches: list[Sequence[Any]], loss_fn: LossFn | None, keep_whole_sides: bool) -> int:
-        covariances = [FactorCovariance(a.projection.out_dim, a.projection.in_dim) for a in self.adapters]
-        # Tied layers keep their shared random projection: one basis cannot be fitted to two different paths.
-        fitted = [
-            a.kind in ("linear", "conv1d", "conv2d") and self._owner[i] == i and not self._partners(a)
-            for i, a in enumerate(self.adapters)
-        ]
+        # Every weight: with keep_whole_sides=False even a layer stored whole is rotated into its eigenbasis.
+        fitted = [True] * len(self.adapters) if not keep_whole_sides else self._fittable()
+        covariances = self._covariances(fitted)
         edges: list[GradientEdge | None] = [None] * len(self.adapters)
         inputs: list[torch.Tensor | None] = [None] * len(self.adapters)
 
@@ -728,16 +726,17 @@ class Recorder:
                     live = [(i, e) for i, e in enumerate(edges) if e is not None]
                     for grads in self._calibration_grads(outputs, batch[1], loss_fn, [e for _, e in live], number):
                         for (index, _), grad in zip(live, grads, strict=True):
-                            factors = inputs[index]
+                            factors, adapter = inputs[index], self.adapters[index]
                             if grad is not None and factors is not None:
-                                covariances[index].add_gradient(self.adapters[index].raw_backward(grad), factors)
+                                covariance = covariances[self._owner[index]]
+                                adapter.add_covariance(covariance, factors, adapter.raw_backward(grad))
                 examples += int(batch[1].shape[0])
         finally:
             for hook in hooks:
                 hook.remove()
         if not examples:
             raise ConfigError("calibrate() got no batches")
-        self._apply_calibration(covariances, fitted, keep_whole_sides, examples, loss_fn is None, source="batches")
+        self._apply_calibration(covariances, keep_whole_sides, examples, loss_fn is None, source="batches")
         return examples
 
     def _calibration_grads(
@@ -759,24 +758,26 @@ class Recorder:
 
     def _apply_calibration(
         self,
-        covariances: list[FactorCovariance],
-        fitted: list[bool],
+        covariances: Mapping[int, FactorCovariance],
         keep_whole_sides: bool,
         examples: int,
         ggn: bool,
         *,
         source: str,
     ) -> None:
+        """Fit the bases of the weights in ``covariances`` (by owning adapter index; a tied partner takes its
+        owner's projection) and write them to the log."""
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
-            for cov in covariances:  # every rank must use the same bases
-                for matrix in (cov.out_cov, cov.in_cov):
+            for index in sorted(covariances):  # every rank must use the same bases
+                for matrix in covariances[index].matrices():
                     torch.distributed.all_reduce(matrix)
         tensors: dict[str, torch.Tensor] = {}
-        for adapter, cov, fit in zip(self.adapters, covariances, fitted, strict=True):
-            if not fit:
-                continue
+        for index, cov in covariances.items():
+            adapter = self.adapters[index]
             projection = calibrated_projection(adapter.projection, cov, keep_whole_sides=keep_whole_sides)
-            adapter.set_projection(projection)
+            for i, other in enumerate(self.adapters):
+                if self._owner[i] == index:
+                    other.set_projection(projection)
             for side, basis in (("out", projection.basis_out), ("in", projection.basis_in)):
                 if basis is not None:
                     tensors[fmt.basis_key(side, adapter.name)] = basis
@@ -959,20 +960,21 @@ class Recorder:
         """Fit the bases on the held steps' factors, then project those steps and write them in order."""
         if not self._held:
             return
-        covariances = [FactorCovariance(a.projection.out_dim, a.projection.in_dim) for a in self.adapters]
+        covariances = self._covariances(self._deferred)
         examples = 0
         for step in self._held:
-            counts = [layer.add_to(covariances[index]) for index, layer in step.layers.items()]
+            counts = [
+                layer.add_to(covariances[self._owner[index]], self.adapters[index])
+                for index, layer in step.layers.items()
+            ]
             examples += counts[0]
         ggn = self.curvature_mode == "ggn"
-        self._apply_calibration(covariances, self._deferred, True, examples, ggn, source="first steps")
+        self._apply_calibration(covariances, True, examples, ggn, source="first steps")
         held, self._held = self._held, []
         for step in held:
-            for index, layer in step.layers.items():
-                name = self.adapters[index].name
-                step.record.grads[name], rows = layer.project(self.adapters[index])
-                if rows is not None:
-                    step.record.curvature[name] = rows
+            projected = {index: layer.project(self.adapters[index]) for index, layer in step.layers.items()}
+            step.record.grads.update(self._merged({i: grads for i, (grads, _) in projected.items()}))
+            step.record.curvature.update(self._merged({i: r for i, (_, r) in projected.items() if r is not None}))
             order = [a.name for a in self.layers]
             step.record.grads = {n: step.record.grads[n] for n in order}
             if step.record.curvature:

@@ -19,6 +19,20 @@ class TinyLM(nn.Module):
         return self.head(torch.tanh(self.mix(self.embed(tokens))))
 
 
+class TiedLM(nn.Module):
+    """GPT-2's layout in small: the LM head shares the embedding's weight (V, d)."""
+
+    def __init__(self, vocab: int = 9, width: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width, padding_idx=0)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
 class TinyCNN(nn.Module):
     """Two Conv2d layers (a padding mode each) and a Linear classifier."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from core_models import mlp
+from core_models import TiedLM, mlp
 from torch import nn
 
 import dvemb
@@ -95,3 +95,48 @@ def test_a_run_shorter_than_the_held_steps_is_fitted_at_close(tmp_path: Path) ->
     _train(_model(), tmp_path / "log", steps=2, proj_dim=(2, 3))  # default: 16 steps held at most
     log = dvemb.open_log(tmp_path / "log")
     assert log.num_steps == 2 and log.manifest["projection"]["calibration"]["steps"] == 2
+
+
+def _train_lm(log_dir: Path, steps: int = 5, **options: object) -> nn.Module:
+    """A tied LM (embedding = LM head) trained by AdamW on token batches with padding, recorded."""
+    torch.manual_seed(0)
+    model = TiedLM().double()
+    generator = torch.Generator().manual_seed(4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    rec = dvemb.Recorder(model, log_dir, dtype="float64", layers="all", **options)  # type: ignore[arg-type]
+    batches = [torch.randint(0, 9, (4, 5), generator=generator) for _ in range(steps)]
+    for step, tokens in enumerate(batches):
+        with rec.step(list(range(4 * step, 4 * step + 4)), optimizer):
+            F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    rec.record_queries("q", [(batches[0][:2, :-1], batches[0][:2, 1:])])
+    rec.close()
+    return model
+
+
+def test_a_tied_embedding_and_lm_head_share_one_basis_fitted_on_both_paths(tmp_path: Path) -> None:
+    """GPT-2's tied embedding / LM head: one basis fitted on the first steps from the embedding's token factors
+    and the head's output gradients together; every held and later row (both paths summed) and the queries are
+    the unprojected log's rows projected with it."""
+    _train_lm(tmp_path / "auto", proj_dim=(3, 2), calibration_steps=3, curvature_samples=2)
+    _train_lm(tmp_path / "whole", proj_dim=None, curvature_samples=2)
+    auto, whole = dvemb.open_log(tmp_path / "auto"), dvemb.open_log(tmp_path / "whole")
+    entry = next(e for e in auto.manifest["layers"] if e["name"] == "embed")
+    assert entry["tied"] == ["head"] and entry["basis"] == "calibrated"
+    tied = next(layer for layer in auto.layers if layer.name == "embed")
+    assert tied.projection.basis_out is not None and tied.projection.basis_in is not None
+    shard, full = next(auto.iter_shards()), next(whole.iter_shards())
+    queries, full_queries = auto.load_query_set("q"), whole.load_query_set("q")
+    for layer in auto.layers:
+        p = layer.projection
+
+        def project(rows: torch.Tensor) -> torch.Tensor:
+            return p.project_matrix(rows.reshape(*rows.shape[:-1], p.out_dim, p.in_dim))  # noqa: B023
+
+        for ours, theirs in (
+            (shard.grads[layer.name], project(full.grads[layer.name])),
+            (shard.curvature[layer.name], project(full.curvature[layer.name])),
+            (queries.grads[layer.name], project(full_queries.grads[layer.name])),
+        ):
+            assert (ours - theirs).abs().max() < 1e-12 * theirs.abs().max(), layer.name

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 import dvemb
 from dvemb import logformat as fmt
-from dvemb.calibration import FactorCovariance, top_eigenvectors
+from dvemb.calibration import MAX_FITTED_SIDE, FactorCovariance, calibrated_projection, top_eigenvectors
 from dvemb.engine import ComputeArguments, compute
+from dvemb.projection import LayerProjection
 
 
 def _data(n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +147,30 @@ def test_calibration_with_a_loss_function_and_covariance_sums() -> None:
     torch.testing.assert_close(cov.in_cov, torch.einsum("boi,boj->ij", g, g).double())
 
 
+def test_one_hot_factors_and_sides_too_large_to_fit() -> None:
+    """An embedding's token side: sum w e_i e_i^T built from indices equals the explicit one-hot sum; negative
+    indices (padding) add nothing. A side over MAX_FITTED_SIDE holds no covariance and keeps its seeded
+    projection."""
+    cov = FactorCovariance(5, 2)
+    tokens = torch.tensor([[1, 3, -1], [3, 0, 4]])
+    weights = torch.rand(2, 3, dtype=torch.float64)
+    cov.add_one_hot("out", tokens, weights)
+    one_hot = F.one_hot(tokens.clamp(min=0), 5).double() * (tokens >= 0).unsqueeze(-1)
+    expected = torch.einsum("blv,blw,bl->vw", one_hot, one_hot, weights)
+    assert cov.out_cov is not None
+    torch.testing.assert_close(cov.out_cov, expected, rtol=1e-14, atol=0)
+    wide = FactorCovariance(MAX_FITTED_SIDE + 1, 3)
+    assert wide.out_cov is None and wide.matrices() == [wide.in_cov]
+    wide.add_gradient(torch.randn(2, 1, MAX_FITTED_SIDE + 1), torch.randn(2, 1, 3))
+    projection = LayerProjection(MAX_FITTED_SIDE + 1, 3, 4, 2, seed_out=5, seed_in=6)
+    fitted = calibrated_projection(projection, wide)
+    assert fitted.basis_out is None and fitted.basis_in is not None and fitted.calibrated
+    assert torch.equal(
+        fitted.p_out(dtype=torch.float64, device=torch.device("cpu")),
+        projection.p_out(dtype=torch.float64, device=torch.device("cpu")),
+    )
+
+
 def test_loss_gradients_can_define_the_out_side(tmp_path: Path) -> None:
     def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")
@@ -228,8 +253,9 @@ def test_look_ahead_calibration_restores_the_model_and_optimizer_exactly(tmp_pat
 
 @pytest.mark.parametrize("kind", ["lm", "cnn"])
 def test_sequence_conv_and_embedding_layers_with_adam(tmp_path: Path, kind: str) -> None:
-    """Sequence inputs (sampled-label rows), Conv2d windows and an Embedding (kept random) calibrate, record
-    under Adam, compute, and queries projected later from the log equal the recorded ones."""
+    """Sequence inputs (sampled-label rows), Conv2d windows and an Embedding (its token side from one-hot
+    factors) calibrate, record under Adam, compute, and queries projected later from the log equal the
+    recorded ones."""
     from core_models import TinyCNN, TinyLM
 
     torch.manual_seed(0)
@@ -256,7 +282,7 @@ def test_sequence_conv_and_embedding_layers_with_adam(tmp_path: Path, kind: str)
     rec.close()
     log = dvemb.open_log(tmp_path / "log")
     kinds = {layer.name: (layer.kind, layer.projection.calibrated) for layer in log.layers}
-    assert all(calibrated == (k != "embedding") for k, calibrated in kinds.values()), kinds
+    assert all(calibrated for _, calibrated in kinds.values()), kinds
     summary = compute(tmp_path / "log", tmp_path / "out", ComputeArguments(accumulate_dtype="float64"))
     assert summary["propagation"] == "adam" and np.isfinite(np.load(tmp_path / "out" / "embeddings.npy")).all()
     stored = log.load_query_set("val")

@@ -149,7 +149,7 @@ def test_conv1d_and_tied_embedding_rows_equal_a_naive_per_example_reference(tmp_
 
 def test_record_calibrates_the_projection_by_default(tmp_path: Path) -> None:
     """The callback fits curvature-aware bases on the first training batches before the first step: the
-    Conv1D layers are calibrated, the tied embedding keeps its random projection."""
+    Conv1D layers and the tied embedding / LM head (one basis from both paths) are calibrated."""
     trainer = Trainer(
         model=tiny_gpt2(torch.float32),
         args=arguments(tmp_path / "out", 4, steps=2),
@@ -163,8 +163,7 @@ def test_record_calibrates_the_projection_by_default(tmp_path: Path) -> None:
     assert log.manifest["projection"]["kind"] == "calibrated"
     assert log.manifest["projection"]["calibration"]["examples"] == 8
     bases = {entry["name"]: entry["basis"] for entry in log.manifest["layers"]}
-    assert bases.pop("transformer.wte") == "seeded"
-    assert set(bases.values()) == {"calibrated"}
+    assert "transformer.wte" in bases and set(bases.values()) == {"calibrated"}
 
 
 def test_record_looks_ahead_by_default_and_leaves_training_unchanged(tmp_path: Path) -> None:
