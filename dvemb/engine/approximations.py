@@ -9,7 +9,8 @@ retraining first. The kinds (stable keys; BENCHMARKS.md measures each):
 - ``sgd-proxy``: influence follows plain SGD (learning rate times gradient) whatever the optimizer did.
 - ``curvature-empirical``: the curvature is the gradients' own outer products (the paper's), much less
   faithful than Gauss-Newton.
-- ``random-projection``: a projected layer uses a random (seeded) basis instead of a calibrated one.
+- ``random-projection``: a projected layer uses a random (seeded) basis instead of a fitted one, on both
+  sides or on a side too large to fit (``MAX_FITTED_SIDE``).
 - ``untracked-parameters``: under 80% of the trainable parameters are tracked (``tracked_parameters /
   total_parameters``); influence through the others is not counted.
 - ``curvature-sampled``: Gauss-Newton factors from labels sampled from the model's prediction, not all classes.
@@ -28,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from dvemb.calibration import MAX_FITTED_SIDE
 from dvemb.formats import Approximation
 
 __all__ = ["KINDS", "TRACKED_SHARE_MIN", "approximations", "tracked_share"]
@@ -133,17 +135,30 @@ def _empirical(curvature: str, manifest: Mapping[str, Any]) -> Approximation | N
 
 
 def _random_projection(layers: list[Mapping[str, Any]]) -> Approximation | None:
-    random = [layer for layer in layers if _projected(layer) and layer.get("basis", "seeded") == "seeded"]
+    random = [layer for layer in layers if _random_side(layer)]
     if not random:
         return None
     return Approximation(
         "random-projection",
         "random projection",
-        f"{len(random)} of {len(layers)} tracked layers are projected onto random (seeded) bases, which keep "
-        "much less of the curvature signal than calibrated ones (about 0.5 Spearman against exact retraining at 256 "
-        "dimensions per layer, against 0.7 to 0.8 calibrated, BENCHMARKS.md): call rec.calibrate(batches) before "
-        "training, or record those layers with a larger proj_dim.",
+        f"{len(random)} of {len(layers)} tracked layers are projected onto random (seeded) bases on at least one "
+        "side, which keep much less of the curvature signal than fitted ones (a tied embedding / LM head under a "
+        "random projection cost 0.39 Spearman against exact retraining on a small GPT-2, BENCHMARKS.md): leave "
+        "projection='auto' with calibration_steps > 0 (the recorder fits the bases on the first steps) or call "
+        f"rec.calibrate(batches) before training; a side over {MAX_FITTED_SIDE} dimensions is never fitted: "
+        "record such a layer with a larger proj_dim or leave it out.",
     )
+
+
+def _random_side(layer: Mapping[str, Any]) -> bool:
+    """True when a projected side of the layer uses its seeded random basis: every projected side of a seeded
+    layer, and a projected side too large to fit (over MAX_FITTED_SIDE) of a calibrated one."""
+    if not _projected(layer):
+        return False
+    if layer.get("basis", "seeded") == "seeded":
+        return True
+    sides = [(_int(layer.get("out_dim"), 0), layer.get("k_out")), (_int(layer.get("in_dim"), 0), layer.get("k_in"))]
+    return any(_int(k, dim) < dim and dim > MAX_FITTED_SIDE for dim, k in sides)
 
 
 def _untracked(manifest: Mapping[str, Any]) -> Approximation | None:

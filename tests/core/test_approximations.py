@@ -96,7 +96,11 @@ def test_random_projection_counts_the_randomly_projected_layers() -> None:
     ]
     found = _one(_manifest(*layers), "random-projection")
     assert found.detail.startswith("2 of 4 tracked layers") and "rec.calibrate(" in found.detail
+    assert "calibration_steps" in found.detail
     assert "random-projection" not in _kinds(_manifest(layers[2], layers[3]))
+    # a fitted layer whose vocabulary side is too large to fit keeps a random basis there
+    vocabulary = _layer(out_dim=50257, k_out=16, k_in=4, basis="calibrated")
+    assert _one(_manifest(vocabulary, layers[2]), "random-projection").detail.startswith("1 of 2 tracked layers")
 
 
 @pytest.mark.parametrize(
