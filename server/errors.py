@@ -8,16 +8,26 @@
     ├── PayloadTooLarge     413  over a configured size limit
     ├── TooManyRequests     429  over a per-project quota (the message names it and when to come back)
     ├── UnsupportedMedia    415  wrong content type for a tus PATCH
-    └── TimedOut            504  the database stopped the request's statements at its time limit
-422 is left to FastAPI's payload validation.
+    ├── TimedOut            504  the database stopped the request's statements at its time limit
+    └── Unavailable         503  the database cannot be reached (an outage): retry later
+422 is left to FastAPI's payload validation. Everything else takes the same shape too: the framework's own errors
+(unknown route, method not allowed, a body that cannot be parsed: 400), a database outage (503), and any error
+nobody foresaw (500, its traceback in the log, never in the answer).
 """
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.db.session import timed_out
+
+_log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -64,6 +74,23 @@ class TimedOut(ServiceError):
     status_code, error = 504, "timeout"
 
 
+class Unavailable(ServiceError):
+    status_code, error = 503, "unavailable"
+
+
+#: The ``error`` of the framework's own HTTP errors (404 for an unknown route, 405, 400 for an unparsable body).
+_HTTP_ERRORS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+_OUTAGE = (
+    "the database cannot be reached right now (restarting, or unreachable from the server): retry in a few seconds"
+)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Render ServiceError and validation errors as ``{"error", "detail"}``."""
 
@@ -87,6 +114,33 @@ def install_handlers(app: FastAPI) -> None:
             },
             status_code=400,
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers a body it cannot parse (a JSON array nested 100,000 deep, invalid UTF-8) with 400 here.
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            detail = (
+                "the request's body cannot be parsed (malformed, or JSON nested too deeply); send a flat JSON object"
+            )
+        error = _HTTP_ERRORS.get(exc.status_code, f"http_{exc.status_code}")
+        return JSONResponse({"error": error, "detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_unreachable(_: Request, exc: DBAPIError) -> JSONResponse:
+        if isinstance(exc, OperationalError) and timed_out(exc):
+            body = {"error": TimedOut.error, "detail": "the database stopped this request at its time limit; retry"}
+            return JSONResponse(body, status_code=TimedOut.status_code)
+        _log.warning("database unreachable: %s", type(exc.orig).__name__ if exc.orig is not None else exc)
+        body = {"error": Unavailable.error, "detail": _OUTAGE}
+        return JSONResponse(body, status_code=Unavailable.status_code, headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unforeseen(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette still logs the traceback (the exception is raised again after this answer is sent).
+        detail = f"the server failed on this request ({type(exc).__name__}); it is in the server's log"
+        return JSONResponse({"error": "internal_error", "detail": detail}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from server.db.models import LogFile, Project, Run
 from server.errors import Conflict, NotFound
@@ -35,11 +35,14 @@ def create_run(session: Session, *, project: Project, name: str) -> Run:
 def list_runs(
     session: Session, *, project: Project, search: str | None, offset: int, limit: int
 ) -> tuple[list[Run], int]:
-    query = select(Run).where(Run.project_id == project.id)
+    where = [Run.project_id == project.id]
     if search:
         # A substring, not a pattern: % and _ in the search match themselves.
-        query = query.where(Run.name.icontains(search, autoescape=True))
-    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        where.append(Run.name.icontains(search, autoescape=True))
+    count = session.scalar(select(func.count()).select_from(Run).where(*where)) or 0
+    # A run's manifest (up to 16 MiB of JSON per rank) is not shown in a listing: not read either (raiseload:
+    # touching it would be a bug, not a silent load per row).
+    query = select(Run).where(*where).options(defer(Run.manifest, raiseload=True))
     runs = session.scalars(query.order_by(Run.created_at.desc(), Run.id.desc()).offset(offset).limit(limit)).all()
     return list(runs), count
 

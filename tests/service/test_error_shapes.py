@@ -1,0 +1,64 @@
+"""Every error answer has the documented ``{"error", "detail"}`` shape (issue 21, partly held): during a database
+outage (a plain-text 500 before), for a deeply nested JSON body (FastAPI's ``{"detail"}`` only), an unknown route
+and a method not allowed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from service_harness import Api, free_port
+
+
+def _shaped(response: httpx.Response, status: int, error: str) -> str:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"] == "application/json", response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"} and body["error"] == error, body
+    assert "Traceback" not in body["detail"] and "psycopg" not in body["detail"], body
+    return str(body["detail"])
+
+
+def test_a_database_outage_is_a_503_in_the_documented_shape(tmp_path: Path) -> None:
+    """The API of a PostgreSQL that is down (nothing listens on its port): every request that needs it."""
+    port, dead = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVEMB_")}
+    env.update(
+        DVEMB_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{dead}/down",
+        DVEMB_DATA_DIR=str(tmp_path / "data"),
+        DVEMB_BROKER_URL="memory://",
+    )
+    command = [sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port), "--log-level", "critical"]
+    api = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        for _ in range(300):
+            try:
+                health = httpx.get(f"{url}/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        detail = _shaped(health, 503, "unavailable")
+        assert "database cannot be reached" in detail and health.headers["Retry-After"] == "5"
+        auth = {"Authorization": "Bearer dvemb_anything"}
+        for method, path in (("GET", "/runs"), ("POST", "/runs"), ("GET", "/jobs/1"), ("DELETE", "/runs/1")):
+            kwargs = {"json": {"name": "x"}} if method == "POST" else {}
+            _shaped(httpx.request(method, f"{url}{path}", headers=auth, **kwargs), 503, "unavailable")
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+
+
+def test_a_deeply_nested_body_and_framework_errors_keep_the_shape(api: Api) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    detail = _shaped(api.post("/runs", content=deep, headers={"Content-Type": "application/json"}), 400, "bad_request")
+    assert "cannot be parsed" in detail
+    deep_object = '{"name": ' + '{"a": ' * 50_000 + "1" + "}" * 50_000 + "}"
+    _shaped(api.post("/runs", content=deep_object, headers={"Content-Type": "application/json"}), 400, "bad_request")
+    _shaped(api.get("/no-such-route"), 404, "not_found")
+    _shaped(api.delete("/health"), 405, "method_not_allowed")
+    assert api.get("/runs").status_code == 200  # the API goes on
