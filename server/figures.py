@@ -163,8 +163,28 @@ def phase_figure(
     return {"data": traces, "layout": layout}
 
 
+def whisker_range(values: Sequence[float]) -> tuple[float, float] | None:
+    """The span of a box's whiskers (Tukey's): the lowest and highest values within 1.5 interquartile ranges of
+    the quartiles; None without values."""
+    if not len(values):
+        return None
+    data = np.asarray(values, dtype=np.float64)
+    q1, q3 = np.quantile(data, [0.25, 0.75])
+    inside = data[(data >= q1 - 1.5 * (q3 - q1)) & (data <= q3 + 1.5 * (q3 - q1))]
+    return float(inside.min()), float(inside.max())
+
+
 def distribution_figure(scores_by_phase: dict[str, list[float]], *, title: str = "") -> dict[str, Any]:
-    """Box plot of per-occurrence scores (query-set mean) by phase."""
+    """Box plot of per-occurrence scores (query-set mean) by phase. Influence is heavy-tailed: the y axis spans the
+    boxes' whiskers (1.5 interquartile ranges), not the few extreme occurrences that would squash every box flat;
+    ``beyond`` counts the occurrences outside it (the whiskers drawn to them are cut by the axis)."""
+    spans = [s for s in (whisker_range(v) for v in scores_by_phase.values()) if s is not None]
+    low, high = (min(s[0] for s in spans), max(s[1] for s in spans)) if spans else (0.0, 0.0)
+    pad = 0.05 * (high - low) or abs(high) * 0.05 or 1e-12
+    axis: dict[str, Any] = {"title": {"text": "influence on the query set (+ helped)"}, "zeroline": True}
+    if spans:
+        axis["range"] = [low - pad, high + pad]
+    beyond = sum(int(((np.asarray(v) < low) | (np.asarray(v) > high)).sum()) for v in scores_by_phase.values())
     traces = [
         {
             "type": "box",
@@ -177,11 +197,12 @@ def distribution_figure(scores_by_phase: dict[str, list[float]], *, title: str =
     ]
     layout = {
         "title": {"text": title},
-        "yaxis": {"title": {"text": "influence on the query set (+ helped)"}},
+        "yaxis": axis,
         "xaxis": {"title": {"text": "training phase"}},
         "showlegend": False,
     }
-    return {"data": traces, "layout": layout}
+    drawn = sum(len(v) for v in scores_by_phase.values())
+    return {"data": traces, "layout": layout, "drawn": drawn, "beyond": beyond}
 
 
 RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")

@@ -266,3 +266,34 @@ def test_next_stops_at_the_last_page(
     expect(linked.locator("#top-page")).to_have_text(f"page {pages} of {pages}")
     expect(linked.locator(f"table.top[data-kind={longest}] tbody tr")).to_have_count(max(counts) - 10 * (pages - 1))
     linked.close()
+
+
+def test_the_box_plot_says_what_it_draws_and_a_run_is_deleted_from_its_page(
+    browser: Browser,  # noqa: F811
+    api: Api,
+    token: str,
+    server_url: str,
+    tmp_path: Path,
+) -> None:
+    run_id, job_id = text_job(api, token, tmp_path)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    open_run(page, server_url, token, run_id, job_id)
+    figure = api.get(f"/jobs/{job_id}/figures/distribution", params={"query_set": "val"}).json()
+    assert (figure["drawn"], figure["occurrences"]) == (STEPS * BATCH, STEPS * BATCH)
+    note = f"All {STEPS * BATCH} occurrences (the query-set mean of each)."  # not "a sample of 20,000"
+    if figure["beyond"]:
+        note += f" The axis spans the boxes' whiskers: {figure['beyond']} occurrence(s) lie beyond it."
+    expect(page.locator("#distribution-note")).to_have_text(note)
+    sample = api.get(f"/jobs/{job_id}/figures/distribution", params={"query_set": "val", "sample": 50}).json()
+    assert (sample["drawn"], sample["occurrences"]) == (50, STEPS * BATCH)
+
+    asked: list[str] = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+    page.get_by_role("button", name="Delete run").click()
+    expect(page.get_by_role("heading", name="text")).to_be_visible()  # dismissed: nothing deleted
+    assert asked and "cannot be undone" in asked[0] and api.get(f"/runs/{run_id}").status_code == 200
+    page.once("dialog", lambda d: d.accept())
+    page.get_by_role("button", name="Delete run").click()
+    expect(page.get_by_role("heading", name="Runs")).to_be_visible()
+    assert api.get(f"/runs/{run_id}").status_code == 404
+    page.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from server.figures import (
@@ -81,6 +82,17 @@ def test_distribution_figure() -> None:
         ("box", "late", []),
     ]
     assert figure["layout"]["xaxis"]["title"]["text"] == "training phase"
+
+
+def test_the_distribution_axis_spans_the_whiskers_not_the_extremes() -> None:
+    """Heavy-tailed scores (issue 24.6): two extreme occurrences no longer squash every box flat."""
+    rng = np.random.default_rng(0)
+    body = rng.normal(0.0, 1e-4, 500).tolist()
+    figure = distribution_figure({"early": [*body[:250], 5.0], "basin": body[250:450], "late": [*body[450:], -3.0]})
+    low, high = figure["layout"]["yaxis"]["range"]
+    assert -1e-3 < low < -2e-4 and 2e-4 < high < 1e-3  # about the whiskers of N(0, 1e-4), padded
+    assert 2 <= figure["beyond"] <= 10 and figure["drawn"] == 502  # 5.0, -3.0 and a few beyond the whiskers
+    assert distribution_figure({"early": [], "basin": [], "late": []})["layout"]["yaxis"].get("range") is None
 
 
 def test_compare_curves_figure_normalises_progress() -> None:

@@ -54,4 +54,16 @@ export const drawPlots = latestOnPage(async (current, jobId) => {
   linkPoints();
   byId("phase-summary").textContent = phaseSummary(phases, c.view);
   await Plotly.react("distribution", dist.data, dist.layout, PLOT_CONFIG);
+  byId("distribution-note").textContent = distributionNote(dist);
 });
+
+/** What the box plot draws: every occurrence or a sample (of how many), and how many lie beyond its axis. */
+function distributionNote({ drawn, occurrences, beyond }) {
+  const count = (n) => n.toLocaleString("en");
+  const what =
+    drawn >= occurrences
+      ? `All ${count(occurrences)} occurrences (the query-set mean of each).`
+      : `An evenly spaced sample of ${count(drawn)} of the ${count(occurrences)} occurrences.`;
+  const cut = beyond ? ` The axis spans the boxes' whiskers: ${count(beyond)} occurrence(s) lie beyond it.` : "";
+  return what + cut;
+}

@@ -62,7 +62,7 @@ const examplesSection = () => html`<section>
 
 const distributionSection = () =>
   html`<section><h2>Scores by phase</h2><div id="distribution" style="height:320px"></div>
-    <p class="muted">A sample of 20,000 evenly spaced occurrences. ${exportButtons("distribution", "Its points:")}</p>
+    <p class="muted"><span id="distribution-note"></span> ${exportButtons("distribution", "Its points:")}</p>
   </section>`;
 
 const resultsPage = (summary, propagation) =>

@@ -35,7 +35,8 @@ const uploadPanel = (run) => html`<details id="upload-panel" class="panel"${attr
     ${missing(run.missing_files)}
   </details>`;
 
-const page = (run) => html`<h1>${run.name} <span class="muted">(${run.status})</span></h1>
+const page = (run) => html`<h1>${run.name} <span class="muted">(${run.status})</span>
+    <button id="delete-run" type="button" class="danger">Delete run</button></h1>
   <section id="summary-card" class="card" hidden></section>
   ${uploadPanel(run)}
   <section>
@@ -75,6 +76,22 @@ function bindAnalyze(view, runId) {
   });
 }
 
+/** The run's "Delete run" button: asks first, then deletes the run with its files and analyses (DELETE /runs/{id})
+ * and goes back to the runs list. */
+function bindDelete(run) {
+  byId("delete-run").addEventListener("click", async () => {
+    const files = `${run.files.length} file(s)`;
+    const asked = `Delete run "${run.name}" with its ${files} and every analysis? This cannot be undone.`;
+    if (!confirm(asked)) return;
+    try {
+      await api(`/runs/${run.id}`, { method: "DELETE" });
+      location.hash = "#/runs";
+    } catch (err) {
+      alert(`The run was not deleted: ${err.message}`);
+    }
+  });
+}
+
 const VALIDATING = ["received", "validating"];
 
 /** Shows a run's page with its analyses; the one shown is ?job= or the latest. While files wait for their verdict,
@@ -91,6 +108,7 @@ export async function renderRun(current, view, runId) {
   const drawAgain = () => current() && renderRun(current, view, runId);
   bindUploads(runId, drawAgain);
   bindAnalyze(view, runId);
+  bindDelete(run);
   const asked = Number(viewParams().get("job"));
   const shown = jobs.data.find((j) => j.id === asked) || jobs.data[0];
   if (run.files.some((f) => VALIDATING.includes(f.status))) {

@@ -49,8 +49,12 @@ def distribution_figure(
     query_set: str,
     sample: SampleQuery = 20_000,
 ) -> dict[str, Any]:
+    """The box plot of the scores by phase, with how many occurrences it draws (``drawn``: every one, or an evenly
+    spaced sample of ``sample``), of how many (``occurrences``), and how many lie beyond its y axis (``beyond``)."""
     by_phase = data.scores_by_phase(job=job, query_set=query_set, sample=sample, storage=settings.storage)
-    return figures.distribution_figure(by_phase, title=f"scores by phase, {query_set}")
+    figure = figures.distribution_figure(by_phase, title=f"scores by phase, {query_set}")
+    summary = job.results
+    return {**figure, "occurrences": summary.occurrences if summary is not None else figure["drawn"]}
 
 
 @router.get("/jobs/{job_id}/dynamics")
