@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from playwright.sync_api import Browser, Page, expect
 from safetensors.numpy import load_file
-from service_harness import Api, screenshot_dir
+from service_harness import Api, record_log, screenshot_dir
 from test_dashboard import browser  # noqa: F401  (the module's Chromium fixture)
 from test_dashboard_views import sign_in
 
@@ -296,4 +296,31 @@ def test_the_box_plot_says_what_it_draws_and_a_run_is_deleted_from_its_page(
     page.get_by_role("button", name="Delete run").click()
     expect(page.get_by_role("heading", name="Runs")).to_be_visible()
     assert api.get(f"/runs/{run_id}").status_code == 404
+    page.close()
+
+
+def test_compared_curves_can_each_be_scaled_to_their_largest_value(
+    browser: Browser,  # noqa: F811
+    api: Api,
+    token: str,
+    server_url: str,
+    tmp_path: Path,
+) -> None:
+    jobs = []
+    for seed, optimizer in ((0, "sgd"), (1, "adam")):  # curves of different sizes (issue 24.6: AdamW 10-50x SGD)
+        log = record_log(tmp_path / optimizer, steps=12, batch=8, seed=seed, optimizer_name=optimizer)
+        result = upload_log(log, server=api.url, token=token, run_name=optimizer, analyze=True)
+        jobs.append(api.wait_job(result["job"]["id"])["id"])
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{server_url}/#/compare?jobs={jobs[0]},{jobs[1]}&qs=val&view=raw&scale=max")
+    sign_in(page, token)
+    expect(page.locator("#comparison[data-ready=true]")).to_be_attached(timeout=30_000)
+    expect(page.locator("#cmp-scale")).to_have_value("max")
+    curves = "document.getElementById('compare-curves').data.map(t => [t.name, Math.max(...t.y.map(Math.abs))])"
+    scaled = page.evaluate(curves)
+    assert len(scaled) == 2 and all(largest == 1.0 and "÷" in name for name, largest in scaled), scaled
+    page.locator("#cmp-scale").select_option("")  # as computed: the curves' own sizes again
+    page.wait_for_function("document.getElementById('compare-curves').data.every(t => !t.name.includes('÷'))")
+    sizes = [largest for _, largest in page.evaluate(curves)]
+    assert len(sizes) == 2 and max(sizes) / min(sizes) > 1.5, sizes
     page.close()

@@ -44,6 +44,8 @@ const page = (jobs) => html`<h1>Compare analyses</h1>
         <option value="raw">raw</option></select></label>
       <label>Smoothing <select id="cmp-smooth"><option value="1">none</option><option value="5">5</option>
         <option value="21">21</option></select></label>
+      <label>Scale <select id="cmp-scale"><option value="">as computed</option>
+        <option value="max">each run ÷ its largest |value|</option></select></label>
       <label>Top examples matched <input id="cmp-top" type="number" min="1" max="1000" value="100" size="5" /></label>
       <button id="compare" type="button">Compare</button>
     </div>
@@ -119,6 +121,20 @@ function comparisonParams() {
   return new URLSearchParams({ jobs: picked().join(","), query_set: valueOf("cmp-qs"), top: valueOf("cmp-top") });
 }
 
+/** The curves' figure, each run's curve divided by its largest |value| when the scale asks for it: one run's curve
+ * 10-50x another's (AdamW against SGD) no longer flattens the other to zero. The shapes compare, not the sizes. */
+function scaled(figure, scale) {
+  if (scale !== "max") return figure;
+  const data = figure.data.map((trace) => {
+    if (!Array.isArray(trace.y)) return trace;
+    const largest = Math.max(...trace.y.filter((v) => v != null).map(Math.abs), 0) || 1;
+    const y = trace.y.map((v) => (v == null ? v : v / largest));
+    return { ...trace, y, name: `${trace.name} (÷ ${largest.toExponential(2)})` };
+  });
+  const yaxis = { ...figure.layout.yaxis, title: { text: "influence ÷ the run's largest |value|" } };
+  return { data, layout: { ...figure.layout, yaxis } };
+}
+
 /** Draws the comparison of the picked analyses and keeps the picks and options in the URL; when they change again
  * before the answer arrives, only the newest comparison is drawn (none once the page was left). */
 const showComparison = latestOnPage(async (current) => {
@@ -128,6 +144,7 @@ const showComparison = latestOnPage(async (current) => {
     qs: params.get("query_set"),
     view: valueOf("cmp-view"),
     smooth: valueOf("cmp-smooth"),
+    scale: valueOf("cmp-scale"),
     top: params.get("top"),
   });
   params.set("view", valueOf("cmp-view"));
@@ -137,7 +154,8 @@ const showComparison = latestOnPage(async (current) => {
     const found = await api(`/compare?${params}`);
     if (!current()) return; // the picks or options changed meanwhile: the newer comparison is the one to show
     render(byId("comparison"), comparisonMarkup(found));
-    await Plotly.react("compare-curves", found.figures.curves.data, found.figures.curves.layout, PLOT_CONFIG);
+    const curves = scaled(found.figures.curves, valueOf("cmp-scale"));
+    await Plotly.react("compare-curves", curves.data, curves.layout, PLOT_CONFIG);
     if (!current()) return; // (the plots are found by id: a newer comparison's markup may have replaced them)
     await Plotly.react("compare-shares", found.figures.shares.data, found.figures.shares.layout, PLOT_CONFIG);
     if (current()) byId("comparison").dataset.ready = "true";
@@ -154,6 +172,7 @@ function restore(jobs) {
   for (const [id, name] of [
     ["cmp-view", "view"],
     ["cmp-smooth", "smooth"],
+    ["cmp-scale", "scale"],
     ["cmp-top", "top"],
   ]) {
     if (params.get(name)) byId(id).value = params.get(name);
@@ -169,7 +188,9 @@ export async function renderCompare(current, view) {
   render(view, page(jobs));
   byId("compare-picks").addEventListener("change", () => fillQuerySets(jobs, valueOf("cmp-qs")));
   byId("compare").addEventListener("click", () => showComparison(current));
-  onEach(["cmp-view", "cmp-smooth"], "change", () => byId("comparison").childElementCount && showComparison(current));
+  onEach(["cmp-view", "cmp-smooth", "cmp-scale"], "change", () => {
+    if (byId("comparison").childElementCount) showComparison(current);
+  });
   bindExports(byId("comparison"), (name, format) => {
     const params = comparisonParams();
     params.set("format", format);
