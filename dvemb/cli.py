@@ -13,10 +13,11 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dvemb.client import cli as client_cli
-from dvemb.errors import DvembError
+from dvemb.errors import ConfigError, DvembError
 
 if TYPE_CHECKING:
     from dvemb.engine import ComputeProgress
@@ -75,6 +76,11 @@ def _progress_printer() -> Callable[[ComputeProgress], None]:
 
 def _compute(args: argparse.Namespace) -> int:
     from dvemb.engine import ComputeArguments, compute
+
+    out = Path(args.out)
+    existing = next(p for p in (out, *out.parents) if p.exists())  # the results go under it
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file; pass a directory for the results (created if missing)")
 
     arguments = ComputeArguments(
         curvature=args.curvature,
@@ -197,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except DvembError as exc:
+        print(f"dvemb: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file system refusal (permissions, a full disk): its message names the path
         print(f"dvemb: error: {exc}", file=sys.stderr)
         return 2
 

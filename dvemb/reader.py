@@ -16,6 +16,7 @@ import binascii
 import hashlib
 import json
 import mmap
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -38,7 +39,7 @@ from dvemb.errors import (
     StepContinuityError,
     TruncatedFileError,
 )
-from dvemb.formats.ids import check_ids
+from dvemb.formats.ids import check_ids, unsafe_character
 from dvemb.formats.manifest import LayerEntry, Manifest, ManifestError
 from dvemb.formats.shard_index import ParsedIndex, ShardIndexError, parse_shard_index
 from dvemb.optim import PROPAGATIONS
@@ -159,6 +160,8 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise LogFormatError(path, f"manifest is not valid JSON ({exc})") from None
+    except RecursionError:  # arrays or objects nested thousands deep: no manifest is
+        raise LogFormatError(path, "manifest is not a dvemb manifest (JSON nested too deeply to read)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
         raise LogFormatError(path, f"not a dvemb gradient log manifest (format is not {fmt.FORMAT_NAME!r})")
     version = manifest.get("version")
@@ -176,11 +179,23 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         raise LogFormatError(path, f"manifest lacks {', '.join(missing)}")
     if manifest["dtype"] not in fmt.STORAGE_DTYPES:
         raise LogFormatError(path, f"unknown storage dtype {manifest['dtype']!r}")
+    _check_model_name(path, manifest.get("model"))
     try:
         Manifest.from_json(manifest, max_world_size=MAX_WORLD_SIZE)  # types, ranges, names (dvemb.formats)
     except ManifestError as exc:
         raise LogFormatError(path, f"malformed manifest: {exc}") from None
     return manifest
+
+
+def _check_model_name(path: Path, model: Any) -> None:
+    """The manifest's ``model`` (the model's class name, shown with the run) is short printable text."""
+    if model is None:
+        return
+    if not isinstance(model, str) or len(model) > 200 or re.search(r"[\x00-\x1f\x7f]", model):
+        raise LogFormatError(path, "'model' must be the model's class name: text of at most 200 printable characters")
+    unsafe = unsafe_character(model)
+    if unsafe is not None:
+        raise LogFormatError(path, f"'model' holds {unsafe} (NUL or a bidirectional override); remove it")
 
 
 def check_rank_manifest(first: dict[str, Any], manifest: dict[str, Any], rank: int, path: str | Path) -> None:
@@ -428,7 +443,7 @@ class GradientLog:
         ids: list[Any] = []
         for rank in range(self.world_size):
             entry = self.rank_manifests[rank]["shards"][index]
-            path = self.directory / str(entry["file"])
+            path = self._listed_file(entry)  # a missing shard is named, with the log it should be in
             header, _, _ = fmt.read_safetensors_header(path)
             with safe_open(str(path), framework="pt") as f:
                 steps.append(f.get_tensor("row_step"))
@@ -501,7 +516,7 @@ class GradientLog:
             weight_decay=weight_decay,
             loss=_no_infinity(path, "loss", self._tensor(path, tensors, "loss", (num_steps,), torch.float64)),
             row_step=row_step,
-            example_ids=self._ids(path, tensors, num_rows),
+            example_ids=_unique_per_step(path, self._ids(path, tensors, num_rows), row_step),
             grads=grads,
             curvature=curvature,
             optimizer=optimizer,
@@ -664,10 +679,11 @@ class GradientLog:
             for line_number, line in enumerate(f, 1):
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise LogFormatError(path, f"line {line_number} is not JSON") from None
+                except (json.JSONDecodeError, RecursionError):  # not JSON, or nested thousands deep
+                    raise LogFormatError(path, f"line {line_number} is not JSON (or nested too deeply)") from None
                 if not isinstance(record, dict) or "id" not in record:
                     raise LogFormatError(path, f"line {line_number} is not an example record with an 'id'")
+                _check_record_texts(path, line_number, record)
                 if "image" in record:
                     record["image"] = _decode_image(path, line_number, record["image"])
                 yield record
@@ -706,6 +722,27 @@ class GradientLog:
             self.load_query_set(name)
         for _ in self.iter_examples():
             pass
+
+
+def _check_record_texts(path: Path, line_number: int, record: dict[str, Any]) -> None:
+    """An example record's id is a usable id, and its texts (text, label, source) hold no NUL nor bidirectional
+    override: the dashboard shows them, the database stores them."""
+    example_id = record["id"]
+    if isinstance(example_id, bool) or not isinstance(example_id, int | str):
+        raise LogFormatError(path, f"line {line_number}: the id must be an integer or a string")
+    try:
+        check_ids([example_id])
+    except ValueError as exc:
+        raise LogFormatError(path, f"line {line_number}: {exc}") from None
+    for key in ("text", "label", "source"):
+        value = record.get(key)
+        unsafe = unsafe_character(value) if isinstance(value, str) else None
+        if unsafe is not None:
+            raise LogFormatError(
+                path,
+                f"line {line_number} (example {record['id']!r}): its {key} holds {unsafe} (NUL, or a bidirectional "
+                "override that makes the shown text read otherwise); remove it before rec.describe(...)",
+            )
 
 
 def _decode_image(path: Path, line_number: int, image: Any) -> np.ndarray:
@@ -771,6 +808,24 @@ def _no_infinity(path: Path, name: str, values: torch.Tensor) -> torch.Tensor:
     if bool(torch.isinf(values).any()):
         raise NonFiniteValueError(path, f"{name} holds an infinite value")
     return values
+
+
+def _unique_per_step(path: Path, ids: list[int] | list[str], row_step: torch.Tensor) -> list[int] | list[str]:
+    """The ids of a rank's shard, each at most once per step (a step's rows are its distinct examples)."""
+    if ids and isinstance(ids[0], int):  # the usual case, without a Python loop: sorted (step, id) pairs
+        pairs = np.stack([row_step.numpy(), np.asarray(ids, dtype=np.int64)], axis=1)  # (R, 2)
+        if len(np.unique(pairs, axis=0)) == len(ids):
+            return ids
+    seen: set[tuple[int, object]] = set()
+    for step, example in zip(row_step.tolist(), ids, strict=True):
+        if (step, example) in seen:
+            raise HeaderMismatchError(
+                path,
+                f"example id {example!r} appears twice in step {step}: each example is at most once in a step (a "
+                "sampler that draws with replacement must give each draw its own id, e.g. f'{index}#{draw}')",
+            )
+        seen.add((step, example))
+    return ids
 
 
 def _merge_ranks(parts: list[ShardData]) -> ShardData:

@@ -12,7 +12,7 @@ instead of restating them (an import-linter contract keeps it so).
 - :mod:`dvemb.formats.phases`: the three training phases and which one a step falls in.
 """
 
-from dvemb.formats.ids import MAX_ID_CHARS, check_ids, decode_ids, encode_ids, id_type
+from dvemb.formats.ids import MAX_ID_CHARS, check_ids, decode_ids, encode_ids, id_type, unsafe_character
 from dvemb.formats.log_files import (
     EXAMPLE_FILES_GLOB,
     LOG_FILE_NAME,
@@ -105,4 +105,5 @@ __all__ = [
     "shard_name",
     "topk_file",
     "totals_file",
+    "unsafe_character",
 ]

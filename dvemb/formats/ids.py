@@ -11,29 +11,47 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_ID_CHARS", "check_ids", "decode_ids", "encode_ids", "id_type"]
+__all__ = ["MAX_ID_CHARS", "check_ids", "decode_ids", "encode_ids", "id_type", "unsafe_character"]
 
 #: Longest string id (characters): ids are shown, filtered and stored as database keys.
 MAX_ID_CHARS = 255
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+#: What no text of a log may hold: NUL (the database cannot store it) and the bidirectional embeddings, overrides
+#: and isolates (U+202A-U+202E, U+2066-U+2069), which make a shown text read otherwise than it is.
+_UNSAFE = re.compile(r"[\x00\u202a-\u202e\u2066-\u2069]")
+
+
+def unsafe_character(text: str) -> str | None:
+    """The first character of ``text`` that no text of a log may hold (NUL, a bidirectional override, embedding
+    or isolate), as ``U+XXXX``; None when there is none."""
+    found = _UNSAFE.search(text)
+    return None if found is None else f"U+{ord(found.group()):04X}"
 
 
 def check_ids(ids: Sequence[int | str]) -> None:
-    """A :class:`ValueError` naming the first string id that is too long or holds a control character (NUL,
-    newline, ...): such ids cannot be shown, filtered or stored as database keys."""
+    """A :class:`ValueError` naming the first id that is negative, or a string id that is too long or holds a
+    control character (NUL, newline, a bidirectional override...): such ids cannot be shown, filtered or stored as
+    database keys."""
     for position, i in enumerate(ids):
         if isinstance(i, str) and (len(i) > MAX_ID_CHARS or _CONTROL.search(i)):
-            shown = repr(i[:40]) + ("..." if len(i) > 40 else "")
+            shown = ascii(i[:40]) + ("..." if len(i) > 40 else "")
             raise ValueError(
                 f"example id {position} ({shown}) is longer than {MAX_ID_CHARS} characters or holds a control "
                 "character; use short printable ids (a dataset index, a hash, a file name)"
+            )
+        if not isinstance(i, str) and i < 0:
+            raise ValueError(
+                f"example id {position} is {i}: integer ids are dataset indices, 0 or more (or use string ids)"
             )
 
 
 def encode_ids(ids: Sequence[int | str]) -> dict[str, np.ndarray]:
     """Ids as arrays; a :class:`ValueError` naming the types when ints and strings are mixed."""
     if all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in ids):
-        return {"example_id": np.asarray(list(ids), dtype=np.int64).reshape(-1)}
+        array = np.asarray(list(ids), dtype=np.int64).reshape(-1)
+        if array.size and int(array.min()) < 0:
+            check_ids([int(i) for i in array.tolist()])  # names the first negative id
+        return {"example_id": array}
     if all(isinstance(i, str) for i in ids):
         check_ids(ids)
         encoded = [str(i).encode("utf-8") for i in ids]

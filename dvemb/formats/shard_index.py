@@ -62,7 +62,7 @@ def parse_shard_index(data: bytes, rank: int, *, sealed: bool) -> ParsedIndex:
         try:
             record = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
             entry = ShardEntry.from_json(record) if isinstance(record, dict) else None
-        except (UnicodeDecodeError, ValueError):  # JSONDecodeError and ManifestError are ValueErrors
+        except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError, ManifestError; nested deep
             entry = None
         if entry is None:
             raise ShardIndexError(f"line {number} is not a shard record; the index is corrupt")

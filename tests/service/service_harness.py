@@ -138,10 +138,12 @@ def record_log(
     query_ids: list[str] | None = None,
     id_of: Callable[[int], Any] | None = None,
     label_of: Callable[[int], Any] | None = None,
+    text_of: Callable[[int], str] | None = None,
     **recorder_options: Any,
 ) -> Path:
     """A small real log: an MLP trained with the recorder (plain SGD, or ``"adam"``), one query set;
-    ``id_of`` names the i-th example (default: i), ``label_of`` labels it (default: its class);
+    ``id_of`` names the i-th example (default: i), ``label_of`` labels it (default: its class), ``text_of`` gives
+    it a text (default: none);
     ``recorder_options`` go to the Recorder (``curvature=``, ``projection=``...)."""
     name = id_of or (lambda i: i)
     torch.manual_seed(seed)
@@ -164,6 +166,7 @@ def record_log(
     everyone = list(range(steps * batch))
     sources = ["even" if i % 2 == 0 else "odd" for i in everyone]
     labels = y.tolist() if label_of is None else [label_of(i) for i in everyone]
-    rec.describe([name(i) for i in everyone], labels=labels, sources=sources)
+    texts = None if text_of is None else [text_of(i) for i in everyone]
+    rec.describe([name(i) for i in everyone], labels=labels, sources=sources, texts=texts)
     rec.close()
     return directory
