@@ -1,0 +1,43 @@
+"""Exact replay: the first-order ceiling of a recorded run, and how far to trust its fast scores.
+
+- :func:`replay` replays training (model at initialisation, optimizer in its initial state, the log's order and
+  rates as a :class:`ReplaySchedule`, the step as a loss function) and scores every occurrence exactly to first
+  order on a few queries, by reverse mode with Hessian-vector products and the optimizer's exact map
+  (docs/replay.md); :func:`save_replay` and :func:`load_replay` keep it next to a computation's results;
+- :func:`trust` compares the fast scores of a results directory with the replay and writes ``trust-<set>.json``;
+- :class:`Replayer` is the machinery (forward with checkpoints, adjoint, state recomputation).
+"""
+
+from dvemb.replay.api import replay
+from dvemb.replay.engine import QUERY_COLUMNS, REMOVALS, ReplayArguments, Replayer, TrainState
+from dvemb.replay.files import Replay, load_replay, save_replay
+from dvemb.replay.optimizers import SUPPORTED, FunctionalOptimizer, OptimizerState
+from dvemb.replay.probe import linearity_probe, summarise_probe
+from dvemb.replay.schedule import ReplaySchedule, schedule_from_log
+from dvemb.replay.training import Examples, LossFn, ReplayError
+from dvemb.replay.trust import agreement, trust, trust_file
+
+__all__ = [
+    "QUERY_COLUMNS",
+    "REMOVALS",
+    "SUPPORTED",
+    "Examples",
+    "FunctionalOptimizer",
+    "LossFn",
+    "OptimizerState",
+    "Replay",
+    "ReplayArguments",
+    "ReplayError",
+    "ReplaySchedule",
+    "Replayer",
+    "TrainState",
+    "agreement",
+    "linearity_probe",
+    "load_replay",
+    "replay",
+    "save_replay",
+    "schedule_from_log",
+    "summarise_probe",
+    "trust",
+    "trust_file",
+]

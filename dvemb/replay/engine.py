@@ -1,0 +1,330 @@
+"""Exact replay: the first-order influence of every training occurrence on a few queries, by reverse mode.
+
+A forward pass replays training and keeps the state (parameters and optimizer state) every ``N`` steps; the
+adjoint pass goes backwards segment by segment, recomputing the states inside a segment from its checkpoint,
+and at every step pulls the queries' sensitivities ``lambda`` back through the step's exact derivative
+(docs/replay.md): one vector-Jacobian product through the optimizer's update (:mod:`dvemb.replay.optimizers`)
+gives the sensitivity of the step's gradient ``u``, then one double-backward product per micro-batch gives the
+Hessian-vector product ``H u`` and every example's score ``-d J / d w_z = -u . g_z / B`` at once. Memory: about
+``T / N + N`` states (``N = ceil(sqrt(T))`` by default) plus ``K`` sensitivities.
+
+Implementations: :class:`Replayer` (forward, checkpoints, adjoint); :class:`ReplayArguments` (options).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dvemb.errors import ConfigError
+from dvemb.replay.optimizers import FunctionalOptimizer, OptimizerState
+from dvemb.replay.schedule import ReplaySchedule
+from dvemb.replay.training import Examples, LossFn, TrainingStep, check_replayable
+
+__all__ = ["QUERY_COLUMNS", "REMOVALS", "ReplayArguments", "Replayer", "TrainState"]
+
+#: What removing an occurrence means; ``"auto"``: ``"batch"`` for a mean-reduced loss, ``"weight"`` for a sum
+#: (as ``dvemb.engine.ComputeArguments.removal``).
+REMOVALS = ("auto", "batch", "weight")
+#: ``"mean"``: one query, the mean loss over every query example; ``"each"``: one query per query example.
+QUERY_COLUMNS = ("mean", "each")
+
+
+@dataclass(frozen=True)
+class ReplayArguments:
+    """Options of a replay.
+
+    Attributes:
+        removal: ``"auto"``, ``"batch"`` (the example leaves its batch: gradient change ``-(g_z - g_B)/(B-1)``) or
+            ``"weight"`` (its weight becomes 0: ``-g_z/B`` for a mean, ``-g_z`` for a sum).
+        checkpoint_every: steps between kept states; None: ``ceil(sqrt(T))`` (memory about ``2 sqrt(T)``
+            states); 1 keeps every state and recomputes nothing.
+        micro_batches: parts each step is evaluated in (gradient accumulation; memory of one part).
+        query_columns: ``"mean"`` (one query: the mean loss of all query examples) or ``"each"`` (one per example).
+        max_queries: refuse more query columns than this (each costs one Hessian-vector product per step).
+        probe: occurrences whose removal is retrained at ``probe_scales`` of its weight (the linearity probe;
+            each costs ``len(probe_scales)`` retrainings of the tail of the run); 0: no probe.
+        probe_scales: multiples of the removal that the probe retrains with.
+        seed: chooses the probed occurrences.
+    """
+
+    removal: str = "auto"
+    checkpoint_every: int | None = None
+    micro_batches: int = 1
+    query_columns: str = "mean"
+    max_queries: int = 64
+    probe: int = 0
+    probe_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.removal not in REMOVALS:
+            raise ConfigError(f"removal={self.removal!r} is not one of {REMOVALS}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every}: use 1 or more (None: sqrt of the steps)")
+        if self.micro_batches < 1:
+            raise ConfigError(f"micro_batches={self.micro_batches}: use 1 or more")
+        if self.query_columns not in QUERY_COLUMNS:
+            raise ConfigError(f"query_columns={self.query_columns!r} is not one of {QUERY_COLUMNS}")
+        if self.max_queries < 1 or self.probe < 0:
+            raise ConfigError("max_queries must be at least 1 and probe at least 0")
+        if not self.probe_scales or 1.0 not in self.probe_scales or any(s <= 0 for s in self.probe_scales):
+            raise ConfigError(f"probe_scales={self.probe_scales}: positive multiples, 1.0 among them")
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """The state entering a step: the trained parameters and the optimizer's state."""
+
+    params: tuple[torch.Tensor, ...]
+    optimizer: OptimizerState
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each pass."""
+
+    forward: float = 0.0
+    adjoint: float = 0.0
+    probe: float = 0.0
+    steps_replayed: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Replayer:
+    """Replays a recorded training run and carries queries backwards through it.
+
+    Args:
+        model: the model at initialisation (its current parameters are the run's initial weights).
+        optimizer: the run's optimizer in its initial state (SGD, Adam or AdamW; its hyperparameters and state
+            are read, it is never stepped). Its parameters requiring grad are the trained ones.
+        schedule: the order, ids and rates (:func:`dvemb.replay.schedule_from_log`).
+        loss_fn, examples: the step as a function (:mod:`dvemb.replay.training`).
+        queries: query batches for ``loss_fn`` (each gives per-example losses).
+        arguments: options.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: ReplaySchedule,
+        loss_fn: LossFn,
+        examples: Examples,
+        queries: Sequence[Any],
+        arguments: ReplayArguments | None = None,
+    ) -> None:
+        self.arguments = arguments or ReplayArguments()
+        check_replayable(model)
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_optimizer]
+        if not named:
+            raise ConfigError("the optimizer trains none of the model's parameters")
+        self.names = [n for n, _ in named]
+        self.optimizer, initial = FunctionalOptimizer.from_torch(optimizer, [p for _, p in named])
+        self.groups = len(optimizer.param_groups)
+        self.initial = TrainState(tuple(p.detach().clone() for _, p in named), initial)
+        self.schedule = schedule
+        self.step = TrainingStep(
+            model,
+            self.names,
+            loss_fn,
+            examples,
+            reduction=schedule.loss_reduction,
+            micro_batches=self.arguments.micro_batches,
+        )
+        self.queries = list(queries)
+        if not self.queries:
+            raise ConfigError("no query batches: pass at least one")
+        self.removal = self.arguments.removal
+        if self.removal == "auto":
+            self.removal = "batch" if schedule.loss_reduction == "mean" else "weight"
+        T = schedule.num_steps
+        self.every = self.arguments.checkpoint_every or max(1, math.ceil(math.sqrt(T)))
+        self.checkpoints: dict[int, TrainState] = {}
+        self.final: TrainState | None = None
+        self.losses: list[float] = []
+        self.timings = Timings()
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def advance(self, state: TrainState, t: int, weights: torch.Tensor | None = None) -> tuple[TrainState, float]:
+        """The state after step ``t`` (examples weighted by ``weights``, (B,), default 1) and the step's loss."""
+        grads, loss = self.step.gradient(state.params, list(self.schedule.step_ids[t]), weights)
+        with torch.no_grad():
+            params, opt = self.optimizer.step(
+                state.params, grads, state.optimizer, self.schedule.group_lrs(t, self.groups)
+            )
+        self.timings.steps_replayed += 1
+        return TrainState(tuple(p.detach() for p in params), opt.detach()), loss
+
+    def forward(self) -> TrainState:
+        """Replay the whole run, keeping a checkpoint every ``checkpoint_every`` steps; the final state."""
+        started = time.perf_counter()
+        state, self.losses = self.initial, []
+        for t in range(self.schedule.num_steps):
+            if t % self.every == 0:
+                self.checkpoints[t] = state
+            state, loss = self.advance(state, t)
+            self.losses.append(loss)
+        self.final = state
+        self.timings.forward += time.perf_counter() - started
+        return state
+
+    def state_at(self, t: int) -> TrainState:
+        """The state entering step ``t``, recomputed from the checkpoint before it."""
+        if self.final is None:
+            raise ConfigError("call forward() first")
+        if t == self.schedule.num_steps:
+            return self.final
+        start = t - t % self.every
+        state = self.checkpoints[start]
+        for k in range(start, t):
+            state, _ = self.advance(state, k)
+        return state
+
+    def loss_gap(self) -> float | None:
+        """Largest ``|replayed - logged| / max(1, |logged|)`` training loss over the logged steps (None: none)."""
+        logged = self.schedule.losses
+        if logged is None:
+            return None
+        gaps = [abs(a - b) / max(1.0, abs(b)) for a, b in zip(self.losses, logged, strict=True) if math.isfinite(b)]
+        return max(gaps) if gaps else None
+
+    # -- queries ---------------------------------------------------------------------------------------------
+
+    def query_losses(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(K,) the query columns' losses at ``params`` (differentiable when ``params`` require grad)."""
+        forward = self.step.forward_at(params)
+        per_example = []
+        for batch in self.queries:
+            losses = self.step.loss_fn(forward, batch)
+            if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+                raise ConfigError("loss_fn must return one loss per query example (reduction='none')")
+            per_example.append(losses)
+        losses = torch.cat(per_example)
+        if self.arguments.query_columns == "mean":
+            return losses.mean()[None]
+        if len(losses) > self.arguments.max_queries:
+            raise ConfigError(
+                f"{len(losses)} query examples with query_columns='each' is more than max_queries="
+                f"{self.arguments.max_queries}: each costs one Hessian-vector product per step; raise max_queries "
+                "or use query_columns='mean'"
+            )
+        return losses
+
+    def query_gradients(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per parameter (K, *shape) the gradient of each query column at ``params``, and the (K,) losses."""
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        losses = self.query_losses(leaves)
+        rows = []
+        for k in range(len(losses)):
+            grads = torch.autograd.grad(losses[k], leaves, retain_graph=k + 1 < len(losses), allow_unused=True)
+            rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)])
+        return [torch.stack([row[i] for row in rows]) for i in range(len(leaves))], losses.detach()
+
+    # -- adjoint ---------------------------------------------------------------------------------------------
+
+    def adjoint(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of every occurrence under the ``"weight"`` removal and the queries' final losses.
+
+        Returns:
+            (R, K) ``-d J_k / d w_z`` for every occurrence in chronological order (positive: removing the
+            occurrence raises query k's loss, it helped), and (K,) the query losses at the final parameters.
+        """
+        final = self.final if self.final is not None else self.forward()
+        started = time.perf_counter()
+        lam_params, final_losses = self.query_gradients(final.params)
+        K = len(final_losses)
+        lam_slots = [torch.zeros((K, *t.shape), dtype=t.dtype, device=t.device) for t in final.optimizer.flat()]
+        sizes = [len(ids) for ids in self.schedule.step_ids]
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
+        scores = torch.zeros(offsets[-1], K, dtype=torch.float64)
+        T = self.schedule.num_steps
+        for start in range(((T - 1) // self.every) * self.every, -1, -self.every):
+            states = [self.checkpoints[start]]
+            for t in range(start, min(start + self.every, T) - 1):
+                states.append(self.advance(states[-1], t)[0])
+            for t in range(min(start + self.every, T) - 1, start - 1, -1):
+                lam_params, lam_slots, step_scores = self.step_adjoint(states[t - start], t, lam_params, lam_slots)
+                scores[offsets[t] : offsets[t + 1]] = step_scores.to(torch.float64)
+        self.timings.adjoint += time.perf_counter() - started
+        return scores, final_losses
+
+    def step_adjoint(
+        self, state: TrainState, t: int, lam_params: list[torch.Tensor], lam_slots: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Pull the sensitivities back through step ``t``.
+
+        Args:
+            state: the state entering step t.
+            lam_params: per parameter (K, *shape) ``d J / d theta_{t+1}``.
+            lam_slots: per optimizer slot (K, *shape) ``d J / d slot_{t+1}``.
+
+        Returns:
+            the same for the state entering step t, and (B, K) ``-d J / d w_z`` of the step's examples.
+        """
+        ids = list(self.schedule.step_ids[t])
+        B = len(ids)
+        params = [p.detach().requires_grad_(True) for p in state.params]
+        slots = [s.detach().requires_grad_(True) for s in state.optimizer.flat()]
+        parts = self.step.parts(B)
+        dtype, device = params[0].dtype, params[0].device
+        graphs: list[tuple[slice, torch.Tensor, list[torch.Tensor | None]]] = []
+        if len(parts) == 1:  # one part: its graph gives both the gradient and, later, the second derivative
+            w = torch.ones(B, dtype=dtype, device=device, requires_grad=True)
+            g_graph, _ = self.step.part_gradient(params, ids, w, B, create_graph=True)
+            graphs.append((parts[0], w, g_graph))
+            grads: list[torch.Tensor | None] = [None if g is None else g.detach() for g in g_graph]
+        else:
+            grads = self.step.gradient(params, ids)[0]
+        g_leaves = [None if g is None else g.detach().requires_grad_(True) for g in grads]
+        present = [i for i, g in enumerate(g_leaves) if g is not None]
+        present_leaves = [g for g in g_leaves if g is not None]
+        new_params, new_opt = self.optimizer.step(
+            params, g_leaves, state.optimizer.with_flat(slots), self.schedule.group_lrs(t, self.groups)
+        )
+        outputs = [*new_params, *new_opt.flat()]
+        inputs = [*params, *slots, *present_leaves]
+        K = lam_params[0].shape[0]
+        direct, slot_out, u = [], [], []
+        for k in range(K):
+            cot = [lam[k] for lam in lam_params] + [lam[k] for lam in lam_slots]
+            pulled = torch.autograd.grad(outputs, inputs, cot, retain_graph=True, allow_unused=True)
+            pulled = tuple(torch.zeros_like(x) if d is None else d for x, d in zip(inputs, pulled, strict=True))
+            direct.append(pulled[: len(params)])
+            slot_out.append(pulled[len(params) : len(params) + len(slots)])
+            u.append(dict(zip(present, pulled[len(params) + len(slots) :], strict=True)))  # d J / d g_t
+        hvp = [[torch.zeros_like(p) for p in params] for _ in range(K)]
+        dw = torch.zeros(B, K, dtype=dtype, device=device)
+        for part in parts:
+            if len(parts) > 1:
+                w = torch.ones(part.stop - part.start, dtype=dtype, device=device, requires_grad=True)
+                g_graph, _ = self.step.part_gradient(params, ids[part], w, B, create_graph=True)
+            else:
+                _, w, g_graph = graphs[0]
+            used = [i for i in present if g_graph[i] is not None]
+            outs = [g for i in used if (g := g_graph[i]) is not None]
+            for k in range(K):
+                cot = [u[k][i] for i in used]
+                pulled = torch.autograd.grad(outs, [*params, w], cot, retain_graph=True, allow_unused=True)
+                for i, d in enumerate(pulled[:-1]):
+                    if d is not None:
+                        hvp[k][i] = hvp[k][i] + d
+                if pulled[-1] is not None:
+                    dw[part, k] = pulled[-1]
+        new_lam_params = [torch.stack([direct[k][i] + hvp[k][i] for k in range(K)]) for i in range(len(params))]
+        new_lam_slots = [torch.stack([slot_out[k][j] for k in range(K)]) for j in range(len(slots))]
+        return (
+            [x.detach() for x in new_lam_params],
+            [x.detach() for x in new_lam_slots],
+            -dw.detach(),
+        )

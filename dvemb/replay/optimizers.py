@@ -1,0 +1,217 @@
+"""The optimizer's update as a differentiable function: PyTorch's SGD, Adam and AdamW, one step at a time.
+
+The replay differentiates through this function (docs/replay.md, section 2): its value reproduces
+``torch.optim``'s update (same operations, same order, so a float64 replay follows the recorded training to
+round-off) and its derivative is the optimizer's exact first-order map, Adam's second moment included. The one
+convention beyond PyTorch: where Adam's ``v_hat`` is exactly 0 (a coordinate that never had a gradient) the
+derivative of ``sqrt(v_hat)`` is taken as 0 instead of infinity (its tangent there is 0 anyway).
+
+Implementations: :class:`FunctionalOptimizer` (built from a ``torch.optim`` optimizer by :meth:`from_torch`);
+the state it carries is a :class:`OptimizerState`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dvemb.errors import ConfigError
+
+__all__ = ["SUPPORTED", "FunctionalOptimizer", "GroupSettings", "OptimizerState"]
+
+#: Optimizers whose exact map the replay follows (``torch.optim`` class names).
+SUPPORTED = ("SGD", "Adam", "AdamW")
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """Hyperparameters of one parameter group (the learning rate comes from the schedule, per step)."""
+
+    kind: str  # "sgd", "adam" or "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class OptimizerState:
+    """The optimizer's state between two steps.
+
+    Attributes:
+        slots: per parameter, its state tensors in a fixed order: SGD with momentum ``[momentum_buffer]``
+            (zeros before the buffer exists), Adam/AdamW ``[exp_avg, exp_avg_sq]``, plain SGD none.
+        counts: per parameter, the steps it has taken (SGD: 0 means the buffer does not exist yet).
+    """
+
+    slots: tuple[tuple[torch.Tensor, ...], ...]
+    counts: tuple[int, ...]
+
+    def flat(self) -> list[torch.Tensor]:
+        """Every slot tensor, parameter by parameter."""
+        return [t for slot in self.slots for t in slot]
+
+    def with_flat(self, tensors: Sequence[torch.Tensor], counts: tuple[int, ...] | None = None) -> OptimizerState:
+        """The same structure holding ``tensors`` (as returned by :meth:`flat`)."""
+        out, i = [], 0
+        for slot in self.slots:
+            out.append(tuple(tensors[i : i + len(slot)]))
+            i += len(slot)
+        return OptimizerState(tuple(out), self.counts if counts is None else counts)
+
+    def detach(self) -> OptimizerState:
+        """A copy cut from any autograd graph."""
+        return self.with_flat([t.detach() for t in self.flat()])
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` whose derivative at exactly 0 is 0 rather than infinity (x >= 0)."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+class FunctionalOptimizer:
+    """``torch.optim``'s update rules as a pure, differentiable function of (parameters, state, gradients).
+
+    Args:
+        settings: per trained parameter, its group's hyperparameters.
+        groups: per trained parameter, the index of its parameter group (rates are given per group).
+    """
+
+    def __init__(self, settings: Sequence[GroupSettings], groups: Sequence[int]) -> None:
+        self.settings = list(settings)
+        self.groups = list(groups)
+
+    @classmethod
+    def from_torch(
+        cls, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
+    ) -> tuple[FunctionalOptimizer, OptimizerState]:
+        """The functional form of ``optimizer`` over ``params`` and its current state (the run's initial state).
+
+        Raises:
+            ConfigError: an optimizer or option whose map is not modelled (amsgrad, maximize, other classes), or
+                a parameter of ``params`` that the optimizer does not train.
+        """
+        name = type(optimizer).__name__
+        if name not in SUPPORTED:
+            raise ConfigError(f"the replay follows {', '.join(SUPPORTED)} exactly; {name} is not modelled")
+        where = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        settings, groups, slots, counts = [], [], [], []
+        for p in params:
+            if id(p) not in where:
+                raise ConfigError("a trained parameter is not in the optimizer's param_groups")
+            gi = where[id(p)]
+            s = _group_settings(name, optimizer.param_groups[gi])
+            settings.append(s)
+            groups.append(gi)
+            slot, count = _initial_state(s, optimizer.state.get(p, {}), p)
+            slots.append(slot)
+            counts.append(count)
+        return cls(settings, groups), OptimizerState(tuple(slots), tuple(counts))
+
+    def step(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor | None],
+        state: OptimizerState,
+        lrs: Sequence[float],
+    ) -> tuple[list[torch.Tensor], OptimizerState]:
+        """One optimizer step, out of place (differentiable in every tensor argument).
+
+        Args:
+            params: the trained parameters before the step.
+            grads: their gradients (None: the parameter got no gradient and, as in PyTorch, is not updated).
+            state: the optimizer's state before the step.
+            lrs: the learning rate of each parameter group at this step.
+
+        Returns:
+            the parameters after the step and the new state.
+        """
+        new_params, new_slots, new_counts = [], [], []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            slot, count = state.slots[i], state.counts[i]
+            if g is None:
+                new_params.append(p)
+                new_slots.append(slot)
+                new_counts.append(count)
+                continue
+            s, lr = self.settings[i], float(lrs[self.groups[i]])
+            if s.kind == "sgd":
+                p2, slot2 = _sgd(s, p, g, slot, count, lr)
+            else:
+                p2, slot2 = _adam(s, p, g, slot, count + 1, lr)
+            new_params.append(p2)
+            new_slots.append(slot2)
+            new_counts.append(count + 1)
+        return new_params, OptimizerState(tuple(new_slots), tuple(new_counts))
+
+
+def _group_settings(name: str, group: dict[str, Any]) -> GroupSettings:
+    if group.get("maximize", False):
+        raise ConfigError("maximize=True is not modelled by the replay (its map is the same with the sign flipped)")
+    if group.get("amsgrad", False):
+        raise ConfigError("amsgrad=True is not modelled by the replay: max(v_max, v) has no first-order map")
+    wd = float(group.get("weight_decay", 0.0))
+    if name == "SGD":
+        return GroupSettings(
+            "sgd",
+            weight_decay=wd,
+            momentum=float(group.get("momentum", 0.0)),
+            dampening=float(group.get("dampening", 0.0)),
+            nesterov=bool(group.get("nesterov", False)),
+        )
+    if group.get("decoupled_weight_decay", False):
+        name = "AdamW"
+    b1, b2 = group["betas"]
+    kind = "adamw" if name == "AdamW" else "adam"
+    return GroupSettings(kind, weight_decay=wd, beta1=float(b1), beta2=float(b2), eps=float(group["eps"]))
+
+
+def _initial_state(s: GroupSettings, state: dict[str, Any], p: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], int]:
+    """A parameter's slots and step count from ``optimizer.state[p]`` (empty before the first step)."""
+    zeros = torch.zeros_like(p.detach())
+    if s.kind == "sgd":
+        if s.momentum == 0:
+            return (), 0
+        buf = state.get("momentum_buffer")
+        return ((zeros,), 0) if buf is None else ((buf.detach().clone(),), 1)
+    if not state:
+        return (zeros, zeros.clone()), 0
+    step = state["step"]
+    count = int(step.item() if isinstance(step, torch.Tensor) else step)
+    return (state["exp_avg"].detach().clone(), state["exp_avg_sq"].detach().clone()), count
+
+
+def _sgd(
+    s: GroupSettings, p: torch.Tensor, g: torch.Tensor, slot: tuple[torch.Tensor, ...], count: int, lr: float
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``torch.optim.SGD``'s single-tensor update."""
+    d_p = g + s.weight_decay * p if s.weight_decay != 0 else g
+    if s.momentum == 0:
+        return p - lr * d_p, ()
+    # The buffer is the first step's d_p itself (no dampening), then mu buf + (1 - dampening) d_p.
+    buf = d_p if count == 0 else slot[0] * s.momentum + (1 - s.dampening) * d_p
+    d_p = d_p + s.momentum * buf if s.nesterov else buf
+    return p - lr * d_p, (buf,)
+
+
+def _adam(
+    s: GroupSettings, p: torch.Tensor, g: torch.Tensor, slot: tuple[torch.Tensor, ...], step: int, lr: float
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``torch.optim.Adam``/``AdamW``'s single-tensor update (``step`` counted after this step)."""
+    if s.kind == "adamw":
+        p = p * (1 - lr * s.weight_decay)
+    elif s.weight_decay != 0:
+        g = g + s.weight_decay * p
+    exp_avg = slot[0] + (g - slot[0]) * (1 - s.beta1)  # lerp
+    exp_avg_sq = slot[1] * s.beta2 + (1 - s.beta2) * g * g
+    bias_correction1 = 1 - s.beta1**step
+    bias_correction2_sqrt = (1 - s.beta2**step) ** 0.5
+    denom = _safe_sqrt(exp_avg_sq) / bias_correction2_sqrt + s.eps
+    return p - (lr / bias_correction1) * exp_avg / denom, (exp_avg, exp_avg_sq)

@@ -1,0 +1,318 @@
+"""Exact replay (dvemb.replay) against a naive full-dimensional reference, finite differences of real
+retraining with torch.optim, and the trust measure on a predictable and an unpredictable run."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import dvemb
+from dvemb.replay import (
+    ReplayArguments,
+    Replayer,
+    ReplayError,
+    ReplaySchedule,
+    replay,
+)
+
+N, BATCH, STEPS_PER_EPOCH, EPOCHS = 12, 4, 3, 2
+T = STEPS_PER_EPOCH * EPOCHS
+LRS = [0.05 * (1 - 0.05 * t) for t in range(16)]  # a decaying schedule
+OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "sgd-decay": lambda p: torch.optim.SGD(p, lr=LRS[0], weight_decay=0.01),
+    "momentum-dampening": lambda p: torch.optim.SGD(p, lr=LRS[0], momentum=0.9, dampening=0.2, weight_decay=0.01),
+    "nesterov": lambda p: torch.optim.SGD(p, lr=LRS[0], momentum=0.8, nesterov=True, weight_decay=0.01),
+    "adam": lambda p: torch.optim.Adam(p, lr=LRS[0], betas=(0.8, 0.9), weight_decay=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=LRS[0], betas=(0.8, 0.9), weight_decay=0.1),
+}
+
+
+def _data(seed: int = 0, n: int = N, d: int = 3, classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _order(n: int = N, batch: int = BATCH, epochs: int = EPOCHS, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g).tolist()
+        out += [perm[i : i + batch] for i in range(0, n - batch + 1, batch)]
+    return out
+
+
+def _mlp(seed: int = 0, d: int = 3, hidden: int = 4, classes: int = 2, act: type[nn.Module] = nn.Tanh) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, hidden), act(), nn.Linear(hidden, classes)).double()
+
+
+def _loss_fn(forward: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(forward(batch[0]), batch[1], reduction="none")
+
+
+# -- the naive reference: the optimizer written from PyTorch's documented algorithms, over one flat state vector,
+# -- every step's full Jacobian, every removal pushed forward step by step.
+
+
+class Naive:
+    """Training as a map of the flat state ``s = (theta, buf)`` (SGD with momentum) or ``(theta, m, v)`` (Adam)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model, self.x, self.y = model, x, y
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shapes = [p.shape for _, p in model.named_parameters()]
+        self.P = sum(p.numel() for p in model.parameters())
+        group = optimizer.param_groups[0]
+        self.kind = type(optimizer).__name__
+        self.h = dict(group)
+        self.slots = 0 if self.kind == "SGD" and group["momentum"] == 0 else 1 if self.kind == "SGD" else 2
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        self.initial = torch.cat([theta, torch.zeros(self.slots * self.P)])
+
+    def loss(self, theta: torch.Tensor, ids: list[int], w: torch.Tensor) -> torch.Tensor:
+        params, i = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            params[name] = theta[i : i + shape.numel()].view(shape)
+            i += shape.numel()
+        out = functional_call(self.model, params, (self.x[ids],))
+        return (w * F.cross_entropy(out, self.y[ids], reduction="none")).sum() / len(ids)
+
+    def step(self, s: torch.Tensor, w: torch.Tensor, ids: list[int], t: int) -> torch.Tensor:
+        """PyTorch's update at step t (0-based), written as in its documentation."""
+        P, h, lr = self.P, self.h, LRS[t]
+        s = s if s.requires_grad else s.detach().requires_grad_(True)
+        theta = s[:P]
+        g = torch.autograd.grad(self.loss(theta, ids, w), theta, create_graph=True)[0]
+        if self.kind == "SGD":
+            g = g + h["weight_decay"] * theta
+            if self.slots == 0:
+                return theta - lr * g
+            b = g if t == 0 else h["momentum"] * s[P:] + (1 - h["dampening"]) * g
+            step = g + h["momentum"] * b if h["nesterov"] else b
+            return torch.cat([theta - lr * step, b])
+        b1, b2 = h["betas"]
+        if self.kind == "AdamW":
+            theta = theta * (1 - lr * h["weight_decay"])
+        else:
+            g = g + h["weight_decay"] * theta
+        m = b1 * s[P : 2 * P] + (1 - b1) * g
+        v = b2 * s[2 * P :] + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** (t + 1)), v / (1 - b2 ** (t + 1))
+        return torch.cat([theta - lr * m_hat / (v_hat.sqrt() + h["eps"]), m, v])
+
+    def trajectory(self, order: list[list[int]]) -> list[torch.Tensor]:
+        states = [self.initial]
+        for t, ids in enumerate(order):
+            s = states[-1].detach().requires_grad_(True)
+            states.append(self.step(s, torch.ones(len(ids)), ids, t).detach())
+        return states
+
+    def scores(self, order: list[list[int]], query: tuple[torch.Tensor, torch.Tensor], removal: str) -> np.ndarray:
+        """(R,) the query loss change, to first order, when each occurrence is removed: pushed forward."""
+        states = self.trajectory(order)
+        jac = [
+            torch.autograd.functional.jacobian(
+                lambda s, t=t, ids=ids: self.step(s, torch.ones(len(ids)), ids, t), states[t]
+            )
+            for t, ids in enumerate(order)
+        ]  # (D, D) each
+        q = self.query_grad(states[-1][: self.P], query)
+        out = []
+        for t, ids in enumerate(order):
+            B = len(ids)
+            dstep = torch.autograd.functional.jacobian(
+                lambda w, t=t, ids=ids: self.step(states[t], w, ids, t), torch.ones(B)
+            )
+            for p in range(B):
+                dw = torch.zeros(B)
+                dw[p] = -1.0
+                if removal == "batch":
+                    dw += (torch.arange(B) != p).double() / (B - 1)
+                ds = dstep @ dw  # (D,) the state change after step t
+                for k in range(t + 1, len(order)):
+                    ds = jac[k] @ ds
+                out.append(float(q @ ds[: self.P]))
+        return np.array(out)
+
+    def query_grad(self, theta: torch.Tensor, query: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        theta = theta.detach().requires_grad_(True)
+        params, i = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            params[name] = theta[i : i + shape.numel()].view(shape)
+            i += shape.numel()
+        loss = F.cross_entropy(functional_call(self.model, params, (query[0],)), query[1])
+        return torch.autograd.grad(loss, theta)[0]
+
+
+def _train_torch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: list[list[int]],
+    micro: int = 1,
+) -> None:
+    """Real training with torch.optim (gradient accumulation over ``micro`` equal parts, loss / micro)."""
+    for t, ids in enumerate(order):
+        for group in optimizer.param_groups:
+            group["lr"] = LRS[t]
+        size = len(ids) // micro
+        for i in range(micro):
+            part = ids[i * size : (i + 1) * size]
+            (F.cross_entropy(model(x[part]), y[part]) / micro).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("removal", ["weight", "batch"])
+def test_replay_equals_the_naive_pushed_forward_reference(name: str, removal: str) -> None:
+    x, y = _data()
+    order = _order()
+    model = _mlp()
+    init, init_opt = copy.deepcopy(model), None
+    optimizer = OPTIMIZERS[name](model.parameters())
+    init_opt = OPTIMIZERS[name](init.parameters())
+    naive = Naive(copy.deepcopy(init), init_opt, x, y)
+    _train_torch(model, optimizer, x, y, order, micro=2)
+    # The reference follows PyTorch's own training (anchors both implementations to torch.optim).
+    final = naive.trajectory(order)[-1][: naive.P]
+    torch.testing.assert_close(
+        final, torch.cat([p.detach().reshape(-1) for p in model.parameters()]), rtol=0, atol=1e-12
+    )
+
+    query = (x[:5], y[:5])
+    schedule = ReplaySchedule(order, [[lr] for lr in LRS[:T]], "mean")
+    result = replay(
+        init,
+        init_opt,
+        schedule,
+        _loss_fn,
+        lambda ids: (x[ids], y[ids]),
+        [query],
+        ReplayArguments(removal=removal, checkpoint_every=4, micro_batches=2),
+    )
+    expected = naive.scores(order, query, removal)
+    assert result.scores.shape == (T * BATCH, 1)
+    assert np.abs(expected).max() > 1e-3  # not a test of zeros
+    np.testing.assert_allclose(result.scores[:, 0], expected, rtol=0, atol=1e-10)
+    assert result.summary["loss_gap"] is None and result.summary["removal"] == removal
+
+
+def test_every_checkpoint_spacing_gives_the_same_scores() -> None:
+    x, y = _data()
+    order = _order()
+    schedule = ReplaySchedule(order, [[lr] for lr in LRS[:T]], "mean")
+    runs = []
+    for every in (1, 2, 5, None, 100):
+        model = _mlp()
+        opt = OPTIMIZERS["adamw"](model.parameters())
+        runs.append(
+            replay(
+                model,
+                opt,
+                schedule,
+                _loss_fn,
+                lambda ids: (x[ids], y[ids]),
+                [(x, y)],
+                ReplayArguments(checkpoint_every=every),
+            ).scores
+        )
+    for other in runs[1:]:
+        np.testing.assert_allclose(other, runs[0], rtol=0, atol=1e-14)
+
+
+def test_replay_agrees_with_central_differences_of_real_retraining() -> None:
+    """d J / d w_z by retraining with torch.optim, the occurrence's loss weighted 1 +- 1e-4 (tanh MLP, two epochs)."""
+    x, y = _data(seed=3, n=16, d=4, classes=3)
+    order = _order(n=16, batch=4, seed=5)
+    query = (x[:6], y[:6])
+    for name in ("nesterov", "adamw"):
+        init = _mlp(seed=2, d=4, hidden=5, classes=3)
+        schedule = ReplaySchedule(order, [[lr] for lr in LRS[: len(order)]], "mean")
+        start = copy.deepcopy(init)
+        result = replay(
+            start,
+            OPTIMIZERS[name](start.parameters()),
+            schedule,
+            _loss_fn,
+            lambda ids: (x[ids], y[ids]),
+            [query],
+            ReplayArguments(removal="weight"),
+        )
+
+        def retrained(t: int, p: int, w: float, name: str = name, init: nn.Module = init) -> float:
+            model = copy.deepcopy(init)
+            opt = OPTIMIZERS[name](model.parameters())
+            for k, ids in enumerate(order):
+                for group in opt.param_groups:
+                    group["lr"] = LRS[k]
+                weights = torch.ones(len(ids))
+                if k == t:
+                    weights[p] = w
+                (weights * F.cross_entropy(model(x[ids]), y[ids], reduction="none")).mean().backward()
+                opt.step()
+                opt.zero_grad()
+            with torch.no_grad():
+                return float(F.cross_entropy(model(query[0]), query[1]))
+
+        # Central differences at 1e-6: at Adam's first step (v_hat = g^2, the update ~ sign(g)) the map is so
+        # steep that differences at 1e-4 are already 1% off the derivative.
+        eps = 1e-6
+        base = retrained(-1, 0, 1.0)
+        for t, p in [(0, 1), (2, 3), (4, 0), (len(order) - 1, 2)]:
+            derivative = (retrained(t, p, 1 + eps) - retrained(t, p, 1 - eps)) / (2 * eps)
+            score = result.scores[t * 4 + p, 0]
+            assert abs(score) > 1e-4
+            # The score is the loss change when the occurrence's weight goes 1 -> 0: -dJ/dw to first order.
+            assert score == pytest.approx(-derivative, rel=1e-5)
+            if name == "nesterov":  # a removal of weight 1e-4 (one-sided), to first-order accuracy
+                assert score == pytest.approx((retrained(t, p, 1 - 1e-4) - base) / 1e-4, rel=1e-3)
+
+
+def test_replay_refuses_what_it_cannot_replay() -> None:
+    x, y = _data()
+    order = _order()
+    schedule = ReplaySchedule(order, [[lr] for lr in LRS[:T]], "mean")
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 2))
+    with pytest.raises(ReplayError, match="dropout"):
+        Replayer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            schedule,
+            _loss_fn,
+            lambda ids: (x[ids], y[ids]),
+            [(x, y)],
+        )
+    model = _mlp()
+    with pytest.raises(dvemb.ConfigError, match="amsgrad"):
+        Replayer(
+            model,
+            torch.optim.Adam(model.parameters(), amsgrad=True),
+            schedule,
+            _loss_fn,
+            lambda ids: (x[ids], y[ids]),
+            [(x, y)],
+        )
+    with pytest.raises(dvemb.ConfigError, match="RMSprop"):
+        Replayer(
+            model, torch.optim.RMSprop(model.parameters()), schedule, _loss_fn, lambda ids: (x[ids], y[ids]), [(x, y)]
+        )
+    mean_loss = lambda forward, batch: F.cross_entropy(forward(batch[0]), batch[1])  # noqa: E731
+    with pytest.raises(ReplayError, match="one loss per example"):
+        replay(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            schedule,
+            mean_loss,
+            lambda ids: (x[ids], y[ids]),
+            [(x, y)],
+        )
