@@ -4,7 +4,9 @@ retraining with torch.optim, and the trust measure on a predictable and an unpre
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,12 +17,17 @@ from torch import nn
 from torch.func import functional_call
 
 import dvemb
+from dvemb.engine import ComputeArguments, compute, load_results
 from dvemb.replay import (
     ReplayArguments,
     Replayer,
     ReplayError,
     ReplaySchedule,
+    load_replay,
     replay,
+    save_replay,
+    schedule_from_log,
+    trust,
 )
 
 N, BATCH, STEPS_PER_EPOCH, EPOCHS = 12, 4, 3, 2
@@ -316,3 +323,84 @@ def test_replay_refuses_what_it_cannot_replay() -> None:
             lambda ids: (x[ids], y[ids]),
             [(x, y)],
         )
+
+
+def _recorded_run(tmp: Path, act: type[nn.Module], lr: float) -> tuple[Path, Callable[[ReplayArguments], Any]]:
+    """A small MLP trained by SGD for two epochs and recorded (unprojected); computed into ``tmp / "out"``."""
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    x = torch.randn(n + 32, 8, generator=g)
+    y = (x @ torch.randn(8, 3, generator=g) + 0.5 * torch.randn(n + 32, 3, generator=g)).argmax(1)
+    (xt, yt), (x, y) = (x[n:], y[n:]), (x[:n], y[:n])
+    model = _mlp(seed=0, d=8, hidden=16, classes=3, act=act)
+    init = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    rec = dvemb.Recorder(model, tmp / "log", proj_dim=None, dtype="float64", loss_reduction="mean")
+    for _ in range(2):
+        perm = torch.randperm(n, generator=g).tolist()
+        for i in range(0, n, 8):
+            ids = perm[i : i + 8]
+            with rec.step(ids, optimizer):
+                F.cross_entropy(model(x[ids]), y[ids]).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    rec.record_queries("test", [(xt, yt, list(range(len(xt))))])
+    rec.close()
+    compute(tmp / "log", tmp / "out", ComputeArguments(accumulate_dtype="float64"))
+
+    def run(arguments: ReplayArguments) -> Any:
+        start = copy.deepcopy(init)
+        return replay(
+            start,
+            torch.optim.SGD(start.parameters(), lr=lr),
+            schedule_from_log(tmp / "log"),
+            _loss_fn,
+            lambda ids: (x[ids], y[ids]),
+            [(xt, yt)],
+            arguments,
+            query_set="test",
+        )
+
+    return tmp / "out", run
+
+
+@pytest.mark.parametrize(("act", "lr", "predictable"), [(nn.Tanh, 0.05, True), (nn.ReLU, 1.0, False)])
+def test_trust_separates_a_predictable_run_from_an_unpredictable_one(
+    tmp_path: Path, act: type[nn.Module], lr: float, predictable: bool
+) -> None:
+    out, run = _recorded_run(tmp_path, act, lr)
+    result = run(ReplayArguments(probe=8))
+    results = load_results(out)
+    assert result.scores.shape == (results.scores("test").shape[0], 1)
+    save_replay(result, out)
+    loaded = load_replay(out, "test")
+    np.testing.assert_array_equal(loaded.scores, result.scores)
+    record = trust(out, "test")
+    assert json.loads((out / "trust-test.json").read_text()) == record
+    assert record["removal"] == "batch" == result.removal  # a mean-reduced log: the example leaves its batch
+    assert set(record["phases"]) == {"early", "basin", "late"}
+    assert sum(p["occurrences"] for p in record["phases"].values()) == record["all"]["occurrences"] == 128
+    probe = record["probe"]
+    assert probe["occurrences"] == 8
+    assert record["first_order_predictable"] is predictable
+    if predictable:  # removal scaled 0.5x, 1x, 2x answers in proportion, as the replay predicts
+        assert probe["proportionality"] < 0.05 and probe["first_order"] < 0.05
+        assert record["all"]["spearman"] > 0.95  # unprojected fast scores agree with the replay
+    else:
+        assert probe["proportionality"] > 0.5 and probe["first_order"] > 0.25
+
+
+def test_trust_refuses_a_replay_of_other_occurrences_or_removal(tmp_path: Path) -> None:
+    out, run = _recorded_run(tmp_path, nn.Tanh, 0.05)
+    weight = run(ReplayArguments(removal="weight"))
+    save_replay(weight, out)
+    batch_from_weight = trust(out, "test", write=False)  # weight scores are centred per step: same as a batch replay
+    save_replay(run(ReplayArguments(removal="batch")), out)
+    assert trust(out, "test", write=False)["all"] == pytest.approx(batch_from_weight["all"], rel=1e-12)
+    assert batch_from_weight["first_order_predictable"] is None  # no probe was run
+    weight.summary["rows_digest"] = "0" * 64
+    save_replay(weight, out)
+    with pytest.raises(dvemb.ConfigError, match="other occurrences"):
+        trust(out, "test")
+    with pytest.raises(dvemb.ConfigError, match="no replay"):
+        trust(out, "other")
