@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from dvemb.client import cli as client_cli
 from dvemb.errors import ConfigError, DvembError
+from dvemb.replay import cli as replay_cli
 
 if TYPE_CHECKING:
     from dvemb.engine import ComputeProgress
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.set_defaults(func=_compute)
     client_cli.register(sub)
+    replay_cli.register(sub)
     for entry in entry_points(group="dvemb.commands"):
         try:
             register: Register = entry.load()

@@ -6,16 +6,46 @@
   (docs/replay.md); :func:`save_replay` and :func:`load_replay` keep it next to a computation's results;
 - :func:`trust` compares the fast scores of a results directory with the replay and writes ``trust-<set>.json``;
 - :class:`Replayer` is the machinery (forward with checkpoints, adjoint, state recomputation).
+
+Attributes are imported on first use (PEP 562), so that ``dvemb --help`` (which registers ``dvemb replay``) does
+not load torch.
 """
 
-from dvemb.replay.api import replay
-from dvemb.replay.engine import QUERY_COLUMNS, REMOVALS, ReplayArguments, Replayer, TrainState
-from dvemb.replay.files import Replay, load_replay, save_replay
-from dvemb.replay.optimizers import SUPPORTED, FunctionalOptimizer, OptimizerState
-from dvemb.replay.probe import linearity_probe, summarise_probe
-from dvemb.replay.schedule import ReplaySchedule, schedule_from_log
-from dvemb.replay.training import Examples, LossFn, ReplayError
-from dvemb.replay.trust import agreement, trust, trust_file
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dvemb.replay.api import ReplaySpec, replay
+    from dvemb.replay.engine import QUERY_COLUMNS, REMOVALS, ReplayArguments, Replayer, TrainState
+    from dvemb.replay.files import Replay, load_replay, save_replay
+    from dvemb.replay.optimizers import SUPPORTED, FunctionalOptimizer, OptimizerState
+    from dvemb.replay.probe import linearity_probe, summarise_probe
+    from dvemb.replay.schedule import ReplaySchedule, schedule_from_log
+    from dvemb.replay.training import Examples, LossFn, ReplayError
+    from dvemb.replay.trust import agreement, trust, trust_file
+
+_LAZY = {
+    **dict.fromkeys(["ReplaySpec", "replay"], "dvemb.replay.api"),
+    **dict.fromkeys(["QUERY_COLUMNS", "REMOVALS", "ReplayArguments", "Replayer", "TrainState"], "dvemb.replay.engine"),
+    **dict.fromkeys(["Replay", "load_replay", "save_replay"], "dvemb.replay.files"),
+    **dict.fromkeys(["SUPPORTED", "FunctionalOptimizer", "OptimizerState"], "dvemb.replay.optimizers"),
+    **dict.fromkeys(["linearity_probe", "summarise_probe"], "dvemb.replay.probe"),
+    **dict.fromkeys(["ReplaySchedule", "schedule_from_log"], "dvemb.replay.schedule"),
+    **dict.fromkeys(["Examples", "LossFn", "ReplayError"], "dvemb.replay.training"),
+    **dict.fromkeys(["agreement", "trust", "trust_file"], "dvemb.replay.trust"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dvemb.replay' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "QUERY_COLUMNS",
@@ -29,6 +59,7 @@ __all__ = [
     "ReplayArguments",
     "ReplayError",
     "ReplaySchedule",
+    "ReplaySpec",
     "Replayer",
     "TrainState",
     "agreement",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +17,26 @@ from dvemb.replay.probe import linearity_probe, probe_rows, summarise_probe
 from dvemb.replay.schedule import ReplaySchedule
 from dvemb.replay.training import Examples, LossFn
 
-__all__ = ["replay"]
+__all__ = ["ReplaySpec", "replay"]
+
+
+@dataclass
+class ReplaySpec:
+    """What ``dvemb replay --entry module:function`` needs from the user's code: ``function(log_dir)`` returns one.
+
+    Attributes:
+        model: the model at initialisation.
+        optimizer: the run's optimizer in its initial state, over ``model``'s parameters.
+        loss_fn: ``(forward, batch) -> (b,)`` per-example losses.
+        examples: ``ids -> batch``.
+        queries: query batches for ``loss_fn``.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    examples: Examples
+    queries: Sequence[Any]
 
 
 def replay(

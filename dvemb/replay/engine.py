@@ -25,7 +25,7 @@ from torch import nn
 from dvemb.errors import ConfigError
 from dvemb.replay.optimizers import FunctionalOptimizer, OptimizerState
 from dvemb.replay.schedule import ReplaySchedule
-from dvemb.replay.training import Examples, LossFn, TrainingStep, check_replayable
+from dvemb.replay.training import Examples, LossFn, ReplayError, TrainingStep, check_replayable
 
 __all__ = ["QUERY_COLUMNS", "REMOVALS", "ReplayArguments", "Replayer", "TrainState"]
 
@@ -298,8 +298,8 @@ class Replayer:
         direct, slot_out, u = [], [], []
         for k in range(K):
             cot = [lam[k] for lam in lam_params] + [lam[k] for lam in lam_slots]
-            pulled = torch.autograd.grad(outputs, inputs, cot, retain_graph=True, allow_unused=True)
-            pulled = tuple(torch.zeros_like(x) if d is None else d for x, d in zip(inputs, pulled, strict=True))
+            maybe = torch.autograd.grad(outputs, inputs, cot, retain_graph=True, allow_unused=True)
+            pulled = [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, maybe, strict=True)]
             direct.append(pulled[: len(params)])
             slot_out.append(pulled[len(params) : len(params) + len(slots)])
             u.append(dict(zip(present, pulled[len(params) + len(slots) :], strict=True)))  # d J / d g_t
@@ -315,12 +315,12 @@ class Replayer:
             outs = [g for i in used if (g := g_graph[i]) is not None]
             for k in range(K):
                 cot = [u[k][i] for i in used]
-                pulled = torch.autograd.grad(outs, [*params, w], cot, retain_graph=True, allow_unused=True)
-                for i, d in enumerate(pulled[:-1]):
+                second = _second_derivative(outs, [*params, w], cot, t)
+                for i, d in enumerate(second[:-1]):
                     if d is not None:
                         hvp[k][i] = hvp[k][i] + d
-                if pulled[-1] is not None:
-                    dw[part, k] = pulled[-1]
+                if second[-1] is not None:
+                    dw[part, k] = second[-1]
         new_lam_params = [torch.stack([direct[k][i] + hvp[k][i] for k in range(K)]) for i in range(len(params))]
         new_lam_slots = [torch.stack([slot_out[k][j] for k in range(K)]) for j in range(len(slots))]
         return (
@@ -328,3 +328,17 @@ class Replayer:
             [x.detach() for x in new_lam_slots],
             -dw.detach(),
         )
+
+
+def _second_derivative(
+    outputs: list[torch.Tensor], inputs: list[torch.Tensor], cotangents: list[torch.Tensor], step: int
+) -> tuple[torch.Tensor | None, ...]:
+    """The double-backward product, with a hint when a layer has no second derivative."""
+    try:
+        return torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, allow_unused=True)
+    except RuntimeError as error:
+        raise ReplayError(
+            f"step {step}: the Hessian-vector product failed ({error}); a layer without double backward (some fused "
+            "attention or normalisation kernels) cannot be replayed: use its plain implementation "
+            "(e.g. attn_implementation='eager')"
+        ) from error

@@ -404,3 +404,65 @@ def test_trust_refuses_a_replay_of_other_occurrences_or_removal(tmp_path: Path) 
         trust(out, "test")
     with pytest.raises(dvemb.ConfigError, match="no replay"):
         trust(out, "other")
+
+
+ENTRY = """
+import torch, torch.nn.functional as F
+from torch import nn
+from dvemb.replay import ReplaySpec
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, dtype=torch.float64, generator=g)
+    return x, (x[:, 0] > 0).long(), g
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+
+def loss_fn(forward, batch):
+    return F.cross_entropy(forward(batch[0]), batch[1], reduction="none")
+
+def spec(log_dir):
+    x, y, _ = data()
+    m = model()
+    return ReplaySpec(m, torch.optim.Adam(m.parameters(), lr=0.01), loss_fn, lambda ids: (x[ids], y[ids]),
+                      [(x[32:], y[32:])])
+"""
+
+
+def test_replay_command_runs_a_users_entry_point_and_reports_trust(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "replay_entry_for_test.py").write_text(ENTRY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import replay_entry_for_test as entry
+
+    x, y, g = entry.data()
+    model = entry.model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    rec = dvemb.Recorder(model, tmp_path / "log", proj_dim=None, dtype="float64")
+    for _ in range(2):
+        perm = torch.randperm(32, generator=g).tolist()
+        for i in range(0, 32, 8):
+            with rec.step(perm[i : i + 8], optimizer):
+                F.cross_entropy(model(x[perm[i : i + 8]]), y[perm[i : i + 8]]).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    rec.record_queries("test", [(x[32:], y[32:], list(range(8)))])
+    rec.close()
+    compute(tmp_path / "log", tmp_path / "out", ComputeArguments(accumulate_dtype="float64"))
+    from dvemb.cli import main
+
+    argv = ["replay", "log", "--entry", "replay_entry_for_test:spec", "--out", "out", "--query-set", "test"]
+    assert main([*argv, "--probe", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["optimizer"] == ["adam"] and report["steps"] == 8 and report["occurrences"] == 64
+    assert report["trust"]["all"]["spearman"] > 0.5  # an unprojected Adam run: the fast scores follow the replay
+    assert report["probe"]["occurrences"] == 2
+    assert (tmp_path / "out" / "trust-test.json").exists()
+    assert main(["trust", "out", "--query-set", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["all"] == report["trust"]["all"]
+    assert main([*argv[:3], "replay_entry_for_test:nothing", *argv[4:]]) == 2
+    assert "has no function 'nothing'" in capsys.readouterr().err
