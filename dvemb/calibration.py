@@ -16,7 +16,14 @@ import torch
 
 from dvemb.projection import LayerProjection
 
-__all__ = ["MAX_FITTED_SIDE", "FactorCovariance", "calibrated_projection", "top_eigenvectors"]
+__all__ = [
+    "MAX_FITTED_SIDE",
+    "FactorCovariance",
+    "best_split",
+    "calibrated_projection",
+    "captured",
+    "top_eigenvectors",
+]
 
 #: A side larger than this keeps its seeded random projection: its covariance alone would be
 #: ``8 * dim^2`` bytes (128 MiB at 4096) and its eigendecomposition minutes (a vocabulary of 50k: 20 GB).
@@ -83,44 +90,88 @@ class FactorCovariance:
         cov.diagonal().add_(diagonal.cpu())
 
 
-def top_eigenvectors(cov: torch.Tensor, k: int) -> torch.Tensor:
-    """(dim, k) orthonormal eigenvectors of a symmetric ``cov`` with the largest eigenvalues, largest first.
+def _eigen(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (dim,) and eigenvectors (dim, dim) of a symmetric ``cov``, largest first, signs fixed
+    (largest entry of each column positive) so that the same covariance always gives the same basis."""
+    values, vectors = torch.linalg.eigh(cov.double())  # ascending eigenvalues
+    values, vectors = values.flip(0), vectors.flip(1)
+    peak = vectors.abs().argmax(0)
+    signs = torch.sign(vectors[peak, torch.arange(vectors.shape[1])])
+    return values, vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
 
-    Signs are fixed (largest entry of each column positive) so that the same covariance always gives
-    the same basis.
+
+def top_eigenvectors(cov: torch.Tensor, k: int) -> torch.Tensor:
+    """(dim, k) orthonormal eigenvectors of a symmetric ``cov`` with the largest eigenvalues, largest first."""
+    return _eigen(cov)[1][:, :k]
+
+
+def captured(values: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """(dim + 1,) share of a side's energy kept by its top ``k`` eigenvectors, for k = 0..dim; a side without a
+    covariance (random projection) or without energy keeps ``k / dim`` of it on average."""
+    if values is None or float(values.clamp(min=0).sum()) <= 0:
+        return torch.arange(dim + 1, dtype=torch.float64) / dim
+    kept = torch.cat([values.new_zeros(1), values.clamp(min=0).cumsum(0)])
+    return kept / kept[-1]
+
+
+def best_split(out_share: torch.Tensor, in_share: torch.Tensor, budget: int) -> tuple[int, int]:
+    """The ``(k_out, k_in)`` with ``k_out * k_in <= budget`` keeping the most of the layer's Gauss-Newton (or
+    gradient) energy under its Kronecker-factored model, ``share_out(k_out) * share_in(k_in)``.
+
+    Args:
+        out_share, in_share: (dim + 1,) from :func:`captured`.
+        budget: numbers per projected gradient.
     """
-    _, vectors = torch.linalg.eigh(cov.double())  # ascending eigenvalues
-    top = vectors[:, -k:].flip(1) if k else vectors[:, :0]
-    peak = top.abs().argmax(0)
-    signs = torch.sign(top[peak, torch.arange(top.shape[1])])
-    fixed: torch.Tensor = top * torch.where(signs == 0, torch.ones_like(signs), signs)
-    return fixed
+    out_dim, in_dim = len(out_share) - 1, len(in_share) - 1
+    best, split = -1.0, (1, 1)
+    for k_out in range(1, min(out_dim, budget) + 1):
+        k_in = min(in_dim, budget // k_out)
+        kept = float(out_share[k_out] * in_share[k_in])
+        if kept > best + 1e-12:
+            best, split = kept, (k_out, k_in)
+    return split
 
 
 def calibrated_projection(
-    projection: LayerProjection, cov: FactorCovariance, *, keep_whole_sides: bool = True
+    projection: LayerProjection,
+    cov: FactorCovariance,
+    *,
+    keep_whole_sides: bool = True,
+    budget: int | None = None,
 ) -> LayerProjection:
-    """The layer's projection with calibrated bases of the same sizes (``k_out``, ``k_in``).
+    """The layer's projection with calibrated bases.
 
     Args:
         projection: the layer's current (random) projection, for its sizes.
         cov: the layer's factor covariances (a side without one keeps its seeded projection).
         keep_whole_sides: a side whose ``k`` equals its dimension stays the identity (stored whole);
             ``False`` rotates it into its eigenbasis too (full rank: same dot products, for checks).
+        budget: when given, ``(k_out, k_in)`` are chosen anew with ``k_out * k_in <= budget`` by
+            :func:`best_split` (a vocabulary side whose curvature spreads over many directions gets more of the
+            budget than a narrow hidden side); otherwise the projection's own sizes are kept.
     """
+    out_eigen = _eigen(cov.out_cov) if cov.out_cov is not None else None
+    in_eigen = _eigen(cov.in_cov) if cov.in_cov is not None else None
+    k_out, k_in = projection.k_out, projection.k_in
+    if budget is not None:
+        k_out, k_in = best_split(
+            captured(out_eigen[0] if out_eigen else None, projection.out_dim),
+            captured(in_eigen[0] if in_eigen else None, projection.in_dim),
+            budget,
+        )
 
-    def basis(dim: int, k: int, matrix: torch.Tensor | None) -> torch.Tensor | None:
-        if matrix is None or (keep_whole_sides and k == dim):
+    def basis(dim: int, k: int, eigen: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+        if eigen is None or (keep_whole_sides and k == dim):
             return None
-        return top_eigenvectors(matrix, k)
+        return eigen[1][:, :k].contiguous()
 
     return LayerProjection(
         out_dim=projection.out_dim,
         in_dim=projection.in_dim,
-        k_out=projection.k_out,
-        k_in=projection.k_in,
+        k_out=k_out,
+        k_in=k_in,
         seed_out=projection.seed_out,
         seed_in=projection.seed_in,
-        basis_out=basis(projection.out_dim, projection.k_out, cov.out_cov),
-        basis_in=basis(projection.in_dim, projection.k_in, cov.in_cov),
+        basis_out=basis(projection.out_dim, k_out, out_eigen),
+        basis_in=basis(projection.in_dim, k_in, in_eigen),
     )

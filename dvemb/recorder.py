@@ -92,6 +92,8 @@ def _resolve_proj_dim(spec: ProjDim, out_dim: int, in_dim: int, name: str) -> tu
         side = math.isqrt(spec)
         if spec <= 0 or side * side != spec:
             raise ConfigError(f"proj_dim={spec} for layer {name!r} is not a positive square; pass (k_out, k_in)")
+        if out_dim * in_dim <= spec:  # the whole gradient fits the budget: nothing to project
+            return out_dim, in_dim
         k_out, k_in = side, side
     elif isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(k, int) and k > 0 for k in spec):
         k_out, k_in = spec
@@ -217,6 +219,8 @@ class Recorder:
         self.seed = seed
         self.rank, self.world_size = _distributed_defaults(rank, world_size)
         self.adapters, self._owner = self._make_adapters(layers, proj_dim)
+        # An int proj_dim is a budget of numbers per layer: fitted bases split it between the sides by their spectra.
+        self._budgets = [_budget(_proj_spec_for(a.name, proj_dim)) for a in self.adapters]
         #: The layers written to the log: one per weight (a tied partner adds its rows to its owner's).
         self.layers = [a for i, a in enumerate(self.adapters) if self._owner[i] == i]
         self._deferred = [False] * len(self.adapters)  # layers whose rows wait for the bases (held steps)
@@ -774,7 +778,10 @@ class Recorder:
         tensors: dict[str, torch.Tensor] = {}
         for index, cov in covariances.items():
             adapter = self.adapters[index]
-            projection = calibrated_projection(adapter.projection, cov, keep_whole_sides=keep_whole_sides)
+            budget = self._budgets[index] if keep_whole_sides else None  # full-rank checks keep their sizes
+            projection = calibrated_projection(
+                adapter.projection, cov, keep_whole_sides=keep_whole_sides, budget=budget
+            )
             for i, other in enumerate(self.adapters):
                 if self._owner[i] == index:
                     other.set_projection(projection)
@@ -1215,6 +1222,11 @@ def _restored(model: nn.Module, optimizer: torch.optim.Optimizer | None, schedul
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
+
+
+def _budget(spec: ProjDim) -> int | None:
+    """The numbers per projected gradient an int ``proj_dim`` allows (None: explicit sizes or no projection)."""
+    return spec if isinstance(spec, int) and not isinstance(spec, bool) else None
 
 
 def _proj_spec_for(name: str, proj_dim: Any) -> ProjDim:

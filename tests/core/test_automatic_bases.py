@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from core_models import TiedLM, mlp
@@ -115,17 +116,21 @@ def _train_lm(log_dir: Path, steps: int = 5, **options: object) -> nn.Module:
     return model
 
 
-def test_a_tied_embedding_and_lm_head_share_one_basis_fitted_on_both_paths(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proj_dim", [(3, 2), 16])
+def test_a_tied_embedding_and_lm_head_share_one_basis_fitted_on_both_paths(tmp_path: Path, proj_dim: object) -> None:
     """GPT-2's tied embedding / LM head: one basis fitted on the first steps from the embedding's token factors
     and the head's output gradients together; every held and later row (both paths summed) and the queries are
-    the unprojected log's rows projected with it."""
-    _train_lm(tmp_path / "auto", proj_dim=(3, 2), calibration_steps=3, curvature_samples=2)
+    the unprojected log's rows projected with it. With an int proj_dim (a budget) the fitted split of each
+    layer's sizes is the one the log holds."""
+    _train_lm(tmp_path / "auto", proj_dim=proj_dim, calibration_steps=3, curvature_samples=2)
     _train_lm(tmp_path / "whole", proj_dim=None, curvature_samples=2)
     auto, whole = dvemb.open_log(tmp_path / "auto"), dvemb.open_log(tmp_path / "whole")
     entry = next(e for e in auto.manifest["layers"] if e["name"] == "embed")
     assert entry["tied"] == ["head"] and entry["basis"] == "calibrated"
     tied = next(layer for layer in auto.layers if layer.name == "embed")
-    assert tied.projection.basis_out is not None and tied.projection.basis_in is not None
+    assert tied.projection.basis_out is not None or tied.projection.basis_in is not None
+    if proj_dim == 16:
+        assert all(layer.projection.dim <= 16 for layer in auto.layers)
     shard, full = next(auto.iter_shards()), next(whole.iter_shards())
     queries, full_queries = auto.load_query_set("q"), whole.load_query_set("q")
     for layer in auto.layers:

@@ -15,7 +15,14 @@ from safetensors.torch import load_file
 
 import dvemb
 from dvemb import logformat as fmt
-from dvemb.calibration import MAX_FITTED_SIDE, FactorCovariance, calibrated_projection, top_eigenvectors
+from dvemb.calibration import (
+    MAX_FITTED_SIDE,
+    FactorCovariance,
+    best_split,
+    calibrated_projection,
+    captured,
+    top_eigenvectors,
+)
 from dvemb.engine import ComputeArguments, compute
 from dvemb.projection import LayerProjection
 
@@ -169,6 +176,34 @@ def test_one_hot_factors_and_sides_too_large_to_fit() -> None:
         fitted.p_out(dtype=torch.float64, device=torch.device("cpu")),
         projection.p_out(dtype=torch.float64, device=torch.device("cpu")),
     )
+
+
+def test_the_budget_goes_to_the_side_whose_spectrum_spreads() -> None:
+    """An int proj_dim is a budget: the split maximises the kept energy share_out(k_out) * share_in(k_in)
+    (checked against every split), so a vocabulary side with a flat spectrum gets more than a hidden side
+    whose energy sits in a few directions; a side without a covariance counts as k / dim."""
+    flat = torch.ones(40, dtype=torch.float64)
+    steep = 0.3 ** torch.arange(12, dtype=torch.float64)
+    out_share, in_share = captured(flat, 40), captured(steep, 12)
+    k_out, k_in = best_split(out_share, in_share, 64)
+    brute = max(((a, min(12, 64 // a)) for a in range(1, 41)), key=lambda ab: float(out_share[ab[0]] * in_share[ab[1]]))
+    assert (k_out, k_in) == brute and k_out > k_in and k_out * k_in <= 64
+    torch.testing.assert_close(captured(None, 4), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    cov = FactorCovariance(40, 12)
+    assert cov.out_cov is not None and cov.in_cov is not None
+    cov.out_cov += torch.diag(flat)
+    cov.in_cov += torch.diag(steep)
+    projection = calibrated_projection(LayerProjection(40, 12, 8, 8, seed_out=1, seed_in=2), cov, budget=64)
+    assert (projection.k_out, projection.k_in) == (k_out, k_in)
+    assert projection.basis_out is not None and projection.basis_out.shape == (40, k_out)
+
+
+def test_a_layer_whose_gradient_fits_the_budget_is_stored_whole(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(6, 20), torch.nn.Tanh(), torch.nn.Linear(20, 3))
+    rec = dvemb.Recorder(model, tmp_path / "log", proj_dim=64, projection="random")
+    shapes = [(a.projection.k_out, a.projection.k_in, a.projection.is_identity) for a in rec.layers]
+    assert shapes == [(8, 7, False), (3, 21, True)]  # 20 x 7 = 140 > 64; 3 x 21 = 63 <= 64
+    rec.close()
 
 
 def test_loss_gradients_can_define_the_out_side(tmp_path: Path) -> None:
