@@ -128,8 +128,9 @@ class Recorder:
     Args:
         model: the model being trained (or its DistributedDataParallel wrapper).
         log_dir: directory of the gradient log to write (must not hold a log unless ``overwrite``).
-        proj_dim: projected size per layer: a square int ``k*k`` (k per side), ``(k_out, k_in)``,
-            ``None`` for no projection, or a dict from layer name (or glob) to one of those.
+        proj_dim: projected size per layer: a square int (a budget of numbers: ``k*k`` with random bases,
+            split between the sides by their spectra with fitted ones; a layer that fits it is stored whole),
+            ``(k_out, k_in)``, ``None`` for no projection, or a dict from layer name (or glob) to one of those.
         layers: ``None`` for every ``nn.Linear`` and ``transformers`` ``Conv1D`` (GPT-2), ``"all"`` for
             every supported layer (also Conv2d and Embedding), or a list of module names or glob
             patterns. A module whose weight is tied to a recorded one (GPT-2's input embedding and LM
