@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from dvemb.errors import ConfigError
+from dvemb.replay.adjoint import Puller, fused_step_adjoint, split_step_adjoint
 from dvemb.replay.optimizers import FunctionalOptimizer, OptimizerState
 from dvemb.replay.schedule import ReplaySchedule
-from dvemb.replay.training import Examples, LossFn, ReplayError, TrainingStep, check_replayable
+from dvemb.replay.training import Examples, LossFn, TrainingStep, check_replayable
 
 __all__ = ["QUERY_COLUMNS", "REMOVALS", "ReplayArguments", "Replayer", "TrainState"]
 
@@ -151,6 +152,7 @@ class Replayer:
         self.final: TrainState | None = None
         self.losses: list[float] = []
         self.timings = Timings()
+        self.pull = Puller()
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -262,7 +264,7 @@ class Replayer:
     def step_adjoint(
         self, state: TrainState, t: int, lam_params: list[torch.Tensor], lam_slots: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Pull the sensitivities back through step ``t``.
+        """Pull the sensitivities back through step ``t`` (:mod:`dvemb.replay.adjoint`).
 
         Args:
             state: the state entering step t.
@@ -273,72 +275,17 @@ class Replayer:
             the same for the state entering step t, and (B, K) ``-d J / d w_z`` of the step's examples.
         """
         ids = list(self.schedule.step_ids[t])
-        B = len(ids)
-        params = [p.detach().requires_grad_(True) for p in state.params]
-        slots = [s.detach().requires_grad_(True) for s in state.optimizer.flat()]
-        parts = self.step.parts(B)
-        dtype, device = params[0].dtype, params[0].device
-        graphs: list[tuple[slice, torch.Tensor, list[torch.Tensor | None]]] = []
-        if len(parts) == 1:  # one part: its graph gives both the gradient and, later, the second derivative
-            w = torch.ones(B, dtype=dtype, device=device, requires_grad=True)
-            g_graph, _ = self.step.part_gradient(params, ids, w, B, create_graph=True)
-            graphs.append((parts[0], w, g_graph))
-            grads: list[torch.Tensor | None] = [None if g is None else g.detach() for g in g_graph]
-        else:
-            grads = self.step.gradient(params, ids)[0]
-        g_leaves = [None if g is None else g.detach().requires_grad_(True) for g in grads]
-        present = [i for i, g in enumerate(g_leaves) if g is not None]
-        present_leaves = [g for g in g_leaves if g is not None]
-        new_params, new_opt = self.optimizer.step(
-            params, g_leaves, state.optimizer.with_flat(slots), self.schedule.group_lrs(t, self.groups)
+        pull_back = fused_step_adjoint if len(self.step.parts(len(ids))) == 1 else split_step_adjoint
+        lam, dw = pull_back(
+            self.step,
+            self.optimizer,
+            state.params,
+            state.optimizer,
+            ids,
+            self.schedule.group_lrs(t, self.groups),
+            [*lam_params, *lam_slots],
+            self.pull,
+            t,
         )
-        outputs = [*new_params, *new_opt.flat()]
-        inputs = [*params, *slots, *present_leaves]
-        K = lam_params[0].shape[0]
-        direct, slot_out, u = [], [], []
-        for k in range(K):
-            cot = [lam[k] for lam in lam_params] + [lam[k] for lam in lam_slots]
-            maybe = torch.autograd.grad(outputs, inputs, cot, retain_graph=True, allow_unused=True)
-            pulled = [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, maybe, strict=True)]
-            direct.append(pulled[: len(params)])
-            slot_out.append(pulled[len(params) : len(params) + len(slots)])
-            u.append(dict(zip(present, pulled[len(params) + len(slots) :], strict=True)))  # d J / d g_t
-        hvp = [[torch.zeros_like(p) for p in params] for _ in range(K)]
-        dw = torch.zeros(B, K, dtype=dtype, device=device)
-        for part in parts:
-            if len(parts) > 1:
-                w = torch.ones(part.stop - part.start, dtype=dtype, device=device, requires_grad=True)
-                g_graph, _ = self.step.part_gradient(params, ids[part], w, B, create_graph=True)
-            else:
-                _, w, g_graph = graphs[0]
-            used = [i for i in present if g_graph[i] is not None]
-            outs = [g for i in used if (g := g_graph[i]) is not None]
-            for k in range(K):
-                cot = [u[k][i] for i in used]
-                second = _second_derivative(outs, [*params, w], cot, t)
-                for i, d in enumerate(second[:-1]):
-                    if d is not None:
-                        hvp[k][i] = hvp[k][i] + d
-                if second[-1] is not None:
-                    dw[part, k] = second[-1]
-        new_lam_params = [torch.stack([direct[k][i] + hvp[k][i] for k in range(K)]) for i in range(len(params))]
-        new_lam_slots = [torch.stack([slot_out[k][j] for k in range(K)]) for j in range(len(slots))]
-        return (
-            [x.detach() for x in new_lam_params],
-            [x.detach() for x in new_lam_slots],
-            -dw.detach(),
-        )
-
-
-def _second_derivative(
-    outputs: list[torch.Tensor], inputs: list[torch.Tensor], cotangents: list[torch.Tensor], step: int
-) -> tuple[torch.Tensor | None, ...]:
-    """The double-backward product, with a hint when a layer has no second derivative."""
-    try:
-        return torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, allow_unused=True)
-    except RuntimeError as error:
-        raise ReplayError(
-            f"step {step}: the Hessian-vector product failed ({error}); a layer without double backward (some fused "
-            "attention or normalisation kernels) cannot be replayed: use its plain implementation "
-            "(e.g. attn_implementation='eager')"
-        ) from error
+        P = len(lam_params)
+        return lam[:P], lam[P:], -dw.T

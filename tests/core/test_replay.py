@@ -466,3 +466,33 @@ def test_replay_command_runs_a_users_entry_point_and_reports_trust(
     assert json.loads(capsys.readouterr().out)["all"] == report["trust"]["all"]
     assert main([*argv[:3], "replay_entry_for_test:nothing", *argv[4:]]) == 2
     assert "has no function 'nothing'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_query_columns_batched_equal_one_replay_per_query(micro_batches: int) -> None:
+    """K columns pulled back together (a vmap over the backward pass) equal K replays of one column each."""
+    x, y = _data()
+    order = _order()
+    schedule = ReplaySchedule(order, [[lr] for lr in LRS[:T]], "mean")
+
+    def run(queries: list[Any], columns: str) -> tuple[np.ndarray, Replayer]:
+        model = _mlp()
+        replayer = Replayer(
+            model,
+            OPTIMIZERS["adamw"](model.parameters()),
+            schedule,
+            _loss_fn,
+            lambda ids: (x[ids], y[ids]),
+            queries,
+            ReplayArguments(query_columns=columns, checkpoint_every=2, micro_batches=micro_batches),
+        )
+        return replayer.adjoint()[0].numpy(), replayer
+
+    together, replayer = run([(x[:2], y[:2]), (x[2:3], y[2:3])], "each")
+    assert replayer.pull.batched  # the batched path ran (no fallback to one query at a time)
+    assert together.shape == (T * BATCH, 3)
+    for k in range(3):
+        alone, _ = run([(x[k : k + 1], y[k : k + 1])], "mean")
+        np.testing.assert_allclose(together[:, k], alone[:, 0], rtol=0, atol=1e-13)
+    mean, _ = run([(x[:3], y[:3])], "mean")
+    np.testing.assert_allclose(together.mean(1), mean[:, 0], rtol=0, atol=1e-13)
