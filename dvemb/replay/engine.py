@@ -159,12 +159,11 @@ class Replayer:
     def advance(self, state: TrainState, t: int, weights: torch.Tensor | None = None) -> tuple[TrainState, float]:
         """The state after step ``t`` (examples weighted by ``weights``, (B,), default 1) and the step's loss."""
         grads, loss = self.step.gradient(state.params, list(self.schedule.step_ids[t]), weights)
-        with torch.no_grad():
-            params, opt = self.optimizer.step(
-                state.params, grads, state.optimizer, self.schedule.group_lrs(t, self.groups)
-            )
+        params, opt = self.optimizer.step_no_grad(
+            state.params, grads, state.optimizer, self.schedule.group_lrs(t, self.groups)
+        )
         self.timings.steps_replayed += 1
-        return TrainState(tuple(p.detach() for p in params), opt.detach()), loss
+        return TrainState(tuple(params), opt), loss
 
     def forward(self) -> TrainState:
         """Replay the whole run, keeping a checkpoint every ``checkpoint_every`` steps; the final state."""
