@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ def replay(
     arguments: ReplayArguments | None = None,
     *,
     query_set: str = "replay",
+    work_dir: str | Path | None = None,
 ) -> Replay:
     """The exact first-order influence of every training occurrence on the queries.
 
@@ -61,13 +63,16 @@ def replay(
         queries: query batches for ``loss_fn``.
         arguments: options (removal, checkpoints, micro-batches, query columns, probe).
         query_set: the name to save it under (the results' query set it is compared with).
+        work_dir: where to keep checkpoints and finished adjoint segments (dvemb/replay/resume.py); a replay killed
+            mid-way and run again with the same directory resumes from its last checkpoint or segment. None:
+            memory only.
 
     Returns:
         the replay: (R, K) scores in the engine's row order and the record (docs/results.md).
     """
     args = arguments or ReplayArguments()
     started = time.perf_counter()
-    replayer = Replayer(model, optimizer, schedule, loss_fn, examples, queries, args)
+    replayer = Replayer(model, optimizer, schedule, loss_fn, examples, queries, args, work_dir=work_dir)
     replayer.forward()
     training_steps = replayer.timings.steps_replayed
     weight_scores, query_losses = replayer.adjoint()

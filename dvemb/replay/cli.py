@@ -64,6 +64,7 @@ def _replay(args: argparse.Namespace) -> int:
         spec.queries,
         arguments,
         query_set=args.query_set,
+        work_dir=args.work_dir,
     )
     save_replay(result, args.out)
     report: dict[str, Any] = {k: v for k, v in result.summary.items() if k not in ("probe", "query_losses")}
@@ -103,6 +104,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     rep.add_argument("--max-queries", type=int, default=64)
     rep.add_argument("--probe", type=int, default=8, help="occurrences the linearity probe retrains (0: none)")
     rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument(
+        "--work-dir",
+        default=None,
+        help="keep checkpoints and finished segments here: the same command run again resumes where it stopped",
+    )
     rep.add_argument("--no-trust", action="store_true", help="do not compare with the results in --out")
     rep.set_defaults(func=_replay)
     tru = sub.add_parser("trust", help="agreement of a results directory's fast scores with its exact replay")

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,9 @@ from torch import nn
 
 from dvemb.errors import ConfigError
 from dvemb.replay.adjoint import Puller, fused_step_adjoint, split_step_adjoint
+from dvemb.replay.files import rows_digest
 from dvemb.replay.optimizers import FunctionalOptimizer, OptimizerState
+from dvemb.replay.resume import WorkDirectory, fingerprint
 from dvemb.replay.schedule import ReplaySchedule
 from dvemb.replay.training import Examples, LossFn, TrainingStep, check_replayable
 
@@ -120,6 +123,8 @@ class Replayer:
         examples: Examples,
         queries: Sequence[Any],
         arguments: ReplayArguments | None = None,
+        *,
+        work_dir: str | Path | None = None,
     ) -> None:
         self.arguments = arguments or ReplayArguments()
         check_replayable(model)
@@ -153,6 +158,24 @@ class Replayer:
         self.losses: list[float] = []
         self.timings = Timings()
         self.pull = Puller()
+        self.work = None if work_dir is None else WorkDirectory(work_dir, self._fingerprint())
+
+    def _fingerprint(self) -> str:
+        """What makes this replay's numbers: schedule, options, update rules, initial state and queries."""
+        row_step, ids = self.schedule.rows()
+        with torch.no_grad():
+            query_losses = self.query_losses(self.initial.params)
+        parts = {
+            "rows": rows_digest(row_step.tolist(), ids),
+            "lrs": [list(map(float, r)) for r in self.schedule.lrs],
+            "reduction": self.schedule.loss_reduction,
+            "every": self.every,
+            "micro_batches": self.arguments.micro_batches,
+            "query_columns": self.arguments.query_columns,
+            "optimizer": [repr(x) for x in self.optimizer.settings],
+            "counts": list(self.initial.optimizer.counts),
+        }
+        return fingerprint(parts, [*self.initial.params, *self.initial.optimizer.flat(), query_losses])
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -166,17 +189,44 @@ class Replayer:
         return TrainState(tuple(params), opt), loss
 
     def forward(self) -> TrainState:
-        """Replay the whole run, keeping a checkpoint every ``checkpoint_every`` steps; the final state."""
+        """Replay the whole run, keeping a checkpoint every ``checkpoint_every`` steps; the final state.
+
+        With a work directory the checkpoints are also written there, and a forward pass found there (whole, or up
+        to its last checkpoint) is read back instead of replayed.
+        """
         started = time.perf_counter()
-        state, self.losses = self.initial, []
-        for t in range(self.schedule.num_steps):
+        state, self.losses, first = self.initial, [], 0
+        if self.work is not None:
+            first, state = self._resume_forward(self.work)
+            if self.final is not None:
+                return self.final
+        for t in range(first, self.schedule.num_steps):
             if t % self.every == 0:
                 self.checkpoints[t] = state
+                if self.work is not None and (t > first or t == 0):
+                    self.work.save_state(t, state.params, state.optimizer, self.losses)
             state, loss = self.advance(state, t)
             self.losses.append(loss)
         self.final = state
+        if self.work is not None:
+            self.work.save_state(None, state.params, state.optimizer, self.losses)
         self.timings.forward += time.perf_counter() - started
         return state
+
+    def _resume_forward(self, work: WorkDirectory) -> tuple[int, TrainState]:
+        """Read the kept checkpoints back; ``(first step to replay, its state)``; sets ``final`` when complete."""
+        like = (self.initial.params, self.initial.optimizer)
+        first, state = 0, self.initial
+        for t in range(0, self.schedule.num_steps, self.every):
+            kept = work.load_state(t, like)
+            if kept is None:
+                break
+            state = TrainState(kept[0], kept[1])
+            self.checkpoints[t], self.losses, first = state, kept[2], t
+        final = work.load_state(None, like)
+        if final is not None and len(self.checkpoints) == len(range(0, self.schedule.num_steps, self.every)):
+            self.final, self.losses = TrainState(final[0], final[1]), final[2]
+        return first, state
 
     def state_at(self, t: int) -> TrainState:
         """The state entering step ``t``, recomputed from the checkpoint before it."""
@@ -250,13 +300,22 @@ class Replayer:
             offsets.append(offsets[-1] + n)
         scores = torch.zeros(offsets[-1], K, dtype=torch.float64)
         T = self.schedule.num_steps
-        for start in range(((T - 1) // self.every) * self.every, -1, -self.every):
+        segments = list(range(((T - 1) // self.every) * self.every, -1, -self.every))
+        done = None if self.work is None else self.work.load_adjoint(len(lam_params) + len(lam_slots))
+        if done is not None:  # resume after the last finished segment
+            segment, lam, scores = done
+            lam = [x.to(final.params[0].device) for x in lam]
+            lam_params, lam_slots = lam[: len(lam_params)], lam[len(lam_params) :]
+            segments = [s for s in segments if s < segment]
+        for start in segments:
             states = [self.checkpoints[start]]
             for t in range(start, min(start + self.every, T) - 1):
                 states.append(self.advance(states[-1], t)[0])
             for t in range(min(start + self.every, T) - 1, start - 1, -1):
                 lam_params, lam_slots, step_scores = self.step_adjoint(states[t - start], t, lam_params, lam_slots)
                 scores[offsets[t] : offsets[t + 1]] = step_scores.to(torch.float64)
+            if self.work is not None:
+                self.work.save_adjoint(start, [*lam_params, *lam_slots], scores)
         self.timings.adjoint += time.perf_counter() - started
         return scores, final_losses
 

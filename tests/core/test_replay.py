@@ -496,3 +496,57 @@ def test_query_columns_batched_equal_one_replay_per_query(micro_batches: int) ->
         np.testing.assert_allclose(together[:, k], alone[:, 0], rtol=0, atol=1e-13)
     mean, _ = run([(x[:3], y[:3])], "mean")
     np.testing.assert_allclose(together.mean(1), mean[:, 0], rtol=0, atol=1e-13)
+
+
+class Killed(Exception):
+    """Stands for the process being killed mid-way."""
+
+
+@pytest.mark.parametrize("kill_at", [5, 11])  # in the forward pass; in the adjoint, after its first segment
+def test_a_replay_killed_mid_way_resumes_from_its_work_directory(tmp_path: Path, kill_at: int) -> None:
+    x, y = _data()
+    order = _order()
+    schedule = ReplaySchedule(order, [[lr] for lr in LRS[:T]], "mean")
+    calls = []
+
+    def examples(ids: list[int], limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        if limit is not None and len(calls) > limit:
+            raise Killed
+        return x[ids], y[ids]
+
+    def run(limit: int | None, work: Path | None) -> Any:
+        model = _mlp()
+        return replay(
+            model,
+            OPTIMIZERS["adam"](model.parameters()),
+            schedule,
+            _loss_fn,
+            lambda ids: examples(ids, limit),
+            [(x, y)],
+            ReplayArguments(checkpoint_every=2, probe=1),
+            work_dir=work,
+        )
+
+    uninterrupted = run(None, None)
+    full_calls = len(calls)
+    calls.clear()
+    with pytest.raises(Killed):
+        run(kill_at, tmp_path / "work")
+    calls.clear()
+    resumed = run(None, tmp_path / "work")
+    assert len(calls) < full_calls  # it did not start over
+    np.testing.assert_array_equal(resumed.scores, uninterrupted.scores)
+    assert resumed.summary["probe"]["records"] == uninterrupted.summary["probe"]["records"]
+    model = _mlp()
+    with pytest.raises(dvemb.ConfigError, match="another replay"):  # other options: the directory is refused
+        replay(
+            model,
+            OPTIMIZERS["adam"](model.parameters()),
+            schedule,
+            _loss_fn,
+            lambda ids: (x[ids], y[ids]),
+            [(x, y)],
+            ReplayArguments(checkpoint_every=3),
+            work_dir=tmp_path / "work",
+        )
