@@ -32,7 +32,8 @@ def prepare() -> None:
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    settings.storage.mkdir(parents=True, exist_ok=True)
+    if not settings.storage_url:
+        settings.storage.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database)
 
 
@@ -124,6 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.settings import get_settings
+    from server.storage import get_storage
     from server.tasks import worker_command
 
     prepare()
@@ -131,7 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     worker = None if args.no_worker else LocalWorker(worker_command()).start()
     print(
-        f"dvemb serving on http://{args.host}:{args.port}  (database {settings.database}, storage {settings.storage})"
+        f"dvemb serving on http://{args.host}:{args.port}  (database {settings.database}, storage {get_storage().url})"
     )
     print(f"API token for project {args.project!r}: {token}")
     try:

@@ -2,8 +2,8 @@
 
 With nothing set, everything lives under ``./dvemb-data``: a SQLite database, a filesystem broker
 and a local storage directory (the embedded mode). The distributed mode sets
-``DVEMB_DATABASE_URL`` (Postgres), ``DVEMB_BROKER_URL`` (Redis) and ``DVEMB_STORAGE_DIR`` (a
-volume shared with every worker).
+``DVEMB_DATABASE_URL`` (Postgres), ``DVEMB_BROKER_URL`` (Redis) and ``DVEMB_STORAGE_URL`` (an S3-compatible
+bucket, ``s3://bucket/prefix``) or ``DVEMB_STORAGE_DIR`` (a volume shared with every worker).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     broker_url: str | None = None
     storage_dir: Path | None = None
+    storage_url: str | None = None  # s3://bucket/prefix: logs and results in an S3-compatible bucket (endpoint and
+    # credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP)
+    scratch_dir: Path | None = None  # this machine's copies of objects (the cache) and jobs' working directories
+    cache_bytes: int = 16 << 30  # the cache of objects read from a bucket stays under this (least recently used go)
     max_file_bytes: int = 64 << 30
     max_run_bytes: int = 1 << 40
     max_files_per_run: int = 100_000
@@ -64,8 +68,13 @@ class Settings(BaseSettings):
 
     @property
     def storage(self) -> Path:
-        """Root of stored logs and results."""
+        """Root of stored logs and results when they are in a local directory (no ``storage_url``)."""
         return (self.storage_dir or self.data_dir / "storage").resolve()
+
+    @property
+    def scratch(self) -> Path:
+        """This machine's scratch directory (used with a bucket)."""
+        return (self.scratch_dir or self.data_dir / "scratch").resolve()
 
 
 @lru_cache

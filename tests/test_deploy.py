@@ -10,16 +10,20 @@ import yaml
 from server.settings import Settings
 
 ROOT = Path(__file__).parent.parent
+# What obstore reads to reach the bucket (server/storage/objects.py).
+S3_VARIABLES = {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ALLOW_HTTP"}
 
 
 def test_compose_file_matches_the_code() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+    assert set(services) == {"postgres", "redis", "minio", "bucket", "migrate", "api", "worker"}
     fields = {f"DVEMB_{name.upper()}" for name in Settings.model_fields}
     for name in ("migrate", "api", "worker"):
         env = services[name]["environment"]
-        assert set(env) <= fields, f"{name}: unknown settings {set(env) - fields}"
+        dvemb = {key for key in env if key.startswith("DVEMB_")}
+        assert dvemb <= fields, f"{name}: unknown settings {dvemb - fields}"
+        assert set(env) - dvemb <= S3_VARIABLES, f"{name}: unknown variables {set(env) - dvemb - S3_VARIABLES}"
         assert env["DVEMB_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["DVEMB_BROKER_URL"].startswith("redis://")
     assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
@@ -29,8 +33,13 @@ def test_compose_file_matches_the_code() -> None:
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
     for name in ("api", "worker"):
-        assert "data:/data" in services[name]["volumes"]  # one storage volume shared by API and workers
-    assert all("healthcheck" in services[name] for name in ("postgres", "redis", "api", "worker"))
+        # Logs and results in the bucket: no volume shared by the API and the workers (issue 25.1).
+        assert "volumes" not in services[name]
+        env = services[name]["environment"]
+        assert env["DVEMB_STORAGE_URL"] == "s3://dvemb/storage" and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+        assert services[name]["depends_on"]["bucket"]["condition"] == "service_completed_successfully"
+    assert "local/dvemb" in services["bucket"]["command"][0]
+    assert all("healthcheck" in services[name] for name in ("postgres", "redis", "minio", "api", "worker"))
     assert (ROOT / "Dockerfile").exists()
 
 

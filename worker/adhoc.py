@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
@@ -9,43 +10,44 @@ import torch
 
 from dvemb.engine import load_results
 from dvemb.engine.scoring import RunningTopK
-from dvemb.formats import EMBEDDINGS
+from dvemb.formats import EMBEDDINGS, EXAMPLES, OCCURRENCES, SUMMARY
 from server.db.models import AdhocQuery, Job
 from server.db.session import session_factory
 from server.db.states import QueryStatus, transition
-from server.settings import get_settings
-from server.storage import adhoc_query_path, results_dir
+from server.storage import adhoc_query_key, get_storage, results_key
 
 __all__ = ["run_adhoc_query"]
 
 
 def run_adhoc_query(query_id: int, chunk_rows: int = 65536) -> None:
     """Score posted test gradients against a job's stored embeddings; keep the top-k of each."""
-    storage = get_settings().storage
+    storage = get_storage()
     with session_factory()() as session:
         query = session.get(AdhocQuery, query_id)
         if query is None or query.status != QueryStatus.QUEUED:
             return
         job = session.get(Job, query.job_id)
         assert job is not None
-        out = results_dir(storage, job.run_id, job.id)
         try:
-            vectors = torch.from_numpy(np.load(adhoc_query_path(storage, job.run_id, job.id, query.id)))  # (Q, D)
-            embeddings = np.load(out / EMBEDDINGS, mmap_mode="r")  # (R, D)
+            vectors = np.load(io.BytesIO(storage.read_bytes(adhoc_query_key(job.run_id, job.id, query.id))))  # (Q, D)
+            embeddings = np.load(storage.local_file(results_key(job.run_id, job.id, EMBEDDINGS)), mmap_mode="r")
+            # The occurrence table and ids (local copies on a bucket; the scores files are not needed).
+            with storage.local_copy(results_key(job.run_id, job.id), keep=_TABLES.__contains__) as out:
+                results = load_results(out)
         except OSError as exc:
-            missing = f"the job's embeddings or the query's vectors are missing: {exc}"
+            missing = f"the job's embeddings or the query's vectors are missing: {storage.public_message(str(exc))}"
             transition(session, query, QueryStatus.FAILED, error=missing)
             session.commit()
             return
         helpful = RunningTopK(vectors.shape[0], query.top_k, largest=True)
         harmful = RunningTopK(vectors.shape[0], query.top_k, largest=False)
+        queries = torch.from_numpy(vectors)  # (Q, D)
         for start in range(0, embeddings.shape[0], chunk_rows):
             block = torch.from_numpy(np.ascontiguousarray(embeddings[start : start + chunk_rows])).float()
-            scores = block @ vectors.T  # (n, Q): positive = the occurrence helped this test example
+            scores = block @ queries.T  # (n, Q): positive = the occurrence helped this test example
             rows = torch.arange(start, start + block.shape[0])
             helpful.update(scores, rows)
             harmful.update(scores, rows)
-        results = load_results(out)
         query.result = {
             "queries": [
                 {
@@ -59,6 +61,9 @@ def run_adhoc_query(query_id: int, chunk_rows: int = 65536) -> None:
         }
         transition(session, query, QueryStatus.SUCCEEDED)
         session.commit()
+
+
+_TABLES = frozenset({SUMMARY, OCCURRENCES, EXAMPLES})  # what load_results reads at once
 
 
 def _occurrence(results: Any, row: int, score: float) -> dict[str, Any]:

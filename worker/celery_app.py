@@ -9,6 +9,7 @@ from celery.signals import worker_process_init
 
 from server.db.session import get_engine
 from server.settings import get_settings
+from server.storage import forget_storage
 from server.tasks import configure
 
 app = configure(Celery("dvemb-worker", include=["worker.tasks"]), get_settings())
@@ -18,3 +19,4 @@ app = configure(Celery("dvemb-worker", include=["worker.tasks"]), get_settings()
 def _fresh_connections(**_: Any) -> None:
     # A forked worker must not share the parent's database connections.
     get_engine().dispose(close=False)
+    forget_storage()  # its own object-store client (obstore's runtime does not survive a fork)

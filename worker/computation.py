@@ -22,11 +22,11 @@ from server.db.models import Job, Run
 from server.db.session import session_factory
 from server.db.states import JobStatus, transition
 from server.settings import get_settings
-from server.storage import log_dir, public_message, results_dir
+from server.storage import get_storage, log_key
 from server.tasks import COMPUTE_SEGMENT
 from worker.results_store import example_metadata, refresh_statistics, store_results
 from worker.row_writes import ShortTransactions
-from worker.segments import compute_segmented_job, run_segment_task
+from worker.segments import compute_segmented_job, run_segment_task, segments_planned
 
 __all__ = ["JobCancelled", "LeaseHeld", "compute_arguments", "run_compute", "run_compute_segment"]
 
@@ -55,7 +55,7 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
     Raises:
         LeaseHeld: another worker is computing the job (its lease is alive): the task should come back later.
     """
-    storage = get_settings().storage
+    storage = get_storage()
     factory = session_factory()
     lease = get_settings().job_lease_seconds
     with factory() as session:
@@ -91,15 +91,18 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
         # This claim's token: every later write of this attempt is conditional on it, so a worker whose lease was
         # taken over (or whose job was cancelled and retried) can no longer write anything.
         mine = holder(job)
-    out = results_dir(storage, run_id, job_id)
+    # On a bucket: the log is copied to this machine (a bounded cache), the results are computed in its scratch
+    # directory (where a redelivered task on this machine resumes from the checkpoint) and put back once complete.
+    out = storage.results_workdir(run_id, job_id)
     args = compute_arguments(options)
     try:
-        with Heartbeat(Job, job_id, JobStatus.RUNNING, lease, mine):
-            summary = _compute(job_id, log_dir(storage, run_id), out, args, mine, lease)
+        with Heartbeat(Job, job_id, JobStatus.RUNNING, lease, mine), storage.local_copy(log_key(run_id)) as log:
+            summary = _compute(job_id, log, out, args, mine, lease)
             # The rows are written while the job is still running, in short transactions fenced by this claim;
             # the job becomes 'succeeded' (its rows visible) only in the last one.
             writer = ShortTransactions(factory, _fence(job_id, mine, lease))
-            store_results(writer, job_id, out, summary, example_metadata(log_dir(storage, run_id)))
+            store_results(writer, job_id, out, summary, example_metadata(log))
+            storage.save_results(run_id, job_id, out)  # before the job is visible as succeeded
             # Before the job is visible as succeeded: its first comparison is planned with the new rows counted.
             refresh_statistics(factory)
             with factory() as session:
@@ -122,6 +125,7 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
                 examples = Summary.from_json(summary).examples
                 session.execute(update(Run).where(Run.id == run_id).values(num_examples=examples))
                 session.commit()
+            storage.release_workdir(run_id, job_id)
     except JobCancelled:
         return
     except OperationalError:
@@ -132,7 +136,7 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
             hand_back(factory, Job, job_id, JobStatus.RUNNING, mine)
         raise
     except Exception as exc:  # the job fails with the reason in words rather than staying 'running'
-        problem = public_message(_in_words(exc), storage)
+        problem = storage.public_message(_in_words(exc))
         with factory() as session:
             job = session.get(Job, job_id)
             if job is not None:  # a cancel that came first, or another attempt, stands
@@ -166,16 +170,18 @@ def _compute(job_id: int, log: Any, out: Any, args: ComputeArguments, mine: Any,
 
 def run_compute_segment(job_id: int, index: int) -> None:
     """A ``dvemb.compute_segment`` task: one segment of a running segmented job, unless it is done or held."""
-    storage = get_settings().storage
+    storage = get_storage()
     with session_factory()() as session:
         job = session.get(Job, job_id)
         if job is None or job.status != JobStatus.RUNNING:
             return  # finished, cancelled or deleted
         options, run_id = dict(job.options), int(job.run_id)
     args = compute_arguments(options)
-    run_segment_task(
-        log_dir(storage, run_id), results_dir(storage, run_id, job_id), args, index, get_settings().job_lease_seconds
-    )
+    out = storage.results_workdir(run_id, job_id)
+    if not segments_planned(out):
+        return  # the job's own task plans in its directory: on a bucket, on another machine's scratch
+    with storage.local_copy(log_key(run_id)) as log:
+        run_segment_task(log, out, args, index, get_settings().job_lease_seconds)
 
 
 def _in_words(exc: Exception) -> str:

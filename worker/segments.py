@@ -33,7 +33,7 @@ from dvemb.engine.segmented import (
     segment_done,
 )
 
-__all__ = ["compute_segmented_job", "run_segment_task"]
+__all__ = ["compute_segmented_job", "run_segment_task", "segments_planned"]
 
 logger = logging.getLogger(__name__)
 _POLL_SECONDS = 0.5
@@ -131,6 +131,11 @@ def compute_segmented_job(
         if not any(_run_claimed(log, out, args, plan, j, lease) for j in left):
             time.sleep(_POLL_SECONDS)  # every unfinished segment is running elsewhere
     return combine_segments(log, out, args, plan)
+
+
+def segments_planned(out: Path) -> bool:
+    """Whether a segmented job's plan is in ``out`` (its own task wrote it there and has not finished)."""
+    return (out / SEGMENTS_DIR / PLAN_FILE).exists()
 
 
 def run_segment_task(log: Path, out: Path, args: ComputeArguments, index: int, lease: float) -> None:

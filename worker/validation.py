@@ -9,8 +9,7 @@ taken over while it worked (alive, but its lease expired) touches nothing."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from server.db.run_files import missing_files
 from server.db.session import session_factory
 from server.db.states import FileStatus, RunStatus, transition
 from server.settings import get_settings
-from server.storage import log_dir, part_path, public_message, staging_dir
+from server.storage import Storage, get_storage, staging_key
 from server.tasks import VALIDATE_FILE, enqueue_after_commit, sender
 
 __all__ = ["run_validate_file"]
@@ -100,33 +99,33 @@ def _gave_up(cap: int) -> str:
 def _validate(session: Session, upload: LogFile, mine: Any, lease: float) -> bool:
     """Judge the claimed file and record the verdict; True once it is ready. The run's row is locked before any
     write to the run or its files (the lock order of server/db/leases.py), and only after the long read."""
-    storage = get_settings().storage
-    part = _received_bytes(storage, upload)
-    staging = staging_dir(storage, upload.run_id)
-    try:
-        if is_manifest_name(upload.name) or is_index_name(upload.name):  # a manifest, or a rank's shard index
-            run = _hold(session, upload, mine, lease)  # held while the manifests are staged: judged together
-            if run is None:
-                return False
-            _accept_manifest(session, run, upload, part)
-        else:
-            if _listing_manifests(staging) is None:
-                _wait_for_manifest(session, upload, staging, mine)
-                return False
-            GradientLog(staging).validate_file(upload.name, part)
-            # Concurrent validators and uploads of one run serialise on the run's row (Postgres).
-            run = _hold(session, upload, mine, lease)
-            if run is None:
-                return False
-            _publish(part, log_dir(storage, run.id) / upload.name)
-    except SQLAlchemyError:
-        raise  # the database's fault, not the file's: the task retries
-    except Exception as exc:  # DvembError explains itself; anything else is still this file's fault
-        session.rollback()  # drops the run's lock and anything half-written
-        session.info.pop("after_commit_tasks", None)
-        problem = str(exc) if isinstance(exc, DvembError) else f"could not be read ({type(exc).__name__}: {exc})"
-        _reject(session, upload, mine, public_message(problem.replace(str(part), upload.name), storage))
-        return False
+    storage = get_storage()
+    with storage.received(upload.run_id, upload.upload_id, upload.name) as part:  # a local copy on a bucket
+        try:
+            if is_manifest_name(upload.name) or is_index_name(upload.name):  # a manifest, or a rank's shard index
+                run = _hold(session, upload, mine, lease)  # held while the manifests are staged: judged together
+                if run is None:
+                    return False
+                _accept_manifest(session, storage, run, upload, part)
+            else:
+                with _staged(storage, upload.run_id) as staging:
+                    if _listing_manifests(staging) is None:
+                        _wait_for_manifest(session, storage, upload, mine)
+                        return False
+                    GradientLog(staging).validate_file(upload.name, part)
+                # Concurrent validators and uploads of one run serialise on the run's row (Postgres).
+                run = _hold(session, upload, mine, lease)
+                if run is None:
+                    return False
+                storage.publish(run.id, upload.upload_id, upload.name, part)
+        except SQLAlchemyError:
+            raise  # the database's fault, not the file's: the task retries
+        except Exception as exc:  # DvembError explains itself; anything else is still this file's fault
+            session.rollback()  # drops the run's lock and anything half-written
+            session.info.pop("after_commit_tasks", None)
+            problem = str(exc) if isinstance(exc, DvembError) else f"could not be read ({type(exc).__name__}: {exc})"
+            _reject(session, upload, mine, storage.public_message(problem.replace(str(part), upload.name)))
+            return False
     transition(session, upload, FileStatus.READY, when=mine, error=None, lease_expires_at=None)  # held: it moves
     # Sizes add up in SQL.
     session.execute(update(Run).where(Run.id == run.id).values(size_bytes=Run.size_bytes + upload.size_bytes))
@@ -147,17 +146,16 @@ def _hold(session: Session, upload: LogFile, mine: Any, lease: float) -> Run | N
     return run
 
 
-def _received_bytes(storage: Path, upload: LogFile) -> Path:
-    """Where the file's bytes are: its upload's part, or the run's log when a validator moved them there and died
-    before its verdict was committed (the part is gone; no other file of the run has this name)."""
-    part = part_path(storage, upload.run_id, upload.upload_id)
-    published = log_dir(storage, upload.run_id) / upload.name
-    return published if not part.exists() and published.exists() else part
+def _staged(storage: Storage, run_id: int) -> AbstractContextManager[Path]:
+    """The run's staged manifests and shard indexes, as a local directory (the staging directory itself on a local
+    storage; on a bucket a fresh copy, taken after the run's row is locked where that matters)."""
+    return storage.local_copy(staging_key(run_id), keep=lambda name: is_manifest_name(name) or is_index_name(name))
 
 
 def _reject(session: Session, upload: LogFile, mine: Any, problem: str) -> None:
     if transition(session, upload, FileStatus.REJECTED, when=mine, error=problem, lease_expires_at=None):
-        _received_bytes(get_settings().storage, upload).unlink(missing_ok=True)  # nothing of an invalid file stays
+        # Nothing of an invalid file stays: its part, or the bytes a validator that died had published.
+        get_storage().discard(upload.run_id, upload.upload_id, upload.name)
     session.commit()
 
 
@@ -173,7 +171,7 @@ def _settle_run(run_id: int) -> None:
             session.commit()
 
 
-def _wait_for_manifest(session: Session, upload: LogFile, staging: Any, mine: Any) -> None:
+def _wait_for_manifest(session: Session, storage: Storage, upload: LogFile, mine: Any) -> None:
     # The attempt ended with an answer: it is given back (the cap counts validators that died).
     waiting = "waiting for the manifest(s) to be uploaded and validated"
     transition(
@@ -186,7 +184,9 @@ def _wait_for_manifest(session: Session, upload: LogFile, staging: Any, mine: An
         attempts=LogFile.attempts - 1,
     )
     session.commit()
-    if _listing_manifests(staging) is not None:  # the manifest arrived meanwhile: its re-trigger may have missed us
+    with _staged(storage, upload.run_id) as staging:  # a fresh look
+        arrived = _listing_manifests(staging) is not None
+    if arrived:  # the manifest arrived meanwhile: its re-trigger may have missed us
         sender().send_task(VALIDATE_FILE, args=[upload.id])
 
 
@@ -214,7 +214,7 @@ def _listing_manifests(staging: Any, staged: list[dict[str, Any]] | None = None)
     return GradientLog(staging).rank_manifests if all(p.exists() for p in indexes) else None
 
 
-def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> None:
+def _accept_manifest(session: Session, storage: Storage, run: Run, upload: LogFile, part: Path) -> None:
     if is_index_name(upload.name):
         check_index_file(part, upload.name)
     else:
@@ -222,17 +222,19 @@ def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> 
         expected = rank_manifest_name(int(manifest["rank"]))
         if upload.name != expected:
             raise DvembError(f"{upload.name} holds the manifest of rank {manifest['rank']}; upload it as {expected}")
-        _check_rank_fits(staging_dir(get_settings().storage, run.id), upload.name, manifest)
-    storage = get_settings().storage
-    staged = staging_dir(storage, run.id) / upload.name
-    shutil.copyfile(part, staged)
-    manifests = _staged_manifests(staging_dir(storage, run.id))
-    try:
-        listing = _listing_manifests(staging_dir(storage, run.id), manifests)
-    except DvembError:
-        staged.unlink()  # it disagrees with what is staged (a manifest and its shard index): refused, not kept
-        raise
-    _publish(part, log_dir(storage, run.id) / upload.name)
+        with _staged(storage, run.id) as staging:
+            _check_rank_fits(staging, upload.name, manifest)
+    storage.put_file(staging_key(run.id, upload.name), part)
+    with _staged(storage, run.id) as staging:
+        manifests = _staged_manifests(staging)
+        try:
+            listing = _listing_manifests(staging, manifests)
+        except DvembError:
+            # It disagrees with what is staged (a manifest and its shard index): refused, not kept.
+            storage.delete(staging_key(run.id, upload.name))
+            raise
+        world = _staged_world_size(staging)
+    storage.publish(run.id, upload.upload_id, upload.name, part)
     if manifests is not None:
         # Version 3 without its shard indexes yet: the manifests name the indexes, so the run waits for them.
         run.manifest = {"ranks": _stored_manifests(manifests, listing)}
@@ -241,7 +243,6 @@ def _accept_manifest(session: Session, run: Run, upload: LogFile, part: Any) -> 
     else:
         # A distributed run whose other ranks' manifests are not in yet: the run's row records how many ranks
         # rank 0's manifest announces, so that the run is not complete (nor analysed) without them.
-        world = _staged_world_size(staging_dir(storage, run.id))
         run.manifest = None if world is None else {"ranks": [], "world_size": world}
     if listing is not None:
         # Files that arrived before the manifest wait for it: validate them now.
@@ -290,11 +291,6 @@ def _stored_manifests(staged: list[dict[str, Any]], listing: list[dict[str, Any]
         manifest if (manifest.get("shard_index") or {}).get("num_shards") is not None else listed
         for manifest, listed in zip(staged, listing, strict=True)
     ]
-
-
-def _publish(part: Any, final: Any) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(part, final)
 
 
 def _all_files_ready(session: Session, run: Run) -> bool:

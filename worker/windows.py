@@ -13,6 +13,7 @@ import numpy as np
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from dvemb import formats
 from dvemb.engine import load_results
 from dvemb.engine.results import Results
 from dvemb.engine.windows import Window, standard_windows, window_topk
@@ -21,8 +22,7 @@ from server.db.models import ExampleTotal, Job
 from server.db.session import session_factory
 from server.db.states import QueryStatus, transition
 from server.db.window_models import ANY_EPOCH, TopKWindow, WindowTopKRow
-from server.settings import get_settings
-from server.storage import public_message, results_dir
+from server.storage import get_storage, results_key
 from worker.row_writes import ShortTransactions
 
 __all__ = ["run_window_topk", "store_windows"]
@@ -80,7 +80,7 @@ def _record(job_id: int, query_set: str, window: Window, top_k: int, status: Que
 
 def run_window_topk(window_id: int) -> None:
     """Compute one asked-for window (a step range) from the job's scores file and store its rows."""
-    storage = get_settings().storage
+    storage = get_storage()
     factory = session_factory()
     with factory() as session:
         record = session.get(TopKWindow, window_id)
@@ -92,7 +92,7 @@ def run_window_topk(window_id: int) -> None:
             job.id,
             record.query_set,
             record.top_k,
-            results_dir(storage, job.run_id, job.id),
+            results_key(job.run_id, job.id),
         )
         window = Window(
             record.kind,
@@ -105,8 +105,10 @@ def run_window_topk(window_id: int) -> None:
     # transactions (the window's rows are read only once it has succeeded; a redelivery deletes them first).
     writer = ShortTransactions(factory, fence=functools.partial(_still_queued, window_id))
     try:
-        results = load_results(directory)
-        top = _rank(results, query_set, [window], top_k)
+        tables = {formats.SUMMARY, formats.OCCURRENCES, formats.EXAMPLES, formats.scores_file(query_set)}
+        with storage.local_copy(directory, keep=tables.__contains__) as local:  # only what ranking reads
+            results = load_results(local)
+            top = _rank(results, query_set, [window], top_k)
         with factory() as session:
             meta = _stored_metadata(session, job_id, query_set, _chosen_ids(results, top))
 
@@ -121,7 +123,7 @@ def run_window_topk(window_id: int) -> None:
     except _WindowGone:
         return
     except Exception as exc:  # in words on the window, not a task stuck in a retry loop
-        _settle(factory, window_id, QueryStatus.FAILED, error=public_message(f"{exc}", storage))
+        _settle(factory, window_id, QueryStatus.FAILED, error=storage.public_message(f"{exc}"))
         return
     _settle(factory, window_id, QueryStatus.SUCCEEDED)
 

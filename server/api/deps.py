@@ -13,6 +13,7 @@ from server.db.session import get_session
 from server.services import jobs, results
 from server.services.auth import project_for_token
 from server.settings import Settings, get_settings
+from server.storage import Storage, get_storage
 
 # scope="function": the session's commit runs before the response is sent, so a failed commit
 # is an error response, not a 200 for work that was lost.
@@ -27,6 +28,7 @@ OffsetQuery = Annotated[int, Query(ge=0, le=DB_INT_MAX)]
 LimitQuery = Annotated[int, Query(ge=1, le=1000)]
 Kind = Literal["helpful", "harmful"]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
 def bearer(authorization: str | None) -> str | None:

@@ -3,7 +3,7 @@ job's stored embeddings. Vectors go to storage as .npy; the database holds only 
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 from typing import Any
 
 import numpy as np
@@ -13,9 +13,9 @@ from dvemb.formats import Manifest
 from server.db.models import AdhocQuery, Job, Run
 from server.db.states import JobStatus
 
-__all__ = ["AdhocQuery", "create_query", "get_query", "layer_dims", "public", "query_path"]
+__all__ = ["AdhocQuery", "create_query", "get_query", "layer_dims", "public"]
 from server.errors import BadRequest, Conflict, NotFound
-from server.storage import adhoc_query_path
+from server.storage import Storage, adhoc_query_key
 from server.tasks import ADHOC_QUERY, enqueue_after_commit
 
 MAX_QUERIES = 256
@@ -30,12 +30,8 @@ def layer_dims(run: Run) -> list[tuple[str, int]]:
     return [(layer.name, layer.dim) for layer in Manifest.from_json(ranks[0]).layers]
 
 
-def query_path(storage: Path, job: Job, query_id: int) -> Path:
-    return adhoc_query_path(storage, job.run_id, job.id, query_id)
-
-
 def create_query(
-    session: Session, *, job: Job, run: Run, gradients: list[dict[str, list[float]]], top_k: int, storage: Path
+    session: Session, *, job: Job, run: Run, gradients: list[dict[str, list[float]]], top_k: int, storage: Storage
 ) -> AdhocQuery:
     """Check the vectors against the run's layers, store them, and queue the scoring task."""
     if job.status != JobStatus.SUCCEEDED:
@@ -71,9 +67,9 @@ def create_query(
     query = AdhocQuery(job_id=job.id, num_queries=len(gradients), top_k=top_k)
     session.add(query)
     session.flush()
-    path = query_path(storage, job, query.id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, matrix)
+    buffer = io.BytesIO()
+    np.save(buffer, matrix)
+    storage.write_bytes(adhoc_query_key(job.run_id, job.id, query.id), buffer.getvalue())
     enqueue_after_commit(session, ADHOC_QUERY, query.id)
     return query
 

@@ -3,6 +3,7 @@ and a sample of per-occurrence scores by phase."""
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ from dvemb import formats
 from server.db.models import Job
 from server.errors import BadRequest
 from server.services import results
-from server.storage import log_dir, results_dir
+from server.storage import Storage, log_key, results_key
 
 
 def _bins(n: int, points: int) -> np.ndarray:
@@ -32,12 +33,16 @@ def _binned(values: np.ndarray, edges: np.ndarray) -> list[float | None]:
     return out
 
 
-def query_curve(*, job: Job, query_set: str, query: int, points: int, storage: Path) -> dict[str, list[Any]]:
+def _results_file(storage: Storage, job: Job, name: str) -> Path:
+    return storage.local_file(results_key(job.run_id, job.id, name))
+
+
+def query_curve(*, job: Job, query_set: str, query: int, points: int, storage: Storage) -> dict[str, list[Any]]:
     """One query's per-step curve, from the results files, averaged into at most ``points`` bins."""
     results.check_query(job, query_set, query)
-    directory = results_dir(storage, job.run_id, job.id)
-    table = load_file(str(directory / formats.curve_file(query_set)))
-    per_query = np.load(directory / formats.curves_file(query_set), mmap_mode="r")[:, query].astype(np.float64)
+    table = load_file(str(_results_file(storage, job, formats.curve_file(query_set))))
+    curves = np.load(_results_file(storage, job, formats.curves_file(query_set)), mmap_mode="r")
+    per_query = curves[:, query].astype(np.float64)
     lr = table["lr"]
     edges = _bins(len(lr), points)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -51,14 +56,13 @@ def query_curve(*, job: Job, query_set: str, query: int, points: int, storage: P
     }
 
 
-def sampled_scores(*, job: Job, query_set: str, sample: int, storage: Path) -> list[dict[str, Any]]:
+def sampled_scores(*, job: Job, query_set: str, sample: int, storage: Storage) -> list[dict[str, Any]]:
     """Query-set-mean scores of up to ``sample`` evenly spaced occurrences (what the box plot draws), in row
     order: each with its occurrence row, step and phase."""
     results.check_query_set(job, query_set)
-    directory = results_dir(storage, job.run_id, job.id)
-    scores = np.load(directory / formats.scores_file(query_set), mmap_mode="r")
+    scores = np.load(_results_file(storage, job, formats.scores_file(query_set)), mmap_mode="r")
     rows = np.unique(np.linspace(0, scores.shape[0] - 1, min(sample, scores.shape[0])).astype(np.int64))
-    steps = load_file(str(directory / formats.OCCURRENCES))["row_step"][rows]
+    steps = load_file(str(_results_file(storage, job, formats.OCCURRENCES)))["row_step"][rows]
     values = np.asarray(scores[rows]).mean(axis=1)
     bounds = results.summary_of(job).query_set(query_set).boundaries
     return [
@@ -67,7 +71,7 @@ def sampled_scores(*, job: Job, query_set: str, sample: int, storage: Path) -> l
     ]
 
 
-def scores_by_phase(*, job: Job, query_set: str, sample: int, storage: Path) -> dict[str, list[float]]:
+def scores_by_phase(*, job: Job, query_set: str, sample: int, storage: Storage) -> dict[str, list[float]]:
     """The sampled scores (:func:`sampled_scores`) grouped by phase."""
     out: dict[str, list[float]] = {name: [] for name in formats.PHASE_NAMES}
     for point in sampled_scores(job=job, query_set=query_set, sample=sample, storage=storage):
@@ -89,11 +93,14 @@ def dynamics_series(job: Job, series: str) -> dict[str, Any]:
     return dict(available[series])
 
 
-def examples_metadata(*, job: Job, example_ids: set[str], storage: Path) -> dict[str, dict[str, Any]]:
+def examples_metadata(*, job: Job, example_ids: set[str], storage: Storage) -> dict[str, dict[str, Any]]:
     """What examples are (text, label, source, small image), from the run's validated log, in one scan."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(log_dir(storage, job.run_id).glob(formats.EXAMPLE_FILES_GLOB)):
-        with path.open(encoding="utf-8") as f:
+    folder = log_key(job.run_id)
+    for key in storage.keys(folder):
+        if not fnmatch.fnmatchcase(key[len(folder) + 1 :], formats.EXAMPLE_FILES_GLOB):
+            continue
+        with storage.local_file(key).open(encoding="utf-8") as f:
             for line in f:
                 record = json.loads(line)
                 key = str(record.get("id"))
@@ -104,7 +111,7 @@ def examples_metadata(*, job: Job, example_ids: set[str], storage: Path) -> dict
     return found
 
 
-def example_metadata(*, job: Job, example_id: str, storage: Path) -> dict[str, Any]:
+def example_metadata(*, job: Job, example_id: str, storage: Storage) -> dict[str, Any]:
     """What one example is; empty when the log does not describe it."""
     return examples_metadata(job=job, example_ids={example_id}, storage=storage).get(example_id, {})
 

@@ -4,7 +4,6 @@ and safetensors only: no torch here)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from dvemb.formats import Summary
 from server.db.models import CurvePoint, ExampleTotal, Job, PhaseSummaryRow
 from server.db.states import JobStatus
 from server.errors import BadRequest, Conflict, NotFound
-from server.storage import results_dir
+from server.storage import Storage, results_key
 
 
 def summary_of(job: Job) -> Summary:
@@ -113,7 +112,7 @@ def phases(session: Session, *, job: Job, query_set: str) -> dict[str, Any]:
     return row.summary
 
 
-def example_history(session: Session, *, job: Job, query_set: str, example_id: str, storage: Path) -> dict[str, Any]:
+def example_history(session: Session, *, job: Job, query_set: str, example_id: str, storage: Storage) -> dict[str, Any]:
     check_query_set(job, query_set)
     total = session.scalar(
         select(ExampleTotal).where(
@@ -122,11 +121,10 @@ def example_history(session: Session, *, job: Job, query_set: str, example_id: s
     )
     if total is None:
         raise NotFound(f"example {example_id!r} does not occur in this run")
-    directory = results_dir(storage, job.run_id, job.id)
-    occurrences = load_file(str(directory / formats.OCCURRENCES))
-    index = int(np.flatnonzero(_example_ids(directory) == example_id)[0])
+    occurrences = load_file(str(storage.local_file(results_key(job.run_id, job.id, formats.OCCURRENCES))))
+    index = int(np.flatnonzero(_example_ids(storage, job) == example_id)[0])
     rows = np.flatnonzero(occurrences["example_index"] == index)
-    scores = np.load(directory / formats.scores_file(query_set), mmap_mode="r")
+    scores = np.load(storage.local_file(results_key(job.run_id, job.id, formats.scores_file(query_set))), mmap_mode="r")
     bounds = summary_of(job).query_set(query_set).boundaries
     history = [
         {
@@ -148,6 +146,7 @@ def example_history(session: Session, *, job: Job, query_set: str, example_id: s
     }
 
 
-def _example_ids(directory: Path) -> np.ndarray:
-    """Every example id of the results, as strings (the API's ids), in index order."""
-    return np.array([str(i) for i in formats.decode_ids(load_file(str(directory / formats.EXAMPLES)))])
+def _example_ids(storage: Storage, job: Job) -> np.ndarray:
+    """Every example id of the job's results, as strings (the API's ids), in index order."""
+    path = storage.local_file(results_key(job.run_id, job.id, formats.EXAMPLES))
+    return np.array([str(i) for i in formats.decode_ids(load_file(str(path)))])

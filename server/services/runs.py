@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
 from server.db.models import LogFile, Project, Run
 from server.errors import Conflict, NotFound
-from server.storage import delete_run_files
+from server.storage import Storage, run_key
 
 
 def get_run(session: Session, *, project: Project, run_id: int) -> Run:
@@ -51,8 +49,8 @@ def run_files(session: Session, *, run: Run) -> list[LogFile]:
     return list(session.scalars(select(LogFile).where(LogFile.run_id == run.id).order_by(LogFile.name)).all())
 
 
-def delete_run(session: Session, *, run: Run, storage: Path) -> None:
+def delete_run(session: Session, *, run: Run, storage: Storage) -> None:
     """Delete the run's rows now and its files once the deletion is committed."""
     session.delete(run)
     session.flush()
-    session.info.setdefault("after_commit", []).append(lambda: delete_run_files(storage, run.id))
+    session.info.setdefault("after_commit", []).append(lambda: storage.delete_prefix(run_key(run.id)))

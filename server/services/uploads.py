@@ -1,7 +1,7 @@
 """Resumable uploads (tus 1.0: core, creation, termination) of gradient-log files into a run.
 
-Bytes stream to ``staging/<upload id>.part`` with bounded memory; the final PATCH hands the file
-to the validator task (the API never parses safetensors and does not import torch), which moves
+Bytes stream to the run's ``staging/<upload id>.part`` (server/storage) with bounded memory; the final PATCH hands
+the file to the validator task (the API never parses safetensors and does not import torch), which moves
 it into the run's ``log/`` only once it is valid.
 """
 
@@ -20,7 +20,7 @@ from server.db.models import LogFile, Run
 from server.db.states import FileStatus, RunStatus, transition
 from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, TooManyRequests
 from server.settings import Settings
-from server.storage import check_log_file_name, part_path, staging_dir
+from server.storage import check_log_file_name, get_storage
 from server.tasks import VALIDATE_FILE, enqueue_after_commit
 
 TUS_VERSION = "1.0.0"
@@ -72,7 +72,7 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
             raise Conflict(f"{name} is already uploaded and valid in this run")
         if existing.status in (FileStatus.RECEIVED, FileStatus.VALIDATING):
             raise Conflict(f"{name} is being validated; wait for the verdict before uploading it again")
-        part_path(settings.storage, run.id, existing.upload_id).unlink(missing_ok=True)
+        get_storage().delete_part(run.id, existing.upload_id)
         session.delete(existing)  # a rejected or abandoned attempt: start over
         session.flush()
     # Everything not rejected counts, uploads in flight included (size_bytes only grows on validation).
@@ -93,9 +93,7 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
     session.add(upload)
     session.flush()
     transition(session, run, RunStatus.UPLOADING)
-    path = part_path(settings.storage, run.id, upload.upload_id)
-    staging_dir(settings.storage, run.id).mkdir(parents=True, exist_ok=True)
-    path.touch()
+    get_storage().create_part(run.id, upload.upload_id)
     if length == 0:
         finish_upload(session, upload=upload)
     return upload
@@ -144,7 +142,7 @@ def delete_waiting(session: Session, *, upload: LogFile, settings: Settings) -> 
     )
     if gone.rowcount != 1:  # type: ignore[attr-defined]
         raise Conflict(f"{upload.name} is being validated; wait for the verdict")
-    part_path(settings.storage, upload.run_id, upload.upload_id).unlink(missing_ok=True)
+    get_storage().delete_part(upload.run_id, upload.upload_id)
 
 
 def get_upload(session: Session, *, project_id: int, upload_id: str) -> tuple[LogFile, Run]:

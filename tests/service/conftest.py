@@ -13,7 +13,7 @@ import psycopg
 import pytest
 import redis
 import uvicorn
-from service_harness import PG_ADMIN, REDIS_DB, Api, Worker, free_port, make_token
+from service_harness import PG_ADMIN, REDIS_DB, Api, S3Server, Worker, free_port, make_token
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
@@ -26,6 +26,15 @@ def postgres_url() -> Iterator[str]:
     yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """An S3-compatible server process for the session (tests/service/test_storage.py, test_object_storage.py)."""
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -170,3 +170,47 @@ def record_log(
     rec.describe([name(i) for i in everyone], labels=labels, sources=sources, texts=texts)
     rec.close()
     return directory
+
+
+class S3Server:
+    """A real S3-compatible server process on a free port: moto's standalone server (``moto_server``, installed by
+    the dev extra), spoken to over HTTP like any bucket. Its objects live in its memory: stopping it forgets them."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The usual variables that point an S3 client (obstore, boto3, the AWS CLI) at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "dvemb-test",
+            "AWS_SECRET_ACCESS_KEY": "dvemb-test-secret",
+            "AWS_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def start(self) -> None:
+        command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def answers() -> bool:
+            try:
+                return httpx.get(self.endpoint, timeout=1).status_code < 500
+            except httpx.TransportError:
+                return False
+
+        wait_until(answers, 60, "moto_server did not start")
+
+    def bucket(self, name: str) -> str:
+        """Create a bucket (a test's own: tests do not share objects)."""
+        response = httpx.put(f"{self.endpoint}/{name}", timeout=10)
+        assert response.status_code == 200, response.text
+        return name
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy.orm import Session
 
-from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep, bearer
+from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep, StorageDep, bearer
 from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids, time_limited
 from server.api.routes.figures import SampleQuery
 from server.api.routes.jobs import ExampleFiltersQuery, ExampleIdQuery, TopFiltersQuery
@@ -69,7 +69,7 @@ def export_examples(
 def export_curve(
     job: DoneJobDep,
     session: SessionDep,
-    settings: SettingsDep,
+    storage: StorageDep,
     query_set: str,
     format: FormatQuery = "csv",
     query: IntQuery = None,
@@ -83,7 +83,7 @@ def export_curve(
     if query is None:
         curve = data.set_curve(session, job=job, query_set=query_set, points=steps)
     else:
-        curve = data.query_curve(job=job, query_set=query_set, query=query, points=steps, storage=settings.storage)
+        curve = data.query_curve(job=job, query_set=query_set, query=query, points=steps, storage=storage)
     columns = list(CURVE_COLUMNS)
     if smooth > 1:
         curve["smoothed"] = moving_average(list(curve["mean_per_lr" if view == "per_lr" else "mean"]), smooth)
@@ -137,10 +137,10 @@ def export_selection(
 
 @router.get("/jobs/{job_id}/export/distribution")
 def export_distribution(
-    job: DoneJobDep, settings: SettingsDep, query_set: str, sample: SampleQuery = 20_000, format: FormatQuery = "csv"
+    job: DoneJobDep, storage: StorageDep, query_set: str, sample: SampleQuery = 20_000, format: FormatQuery = "csv"
 ) -> Response:
     """The "Scores by phase" box plot's points: the sampled occurrences (row, step, phase, query-set mean score)."""
-    rows = data.sampled_scores(job=job, query_set=query_set, sample=sample, storage=settings.storage)
+    rows = data.sampled_scores(job=job, query_set=query_set, sample=sample, storage=storage)
     return download(["row", "step", "phase", "score"], rows, fmt=format, name=f"job{job.id}-{query_set}-distribution")
 
 
@@ -166,13 +166,13 @@ def export_example_by_id(
     job: DoneJobDep,
     example_id: ExampleIdQuery,
     session: SessionDep,
-    settings: SettingsDep,
+    storage: StorageDep,
     query_set: str,
     format: FormatQuery = "csv",
     query: IntQuery = None,
 ) -> Response:
     """An example's table, the id a query parameter (any id, a '/' in it included)."""
-    return export_example(job, example_id, session, settings, query_set, format, query)
+    return export_example(job, example_id, session, storage, query_set, format, query)
 
 
 @router.get("/jobs/{job_id}/export/example/{example_id:path}")
@@ -180,15 +180,15 @@ def export_example(
     job: DoneJobDep,
     example_id: str,
     session: SessionDep,
-    settings: SettingsDep,
+    storage: StorageDep,
     query_set: str,
     format: FormatQuery = "csv",
     query: IntQuery = None,
 ) -> Response:
     """An example's page's table: its influence at each occurrence, on the query set (mean) or on one query."""
-    history = results.example_history(
-        session, job=job, query_set=query_set, example_id=example_id, storage=settings.storage
-    )["history"]
+    history = results.example_history(session, job=job, query_set=query_set, example_id=example_id, storage=storage)[
+        "history"
+    ]
     results.check_query(job, query_set, query)
     rows = [
         {

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from server import figures
-from server.api.deps import DoneJobDep, IntQuery, JobDep, SessionDep, SettingsDep
+from server.api.deps import DoneJobDep, IntQuery, JobDep, SessionDep, StorageDep
 from server.errors import BadRequest
 from server.services import figures as data
 from server.services import results
@@ -22,7 +22,7 @@ SampleQuery = Annotated[int, Query(ge=10, le=200_000, description="evenly spaced
 def phase_figure(
     job: DoneJobDep,
     session: SessionDep,
-    settings: SettingsDep,
+    storage: StorageDep,
     query_set: str,
     query: IntQuery = None,
     view: Literal["per_lr", "raw"] = "per_lr",
@@ -33,7 +33,7 @@ def phase_figure(
     if query is None:
         curve = data.set_curve(session, job=job, query_set=query_set, points=points)
     else:
-        curve = data.query_curve(job=job, query_set=query_set, query=query, points=points, storage=settings.storage)
+        curve = data.query_curve(job=job, query_set=query_set, query=query, points=points, storage=storage)
     phases = results.phases(session, job=job, query_set=query_set)
     ids = (job.summary or {}).get("query_sets", {}).get(query_set, {}).get("query_ids") or []
     name = ids[query] if query is not None and query < len(ids) else query  # the query's id, not its index
@@ -45,13 +45,13 @@ def phase_figure(
 def distribution_figure(
     job: DoneJobDep,
     session: SessionDep,
-    settings: SettingsDep,
+    storage: StorageDep,
     query_set: str,
     sample: SampleQuery = 20_000,
 ) -> dict[str, Any]:
     """The box plot of the scores by phase, with how many occurrences it draws (``drawn``: every one, or an evenly
     spaced sample of ``sample``), of how many (``occurrences``), and how many lie beyond its y axis (``beyond``)."""
-    by_phase = data.scores_by_phase(job=job, query_set=query_set, sample=sample, storage=settings.storage)
+    by_phase = data.scores_by_phase(job=job, query_set=query_set, sample=sample, storage=storage)
     figure = figures.distribution_figure(by_phase, title=f"scores by phase, {query_set}")
     summary = job.results
     return {**figure, "occurrences": summary.occurrences if summary is not None else figure["drawn"]}
@@ -72,7 +72,7 @@ def dynamics_figure(job: DoneJobDep, series: str) -> dict[str, Any]:
 @router.get("/jobs/{job_id}/metadata")
 def examples_metadata(
     job: JobDep,
-    settings: SettingsDep,
+    storage: StorageDep,
     ids: Annotated[str | None, Query(description="comma-separated ids (ids without a comma)")] = None,
     id: Annotated[list[str] | None, Query(description="one id per parameter, any characters: id=a&id=b")] = None,
 ) -> dict[str, Any]:
@@ -83,4 +83,4 @@ def examples_metadata(
     wanted = {i for i in (ids or "").split(",") if i} | set(id or [])
     if len(wanted) > 200:
         raise BadRequest("ask for at most 200 examples at a time")
-    return data.examples_metadata(job=job, example_ids=wanted, storage=settings.storage)
+    return data.examples_metadata(job=job, example_ids=wanted, storage=storage)

@@ -19,7 +19,7 @@ from server.api.deps import (
     OffsetQuery,
     ProjectDep,
     SessionDep,
-    SettingsDep,
+    StorageDep,
     bearer,
 )
 from server.api.schemas import ExamplesPublic, JobCreate, JobPublic, JobsPublic, TopPublic
@@ -156,20 +156,18 @@ ExampleIdQuery = Annotated[
 
 @router.get("/jobs/{job_id}/example")
 def example_by_id(
-    job: DoneJobDep, example_id: ExampleIdQuery, session: SessionDep, settings: SettingsDep, query_set: str
+    job: DoneJobDep, example_id: ExampleIdQuery, session: SessionDep, storage: StorageDep, query_set: str
 ) -> dict[str, Any]:
     """One example's total and every occurrence, the id a query parameter: any id, a '/' or '..' in it included."""
-    return example(job, example_id, session, settings, query_set)
+    return example(job, example_id, session, storage, query_set)
 
 
 @router.get("/jobs/{job_id}/examples/{example_id:path}")
 def example(
-    job: DoneJobDep, example_id: str, session: SessionDep, settings: SettingsDep, query_set: str
+    job: DoneJobDep, example_id: str, session: SessionDep, storage: StorageDep, query_set: str
 ) -> dict[str, Any]:
     """One example's total and every occurrence (the id in the path, '%2F' for '/'; ``GET /jobs/{id}/example?
     example_id=`` takes any id)."""
-    history = results.example_history(
-        session, job=job, query_set=query_set, example_id=example_id, storage=settings.storage
-    )
-    history["metadata"] = example_metadata(job=job, example_id=example_id, storage=settings.storage)
+    history = results.example_history(session, job=job, query_set=query_set, example_id=example_id, storage=storage)
+    history["metadata"] = example_metadata(job=job, example_id=example_id, storage=storage)
     return history

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from server.api.deps import DB_INT_MAX, IdPath, ProjectDep, SessionDep, SettingsDep
+from server.api.deps import DB_INT_MAX, IdPath, ProjectDep, SessionDep, StorageDep
 from server.api.schemas import LogFilePublic, RunCreate, RunDetail, RunPublic, RunsPublic
 from server.db.run_files import missing_files
 from server.services import runs as service
@@ -41,6 +41,6 @@ def get_run(run_id: IdPath, session: SessionDep, project: ProjectDep) -> RunDeta
 
 
 @router.delete("/{run_id}", status_code=204)
-def delete_run(run_id: IdPath, session: SessionDep, project: ProjectDep, settings: SettingsDep) -> Response:
-    service.delete_run(session, run=service.get_run(session, project=project, run_id=run_id), storage=settings.storage)
+def delete_run(run_id: IdPath, session: SessionDep, project: ProjectDep, storage: StorageDep) -> Response:
+    service.delete_run(session, run=service.get_run(session, project=project, run_id=run_id), storage=storage)
     return Response(status_code=204)

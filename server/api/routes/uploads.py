@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -17,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from dvemb.formats import is_index_name, is_manifest_name
-from server.api.deps import IdPath, ProjectDep, SessionDep, SettingsDep
+from server.api.deps import IdPath, ProjectDep, SessionDep, SettingsDep, StorageDep
 from server.api.waiting import wait_answer
 from server.db.models import LogFile, Run
 from server.db.session import session_factory
@@ -25,7 +24,7 @@ from server.db.states import FileStatus
 from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, UnsupportedMedia
 from server.services import uploads as service
 from server.services.runs import get_run
-from server.storage import part_path
+from server.storage import PartBusy, PartWriter, Storage
 
 router = APIRouter(tags=["uploads"])
 TUS = service.TUS_HEADERS
@@ -89,7 +88,9 @@ def upload_head(upload_id: str, session: SessionDep, project: ProjectDep) -> Res
 
 
 @router.delete("/uploads/{upload_id}", status_code=204)
-def upload_delete(upload_id: str, session: SessionDep, project: ProjectDep, settings: SettingsDep) -> Response:
+def upload_delete(
+    upload_id: str, session: SessionDep, project: ProjectDep, settings: SettingsDep, storage: StorageDep
+) -> Response:
     upload, run = service.get_upload(session, project_id=project.id, upload_id=upload_id)
     if upload.status == FileStatus.READY:
         raise Conflict(f"{upload.name} is already validated; delete the run to remove it")
@@ -98,7 +99,7 @@ def upload_delete(upload_id: str, session: SessionDep, project: ProjectDep, sett
         return Response(status_code=204, headers=TUS)
     if upload.status in (FileStatus.RECEIVED, FileStatus.VALIDATING):
         raise Conflict(f"{upload.name} is being validated; wait for the verdict")
-    part_path(settings.storage, run.id, upload.upload_id).unlink(missing_ok=True)
+    storage.delete_part(run.id, upload.upload_id)
     session.delete(upload)
     return Response(status_code=204, headers=TUS)
 
@@ -109,6 +110,7 @@ async def upload_patch(
     request: Request,
     project: ProjectDep,
     settings: SettingsDep,
+    storage: StorageDep,
     upload_offset: Annotated[int | None, Header()] = None,
     content_type: Annotated[str | None, Header()] = None,
     tus_resumable: Annotated[str | None, Header()] = None,
@@ -119,17 +121,8 @@ async def upload_patch(
     upload, run = await run_in_threadpool(_load, project.id, upload_id)
     if upload.status != FileStatus.UPLOADING:
         raise Conflict(f"{upload.name} is complete ({upload.status}); nothing more to append")
-    path = part_path(settings.storage, run.id, upload.upload_id)
-    try:
-        part = path.open("r+b")
-    except FileNotFoundError:
-        raise NotFound(f"upload {upload_id} was abandoned or already handed to the validator") from None
-    with part:  # memory stays at one network chunk whatever the file size
-        try:
-            # One writer per upload: a retried request racing the original must not interleave bytes.
-            fcntl.flock(part.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Conflict("another request is appending to this upload; HEAD for the offset and retry") from None
+    part = await run_in_threadpool(_open_part, storage, run.id, upload.upload_id)
+    with part:  # memory stays at one network chunk (a local file) or one flush (8 MiB, a bucket) whatever the size
         upload, run = await run_in_threadpool(_load, project.id, upload_id)  # fresh, under the lock
         if upload.status != FileStatus.UPLOADING:
             raise Conflict(f"{upload.name} is complete ({upload.status}); nothing more to append")
@@ -140,8 +133,7 @@ async def upload_patch(
             )
         written = committed = 0
         try:
-            part.seek(upload.offset)
-            part.truncate()
+            await run_in_threadpool(part.start, upload.offset)
             async for chunk in _idle_limited(request, settings.upload_idle_seconds):
                 if upload.offset + written + len(chunk) > upload.size_bytes:
                     raise PayloadTooLarge(
@@ -150,13 +142,13 @@ async def upload_patch(
                 part.write(chunk)
                 written += len(chunk)
                 if written - committed >= _COMMIT_EVERY and upload.offset + written < upload.size_bytes:
-                    part.flush()  # HEAD reports what is on disk, not 0 until the request ends
+                    await run_in_threadpool(part.flush)  # HEAD reports what is stored, not 0 until the end
                     await run_in_threadpool(_advance, upload.id, upload.offset + written)
                     committed = written
         except (ClientDisconnect, _Stalled):
             pass  # keep what arrived: the client resumes from the new offset
         finally:
-            part.flush()
+            await run_in_threadpool(part.flush)
             offset = await run_in_threadpool(_advance, upload.id, upload.offset + written)
     if offset is None:
         raise NotFound(f"upload {upload_id} was deleted while it was being written")
@@ -170,6 +162,17 @@ async def upload_patch(
 
 
 _COMMIT_EVERY = 8 << 20  # bytes between offset commits while a PATCH streams
+
+
+def _open_part(storage: Storage, run_id: int, upload_id: str) -> PartWriter:
+    """The upload's part, for this request alone (404 once abandoned or handed over, 409 while another request
+    appends to it: a retried request racing the original must not interleave bytes)."""
+    try:
+        return storage.open_part(run_id, upload_id)
+    except FileNotFoundError:
+        raise NotFound(f"upload {upload_id} was abandoned or already handed to the validator") from None
+    except PartBusy:
+        raise Conflict("another request is appending to this upload; HEAD for the offset and retry") from None
 
 
 class _Stalled(Exception):
