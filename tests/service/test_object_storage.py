@@ -41,12 +41,18 @@ class _BucketService:
         return sorted(str(item["path"]) for batch in obstore.list(store, prefix=prefix or None) for item in batch)
 
 
-@pytest.fixture
-def bucket_service(s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_BucketService]:
+@pytest.fixture(scope="module")
+def bucket_service(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[_BucketService]:
+    """The service on a bucket, shared by this module's tests (each makes its own runs)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for key, value in s3_server.env.items():
+            monkeypatch.setenv(key, value)  # this process reads the bucket to check it
+        yield from _serve_from_a_bucket(s3_server, tmp_path_factory.mktemp("machines"))
+
+
+def _serve_from_a_bucket(s3_server: S3Server, tmp_path: Path) -> Iterator[_BucketService]:
     from test_broker_outage import RedisServer
 
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)  # this process reads the bucket to check it
     bucket_url = f"s3://{s3_server.bucket(f'dvemb-{uuid.uuid4().hex[:10]}')}/service"
     database = f"dvemb_s3_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
