@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -392,7 +393,9 @@ def main() -> None:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta = (
         f"at commit {_commit()} on {stamp}, {platform.processor() or platform.machine()} ({args.threads} thread, CPU), "
-        f"torch {torch.__version__}, dvemb {dvemb.__version__}, {time.time() - started:.0f} s."
+        f"torch {torch.__version__}, dvemb {dvemb.__version__}, {time.time() - started:.0f} s; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end (a shared machine: the cost ratios are "
+        "timed back to back with the training they are divided by, but they move with the load)."
     )
     text = markdown(runs, base, seeds, meta)
     out = Path(__file__).parent / "out"

@@ -4,6 +4,8 @@
   rates as a :class:`ReplaySchedule`, the step as a loss function) and scores every occurrence exactly to first
   order on a few queries, by reverse mode with Hessian-vector products and the optimizer's exact map
   (docs/replay.md); :func:`save_replay` and :func:`load_replay` keep it next to a computation's results;
+- :func:`save_initial` keeps the initial weights and optimizer state before training, :func:`load_initial` puts them
+  back;
 - :func:`trust` compares the fast scores of a results directory with the replay and writes ``trust-<set>.json``;
 - :class:`Replayer` is the machinery (forward with checkpoints, adjoint, state recomputation).
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from dvemb.replay.api import ReplaySpec, replay
     from dvemb.replay.engine import QUERY_COLUMNS, REMOVALS, ReplayArguments, Replayer, TrainState
     from dvemb.replay.files import Replay, load_replay, save_replay
+    from dvemb.replay.initial import load_initial, save_initial
     from dvemb.replay.optimizers import SUPPORTED, FunctionalOptimizer, OptimizerState
     from dvemb.replay.probe import linearity_probe, summarise_probe
     from dvemb.replay.schedule import ReplaySchedule, schedule_from_log
@@ -30,6 +33,7 @@ _LAZY = {
     **dict.fromkeys(["ReplaySpec", "replay"], "dvemb.replay.api"),
     **dict.fromkeys(["QUERY_COLUMNS", "REMOVALS", "ReplayArguments", "Replayer", "TrainState"], "dvemb.replay.engine"),
     **dict.fromkeys(["Replay", "load_replay", "save_replay"], "dvemb.replay.files"),
+    **dict.fromkeys(["load_initial", "save_initial"], "dvemb.replay.initial"),
     **dict.fromkeys(["SUPPORTED", "FunctionalOptimizer", "OptimizerState"], "dvemb.replay.optimizers"),
     **dict.fromkeys(["linearity_probe", "summarise_probe"], "dvemb.replay.probe"),
     **dict.fromkeys(["ReplaySchedule", "schedule_from_log"], "dvemb.replay.schedule"),
@@ -64,8 +68,10 @@ __all__ = [
     "TrainState",
     "agreement",
     "linearity_probe",
+    "load_initial",
     "load_replay",
     "replay",
+    "save_initial",
     "save_replay",
     "schedule_from_log",
     "summarise_probe",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,6 @@ class Timings:
     adjoint: float = 0.0
     probe: float = 0.0
     steps_replayed: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Replayer:

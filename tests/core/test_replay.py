@@ -23,8 +23,10 @@ from dvemb.replay import (
     Replayer,
     ReplayError,
     ReplaySchedule,
+    load_initial,
     load_replay,
     replay,
+    save_initial,
     save_replay,
     schedule_from_log,
     trust,
@@ -550,3 +552,33 @@ def test_a_replay_killed_mid_way_resumes_from_its_work_directory(tmp_path: Path,
             ReplayArguments(checkpoint_every=3),
             work_dir=tmp_path / "work",
         )
+
+
+def test_initial_state_kept_before_training_is_replayed_from_a_fresh_model(tmp_path: Path) -> None:
+    x, y = _data()
+    order = _order()
+    schedule = ReplaySchedule(order, [[lr] for lr in LRS[:T]], "mean")
+    model = _mlp()
+    optimizer = OPTIMIZERS["adam"](model.parameters())
+    F.cross_entropy(model(x), y).backward()  # a run resumed from a checkpoint: Adam has moments and a step count
+    optimizer.step()
+    optimizer.zero_grad()
+    save_initial(model, optimizer, tmp_path / "initial")
+    kept = copy.deepcopy(model)
+    kept_optimizer = OPTIMIZERS["adam"](kept.parameters())
+    kept_optimizer.load_state_dict(optimizer.state_dict())
+
+    def scores(m: nn.Module, o: torch.optim.Optimizer) -> np.ndarray:
+        return replay(m, o, schedule, _loss_fn, lambda ids: (x[ids], y[ids]), [(x, y)]).scores
+
+    fresh = _mlp(seed=7)
+    fresh_optimizer = OPTIMIZERS["adam"](fresh.parameters())
+    load_initial(fresh, fresh_optimizer, tmp_path / "initial")
+    assert int(fresh_optimizer.state[next(fresh.parameters())]["step"]) == 1
+    np.testing.assert_array_equal(scores(fresh, fresh_optimizer), scores(kept, kept_optimizer))
+    other = _mlp()
+    with pytest.raises(dvemb.ConfigError, match="AdamW"):
+        load_initial(other, OPTIMIZERS["adamw"](other.parameters()), tmp_path / "initial")
+    wider = _mlp(hidden=5)
+    with pytest.raises(dvemb.ConfigError, match="do not fit"):
+        load_initial(wider, OPTIMIZERS["adam"](wider.parameters()), tmp_path / "initial")
