@@ -42,9 +42,20 @@ def check_replayable(model: nn.Module) -> None:
     """Refuse layers whose forward pass is random or mutates state (the replay could not reproduce them).
 
     Raises:
-        ReplayError: dropout with ``p > 0`` or batch norm updating running statistics, in training mode.
+        ReplayError: a model wrapped for distributed training (DistributedDataParallel: pass ``model.module``;
+            FSDP: its parameters are sharded), dropout with ``p > 0`` or batch norm updating running statistics, in
+            training mode.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ReplayError(
+            "the model is wrapped in DistributedDataParallel: pass model.module (the replay runs on one device)"
+        )
     for name, module in model.named_modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            raise ReplayError(
+                f"layer {name or 'the model'!r} is sharded by FSDP: the replay needs every parameter on one device; "
+                "rebuild the model unwrapped and load its initial weights (dvemb.replay.load_initial)"
+            )
         if not module.training:
             continue
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:

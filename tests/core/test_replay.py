@@ -301,6 +301,16 @@ def test_replay_refuses_what_it_cannot_replay() -> None:
             lambda ids: (x[ids], y[ids]),
             [(x, y)],
         )
+    sharded = type("FullyShardedDataParallel", (nn.Sequential,), {})(nn.Linear(3, 2))
+    with pytest.raises(ReplayError, match="FSDP"):
+        Replayer(
+            sharded,
+            torch.optim.SGD(sharded.parameters(), lr=0.1),
+            schedule,
+            _loss_fn,
+            lambda ids: (x[ids], y[ids]),
+            [(x, y)],
+        )
     model = _mlp()
     with pytest.raises(dvemb.ConfigError, match="amsgrad"):
         Replayer(
