@@ -174,7 +174,7 @@ def wide_cost(optimizer: str, seed: int = 0, hidden: int = 1024, batch: int = 64
     return out
 
 
-def lm_one(seed: int, quick: bool, work: Path) -> dict[str, Any]:
+def lm_one(seed: int, quick: bool, work: Path, pairs: int | None = None) -> dict[str, Any]:
     """The transformer LM of :mod:`bench.lm_fidelity` (GPT-2, 2 layers, float64, AdamW with warm-up and decay, two
     parameter groups): replay vs its exact leave-one-out (the example removed from its batch: ``removal="batch"``),
     cost, and the default-recorded fast scores against the replay."""
@@ -182,6 +182,7 @@ def lm_one(seed: int, quick: bool, work: Path) -> dict[str, Any]:
     from dvemb.integrations.huggingface import causal_lm_loss
 
     s = lm.QUICK if quick else lm.Settings()
+    s = replace(s, pairs=pairs or s.pairs)
     data = lm.corpus(s)
     g = torch.Generator().manual_seed(seed)
     per_epoch = s.train_size // s.batch
@@ -369,10 +370,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 30 pairs, BENCHMARKS.md untouched")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-lm", action="store_true", help="leave out the transformer LM")
+    parser.add_argument("--pairs", type=int, default=None, help="sampled occurrences per run (default 100)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
-    base = replace(Setup(), pairs=30 if args.quick else Setup().pairs)
+    base = replace(Setup(), pairs=args.pairs or (30 if args.quick else Setup().pairs))
     started = time.time()
     runs: dict[str, list[dict[str, Any]]] = {}
     for optimizer in args.optimizers:
@@ -386,7 +388,7 @@ def main() -> None:
     if not args.no_lm:
         for seed in range(seeds):
             with tempfile.TemporaryDirectory() as work:
-                result = lm_one(seed, args.quick, Path(work))
+                result = lm_one(seed, args.quick, Path(work), args.pairs)
             runs.setdefault("lm", []).append(result)
             shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items() if k != "phases"}
             print("lm", seed, shown, f"{time.time() - started:.0f}s", flush=True)
