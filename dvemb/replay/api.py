@@ -113,6 +113,7 @@ def replay(
         },
         "cost_over_training": (timings.forward + timings.adjoint) / max(timings.forward, 1e-12),
         "forward_steps": training_steps,
+        "queries_batched": replayer.pull.batched,
         "probe": {"scales": list(args.probe_scales), **summarise_probe(records), "records": records},
     }
     return Replay(query_set=query_set, scores=numpy_scores.astype("float64"), summary=summary)
