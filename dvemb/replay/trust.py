@@ -21,12 +21,23 @@ from dvemb.engine.results import load_results
 from dvemb.errors import ConfigError
 from dvemb.replay.files import load_replay, rows_digest
 
-__all__ = ["PREDICTABLE_ERROR", "TOP", "agreement", "pearson", "spearman", "trust", "trust_file"]
+__all__ = [
+    "PARTLY_PREDICTABLE_ERROR",
+    "PREDICTABLE_ERROR",
+    "TOP",
+    "agreement",
+    "pearson",
+    "spearman",
+    "trust",
+    "trust_file",
+]
 
 #: Occurrences in each top list compared.
 TOP = 100
 #: A run is called first-order predictable when the probe's median relative errors are both at most this.
 PREDICTABLE_ERROR = 0.25
+#: ... partly predictable when both are at most this, and not predictable beyond.
+PARTLY_PREDICTABLE_ERROR = 0.5
 
 
 def trust_file(query_set: str) -> str:
@@ -121,6 +132,7 @@ def trust(results_dir: str | Path, query_set: str, *, write: bool = True) -> dic
         "replay_loss_gap": replay.summary.get("loss_gap"),
     }
     record["first_order_predictable"] = _predictable(record["probe"])
+    record["first_order_verdict"] = _verdict(record["probe"])
     if write:
         tmp = path / f".{trust_file(query_set)}.tmp"
         tmp.write_text(json.dumps(record, indent=2))
@@ -160,3 +172,13 @@ def _predictable(probe: dict[str, Any]) -> bool | None:
     if not probe.get("occurrences"):
         return None
     return bool(probe["proportionality"] <= PREDICTABLE_ERROR and probe["first_order"] <= PREDICTABLE_ERROR)
+
+
+def _verdict(probe: dict[str, Any]) -> str | None:
+    """``"predictable"``, ``"partly predictable"`` or ``"not predictable"`` by the worse of the probe's medians."""
+    if not probe.get("occurrences"):
+        return None
+    worst = max(probe["proportionality"], probe["first_order"])
+    if worst <= PREDICTABLE_ERROR:
+        return "predictable"
+    return "partly predictable" if worst <= PARTLY_PREDICTABLE_ERROR else "not predictable"
