@@ -109,7 +109,10 @@ def test_adam_run_says_which_propagation_its_scores_follow(api: Api, token: str,
     assert top["propagation"] == "Adam"
     offline = tmp_path / "offline"
     compute(log, offline)
-    assert [r["score"] for r in top["data"]] == [w["score"] for w in load_results(offline).top("val", k=10)]
+    # float32 accumulation: the worker's thread count changes the products' rounding (and the step means the
+    # default batch removal subtracts), so the scores agree to float32 precision, not bit for bit
+    expected = [w["score"] for w in load_results(offline).top("val", k=10)]
+    assert [r["score"] for r in top["data"]] == pytest.approx(expected, rel=1e-5, abs=1e-9)
 
     proxy = api.post(f"/runs/{result['run']}/jobs", json={"propagation": "sgd-proxy"}).json()
     proxy = api.wait_job(proxy["id"])
