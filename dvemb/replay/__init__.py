@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dvemb.replay.api import ReplaySpec, replay
+    from dvemb.replay.comparison import agreement, describe, trust, trust_file
     from dvemb.replay.engine import QUERY_COLUMNS, REMOVALS, ReplayArguments, Replayer, TrainState
     from dvemb.replay.files import Replay, load_replay, save_replay
     from dvemb.replay.initial import load_initial, save_initial
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from dvemb.replay.probe import linearity_probe, summarise_probe
     from dvemb.replay.schedule import ReplaySchedule, schedule_from_log
     from dvemb.replay.training import Examples, LossFn, ReplayError
-    from dvemb.replay.trust import agreement, trust, trust_file
 
 _LAZY = {
     **dict.fromkeys(["ReplaySpec", "replay"], "dvemb.replay.api"),
@@ -38,7 +38,7 @@ _LAZY = {
     **dict.fromkeys(["linearity_probe", "summarise_probe"], "dvemb.replay.probe"),
     **dict.fromkeys(["ReplaySchedule", "schedule_from_log"], "dvemb.replay.schedule"),
     **dict.fromkeys(["Examples", "LossFn", "ReplayError"], "dvemb.replay.training"),
-    **dict.fromkeys(["agreement", "trust", "trust_file"], "dvemb.replay.trust"),
+    **dict.fromkeys(["agreement", "describe", "trust", "trust_file"], "dvemb.replay.comparison"),
 }
 
 
@@ -67,6 +67,7 @@ __all__ = [
     "Replayer",
     "TrainState",
     "agreement",
+    "describe",
     "linearity_probe",
     "load_initial",
     "load_replay",

@@ -38,10 +38,10 @@ def load_entry(entry: str) -> Any:
 
 def _replay(args: argparse.Namespace) -> int:
     from dvemb.replay.api import ReplaySpec, replay
+    from dvemb.replay.comparison import describe, trust
     from dvemb.replay.engine import ReplayArguments
     from dvemb.replay.files import save_replay
     from dvemb.replay.schedule import schedule_from_log
-    from dvemb.replay.trust import trust
 
     spec = load_entry(args.entry)(Path(args.log_dir))
     if not isinstance(spec, ReplaySpec):
@@ -71,14 +71,17 @@ def _replay(args: argparse.Namespace) -> int:
     report["probe"] = {k: v for k, v in result.summary["probe"].items() if k != "records"}
     if not args.no_trust and (Path(args.out) / "summary.json").exists():
         report["trust"] = trust(args.out, args.query_set)
+        print(describe(report["trust"]), file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0
 
 
 def _trust(args: argparse.Namespace) -> int:
-    from dvemb.replay.trust import trust
+    from dvemb.replay.comparison import describe, trust
 
-    print(json.dumps(trust(args.results_dir, args.query_set), indent=2))
+    record = trust(args.results_dir, args.query_set)
+    print(describe(record), file=sys.stderr)
+    print(json.dumps(record, indent=2))
     return 0
 
 
@@ -102,7 +105,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     rep.add_argument("--micro-batches", type=int, default=1, help="parts each step is evaluated in")
     rep.add_argument("--query-columns", choices=["mean", "each"], default="mean")
     rep.add_argument("--max-queries", type=int, default=64)
-    rep.add_argument("--probe", type=int, default=8, help="occurrences the linearity probe retrains (0: none)")
+    rep.add_argument(
+        "--probe",
+        type=int,
+        default=8,
+        help="occurrences the linearity probe retrains (0: none); each costs 3 retrainings of the run's tail, so 8 "
+        "cost about 12 trainings",
+    )
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument(
         "--work-dir",

@@ -182,3 +182,32 @@ def _verdict(probe: dict[str, Any]) -> str | None:
     if worst <= PREDICTABLE_ERROR:
         return "predictable"
     return "partly predictable" if worst <= PARTLY_PREDICTABLE_ERROR else "not predictable"
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line for a display, as the dashboard would put it next to a table of scores, with a warning when the
+    probe finds the run not first-order predictable.
+
+    Example: ``fast scores agree with exact replay: Spearman 0.71, top-100 overlap 64% helpful, 58% harmful``.
+    """
+    agreement = record["all"]
+    parts = [f"fast scores agree with exact replay: Spearman {_number(agreement['spearman'])}"]
+    if agreement["top_k"]:
+        parts.append(
+            f"top-{agreement['top_k']} overlap {agreement['top_helpful_overlap']:.0%} helpful, "
+            f"{agreement['top_harmful_overlap']:.0%} harmful"
+        )
+    line = ", ".join(parts)
+    verdict = record.get("first_order_verdict")
+    if verdict == "not predictable":
+        line += (
+            "; WARNING: this run is not first-order predictable (removing an example does not move the queries in "
+            "proportion): no first-order score, fast or exact, ranks its examples reliably"
+        )
+    elif verdict == "partly predictable":
+        line += "; the largest scores respond to removal only roughly in proportion (partly first-order predictable)"
+    return line
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

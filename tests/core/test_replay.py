@@ -23,6 +23,7 @@ from dvemb.replay import (
     Replayer,
     ReplayError,
     ReplaySchedule,
+    describe,
     load_initial,
     load_replay,
     replay,
@@ -396,6 +397,9 @@ def test_trust_separates_a_predictable_run_from_an_unpredictable_one(
     assert probe["occurrences"] == 8
     assert record["first_order_predictable"] is predictable
     assert record["first_order_verdict"] == ("predictable" if predictable else "not predictable")
+    line = describe(record)
+    assert line.startswith(f"fast scores agree with exact replay: Spearman {record['all']['spearman']:.2f}, top-64")
+    assert ("WARNING" in line) is not predictable
     if predictable:  # removal scaled 0.5x, 1x, 2x answers in proportion, as the replay predicts
         assert probe["proportionality"] < 0.05 and probe["first_order"] < 0.05
         assert record["all"]["spearman"] > 0.95  # unprojected fast scores agree with the replay
