@@ -597,3 +597,30 @@ def test_initial_state_kept_before_training_is_replayed_from_a_fresh_model(tmp_p
     wider = _mlp(hidden=5)
     with pytest.raises(dvemb.ConfigError, match="do not fit"):
         load_initial(wider, OPTIMIZERS["adam"](wider.parameters()), tmp_path / "initial")
+
+
+def test_options_and_schedules_are_validated_with_the_fix() -> None:
+    with pytest.raises(dvemb.ConfigError, match="removal='drop'"):
+        ReplayArguments(removal="drop")
+    with pytest.raises(dvemb.ConfigError, match="checkpoint_every=0"):
+        ReplayArguments(checkpoint_every=0)
+    with pytest.raises(dvemb.ConfigError, match="1.0 among them"):
+        ReplayArguments(probe_scales=(0.5, 2.0))
+    with pytest.raises(dvemb.ConfigError, match="2 steps of ids but 1 steps of learning rates"):
+        ReplaySchedule([[0], [1]], [[0.1]])
+    with pytest.raises(dvemb.ConfigError, match="step 1 has no examples"):
+        ReplaySchedule([[0], []], [[0.1], [0.1]])
+    with pytest.raises(dvemb.ConfigError, match="2 learning rates for an optimizer of 3 groups"):
+        ReplaySchedule([[0]], [[0.1, 0.2]]).group_lrs(0, 3)
+    x, y = _data()
+    model = _mlp()
+    with pytest.raises(dvemb.ConfigError, match="more than max_queries=4"):
+        replay(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            ReplaySchedule([[0, 1]], [[0.1]]),
+            _loss_fn,
+            lambda ids: (x[ids], y[ids]),
+            [(x[:5], y[:5])],
+            ReplayArguments(query_columns="each", max_queries=4),
+        )
