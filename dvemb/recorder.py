@@ -541,6 +541,8 @@ class Recorder:
         id_list = None if ids is None else _as_id_list(ids)
         if id_list is not None and not id_list:
             raise ConfigError("rec.step() got no example ids")
+        if id_list is not None:
+            self._check_unique(id_list)
         if optimizer is not None:
             self._watch(optimizer)
         if self._step == 0 and not self._projection_fixed:
@@ -566,7 +568,20 @@ class Recorder:
         if not ids:
             raise RecorderError(f"step {self._step} was opened with rec.step(None, ...) but rec.add_ids() gave no ids")
         fmt.encode_ids(ids)  # one type for the whole step
+        self._check_unique(ids)
         return ids
+
+    def _check_unique(self, ids: Sequence[Any]) -> None:
+        """A step's rows are its distinct examples: the reader refuses a log with an id twice in one step."""
+        seen: set[Any] = set()
+        for twice in ids:
+            if twice not in seen:
+                seen.add(twice)
+                continue
+            raise RecorderError(
+                f"example id {twice!r} appears twice in step {self._step}: each example is at most once in a step "
+                "(a sampler that draws with replacement must give each draw its own id, e.g. f'{index}#{draw}')"
+            )
 
     def _first_step_without_calibration(self) -> None:
         if self.projection_mode == "calibrated":

@@ -234,3 +234,28 @@ def test_a_later_test_gradient_lands_in_the_query_space(log_dir: Path) -> None:
         assert (vector - stored[name][0]).abs().max() < 1e-12
     with pytest.raises(dvemb.ConfigError, match="pass the recorded model"):
         dvemb.project_model_gradient(log.manifest, mlp())
+
+
+def test_an_example_twice_in_one_step_is_refused_before_the_step_runs(log_dir: Path) -> None:
+    """The reader refuses a log with an id twice in one step; the recorder says so at rec.step(), before the
+    update, for ids given up front and for ids added per micro-batch."""
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = dvemb.Recorder(model, log_dir, loss_reduction="sum", projection="random", curvature="empirical")
+    twice = r"example id 3 appears twice in step 0.*f'\{index\}#\{draw\}'"
+    with pytest.raises(dvemb.RecorderError, match=twice), rec.step([1, 3, 3], optimizer):
+        F.cross_entropy(model(torch.randn(3, 6)), torch.tensor([0, 1, 2]), reduction="sum").backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with pytest.raises(dvemb.RecorderError, match="example id 'a' appears twice"), rec.step(None, optimizer):
+        for ids in (["a", "b"], ["a"]):
+            rec.add_ids(ids)
+            F.cross_entropy(model(torch.randn(len(ids), 6)), torch.zeros(len(ids), dtype=torch.long)).backward()
+        optimizer.step()
+    with rec.step([1, 2, 3], optimizer):  # the recorder goes on
+        F.cross_entropy(model(torch.randn(3, 6)), torch.tensor([0, 1, 2]), reduction="sum").backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    rec.close()
+    assert dvemb.open_log(log_dir).num_steps == 1
