@@ -3,6 +3,7 @@ a small real log."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -14,14 +15,63 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 import torch
 import torch.nn.functional as F
 
 import dvemb
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-# The tests flush this Redis database: DVEMB_TEST_REDIS_DB lets two suites run side by side.
-REDIS_DB = int(os.environ.get("DVEMB_TEST_REDIS_DB", "5"))
+#: Redis databases a suite may claim for itself (it flushes the one it gets).
+SUITE_REDIS_DBS = range(5, 16)
+_CLAIM = "dvemb:test-suite:redis-db:{}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_redis_db() -> int:
+    """The Redis database this suite flushes: ``DVEMB_TEST_REDIS_DB`` when set, else the first of
+    :data:`SUITE_REDIS_DBS` that no other running suite holds, so that two copies of the suite on one machine
+    never take each other's tasks. Claims are keys in database 0 holding the claimer's pid, deleted at exit and
+    taken over when that process is gone; the choice is exported so that the suite's subprocesses share it."""
+    given = os.environ.get("DVEMB_TEST_REDIS_DB")
+    client = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    if given is not None:  # chosen by hand: claimed too when free, so that other suites pass it over
+        if client.set(_CLAIM.format(int(given)), os.getpid(), nx=True, ex=12 * 3600):
+            atexit.register(release_redis_db, int(given))
+        return int(given)
+    for db in SUITE_REDIS_DBS:
+        key = _CLAIM.format(db)
+        holder = client.get(key)
+        if holder is not None and not _alive(int(holder)):
+            client.delete(key)
+        if client.set(key, os.getpid(), nx=True, ex=12 * 3600):
+            atexit.register(release_redis_db, db)
+            os.environ["DVEMB_TEST_REDIS_DB"] = str(db)
+            return db
+    raise RuntimeError(
+        f"Redis databases {SUITE_REDIS_DBS.start}-{SUITE_REDIS_DBS.stop - 1} are all held by running test suites; "
+        "set DVEMB_TEST_REDIS_DB to choose one"
+    )
+
+
+def release_redis_db(db: int) -> None:
+    """Give a claimed database back (only if this process still holds it)."""
+    client = redis.Redis(host="127.0.0.1", port=6379, db=0)
+    key = _CLAIM.format(db)
+    if client.get(key) == str(os.getpid()).encode():
+        client.delete(key)
+
+
+REDIS_DB = claim_redis_db()
 
 
 def screenshot_dir() -> Path:
