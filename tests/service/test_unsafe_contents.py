@@ -36,21 +36,14 @@ def _rejected(api: Api, token: str, log: Path, name: str) -> dict[str, str]:
     return dict(result["rejected"])
 
 
-def test_an_example_twice_in_one_step_is_refused(api: Api, token: str, tmp_path: Path) -> None:
-    log = record_log(tmp_path / "twice", steps=4, shard_steps=2, id_of=lambda i: i // 2)  # pairs share an id
-    rejected = _rejected(api, token, log, "twice")
-    assert set(rejected) == {"shard-r0-000000.safetensors", "shard-r0-000001.safetensors"}, rejected
-    assert "example id 0 appears twice in step 0" in rejected["shard-r0-000000.safetensors"]
-    assert "its own id" in rejected["shard-r0-000000.safetensors"]
-
-
-def test_a_negative_id_is_refused(api: Api, tmp_path: Path) -> None:
-    """The recorder refuses one (tests/core); a shard that holds one anyway, vouched for by its index."""
-    log = record_log(tmp_path / "negative", steps=4, shard_steps=4)
+def _rewrite_ids(log: Path, change: dict[int, int]) -> Path:
+    """Change rows' example ids in the log's first shard (``row -> id``), the shard index and manifest vouching
+    for the new bytes: a shard the recorder would not write (it refuses these ids itself, tests/core)."""
     shard = log / "shard-r0-000000.safetensors"
     tensors = load_file(str(shard))
     tensors["example_id"] = tensors["example_id"].clone()
-    tensors["example_id"][3] = -7
+    for row, example in change.items():
+        tensors["example_id"][row] = example
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(shard))
     index = [json.loads(line) for line in (log / "shards.jsonl").read_text().splitlines()]
     index[0].update(bytes=shard.stat().st_size, sha256=sha256_file(shard))
@@ -60,6 +53,23 @@ def test_a_negative_id_is_refused(api: Api, tmp_path: Path) -> None:
         bytes=(log / "shards.jsonl").stat().st_size, sha256=sha256_file(log / "shards.jsonl")
     )
     (log / "manifest.json").write_text(json.dumps(manifest))
+    return shard
+
+
+def test_an_example_twice_in_one_step_is_refused(api: Api, token: str, tmp_path: Path) -> None:
+    log = record_log(tmp_path / "twice", steps=4, shard_steps=2)
+    first = int(load_file(str(log / "shard-r0-000000.safetensors"))["example_id"][0])
+    _rewrite_ids(log, {1: first})  # rows 0 and 1 of step 0 now share an id
+    rejected = _rejected(api, token, log, "twice")
+    assert set(rejected) == {"shard-r0-000000.safetensors"}, rejected
+    assert f"example id {first} appears twice in step 0" in rejected["shard-r0-000000.safetensors"]
+    assert "its own id" in rejected["shard-r0-000000.safetensors"]
+
+
+def test_a_negative_id_is_refused(api: Api, tmp_path: Path) -> None:
+    """The recorder refuses one (tests/core); a shard that holds one anyway, vouched for by its index."""
+    log = record_log(tmp_path / "negative", steps=4, shard_steps=4)
+    shard = _rewrite_ids(log, {3: -7})
     run_id = int(api.post("/runs", json={"name": "negative"}).json()["id"])
     for name in ("manifest.json", "shards.jsonl"):
         assert _upload(api, run_id, name, (log / name).read_bytes()).status_code == 204
