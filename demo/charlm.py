@@ -102,7 +102,7 @@ def train_charlm(log_dir: Path, *, quick: bool, seed: int = 0) -> Path:
     calibration = [torch.stack(windows[i : i + batch]) for i in range(0, 8 * batch, batch)]
     rec.calibrate((w[:, :-1], w[:, 1:]) for w in calibration)  # curvature-aware bases (docs/recorder.md)
     for _step in range(steps):
-        ids = torch.randint(0, len(windows), (batch,), generator=generator)
+        ids = torch.randperm(len(windows), generator=generator)[:batch]  # distinct examples within a step
         chunk = torch.stack([windows[i] for i in ids.tolist()])  # (B, L + 1)
         with rec.step(ids, optimizer):
             logits = model(chunk[:, :-1])

@@ -20,7 +20,7 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
 rec = dvemb.Recorder(model, "runs/lm", proj_dim=64, overwrite=True)  # mean loss over the step's examples
 rec.calibrate((w[:, :-1], w[:, 1:]) for w in windows[:256].split(32))  # curvature-aware projection bases
 for _ in range(50):
-    ids = torch.randint(0, len(windows), (micro * accumulation,))
+    ids = torch.randperm(len(windows))[: micro * accumulation]  # an example at most once per step
     with rec.step(ids, optimizer):
         for part in ids.split(micro):  # forward order = the order of ids
             chunk = windows[part]
