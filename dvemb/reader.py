@@ -39,7 +39,7 @@ from dvemb.errors import (
     StepContinuityError,
     TruncatedFileError,
 )
-from dvemb.formats.ids import check_ids, unsafe_character
+from dvemb.formats.ids import check_ids, repeated_in_step, unsafe_character
 from dvemb.formats.manifest import LayerEntry, Manifest, ManifestError
 from dvemb.formats.shard_index import ParsedIndex, ShardIndexError, parse_shard_index
 from dvemb.optim import PROPAGATIONS
@@ -819,11 +819,7 @@ def _unique_per_step(path: Path, ids: list[int] | list[str], row_step: torch.Ten
     seen: set[tuple[int, object]] = set()
     for step, example in zip(row_step.tolist(), ids, strict=True):
         if (step, example) in seen:
-            raise HeaderMismatchError(
-                path,
-                f"example id {example!r} appears twice in step {step}: each example is at most once in a step (a "
-                "sampler that draws with replacement must give each draw its own id, e.g. f'{index}#{draw}')",
-            )
+            raise HeaderMismatchError(path, repeated_in_step(example, step))
         seen.add((step, example))
     return ids
 

@@ -44,7 +44,7 @@ from dvemb import logformat as fmt
 from dvemb.calibration import FactorCovariance, calibrated_projection
 from dvemb.curvature import logit_factor_rows, rows_per_example
 from dvemb.errors import ConfigError, RecorderError
-from dvemb.formats import LayerEntry
+from dvemb.formats import LayerEntry, repeated_in_step
 from dvemb.held_steps import HeldLayer, HeldStep
 from dvemb.layers import LayerAdapter, adapter_type, is_default_layer, make_adapter
 from dvemb.optim import DvembWarning, OptimizerInfo, TrackedParameters, describe_optimizer
@@ -578,10 +578,7 @@ class Recorder:
             if twice not in seen:
                 seen.add(twice)
                 continue
-            raise RecorderError(
-                f"example id {twice!r} appears twice in step {self._step}: each example is at most once in a step "
-                "(a sampler that draws with replacement must give each draw its own id, e.g. f'{index}#{draw}')"
-            )
+            raise RecorderError(repeated_in_step(twice, self._step))
 
     def _first_step_without_calibration(self) -> None:
         if self.projection_mode == "calibrated":

@@ -89,10 +89,15 @@ def approximations(
     return [a for a in found if a is not None]
 
 
-def _projected(layer: Mapping[str, Any]) -> bool:
-    """True when a side of the layer is kept at fewer dimensions than it has (a size not given: kept whole)."""
+def _projected_sides(layer: Mapping[str, Any]) -> list[int]:
+    """Dimensions of the layer's sides kept at fewer dimensions than they have (a size not given: kept whole)."""
     sides = [(_int(layer.get("out_dim"), 0), layer.get("k_out")), (_int(layer.get("in_dim"), 0), layer.get("k_in"))]
-    return any(_int(k, dim) < dim for dim, k in sides)
+    return [dim for dim, k in sides if _int(k, dim) < dim]
+
+
+def _projected(layer: Mapping[str, Any]) -> bool:
+    """True when a side of the layer is kept at fewer dimensions than it has."""
+    return bool(_projected_sides(layer))
 
 
 def _stored_whole(layer: Mapping[str, Any]) -> bool:
@@ -153,12 +158,10 @@ def _random_projection(layers: list[Mapping[str, Any]]) -> Approximation | None:
 def _random_side(layer: Mapping[str, Any]) -> bool:
     """True when a projected side of the layer uses its seeded random basis: every projected side of a seeded
     layer, and a projected side too large to fit (over MAX_FITTED_SIDE) of a calibrated one."""
-    if not _projected(layer):
-        return False
+    sides = _projected_sides(layer)
     if layer.get("basis", "seeded") == "seeded":
-        return True
-    sides = [(_int(layer.get("out_dim"), 0), layer.get("k_out")), (_int(layer.get("in_dim"), 0), layer.get("k_in"))]
-    return any(_int(k, dim) < dim and dim > MAX_FITTED_SIDE for dim, k in sides)
+        return bool(sides)
+    return any(dim > MAX_FITTED_SIDE for dim in sides)
 
 
 def _untracked(manifest: Mapping[str, Any]) -> Approximation | None:

@@ -12,7 +12,15 @@ instead of restating them (an import-linter contract keeps it so).
 - :mod:`dvemb.formats.phases`: the three training phases and which one a step falls in.
 """
 
-from dvemb.formats.ids import MAX_ID_CHARS, check_ids, decode_ids, encode_ids, id_type, unsafe_character
+from dvemb.formats.ids import (
+    MAX_ID_CHARS,
+    check_ids,
+    decode_ids,
+    encode_ids,
+    id_type,
+    repeated_in_step,
+    unsafe_character,
+)
 from dvemb.formats.log_files import (
     EXAMPLE_FILES_GLOB,
     LOG_FILE_NAME,
@@ -101,6 +109,7 @@ __all__ = [
     "phase_of",
     "query_file_name",
     "rank_manifest_name",
+    "repeated_in_step",
     "scores_file",
     "shard_name",
     "topk_file",

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_ID_CHARS", "check_ids", "decode_ids", "encode_ids", "id_type", "unsafe_character"]
+__all__ = ["MAX_ID_CHARS", "check_ids", "decode_ids", "encode_ids", "id_type", "repeated_in_step", "unsafe_character"]
 
 #: Longest string id (characters): ids are shown, filtered and stored as database keys.
 MAX_ID_CHARS = 255
@@ -26,6 +26,15 @@ def unsafe_character(text: str) -> str | None:
     or isolate), as ``U+XXXX``; None when there is none."""
     found = _UNSAFE.search(text)
     return None if found is None else f"U+{ord(found.group()):04X}"
+
+
+def repeated_in_step(example: object, step: int) -> str:
+    """Why a log may not hold ``example`` twice in ``step``, and the fix (the recorder's and the validator's
+    words): a step's rows are its distinct examples."""
+    return (
+        f"example id {example!r} appears twice in step {step}: each example is at most once in a step (a sampler "
+        "that draws with replacement must give each draw its own id, e.g. f'{index}#{draw}')"
+    )
 
 
 def check_ids(ids: Sequence[int | str]) -> None:
