@@ -2,13 +2,13 @@
 
 On the digits MLP of :mod:`bench.fidelity` trained with Adam and with AdamW (weight decay 0.1), 3 seeds, against
 exact trajectory-specific leave-one-out (replay with the optimizer state of the example's step), mean Spearman
-over test points. The recorder keeps, per projected layer and step, the top R singular pairs of the update's
-sensitivity to the second moment and of the step's gradient (``second_moment_rank``, docs/optimizers.md
-section 3); the engine carries the term through them. Rows:
+over test points. The recorder keeps, per projected layer (at most 16384 coordinates) and step, the update's
+sensitivity to the second moment and the step's gradient whole, and the engine carries the term over the
+layer's own coordinates (docs/optimizers.md section 3). Rows, each with the term and without it
+(``second_moment=False``):
 
-- unprojected (``proj_dim=None``, full M): the term exact, with it and without it (``second_moment=False``);
-- 256 per layer (bases fitted by the recorder on the first steps, the default), and 1024 per layer: rank 0
-  (term left out), rank 4, and full rank (every singular pair: the only loss is the projection itself).
+- unprojected (``proj_dim=None``, full M): the term exact;
+- 256 per layer (bases fitted by the recorder on the first steps: the defaults), and 1024 per layer.
 
 Run from the repository root: ``.venv/bin/python -m bench.second_moment_fidelity`` (``--quick``: one seed,
 BENCHMARKS.md untouched). Writes ``bench/out/second_moment_fidelity.json`` and the BENCHMARKS.md section
@@ -36,22 +36,20 @@ from bench.markdown import replace_section
 from bench.optimizer_fidelity import RATES
 
 SECTION = "Adam's second moment under projection"
-FULL_RANK = 1 << 20  # at least every layer's min(out, in): every singular pair
-#: (row label, proj_dim per layer, second_moment_rank, compute's second_moment)
+#: (row label, proj_dim per layer, compute's second_moment)
 ROWS = [
-    ("unprojected, term exact", None, 0, True),
-    ("unprojected, term left out", None, 0, False),
-    ("256 per layer, term left out (rank 0)", 256, 0, True),
-    ("256 per layer, rank 4", 256, 4, True),
-    ("256 per layer, full rank", 256, FULL_RANK, True),
-    ("1024 per layer, term left out (rank 0)", 1024, 0, True),
-    ("1024 per layer, rank 4", 1024, 4, True),
+    ("unprojected, term exact", None, True),
+    ("unprojected, term left out", None, False),
+    ("256 per layer (the defaults), term carried", 256, True),
+    ("256 per layer, term left out", 256, False),
+    ("1024 per layer, term carried", 1024, True),
+    ("1024 per layer, term left out", 1024, False),
 ]
 
 
-def _record(setup: Setup, log_dir: Path, proj_dim: int | None, rank: int) -> None:
-    """Record the setup's training with the recorder's defaults and this projection and rank."""
-    train(replace(setup, projection="auto", second_moment_rank=rank), log_dir, curvature="ggn", proj_dim=proj_dim)
+def _record(setup: Setup, log_dir: Path, proj_dim: int | None) -> None:
+    """Record the setup's training with the recorder's defaults and this projection."""
+    train(replace(setup, projection="auto"), log_dir, curvature="ggn", proj_dim=proj_dim)
 
 
 def run_one(setup: Setup, work: Path) -> dict[str, float]:
@@ -59,13 +57,13 @@ def run_one(setup: Setup, work: Path) -> dict[str, float]:
     whole = train(setup, work / "whole", curvature="ggn")
     pairs = sample_pairs(setup, whole)
     truth = ground_truth(whole, pairs)
-    logs: dict[tuple[int | None, int], Path] = {(None, 0): work / "whole"}
+    logs: dict[int | None, Path] = {None: work / "whole"}
     out: dict[str, float] = {}
-    for label, proj_dim, rank, second_moment in ROWS:
-        log = logs.get((proj_dim, rank))
+    for label, proj_dim, second_moment in ROWS:
+        log = logs.get(proj_dim)
         if log is None:
-            log = logs[(proj_dim, rank)] = work / f"log-{proj_dim}-{rank}"
-            _record(setup, log, proj_dim, rank)
+            log = logs[proj_dim] = work / f"log-{proj_dim}"
+            _record(setup, log, proj_dim)
         blocks = {"blocks": "full"} if proj_dim is None else {}
         scores = dvemb_scores(log, work / "out", pairs, setup, curvature="ggn", second_moment=second_moment, **blocks)
         out[label] = correlation(scores, truth, spearman=True)
@@ -86,7 +84,8 @@ def section(results: dict[str, list[dict[str, float]]], meta: dict[str, Any]) ->
         f"decay 0.1), {meta['seeds']} seeds, {meta['pairs']} sampled occurrences against exact leave-one-out "
         "(replay with the optimizer state of the example's step); mean Spearman over test points, mean [min, max] "
         "over seeds. Projected rows: curvature ggn, bases fitted by the recorder on the first steps (the "
-        "defaults), the engine's default blocks; `second_moment_rank` as named (docs/optimizers.md section 3).",
+        "defaults), the engine's default blocks; the term carried over each layer's own coordinates "
+        "(docs/optimizers.md section 3) or left out (`second_moment=False`).",
         "",
         "| row | Adam | AdamW |",
         "|---|---:|---:|",
@@ -97,11 +96,14 @@ def section(results: dict[str, list[dict[str, float]]], meta: dict[str, Any]) ->
     verdicts = []
     for name in ("adam", "adamw"):
         mean = {label: float(np.mean([r[label] for r in results[name]])) for label, *_ in ROWS}
-        for size in (256, 1024):
-            dropped, rank4 = mean[f"{size} per layer, term left out (rank 0)"], mean[f"{size} per layer, rank 4"]
+        for size, carried_label in (
+            (256, "256 per layer (the defaults), term carried"),
+            (1024, "1024 per layer, term carried"),
+        ):
+            dropped, carried = mean[f"{size} per layer, term left out"], mean[carried_label]
             verdicts.append(
-                f"- {name}, {size} per layer: the term at rank 4 {'adds' if rank4 >= dropped else 'costs'} "
-                f"{abs(rank4 - dropped):.2f} (rank 0 {dropped:.2f}, rank 4 {rank4:.2f})."
+                f"- {name}, {size} per layer: the term {'adds' if carried >= dropped else 'costs'} "
+                f"{abs(carried - dropped):.2f} ({dropped:.2f} -> {carried:.2f})."
             )
         exact, without = mean["unprojected, term exact"], mean["unprojected, term left out"]
         verdicts.append(

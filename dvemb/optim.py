@@ -14,9 +14,10 @@ beta1, dampening, beta2, eps, the optimizer's step count) and, for Adam, the bia
 moment: whole (as the preconditioner ``1 / (sqrt(v_hat) + eps)``, with the sensitivity of the update
 to ``v`` and the step's gradient for the second-moment term) for a layer stored without
 projection, or as its row and column sums (an Adafactor factorisation, ``n_out + n_in`` values)
-for a projected layer, with the top singular pairs of that sensitivity and of the step's gradient
-(:mod:`dvemb.low_rank`: ``R (n_out + n_in)`` values each) for the second-moment term. Never a copy of
-the optimizer state.
+for a projected layer. For the second-moment term of a projected layer: the sensitivity and the step's
+gradient themselves (``2 n_out n_in`` values) when the layer has at most :data:`LIFTED_SECOND_MOMENT_MAX`
+coordinates, else, on request, their top singular pairs (:mod:`dvemb.low_rank`: ``R (n_out + n_in)`` values
+each). Never a copy of the optimizer state.
 """
 
 from __future__ import annotations
@@ -30,7 +31,20 @@ import torch
 from dvemb import logformat as fmt
 from dvemb.low_rank import low_rank_factors
 
-__all__ = ["PROPAGATIONS", "DvembWarning", "OptimizerInfo", "TrackedParameters", "describe_optimizer"]
+__all__ = [
+    "LIFTED_SECOND_MOMENT_MAX",
+    "PROPAGATIONS",
+    "DvembWarning",
+    "OptimizerInfo",
+    "TrackedParameters",
+    "describe_optimizer",
+]
+
+#: A projected layer with at most this many coordinates (out_dim x in_dim) keeps, per Adam step, the
+#: sensitivity of the update to the second moment and the step's gradient whole (two gradient-sized tensors),
+#: so that the engine carries the second-moment term in the layer's own coordinates (docs/optimizers.md,
+#: section 3): what a 128 x 128 layer costs in the log is about four 256-dimensional gradient rows.
+LIFTED_SECOND_MOMENT_MAX = 16384
 
 #: Every propagation the engine knows, with the label results show for it.
 PROPAGATIONS = {
@@ -59,6 +73,7 @@ class TrackedParameters:
         bias: the bias (the matrix's last column), or None.
         out_dim: rows of the gradient matrix.
         whole: True when the layer is stored without projection (the preconditioner is kept exactly).
+        size: coordinates of the gradient matrix (out_dim x in_dim).
         transpose: True when the weight is stored (in, out), as ``transformers``' Conv1D.
     """
 
@@ -67,6 +82,16 @@ class TrackedParameters:
     out_dim: int
     whole: bool
     transpose: bool = False
+
+    @property
+    def size(self) -> int:
+        """Coordinates of the gradient matrix, bias column included."""
+        return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
+
+    @property
+    def lifted(self) -> bool:
+        """True for a projected layer whose second-moment term is kept in its own coordinates."""
+        return not self.whole and self.size <= LIFTED_SECOND_MOMENT_MAX
 
 
 def _as_gradient_matrix(t: TrackedParameters, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -140,7 +165,7 @@ class OptimizerInfo:
             self._fresh = [state.get(t.weight, {}).get("momentum_buffer") is None for t in self.tracked]
         if self.propagation in ("adam", "adamw"):
             self._batch_grads = [
-                self._batch_gradient(i, t) if t.whole or self.second_moment_rank else None
+                self._batch_gradient(i, t) if t.whole or t.lifted or self.second_moment_rank else None
                 for i, t in enumerate(self.tracked)
             ]
 
@@ -191,17 +216,18 @@ class OptimizerInfo:
         for index, (t, g, step) in enumerate(zip(self.tracked, groups, steps, strict=True)):
             bc1, bc2 = 1.0 - float(g["betas"][0]) ** step, 1.0 - float(g["betas"][1]) ** step
             v_hat = self._moment(t, "exp_avg_sq") / bc2  # (out_dim, in_dim)
-            if t.whole:
+            if t.whole or t.lifted:
                 precond, sensitivity = self._preconditioner(t, v_hat, g, bc1, bc2)
-                out[f"opt.precond.{index}"] = precond.flatten()
+                if t.whole:
+                    out[f"opt.precond.{index}"] = precond.flatten()
                 out[f"opt.vsens.{index}"] = sensitivity.flatten()
                 batch_grad = self._batch_grads[index] if index < len(self._batch_grads) else None
                 assert batch_grad is not None
                 out[f"opt.batch_grad.{index}"] = batch_grad
-            else:
+            if not t.whole:
                 out[f"opt.v_row.{index}"] = v_hat.sum(1)
                 out[f"opt.v_col.{index}"] = v_hat.sum(0)
-                if self.second_moment_rank:
+                if self.second_moment_rank and not t.lifted:
                     out.update(self._second_moment_factors(index, t, v_hat, g, bc1, bc2))
         return out
 

@@ -548,8 +548,24 @@ class GradientLog:
                     raise HeaderMismatchError(path, f"{key} holds negative values; it must be a second moment")
                 out[key] = value
             if not stored_whole:
+                out.update(self._lifted_second_moment(path, tensors, num_steps, layer.name, p))
                 out.update(self._second_moment_factors(path, tensors, num_steps, layer.name, p))
         return out
+
+    def _lifted_second_moment(
+        self, path: Path, tensors: dict[str, torch.Tensor], num_steps: int, name: str, p: LayerProjection
+    ) -> dict[str, torch.Tensor]:
+        """A projected layer's second-moment sensitivity and step gradient in its own coordinates,
+        (S, out_dim * in_dim) each (``dvemb.optim.LIFTED_SECOND_MOMENT_MAX``); none for larger layers and in
+        logs recorded before them."""
+        keys = [fmt.optimizer_layer_key(what, name) for what in ("vsens", "batch_grad")]
+        if not any(key in tensors for key in keys):
+            return {}
+        size = p.out_dim * p.in_dim
+        return {
+            key: self._finite(path, key, self._tensor(path, tensors, key, (num_steps, size), self.dtype))
+            for key in keys
+        }
 
     def _second_moment_factors(
         self, path: Path, tensors: dict[str, torch.Tensor], num_steps: int, name: str, p: LayerProjection

@@ -63,9 +63,9 @@ _MAX_IMAGE_PIXELS = 128 * 128 * 4
 UNTRACKED_WARNING_SHARE = 0.8
 #: Steps held unprojected while the recorder fits its own bases (no rec.calibrate), and their memory cap.
 DEFAULT_CALIBRATION_STEPS = 16
-#: Singular pairs per projected layer and Adam step for the second-moment term (dvemb.low_rank). Off by default:
-#: measured, the term carried through a 256- or 1024-dimensional projection lowers fidelity (BENCHMARKS.md,
-#: "Adam's second moment under projection"); it is exact only as the bases approach full rank.
+#: Singular pairs per Adam step for the second-moment term of projected layers over
+#: dvemb.optim.LIFTED_SECOND_MOMENT_MAX coordinates (smaller ones keep it whole). Off by default: the engine's
+#: state for such a layer is (n_out * n_in, D), and it is rebuilt only up to 65536 coordinates.
 DEFAULT_SECOND_MOMENT_RANK = 0
 HOLD_BUDGET_BYTES = 256 << 20
 
@@ -160,10 +160,11 @@ class Recorder:
             first this many steps unprojected (at most 256 MB of factors in a single process), fits
             curvature-aware bases on them, then projects and writes them (:mod:`dvemb.held_steps`); 0 keeps
             the random projection (with a warning).
-        second_moment_rank: under Adam and AdamW, the singular pairs of the second-moment sensitivity and of
-            the step's gradient kept per projected layer and step, so that the engine carries Adam's
-            second-moment term through the projection (docs/optimizers.md; exact at full rank). 0 (default)
-            leaves the term out for projected layers: at the default sizes carrying it measured worse.
+        second_moment_rank: under Adam and AdamW, for projected layers over
+            ``dvemb.optim.LIFTED_SECOND_MOMENT_MAX`` coordinates, the singular pairs of the second-moment
+            sensitivity and of the step's gradient kept per step, so that the engine carries Adam's second-moment
+            term for them too (docs/optimizers.md section 3; exact at full rank, up to 65536 coordinates). Smaller
+            projected layers always keep it whole. 0 (default): left out for the larger layers.
         rank: this process's rank; defaults to ``torch.distributed`` when initialised, else 0.
         world_size: number of ranks; same default.
         overwrite: replace a log already in ``log_dir``.
@@ -833,6 +834,8 @@ class Recorder:
             entry = describe_optimizer(self._optimizer)
             if self._optimizer.propagation in ("adam", "adamw"):
                 entry["second_moment_rank"] = self.second_moment_rank
+                for layer, tracked in zip(self._writer.manifest["layers"], self._optimizer.tracked, strict=True):
+                    layer["second_moment"] = _second_moment_carrier(tracked, self.second_moment_rank)
             self._writer.manifest["optimizer"] = entry
 
     def _begin(self, mode: str) -> None:
@@ -1249,6 +1252,15 @@ def _proj_spec_for(name: str, proj_dim: Any) -> ProjDim:
         if fnmatch.fnmatchcase(name, pattern):
             return spec  # type: ignore[no-any-return]
     return DEFAULT_PROJ_DIM
+
+
+def _second_moment_carrier(tracked: TrackedParameters, rank: int) -> str:
+    """How the log carries a layer's Adam second-moment term (docs/format.md, ``layers[].second_moment``)."""
+    if tracked.whole:
+        return "whole"
+    if tracked.lifted:
+        return "lifted"
+    return "factors" if rank else "none"
 
 
 def _tracked(adapter: LayerAdapter) -> TrackedParameters:

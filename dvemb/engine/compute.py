@@ -197,6 +197,8 @@ class _Run:
         self.propagation = _propagation(log, args)
         self.fingerprint = _fingerprint(log, args)
         self.embedder = make_embedder(log, args, self.mode, self.propagation)
+        # Adam's second-moment term of small projected layers, over their own coordinates (not in segments).
+        self.lifts_second_moment = True
         self.removal = resolve_removal(args.removal, log)
         self.blocks, self.total_dim = self.embedder.blocks, self.embedder.total_dim
         self.num_steps = log.num_steps
@@ -535,6 +537,7 @@ class _Run:
             blocks=self.blocks,
             second_moment=self.args.second_moment,
             proxy_note=note,
+            lifted=self.lifts_second_moment,
         )
         summary = {
             "format": "dvemb-results",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from dvemb.engine.optimizer_maps import COEFFICIENTS, StepMaps, step_maps
+from dvemb.engine.optimizer_maps import COEFFICIENTS, StepMaps, lifted_size, step_maps
 from dvemb.engine.optimizer_recursion import OptimizerRecursion
 from dvemb.engine.recursion import BlockedRecursion, Chunk
 from dvemb.errors import ConfigError, NumericalError
@@ -58,6 +58,7 @@ def recursion_state(recursion: Recursion) -> dict[str, torch.Tensor]:
             "theta": recursion.theta,
             "mom": recursion.mom,
             "vmom": recursion.vmom,
+            **{f"lifted{start}": state for start, state in recursion.lifted.items()},
             "log_scale": recursion.log_scale,
         }
     return {"Mt": recursion.Mt, "log_scale": recursion.log_scale}
@@ -116,6 +117,7 @@ class Embedder:
         self.layer_dims = [layer.dim for layer in log.layers]
         self.offsets: list[int] = np.cumsum([0, *self.layer_dims]).tolist()
         self.total_dim = int(self.offsets[-1])
+        self.seeded = seeded
         self.num_seeds = self._num_seeds() if seeded else 1
         self.groups = self._make_groups()
 
@@ -136,10 +138,33 @@ class Embedder:
         )
         return 3 if carries_v else 2
 
-    def _recursion(self, groups: int, dim: int, seed: int) -> Recursion:
+    def _lifted(self, layers: list[int]) -> tuple[int, ...]:
+        """Positions in ``layers`` of the projected layers whose Adam second-moment term the recursion carries in
+        their own coordinates (:func:`lifted_size`). Not in a segmented computation: its seeds span only the
+        projected state."""
+        if self.propagation not in ("adam", "adamw") or not self.second_moment or self.seeded:
+            return ()
+        optimizer = self.log.manifest.get("optimizer") or {}
+        entries = self.log.manifest.get("layers") or []
+        sizes = [lifted_size(entries[i], optimizer, self.log.layers[i].projection) for i in layers]
+        if self.blocks != "full" and not all(sizes):  # one stacked segment: all of its layers or none
+            return ()
+        return tuple(position for position, size in enumerate(sizes) if size)
+
+    def _lifted_state(self, layers: list[int]) -> dict[int, int]:
+        """Segment start -> own coordinates of each lifted segment of a group (the recursion's extra state)."""
+        own = [self.log.layers[i].projection.out_dim * self.log.layers[i].projection.in_dim for i in layers]
+        lifted = self._lifted(layers)
+        if self.blocks != "full":
+            return {0: own[0]} if lifted else {}
+        return {self.offsets[layers[i]]: own[i] for i in lifted}
+
+    def _recursion(self, layers: list[int], groups: int, dim: int, seed: int) -> Recursion:
         if not self.optimizer_exact:
             return BlockedRecursion(groups, dim, dtype=self.dtype, device=self.device)
-        recursion = OptimizerRecursion(groups, dim, dtype=self.dtype, device=self.device)
+        recursion = OptimizerRecursion(
+            groups, dim, dtype=self.dtype, device=self.device, lifted=self._lifted_state(layers)
+        )
         if seed > 0:  # the identity moves from theta to another slot
             identity = recursion.theta.clone()
             recursion.theta.zero_()
@@ -148,7 +173,7 @@ class Embedder:
 
     def _make_groups(self) -> list[Group]:
         def group(layers: list[int], dim: int, count: int) -> Group:
-            return Group(layers, dim, [self._recursion(count, dim, seed) for seed in range(self.num_seeds)])
+            return Group(layers, dim, [self._recursion(layers, count, dim, seed) for seed in range(self.num_seeds)])
 
         if self.blocks == "full":
             return [group(list(range(len(self.layer_dims))), self.total_dim, 1)]
@@ -156,7 +181,9 @@ class Embedder:
         by_key: dict[tuple[int, ...], list[int]] = {}
         for index, layer in enumerate(self.log.layers):
             p = layer.projection
-            key = (p.dim, p.k_out, p.k_in, int(p.is_identity)) if self.optimizer_exact else (p.dim,)
+            # A lifted layer's state also needs one size of its own coordinates.
+            own = p.out_dim * p.in_dim if self._lifted([index]) else 0
+            key = (p.dim, p.k_out, p.k_in, int(p.is_identity), own) if self.optimizer_exact else (p.dim,)
             by_key.setdefault(key, []).append(index)
         return [group(layers, key[0], len(layers)) for key, layers in by_key.items()]
 
@@ -271,6 +298,7 @@ class Embedder:
             full=self.blocks == "full",
             second_moment=self.second_moment,
             projected_preconditioner=self.projected_preconditioner,
+            lifted=self._lifted(layers),
         )
         if self.blocks == "full":
             maps = _first_row(maps, int(shard.steps[s0]))

@@ -20,19 +20,33 @@ the step's curvature rows and ``D_k`` a diagonal preconditioner (the identity fo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from dvemb import logformat as fmt
 from dvemb.errors import NumericalError
-from dvemb.low_rank import kronecker_sum_factors
 from dvemb.projection import LayerProjection
 
-__all__ = ["COEFFICIENTS", "Preconditioner", "StepMaps", "kronecker_preconditioner", "step_maps"]
+__all__ = [
+    "COEFFICIENTS",
+    "LIFT_MAX",
+    "Preconditioner",
+    "StepMaps",
+    "kronecker_preconditioner",
+    "lifted_size",
+    "step_maps",
+]
 
 #: The (G, S) coefficient fields of :class:`StepMaps`, in field order.
 COEFFICIENTS = ("weight", "beta", "tau", "decay", "a", "b", "l2", "beta2")
+
+
+#: A layer whose log carries its second-moment sensitivity only as singular pairs (``Recorder(second_moment_rank=
+#: R)``) gets the term in its own coordinates up to this many of them: the recursion then holds a (n, D) state.
+LIFT_MAX = 65536
 
 
 @dataclass
@@ -46,11 +60,12 @@ class Preconditioner:
         diag: (G, S, n) exact diagonal (a layer stored without projection), or None.
         kron: ((G, S, k_out, k_out), (G, S, k_in, k_in)) factors ``A, B`` with ``D ~ A kron B`` in the
             projected coordinates, or None.
-        sigma: (G, S, n) ``d theta_{k+1} / d v_k`` (Adam's second-moment term), or None when it is off.
-        nu: (G, S, n) ``d v_k / d gamma_k = 2 (1 - beta2) gamma_k``, set with ``sigma``.
-        sigma_kron: a projected layer's ``sigma`` as R Kronecker pairs, ((G, S, R, k_out, k_out), (G, S, R, k_in,
-            k_in)) whose products summed over R are ``P^T diag(sigma) P`` (dvemb.low_rank), or None.
-        nu_kron: the same for ``nu``, set with ``sigma_kron``.
+        sigma: (G, S, N) ``d theta_{k+1} / d v_k`` (Adam's second-moment term) over the layer's N own
+            coordinates, or None when the term is not carried.
+        nu: (G, S, N) ``d v_k / d gamma_k = 2 (1 - beta2) gamma_k``, set with ``sigma``.
+        lift: for a projected layer whose term is carried in its own coordinates (docs/optimizers.md, section 3),
+            its bases ``(P_out (G, n_out, k_out), P_in (G, n_in, k_in))``; None for a layer stored whole
+            (N = n, the segment's own coordinates).
     """
 
     start: int
@@ -58,8 +73,7 @@ class Preconditioner:
     kron: tuple[torch.Tensor, torch.Tensor] | None = None
     sigma: torch.Tensor | None = None
     nu: torch.Tensor | None = None
-    sigma_kron: tuple[torch.Tensor, torch.Tensor] | None = None
-    nu_kron: tuple[torch.Tensor, torch.Tensor] | None = None
+    lift: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def size(self) -> int:
@@ -79,14 +93,26 @@ class Preconditioner:
             return None if p is None else (p[0].to(device, dtype), p[1].to(device, dtype))
 
         return Preconditioner(
-            self.start,
-            move(self.diag),
-            pair(self.kron),
-            move(self.sigma),
-            move(self.nu),
-            pair(self.sigma_kron),
-            pair(self.nu_kron),
+            self.start, move(self.diag), pair(self.kron), move(self.sigma), move(self.nu), pair(self.lift)
         )
+
+
+def lifted_size(layer: Mapping[str, Any], optimizer: Mapping[str, Any], projection: LayerProjection) -> int:
+    """Coordinates over which a projected layer's second-moment term is carried (its own: ``n_out * n_in``),
+    or 0 when the log does not carry it for this layer (a layer stored whole carries it exactly, not lifted).
+
+    Args:
+        layer: the layer's manifest entry (``second_moment``: ``"lifted"``, ``"factors"``, ``"none"``;
+            absent in older logs, where singular pairs were the only carrier).
+        optimizer: the manifest's optimizer entry.
+        projection: the layer's projection.
+    """
+    if projection.is_identity:
+        return 0
+    rank = optimizer.get("second_moment_rank")
+    carrier = layer.get("second_moment") or ("factors" if isinstance(rank, int) and rank > 0 else "none")
+    size = projection.out_dim * projection.in_dim
+    return size if carrier == "lifted" or (carrier == "factors" and size <= LIFT_MAX) else 0
 
 
 @dataclass
@@ -118,7 +144,7 @@ class StepMaps:
     @property
     def second_moment(self) -> bool:
         """True when some segment carries the second-moment term."""
-        return any(p.sigma is not None or p.sigma_kron is not None for p in self.preconditioners)
+        return any(p.sigma is not None for p in self.preconditioners)
 
 
 def kronecker_preconditioner(
@@ -190,6 +216,7 @@ def step_maps(
     full: bool,
     second_moment: bool = True,
     projected_preconditioner: str = "kronecker",
+    lifted: tuple[int, ...] = (),
 ) -> StepMaps:
     """The map coefficients of a chunk's steps for a group of layers.
 
@@ -206,7 +233,9 @@ def step_maps(
         first_step: the chunk's first global step (for error messages).
         full: the layers are concatenated into one vector (``blocks="full"``) instead of stacked.
         second_moment: model how removing the example changes Adam's second moment (exactly for layers
-            stored whole; through the recorded singular pairs for projected ones, when the log has them).
+            stored whole; in their own coordinates for the projected layers of ``lifted``).
+        lifted: positions (in ``layers``) of the projected layers whose term is carried in their own
+            coordinates (:func:`lifted_size`; the recursion holds their state).
         projected_preconditioner: ``"kronecker"`` (:func:`kronecker_preconditioner`) or ``"scalar"``
             (:func:`scalar_preconditioner`) for projected layers.
 
@@ -239,7 +268,7 @@ def step_maps(
     segments = _preconditioners(optimizer, layers, full, projected_preconditioner)
     if second_moment:
         for seg, lr_layer, b2 in _segment_rates(segments, lr_g, beta2, full):
-            _add_second_moment(seg, optimizer, layers, lr_layer, b2, full)
+            _add_second_moment(seg, optimizer, layers, lr_layer, b2, full, lifted)
     return StepMaps(weight, mom, 1.0 - mom, decay, a, zeros, l2, beta2, segments)
 
 
@@ -259,55 +288,32 @@ def _add_second_moment(
     lr: torch.Tensor,
     beta2: torch.Tensor,
     full: bool,
+    lifted: tuple[int, ...],
 ) -> None:
     """Attach ``sigma = lr * vsens`` and ``nu = 2 (1 - beta2) gamma`` to a segment: per coordinate for a layer
-    stored whole, as Kronecker sums for a projected one."""
+    stored whole, over the layer's own coordinates with its bases for a lifted projected one."""
+    positions = [_segment_layer(seg, layers)] if full else list(range(len(layers)))
     if seg.diag is None:
-        _add_projected_second_moment(seg, optimizer, layers, lr, beta2, full)
-        return
-    names = [layers[_segment_layer(seg, layers)][0]] if full else [name for name, _ in layers]
-    vsens = torch.stack([optimizer[fmt.optimizer_layer_key("vsens", n)].double() for n in names])  # (G, S, n)
-    batch_grad = torch.stack([optimizer[fmt.optimizer_layer_key("batch_grad", n)].double() for n in names])
+        if not all(i in lifted for i in positions):
+            return
+        cpu = torch.device("cpu")
+        seg.lift = (
+            torch.stack([layers[i][1].p_out(dtype=torch.float64, device=cpu) for i in positions]),
+            torch.stack([layers[i][1].p_in(dtype=torch.float64, device=cpu) for i in positions]),
+        )
+    vsens = torch.stack([_layer_matrix(optimizer, layers[i][0], "vsens", 0) for i in positions])  # (G, S, N)
+    batch_grad = torch.stack([_layer_matrix(optimizer, layers[i][0], "batch_grad", 1) for i in positions])
     seg.sigma = lr.unsqueeze(-1) * vsens
     seg.nu = (2.0 * (1.0 - beta2)).unsqueeze(-1) * batch_grad
 
 
-def _add_projected_second_moment(
-    seg: Preconditioner,
-    optimizer: dict[str, torch.Tensor],
-    layers: list[tuple[str, LayerProjection]],
-    lr: torch.Tensor,
-    beta2: torch.Tensor,
-    full: bool,
-) -> None:
-    """``sigma`` and ``nu`` of projected layers as R Kronecker pairs (docs/optimizers.md, section 3), from the
-    singular pairs the recorder kept; nothing when the log has none (recorded before them, or rank 0)."""
-    group = [layers[_segment_layer(seg, layers)]] if full else layers
-    pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"sigma": [], "nu": []}
-    cpu = torch.device("cpu")
-    for name, projection in group:
-        keys = [fmt.optimizer_layer_key(w, name) for pair in fmt.SECOND_MOMENT_FACTORS for w in pair]
-        if not all(k in optimizer for k in keys):
-            return
-        p_out = projection.p_out(dtype=torch.float64, device=cpu)
-        p_in = projection.p_in(dtype=torch.float64, device=cpu)
-        values = [optimizer[k].double() for k in keys]  # (S, R, out), (S, R, in) for vsens, then batch_grad
-        pairs["sigma"].append(kronecker_sum_factors(values[0], values[1], p_out, p_in))
-        pairs["nu"].append(kronecker_sum_factors(values[2], values[3], p_out, p_in))
-    sigma_out, sigma_in = _stacked(pairs["sigma"])  # (G, S, R, ko, ko), (G, S, R, ki, ki)
-    nu_out, nu_in = _stacked(pairs["nu"])
-    seg.sigma_kron = (sigma_out * lr[:, :, None, None, None], sigma_in)
-    seg.nu_kron = (nu_out * (2.0 * (1.0 - beta2.double()))[:, :, None, None, None], nu_in)
-
-
-def _stacked(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the layers' (S, R, k, k) Kronecker pairs along a new first axis, zero-padding R where it differs."""
-    rank = max(p[0].shape[1] for p in pairs)
-
-    def padded(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, 0, 0, 0, 0, rank - t.shape[1]))
-
-    return torch.stack([padded(p[0]) for p in pairs]), torch.stack([padded(p[1]) for p in pairs])
+def _layer_matrix(optimizer: dict[str, torch.Tensor], name: str, what: str, pair: int) -> torch.Tensor:
+    """(S, N) a layer's ``vsens`` or ``batch_grad`` per step, as recorded or rebuilt from its singular pairs."""
+    key = fmt.optimizer_layer_key(what, name)
+    if key in optimizer:
+        return optimizer[key].double()
+    left, right = (optimizer[fmt.optimizer_layer_key(w, name)].double() for w in fmt.SECOND_MOMENT_FACTORS[pair])
+    return torch.einsum("sro,sri->soi", left, right).flatten(1)  # (S, R, out), (S, R, in) -> (S, out * in)
 
 
 def _segment_layer(seg: Preconditioner, layers: list[tuple[str, LayerProjection]]) -> int:

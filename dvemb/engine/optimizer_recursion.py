@@ -76,10 +76,22 @@ class OptimizerRecursion:
         device: where the state lives.
     """
 
-    def __init__(self, groups: int, dim: int, *, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        groups: int,
+        dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        lifted: dict[int, int] | None = None,
+    ) -> None:
         self.theta = torch.eye(dim, dtype=dtype, device=device).repeat(groups, 1, 1)  # (G, d, d) R^theta^T
         self.mom = torch.zeros(groups, dim, dim, dtype=dtype, device=device)  # (G, d, d) R^m^T
         self.vmom = torch.zeros(groups, dim, dim, dtype=dtype, device=device)  # (G, d, d) R^v^T (Adam's v term)
+        # R^v^T of the lifted segments, over their layers' own N coordinates: (G, N, d) per segment start.
+        self.lifted = {
+            start: torch.zeros(groups, size, dim, dtype=dtype, device=device) for start, size in (lifted or {}).items()
+        }
         self.log_scale = torch.zeros(groups, dtype=torch.float64)  # R = exp(log_scale) * stored
 
     def process(self, chunk: Chunk, maps: StepMaps) -> torch.Tensor:
@@ -120,9 +132,7 @@ class OptimizerRecursion:
                 if has_b[j]:
                     v_t.addcmul_(d_theta, c["b"], value=-1.0)
                 if second_moment:
-                    y_t = _add_rows(self.vmom, self.theta, segments, "sigma", j)  # Y^T = R^v'^T + diag(sigma) Theta
-                    v_t += _scale_rows(y_t, segments, "nu", j)  # V^T += diag(nu) Y^T
-                    self.vmom = y_t.mul_(c["beta2"])
+                    self._second_moment(v_t, segments, j, c["beta2"])
             g = grads[:, g_starts[j] : g_bounds[j]]  # (G, B, d)
             out[:, g_starts[j] : g_bounds[j]] = torch.bmm(g, v_t).mul_(-c["weight"] * v_scale)
             h = curv[:, h_starts[j] : h_bounds[j]]  # (G, n, d)
@@ -137,9 +147,35 @@ class OptimizerRecursion:
         self._renormalise()
         return out
 
+    def _second_moment(self, v_t: torch.Tensor, segments: list[Preconditioner], step: int, beta2: torch.Tensor) -> None:
+        """Adam's second-moment term of one step, per segment that carries it::
+
+            Y^T  = R^v'^T + diag(sigma) Theta        (R^v' of the later steps)
+            V^T += diag(nu) Y^T                       (in place on ``v_t``)
+            R^v^T = beta2 Y^T
+
+        in the segment's coordinates for a layer stored whole, and for a lifted projected layer over its own
+        N coordinates: ``Y^T = R^v'^T + diag(sigma) P Theta`` and ``V^T += P^T diag(nu) Y^T``, with ``P`` its
+        Kronecker bases (the removal's change of ``v`` is not confined to the bases' span; docs/optimizers.md).
+        """
+        for seg in segments:
+            if seg.sigma is None:
+                continue
+            assert seg.nu is not None
+            rows = slice(seg.start, seg.start + seg.size)
+            sigma, nu = seg.sigma[:, step, :, None], seg.nu[:, step, :, None]
+            if seg.lift is None:
+                y = self.vmom[:, rows] + sigma * self.theta[:, rows]
+                v_t[:, rows] += nu * y
+                self.vmom[:, rows] = y.mul_(beta2)
+                continue
+            y = self.lifted[seg.start].addcmul_(sigma, _lift_rows(seg.lift, self.theta[:, rows]))
+            v_t[:, rows] += _project_rows(seg.lift, nu * y)
+            y.mul_(beta2)
+
     def _renormalise(self) -> None:
         """Move the state's magnitude into ``log_scale`` so that it neither underflows nor overflows."""
-        state = (self.theta, self.mom, self.vmom)
+        state = (self.theta, self.mom, self.vmom, *self.lifted.values())
         peak = torch.stack([t.abs().amax((1, 2)) for t in state]).amax(0).double().cpu()
         peak = torch.where(peak > 0, peak, torch.ones_like(peak))
         for t in state:
@@ -147,41 +183,20 @@ class OptimizerRecursion:
         self.log_scale += torch.log(peak)
 
 
-def _add_rows(
-    base: torch.Tensor, theta: torch.Tensor, segments: list[Preconditioner], what: str, step: int
-) -> torch.Tensor:
-    """``base + X theta`` over the segments that carry ``X`` (``sigma``: a diagonal, or a Kronecker sum in a
-    projected layer's coordinates), a new tensor."""
-    out = base.clone()
-    for seg in segments:
-        rows = slice(seg.start, seg.start + seg.size)
-        x, pairs = getattr(seg, what), getattr(seg, f"{what}_kron")
-        if x is not None:
-            out[:, rows] += x[:, step, :, None] * theta[:, rows]
-        elif pairs is not None:
-            out[:, rows] += _kronecker_sum_rows(pairs, step, theta[:, rows])
-    return out
+def _lift_rows(bases: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """``P X`` for a segment's rows X (G, k_out * k_in, d): (G, n_out * n_in, d), with ``P = P_out kron P_in``
+    and the bases ``P_out`` (G, n_out, k_out), ``P_in`` (G, n_in, k_in)."""
+    p_out, p_in = bases
+    g, ko, ki, d = rows.shape[0], p_out.shape[-1], p_in.shape[-1], rows.shape[-1]
+    x = torch.bmm(p_out, rows.reshape(g, ko, ki * d)).reshape(g, -1, ki, d)  # (G, n_out, k_in, d)
+    x = torch.matmul(p_in.unsqueeze(1), x)  # (G, n_out, n_in, d)
+    return x.reshape(g, -1, d)
 
 
-def _scale_rows(y: torch.Tensor, segments: list[Preconditioner], what: str, step: int) -> torch.Tensor:
-    """``X y`` for the segments that carry ``X`` (``nu``; rows of the others are zero), a new tensor."""
-    out = torch.zeros_like(y)
-    for seg in segments:
-        rows = slice(seg.start, seg.start + seg.size)
-        x, pairs = getattr(seg, what), getattr(seg, f"{what}_kron")
-        if x is not None:
-            out[:, rows] = x[:, step, :, None] * y[:, rows]
-        elif pairs is not None:
-            out[:, rows] = _kronecker_sum_rows(pairs, step, y[:, rows])
-    return out
-
-
-def _kronecker_sum_rows(pairs: tuple[torch.Tensor, torch.Tensor], step: int, rows: torch.Tensor) -> torch.Tensor:
-    """``(sum_r A_r kron B_r) X`` for a segment's rows X (G, k_out * k_in, d), with the symmetric pairs
-    ``A`` (G, S, R, k_out, k_out) and ``B`` (G, S, R, k_in, k_in) of the chunk's step ``step``."""
-    a, b = pairs[0][:, step], pairs[1][:, step]  # (G, R, ko, ko), (G, R, ki, ki)
-    g, ko, ki, d = rows.shape[0], a.shape[-1], b.shape[-1], rows.shape[-1]
-    x = rows.reshape(g, 1, ko, ki * d)
-    x = torch.matmul(a, x).reshape(g, -1, ko, ki, d)  # (G, R, ko, ki, d): the out side
-    x = torch.matmul(b.unsqueeze(2), x)  # the in side, (G, R, ko, ki, d)
-    return x.sum(1).reshape(g, ko * ki, d)
+def _project_rows(bases: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """``P^T Z`` for rows Z (G, n_out * n_in, d) in a layer's own coordinates: (G, k_out * k_in, d)."""
+    p_out, p_in = bases
+    g, no, ni, d = rows.shape[0], p_out.shape[1], p_in.shape[1], rows.shape[-1]
+    x = torch.bmm(p_out.transpose(1, 2), rows.reshape(g, no, ni * d)).reshape(g, -1, ni, d)  # (G, k_out, n_in, d)
+    x = torch.matmul(p_in.transpose(1, 2).unsqueeze(1), x)  # (G, k_out, k_in, d)
+    return x.reshape(g, -1, d)

@@ -218,6 +218,7 @@ class _CombinedRun(_Run):
         super().__init__(log, out, args, None)
         self.plan = plan
         self.seeded = make_embedder(log, args, self.mode, self.propagation, seeded=True)
+        self.lifts_second_moment = False  # a segment's seeds span the projected state only
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dvemb.low_rank import kronecker_sum_factors, low_rank_factors
+from dvemb.low_rank import low_rank_factors
 
 
 def test_full_rank_factors_give_the_matrix_back() -> None:
@@ -25,15 +25,3 @@ def test_low_rank_factors_are_the_truncated_svd_and_leave_the_random_state_alone
     assert torch.equal(torch.get_rng_state(), state)
     best = torch.linalg.svdvals(matrix)[4:].norm()  # the error of the best rank-4 approximation
     assert (left.T @ right - matrix).norm() <= best * (1 + 1e-6)
-
-
-def test_kronecker_sum_is_the_projected_diagonal() -> None:
-    """sum_r (P_out^T diag(a_r) P_out) kron (P_in^T diag(b_r) P_in) = P^T diag(vec sum_r a_r b_r^T) P for any
-    (here random, non-square) projection P = P_out kron P_in."""
-    left, right = torch.randn(3, 4), torch.randn(3, 6)  # R = 3, out 4, in 6
-    p_out, p_in = torch.randn(4, 2), torch.randn(6, 3)
-    a, b = kronecker_sum_factors(left, right, p_out, p_in)
-    got = sum(torch.kron(a[r], b[r]) for r in range(3))
-    full = torch.kron(p_out, p_in)  # (24, 6), row-major flattening
-    expected = full.T @ torch.diag((left.T @ right).flatten()) @ full
-    assert (got - expected).abs().max() < 1e-12 * expected.abs().max()

@@ -267,9 +267,9 @@ def test_projected_second_moment_is_exact_with_full_rank_bases(tmp_path: Path, n
     torch.manual_seed(0)
     _record(tmp_path / "whole", OPTIMIZERS[name])
     torch.manual_seed(0)
-    _record(tmp_path / "rotated", OPTIMIZERS[name], proj_dim=(8, 8), rotate=True, second_moment_rank=8)
+    _record(tmp_path / "rotated", OPTIMIZERS[name], proj_dim=(8, 8), rotate=True)
     rotated = dvemb.open_log(tmp_path / "rotated")
-    assert rotated.manifest["optimizer"]["second_moment_rank"] == 8
+    assert [entry["second_moment"] for entry in rotated.manifest["layers"]] == ["lifted", "lifted"]
     emb, _ = _embeddings(tmp_path / "rotated", tmp_path / "out", blocks="layer")
     without, _ = _embeddings(tmp_path / "rotated", tmp_path / "out-no-v", blocks="layer", second_moment=False)
     shards = list(rotated.iter_shards())
@@ -297,17 +297,28 @@ def test_projected_second_moment_is_exact_with_full_rank_bases(tmp_path: Path, n
         offset += layer.dim
 
 
-def test_second_moment_factors_reconstruct_the_recorded_matrices(tmp_path: Path) -> None:
-    """At full rank the recorded singular pairs give back vsens and the batch gradient of the whole log."""
+def test_second_moment_factors_reconstruct_the_recorded_matrices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer over ``LIFTED_SECOND_MOMENT_MAX`` keeps singular pairs instead: at full rank they give back vsens
+    and the batch gradient of the whole log, and the engine's scores equal the lifted log's."""
     torch.manual_seed(0)
     _record(tmp_path / "whole", OPTIMIZERS["adam"])
+    torch.manual_seed(0)
+    _record(tmp_path / "lifted", OPTIMIZERS["adam"], proj_dim=(8, 8), rotate=True)
+    monkeypatch.setattr(dvemb.optim, "LIFTED_SECOND_MOMENT_MAX", 0)
     torch.manual_seed(0)
     _record(tmp_path / "rotated", OPTIMIZERS["adam"], proj_dim=(8, 8), rotate=True, second_moment_rank=8)
     whole, rotated = (
         next(dvemb.open_log(tmp_path / "whole").iter_shards()),
         next(dvemb.open_log(tmp_path / "rotated").iter_shards()),
     )
+    assert [layer["second_moment"] for layer in dvemb.open_log(tmp_path / "rotated").manifest["layers"]] == [
+        "factors",
+        "factors",
+    ]
     for name, shape in (("0", (4, 6)), ("2", (3, 5))):
+        assert fmt.optimizer_layer_key("vsens", name) not in rotated.optimizer
         for (left, right), flat in zip(fmt.SECOND_MOMENT_FACTORS, ("vsens", "batch_grad"), strict=True):
             factors_l = rotated.optimizer[fmt.optimizer_layer_key(left, name)]  # (S, R, out)
             factors_r = rotated.optimizer[fmt.optimizer_layer_key(right, name)]  # (S, R, in)
@@ -315,3 +326,63 @@ def test_second_moment_factors_reconstruct_the_recorded_matrices(tmp_path: Path)
             expected = whole.optimizer[fmt.optimizer_layer_key(flat, name)]
             assert factors_l.shape[1] == min(shape)
             torch.testing.assert_close(rebuilt, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+    from_factors, _ = _embeddings(tmp_path / "rotated", tmp_path / "out-factors", blocks="layer")
+    lifted, _ = _embeddings(tmp_path / "lifted", tmp_path / "out-lifted", blocks="layer")
+    np.testing.assert_allclose(from_factors, lifted, rtol=0, atol=1e-10 * np.abs(lifted).max())
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("adam", "layer"), ("adamw", "full")])
+def test_projected_second_moment_follows_the_layers_own_coordinates(tmp_path: Path, name: str, blocks: str) -> None:
+    """Projected layers (random 2 x 3 bases, not full rank): the second moment's change is carried over each
+    layer's own coordinates (``dv = nu * P dgamma``, read back as ``P^T (sigma * dv)``), as the naive forward
+    reference computes it; the recorder keeps the sensitivity and gradient whole for these small layers."""
+    _record(tmp_path / "log", OPTIMIZERS[name], proj_dim=(2, 3), projection="random")
+    log = dvemb.open_log(tmp_path / "log")
+    assert [entry["second_moment"] for entry in log.manifest["layers"]] == ["lifted", "lifted"]
+    emb, summary = _embeddings(tmp_path / "log", tmp_path / "out", blocks=blocks)
+    without, _ = _embeddings(tmp_path / "log", tmp_path / "out-no-v", blocks=blocks, second_moment=False)
+    kinds = [a["kind"] for a in summary["approximations"]]  # type: ignore[union-attr]
+    assert "second-moment-dropped" not in kinds
+    shards = list(log.iter_shards())
+    opt = {k: torch.cat([shard.optimizer[k] for shard in shards]) for k in shards[0].optimizer}
+    lifts, preconditioners = [], []
+    for layer in log.layers:
+        p = layer.projection
+        p_out, p_in = (
+            p.p_out(dtype=torch.float64, device=torch.device("cpu")),
+            p.p_in(dtype=torch.float64, device=torch.device("cpu")),
+        )
+        a, b = kronecker_preconditioner(
+            opt[fmt.optimizer_layer_key("v_row", layer.name)],
+            opt[fmt.optimizer_layer_key("v_col", layer.name)],
+            p_out,
+            p_in,
+        )
+        lifts.append(torch.kron(p_out, p_in))
+        preconditioners.append((a, b))
+    if blocks == "layer":
+        expected = np.concatenate(
+            [
+                torch.cat(
+                    removal_effects(
+                        tmp_path / "log",
+                        [layer.name],
+                        preconditioner=lambda k, a=a, b=b: torch.kron(a[k], b[k]),  # type: ignore[misc]
+                        lift=lift,
+                    )
+                ).numpy()
+                for layer, lift, (a, b) in zip(log.layers, lifts, preconditioners, strict=True)
+            ],
+            1,
+        )
+    else:
+        expected = torch.cat(
+            removal_effects(
+                tmp_path / "log",
+                preconditioner=lambda k: torch.block_diag(*[torch.kron(a[k], b[k]) for a, b in preconditioners]),
+                lift=torch.block_diag(*lifts),
+            )
+        ).numpy()
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(emb, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    assert np.abs(without - expected).max() > 1e-3 * np.abs(expected).max()  # the term is carried, not dropped
