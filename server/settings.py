@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     validation_wait_seconds: float = 60.0  # the last upload PATCH waits this long for the validator's verdict
     compare_timeout_seconds: float = Field(default=30.0, ge=0)  # PostgreSQL stops a comparison's statements past this
     # (GET /compare and its exports answer 504 then); 0: no limit
+    read_timeout_seconds: float = Field(default=15.0, ge=0)  # ... every other GET's statements, hot reads included
+    write_timeout_seconds: float = Field(default=300.0, ge=0)  # ... a POST, PATCH or DELETE's (a large run's
+    # deletion removes millions of result rows)
 
     @property
     def database(self) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from starlette.requests import Request
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,7 +44,10 @@ def get_read_engine() -> Engine:
     url = get_settings().database
     if url.startswith("sqlite"):
         return get_engine()
-    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=20, max_overflow=20)
+    # A hot read is one statement in autocommit: its time limit is the connection's (no SET LOCAL round trip).
+    limit = round(get_settings().read_timeout_seconds * 1000)
+    options = {"options": f"-c statement_timeout={limit}"} if limit > 0 else {}
+    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=20, max_overflow=20, connect_args=options)
 
 
 # PostgreSQL's SQLSTATE of a statement cancelled at statement_timeout (query_canceled).
@@ -58,6 +62,18 @@ def limit_statement_time(session: Session, seconds: float) -> None:
         session.execute(text(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}"))
 
 
+def limit_every_transaction(session: Session, seconds: float) -> None:
+    """:func:`limit_statement_time` for each transaction the session begins (a request may commit midway and go on
+    in a new one). SQLite: nothing is done."""
+    if seconds <= 0 or session.get_bind().dialect.name != "postgresql":
+        return
+    statement = f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}"
+
+    @event.listens_for(session, "after_begin")
+    def _limit(_session: Session, _transaction: object, connection: Connection) -> None:
+        connection.exec_driver_sql(statement)
+
+
 def timed_out(exc: OperationalError) -> bool:
     """Whether the database cancelled the statement at its time limit (see limit_statement_time)."""
     return getattr(exc.orig, "sqlstate", None) == QUERY_CANCELED
@@ -68,10 +84,15 @@ def session_factory() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
 
-def get_session() -> Iterator[Session]:
-    """Request-scoped session: commits on success, rolls back on error."""
+def get_session(request: Request) -> Iterator[Session]:
+    """Request-scoped session: commits on success, rolls back on error. Its statements stop at the request class's
+    time limit (PostgreSQL; DVEMB_READ_TIMEOUT_SECONDS for a GET, DVEMB_WRITE_TIMEOUT_SECONDS otherwise), so that no
+    request holds the shared database for long; a stopped statement answers 504 (server/errors.py)."""
+    settings = get_settings()
+    limit = settings.read_timeout_seconds if request.method in ("GET", "HEAD") else settings.write_timeout_seconds
     with session_factory()() as session:
         try:
+            limit_every_transaction(session, limit)
             yield session
             session.commit()
         except BaseException:

@@ -103,3 +103,62 @@ def test_a_comparison_stops_at_its_time_limit_with_a_504(api: Api, token: str, t
             assert waiting == 0
         fine = api.get("/compare", params=params)  # the same limit, an ordinary comparison: well within it
         assert fine.status_code == 200 and fine.json()["pairs"][0]["shared_examples"] == 64
+
+
+@contextmanager
+def request_limits(seconds: float) -> Iterator[None]:
+    """Every request class's statement limit set to ``seconds`` (the hot reads' engine made again to take it)."""
+    from server.db.session import get_read_engine
+    from server.settings import get_settings
+
+    def fresh() -> None:
+        get_settings.cache_clear()
+        get_read_engine().dispose()
+        get_read_engine.cache_clear()
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DVEMB_READ_TIMEOUT_SECONDS", str(seconds))
+            mp.setenv("DVEMB_WRITE_TIMEOUT_SECONDS", str(seconds))
+            fresh()
+            yield
+    finally:
+        fresh()
+
+
+@contextmanager
+def locked(table: str) -> Iterator[None]:
+    """``table`` locked against every reader and writer while the block runs."""
+    from server.db.session import get_engine
+
+    with get_engine().connect() as conn:
+        conn.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+def test_every_request_class_stops_at_its_time_limit_and_loses_nothing(api: Api, token: str, tmp_path: Path) -> None:
+    """A GET on the ORM path, a hot read (its own autocommit engine) and a DELETE each wait on a locked table (as a
+    badly planned statement runs on): past DVEMB_READ_TIMEOUT_SECONDS / DVEMB_WRITE_TIMEOUT_SECONDS the database stops
+    them and the API answers 504 in the documented shape; the run the DELETE would have removed is still whole."""
+    job = analysed(api, token, tmp_path, "limits")
+    run = api.get(f"/jobs/{job}").json()["run_id"]
+    requests = [
+        ("runs", "GET", "/runs", {}),
+        ("topk_rows", "GET", f"/jobs/{job}/top", {"query_set": "val"}),
+        ("example_totals", "DELETE", f"/runs/{run}", {}),
+    ]
+    with request_limits(1.0):
+        for table, method, path, params in requests:
+            with locked(table):
+                started = time.monotonic()
+                got = api.request(method, path, params=params, timeout=httpx.Timeout(20))
+                assert got.status_code == 504, (path, got.status_code, got.text)
+                assert time.monotonic() - started < 10, path
+                body = got.json()
+                assert set(body) == {"error", "detail"} and body["error"] == "timeout", body
+    assert api.get(f"/runs/{run}").status_code == 200  # the DELETE was rolled back: nothing lost
+    top = api.get(f"/jobs/{job}/top", params={"query_set": "val"})
+    assert top.status_code == 200 and top.json()["data"], top.text
