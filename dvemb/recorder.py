@@ -44,7 +44,7 @@ from dvemb import logformat as fmt
 from dvemb.calibration import FactorCovariance, calibrated_projection
 from dvemb.curvature import logit_factor_rows, rows_per_example
 from dvemb.errors import ConfigError, RecorderError
-from dvemb.formats import LayerEntry, repeated_in_step
+from dvemb.formats import LayerEntry, check_ids, repeated_in_step, unsafe_character
 from dvemb.held_steps import HeldLayer, HeldStep
 from dvemb.layers import LayerAdapter, adapter_type, is_default_layer, make_adapter
 from dvemb.optim import DvembWarning, OptimizerInfo, TrackedParameters, describe_optimizer
@@ -1176,11 +1176,16 @@ class Recorder:
         for key, values in columns.items():
             if values is not None and len(values) != len(id_list):
                 raise ConfigError(f"describe(): {len(values)} {key}s for {len(id_list)} ids")
+        try:
+            check_ids(id_list)
+        except ValueError as exc:
+            raise ConfigError(f"describe(): {exc}") from None
         records: list[dict[str, Any]] = [{"id": i} for i in id_list]
         for key, values in columns.items():
             if values is not None:
                 for record, value in zip(records, values, strict=True):
                     record[key] = value.item() if isinstance(value, torch.Tensor | np.generic) else value
+                    _check_text(key, record)
         if images is not None:
             for record, image in zip(records, _encode_images(images, len(id_list)), strict=True):
                 record["image"] = image
@@ -1252,6 +1257,18 @@ def _proj_spec_for(name: str, proj_dim: Any) -> ProjDim:
         if fnmatch.fnmatchcase(name, pattern):
             return spec  # type: ignore[no-any-return]
     return DEFAULT_PROJ_DIM
+
+
+def _check_text(key: str, record: dict[str, Any]) -> None:
+    """A ConfigError when an example's text, label or source holds what no log may hold (the validator would refuse
+    the whole log at upload): said when it is described, not after training."""
+    value = record[key]
+    unsafe = unsafe_character(value) if isinstance(value, str) else None
+    if unsafe is not None:
+        raise ConfigError(
+            f"describe(): the {key} of example {record['id']!r} holds {unsafe} (NUL, or a bidirectional override that "
+            "makes the shown text read otherwise); remove it"
+        )
 
 
 def _second_moment_carrier(tracked: TrackedParameters, rank: int) -> str:

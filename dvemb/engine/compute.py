@@ -575,6 +575,8 @@ class _Run:
 def _check_out_dir(log_dir: Path, out: Path) -> None:
     """Results never go where they could replace the log: not the log directory, nor a folder that holds
     it (``overwrite`` empties the results directory), nor any directory that holds a gradient log."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a directory for the results (it is created if missing)")
     log_path, out_path = log_dir.resolve(), out.resolve()
     if out_path == log_path or out_path in log_path.parents or (out_path / formats.MANIFEST).exists():
         raise ConfigError(

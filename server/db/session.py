@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from functools import lru_cache
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from starlette.requests import Request
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.requests import Request
 
 from server.settings import get_settings
 

@@ -495,3 +495,36 @@ def test_corruption_that_breaks_a_check_is_reported_as_corruption(log_dir: Path)
     path.write_bytes(bytes(data))
     with pytest.raises(dvemb.ChecksumError, match=rf"{path.name}.*sha256.*corrupt"):
         dvemb.open_log(log_dir).read_shard(1)
+
+
+@pytest.mark.parametrize(
+    ("ids", "texts", "message"),
+    [
+        ([0, 1], ["fine", "a\u202eb"], "U\\+202E"),
+        ([0, 1], ["nul\x00", "fine"], "U\\+0000"),
+        (["ok", "bad\nid"], None, "control character"),
+        ([-1], None, "0 or more"),
+    ],
+)
+def test_describe_refuses_what_the_validator_would_refuse_when_it_is_called(
+    tmp_path: Path, ids: list[object], texts: list[str] | None, message: str
+) -> None:
+    """An unsafe text or id is refused by rec.describe itself (before, the log was written and then refused whole
+    at upload), and the log holds none of that call's records."""
+    rec = dvemb.Recorder(mlp(), tmp_path / "log", proj_dim=4)
+    with pytest.raises(dvemb.ConfigError, match=message):
+        rec.describe(ids, texts=texts)
+    rec.describe([5], texts=["kept"])
+    rec.close()
+    assert [r["id"] for r in dvemb.open_log(tmp_path / "log").iter_examples()] == [5]
+
+
+def test_compute_refuses_an_out_that_is_a_file(log_dir: Path, tmp_path: Path) -> None:
+    from dvemb.engine import compute
+
+    _train(log_dir)
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    with pytest.raises(dvemb.ConfigError, match="is a file: give a directory"):
+        compute(log_dir, target)
+    assert target.read_text() == "keep me"
