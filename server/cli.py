@@ -7,7 +7,7 @@ import logging
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -88,8 +88,15 @@ class LocalWorker:
     while the server runs (killed, out of memory), so that queued tasks and the jobs the reconciler re-queues
     after a lost worker (server/reconciler.py) are computed without anyone restarting ``dvemb serve``."""
 
-    def __init__(self, command: list[str], backoff: float = 1.0, *, quiet: bool = False) -> None:
-        self.command, self.backoff = command, backoff
+    def __init__(
+        self,
+        command: list[str],
+        backoff: float = 1.0,
+        *,
+        quiet: bool = False,
+        on_restart: Callable[[], object] | None = None,
+    ) -> None:
+        self.command, self.backoff, self.on_restart = command, backoff, on_restart
         self.stdout = subprocess.DEVNULL if quiet else None  # quiet: no Celery banner (the demo's own output)
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
@@ -107,6 +114,16 @@ class LocalWorker:
         with self.lock:
             stop_process(self.process)
 
+    def _released(self) -> None:
+        """What the dead worker held is given back (``on_restart``); a failure is logged, the restart goes on (the
+        leases still expire)."""
+        if self.on_restart is None:
+            return
+        try:
+            self.on_restart()
+        except Exception:  # the database may be down: the reconciler catches up later
+            logging.getLogger(__name__).exception("could not give back the stopped worker's jobs and files")
+
     def _watch(self) -> None:
         while not self.stopping.is_set():
             process = self.process
@@ -117,8 +134,22 @@ class LocalWorker:
                     logging.getLogger(__name__).warning(
                         "the local worker stopped (exit status %s): starting another", process.returncode
                     )
+                    self._released()
                     self.process = subprocess.Popen(self.command, stdout=self.stdout)
             self.stopping.wait(0.5)
+
+
+def _lost_worker_release() -> Callable[[], object] | None:
+    """In the embedded mode (SQLite: no other worker can share the database) the local worker is the only one, so
+    when it dies everything running was its: queued again at once (server/reconciler.py, release_lost_worker).
+    With a shared database other workers may hold leases: they expire as usual."""
+    from server.db.session import session_factory
+    from server.reconciler import release_lost_worker
+    from server.settings import get_settings
+
+    if not get_settings().database.startswith("sqlite"):
+        return None
+    return lambda: release_lost_worker(session_factory())
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -131,7 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
     prepare()
     token = new_token(args.project, "serve")
     settings = get_settings()
-    worker = None if args.no_worker else LocalWorker(worker_command()).start()
+    worker = None if args.no_worker else LocalWorker(worker_command(), on_restart=_lost_worker_release()).start()
     print(
         f"dvemb serving on http://{args.host}:{args.port}  (database {settings.database}, storage {get_storage().url})"
     )

@@ -39,6 +39,7 @@ from server.tasks import COMPUTE, VALIDATE_FILE, send_outboxed
 __all__ = [
     "Reconciler",
     "reconcile_once",
+    "release_lost_worker",
     "requeue_expired_files",
     "requeue_expired_jobs",
     "resend_overdue_tasks",
@@ -65,6 +66,23 @@ def requeue_expired_files(factory: sessionmaker[Session]) -> int:
     for file_id in moved:
         logger.warning("file %s lost its validator (lease expired): queued again", file_id)
     return len(moved)
+
+
+def release_lost_worker(factory: sessionmaker[Session]) -> int:
+    """The only worker died (the embedded mode's local worker, which ``dvemb serve`` restarts): every running job
+    and every file being validated was its, so their leases end now and they are queued again at once, instead of
+    showing ``running`` until the lease would have expired. Never call it where other workers may hold leases.
+    Returns how many rows were queued again."""
+    now = dt.datetime.now(dt.UTC)
+    with factory() as session:
+        for model, working in ((Job, JobStatus.RUNNING), (LogFile, FileStatus.VALIDATING)):
+            session.execute(
+                update(model)
+                .where(model.status == working, model.lease_expires_at.is_not(None), model.lease_expires_at > now)
+                .values(lease_expires_at=now - dt.timedelta(microseconds=1))
+            )
+        session.commit()
+    return requeue_expired_jobs(factory) + requeue_expired_files(factory)
 
 
 def resend_overdue_tasks(factory: sessionmaker[Session]) -> int:

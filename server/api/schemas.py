@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
+from server.settings import get_settings
+
 
 class RunCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")
@@ -78,15 +80,30 @@ _APPROXIMATIONS = (
 )
 
 
-def job_stage(status: str, progress: float, current_step: int | None) -> str:
+def job_stage(
+    status: str, progress: float, current_step: int | None, lease_expires_at: dt.datetime | None = None
+) -> str:
     """What a job is doing, in the words the dashboard shows (see :class:`JobPublic`'s ``stage``)."""
     if status != "running":
         return status
+    if worker_silent(lease_expires_at):
+        return "worker not responding"
     if progress >= 1.0:
         return "storing results"  # the engine has reported its last step: the worker writes the rows
     if progress <= 0.0 and current_step is None:
         return "reading the log"
     return "computing"
+
+
+def worker_silent(lease_expires_at: dt.datetime | None) -> bool:
+    """True when a running job's worker has not renewed its lease for half the lease (it renews every third): it is
+    probably gone, and the reconciler queues the job again when the lease expires."""
+    if lease_expires_at is None:
+        return False
+    if lease_expires_at.tzinfo is None:  # SQLite returns naive datetimes (stored in UTC)
+        lease_expires_at = lease_expires_at.replace(tzinfo=dt.UTC)
+    left = (lease_expires_at - dt.datetime.now(dt.UTC)).total_seconds()
+    return left < get_settings().job_lease_seconds / 2
 
 
 class JobPublic(BaseModel):
@@ -107,15 +124,17 @@ class JobPublic(BaseModel):
         default=None, description="how the scores follow the optimizer (exact SGD, Adam, SGD proxy...); set when done"
     )
     approximations: list[ApproximationPublic] | None = Field(default=None, description=_APPROXIMATIONS)
+    lease_expires_at: dt.datetime | None = Field(default=None, exclude=True)
 
     @computed_field(  # type: ignore[prop-decorator]
         description="what a job is doing: its status, or while running 'reading the log' (no progress reported "
-        "yet), 'computing' (progress, current_step and eta_seconds count its work) or 'storing results' (computed, "
-        "its rows being written)"
+        "yet), 'computing' (progress, current_step and eta_seconds count its work), 'storing results' (computed, "
+        "its rows being written) or 'worker not responding' (no sign of its worker for half the job lease: it is "
+        "queued again when the lease expires)"
     )
     @property
     def stage(self) -> str:
-        return job_stage(self.status, self.progress, self.current_step)
+        return job_stage(self.status, self.progress, self.current_step, self.lease_expires_at)
 
     @model_validator(mode="after")
     def _eta_while_computing(self) -> JobPublic:

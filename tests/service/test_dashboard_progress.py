@@ -6,9 +6,12 @@ without its last attempt's step, and the first upload estimate waits for enough 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from playwright.sync_api import Browser, expect
 from service_harness import Api, record_log
 from sqlalchemy import update
@@ -18,14 +21,27 @@ from test_dashboard_views import sign_in
 from dvemb.client import upload_log
 from server.db.models import Job
 from server.db.session import session_factory
+from server.settings import get_settings
 
 
-def set_job(job_id: int, **values: Any) -> None:
-    """Writes a job's row as a worker would (its lease held for an hour: nothing takes it over meanwhile)."""
-    lease = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+def set_job(job_id: int, lease_seconds: float = 3600, **values: Any) -> None:
+    """Writes a job's row as a worker would (its lease held for an hour unless said: nothing takes it over)."""
+    lease = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lease_seconds)
     with session_factory()() as session:
         session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=lease, **values))
         session.commit()
+
+
+@contextmanager
+def long_lease(seconds: float) -> Iterator[None]:
+    """The API (in this process) reads DVEMB_JOB_LEASE_SECONDS as ``seconds`` within the block."""
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DVEMB_JOB_LEASE_SECONDS", str(seconds))
+            get_settings.cache_clear()
+            yield
+    finally:
+        get_settings.cache_clear()
 
 
 def test_a_job_says_what_it_is_doing_and_gives_an_eta_only_while_computing(
@@ -52,7 +68,16 @@ def test_a_job_says_what_it_is_doing_and_gives_an_eta_only_while_computing(
         assert (got["stage"], got["eta_seconds"]) == (stage, eta), row
         listed = api.get(f"/runs/{result['run']}/jobs").json()["data"][0]
         assert (listed["stage"], listed["eta_seconds"]) == (stage, eta)
-
+    # A worker that stopped renewing its lease (killed on another machine): said so, and no estimate, well before
+    # the lease expires and the reconciler queues the job again (a 600 s lease here, so that nothing expires).
+    silent = {"status": "running", "progress": 0.5, "current_step": 5, "eta_seconds": 7.2}
+    with long_lease(600):
+        set_job(job_id, lease_seconds=600, **silent)  # just renewed
+        assert api.get(f"/jobs/{job_id}").json()["stage"] == "computing"
+        set_job(job_id, lease_seconds=100, **silent)  # under half of the lease left: no renewal for 500 s
+        got = api.get(f"/jobs/{job_id}").json()
+        assert (got["stage"], got["eta_seconds"]) == ("worker not responding", None)
+    set_job(job_id, **states[-1][0])  # failed, as the page first finds it
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     said = page.locator("#job-progress")
     page.goto(f"{server_url}/#/runs/{result['run']}?job={job_id}")
@@ -64,6 +89,11 @@ def test_a_job_says_what_it_is_doing_and_gives_an_eta_only_while_computing(
         "storing results": "computed · storing results (the tables appear when they are stored)",
         "cancelled": "cancelled at 50%",
     }
+    with long_lease(600):
+        set_job(job_id, lease_seconds=100, **silent)
+        page.reload()
+        expect(said).to_have_attribute("data-stage", "worker not responding", timeout=10_000)
+        expect(said).to_have_text("worker not responding: the analysis is queued again if it stays silent")
     for row, stage, _ in states[:4]:
         set_job(job_id, **row)
         if stage == "reading the log":  # the page polls only while a job is live: drawn again for this one

@@ -111,6 +111,42 @@ def test_a_job_survives_the_embedded_worker_being_killed(tmp_path: Path) -> None
             api.client.close()
 
 
+def test_a_killed_embedded_worker_s_job_is_not_shown_running(tmp_path: Path) -> None:
+    """Issue 21: with the default 30 s lease a job whose embedded worker was killed was shown 'running' for about
+    30 s. `dvemb serve`'s worker is the only one, so when it restarts the worker everything running was the dead
+    one's: the job is queued again at once and taken by the new worker (its second attempt) within seconds."""
+    with _serve(tmp_path) as (serve, url, token):
+        log = record_log(tmp_path / "log", steps=240, batch=8, shard_steps=40, dim=48)
+        result = upload_log(log, server=url, token=token, run_name="killed", analyze=True)
+        api = Api(url, token)
+        database = tmp_path / "data" / "dvemb.db"
+        try:
+            job_id = result["job"]["id"]
+            deadline = time.monotonic() + 120
+            while True:
+                job = api.get(f"/jobs/{job_id}").json()
+                if job["status"] == "running" and 0 < job["progress"] < 0.8:
+                    break
+                assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+                time.sleep(0.01)
+            [worker] = _children(serve.pid)
+            os.kill(worker, signal.SIGKILL)
+            killed = time.monotonic()
+            while True:  # well before the 30 s lease would have expired: queued again, or the second attempt's
+                with sqlite3.connect(database) as db:
+                    status, attempts = db.execute(
+                        "SELECT status, attempts FROM jobs WHERE id = ?", (job_id,)
+                    ).fetchone()
+                if status != "running" or attempts == 2:
+                    break
+                assert time.monotonic() - killed < 12, (status, attempts)
+                time.sleep(0.1)
+            job = api.wait_job(job_id, timeout=120)
+            assert job["status"] == "succeeded", job
+        finally:
+            api.client.close()
+
+
 def _children(pid: int) -> list[int]:
     """Direct child processes of ``pid`` (Linux /proc)."""
     found: list[int] = []

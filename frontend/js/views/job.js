@@ -59,6 +59,7 @@ const STAGE_TEXT = {
   "reading the log": "reading the log",
   "storing results": "computed · storing results (the tables appear when they are stored)",
   queued: "queued: waiting for a worker",
+  "worker not responding": "worker not responding: the analysis is queued again if it stays silent",
   succeeded: "done",
 };
 
