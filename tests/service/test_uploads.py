@@ -57,6 +57,21 @@ def _open_patch(api: Api, location: str, data: bytes, sent: int) -> socket.socke
     return conn
 
 
+def _answer(conn: socket.socket) -> str:
+    """The whole HTTP answer on a raw connection (head and its Content-Length of body)."""
+    conn.settimeout(30)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += conn.recv(65536)
+    head, body = raw.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += conn.recv(65536)
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
 def _upload_manifest(api: Api, run_id: int, log: Path) -> None:
     """Upload a log's manifest and its shard index: with both validated, its shards are judged as they arrive."""
     assert _upload(api, run_id, log / "manifest.json").status_code == 204
@@ -424,3 +439,34 @@ def test_the_run_row_keeps_the_manifest_not_every_shard(api: Api, token: str, tm
     result = upload_log(log, server=api.url, token=token, run_name="compact")
     assert result["run"] == run_id and result["status"] == "ready", result
     assert api.get(f"/runs/{run_id}").json()["missing_files"] == []
+
+
+def test_a_patch_that_outlives_its_tokens_revocation_keeps_nothing(api: Api, server_url: str, tmp_path: Path) -> None:
+    """Issue 21: a PATCH in flight finished after its token was revoked (its bytes kept, the file handed to the
+    validator). Now the offset moves only while the token is valid, checked where it is recorded: the PATCH
+    answers 401, HEAD still says 0, and a valid token resumes the upload from there."""
+    log = record_log(tmp_path / "log", steps=8, shard_steps=8, dim=64)
+    run_id = _new_run(api)
+    _upload_manifest(api, run_id, log)
+    shard = log / "shard-r0-000000.safetensors"
+    data = shard.read_bytes()
+    created = api.post("/tokens", json={"name": "short-lived"}).json()
+    [token_id] = [t["id"] for t in api.get("/project").json()["tokens"] if t["name"] == "short-lived"]
+    second = Api(server_url, created["token"])
+    try:
+        location = _create(second, run_id, shard.name, len(data))
+        conn = _open_patch(second, location, data, len(data) // 2)  # half of the body sent, the request open
+        try:
+            time.sleep(0.5)
+            assert api.delete(f"/tokens/{token_id}").status_code == 204
+            conn.sendall(data[len(data) // 2 :])  # the rest arrives after the revocation
+            answer = _answer(conn)
+        finally:
+            conn.close()
+        assert answer.startswith("HTTP/1.1 401"), answer[:200]
+        assert "revoked while this upload was being sent" in answer
+        assert int(api.head(location, headers=TUS).headers["Upload-Offset"]) == 0
+        assert _patch(api, location, data, 0).status_code == 204  # resumed with a valid token
+    finally:
+        second.client.close()
+    assert (_log_dir(run_id) / shard.name).read_bytes() == data

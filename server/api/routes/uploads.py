@@ -12,17 +12,19 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from dvemb.formats import is_index_name, is_manifest_name
-from server.api.deps import IdPath, ProjectDep, SessionDep, SettingsDep, StorageDep
+from server.api.deps import IdPath, ProjectDep, SessionDep, SettingsDep, StorageDep, bearer
 from server.api.waiting import wait_answer
-from server.db.models import LogFile, Run
+from server.db.models import ApiToken, LogFile, Run
 from server.db.session import session_factory
 from server.db.states import FileStatus
-from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, UnsupportedMedia
+from server.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthorized, UnsupportedMedia
 from server.services import uploads as service
+from server.services.auth import hash_token
 from server.services.runs import get_run
 from server.storage import PartBusy, PartWriter, Storage
 
@@ -118,6 +120,7 @@ async def upload_patch(
     _check_version(tus_resumable)
     if content_type != "application/offset+octet-stream":
         raise UnsupportedMedia("PATCH needs Content-Type: application/offset+octet-stream")
+    token = bearer(request.headers.get("authorization"))
     upload, run = await run_in_threadpool(_load, project.id, upload_id)
     if upload.status != FileStatus.UPLOADING:
         raise Conflict(f"{upload.name} is complete ({upload.status}); nothing more to append")
@@ -143,13 +146,20 @@ async def upload_patch(
                 written += len(chunk)
                 if written - committed >= _COMMIT_EVERY and upload.offset + written < upload.size_bytes:
                     await run_in_threadpool(part.flush)  # HEAD reports what is stored, not 0 until the end
-                    await run_in_threadpool(_advance, upload.id, upload.offset + written)
+                    if await run_in_threadpool(_advance, upload.id, upload.offset + written, token) == _REVOKED:
+                        break  # the token was revoked meanwhile: nothing more is kept
                     committed = written
         except (ClientDisconnect, _Stalled):
             pass  # keep what arrived: the client resumes from the new offset
         finally:
             await run_in_threadpool(part.flush)
-            offset = await run_in_threadpool(_advance, upload.id, upload.offset + written)
+            offset = await run_in_threadpool(_advance, upload.id, upload.offset + written, token)
+    if offset == _REVOKED:
+        raise Unauthorized(
+            "the token was revoked while this upload was being sent: the bytes received since are not kept; "
+            "resume (HEAD for the offset) with a valid token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if offset is None:
         raise NotFound(f"upload {upload_id} was deleted while it was being written")
     # A data file can only be judged against a manifest: wait for the verdict when one is there. Manifests and
@@ -198,13 +208,25 @@ def _load(project_id: int, upload_id: str) -> tuple[LogFile, Run]:
         return service.get_upload(session, project_id=project_id, upload_id=upload_id)
 
 
-def _advance(file_id: int, offset: int) -> int | None:
+#: :func:`_advance`'s answer when the request's token was revoked while its body streamed.
+_REVOKED = -1
+
+
+def _advance(file_id: int, offset: int, token: str | None) -> int | None:
     """Record the new absolute offset (idempotent: a commit repeated after a cancelled request counts once;
-    None if the upload was deleted meanwhile); hand a complete file to the validator."""
+    None if the upload was deleted meanwhile); hand a complete file to the validator. Only while the request's
+    token is still valid for the upload's project, checked in the same transaction (``_REVOKED`` otherwise: a
+    PATCH that outlives its token's revocation keeps nothing it received since the last offset)."""
     with session_factory()() as session:
         upload = session.get(LogFile, file_id)
         if upload is None:
             return None
+        project_id = session.scalar(select(Run.project_id).where(Run.id == upload.run_id))
+        live = session.scalar(
+            select(ApiToken.id).where(ApiToken.token_hash == hash_token(token or ""), ApiToken.project_id == project_id)
+        )
+        if live is None:
+            return _REVOKED
         upload.offset = max(upload.offset, offset)
         if upload.offset == upload.size_bytes and upload.status == FileStatus.UPLOADING:
             service.finish_upload(session, upload=upload)
