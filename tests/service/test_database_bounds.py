@@ -162,3 +162,35 @@ def test_every_request_class_stops_at_its_time_limit_and_loses_nothing(api: Api,
     assert api.get(f"/runs/{run}").status_code == 200  # the DELETE was rolled back: nothing lost
     top = api.get(f"/jobs/{job}/top", params={"query_set": "val"})
     assert top.status_code == 200 and top.json()["data"], top.text
+
+
+def test_a_comparison_whose_client_left_is_cancelled_at_once(api: Api, token: str, tmp_path: Path) -> None:
+    """Issue 21: a comparison's statements ran on after its client had left (for minutes, before the time limit).
+    Now the API cancels the running statement when the client disconnects: with a 60 s limit and the table
+    locked, nothing of the request is left on the database a few seconds after its client gave up."""
+    from server.db.session import get_engine
+
+    a, b = analysed(api, token, tmp_path, "first"), analysed(api, token, tmp_path, "second")
+    params = {"jobs": f"{a},{b}", "query_set": "val"}
+
+    def waiting() -> int:
+        with get_engine().connect() as conn:
+            return int(
+                conn.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND state = 'active' AND query ILIKE '%example_totals%' AND pid <> pg_backend_pid()"
+                    )
+                )
+            )
+
+    with compare_timeout(60.0), totals_locked():
+        with pytest.raises(httpx.ReadTimeout):
+            api.get("/compare", params=params, timeout=httpx.Timeout(2))  # the client gives up after 2 s
+        left = time.monotonic()
+        while waiting() and time.monotonic() - left < 10:
+            time.sleep(0.2)
+        assert waiting() == 0, "the comparison's statement still runs after its client left"
+        assert time.monotonic() - left < 10
+    fine = api.get("/compare", params=params)  # and the API still compares
+    assert fine.status_code == 200 and fine.json()["pairs"][0]["shared_examples"] == 64

@@ -6,11 +6,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from server import figures
+from server.api.cancellable import ClientGone, run_cancellable
 from server.api.deps import ProjectDep, SessionDep, SettingsDep
 from server.db.session import limit_statement_time, timed_out
 from server.errors import BadRequest, TimedOut
@@ -56,8 +57,9 @@ def comparable_jobs(session: SessionDep, project: ProjectDep) -> dict[str, Any]:
     return {"data": found, "count": len(found)}
 
 
-@router.get("/compare")
-def compare(
+@router.get("/compare", response_model=None)
+async def compare(
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     project: ProjectDep,
@@ -68,14 +70,22 @@ def compare(
     points: Annotated[int, Query(ge=2, le=20000)] = 1000,
     top: TopQuery = 100,
     differ: DifferQuery = 20,
-) -> dict[str, Any]:
+) -> dict[str, Any] | Response:
     """Two or more jobs side by side: their runs and phases, overlaid curves (x: share of training), phase
     shares, and per pair the overlap and rank correlation of their top examples (matched by example id) and the
     examples whose total influence differs most."""
-    with time_limited(session, settings):
-        found = service.compare(
-            session, project=project, job_ids=job_ids(jobs), query_set=query_set, points=points, top=top, differ=differ
-        )
+    ids = job_ids(jobs)
+
+    def work() -> dict[str, Any]:
+        with time_limited(session, settings):
+            return service.compare(
+                session, project=project, job_ids=ids, query_set=query_set, points=points, top=top, differ=differ
+            )
+
+    try:  # its statements stop when its client leaves (not only at the time limit)
+        found = await run_cancellable(request, session, work)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
     curves = [{"label": r["label"], "steps": r["steps"], **r["curve"]} for r in found["runs"]]
     found["figures"] = {
         "curves": figures.compare_curves_figure(curves, view=view, smooth=smooth),
