@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.orm import Session
 
+from server.api.cancellable import ClientGone, run_cancellable
 from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep, StorageDep, bearer
 from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids, time_limited
 from server.api.routes.figures import SampleQuery
@@ -204,7 +205,8 @@ def export_example(
 
 
 @router.get("/compare/export/{table}")
-def export_comparison(
+async def export_comparison(
+    request: Request,
     table: Literal["curves", "phases", "overlap", "differences"],
     session: SessionDep,
     settings: SettingsDep,
@@ -217,8 +219,16 @@ def export_comparison(
 ) -> Response:
     """A table of the comparison page: the runs' curves (every step, with the share of training done), their
     phases, the pairs' overlap and rank correlations, or the most differing examples."""
-    with time_limited(session, settings):
-        return _comparison_table(table, session, project, job_ids(jobs), query_set, format, top, differ)
+    ids = job_ids(jobs)
+
+    def work() -> Response:
+        with time_limited(session, settings):
+            return _comparison_table(table, session, project, ids, query_set, format, top, differ)
+
+    try:  # cancelled when its client leaves, as the comparison itself
+        return await run_cancellable(request, session, work)
+    except ClientGone:
+        return Response(status_code=499)
 
 
 def _comparison_table(
