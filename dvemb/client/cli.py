@@ -19,6 +19,36 @@ def register(sub: Any) -> None:
     upload.add_argument("--analyze", action="store_true", help="start an analysis once uploaded")
     upload.add_argument("--wait", action="store_true", help="with --analyze, wait for the analysis to finish")
     upload.set_defaults(func=_upload)
+    agreement = sub.add_parser(
+        "upload-agreement",
+        help="attach `dvemb trust`'s record (trust-<set>.json) to the service's analysis of the same log",
+    )
+    agreement.add_argument("trust_file", help="trust-<set>.json, written by `dvemb trust` or `dvemb replay`")
+    agreement.add_argument("--job", type=int, required=True, help="the service's analysis (job id) of the same log")
+    agreement.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
+    agreement.add_argument("--token", default=os.environ.get("DVEMB_TOKEN"), help="API token (or DVEMB_TOKEN)")
+    agreement.set_defaults(func=_upload_agreement)
+
+
+def _upload_agreement(args: argparse.Namespace) -> int:
+    try:
+        from dvemb.client.upload import UploadError, upload_agreement
+    except ImportError as exc:
+        print(
+            f"dvemb upload-agreement needs the client extra ({exc.name} is missing): pip install 'dvemb[client]'",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.token:
+        print("dvemb upload-agreement: --token (or DVEMB_TOKEN) is required", file=sys.stderr)
+        return 2
+    try:
+        stored = upload_agreement(Path(args.trust_file), server=args.server, token=args.token, job=args.job)
+    except UploadError as exc:
+        print(f"dvemb upload-agreement: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(stored, indent=2))
+    return 0
 
 
 def _upload(args: argparse.Namespace) -> int:

@@ -271,3 +271,21 @@ def _progress(done: int, total: int, name: str) -> None:
     filled = int(width * done / max(total, 1))
     sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done / max(total, 1):6.1%}  {name:<40}")
     sys.stderr.flush()
+
+
+def upload_agreement(trust_file: Path, *, server: str, token: str, job: int) -> dict[str, Any]:
+    """Attach ``dvemb trust``'s record (``trust-<set>.json``: how far a run's fast scores agree with its exact
+    replay) to the service's analysis ``job`` of the same log, where the dashboard shows it next to the scores.
+
+    Raises:
+        UploadError: the file is not a trust record, or the service refused it (another analysis's scores: 409).
+    """
+    try:
+        record = json.loads(Path(trust_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise UploadError(f"{trust_file}: cannot read a trust record ({exc}); `dvemb trust` writes one") from None
+    if not isinstance(record, dict) or record.get("format") != "dvemb-trust" or not record.get("query_set"):
+        raise UploadError(f"{trust_file} is not a trust record; `dvemb trust RESULTS --query-set SET` writes one")
+    api = _Api(server, token)
+    stored: dict[str, Any] = api.call("PUT", f"/jobs/{job}/replay-agreement/{record['query_set']}", json=record)
+    return stored

@@ -125,6 +125,8 @@ def trust(results_dir: str | Path, query_set: str, *, write: bool = True) -> dic
         "query_set": query_set,
         "removal": removal,
         "propagation": results.summary.get("propagation"),
+        "steps": results.summary.get("steps"),
+        "fingerprint": results.summary.get("fingerprint"),
         "all": agreement(fast_mean, exact_mean),
         "phases": _per_phase(results.phases(query_set), np.asarray(steps), fast_mean, exact_mean),
         "per_query_spearman": _per_query(fast, exact),

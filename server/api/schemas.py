@@ -231,3 +231,40 @@ class QueryCreate(BaseModel):
 
 class TokenCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
+
+
+class AgreementIn(BaseModel):
+    """Agreement of the fast scores with the replay over a set of occurrences (dvemb.replay.comparison.agreement)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    occurrences: int = Field(ge=0)
+    spearman: float | None = Field(default=None, ge=-1, le=1)
+    pearson: float | None = Field(default=None, ge=-1, le=1)
+    top_k: int = Field(ge=0)
+    top_helpful_overlap: float | None = Field(default=None, ge=0, le=1)
+    top_harmful_overlap: float | None = Field(default=None, ge=0, le=1)
+
+
+class PhaseAgreementIn(AgreementIn):
+    steps: tuple[int, int]
+
+
+class ReplayAgreementIn(BaseModel):
+    """``dvemb trust``'s record (``trust-<set>.json``), as uploaded: what the dashboard shows next to the scores."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    format: Literal["dvemb-trust"]
+    version: Literal[1]
+    query_set: str = Field(min_length=1, max_length=64)
+    removal: Literal["batch", "weight"]
+    propagation: str | None = Field(default=None, max_length=32)
+    steps: int | None = Field(default=None, ge=0)
+    fingerprint: str | None = Field(default=None, max_length=128)
+    all: AgreementIn
+    phases: dict[Literal["early", "basin", "late"], PhaseAgreementIn] = Field(default_factory=dict)
+    per_query_spearman: float | None = Field(default=None, ge=-1, le=1)
+    replay_loss_gap: float | None = None
+    first_order_predictable: bool | None = None
+    first_order_verdict: Literal["predictable", "partly predictable", "not predictable"] | None = None

@@ -208,6 +208,20 @@ class PhaseSummaryRow(Base):
     summary: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
+class ReplayAgreement(Base):
+    """How far a job's scores agree with an exact replay of the same run on one query set (``dvemb trust``'s
+    record, uploaded by the user: the replay needs the training code, which stays with them; docs/replay.md)."""
+
+    __tablename__ = "replay_agreements"
+    __table_args__ = (UniqueConstraint("job_id", "query_set", name="uq_replay_agreements_set"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    query_set: Mapped[str] = mapped_column(String(64))
+    record: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
 class OutboxTask(Base):
     """A task waiting to be sent (the transactional outbox): written in the transaction that makes the task
     necessary, deleted once the broker has it. server/tasks.py sends it right after the commit; when the broker

@@ -66,7 +66,8 @@ const distributionSection = () =>
   </section>`;
 
 const resultsPage = (summary, propagation) =>
-  html`${trustBox(summary.approximations)}${plotSection(summary, propagation)}${selectionSection()}${topSection()}
+  html`${trustBox(summary.approximations, summary.replay_agreements)}${plotSection(summary, propagation)}
+    ${selectionSection()}${topSection()}
     ${examplesSection()}${distributionSection()}${dynamicsSection(summary)}`;
 
 /** Fills the query picker with the current query set's queries. */

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -22,9 +23,9 @@ from server.api.deps import (
     StorageDep,
     bearer,
 )
-from server.api.schemas import ExamplesPublic, JobCreate, JobPublic, JobsPublic, TopPublic
+from server.api.schemas import ExamplesPublic, JobCreate, JobPublic, JobsPublic, ReplayAgreementIn, TopPublic
 from server.services import jobs as service
-from server.services import reads, results, windows
+from server.services import reads, replay_agreements, results, windows
 from server.services.figures import example_metadata
 
 router = APIRouter(tags=["jobs"])
@@ -59,9 +60,26 @@ def retry_job(job: JobDep, session: SessionDep) -> JobPublic:
 
 
 @router.get("/jobs/{job_id}/summary")
-def job_summary(job: DoneJobDep) -> dict[str, Any]:
-    """The results summary as the engine wrote it, less the log's path on the server's disk."""
-    return {k: v for k, v in (job.summary or {}).items() if k != "log"}
+def job_summary(job: DoneJobDep, session: SessionDep) -> dict[str, Any]:
+    """The results summary as the engine wrote it, less the log's path on the server's disk, with the agreements
+    with an exact replay uploaded for it (``replay_agreements``, by query set; empty when none)."""
+    summary = {k: v for k, v in (job.summary or {}).items() if k != "log"}
+    return summary | {"replay_agreements": replay_agreements.agreements(session, job=job)}
+
+
+@router.put("/jobs/{job_id}/replay-agreement/{query_set}")
+def put_replay_agreement(
+    query_set: Annotated[str, PathParam(max_length=64)], body: ReplayAgreementIn, job: DoneJobDep, session: SessionDep
+) -> dict[str, Any]:
+    """Attach ``dvemb trust``'s record (how far this run's fast scores agree with its exact replay on a query set;
+    docs/replay.md) to the analysis, replacing an earlier one; 409 when it was measured on other scores."""
+    return replay_agreements.put_agreement(session, job=job, query_set=query_set, record=body)
+
+
+@router.get("/jobs/{job_id}/replay-agreement")
+def get_replay_agreements(job: DoneJobDep, session: SessionDep) -> dict[str, Any]:
+    """The agreements uploaded for the analysis, by query set."""
+    return {"data": replay_agreements.agreements(session, job=job)}
 
 
 class ExampleFilters(BaseModel):
