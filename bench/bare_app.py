@@ -19,3 +19,8 @@ app = FastAPI()
 @app.get("/api/v1/jobs/{job_id}/top")
 def top(job_id: int, query_set: str, kind: str = "helpful", query: int | None = None, limit: int = 20) -> JSONResponse:
     return JSONResponse(BODY)
+
+
+@app.get("/api/v1/jobs/{job_id}/examples")
+def examples(job_id: int, query_set: str, kind: str = "helpful", offset: int = 0, limit: int = 20) -> JSONResponse:
+    return JSONResponse(BODY)

@@ -16,6 +16,10 @@ Reported: p50/p99 latency, requests/s, and CPU milliseconds per request of each 
 the uvicorn master and its workers / requests answered), and their ratio. One client's latency (the service
 time without queueing) is measured first. Writes bench/out/request_path_bench.json and the "## Request path"
 section of BENCHMARKS.md (``--quick``: short rounds, JSON only).
+
+``--endpoint examples`` measures the examples ranked by total influence instead (issue 25.5):
+``/jobs/{id}/examples?query_set=val&kind=helpful&offset=<random 0-9980>&limit=20`` over the 100,000 example totals,
+against the bare app's ``/examples`` serving that answer; it writes the section "Request path: /examples".
 """
 
 from __future__ import annotations
@@ -49,6 +53,19 @@ from bench.service_bench import (
 )
 
 CLIENTS, WORKERS = 16, 4
+#: endpoint -> (path under /api/v1 for a random draw, its label, the BENCHMARKS.md section)
+ENDPOINTS = {
+    "top": (
+        lambda job, rng: f"/jobs/{job}/top?query_set=val&kind=harmful&query={rng.randrange(100)}&limit=20",
+        "top-k",
+        "Request path",
+    ),
+    "examples": (
+        lambda job, rng: f"/jobs/{job}/examples?query_set=val&kind=helpful&offset={rng.randrange(9981)}&limit=20",
+        "examples ranked by total",
+        "Request path: /examples",
+    ),
+}
 TARGETS = {"p50_ms": 50.0, "p99_ms": 100.0, "cpu_ratio": 3.0}
 
 
@@ -135,6 +152,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per round and server")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--endpoint", choices=list(ENDPOINTS), default="top")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rounds = 3.0, 1
@@ -169,7 +187,8 @@ def main() -> None:
             "DVEMB_DATA_DIR": str(work / "data"),
         }
         auth = {"Authorization": f"Bearer {token}"}
-        probe = f"/api/v1/jobs/{job_id}/top?query_set=val&kind=harmful&query=7&limit=20"
+        make_path, label, section = ENDPOINTS[args.endpoint]
+        probe = "/api/v1" + make_path(job_id, random.Random(7))
         api = Uvicorn("server.main:app", env, probe, auth)
         answer = httpx.get(f"{api.url}{probe}", headers=auth, timeout=10)
         answer.raise_for_status()
@@ -177,7 +196,7 @@ def main() -> None:
         bare = Uvicorn("bench.bare_app:app", {"BARE_JSON": str(work / "bare.json")}, probe, {})
 
         def path(rng: random.Random) -> str:
-            return f"/jobs/{job_id}/top?query_set=val&kind=harmful&query={rng.randrange(100)}&limit=20"
+            return str(make_path(job_id, rng))
 
         servers = {"dvemb": api, "bare": bare}
         single = {
@@ -197,7 +216,12 @@ def main() -> None:
     ratio = loaded["dvemb"]["cpu_ms_per_request"] / loaded["bare"]["cpu_ms_per_request"]
     results = {
         "meta": {
-            "command": "python -m bench.request_path_bench" + (" --quick" if args.quick else ""),
+            "command": "python -m bench.request_path_bench"
+            + ("" if args.endpoint == "top" else f" --endpoint {args.endpoint}")
+            + (" --quick" if args.quick else ""),
+            "endpoint": args.endpoint,
+            "label": label,
+            "section": section,
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "duration_s": time.time() - started,
             "cpus": os.cpu_count(),
@@ -217,12 +241,12 @@ def main() -> None:
         },
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    name = "request_path_bench.quick.json" if args.quick else "request_path_bench.json"
+    name = f"request_path_bench{'' if args.endpoint == 'top' else '-' + args.endpoint}{'.quick' if args.quick else ''}.json"
     (OUT / name).write_text(json.dumps(results, indent=2))
     text = markdown(results)
     print(text)
     if not args.quick:
-        replace_section("Request path", text)
+        replace_section(section, text)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -236,31 +260,45 @@ def markdown(results: dict[str, Any]) -> str:
         )
 
     met = results["met"]
+    top = m.get("endpoint", "top") == "top"
+    what = (
+        f"Top-k (`/jobs/{{id}}/top?query_set=val&kind=harmful&query=<random>&limit=20`, {m['rows']['topk_rows']:,} "
+        "top-k rows)"
+        if top
+        else "Examples ranked by total influence (`/jobs/{id}/examples?query_set=val&kind=helpful&offset=<random "
+        "0-9980>&limit=20`, 100,000 example totals)"
+    )
+    history = (
+        "Before (issue 14's measurement): 4.6-9.4 ms of API CPU per top-k request against 0.36-0.63 ms for a bare "
+        "endpoint (10-20x), p50/p99 70-142 / 356-666 ms with 16 clients."
+        if top
+        else "Before (issue 25's measurement): 31-40 ms of API CPU per request on SQLite and 8.5-10 ms of PostgreSQL "
+        "backend time (21-91x a bare endpoint): the count of matching examples was a `count(*) OVER ()` that "
+        "materialised and sorted every example of the set; it is now a subquery on the ranking index."
+    )
     return "\n".join(
         [
-            "## Request path",
+            f"## {m.get('section', 'Request path')}",
             "",
-            f"Command: `.venv/bin/python -m bench.request_path_bench` on {m['date']} ({m['duration_s']:.0f} s), on "
-            f"{m['cpus']} CPU cores ({m['cpu']}) shared by the clients, both servers and PostgreSQL (load average "
-            f"{m['loadavg_end']:.1f} at the end). Top-k (`/jobs/{{id}}/top?query_set=val&kind=harmful&query=<random>"
-            f"&limit=20`, {m['rows']['topk_rows']:,} top-k rows) with {CLIENTS} client threads against "
-            f"`uvicorn --workers {WORKERS}`, {m['rounds']} rounds of {m['seconds_per_round']:.0f} s per server, "
+            f"Command: `.venv/bin/{m['command']}` on {m['date']} "
+            f"({m['duration_s']:.0f} s), on {m['cpus']} CPU cores ({m['cpu']}) shared by the clients, both servers and "
+            f"PostgreSQL (load average {m['loadavg_end']:.1f} at the end). {what} with {CLIENTS} client threads "
+            f"against `uvicorn --workers {WORKERS}`, {m['rounds']} rounds of {m['seconds_per_round']:.0f} s per server, "
             "alternating; the peer is `bench/bare_app.py`, a bare FastAPI endpoint returning the API's own answer "
             "(same JSONResponse, no auth, no database). CPU per request = CPU seconds of the uvicorn master and its "
-            "workers / requests answered. Since issue 14.6 the endpoint is one SQL statement (token, project, job, "
-            "status, page of rows and count together: server/services/reads.py) through one pooled connection, in "
-            "one thread-pool hop.",
+            "workers / requests answered. The endpoint is one SQL statement (token, project, job, status, page of "
+            "rows and count together: server/services/reads.py) through one pooled connection, in one thread-pool "
+            "hop.",
             "",
             "| server | 1 client p50 ms | 16 clients p50 ms | p99 ms | req/s | API CPU ms per request | errors |",
             "|---|---|---|---|---|---|---|",
-            row("dvemb", "dvemb API (top-k)"),
+            row("dvemb", f"dvemb API ({m.get('label', 'top-k')})"),
             row("bare", "bare FastAPI, same JSON"),
             "",
             f"CPU per request, API / bare: **{results['cpu_ratio']:.2f}x** (target under 3x: "
             f"{'met' if met['cpu_ratio'] else 'not met'}); 16 clients: p50 "
             f"{'met' if met['p50'] else 'not met'} (target 50 ms), p99 {'met' if met['p99'] else 'not met'} "
-            "(target 100 ms). Before (issue 14's measurement): 4.6-9.4 ms of API CPU per top-k request against "
-            "0.36-0.63 ms for a bare endpoint (10-20x), p50/p99 70-142 / 356-666 ms with 16 clients.",
+            f"(target 100 ms). {history}",
         ]
     )
 

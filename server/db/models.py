@@ -168,9 +168,10 @@ class ExampleTotal(Base):
     __tablename__ = "example_totals"
     __table_args__ = (
         UniqueConstraint("job_id", "query_set", "example_id", name="uq_example_totals_example"),
-        Index("ix_example_totals_ranking", "job_id", "query_set", "total"),
-        Index("ix_example_totals_label", "job_id", "query_set", "label", "total"),
-        Index("ix_example_totals_source", "job_id", "query_set", "source", "total"),
+        # Ties by example_id in the order's direction: a page is read from the index either way (reads.py).
+        Index("ix_example_totals_ranking", "job_id", "query_set", "total", "example_id"),
+        Index("ix_example_totals_label", "job_id", "query_set", "label", "total", "example_id"),
+        Index("ix_example_totals_source", "job_id", "query_set", "source", "total", "example_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)

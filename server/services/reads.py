@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Integer, Row, Select, and_, bindparam, case, func, select
+from sqlalchemy import Integer, Row, Select, and_, bindparam, case, func, select, true
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased
 
@@ -164,22 +164,39 @@ def top_rows(
 
 @lru_cache(maxsize=16)
 def _examples_statement(label: bool, source: bool, helpful: bool) -> Select[Any]:
-    on = [ExampleTotal.job_id == Job.id, ExampleTotal.query_set == bindparam("query_set")]
+    """The caller's job with one page of its examples ranked by total influence, and how many match.
+
+    The page is a LATERAL subquery ordered as the ranking indexes are (``total``, then ``example_id`` in the same
+    direction: one index serves helpful and harmful, scanned either way), so the database reads the page from the
+    index, ``offset + limit`` entries, instead of sorting every example of the set (issue 25.5: a page of 20 cost
+    23 ms of sorting at 100,000 examples). The count is the summary's number of examples when nothing is filtered
+    (every example has a total in every query set), else a count on the filter's index.
+    """
+    filters = [ExampleTotal.job_id == Job.id, ExampleTotal.query_set == bindparam("query_set")]
     if label:
-        on.append(ExampleTotal.label == bindparam("label"))
+        filters.append(ExampleTotal.label == bindparam("label"))
     if source:
-        on.append(ExampleTotal.source == bindparam("source"))
-    order = ExampleTotal.total.desc() if helpful else ExampleTotal.total.asc()
-    columns = (ExampleTotal.example_id, ExampleTotal.total, ExampleTotal.occurrences)
-    return (
-        _owned_job()
-        .add_columns(
-            *_JOB, *columns, ExampleTotal.label, ExampleTotal.source, func.count(ExampleTotal.id).over().label("n")
-        )
-        .outerjoin(ExampleTotal, and_(*on))
-        .order_by(order, ExampleTotal.example_id)
+        filters.append(ExampleTotal.source == bindparam("source"))
+
+    def direction(column: Any) -> Any:
+        return column.desc() if helpful else column.asc()
+
+    columns = (ExampleTotal.example_id, ExampleTotal.total, ExampleTotal.occurrences, ExampleTotal.label)
+    page = (
+        select(*columns, ExampleTotal.source)
+        .where(*filters)
+        .order_by(direction(ExampleTotal.total), direction(ExampleTotal.example_id))
         .offset(bindparam("offset"))
         .limit(bindparam("limit"))
+        .lateral("page")
+    )
+    counted = select(func.count()).select_from(ExampleTotal).where(*filters).scalar_subquery()
+    count = counted if label or source else func.coalesce(Job.summary["examples"].as_integer(), counted)
+    return (
+        _owned_job()
+        .add_columns(*_JOB, *page.c, count.label("n"))
+        .outerjoin(page, true())
+        .order_by(direction(page.c.total), direction(page.c.example_id))
     )
 
 
