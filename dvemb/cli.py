@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dvemb import top_cli
 from dvemb.client import cli as client_cli
 from dvemb.errors import ConfigError, DvembError
 from dvemb.replay import cli as replay_cli
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--overwrite", action="store_true", help="replace other results in --out")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.set_defaults(func=_compute)
+    top_cli.register(sub)
     client_cli.register(sub)
     replay_cli.register(sub)
     for entry in entry_points(group="dvemb.commands"):
