@@ -149,6 +149,7 @@ class DvembCallback(TrainerCallback):
         self.seen: dict[Any, int] = {}  # example id -> dataset index, for the texts
         self._step: Any = None
         self._model: nn.Module | None = None
+        self.losses: list[tuple[float, bool]] = []  # (micro-batch loss, a share of the step's mean) this step
 
     # -- ids --------------------------------------------------------------------------------------
 
@@ -200,10 +201,15 @@ class DvembCallback(TrainerCallback):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
         self._step = self.recorder.step(None, inner, scaler=getattr(optimizer, "scaler", None))
         self._step.__enter__()
+        self.losses = []
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         step, self._step = self._step, None
         if step is not None:
+            if self.losses and self.recorder is not None:  # the training loss, drawn on the dashboard's phase plot
+                values = [value for value, _ in self.losses]
+                shares = all(share for _, share in self.losses)
+                self.recorder.log_loss(sum(values) if shares else sum(values) / len(values))
             step.__exit__(None, None, None)
         rec, every = self.recorder, self.dynamics_every
         at = state.global_step
@@ -292,6 +298,7 @@ def record(
     trainer.train_dataset = _Indexed(dataset)
     _keep_index_column(trainer)
     _unwrapped(trainer.model).register_forward_pre_hook(_index_taker(callback), with_kwargs=True)
+    _unwrapped(trainer.model).register_forward_hook(_loss_taker(callback), with_kwargs=True)
     trainer.add_callback(callback)
     return callback
 
@@ -320,6 +327,20 @@ def _index_taker(callback: DvembCallback) -> Callable[..., tuple[tuple[Any, ...]
                 "collator that keeps extra integer keys (transformers' collators do), or pass ids with rec.add_ids()"
             )
         return args, kwargs
+
+    return hook
+
+
+def _loss_taker(callback: DvembCallback) -> Callable[..., None]:
+    """A forward hook that keeps each training micro-batch's loss (the model computes it from its labels): the
+    step's training loss is their sum when the Trainer passes ``num_items_in_batch`` (each micro-batch's loss is
+    then its share of the step's token mean), else their mean (each is its own mean)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if callback._step is None or not module.training or not isinstance(loss, torch.Tensor) or loss.dim():
+            return
+        callback.losses.append((float(loss.detach()), kwargs.get("num_items_in_batch") is not None))
 
     return hook
 

@@ -54,11 +54,15 @@ def test_trainer_callback_log_equals_the_plain_recorder(tmp_path: Path) -> None:
     rec = dvemb.Recorder(model, tmp_path / "plain", proj_dim=None, dtype="float64", shard_steps=3, projection="random")
     for ids, _, _ in _steps(hf):
         with rec.step(ids, optimizer):
+            step_loss = 0.0
             for half in (ids[:4], ids[4:]):
                 indices = [int(str(i).split(":")[1]) for i in half]
                 # The Trainer divides the step's summed token losses by its count of labels (before the shift).
                 items = torch.tensor(2 * 4 * SEQ)
-                model(**_batch(data, indices), num_items_in_batch=items).loss.backward()
+                loss = model(**_batch(data, indices), num_items_in_batch=items).loss
+                loss.backward()
+                step_loss += float(loss.detach())
+            rec.log_loss(step_loss)  # the step's loss: the micro-batches' shares of its token mean, added
             optimizer.step()
             optimizer.zero_grad()
         scheduler.step()
@@ -69,6 +73,11 @@ def test_trainer_callback_log_equals_the_plain_recorder(tmp_path: Path) -> None:
 
     plain = dvemb.open_log(tmp_path / "plain")
     assert [layer.name for layer in hf.layers] == [layer.name for layer in plain.layers]
+    # The callback logs the Trainer's training loss of every step (issue 24): the phase plot draws it.
+    hf_loss = torch.cat([shard.loss for shard in hf.iter_shards()])
+    plain_loss = torch.cat([shard.loss for shard in plain.iter_shards()])
+    assert bool(torch.isfinite(hf_loss).all()) and len(hf_loss) == 6
+    torch.testing.assert_close(hf_loss, plain_loss, rtol=1e-10, atol=0)
     for (ids, lr, rows), (ids_p, lr_p, rows_p) in zip(_steps(hf), _steps(plain), strict=True):
         assert ids == ids_p and lr == pytest.approx(lr_p, rel=1e-12)
         for name, ours in rows.items():
