@@ -166,13 +166,13 @@ def top_rows(
 def _examples_statement(label: bool, source: bool, helpful: bool) -> Select[Any]:
     """The caller's job with one page of its examples ranked by total influence, and how many match.
 
-    The page is a LATERAL subquery ordered as the ranking indexes are (``total``, then ``example_id`` in the same
+    The page is a subquery ordered as the ranking indexes are (``total``, then ``example_id`` in the same
     direction: one index serves helpful and harmful, scanned either way), so the database reads the page from the
     index, ``offset + limit`` entries, instead of sorting every example of the set (issue 25.5: a page of 20 cost
     23 ms of sorting at 100,000 examples). The count is the summary's number of examples when nothing is filtered
     (every example has a total in every query set), else a count on the filter's index.
     """
-    filters = [ExampleTotal.job_id == Job.id, ExampleTotal.query_set == bindparam("query_set")]
+    filters = [ExampleTotal.job_id == bindparam("job_id"), ExampleTotal.query_set == bindparam("query_set")]
     if label:
         filters.append(ExampleTotal.label == bindparam("label"))
     if source:
@@ -182,13 +182,15 @@ def _examples_statement(label: bool, source: bool, helpful: bool) -> Select[Any]
         return column.desc() if helpful else column.asc()
 
     columns = (ExampleTotal.example_id, ExampleTotal.total, ExampleTotal.occurrences, ExampleTotal.label)
+    # A derived table of the job id bound as a parameter (no LATERAL: SQLite, the embedded database, has none);
+    # its rows reach the answer only through the outer join on the caller's own job.
     page = (
         select(*columns, ExampleTotal.source)
         .where(*filters)
         .order_by(direction(ExampleTotal.total), direction(ExampleTotal.example_id))
         .offset(bindparam("offset"))
         .limit(bindparam("limit"))
-        .lateral("page")
+        .subquery("page")
     )
     counted = select(func.count()).select_from(ExampleTotal).where(*filters).scalar_subquery()
     count = counted if label or source else func.coalesce(Job.summary["examples"].as_integer(), counted)
