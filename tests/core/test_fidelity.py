@@ -6,17 +6,30 @@ points): gradient dot 0.12-0.19, empirical 0.35-0.43, ggn 0.62-0.71; the smalles
 (empirical over dot) and 0.26 (ggn over empirical). The margins below are half of those.
 
 Each test is budgeted in CPU time, not wall time: on a loaded 2-core machine one took 290 s of wall time for
-67 s of CPU, past pytest's 300 s timeout.
+67 s of CPU, past pytest's 300 s timeout. They run on one thread: a second intra-op thread spinning while it
+waits for a busy core counts as CPU time too (one went over its budget at a load of 6, and passed alone).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.fidelity import Setup, correlation, dvemb_scores, ground_truth, measure, sample_pairs, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.timeout(1800)
