@@ -12,6 +12,9 @@ def register(sub: Any) -> None:
     demo.add_argument("--no-browser", action="store_true", help="print the dashboard's URL instead of opening it")
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--exit-when-done", action="store_true", help="stop the server once the results are in")
+    demo.add_argument(
+        "--keep-logs", action="store_true", help="keep the gradient logs the demo recorded (in the temp directory)"
+    )
     demo.set_defaults(func=_run)
 
 

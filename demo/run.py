@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -145,4 +146,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         pass
     finally:
         service.stop()
+        if getattr(args, "keep_logs", False):
+            print(f"the demo's gradient logs are kept in {work}", flush=True)
+        else:  # the logs are on the server now (hundreds of MB a demo): nothing is left in the temp directory
+            shutil.rmtree(work, ignore_errors=True)
     return 0

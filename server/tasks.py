@@ -43,12 +43,13 @@ def configure(app: Celery, settings: Settings) -> Celery:
     }
     if settings.broker.startswith("filesystem"):
         folder = settings.broker_folder
-        for sub in ("in", "processed"):
+        for sub in ("in", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         options.update(
             data_folder_in=str(folder / "in"),
             data_folder_out=str(folder / "in"),
             processed_folder=str(folder / "processed"),
+            control_folder=str(folder / "control"),  # kombu's default is ./control, in whatever directory it runs
             store_processed=False,
         )
     app.conf.update(
