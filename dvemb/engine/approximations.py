@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dvemb.calibration import MAX_FITTED_SIDE
-from dvemb.engine.optimizer_maps import LIFT_MAX
+from dvemb.engine.optimizer_maps import LIFT_MAX, LIFT_STATE_MAX, lift_plan
 from dvemb.formats import Approximation
 from dvemb.optim import LIFTED_SECOND_MOMENT_MAX
 
@@ -88,7 +88,7 @@ def approximations(
         _random_projection(layers),
         _untracked(manifest),
         _sampled(curvature, manifest),
-        _second_moment(propagation, second_moment, layers, manifest, lifted),
+        _second_moment(propagation, second_moment, layers, manifest, lifted, blocks),
         _per_layer(blocks, layers),
     ]
     return [a for a in found if a is not None]
@@ -211,7 +211,12 @@ def _sampled(curvature: str, manifest: Mapping[str, Any]) -> Approximation | Non
 
 
 def _second_moment(
-    propagation: str, second_moment: bool, layers: list[Mapping[str, Any]], manifest: Mapping[str, Any], lifted: bool
+    propagation: str,
+    second_moment: bool,
+    layers: list[Mapping[str, Any]],
+    manifest: Mapping[str, Any],
+    lifted: bool,
+    blocks: str,
 ) -> Approximation | None:
     if propagation not in ("adam", "adamw"):
         return None
@@ -224,15 +229,17 @@ def _second_moment(
         )
     optimizer = manifest.get("optimizer")
     optimizer = optimizer if isinstance(optimizer, Mapping) else {}
-    projected = [layer for layer in layers if not _stored_whole(layer)]
-    carried = [layer for layer in projected if lifted and _carrier(layer, optimizer) != "none"]
+    projected = [i for i, layer in enumerate(layers) if not _stored_whole(layer)]
+    plan = _lift_plan(layers, optimizer, blocks) if lifted else [0] * len(layers)
+    carried = [layers[i] for i in projected if plan[i]]
     dropped = len(projected) - len(carried)
     if dropped:
         why = (
             "a segmented computation carries it only in layers stored whole"
             if not lifted
             else f"the log carries it for projected layers of at most {LIFTED_SECOND_MOMENT_MAX} coordinates (and "
-            f"through Recorder(second_moment_rank=...) up to {LIFT_MAX})"
+            f"through Recorder(second_moment_rank=...) up to {LIFT_MAX}), and the computation holds at most "
+            f"{LIFT_STATE_MAX} numbers of its state"
         )
         return Approximation(
             "second-moment-dropped",
@@ -253,6 +260,18 @@ def _second_moment(
             "Recorder(second_moment_rank=...) to tighten it.",
         )
     return None
+
+
+def _lift_plan(layers: list[Mapping[str, Any]], optimizer: Mapping[str, Any], blocks: str) -> list[int]:
+    """The engine's :func:`dvemb.engine.optimizer_maps.lift_plan` for this computation, from the manifest."""
+    sizes = [
+        _int(layer.get("out_dim"), 0) * _int(layer.get("in_dim"), 0)
+        if not _stored_whole(layer) and _carrier(layer, optimizer) != "none"
+        else 0
+        for layer in layers
+    ]
+    dims = [_int(layer.get("k_out"), 0) * _int(layer.get("k_in"), 0) for layer in layers]
+    return lift_plan(sizes, [sum(dims)] * len(dims) if blocks == "full" else dims)
 
 
 def _carrier(layer: Mapping[str, Any], optimizer: Mapping[str, Any]) -> str:

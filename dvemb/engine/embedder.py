@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from dvemb.engine.optimizer_maps import COEFFICIENTS, StepMaps, lifted_size, step_maps
+from dvemb.engine.optimizer_maps import COEFFICIENTS, StepMaps, lift_plan, lifted_size, step_maps
 from dvemb.engine.optimizer_recursion import OptimizerRecursion
 from dvemb.engine.recursion import BlockedRecursion, Chunk
 from dvemb.errors import ConfigError, NumericalError
@@ -119,6 +119,7 @@ class Embedder:
         self.total_dim = int(self.offsets[-1])
         self.seeded = seeded
         self.num_seeds = self._num_seeds() if seeded else 1
+        self.lift_sizes = self._lift_sizes()
         self.groups = self._make_groups()
 
     @property
@@ -138,26 +139,29 @@ class Embedder:
         )
         return 3 if carries_v else 2
 
-    def _lifted(self, layers: list[int]) -> tuple[int, ...]:
-        """Positions in ``layers`` of the projected layers whose Adam second-moment term the recursion carries in
-        their own coordinates (:func:`lifted_size`). Not in a segmented computation: its seeds span only the
-        projected state."""
+    def _lift_sizes(self) -> list[int]:
+        """Per layer, the own coordinates over which the recursion carries its Adam second-moment term (0: not
+        carried): :func:`lift_plan` of what the log carries. Not in a segmented computation: its seeds span only
+        the projected state."""
         if self.propagation not in ("adam", "adamw") or not self.second_moment or self.seeded:
-            return ()
+            return [0] * len(self.layer_dims)
         optimizer = self.log.manifest.get("optimizer") or {}
         entries = self.log.manifest.get("layers") or []
-        sizes = [lifted_size(entries[i], optimizer, self.log.layers[i].projection) for i in layers]
-        if self.blocks != "full" and not all(sizes):  # one stacked segment: all of its layers or none
-            return ()
-        return tuple(position for position, size in enumerate(sizes) if size)
+        sizes = [lifted_size(entries[i], optimizer, layer.projection) for i, layer in enumerate(self.log.layers)]
+        widths = [self.total_dim] * len(sizes) if self.blocks == "full" else list(self.layer_dims)
+        return lift_plan(sizes, widths)
+
+    def _lifted(self, layers: list[int]) -> tuple[int, ...]:
+        """Positions in ``layers`` of the projected layers whose term the recursion carries (a stacked group of
+        per-layer blocks is all of them or none: its key includes the lifted size)."""
+        return tuple(position for position, i in enumerate(layers) if self.lift_sizes[i])
 
     def _lifted_state(self, layers: list[int]) -> dict[int, int]:
         """Segment start -> own coordinates of each lifted segment of a group (the recursion's extra state)."""
-        own = [self.log.layers[i].projection.out_dim * self.log.layers[i].projection.in_dim for i in layers]
         lifted = self._lifted(layers)
         if self.blocks != "full":
-            return {0: own[0]} if lifted else {}
-        return {self.offsets[layers[i]]: own[i] for i in lifted}
+            return {0: self.lift_sizes[layers[0]]} if lifted else {}
+        return {self.offsets[layers[i]]: self.lift_sizes[layers[i]] for i in lifted}
 
     def _recursion(self, layers: list[int], groups: int, dim: int, seed: int) -> Recursion:
         if not self.optimizer_exact:
@@ -182,7 +186,7 @@ class Embedder:
         for index, layer in enumerate(self.log.layers):
             p = layer.projection
             # A lifted layer's state also needs one size of its own coordinates.
-            own = p.out_dim * p.in_dim if self._lifted([index]) else 0
+            own = self.lift_sizes[index]
             key = (p.dim, p.k_out, p.k_in, int(p.is_identity), own) if self.optimizer_exact else (p.dim,)
             by_key.setdefault(key, []).append(index)
         return [group(layers, key[0], len(layers)) for key, layers in by_key.items()]

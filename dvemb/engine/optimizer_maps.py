@@ -33,9 +33,11 @@ from dvemb.projection import LayerProjection
 __all__ = [
     "COEFFICIENTS",
     "LIFT_MAX",
+    "LIFT_STATE_MAX",
     "Preconditioner",
     "StepMaps",
     "kronecker_preconditioner",
+    "lift_plan",
     "lifted_size",
     "step_maps",
 ]
@@ -95,6 +97,28 @@ class Preconditioner:
         return Preconditioner(
             self.start, move(self.diag), pair(self.kron), move(self.sigma), move(self.nu), pair(self.lift)
         )
+
+
+#: The lifted states of a computation hold at most this many numbers together (512 MiB in float32): a layer past
+#: it, in layer order, is left without the term (and the results say so).
+LIFT_STATE_MAX = 1 << 27
+
+
+def lift_plan(sizes: list[int], state_dims: list[int]) -> list[int]:
+    """Which layers' terms a computation carries: each layer's own size (:func:`lifted_size`; 0: not carried),
+    kept in layer order while the (own size x state width) states add up to at most :data:`LIFT_STATE_MAX`.
+
+    Args:
+        sizes: per layer, :func:`lifted_size` (0 where the log does not carry the term).
+        state_dims: per layer, the width D of its recursion's state (the concatenated dimension with
+            ``blocks="full"``, the layer's own projected dimension with ``blocks="layer"``).
+    """
+    budget, plan = LIFT_STATE_MAX, []
+    for size, width in zip(sizes, state_dims, strict=True):
+        fits = 0 < size * width <= budget
+        budget -= size * width if fits else 0
+        plan.append(size if fits else 0)
+    return plan
 
 
 def lifted_size(layer: Mapping[str, Any], optimizer: Mapping[str, Any], projection: LayerProjection) -> int:

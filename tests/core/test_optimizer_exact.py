@@ -386,3 +386,22 @@ def test_projected_second_moment_follows_the_layers_own_coordinates(tmp_path: Pa
     assert np.abs(expected).max() > 1e-3
     np.testing.assert_allclose(emb, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
     assert np.abs(without - expected).max() > 1e-3 * np.abs(expected).max()  # the term is carried, not dropped
+
+
+def test_the_lifted_state_is_bounded_and_what_is_left_out_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lifted states of a computation hold at most LIFT_STATE_MAX numbers: past it, in layer order, a layer's
+    term is left out (its block then equals the computation without the term), and the results say so."""
+    import dvemb.engine.optimizer_maps as maps
+
+    _record(tmp_path / "log", OPTIMIZERS["adam"], proj_dim=(2, 3), projection="random")
+    carried, _ = _embeddings(tmp_path / "log", tmp_path / "all", blocks="layer")
+    without, _ = _embeddings(tmp_path / "log", tmp_path / "none", blocks="layer", second_moment=False)
+    monkeypatch.setattr(maps, "LIFT_STATE_MAX", 24 * 6 + 1)  # layer 0's (24 coordinates x 6) fits, layer 2's not
+    bounded, summary = _embeddings(tmp_path / "log", tmp_path / "bounded", blocks="layer")
+    np.testing.assert_array_equal(bounded[:, :6], carried[:, :6])
+    np.testing.assert_array_equal(bounded[:, 6:], without[:, 6:])
+    assert np.abs(carried[:, 6:] - without[:, 6:]).max() > 0  # the left-out term did matter
+    dropped = [a for a in summary["approximations"] if a["kind"] == "second-moment-dropped"]  # type: ignore[union-attr]
+    assert len(dropped) == 1 and "in 1 projected layer(s) of 2" in dropped[0]["detail"]
