@@ -10,11 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 import torch
 import torch.nn.functional as F
@@ -264,3 +266,19 @@ class S3Server:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=30)
+
+
+@contextmanager
+def settings_env(**variables: str) -> Iterator[None]:
+    """The API in this process reads these ``DVEMB_*`` variables within the block (its settings made again on
+    entry and on exit)."""
+    from server.settings import get_settings
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in variables.items():
+                mp.setenv(name, value)
+            get_settings.cache_clear()
+            yield
+    finally:
+        get_settings.cache_clear()

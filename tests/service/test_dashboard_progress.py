@@ -6,14 +6,12 @@ without its last attempt's step, and the first upload estimate waits for enough 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import pytest
 from playwright.sync_api import Browser, expect
-from service_harness import Api, record_log
+from service_harness import Api, record_log, settings_env
 from sqlalchemy import update
 from test_dashboard import browser  # noqa: F401  (the module's Chromium fixture)
 from test_dashboard_views import sign_in
@@ -21,7 +19,6 @@ from test_dashboard_views import sign_in
 from dvemb.client import upload_log
 from server.db.models import Job
 from server.db.session import session_factory
-from server.settings import get_settings
 
 
 def set_job(job_id: int, lease_seconds: float = 3600, **values: Any) -> None:
@@ -32,16 +29,9 @@ def set_job(job_id: int, lease_seconds: float = 3600, **values: Any) -> None:
         session.commit()
 
 
-@contextmanager
-def long_lease(seconds: float) -> Iterator[None]:
+def long_lease(seconds: float) -> AbstractContextManager[None]:
     """The API (in this process) reads DVEMB_JOB_LEASE_SECONDS as ``seconds`` within the block."""
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("DVEMB_JOB_LEASE_SECONDS", str(seconds))
-            get_settings.cache_clear()
-            yield
-    finally:
-        get_settings.cache_clear()
+    return settings_env(DVEMB_JOB_LEASE_SECONDS=str(seconds))
 
 
 def test_a_job_says_what_it_is_doing_and_gives_an_eta_only_while_computing(

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from service_harness import Api, record_log
+from service_harness import Api, record_log, settings_env
 from sqlalchemy import text
 
 from dvemb.client import upload_log
@@ -52,17 +52,8 @@ def test_a_jobs_tables_have_statistics_once_it_succeeded(api: Api, token: str, t
     assert rows == 64 and tuples == rows  # the planner counts the job's rows, not "1 row" of a never-analysed table
 
 
-@contextmanager
-def compare_timeout(seconds: float) -> Iterator[None]:
-    from server.settings import get_settings
-
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("DVEMB_COMPARE_TIMEOUT_SECONDS", str(seconds))
-            get_settings.cache_clear()
-            yield
-    finally:
-        get_settings.cache_clear()
+def compare_timeout(seconds: float) -> AbstractContextManager[None]:
+    return settings_env(DVEMB_COMPARE_TIMEOUT_SECONDS=str(seconds))
 
 
 @contextmanager
@@ -109,17 +100,14 @@ def test_a_comparison_stops_at_its_time_limit_with_a_504(api: Api, token: str, t
 def request_limits(seconds: float) -> Iterator[None]:
     """Every request class's statement limit set to ``seconds`` (the hot reads' engine made again to take it)."""
     from server.db.session import get_read_engine
-    from server.settings import get_settings
 
     def fresh() -> None:
-        get_settings.cache_clear()
         get_read_engine().dispose()
         get_read_engine.cache_clear()
 
+    limits = {"DVEMB_READ_TIMEOUT_SECONDS": str(seconds), "DVEMB_WRITE_TIMEOUT_SECONDS": str(seconds)}
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("DVEMB_READ_TIMEOUT_SECONDS", str(seconds))
-            mp.setenv("DVEMB_WRITE_TIMEOUT_SECONDS", str(seconds))
+        with settings_env(**limits):
             fresh()
             yield
     finally:

@@ -90,15 +90,7 @@ def test_a_job_survives_the_embedded_worker_being_killed(tmp_path: Path) -> None
         api = Api(url, token)
         try:
             job_id = result["job"]["id"]
-            deadline = time.monotonic() + 120
-            while True:  # kill the worker once the job is under way
-                job = api.get(f"/jobs/{job_id}").json()
-                if job["status"] == "running" and 0 < job["progress"] < 0.8:
-                    break
-                assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
-                time.sleep(0.01)
-            [worker] = _children(serve.pid)
-            os.kill(worker, signal.SIGKILL)  # the worker's main process, by PID: no clean-up at all
+            worker = _kill_worker_mid_job(api, job_id, serve.pid)
             job = api.wait_job(job_id, timeout=120)
             assert job["status"] == "succeeded", job
             with sqlite3.connect(tmp_path / "data" / "dvemb.db") as db:  # computed by a second attempt
@@ -122,15 +114,7 @@ def test_a_killed_embedded_worker_s_job_is_not_shown_running(tmp_path: Path) -> 
         database = tmp_path / "data" / "dvemb.db"
         try:
             job_id = result["job"]["id"]
-            deadline = time.monotonic() + 120
-            while True:
-                job = api.get(f"/jobs/{job_id}").json()
-                if job["status"] == "running" and 0 < job["progress"] < 0.8:
-                    break
-                assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
-                time.sleep(0.01)
-            [worker] = _children(serve.pid)
-            os.kill(worker, signal.SIGKILL)
+            _kill_worker_mid_job(api, job_id, serve.pid)
             killed = time.monotonic()
             while True:  # well before the 30 s lease would have expired: queued again, or the second attempt's
                 with sqlite3.connect(database) as db:
@@ -145,6 +129,21 @@ def test_a_killed_embedded_worker_s_job_is_not_shown_running(tmp_path: Path) -> 
             assert job["status"] == "succeeded", job
         finally:
             api.client.close()
+
+
+def _kill_worker_mid_job(api: Api, job_id: int, serve_pid: int) -> int:
+    """SIGKILL `dvemb serve`'s worker (its main process, by PID: no clean-up at all) once the job is under way;
+    returns the worker's PID."""
+    deadline = time.monotonic() + 120
+    while True:
+        job = api.get(f"/jobs/{job_id}").json()
+        if job["status"] == "running" and 0 < job["progress"] < 0.8:
+            break
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.01)
+    [worker] = _children(serve_pid)
+    os.kill(worker, signal.SIGKILL)
+    return worker
 
 
 def _children(pid: int) -> list[int]:
