@@ -25,19 +25,24 @@ class _Service:
     def __init__(self, port: int) -> None:
         import uvicorn
 
-        from server.cli import LocalWorker, new_token, prepare
+        from server.cli import LocalWorker, lost_worker_release, new_token, prepare
         from server.main import create_app
         from server.tasks import worker_command
 
         prepare()
         self.token = new_token("demo", "demo")
         self.url = f"http://127.0.0.1:{port}"
-        self.worker = LocalWorker(worker_command(), quiet=True).start()  # restarted if it dies, as `dvemb serve`
+        # Restarted if it dies, its jobs queued again at once, as `dvemb serve` does.
+        self.worker = LocalWorker(worker_command(), quiet=True, on_restart=lost_worker_release()).start()
         self.server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
             time.sleep(0.05)
+        # Said now, so that the runs and their analyses can be watched while the demo trains (issue 24).
+        print(
+            f"dashboard: {self.url}/#/runs (API token: {self.token}); the runs appear as they are uploaded", flush=True
+        )
 
     def get(self, path: str, **params: Any) -> Any:
         response = httpx.get(

@@ -139,7 +139,7 @@ class LocalWorker:
             self.stopping.wait(0.5)
 
 
-def _lost_worker_release() -> Callable[[], object] | None:
+def lost_worker_release() -> Callable[[], object] | None:
     """In the embedded mode (SQLite: no other worker can share the database) the local worker is the only one, so
     when it dies everything running was its: queued again at once (server/reconciler.py, release_lost_worker).
     With a shared database other workers may hold leases: they expire as usual."""
@@ -162,7 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
     prepare()
     token = new_token(args.project, "serve")
     settings = get_settings()
-    worker = None if args.no_worker else LocalWorker(worker_command(), on_restart=_lost_worker_release()).start()
+    worker = None if args.no_worker else LocalWorker(worker_command(), on_restart=lost_worker_release()).start()
     print(
         f"dvemb serving on http://{args.host}:{args.port}  (database {settings.database}, storage {get_storage().url})"
     )

@@ -63,6 +63,7 @@ def test_quick_demo_finds_flipped_labels_and_phases(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "tmp"], list(tmp_path.iterdir())
     assert not [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("dvemb-demo-")]
     out = done.stdout
+    assert out.index("dashboard: http") < out.index("training an MLP")  # the URL and token come first
     findings = json.loads(out[out.index("{") : out.rindex("}") + 1])
     digits = findings["digits"]
     assert digits["flipped"] == 30 and digits["train_size"] == 600
