@@ -74,7 +74,7 @@ from bench.fidelity import (
     same_trajectory,
     sample_pairs,
 )
-from bench.markdown import replace_section
+from bench.markdown import replace_block, replace_section
 from bench.optimizer_fidelity import RATES, first_order_ceiling
 from dvemb.engine import ComputeArguments, compute
 
@@ -583,12 +583,7 @@ def readme_table(table: dict[str, dict[str, tuple[float, float, float]]], commit
 
 def write_readme(table: dict[str, dict[str, tuple[float, float, float]]], commit: str, path: Path = README) -> None:
     """Replace the README's block between the default-fidelity markers (figures never written by hand)."""
-    text = path.read_text()
-    start, end = text.find(README_START), text.find(README_END)
-    if start == -1 or end < start:
-        raise SystemExit(f"{path} has no {README_START} ... {README_END} block to write the table into")
-    block = f"{README_START}\n{readme_table(table, commit)}\n{README_END}"
-    path.write_text(text[:start] + block + text[end + len(README_END) :])
+    replace_block(path, README_START, README_END, readme_table(table, commit))
 
 
 if __name__ == "__main__":

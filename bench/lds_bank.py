@@ -1019,9 +1019,28 @@ def main() -> None:
     (out / ("lds_bank_quick.json" if args.quick else "lds_bank.json")).write_text(json.dumps(report, indent=1))
     print(text)
     if not (args.quick or args.no_write):
-        from bench.markdown import replace_section
+        from bench.markdown import replace_block, replace_section
 
         replace_section(SECTION, text, args.root / "BENCHMARKS.md")
+        replace_block(args.root / "README.md", README_START, README_END, readme_table(report))
+
+
+README_START, README_END = "<!-- lds-bank:start -->", "<!-- lds-bank:end -->"
+
+
+def readme_table(report: dict[str, Any]) -> str:
+    """The README's short version of the LDS table: every scored method, dvemb's rows first."""
+    rows = {k: v for k, v in report["methods"].items() if "lds" in v}
+    order = sorted(rows, key=lambda k: (not k.startswith("dvemb"), -rows[k]["lds"]))
+    lines = [
+        "| method (leave-1%-out LDS bank, GPT-2 fine-tuned by the Trainer) | LDS | cross-seed |",
+        "|---|---:|---:|",
+    ]
+    for name in order:
+        label = METHODS[name][0] if name in METHODS else name
+        lines.append(f"| {label} | {rows[name]['lds']:.3f} | {rows[name]['cross_lds']:.3f} |")
+    lines += ["", f"(written by `{report['command']}`; intervals, costs and settings in BENCHMARKS.md)"]
+    return "\n".join(lines)
 
 
 def _retrain_seconds(directory: Path) -> float:

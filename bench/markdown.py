@@ -26,3 +26,13 @@ def replace_section(title: str, body: str, path: Path = BENCHMARKS) -> Path:
         text = text[:start] + block + ("" if end == -1 else "\n" + text[end + 1 :])
     path.write_text(text)
     return path
+
+
+def replace_block(path: Path, start: str, end: str, body: str) -> None:
+    """Replace what lies between the ``start`` and ``end`` markers of ``path`` (markers kept): the README's
+    figures are written by the benchmark that measured them, never by hand."""
+    text = path.read_text()
+    first, last = text.find(start), text.find(end)
+    if first == -1 or last < first:
+        raise SystemExit(f"{path} has no {start} ... {end} block to write into")
+    path.write_text(text[:first] + f"{start}\n{body.strip()}\n{end}" + text[last + len(end) :])
