@@ -95,6 +95,7 @@ def _compute(args: argparse.Namespace) -> int:
         self_influence=args.self_influence,
         propagation=args.propagation,
         second_moment=not args.no_second_moment,
+        second_moment_lifted=args.second_moment_lifted,
         projected_preconditioner=args.projected_preconditioner,
         removal=args.removal,
         segments=args.segments,
@@ -157,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument(
         "--no-second-moment", action="store_true", help="Adam: leave out how removing an example changes v"
+    )
+    comp.add_argument(
+        "--second-moment-lifted",
+        action="store_true",
+        help="Adam: carry that term in small projected layers too (experimental; docs/optimizers.md section 3)",
     )
     comp.add_argument(
         "--projected-preconditioner",

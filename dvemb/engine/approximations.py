@@ -235,7 +235,8 @@ def _second_moment(
     dropped = len(projected) - len(carried)
     if dropped:
         why = (
-            "a segmented computation carries it only in layers stored whole"
+            "it is carried only in layers stored whole unless compute is asked for second_moment_lifted=True "
+            "(experimental; not in a segmented computation)"
             if not lifted
             else f"the log carries it for projected layers of at most {LIFTED_SECOND_MOMENT_MAX} coordinates (and "
             f"through Recorder(second_moment_rank=...) up to {LIFT_MAX}), and the computation holds at most "

@@ -94,6 +94,12 @@ class ComputeArguments:
             the data does; ``"weight"``: its weight in the step's loss becomes 0 and the others keep
             theirs, ``-g_z / B`` (the paper's sum-loss definition). Both are exact post hoc from the same
             embeddings (they are linear in the gradient); docs/engine.md and BENCHMARKS.md.
+        second_moment_lifted: under Adam and AdamW, also carry the second-moment term of projected layers over
+            their own coordinates where the log keeps what it needs (docs/optimizers.md, section 3). Off by
+            default: it lifted the digits MLP and a small GPT-2 (BENCHMARKS.md, "Adam's second moment under
+            projection") but made the scores diverge on the LDS bank's GPT-2 fine-tune (per-layer blocks, a fresh
+            AdamW): the first-moment path through the projected preconditioner no longer cancels it where Adam's
+            bias-corrected first steps make both large.
     """
 
     curvature: str | None = None
@@ -111,6 +117,7 @@ class ComputeArguments:
     segments: int = 1
     embeddings_dtype: str = "auto"
     removal: str = "auto"
+    second_moment_lifted: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -197,8 +204,8 @@ class _Run:
         self.propagation = _propagation(log, args)
         self.fingerprint = _fingerprint(log, args)
         self.embedder = make_embedder(log, args, self.mode, self.propagation)
-        # Adam's second-moment term of small projected layers, over their own coordinates (not in segments).
-        self.lifts_second_moment = True
+        # Adam's second-moment term of small projected layers, over their own coordinates (asked for; not in segments).
+        self.lifts_second_moment = args.second_moment_lifted
         self.removal = resolve_removal(args.removal, log)
         self.blocks, self.total_dim = self.embedder.blocks, self.embedder.total_dim
         self.num_steps = log.num_steps
@@ -601,6 +608,7 @@ def make_embedder(
         second_moment=args.second_moment,
         projected_preconditioner=args.projected_preconditioner,
         seeded=seeded,
+        lift_second_moment=args.second_moment_lifted,
     )
 
 

@@ -94,6 +94,8 @@ class Embedder:
         dtype, device: of the recursion.
         block_rows: curvature rows per chunk (whole steps).
         second_moment, projected_preconditioner: the optimizer recursion's options.
+        lift_second_moment: carry the second-moment term of projected layers over their own coordinates
+            (``ComputeArguments.second_moment_lifted``).
         seeded: one recursion per seed slot (a segment of a segmented computation) instead of one.
     """
 
@@ -110,6 +112,7 @@ class Embedder:
         second_moment: bool,
         projected_preconditioner: str,
         seeded: bool = False,
+        lift_second_moment: bool = False,
     ) -> None:
         self.log, self.mode, self.propagation, self.blocks = log, mode, propagation, blocks
         self.dtype, self.device, self.block_rows = dtype, device, block_rows
@@ -118,6 +121,7 @@ class Embedder:
         self.offsets: list[int] = np.cumsum([0, *self.layer_dims]).tolist()
         self.total_dim = int(self.offsets[-1])
         self.seeded = seeded
+        self.lift_second_moment = lift_second_moment
         self.num_seeds = self._num_seeds() if seeded else 1
         self.lift_sizes = self._lift_sizes()
         self.groups = self._make_groups()
@@ -143,7 +147,8 @@ class Embedder:
         """Per layer, the own coordinates over which the recursion carries its Adam second-moment term (0: not
         carried): :func:`lift_plan` of what the log carries. Not in a segmented computation: its seeds span only
         the projected state."""
-        if self.propagation not in ("adam", "adamw") or not self.second_moment or self.seeded:
+        lifting = self.lift_second_moment and self.second_moment and not self.seeded
+        if self.propagation not in ("adam", "adamw") or not lifting:
             return [0] * len(self.layer_dims)
         optimizer = self.log.manifest.get("optimizer") or {}
         entries = self.log.manifest.get("layers") or []

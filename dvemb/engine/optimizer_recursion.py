@@ -155,8 +155,9 @@ class OptimizerRecursion:
             R^v^T = beta2 Y^T
 
         in the segment's coordinates for a layer stored whole, and for a lifted projected layer over its own
-        N coordinates: ``Y^T = R^v'^T + diag(sigma) P Theta`` and ``V^T += P^T diag(nu) Y^T``, with ``P`` its
-        Kronecker bases (the removal's change of ``v`` is not confined to the bases' span; docs/optimizers.md).
+        N coordinates: ``Y^T = R^v'^T + diag(sigma) P Theta`` and ``V^T += L_k^T diag(nu) Y^T``, with ``P`` its
+        Kronecker bases and ``L_k`` the step's reconstruction of a gradient change in the layer's coordinates
+        (the removal's change of ``v`` is not confined to the bases' span; docs/optimizers.md).
         """
         for seg in segments:
             if seg.sigma is None:
@@ -169,8 +170,10 @@ class OptimizerRecursion:
                 v_t[:, rows] += nu * y
                 self.vmom[:, rows] = y.mul_(beta2)
                 continue
+            assert seg.lift_in is not None
             y = self.lifted[seg.start].addcmul_(sigma, _lift_rows(seg.lift, self.theta[:, rows]))
-            v_t[:, rows] += _project_rows(seg.lift, nu * y)
+            into = (seg.lift_in[0][:, step], seg.lift_in[1][:, step])  # this step's gradient reconstruction
+            v_t[:, rows] += _project_rows(into, nu * y)
             y.mul_(beta2)
 
     def _renormalise(self) -> None:

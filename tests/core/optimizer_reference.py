@@ -43,6 +43,7 @@ def removal_effects(
     second_moment: bool = True,
     preconditioner: Preconditioner | None = None,
     lift: torch.Tensor | None = None,
+    lift_in: Preconditioner | None = None,
 ) -> list[torch.Tensor]:
     """Per step, (B, D) change of the final parameters (tracked layers concatenated, or those
     of ``layers`` only) when each of the step's examples is removed from that one step.
@@ -50,8 +51,9 @@ def removal_effects(
     Curvature is per layer block when ``layers`` has one name, else over the concatenated vector.
     ``second_moment``: under Adam, also follow the change of the second moment ``v``.
     ``preconditioner``: under Adam, step index -> (D, D) matrix used instead of the recorded diagonal.
-    ``lift``: (N, D) the bases of a projected layer (``kron(P_out, P_in)``): the second moment's change is
-    followed over its N own coordinates, ``dv += nu * (P dgamma)`` and ``dtheta += P^T (sigma * dv)``.
+    ``lift``: (N, D) the bases of a projected layer (``kron(P_out, P_in)``), with ``lift_in``: step index -> (N, D)
+    the reconstruction of a projected gradient change in the layer's coordinates: the second moment's change is
+    followed over its N own coordinates, ``dv += nu * (L_k dgamma)`` and ``dtheta += P^T (sigma * dv)``.
     """
     log = dvemb.open_log(log_dir)
     optimizer = log.manifest["optimizer"]
@@ -69,7 +71,9 @@ def removal_effects(
         for g in grads_s:
             ggn = log.curvature_mode == "ggn"
             rows.append(
-                _push(steps, s, g, names, index, kind, nesterov, mean, ggn, second_moment, preconditioner, lift)
+                _push(
+                    steps, s, g, names, index, kind, nesterov, mean, ggn, second_moment, preconditioner, lift, lift_in
+                )
             )
         effects.append(torch.stack(rows))
     return effects
@@ -88,6 +92,7 @@ def _push(
     second_moment: bool,
     preconditioner: Preconditioner | None = None,
     lift: torch.Tensor | None = None,
+    lift_in: Preconditioner | None = None,
 ) -> torch.Tensor:
     i0 = index[0]  # the tests give every layer the same hyperparameters
     d_theta = torch.zeros_like(g)
@@ -123,7 +128,7 @@ def _push(
                 d_grad = d_grad + wd * d_theta
             # m = beta1 m + (1 - beta1) grad;  v = beta2 v + (1 - beta2) grad^2;  p -= lr m_hat / (sqrt(v_hat) + eps)
             d_buf = beta1 * d_buf + (1 - beta1) * d_grad
-            own = d_grad if lift is None else lift @ d_grad  # the gradient's change in the layer's coordinates
+            own = d_grad if lift_in is None else lift_in(k) @ d_grad  # the gradient's change in the layer's coordinates
             d_v = beta2 * d_v + 2 * (1 - beta2) * state("batch_grad") * own
             step_d = state("precond") * d_buf if preconditioner is None else preconditioner(k) @ d_buf
             d_theta = d_theta - lr / (1 - beta1**count) * step_d

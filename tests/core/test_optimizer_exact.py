@@ -77,6 +77,17 @@ def _record(
     rec.close()
 
 
+def _naive_reconstruction(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """(S, n, k) per step, written out: ``diag(v) P (P^T diag(v) P)^-1`` (the expectation of a gradient with
+    covariance diag(v) given its projection), with the engine's small ridge."""
+    out = []
+    for row in v.double():
+        den = p.T @ torch.diag(row) @ p
+        den = den + 1e-13 * den.diagonal().mean() * torch.eye(p.shape[1], dtype=torch.float64)
+        out.append(torch.diag(row) @ p @ torch.linalg.inv(den))
+    return torch.stack(out)
+
+
 def _embeddings(log_dir: Path, out: Path, **kwargs: object) -> tuple[np.ndarray, dict[str, object]]:
     summary = compute(log_dir, out, ComputeArguments(accumulate_dtype="float64", **kwargs))  # type: ignore[arg-type]
     return np.load(out / "embeddings.npy"), summary
@@ -270,8 +281,8 @@ def test_projected_second_moment_is_exact_with_full_rank_bases(tmp_path: Path, n
     _record(tmp_path / "rotated", OPTIMIZERS[name], proj_dim=(8, 8), rotate=True)
     rotated = dvemb.open_log(tmp_path / "rotated")
     assert [entry["second_moment"] for entry in rotated.manifest["layers"]] == ["lifted", "lifted"]
-    emb, _ = _embeddings(tmp_path / "rotated", tmp_path / "out", blocks="layer")
-    without, _ = _embeddings(tmp_path / "rotated", tmp_path / "out-no-v", blocks="layer", second_moment=False)
+    emb, _ = _embeddings(tmp_path / "rotated", tmp_path / "out", blocks="layer", second_moment_lifted=True)
+    without, _ = _embeddings(tmp_path / "rotated", tmp_path / "out-no-v", blocks="layer")  # not asked: dropped
     shards = list(rotated.iter_shards())
     v_rows = {k: torch.cat([shard.optimizer[k] for shard in shards]) for k in shards[0].optimizer if ".v_" in k}
     offset = 0
@@ -326,8 +337,10 @@ def test_second_moment_factors_reconstruct_the_recorded_matrices(
             expected = whole.optimizer[fmt.optimizer_layer_key(flat, name)]
             assert factors_l.shape[1] == min(shape)
             torch.testing.assert_close(rebuilt, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
-    from_factors, _ = _embeddings(tmp_path / "rotated", tmp_path / "out-factors", blocks="layer")
-    lifted, _ = _embeddings(tmp_path / "lifted", tmp_path / "out-lifted", blocks="layer")
+    from_factors, _ = _embeddings(
+        tmp_path / "rotated", tmp_path / "out-factors", blocks="layer", second_moment_lifted=True
+    )
+    lifted, _ = _embeddings(tmp_path / "lifted", tmp_path / "out-lifted", blocks="layer", second_moment_lifted=True)
     np.testing.assert_allclose(from_factors, lifted, rtol=0, atol=1e-10 * np.abs(lifted).max())
 
 
@@ -339,27 +352,27 @@ def test_projected_second_moment_follows_the_layers_own_coordinates(tmp_path: Pa
     _record(tmp_path / "log", OPTIMIZERS[name], proj_dim=(2, 3), projection="random")
     log = dvemb.open_log(tmp_path / "log")
     assert [entry["second_moment"] for entry in log.manifest["layers"]] == ["lifted", "lifted"]
-    emb, summary = _embeddings(tmp_path / "log", tmp_path / "out", blocks=blocks)
-    without, _ = _embeddings(tmp_path / "log", tmp_path / "out-no-v", blocks=blocks, second_moment=False)
+    emb, summary = _embeddings(tmp_path / "log", tmp_path / "out", blocks=blocks, second_moment_lifted=True)
+    without, default = _embeddings(tmp_path / "log", tmp_path / "out-no-v", blocks=blocks)  # not asked: dropped
+    assert "second-moment-dropped" in [a["kind"] for a in default["approximations"]]  # type: ignore[union-attr]
     kinds = [a["kind"] for a in summary["approximations"]]  # type: ignore[union-attr]
     assert "second-moment-dropped" not in kinds
     shards = list(log.iter_shards())
     opt = {k: torch.cat([shard.optimizer[k] for shard in shards]) for k in shards[0].optimizer}
-    lifts, preconditioners = [], []
+    lifts, reconstructions, preconditioners = [], [], []
     for layer in log.layers:
         p = layer.projection
-        p_out, p_in = (
-            p.p_out(dtype=torch.float64, device=torch.device("cpu")),
-            p.p_in(dtype=torch.float64, device=torch.device("cpu")),
-        )
-        a, b = kronecker_preconditioner(
-            opt[fmt.optimizer_layer_key("v_row", layer.name)],
-            opt[fmt.optimizer_layer_key("v_col", layer.name)],
-            p_out,
-            p_in,
-        )
+        cpu = torch.device("cpu")
+        p_out, p_in = p.p_out(dtype=torch.float64, device=cpu), p.p_in(dtype=torch.float64, device=cpu)
+        v_row = opt[fmt.optimizer_layer_key("v_row", layer.name)]
+        v_col = opt[fmt.optimizer_layer_key("v_col", layer.name)]
+        preconditioners.append(kronecker_preconditioner(v_row, v_col, p_out, p_in))
         lifts.append(torch.kron(p_out, p_in))
-        preconditioners.append((a, b))
+        reconstructions.append((_naive_reconstruction(v_row, p_out), _naive_reconstruction(v_col, p_in)))
+
+    def lift_in(k: int, layers: list[int]) -> torch.Tensor:
+        return torch.block_diag(*[torch.kron(reconstructions[i][0][k], reconstructions[i][1][k]) for i in layers])
+
     if blocks == "layer":
         expected = np.concatenate(
             [
@@ -368,10 +381,11 @@ def test_projected_second_moment_follows_the_layers_own_coordinates(tmp_path: Pa
                         tmp_path / "log",
                         [layer.name],
                         preconditioner=lambda k, a=a, b=b: torch.kron(a[k], b[k]),  # type: ignore[misc]
-                        lift=lift,
+                        lift=lifts[i],
+                        lift_in=lambda k, i=i: lift_in(k, [i]),  # type: ignore[misc]
                     )
                 ).numpy()
-                for layer, lift, (a, b) in zip(log.layers, lifts, preconditioners, strict=True)
+                for i, (layer, (a, b)) in enumerate(zip(log.layers, preconditioners, strict=True))
             ],
             1,
         )
@@ -381,6 +395,7 @@ def test_projected_second_moment_follows_the_layers_own_coordinates(tmp_path: Pa
                 tmp_path / "log",
                 preconditioner=lambda k: torch.block_diag(*[torch.kron(a[k], b[k]) for a, b in preconditioners]),
                 lift=torch.block_diag(*lifts),
+                lift_in=lambda k: lift_in(k, list(range(len(lifts)))),
             )
         ).numpy()
     assert np.abs(expected).max() > 1e-3
@@ -396,10 +411,10 @@ def test_the_lifted_state_is_bounded_and_what_is_left_out_is_said(
     import dvemb.engine.optimizer_maps as maps
 
     _record(tmp_path / "log", OPTIMIZERS["adam"], proj_dim=(2, 3), projection="random")
-    carried, _ = _embeddings(tmp_path / "log", tmp_path / "all", blocks="layer")
+    carried, _ = _embeddings(tmp_path / "log", tmp_path / "all", blocks="layer", second_moment_lifted=True)
     without, _ = _embeddings(tmp_path / "log", tmp_path / "none", blocks="layer", second_moment=False)
     monkeypatch.setattr(maps, "LIFT_STATE_MAX", 24 * 6 + 1)  # layer 0's (24 coordinates x 6) fits, layer 2's not
-    bounded, summary = _embeddings(tmp_path / "log", tmp_path / "bounded", blocks="layer")
+    bounded, summary = _embeddings(tmp_path / "log", tmp_path / "bounded", blocks="layer", second_moment_lifted=True)
     np.testing.assert_array_equal(bounded[:, :6], carried[:, :6])
     np.testing.assert_array_equal(bounded[:, 6:], without[:, 6:])
     assert np.abs(carried[:, 6:] - without[:, 6:]).max() > 0  # the left-out term did matter
