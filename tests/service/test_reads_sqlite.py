@@ -12,12 +12,11 @@ import pytest
 from sqlalchemy.orm import Session
 
 from server.db.models import ExampleTotal, Job, Run
-from server.db.session import get_engine, get_read_engine
+from server.db.session import make_engine
 from server.errors import NotFound, Unauthorized
 from server.migrate import upgrade
 from server.services import reads
 from server.services.auth import create_token, get_or_create_project
-from server.settings import get_settings
 
 EXAMPLES = 57
 PHASES = {"boundaries": [1, 3], "ranges": {"early": [0, 0], "basin": [1, 2], "late": [3, 3]}}
@@ -32,17 +31,18 @@ SUMMARY = {
 
 @pytest.fixture
 def sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str, int, list[dict[str, object]]]]:
-    """(token, another project's token, job id, the job's example totals) in a fresh SQLite database."""
+    """(token, another project's token, job id, the job's example totals) in a fresh SQLite database, which the hot
+    reads use within the test (the process's own engines, the in-process API's, are left alone)."""
     url = f"sqlite:///{tmp_path / 'dvemb.db'}"
-    monkeypatch.setenv("DVEMB_DATABASE_URL", url)
-    for cached in (get_settings, get_engine, get_read_engine):
-        cached.cache_clear()
     upgrade(url)
+    engine = make_engine(url)
+    monkeypatch.setattr(reads, "get_engine", lambda: engine)
+    monkeypatch.setattr(reads, "get_read_engine", lambda: engine)
     rows = [
         {"example_id": f"ex{i:02d}", "total": float((i * 37) % 19 - 9), "occurrences": 2, "label": str(i % 3)}
         for i in range(EXAMPLES)
     ]  # ties in total (19 values over 57 examples): the order of ties is part of what is checked
-    with Session(get_engine()) as session:
+    with Session(engine) as session:
         project = get_or_create_project(session, name="mine")
         token = create_token(session, project=project, name="t")
         other = create_token(session, project=get_or_create_project(session, name="other"), name="t")
@@ -55,9 +55,10 @@ def sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
         session.add_all(ExampleTotal(job_id=job.id, query_set="val", source="train", **r) for r in rows)  # type: ignore[arg-type]
         session.commit()
         job_id = job.id
-    yield token, other, job_id, rows
-    for cached in (get_settings, get_engine, get_read_engine):
-        cached.cache_clear()
+    try:
+        yield token, other, job_id, rows
+    finally:
+        engine.dispose()
 
 
 def naive(rows: list[dict[str, object]], kind: str, label: str | None) -> list[str]:
