@@ -1031,7 +1031,8 @@ README_START, README_END = "<!-- lds-bank:start -->", "<!-- lds-bank:end -->"
 def readme_table(report: dict[str, Any]) -> str:
     """The README's short version of the LDS table: every scored method, dvemb's rows first."""
     rows = {k: v for k, v in report["methods"].items() if "lds" in v}
-    order = sorted(rows, key=lambda k: (not k.startswith("dvemb"), -rows[k]["lds"]))
+    # What a user gets with no options first, then dvemb's other settings, then the peers, best first.
+    order = sorted(rows, key=lambda k: (k != "dvemb", not k.startswith("dvemb"), -rows[k]["lds"]))
     lines = [
         "| method (leave-1%-out LDS bank, GPT-2 fine-tuned by the Trainer) | LDS | cross-seed |",
         "|---|---:|---:|",
