@@ -218,8 +218,7 @@ class OptimizerInfo:
             v_hat = self._moment(t, "exp_avg_sq") / bc2  # (out_dim, in_dim)
             if t.whole or t.lifted:
                 precond, sensitivity = self._preconditioner(t, v_hat, g, bc1, bc2)
-                if t.whole:
-                    out[f"opt.precond.{index}"] = precond.flatten()
+                out[f"opt.precond.{index}"] = precond.flatten()  # a lifted layer's first moment needs it too
                 out[f"opt.vsens.{index}"] = sensitivity.flatten()
                 batch_grad = self._batch_grads[index] if index < len(self._batch_grads) else None
                 assert batch_grad is not None

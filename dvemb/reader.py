@@ -555,12 +555,15 @@ class GradientLog:
     def _lifted_second_moment(
         self, path: Path, tensors: dict[str, torch.Tensor], num_steps: int, name: str, p: LayerProjection
     ) -> dict[str, torch.Tensor]:
-        """A projected layer's second-moment sensitivity and step gradient in its own coordinates,
-        (S, out_dim * in_dim) each (``dvemb.optim.LIFTED_SECOND_MOMENT_MAX``); none for larger layers and in
-        logs recorded before them."""
+        """A projected layer's second-moment sensitivity, step gradient and (since "lifted-moments") Adam's
+        preconditioner in its own coordinates, (S, out_dim * in_dim) each (``dvemb.optim.LIFTED_SECOND_MOMENT_MAX``);
+        none for larger layers and in logs recorded before them."""
         keys = [fmt.optimizer_layer_key(what, name) for what in ("vsens", "batch_grad")]
         if not any(key in tensors for key in keys):
             return {}
+        precond = fmt.optimizer_layer_key("precond", name)
+        if precond in tensors:  # logs since the first moment is lifted too ("lifted-moments")
+            keys.append(precond)
         size = p.out_dim * p.in_dim
         return {
             key: self._finite(path, key, self._tensor(path, tensors, key, (num_steps, size), self.dtype))

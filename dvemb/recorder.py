@@ -1276,7 +1276,7 @@ def _second_moment_carrier(tracked: TrackedParameters, rank: int) -> str:
     if tracked.whole:
         return "whole"
     if tracked.lifted:
-        return "lifted"
+        return "lifted-moments"  # vsens, the step's gradient and the preconditioner, whole
     return "factors" if rank else "none"
 
 

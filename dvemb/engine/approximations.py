@@ -17,8 +17,6 @@ retraining first. The kinds (stable keys; BENCHMARKS.md measures each):
 - ``second-moment-dropped``: under Adam or AdamW, how removing an example changes the second moment is not
   modelled (in projected layers whose log does not carry it: over ``LIFTED_SECOND_MOMENT_MAX`` coordinates
   without the recorder's singular pairs, or in a segmented computation; anywhere with ``second_moment=False``).
-- ``second-moment-low-rank``: it is modelled in projected layers through the top R singular pairs per step of
-  the second-moment sensitivity and of the step's gradient, fewer than the layer's rank.
 - ``per-layer-blocks``: one curvature block per layer: the curvature between layers is ignored.
 
 First order itself (the linearisation of the leave-one-out change) is the method, not an option: not listed.
@@ -30,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dvemb.calibration import MAX_FITTED_SIDE
-from dvemb.engine.optimizer_maps import LIFT_MAX, LIFT_STATE_MAX, lift_plan
+from dvemb.engine.optimizer_maps import LIFT_STATE_MAX, LIFTED, lift_plan
 from dvemb.formats import Approximation
 from dvemb.optim import LIFTED_SECOND_MOMENT_MAX
 
@@ -44,7 +42,6 @@ KINDS = (
     "untracked-parameters",
     "curvature-sampled",
     "second-moment-dropped",
-    "second-moment-low-rank",
     "per-layer-blocks",
 )
 #: Below this share of the trainable parameters tracked, the untracked ones are listed as an approximation.
@@ -238,9 +235,8 @@ def _second_moment(
             "it is carried only in layers stored whole unless compute is asked for second_moment_lifted=True "
             "(experimental; not in a segmented computation)"
             if not lifted
-            else f"the log carries it for projected layers of at most {LIFTED_SECOND_MOMENT_MAX} coordinates (and "
-            f"through Recorder(second_moment_rank=...) up to {LIFT_MAX}), and the computation holds at most "
-            f"{LIFT_STATE_MAX} numbers of its state"
+            else f"the log carries it for projected layers of at most {LIFTED_SECOND_MOMENT_MAX} coordinates, and the "
+            f"computation holds at most {LIFT_STATE_MAX} numbers of its state"
         )
         return Approximation(
             "second-moment-dropped",
@@ -248,17 +244,6 @@ def _second_moment(
             f"How removing an example changes Adam's second moment is not modelled in {dropped} projected layer(s) "
             f"of {len(layers)}: {why} (it added 0.07 to 0.15 Spearman against exact retraining where it was carried, "
             "BENCHMARKS.md).",
-        )
-    rank = _int(optimizer.get("second_moment_rank"), 0)
-    low_rank = [layer for layer in carried if _carrier(layer, optimizer) == "factors" and rank < _min_side(layer)]
-    if low_rank:
-        return Approximation(
-            "second-moment-low-rank",
-            f"Adam's second moment at rank {rank}",
-            f"How removing an example changes Adam's second moment is carried through {len(low_rank)} projected "
-            f"layer(s) by the top {rank} singular pairs per step of the update's sensitivity to it and of the step's "
-            "gradient (docs/optimizers.md): exact when that covers the layer's rank; record with a larger "
-            "Recorder(second_moment_rank=...) to tighten it.",
         )
     return None
 
@@ -276,14 +261,9 @@ def _lift_plan(layers: list[Mapping[str, Any]], optimizer: Mapping[str, Any], bl
 
 
 def _carrier(layer: Mapping[str, Any], optimizer: Mapping[str, Any]) -> str:
-    """How the log carries a projected layer's second-moment term as the engine uses it: ``"lifted"``,
-    ``"factors"`` or ``"none"`` (mirrors dvemb.engine.optimizer_maps.lifted_size)."""
-    rank = _int(optimizer.get("second_moment_rank"), 0)
-    carrier = layer.get("second_moment") or ("factors" if rank > 0 else "none")
-    size = _int(layer.get("out_dim"), 0) * _int(layer.get("in_dim"), 0)
-    if carrier == "lifted" or (carrier == "factors" and size <= LIFT_MAX):
-        return str(carrier)
-    return "none"
+    """``"lifted"`` when the log carries both of a projected layer's Adam moments whole (the engine's
+    :func:`dvemb.engine.optimizer_maps.lifted_size`), else ``"none"``."""
+    return "lifted" if layer.get("second_moment") == LIFTED else "none"
 
 
 def _min_side(layer: Mapping[str, Any]) -> int:

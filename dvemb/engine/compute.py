@@ -98,8 +98,8 @@ class ComputeArguments:
             their own coordinates where the log keeps what it needs (docs/optimizers.md, section 3). Off by
             default: it lifted the digits MLP and a small GPT-2 (BENCHMARKS.md, "Adam's second moment under
             projection") but made the scores diverge on the LDS bank's GPT-2 fine-tune (a fresh AdamW on a
-            pretrained state): the first-moment path through the projected preconditioner no longer cancels it where Adam's
-            bias-corrected first steps make both large.
+            pretrained state) while the first moment went through the projected preconditioner; it now goes
+            through the exact one in the same coordinates (docs/optimizers.md, section 3).
     """
 
     curvature: str | None = None

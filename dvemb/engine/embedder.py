@@ -59,6 +59,7 @@ def recursion_state(recursion: Recursion) -> dict[str, torch.Tensor]:
             "mom": recursion.mom,
             "vmom": recursion.vmom,
             **{f"lifted{start}": state for start, state in recursion.lifted.items()},
+            **{f"lifted_mom{start}": state for start, state in recursion.lifted_mom.items()},
             "log_scale": recursion.log_scale,
         }
     return {"Mt": recursion.Mt, "log_scale": recursion.log_scale}

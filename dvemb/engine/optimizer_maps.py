@@ -32,7 +32,7 @@ from dvemb.projection import LayerProjection
 
 __all__ = [
     "COEFFICIENTS",
-    "LIFT_MAX",
+    "LIFTED",
     "LIFT_STATE_MAX",
     "Preconditioner",
     "StepMaps",
@@ -45,11 +45,6 @@ __all__ = [
 
 #: The (G, S) coefficient fields of :class:`StepMaps`, in field order.
 COEFFICIENTS = ("weight", "beta", "tau", "decay", "a", "b", "l2", "beta2")
-
-
-#: A layer whose log carries its second-moment sensitivity only as singular pairs (``Recorder(second_moment_rank=
-#: R)``) gets the term in its own coordinates up to this many of them: the recursion then holds a (n, D) state.
-LIFT_MAX = 65536
 
 
 @dataclass
@@ -72,6 +67,9 @@ class Preconditioner:
         lift_in: with ``lift``, per step the maps that take a projected gradient change into the layer's own
             coordinates, ``(L_out (G, S, n_out, k_out), L_in (G, S, n_in, k_in))``: its expectation under the
             gradients' covariance ``diag(v_hat)`` (:func:`gradient_reconstruction`).
+        precond_own: with ``lift``, (G, S, N) Adam's exact preconditioner ``D`` in the layer's own coordinates:
+            the first moment is carried there too, so that its path and the second moment's keep the exact map's
+            cancellation (Adam's first steps).
     """
 
     start: int
@@ -81,6 +79,7 @@ class Preconditioner:
     nu: torch.Tensor | None = None
     lift: tuple[torch.Tensor, torch.Tensor] | None = None
     lift_in: tuple[torch.Tensor, torch.Tensor] | None = None
+    precond_own: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -107,8 +106,13 @@ class Preconditioner:
             move(self.nu),
             pair(self.lift),
             pair(self.lift_in),
+            move(self.precond_own),
         )
 
+
+#: The manifest's ``layers[].second_moment`` of a layer whose log keeps, per Adam step, the sensitivity to ``v``,
+#: the step's gradient and the preconditioner whole: both moments can be carried in its own coordinates.
+LIFTED = "lifted-moments"
 
 #: The lifted states of a computation hold at most this many numbers together (512 MiB in float32): a layer past
 #: it, in layer order, is left without the term (and the results say so).
@@ -137,17 +141,15 @@ def lifted_size(layer: Mapping[str, Any], optimizer: Mapping[str, Any], projecti
     or 0 when the log does not carry it for this layer (a layer stored whole carries it exactly, not lifted).
 
     Args:
-        layer: the layer's manifest entry (``second_moment``: ``"lifted"``, ``"factors"``, ``"none"``;
-            absent in older logs, where singular pairs were the only carrier).
+        layer: the layer's manifest entry (``second_moment``: :data:`LIFTED` for a log that carries both moments;
+            ``"lifted"`` (second moment only, logs of one development day), ``"factors"`` and ``"none"`` do not).
         optimizer: the manifest's optimizer entry.
         projection: the layer's projection.
     """
     if projection.is_identity:
         return 0
-    rank = optimizer.get("second_moment_rank")
-    carrier = layer.get("second_moment") or ("factors" if isinstance(rank, int) and rank > 0 else "none")
     size = projection.out_dim * projection.in_dim
-    return size if carrier == "lifted" or (carrier == "factors" and size <= LIFT_MAX) else 0
+    return size if layer.get("second_moment") == LIFTED else 0
 
 
 @dataclass
@@ -345,6 +347,9 @@ def _add_second_moment(
     batch_grad = torch.stack([_layer_matrix(optimizer, layers[i][0], "batch_grad", 1) for i in positions])
     seg.sigma = lr.unsqueeze(-1) * vsens
     seg.nu = (2.0 * (1.0 - beta2)).unsqueeze(-1) * batch_grad
+    if seg.lift is not None:  # the first moment in the same coordinates, through the exact preconditioner
+        keys = [fmt.optimizer_layer_key("precond", layers[i][0]) for i in positions]
+        seg.precond_own = torch.stack([optimizer[k].double() for k in keys])  # (G, S, N)
 
 
 def gradient_reconstruction(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,7 @@ class OptimizerRecursion:
         self.lifted = {
             start: torch.zeros(groups, size, dim, dtype=dtype, device=device) for start, size in (lifted or {}).items()
         }
+        self.lifted_mom = {start: torch.zeros_like(state) for start, state in self.lifted.items()}  # R^m^T, the same
         self.log_scale = torch.zeros(groups, dtype=torch.float64)  # R = exp(log_scale) * stored
 
     def process(self, chunk: Chunk, maps: StepMaps) -> torch.Tensor:
@@ -132,6 +133,7 @@ class OptimizerRecursion:
                 if has_b[j]:
                     v_t.addcmul_(d_theta, c["b"], value=-1.0)
                 if second_moment:
+                    self._first_moment_lifted(v_t, w_t, segments, j, c)
                     self._second_moment(v_t, segments, j, c["beta2"])
             g = grads[:, g_starts[j] : g_bounds[j]]  # (G, B, d)
             out[:, g_starts[j] : g_bounds[j]] = torch.bmm(g, v_t).mul_(-c["weight"] * v_scale)
@@ -146,6 +148,37 @@ class OptimizerRecursion:
         out.mul_(scale)
         self._renormalise()
         return out
+
+    def _first_moment_lifted(
+        self,
+        v_t: torch.Tensor,
+        w_t: torch.Tensor,
+        segments: list[Preconditioner],
+        step: int,
+        c: dict[str, torch.Tensor],
+    ) -> None:
+        """Adam's first moment of a lifted layer, over its own N coordinates with the exact preconditioner ``D``::
+
+            W^T  = R^m'^T - a diag(D) P Theta          (N, d); R^m' of the later steps
+            V^T  = tau L_k^T W^T                        (the segment's rows of ``v_t``, replaced)
+            R^m^T = beta W^T
+
+        instead of the projected ``W`` (whose rows of the segment are zeroed in ``w_t``, so the projected momentum
+        state keeps none of them). Carried so because the second-moment term uses the exact sensitivities: in
+        Adam's bias-corrected first steps the two paths are large and cancel in the exact map, and they do only if
+        both see the same ``D`` (docs/optimizers.md, section 3)."""
+        for seg in segments:
+            if seg.lift is None or seg.precond_own is None:
+                continue
+            assert seg.lift_in is not None
+            rows = slice(seg.start, seg.start + seg.size)
+            lifted = self.lifted_mom[seg.start]
+            scaled = seg.precond_own[:, step, :, None] * c["a"]
+            lifted.addcmul_(scaled, _lift_rows(seg.lift, self.theta[:, rows]), value=-1.0)
+            into = (seg.lift_in[0][:, step], seg.lift_in[1][:, step])
+            v_t[:, rows] = _project_rows(into, lifted) * c["tau"]
+            w_t[:, rows] = 0.0
+            lifted.mul_(c["beta"])
 
     def _second_moment(self, v_t: torch.Tensor, segments: list[Preconditioner], step: int, beta2: torch.Tensor) -> None:
         """Adam's second-moment term of one step, per segment that carries it::
@@ -178,7 +211,7 @@ class OptimizerRecursion:
 
     def _renormalise(self) -> None:
         """Move the state's magnitude into ``log_scale`` so that it neither underflows nor overflows."""
-        state = (self.theta, self.mom, self.vmom, *self.lifted.values())
+        state = (self.theta, self.mom, self.vmom, *self.lifted.values(), *self.lifted_mom.values())
         peak = torch.stack([t.abs().amax((1, 2)) for t in state]).amax(0).double().cpu()
         peak = torch.where(peak > 0, peak, torch.ones_like(peak))
         for t in state:

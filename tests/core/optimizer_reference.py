@@ -53,7 +53,8 @@ def removal_effects(
     ``preconditioner``: under Adam, step index -> (D, D) matrix used instead of the recorded diagonal.
     ``lift``: (N, D) the bases of a projected layer (``kron(P_out, P_in)``), with ``lift_in``: step index -> (N, D)
     the reconstruction of a projected gradient change in the layer's coordinates: the second moment's change is
-    followed over its N own coordinates, ``dv += nu * (L_k dgamma)`` and ``dtheta += P^T (sigma * dv)``.
+    followed over its N own coordinates, ``dv += nu * (L_k dgamma)`` and ``dtheta += P^T (sigma * dv)``, and so is
+    the first moment, ``dm = beta1 dm + (1 - beta1) L_k dgamma`` and ``dtheta -= a P^T (D * dm)`` (D recorded whole).
     """
     log = dvemb.open_log(log_dir)
     optimizer = log.manifest["optimizer"]
@@ -96,8 +97,9 @@ def _push(
 ) -> torch.Tensor:
     i0 = index[0]  # the tests give every layer the same hyperparameters
     d_theta = torch.zeros_like(g)
-    d_buf = torch.zeros_like(g)
-    d_v = torch.zeros_like(g) if lift is None else torch.zeros(lift.shape[0], dtype=g.dtype)
+    own_size = g.shape[0] if lift is None else lift.shape[0]  # a lifted layer's moments live in its own coordinates
+    d_buf = torch.zeros_like(g) if lift is None or kind == "SGD" else torch.zeros(own_size, dtype=g.dtype)
+    d_v = torch.zeros_like(g) if lift is None else torch.zeros(own_size, dtype=g.dtype)
     for k in range(s, len(steps)):
         st = steps[k]
         w = 1.0 / st["batch"] if mean else 1.0  # type: ignore[operator]
@@ -127,10 +129,14 @@ def _push(
             else:
                 d_grad = d_grad + wd * d_theta
             # m = beta1 m + (1 - beta1) grad;  v = beta2 v + (1 - beta2) grad^2;  p -= lr m_hat / (sqrt(v_hat) + eps)
-            d_buf = beta1 * d_buf + (1 - beta1) * d_grad
             own = d_grad if lift_in is None else lift_in(k) @ d_grad  # the gradient's change in the layer's coordinates
             d_v = beta2 * d_v + 2 * (1 - beta2) * state("batch_grad") * own
-            step_d = state("precond") * d_buf if preconditioner is None else preconditioner(k) @ d_buf
+            if lift is not None:  # both moments over the layer's own coordinates, the exact preconditioner
+                d_buf = beta1 * d_buf + (1 - beta1) * own
+                step_d = lift.T @ (state("precond") * d_buf)
+            else:
+                d_buf = beta1 * d_buf + (1 - beta1) * d_grad
+                step_d = state("precond") * d_buf if preconditioner is None else preconditioner(k) @ d_buf
             d_theta = d_theta - lr / (1 - beta1**count) * step_d
             if second_moment:
                 change = lr * state("vsens") * d_v

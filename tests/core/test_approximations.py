@@ -132,18 +132,17 @@ def test_adam_second_moment_is_dropped_in_projected_layers_or_everywhere_when_as
         assert "second-moment-dropped" not in _kinds(mixed, propagation=propagation, second_moment=False)
 
 
-def test_adam_second_moment_through_singular_pairs_is_listed_with_its_rank() -> None:
-    """A log recorded with second-moment factors (the recorder's default, rank 4) carries the term in projected
-    layers: listed as low rank, not as dropped; without them (older logs, rank 0) it is dropped."""
-    projected = _layer(k_out=4)
-    manifest = _manifest(_layer(), projected, optimizer={"type": "Adam", "second_moment_rank": 4})
-    found = _one(manifest, "second-moment-low-rank", propagation="adam")
-    assert found.label == "Adam's second moment at rank 4" and "1 projected layer(s)" in found.detail
-    assert "second-moment-dropped" not in _kinds(manifest, propagation="adam")
-    none = _manifest(projected, optimizer={"type": "Adam", "second_moment_rank": 0})
-    assert "second-moment-dropped" in _kinds(none, propagation="adam")
-    off = _kinds(manifest, propagation="adam", second_moment=False)
-    assert "second-moment-dropped" in off and "second-moment-low-rank" not in off
+def test_adam_second_moment_in_projected_layers_only_when_lifted_and_carried() -> None:
+    """A projected layer whose log keeps both moments whole ("lifted-moments") carries the term when the computation
+    lifts it; not otherwise, nor through singular pairs (a weak carrier, no longer used)."""
+    carried = _layer(k_out=4) | {"second_moment": "lifted-moments"}
+    manifest = _manifest(_layer(), carried, optimizer={"type": "Adam", "second_moment_rank": 0})
+    assert "second-moment-dropped" not in _kinds(manifest, propagation="adam")  # lifted (the function's default)
+    assert "second-moment-dropped" in _kinds(manifest, propagation="adam", lifted=False)
+    factors = _manifest(
+        _layer(k_out=4) | {"second_moment": "factors"}, optimizer={"type": "Adam", "second_moment_rank": 4}
+    )
+    assert "second-moment-dropped" in _kinds(factors, propagation="adam")
 
 
 def test_sgd_proxy_carries_the_reason() -> None:
@@ -164,10 +163,10 @@ def test_everything_at_once_in_the_documented_order() -> None:
         _layer(), _layer(k_out=4), curvature={"mode": "ggn", "samples": 2}, tracked_parameters=1, total_parameters=100
     )
     found = approximations(manifest, curvature="empirical", propagation="proxy", blocks="layer")
-    unlisted = ("curvature-sampled", "second-moment-dropped", "second-moment-low-rank")
+    unlisted = ("curvature-sampled", "second-moment-dropped")
     assert [a.kind for a in found] == [k for k in KINDS if k not in unlisted]
     found = approximations(manifest, curvature="ggn", propagation="adam", blocks="layer", second_moment=False)
-    unlisted = ("sgd-proxy", "curvature-empirical", "second-moment-low-rank")
+    unlisted = ("sgd-proxy", "curvature-empirical")
     assert [a.kind for a in found] == [k for k in KINDS if k not in unlisted]
     assert all(a.label and a.detail.endswith(".") for a in found)
 
