@@ -94,12 +94,10 @@ class ComputeArguments:
             the data does; ``"weight"``: its weight in the step's loss becomes 0 and the others keep
             theirs, ``-g_z / B`` (the paper's sum-loss definition). Both are exact post hoc from the same
             embeddings (they are linear in the gradient); docs/engine.md and BENCHMARKS.md.
-        second_moment_lifted: under Adam and AdamW, also carry the second-moment term of projected layers over
-            their own coordinates where the log keeps what it needs (docs/optimizers.md, section 3). Off by
+        second_moment_lifted: under Adam and AdamW, also carry both moments of projected layers over their own
+            coordinates where the log keeps what it needs (docs/optimizers.md, section 3). Experimental, off by
             default: it lifted the digits MLP and a small GPT-2 (BENCHMARKS.md, "Adam's second moment under
-            projection") but made the scores diverge on the LDS bank's GPT-2 fine-tune (a fresh AdamW on a
-            pretrained state) while the first moment went through the projected preconditioner; it now goes
-            through the exact one in the same coordinates (docs/optimizers.md, section 3).
+            projection") but diverges on the LDS bank's GPT-2 fine-tune (a fresh AdamW on a pretrained state).
     """
 
     curvature: str | None = None
