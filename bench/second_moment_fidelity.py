@@ -97,10 +97,10 @@ def section(results: dict[str, list[dict[str, float]]], meta: dict[str, Any]) ->
     for name in ("adam", "adamw"):
         mean = {label: float(np.mean([r[label] for r in results[name]])) for label, *_ in ROWS}
         for size, carried_label in (
-            (256, "256 per layer (the defaults), term carried"),
+            (256, "256 per layer (the recorder's defaults), term carried"),
             (1024, "1024 per layer, term carried"),
         ):
-            dropped, carried = mean[f"{size} per layer, term left out"], mean[carried_label]
+            dropped, carried = mean[f"{size} per layer, term left out (the engine's default)"], mean[carried_label]
             verdicts.append(
                 f"- {name}, {size} per layer: the term {'adds' if carried >= dropped else 'costs'} "
                 f"{abs(carried - dropped):.2f} ({dropped:.2f} -> {carried:.2f})."
