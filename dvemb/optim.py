@@ -14,10 +14,10 @@ beta1, dampening, beta2, eps, the optimizer's step count) and, for Adam, the bia
 moment: whole (as the preconditioner ``1 / (sqrt(v_hat) + eps)``, with the sensitivity of the update
 to ``v`` and the step's gradient for the second-moment term) for a layer stored without
 projection, or as its row and column sums (an Adafactor factorisation, ``n_out + n_in`` values)
-for a projected layer. For the second-moment term of a projected layer: the sensitivity and the step's
-gradient themselves (``2 n_out n_in`` values) when the layer has at most :data:`LIFTED_SECOND_MOMENT_MAX`
-coordinates, else, on request, their top singular pairs (:mod:`dvemb.low_rank`: ``R (n_out + n_in)`` values
-each). Never a copy of the optimizer state.
+for a projected layer. For the lifted moments of a projected layer of at most :data:`LIFTED_SECOND_MOMENT_MAX`
+coordinates: the sensitivity, the step's gradient and the preconditioner themselves (``3 n_out n_in`` values);
+for a larger one, on request, the top singular pairs of the first two (:mod:`dvemb.low_rank`). Never a copy of
+the optimizer state.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ __all__ = [
 ]
 
 #: A projected layer with at most this many coordinates (out_dim x in_dim) keeps, per Adam step, the
-#: sensitivity of the update to the second moment and the step's gradient whole (two gradient-sized tensors),
-#: so that the engine carries the second-moment term in the layer's own coordinates (docs/optimizers.md,
-#: section 3): what a 128 x 128 layer costs in the log is about four 256-dimensional gradient rows.
+#: sensitivity of the update to the second moment, the step's gradient and the preconditioner whole (three
+#: gradient-sized tensors), so that ``compute(second_moment_lifted=True)`` can carry both moments in the layer's
+#: own coordinates (docs/optimizers.md, section 3): about six 256-dimensional gradient rows for a 128 x 128 layer.
 LIFTED_SECOND_MOMENT_MAX = 16384
 
 #: Every propagation the engine knows, with the label results show for it.
