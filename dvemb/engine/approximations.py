@@ -224,10 +224,8 @@ def _second_moment(
             "second_moment=False was asked for: how removing an example changes Adam's second moment is not "
             "modelled in any layer; compute with second_moment=True (the default) to model it.",
         )
-    optimizer = manifest.get("optimizer")
-    optimizer = optimizer if isinstance(optimizer, Mapping) else {}
     projected = [i for i, layer in enumerate(layers) if not _stored_whole(layer)]
-    plan = _lift_plan(layers, optimizer, blocks) if lifted else [0] * len(layers)
+    plan = _lift_plan(layers, blocks) if lifted else [0] * len(layers)
     carried = [layers[i] for i in projected if plan[i]]
     dropped = len(projected) - len(carried)
     if dropped:
@@ -248,26 +246,17 @@ def _second_moment(
     return None
 
 
-def _lift_plan(layers: list[Mapping[str, Any]], optimizer: Mapping[str, Any], blocks: str) -> list[int]:
-    """The engine's :func:`dvemb.engine.optimizer_maps.lift_plan` for this computation, from the manifest."""
+def _lift_plan(layers: list[Mapping[str, Any]], blocks: str) -> list[int]:
+    """The engine's :func:`dvemb.engine.optimizer_maps.lift_plan` for this computation, from the manifest: a layer
+    whose log carries both Adam moments whole (``second_moment`` :data:`LIFTED`) offers its own coordinates."""
     sizes = [
         _int(layer.get("out_dim"), 0) * _int(layer.get("in_dim"), 0)
-        if not _stored_whole(layer) and _carrier(layer, optimizer) != "none"
+        if not _stored_whole(layer) and layer.get("second_moment") == LIFTED
         else 0
         for layer in layers
     ]
     dims = [_int(layer.get("k_out"), 0) * _int(layer.get("k_in"), 0) for layer in layers]
     return lift_plan(sizes, [sum(dims)] * len(dims) if blocks == "full" else dims)
-
-
-def _carrier(layer: Mapping[str, Any], optimizer: Mapping[str, Any]) -> str:
-    """``"lifted"`` when the log carries both of a projected layer's Adam moments whole (the engine's
-    :func:`dvemb.engine.optimizer_maps.lifted_size`), else ``"none"``."""
-    return "lifted" if layer.get("second_moment") == LIFTED else "none"
-
-
-def _min_side(layer: Mapping[str, Any]) -> int:
-    return min(_int(layer.get("out_dim"), 0), _int(layer.get("in_dim"), 0))
 
 
 def _per_layer(blocks: str, layers: list[Mapping[str, Any]]) -> Approximation | None:

@@ -151,9 +151,8 @@ class Embedder:
         lifting = self.lift_second_moment and self.second_moment and not self.seeded
         if self.propagation not in ("adam", "adamw") or not lifting:
             return [0] * len(self.layer_dims)
-        optimizer = self.log.manifest.get("optimizer") or {}
         entries = self.log.manifest.get("layers") or []
-        sizes = [lifted_size(entries[i], optimizer, layer.projection) for i, layer in enumerate(self.log.layers)]
+        sizes = [lifted_size(entries[i], layer.projection) for i, layer in enumerate(self.log.layers)]
         widths = [self.total_dim] * len(sizes) if self.blocks == "full" else list(self.layer_dims)
         return lift_plan(sizes, widths)
 

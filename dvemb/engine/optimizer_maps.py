@@ -136,14 +136,13 @@ def lift_plan(sizes: list[int], state_dims: list[int]) -> list[int]:
     return plan
 
 
-def lifted_size(layer: Mapping[str, Any], optimizer: Mapping[str, Any], projection: LayerProjection) -> int:
+def lifted_size(layer: Mapping[str, Any], projection: LayerProjection) -> int:
     """Coordinates over which a projected layer's second-moment term is carried (its own: ``n_out * n_in``),
     or 0 when the log does not carry it for this layer (a layer stored whole carries it exactly, not lifted).
 
     Args:
         layer: the layer's manifest entry (``second_moment``: :data:`LIFTED` for a log that carries both moments;
             ``"lifted"`` (second moment only, logs of one development day), ``"factors"`` and ``"none"`` do not).
-        optimizer: the manifest's optimizer entry.
         projection: the layer's projection.
     """
     if projection.is_identity:
@@ -343,13 +342,12 @@ def _add_second_moment(
             torch.stack([gradient_reconstruction(v, p) for v, p in zip(row, p_out, strict=True)]),
             torch.stack([gradient_reconstruction(v, p) for v, p in zip(col, p_in, strict=True)]),
         )
-    vsens = torch.stack([_layer_matrix(optimizer, layers[i][0], "vsens", 0) for i in positions])  # (G, S, N)
-    batch_grad = torch.stack([_layer_matrix(optimizer, layers[i][0], "batch_grad", 1) for i in positions])
+    vsens = torch.stack([_layer_tensor(optimizer, layers[i][0], "vsens") for i in positions])  # (G, S, N)
+    batch_grad = torch.stack([_layer_tensor(optimizer, layers[i][0], "batch_grad") for i in positions])
     seg.sigma = lr.unsqueeze(-1) * vsens
     seg.nu = (2.0 * (1.0 - beta2)).unsqueeze(-1) * batch_grad
     if seg.lift is not None:  # the first moment in the same coordinates, through the exact preconditioner
-        keys = [fmt.optimizer_layer_key("precond", layers[i][0]) for i in positions]
-        seg.precond_own = torch.stack([optimizer[k].double() for k in keys])  # (G, S, N)
+        seg.precond_own = torch.stack([_layer_tensor(optimizer, layers[i][0], "precond") for i in positions])
 
 
 def gradient_reconstruction(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -380,13 +378,9 @@ def gradient_reconstruction(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return solved.transpose(1, 2)
 
 
-def _layer_matrix(optimizer: dict[str, torch.Tensor], name: str, what: str, pair: int) -> torch.Tensor:
-    """(S, N) a layer's ``vsens`` or ``batch_grad`` per step, as recorded or rebuilt from its singular pairs."""
-    key = fmt.optimizer_layer_key(what, name)
-    if key in optimizer:
-        return optimizer[key].double()
-    left, right = (optimizer[fmt.optimizer_layer_key(w, name)].double() for w in fmt.SECOND_MOMENT_FACTORS[pair])
-    return torch.einsum("sro,sri->soi", left, right).flatten(1)  # (S, R, out), (S, R, in) -> (S, out * in)
+def _layer_tensor(optimizer: dict[str, torch.Tensor], name: str, what: str) -> torch.Tensor:
+    """(S, N) one of a layer's per-coordinate optimizer tensors per step (a layer stored whole or lifted), float64."""
+    return optimizer[fmt.optimizer_layer_key(what, name)].double()
 
 
 def _segment_layer(seg: Preconditioner, layers: list[tuple[str, LayerProjection]]) -> int:

@@ -71,12 +71,7 @@ async def run_cancellable(request: Request, session: Session, work: Callable[[],
     try:
         return task.result()
     except OperationalError as exc:
-        if cancelled and _cancelled(exc):
+        if cancelled and timed_out(exc):  # pg_cancel_backend's SQLSTATE is the statement timeout's
             await run_in_threadpool(session.rollback)  # the transaction is aborted: nothing of it is kept
             raise ClientGone from None
         raise
-
-
-def _cancelled(exc: OperationalError) -> bool:
-    """A statement cancelled by ``pg_cancel_backend`` (the same SQLSTATE as a statement timeout)."""
-    return timed_out(exc)
