@@ -95,7 +95,7 @@ def _compute(args: argparse.Namespace) -> int:
         self_influence=args.self_influence,
         propagation=args.propagation,
         second_moment=not args.no_second_moment,
-        second_moment_lifted=args.second_moment_lifted,
+        second_moment_lifted={"auto": None, "on": True, "off": False}[args.second_moment_lifted],
         projected_preconditioner=args.projected_preconditioner,
         removal=args.removal,
         segments=args.segments,
@@ -161,8 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument(
         "--second-moment-lifted",
-        action="store_true",
-        help="Adam: carry that term in small projected layers too (experimental; docs/optimizers.md section 3)",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="Adam: carry that term in small projected layers over their own coordinates: auto (default: while its "
+        "states hold at most 16x the recursion's), on (wherever memory allows; the flag alone), off "
+        "(docs/optimizers.md section 3)",
     )
     comp.add_argument(
         "--projected-preconditioner",

@@ -94,10 +94,12 @@ class ComputeArguments:
             the data does; ``"weight"``: its weight in the step's loss becomes 0 and the others keep
             theirs, ``-g_z / B`` (the paper's sum-loss definition). Both are exact post hoc from the same
             embeddings (they are linear in the gradient); docs/engine.md and BENCHMARKS.md.
-        second_moment_lifted: under Adam and AdamW, also carry both moments of projected layers over their own
-            coordinates where the log keeps what it needs (docs/optimizers.md, section 3). Experimental, off by
-            default: it lifted the digits MLP and a small GPT-2 (BENCHMARKS.md, "Adam's second moment under
-            projection") but diverges on the LDS bank's GPT-2 fine-tune (a fresh AdamW on a pretrained state).
+        second_moment_lifted: under Adam and AdamW, carry both moments of projected layers over their own
+            coordinates where the log keeps what it needs (small layers; docs/optimizers.md, section 3).
+            ``None`` (default): where the lifted states hold at most ``LIFT_AUTO_RATIO`` (16) times the
+            recursion's own state, whose work they multiply about as much; ``True``: wherever memory allows
+            (``LIFT_STATE_MAX``); ``False``: never. BENCHMARKS.md, "Adam's second moment under projection",
+            measures what it buys and costs.
     """
 
     curvature: str | None = None
@@ -115,7 +117,7 @@ class ComputeArguments:
     segments: int = 1
     embeddings_dtype: str = "auto"
     removal: str = "auto"
-    second_moment_lifted: bool = False
+    second_moment_lifted: bool | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -131,6 +133,8 @@ class ComputeArguments:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+        if self.second_moment_lifted not in (None, True, False):
+            raise ConfigError(f"second_moment_lifted={self.second_moment_lifted!r} is not one of None, True, False")
         if (self.block_rows is not None and self.block_rows < 1) or self.top_k < 1 or self.segments < 1:
             raise ConfigError("block_rows, top_k and segments must be at least 1")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -202,8 +206,8 @@ class _Run:
         self.propagation = _propagation(log, args)
         self.fingerprint = _fingerprint(log, args)
         self.embedder = make_embedder(log, args, self.mode, self.propagation)
-        # Adam's second-moment term of small projected layers, over their own coordinates (asked for; not in segments).
-        self.lifts_second_moment = args.second_moment_lifted
+        # Adam's second-moment term of small projected layers, over their own coordinates (not in segments).
+        self.lifts_second_moment: bool | None = args.second_moment_lifted
         self.removal = resolve_removal(args.removal, log)
         self.blocks, self.total_dim = self.embedder.blocks, self.embedder.total_dim
         self.num_steps = log.num_steps

@@ -96,7 +96,7 @@ class Embedder:
         block_rows: curvature rows per chunk (whole steps).
         second_moment, projected_preconditioner: the optimizer recursion's options.
         lift_second_moment: carry the second-moment term of projected layers over their own coordinates
-            (``ComputeArguments.second_moment_lifted``).
+            (``ComputeArguments.second_moment_lifted``; None, the default: within ``LIFT_AUTO_RATIO``).
         seeded: one recursion per seed slot (a segment of a segmented computation) instead of one.
     """
 
@@ -113,7 +113,7 @@ class Embedder:
         second_moment: bool,
         projected_preconditioner: str,
         seeded: bool = False,
-        lift_second_moment: bool = False,
+        lift_second_moment: bool | None = False,
     ) -> None:
         self.log, self.mode, self.propagation, self.blocks = log, mode, propagation, blocks
         self.dtype, self.device, self.block_rows = dtype, device, block_rows
@@ -148,13 +148,15 @@ class Embedder:
         """Per layer, the own coordinates over which the recursion carries its Adam second-moment term (0: not
         carried): :func:`lift_plan` of what the log carries. Not in a segmented computation: its seeds span only
         the projected state."""
-        lifting = self.lift_second_moment and self.second_moment and not self.seeded
+        lifting = self.lift_second_moment is not False and self.second_moment and not self.seeded
         if self.propagation not in ("adam", "adamw") or not lifting:
             return [0] * len(self.layer_dims)
         entries = self.log.manifest.get("layers") or []
         sizes = [lifted_size(entries[i], layer.projection) for i, layer in enumerate(self.log.layers)]
-        widths = [self.total_dim] * len(sizes) if self.blocks == "full" else list(self.layer_dims)
-        return lift_plan(sizes, widths)
+        full = self.blocks == "full"
+        widths = [self.total_dim] * len(sizes) if full else list(self.layer_dims)
+        own = self.total_dim**2 if full else sum(d * d for d in self.layer_dims)
+        return lift_plan(sizes, widths, own if self.lift_second_moment is None else None)
 
     def _lifted(self, layers: list[int]) -> tuple[int, ...]:
         """Positions in ``layers`` of the projected layers whose term the recursion carries (a stacked group of

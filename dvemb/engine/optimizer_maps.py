@@ -36,10 +36,11 @@ __all__ = [
     "LIFT_STATE_MAX",
     "Preconditioner",
     "StepMaps",
-    "gradient_reconstruction",
     "kronecker_preconditioner",
     "lift_plan",
+    "lift_ratio",
     "lifted_size",
+    "reconstruction_gram",
     "step_maps",
 ]
 
@@ -64,9 +65,10 @@ class Preconditioner:
         lift: for a projected layer whose term is carried in its own coordinates (docs/optimizers.md, section 3),
             its bases ``(P_out (G, n_out, k_out), P_in (G, n_in, k_in))``, which project the term's effect on the
             parameters back; None for a layer stored whole (N = n, the segment's own coordinates).
-        lift_in: with ``lift``, per step the maps that take a projected gradient change into the layer's own
-            coordinates, ``(L_out (G, S, n_out, k_out), L_in (G, S, n_in, k_in))``: its expectation under the
-            gradients' covariance ``diag(v_hat)`` (:func:`gradient_reconstruction`).
+        lift_cov: with ``lift``, (G, S, N) per step the diagonal ``C = (sqrt(v_hat) + eps)^2`` of the gradients'
+            covariance under which a projected gradient change is taken back to the layer's own coordinates,
+            ``L = C P (P^T C P)^-1`` (:func:`reconstruction_gram`).
+        lift_gram: with ``lift``, (G, S, d, d) per step ``(P^T C P)^-1``.
         precond_own: with ``lift``, (G, S, N) Adam's exact preconditioner ``D`` in the layer's own coordinates:
             the first moment is carried there too, so that its path and the second moment's keep the exact map's
             cancellation (Adam's first steps).
@@ -78,7 +80,8 @@ class Preconditioner:
     sigma: torch.Tensor | None = None
     nu: torch.Tensor | None = None
     lift: tuple[torch.Tensor, torch.Tensor] | None = None
-    lift_in: tuple[torch.Tensor, torch.Tensor] | None = None
+    lift_cov: torch.Tensor | None = None
+    lift_gram: torch.Tensor | None = None
     precond_own: torch.Tensor | None = None
 
     @property
@@ -105,7 +108,8 @@ class Preconditioner:
             move(self.sigma),
             move(self.nu),
             pair(self.lift),
-            pair(self.lift_in),
+            move(self.lift_cov),
+            move(self.lift_gram),
             move(self.precond_own),
         )
 
@@ -119,7 +123,14 @@ LIFTED = "lifted-moments"
 LIFT_STATE_MAX = 1 << 27
 
 
-def lift_plan(sizes: list[int], state_dims: list[int]) -> list[int]:
+#: By default (``ComputeArguments.second_moment_lifted=None``) the term is carried only while the lifted states
+#: hold at most this many times the numbers of the recursion's own state: their work grows with them (measured,
+#: BENCHMARKS.md: the digits MLP's 12.5x cost 3x the computation without them, a small GPT-2's 12x 24x, the LDS
+#: bank's GPT-2 at 27x 65x for +0.02 LDS; the first two gained 0.05 and 0.17 Spearman).
+LIFT_AUTO_RATIO = 16
+
+
+def lift_plan(sizes: list[int], state_dims: list[int], own_state: int | None = None) -> list[int]:
     """Which layers' terms a computation carries: each layer's own size (:func:`lifted_size`; 0: not carried),
     kept in layer order while the (own size x state width) states add up to at most :data:`LIFT_STATE_MAX`.
 
@@ -127,13 +138,25 @@ def lift_plan(sizes: list[int], state_dims: list[int]) -> list[int]:
         sizes: per layer, :func:`lifted_size` (0 where the log does not carry the term).
         state_dims: per layer, the width D of its recursion's state (the concatenated dimension with
             ``blocks="full"``, the layer's own projected dimension with ``blocks="layer"``).
+        own_state: for the default choice, the numbers in the recursion's own state: nothing is carried when the
+            lifted states would hold more than :data:`LIFT_AUTO_RATIO` times as many (:func:`lift_ratio`);
+            None: carried wherever :data:`LIFT_STATE_MAX` allows (asked for explicitly).
     """
+    if own_state is not None and lift_ratio(sizes, state_dims, own_state) > LIFT_AUTO_RATIO:
+        return [0] * len(sizes)
     budget, plan = LIFT_STATE_MAX, []
     for size, width in zip(sizes, state_dims, strict=True):
         fits = 0 < size * width <= budget
         budget -= size * width if fits else 0
         plan.append(size if fits else 0)
     return plan
+
+
+def lift_ratio(sizes: list[int], state_dims: list[int], own_state: int) -> float:
+    """Numbers in the lifted states (own size x state width, summed over the layers that offer the term) over
+    ``own_state``, the numbers in the recursion's own state (``D^2`` for one full block, the sum of ``d^2`` over
+    the layers otherwise); ``sizes`` and ``state_dims`` as :func:`lift_plan`'s."""
+    return sum(s * d for s, d in zip(sizes, state_dims, strict=True)) / max(own_state, 1)
 
 
 def lifted_size(layer: Mapping[str, Any], projection: LayerProjection) -> int:
@@ -336,11 +359,10 @@ def _add_second_moment(
         p_out = [layers[i][1].p_out(dtype=torch.float64, device=cpu) for i in positions]
         p_in = [layers[i][1].p_in(dtype=torch.float64, device=cpu) for i in positions]
         seg.lift = (torch.stack(p_out), torch.stack(p_in))
-        row = [optimizer[fmt.optimizer_layer_key("v_row", layers[i][0])].double() for i in positions]
-        col = [optimizer[fmt.optimizer_layer_key("v_col", layers[i][0])].double() for i in positions]
-        seg.lift_in = (
-            torch.stack([gradient_reconstruction(v, p) for v, p in zip(row, p_out, strict=True)]),
-            torch.stack([gradient_reconstruction(v, p) for v, p in zip(col, p_in, strict=True)]),
+        precond = [_layer_tensor(optimizer, layers[i][0], "precond") for i in positions]  # (S, N) each
+        seg.lift_cov = torch.stack([d.reciprocal().square() for d in precond])
+        seg.lift_gram = torch.stack(
+            [reconstruction_gram(c, po, pi) for c, po, pi in zip(seg.lift_cov, p_out, p_in, strict=True)]
         )
     vsens = torch.stack([_layer_tensor(optimizer, layers[i][0], "vsens") for i in positions])  # (G, S, N)
     batch_grad = torch.stack([_layer_tensor(optimizer, layers[i][0], "batch_grad") for i in positions])
@@ -350,32 +372,44 @@ def _add_second_moment(
         seg.precond_own = torch.stack([_layer_tensor(optimizer, layers[i][0], "precond") for i in positions])
 
 
-def gradient_reconstruction(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """One side of the map from a projected gradient change back to the layer's own coordinates, per step.
+def reconstruction_gram(cov: torch.Tensor, p_out: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:
+    """Per step ``(P^T C P)^-1`` for a layer's Kronecker bases ``P = P_out kron P_in`` and a diagonal ``C``.
 
-    For a gradient ``g`` with covariance ``C = diag(v_hat)`` the expectation of ``g`` given its projection
-    ``x = P^T g`` is ``C P (P^T C P)^-1 x``; under Adafactor's factorisation of ``v_hat`` it is the Kronecker
-    product of one such map per side (the scales cancel). ``P`` itself would spread ``x`` over coordinates whose
-    gradients are always tiny, where Adam's sensitivity to its second moment is largest (``~1 / eps^2``): on a
-    GPT-2 whose vocabulary rows are rarely used it blew the scores up by seven orders of magnitude. With square
-    orthonormal bases it is ``P`` (the unprojected term, exactly).
+    A projected gradient change ``x = P^T g`` is taken back to the layer's own coordinates as its expectation
+    under the gradients' covariance ``C``, ``L x = C P (P^T C P)^-1 x``. ``C`` is Adam's own per coordinate,
+    ``(sqrt(v_hat) + eps)^2`` (the square of the inverse preconditioner): where the gradients are tiny, so is
+    the reconstruction, and Adam's sensitivity to ``v`` there (up to ``~1 / eps^2``) meets a change of the
+    same small scale as the exact map's. ``P`` alone spreads ``x`` over every coordinate (seven orders of
+    magnitude too large on a GPT-2's rarely used vocabulary rows), and a covariance factored as Adafactor's
+    (row sums times column sums) overstates the tiny coordinates in the same way. With square orthonormal
+    bases ``L = P`` (the unprojected term, exactly).
 
     Args:
-        v: (S, n) the side's sums of the bias-corrected second moment per step (``v_row`` or ``v_col``).
-        p: (n, k) the side's basis.
+        cov: (S, n_out * n_in) the diagonal of ``C`` per step, the layer's gradient matrix flattened row-major.
+        p_out: (n_out, k_out) the output side's basis.
+        p_in: (n_in, k_in) the input side's basis.
 
     Returns:
-        (S, n, k) ``diag(v) P (P^T diag(v) P)^-1`` per step (a small ridge keeps it defined).
+        (S, k_out * k_in, k_out * k_in) the inverse Gram matrices (a tiny ridge keeps them defined).
     """
-    v, p = v.double(), p.double()
-    den = torch.einsum("nk,sn,nl->skl", p, v, p)  # (S, k, k)
-    scale = den.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)
-    # A ridge only where the side has coordinates that never see a gradient (v = 0, e.g. an always-blank pixel):
-    # small enough that full-rank bases give P back to 1e-12.
-    den = den + (1e-13 * scale)[:, None, None] * torch.eye(p.shape[1], dtype=v.dtype)
-    num = v[:, :, None] * p  # (S, n, k)
-    solved: torch.Tensor = torch.linalg.solve(den, num.transpose(1, 2))  # den^-1 num^T (den is symmetric)
-    return solved.transpose(1, 2)
+    (n_out, k_out), (n_in, k_in) = p_out.shape, p_in.shape
+    steps = cov.shape[0]
+    c = cov.double().reshape(steps, n_out, n_in)
+    p_out, p_in = p_out.double(), p_in.double()
+    # (P^T C P)[(a, b), (e, f)] = sum_i P_out[i, a] P_out[i, e] sum_j C[i, j] P_in[j, b] P_in[j, f]
+    inner = torch.matmul((c.unsqueeze(-1) * p_in).transpose(-1, -2), p_in)  # (S, n_out, k_in, k_in)
+    outer = (p_out.unsqueeze(-1) * p_out.unsqueeze(1)).reshape(n_out, k_out * k_out)  # (n_out, k_out^2)
+    gram = torch.matmul(outer.T, inner.reshape(steps, n_out, k_in * k_in))  # (S, k_out^2, k_in^2)
+    d = k_out * k_in
+    gram = gram.reshape(steps, k_out, k_out, k_in, k_in).permute(0, 1, 3, 2, 4).reshape(steps, d, d)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)
+    # C >= eps^2 > 0, so the Gram matrix is definite for bases of full column rank; the ridge only keeps eps = 0
+    # with never-seen coordinates defined. It must stay far below C's range (eps^2 / max v_hat reaches 1e-14):
+    # a ridge of 1e-13 of the mean diagonal moved full-rank bases' result by 3e-9.
+    gram = gram + (1e-30 * scale)[:, None, None] * torch.eye(d, dtype=gram.dtype)
+    # Through Cholesky: the Gram matrix is symmetric positive definite (and torch's LU inverse failed on some
+    # of a GPT-2's batches with "pivots given to lu_solve must all be greater or equal to 1").
+    return torch.cholesky_inverse(torch.linalg.cholesky(gram))
 
 
 def _layer_tensor(optimizer: dict[str, torch.Tensor], name: str, what: str) -> torch.Tensor:

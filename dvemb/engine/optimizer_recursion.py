@@ -170,13 +170,11 @@ class OptimizerRecursion:
         for seg in segments:
             if seg.lift is None or seg.precond_own is None:
                 continue
-            assert seg.lift_in is not None
             rows = slice(seg.start, seg.start + seg.size)
             lifted = self.lifted_mom[seg.start]
             scaled = seg.precond_own[:, step, :, None] * c["a"]
             lifted.addcmul_(scaled, _lift_rows(seg.lift, self.theta[:, rows]), value=-1.0)
-            into = (seg.lift_in[0][:, step], seg.lift_in[1][:, step])
-            v_t[:, rows] = _project_rows(into, lifted) * c["tau"]
+            v_t[:, rows] = _reconstruction_t(seg, step, lifted) * c["tau"]
             w_t[:, rows] = 0.0
             lifted.mul_(c["beta"])
 
@@ -203,10 +201,8 @@ class OptimizerRecursion:
                 v_t[:, rows] += nu * y
                 self.vmom[:, rows] = y.mul_(beta2)
                 continue
-            assert seg.lift_in is not None
             y = self.lifted[seg.start].addcmul_(sigma, _lift_rows(seg.lift, self.theta[:, rows]))
-            into = (seg.lift_in[0][:, step], seg.lift_in[1][:, step])  # this step's gradient reconstruction
-            v_t[:, rows] += _project_rows(into, nu * y)
+            v_t[:, rows] += _reconstruction_t(seg, step, nu * y)
             y.mul_(beta2)
 
     def _renormalise(self) -> None:
@@ -227,6 +223,16 @@ def _lift_rows(bases: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> 
     x = torch.bmm(p_out, rows.reshape(g, ko, ki * d)).reshape(g, -1, ki, d)  # (G, n_out, k_in, d)
     x = torch.matmul(p_in.unsqueeze(1), x)  # (G, n_out, n_in, d)
     return x.reshape(g, -1, d)
+
+
+def _reconstruction_t(seg: Preconditioner, step: int, rows: torch.Tensor) -> torch.Tensor:
+    """``L_k^T Z = (P^T C P)^-1 P^T C Z`` for rows Z (G, N, d) in a lifted layer's own coordinates: (G, k, d),
+    with ``L_k`` the step's map of a projected gradient change back to those coordinates
+    (:func:`dvemb.engine.optimizer_maps.reconstruction_gram`)."""
+    assert seg.lift is not None
+    assert seg.lift_cov is not None
+    assert seg.lift_gram is not None
+    return torch.bmm(seg.lift_gram[:, step], _project_rows(seg.lift, seg.lift_cov[:, step, :, None] * rows))
 
 
 def _project_rows(bases: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:

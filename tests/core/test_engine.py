@@ -335,6 +335,8 @@ def test_engine_errors(tmp_path: Path) -> None:
         compute(tmp_path / "lrs", tmp_path / "o3", ComputeArguments(query_sets=("nope",)))
     with pytest.raises(dvemb.ConfigError, match="blocks='rows'"):
         ComputeArguments(blocks="rows")
+    with pytest.raises(dvemb.ConfigError, match="second_moment_lifted='on' is not one of None, True, False"):
+        ComputeArguments(second_moment_lifted="on")  # type: ignore[arg-type]
 
 
 def test_divergent_learning_rate_stops_with_the_step(tmp_path: Path) -> None:

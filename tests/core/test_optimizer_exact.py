@@ -77,13 +77,13 @@ def _record(
     rec.close()
 
 
-def _naive_reconstruction(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """(S, n, k) per step, written out: ``diag(v) P (P^T diag(v) P)^-1`` (the expectation of a gradient with
-    covariance diag(v) given its projection), with the engine's small ridge."""
+def _naive_reconstruction(precond: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """(S, N, k) per step, written out: ``C P (P^T C P)^-1`` with ``C = diag(precond^-2)`` (the expectation of a
+    gradient with covariance C given its projection), with the engine's small ridge."""
     out = []
-    for row in v.double():
+    for row in precond.double().reciprocal().square():
         den = p.T @ torch.diag(row) @ p
-        den = den + 1e-13 * den.diagonal().mean() * torch.eye(p.shape[1], dtype=torch.float64)
+        den = den + 1e-30 * den.diagonal().mean() * torch.eye(p.shape[1], dtype=torch.float64)
         out.append(torch.diag(row) @ p @ torch.linalg.inv(den))
     return torch.stack(out)
 
@@ -273,15 +273,15 @@ def test_unknown_propagation_in_a_manifest_is_a_clear_error_before_any_work(tmp_
 def test_projected_second_moment_is_exact_with_full_rank_bases(tmp_path: Path, name: str) -> None:
     """Full-rank rotated bases (every side projected onto all its eigenvectors), both Adam moments lifted: the
     projected propagation equals the unprojected forward reference with the exact preconditioner and the
-    second-moment term. The default (not lifted) differs: the term is carried only when asked."""
+    second-moment term, by default (the lifted states are small here); turned off, it differs."""
     torch.manual_seed(0)
     _record(tmp_path / "whole", OPTIMIZERS[name])
     torch.manual_seed(0)
     _record(tmp_path / "rotated", OPTIMIZERS[name], proj_dim=(8, 8), rotate=True)
     rotated = dvemb.open_log(tmp_path / "rotated")
     assert [entry["second_moment"] for entry in rotated.manifest["layers"]] == ["lifted-moments", "lifted-moments"]
-    emb, _ = _embeddings(tmp_path / "rotated", tmp_path / "out", blocks="layer", second_moment_lifted=True)
-    without, _ = _embeddings(tmp_path / "rotated", tmp_path / "out-no-v", blocks="layer")  # not asked: dropped
+    emb, _ = _embeddings(tmp_path / "rotated", tmp_path / "out", blocks="layer")
+    without, _ = _embeddings(tmp_path / "rotated", tmp_path / "out-no-v", blocks="layer", second_moment_lifted=False)
     offset = 0
     for layer in rotated.layers:
         p = layer.projection
@@ -335,13 +335,16 @@ def test_projected_second_moment_follows_the_layers_own_coordinates(tmp_path: Pa
     log = dvemb.open_log(tmp_path / "log")
     assert [entry["second_moment"] for entry in log.manifest["layers"]] == ["lifted-moments", "lifted-moments"]
     emb, summary = _embeddings(tmp_path / "log", tmp_path / "out", blocks=blocks, second_moment_lifted=True)
-    without, default = _embeddings(tmp_path / "log", tmp_path / "out-no-v", blocks=blocks)  # not asked: dropped
-    assert "second-moment-dropped" in [a["kind"] for a in default["approximations"]]  # type: ignore[union-attr]
+    default, _ = _embeddings(tmp_path / "log", tmp_path / "out-default", blocks=blocks)  # small states: carried
+    np.testing.assert_array_equal(default, emb)
+    without, off = _embeddings(tmp_path / "log", tmp_path / "out-no-v", blocks=blocks, second_moment_lifted=False)
+    dropped = [a for a in off["approximations"] if a["kind"] == "second-moment-dropped"]  # type: ignore[union-attr]
+    assert len(dropped) == 1 and "second_moment_lifted=False" in dropped[0]["detail"]
     kinds = [a["kind"] for a in summary["approximations"]]  # type: ignore[union-attr]
     assert "second-moment-dropped" not in kinds
     shards = list(log.iter_shards())
     opt = {k: torch.cat([shard.optimizer[k] for shard in shards]) for k in shards[0].optimizer}
-    lifts, reconstructions, preconditioners = [], [], []
+    lifts, reconstructions, preconditioners = [], [], []  # reconstructions: per step (S, N, k)
     for layer in log.layers:
         p = layer.projection
         cpu = torch.device("cpu")
@@ -350,10 +353,11 @@ def test_projected_second_moment_follows_the_layers_own_coordinates(tmp_path: Pa
         v_col = opt[fmt.optimizer_layer_key("v_col", layer.name)]
         preconditioners.append(kronecker_preconditioner(v_row, v_col, p_out, p_in))
         lifts.append(torch.kron(p_out, p_in))
-        reconstructions.append((_naive_reconstruction(v_row, p_out), _naive_reconstruction(v_col, p_in)))
+        precond = opt[fmt.optimizer_layer_key("precond", layer.name)]
+        reconstructions.append(_naive_reconstruction(precond, lifts[-1]))
 
     def lift_in(k: int, layers: list[int]) -> torch.Tensor:
-        return torch.block_diag(*[torch.kron(reconstructions[i][0][k], reconstructions[i][1][k]) for i in layers])
+        return torch.block_diag(*[reconstructions[i][k] for i in layers])
 
     if blocks == "layer":
         expected = np.concatenate(
@@ -383,6 +387,39 @@ def test_projected_second_moment_follows_the_layers_own_coordinates(tmp_path: Pa
     assert np.abs(expected).max() > 1e-3
     np.testing.assert_allclose(emb, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
     assert np.abs(without - expected).max() > 1e-3 * np.abs(expected).max()  # the term is carried, not dropped
+
+
+def test_the_default_carries_the_lifted_term_only_while_its_states_are_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default the term is carried while the lifted states hold at most LIFT_AUTO_RATIO times the recursion's
+    own (the ratio computed from the manifest, the bound moved just below and just above it); past it the
+    default equals turning it off, the results say why and how to carry it anyway, and asking for it
+    explicitly still carries it."""
+    import dvemb.engine.optimizer_maps as maps
+
+    _record(tmp_path / "log", OPTIMIZERS["adam"], proj_dim=(2, 3), projection="random")
+    lifted, _ = _embeddings(tmp_path / "log", tmp_path / "lifted", blocks="layer", second_moment_lifted=True)
+    off, _ = _embeddings(tmp_path / "log", tmp_path / "off", blocks="layer", second_moment_lifted=False)
+    manifest = dvemb.open_log(tmp_path / "log").manifest
+    layers = manifest["layers"]
+    sizes = [layer["out_dim"] * layer["in_dim"] for layer in layers]
+    dims = [layer["k_out"] * layer["k_in"] for layer in layers]
+    ratio = maps.lift_ratio(sizes, dims, sum(d * d for d in dims))
+    assert ratio > 1
+    monkeypatch.setattr(maps, "LIFT_AUTO_RATIO", ratio * 0.99)
+    capped, summary = _embeddings(tmp_path / "log", tmp_path / "capped", blocks="layer")
+    np.testing.assert_array_equal(capped, off)
+    dropped = [a for a in summary["approximations"] if a["kind"] == "second-moment-dropped"]  # type: ignore[union-attr]
+    assert len(dropped) == 1
+    assert f"{ratio:.0f}x the recursion's own" in dropped[0]["detail"]
+    assert "second_moment_lifted=True" in dropped[0]["detail"]
+    asked, _ = _embeddings(tmp_path / "log", tmp_path / "asked", blocks="layer", second_moment_lifted=True)
+    np.testing.assert_array_equal(asked, lifted)
+    monkeypatch.setattr(maps, "LIFT_AUTO_RATIO", ratio * 1.01)
+    within, summary = _embeddings(tmp_path / "log", tmp_path / "within", blocks="layer")
+    np.testing.assert_array_equal(within, lifted)
+    assert "second-moment-dropped" not in [a["kind"] for a in summary["approximations"]]  # type: ignore[union-attr]
 
 
 def test_the_lifted_state_is_bounded_and_what_is_left_out_is_said(
