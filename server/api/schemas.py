@@ -57,6 +57,11 @@ class JobCreate(BaseModel):
     top_k: int | None = Field(default=None, ge=1, le=1000)
     propagation: Literal["auto", "optimizer", "sgd-proxy"] | None = None
     second_moment: bool | None = None
+    second_moment_lifted: bool | None = Field(
+        default=None,
+        description="Adam: carry the second-moment term of small projected layers over their own coordinates; "
+        "default: while its states hold at most 16x the recursion's own (docs/optimizers.md section 3)",
+    )
     segments: int | None = Field(
         default=None,
         ge=1,
