@@ -133,7 +133,7 @@ class OptimizerRecursion:
                 if has_b[j]:
                     v_t.addcmul_(d_theta, c["b"], value=-1.0)
                 if second_moment:
-                    self._first_moment_lifted(v_t, w_t, segments, j, c)
+                    self._lifted_moments(v_t, w_t, segments, j, c)
                     self._second_moment(v_t, segments, j, c["beta2"])
             g = grads[:, g_starts[j] : g_bounds[j]]  # (G, B, d)
             out[:, g_starts[j] : g_bounds[j]] = torch.bmm(g, v_t).mul_(-c["weight"] * v_scale)
@@ -149,7 +149,7 @@ class OptimizerRecursion:
         self._renormalise()
         return out
 
-    def _first_moment_lifted(
+    def _lifted_moments(
         self,
         v_t: torch.Tensor,
         w_t: torch.Tensor,
@@ -157,53 +157,52 @@ class OptimizerRecursion:
         step: int,
         c: dict[str, torch.Tensor],
     ) -> None:
-        """Adam's first moment of a lifted layer, over its own N coordinates with the exact preconditioner ``D``::
+        """Both Adam moments of a lifted layer, over its own N coordinates with the exact preconditioner ``D``::
 
-            W^T  = R^m'^T - a diag(D) P Theta          (N, d); R^m' of the later steps
-            V^T  = tau L_k^T W^T                        (the segment's rows of ``v_t``, replaced)
-            R^m^T = beta W^T
+            X    = P Theta                               (N, d): the segment's rows of R^theta^T, lifted once
+            W^T  = R^m'^T - a diag(D) X                  R^m' of the later steps
+            Y^T  = R^v'^T + diag(sigma) X                R^v' of the later steps
+            V^T  = L_k^T (tau W^T + diag(nu) Y^T)         (the segment's rows of ``v_t``, replaced)
+            R^m^T = beta W^T,  R^v^T = beta2 Y^T
 
         instead of the projected ``W`` (whose rows of the segment are zeroed in ``w_t``, so the projected momentum
-        state keeps none of them). Carried so because the second-moment term uses the exact sensitivities: in
-        Adam's bias-corrected first steps the two paths are large and cancel in the exact map, and they do only if
-        both see the same ``D`` (docs/optimizers.md, section 3)."""
+        state keeps none of them). ``L_k`` is the step's reconstruction of a projected gradient change in the
+        layer's coordinates (the removal's change of ``v`` is not confined to the bases' span; docs/optimizers.md
+        section 3); both moments go through it in one product, as they are summed. The first moment is carried
+        here too because in Adam's bias-corrected first steps the two paths are large and cancel in the exact map,
+        and they do only if both see the same ``D``."""
         for seg in segments:
             if seg.lift is None or seg.precond_own is None:
                 continue
+            assert seg.sigma is not None
+            assert seg.nu is not None
             rows = slice(seg.start, seg.start + seg.size)
-            lifted = self.lifted_mom[seg.start]
-            scaled = seg.precond_own[:, step, :, None] * c["a"]
-            lifted.addcmul_(scaled, _lift_rows(seg.lift, self.theta[:, rows]), value=-1.0)
-            v_t[:, rows] = _reconstruction_t(seg, step, lifted) * c["tau"]
+            lifted_theta = _lift_rows(seg.lift, self.theta[:, rows])  # (G, N, d)
+            mom, vmom = self.lifted_mom[seg.start], self.lifted[seg.start]
+            mom.addcmul_(seg.precond_own[:, step, :, None] * c["a"], lifted_theta, value=-1.0)
+            vmom.addcmul_(seg.sigma[:, step, :, None], lifted_theta)
+            both = torch.addcmul(mom * c["tau"], seg.nu[:, step, :, None], vmom, out=lifted_theta)
+            v_t[:, rows] = _reconstruction_t(seg, step, both)
             w_t[:, rows] = 0.0
-            lifted.mul_(c["beta"])
+            mom.mul_(c["beta"])
+            vmom.mul_(c["beta2"])
 
     def _second_moment(self, v_t: torch.Tensor, segments: list[Preconditioner], step: int, beta2: torch.Tensor) -> None:
-        """Adam's second-moment term of one step, per segment that carries it::
+        """Adam's second-moment term of one step, per layer stored whole (lifted layers: :meth:`_lifted_moments`)::
 
-            Y^T  = R^v'^T + diag(sigma) Theta        (R^v' of the later steps)
-            V^T += diag(nu) Y^T                       (in place on ``v_t``)
-            R^v^T = beta2 Y^T
-
-        in the segment's coordinates for a layer stored whole, and for a lifted projected layer over its own
-        N coordinates: ``Y^T = R^v'^T + diag(sigma) P Theta`` and ``V^T += L_k^T diag(nu) Y^T``, with ``P`` its
-        Kronecker bases and ``L_k`` the step's reconstruction of a gradient change in the layer's coordinates
-        (the removal's change of ``v`` is not confined to the bases' span; docs/optimizers.md).
+        Y^T  = R^v'^T + diag(sigma) Theta        (R^v' of the later steps)
+        V^T += diag(nu) Y^T                       (in place on ``v_t``)
+        R^v^T = beta2 Y^T
         """
         for seg in segments:
-            if seg.sigma is None:
+            if seg.sigma is None or seg.lift is not None:
                 continue
             assert seg.nu is not None
             rows = slice(seg.start, seg.start + seg.size)
             sigma, nu = seg.sigma[:, step, :, None], seg.nu[:, step, :, None]
-            if seg.lift is None:
-                y = self.vmom[:, rows] + sigma * self.theta[:, rows]
-                v_t[:, rows] += nu * y
-                self.vmom[:, rows] = y.mul_(beta2)
-                continue
-            y = self.lifted[seg.start].addcmul_(sigma, _lift_rows(seg.lift, self.theta[:, rows]))
-            v_t[:, rows] += _reconstruction_t(seg, step, nu * y)
-            y.mul_(beta2)
+            y = self.vmom[:, rows] + sigma * self.theta[:, rows]
+            v_t[:, rows] += nu * y
+            self.vmom[:, rows] = y.mul_(beta2)
 
     def _renormalise(self) -> None:
         """Move the state's magnitude into ``log_scale`` so that it neither underflows nor overflows."""
@@ -217,28 +216,36 @@ class OptimizerRecursion:
 
 def _lift_rows(bases: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """``P X`` for a segment's rows X (G, k_out * k_in, d): (G, n_out * n_in, d), with ``P = P_out kron P_in``
-    and the bases ``P_out`` (G, n_out, k_out), ``P_in`` (G, n_in, k_in)."""
+    and the bases ``P_out`` (G, n_out, k_out), ``P_in`` (G, n_in, k_in). The side whose order costs fewer flops
+    goes first (bases like 92 x 2 are common: the wrong order is k_out / k_in times the work)."""
     p_out, p_in = bases
-    g, ko, ki, d = rows.shape[0], p_out.shape[-1], p_in.shape[-1], rows.shape[-1]
-    x = torch.bmm(p_out, rows.reshape(g, ko, ki * d)).reshape(g, -1, ki, d)  # (G, n_out, k_in, d)
-    x = torch.matmul(p_in.unsqueeze(1), x)  # (G, n_out, n_in, d)
-    return x.reshape(g, -1, d)
+    g, (no, ko), (ni, ki), d = rows.shape[0], p_out.shape[1:], p_in.shape[1:], rows.shape[-1]
+    if ki * (no * ko + no * ni) <= ko * (ki * ni + no * ni):
+        x = torch.bmm(p_out, rows.reshape(g, ko, ki * d)).reshape(g, no, ki, d)  # (G, n_out, k_in, d)
+        return torch.matmul(p_in.unsqueeze(1), x).reshape(g, -1, d)  # (G, n_out, n_in, d)
+    x = torch.matmul(p_in.unsqueeze(1), rows.reshape(g, ko, ki, d))  # (G, k_out, n_in, d)
+    return torch.bmm(p_out, x.reshape(g, ko, ni * d)).reshape(g, -1, d)
 
 
 def _reconstruction_t(seg: Preconditioner, step: int, rows: torch.Tensor) -> torch.Tensor:
-    """``L_k^T Z = (P^T C P)^-1 P^T C Z`` for rows Z (G, N, d) in a lifted layer's own coordinates: (G, k, d),
+    """``L_k^T Z = (P^T C P)^-1 P^T C Z`` for rows Z (G, N, d) in a lifted layer's own coordinates (overwritten),
+    (G, k, d),
     with ``L_k`` the step's map of a projected gradient change back to those coordinates
     (:func:`dvemb.engine.optimizer_maps.reconstruction_gram`)."""
     assert seg.lift is not None
     assert seg.lift_cov is not None
     assert seg.lift_gram is not None
-    return torch.bmm(seg.lift_gram[:, step], _project_rows(seg.lift, seg.lift_cov[:, step, :, None] * rows))
+    weighted = rows.mul_(seg.lift_cov[:, step, :, None])  # in place: the caller's temporary
+    return torch.bmm(seg.lift_gram[:, step], _project_rows(seg.lift, weighted))
 
 
 def _project_rows(bases: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """``P^T Z`` for rows Z (G, n_out * n_in, d) in a layer's own coordinates: (G, k_out * k_in, d)."""
+    """``P^T Z`` for rows Z (G, n_out * n_in, d) in a layer's own coordinates: (G, k_out * k_in, d), the cheaper
+    side first."""
     p_out, p_in = bases
-    g, no, ni, d = rows.shape[0], p_out.shape[1], p_in.shape[1], rows.shape[-1]
-    x = torch.bmm(p_out.transpose(1, 2), rows.reshape(g, no, ni * d)).reshape(g, -1, ni, d)  # (G, k_out, n_in, d)
-    x = torch.matmul(p_in.transpose(1, 2).unsqueeze(1), x)  # (G, k_out, k_in, d)
-    return x.reshape(g, -1, d)
+    g, (no, ko), (ni, ki), d = rows.shape[0], p_out.shape[1:], p_in.shape[1:], rows.shape[-1]
+    if ko * (no * ni + ki * ni) <= ki * (no * ni + ko * no):
+        x = torch.bmm(p_out.transpose(1, 2), rows.reshape(g, no, ni * d)).reshape(g, ko, ni, d)
+        return torch.matmul(p_in.transpose(1, 2).unsqueeze(1), x).reshape(g, -1, d)  # (G, k_out, k_in, d)
+    x = torch.matmul(p_in.transpose(1, 2).unsqueeze(1), rows.reshape(g, no, ni, d))  # (G, n_out, k_in, d)
+    return torch.bmm(p_out.transpose(1, 2), x.reshape(g, no, ki * d)).reshape(g, -1, d)

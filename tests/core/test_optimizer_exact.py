@@ -439,3 +439,22 @@ def test_the_lifted_state_is_bounded_and_what_is_left_out_is_said(
     assert np.abs(carried[:, 6:] - without[:, 6:]).max() > 0  # the left-out term did matter
     dropped = [a for a in summary["approximations"] if a["kind"] == "second-moment-dropped"]  # type: ignore[union-attr]
     assert len(dropped) == 1 and "in 1 projected layer(s) of 2" in dropped[0]["detail"]
+
+
+@pytest.mark.parametrize("shape", [(20, 10, 5, 2), (5, 2, 20, 10), (6, 3, 6, 3)])
+def test_kronecker_lift_and_projection_equal_the_written_out_product_in_either_order(
+    shape: tuple[int, int, int, int],
+) -> None:
+    """``P X`` and ``P^T Z`` through the two sides (the cheaper side first, so both orders are taken across these
+    shapes) equal the product with ``kron(P_out, P_in)`` written out."""
+    from dvemb.engine.optimizer_recursion import _lift_rows, _project_rows
+
+    n_out, k_out, n_in, k_in = shape
+    gen = torch.Generator().manual_seed(0)
+    p_out = torch.randn(2, n_out, k_out, generator=gen, dtype=torch.float64)
+    p_in = torch.randn(2, n_in, k_in, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, k_out * k_in, 7, generator=gen, dtype=torch.float64)
+    z = torch.randn(2, n_out * n_in, 7, generator=gen, dtype=torch.float64)
+    full = torch.stack([torch.kron(a, b) for a, b in zip(p_out, p_in, strict=True)])
+    torch.testing.assert_close(_lift_rows((p_out, p_in), x), full @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_project_rows((p_out, p_in), z), full.transpose(1, 2) @ z, rtol=1e-12, atol=1e-12)
