@@ -71,6 +71,7 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
             waiting=JobStatus.QUEUED,
             lease=lease,
             started_at=func.coalesce(Job.started_at, literal(now, Job.__table__.c.started_at.type)),
+            stored_fraction=None,  # an earlier attempt's rows are deleted and written again
         )
         session.commit()
         if not claimed:
@@ -100,7 +101,7 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
             summary = _compute(job_id, log, out, args, mine, lease)
             # The rows are written while the job is still running, in short transactions fenced by this claim;
             # the job becomes 'succeeded' (its rows visible) only in the last one.
-            writer = ShortTransactions(factory, _fence(job_id, mine, lease))
+            writer = ShortTransactions(factory, _fence(job_id, mine, lease), _stored_fraction(job_id))
             store_results(writer, job_id, out, summary, example_metadata(log))
             storage.save_results(run_id, job_id, out)  # before the job is visible as succeeded
             # Before the job is visible as succeeded: its first comparison is planned with the new rows counted.
@@ -116,6 +117,7 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
                     summary=summary,
                     progress=1.0,
                     eta_seconds=0.0,
+                    stored_fraction=1.0,
                     finished_at=dt.datetime.now(dt.UTC),
                 )
                 if not done:
@@ -204,6 +206,15 @@ def _fence(job_id: int, mine: Any, lease: float) -> Any:
             raise JobCancelled
 
     return fence
+
+
+def _stored_fraction(job_id: int) -> Any:
+    """Writes the share of the job's rows stored so far, in the writer's fenced transaction (which holds the job)."""
+
+    def write(session: Any, fraction: float) -> None:
+        session.execute(update(Job).where(Job.id == job_id).values(stored_fraction=fraction))
+
+    return write
 
 
 def _progress_writer(job_id: int, mine: Any) -> Any:

@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dvemb.engine import load_results
+from dvemb.engine.windows import standard_windows
 from dvemb.formats import Summary, phase_of
 from dvemb.reader import GradientLog
 from server.db.models import CurvePoint, ExampleTotal, PhaseSummaryRow, TopKRow
@@ -58,6 +59,7 @@ def store_results(
     ids = [str(i) for i in results.example_ids]
     occurrences = np.bincount(results.example_index.numpy(), minlength=len(ids))
     typed = Summary.from_json(summary)
+    writer.expect(expected_rows(typed, len(ids), int(results.epoch.max()) + 1 if len(results.epoch) else 0))
     for name, info in typed.query_sets.items():
         bounds = info.boundaries
         writer.insert(
@@ -119,6 +121,17 @@ def store_results(
         writer.insert(PhaseSummaryRow, [{"job_id": job_id, "query_set": name, "summary": info.phases}])
     # The top examples of each phase, tenth and epoch (bounded: windows x queries x top_k rows).
     store_windows(writer, job_id, results, typed, meta)
+
+
+def expected_rows(summary: Summary, examples: int, epochs: int) -> int:
+    """About how many rows :func:`store_results` inserts (windows counted at full ``top_k``, an upper bound), for
+    the job's storing progress."""
+    per_set = []
+    for info in summary.query_sets.values():
+        lists = (info.num_queries + 1) * 2  # every query and the set mean, helpful and harmful
+        windows = len(standard_windows(summary.steps, info.boundaries, epochs))
+        per_set.append(lists * summary.top_k * (1 + windows) + examples + summary.steps + 1)
+    return sum(per_set)
 
 
 def refresh_statistics(factory: sessionmaker[Session]) -> None:

@@ -52,21 +52,37 @@ class ShortTransactions:
     #: keep finding the lock taken by the next chunk (measured: 1.6 s for a POST /runs against back-to-back chunks).
     HOLD_S, YIELD_S = 0.25, 0.12
 
-    def __init__(self, factory: sessionmaker[Session], fence: Callable[[Session], None]) -> None:
-        self.factory, self.fence = factory, fence
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        fence: Callable[[Session], None],
+        progress: Callable[[Session, float], None] | None = None,
+    ) -> None:
+        """``progress``: called in each transaction that inserts rows, after them, with the share of the expected
+        rows (:meth:`expect`) inserted so far, at most 0.99 (the job's storing progress, written in the same
+        transaction: no extra commit)."""
+        self.factory, self.fence, self.progress = factory, fence, progress
+        self.rows_inserted, self.rows_expected = 0, 0
         bind = factory.kw.get("bind")
         self.single_writer = bind is not None and bind.dialect.name == "sqlite"
         # Rows per transaction: about 50 ms of SQLite's write lock; PostgreSQL's writers do not block the API.
         self.chunk = 500 if self.single_writer else 5000
         self.held = 0.0
 
-    def run(self, work: Callable[[Session], object]) -> None:
-        """``work`` in one fenced transaction (keep it bounded)."""
+    def expect(self, rows: int) -> None:
+        """How many rows the writer will insert in all (an estimate: the progress is capped below 1)."""
+        self.rows_expected = rows
+
+    def run(self, work: Callable[[Session], object], rows: int = 0) -> None:
+        """``work`` in one fenced transaction (keep it bounded); ``rows``: how many rows it inserts."""
         started = time.monotonic()
         with self.factory() as session:
             self.fence(session)
             work(session)
+            if rows and self.progress is not None and self.rows_expected:
+                self.progress(session, min(0.99, (self.rows_inserted + rows) / self.rows_expected))
             session.commit()
+        self.rows_inserted += rows
         self.held += time.monotonic() - started
         if self.single_writer and self.held >= self.HOLD_S:
             time.sleep(self.YIELD_S)  # the API's writes get their turn
@@ -84,13 +100,13 @@ class ShortTransactions:
                     columns = list(batch[0])
                     copy_rows(session, model.__tablename__, columns, ([row[c] for c in columns] for row in batch))
 
-            self.run(work)
+            self.run(work, len(batch))
 
     def insert_tuples(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
         """Insert rows given as tuples in ``columns`` order, a bounded batch per transaction."""
         iterator = iter(rows)
         while batch := list(islice(iterator, self.chunk)):
-            self.run(lambda session, batch=batch: copy_rows(session, table, columns, batch))  # type: ignore[misc]
+            self.run(lambda session, batch=batch: copy_rows(session, table, columns, batch), len(batch))  # type: ignore[misc]
 
     def delete_job_rows(self, model: Any, job_id: int) -> None:
         """Delete the job's rows of ``model``, a bounded number per transaction."""

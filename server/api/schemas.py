@@ -121,6 +121,11 @@ class JobPublic(BaseModel):
     progress: float
     current_step: int | None
     eta_seconds: float | None
+    stored_fraction: float | None = Field(
+        default=None,
+        description="while 'storing results': the share of the job's rows written so far (an estimate, at most "
+        "0.99 until the job succeeds); null before",
+    )
     error: str | None
     created_at: dt.datetime
     started_at: dt.datetime | None
@@ -134,8 +139,8 @@ class JobPublic(BaseModel):
     @computed_field(  # type: ignore[prop-decorator]
         description="what a job is doing: its status, or while running 'reading the log' (no progress reported "
         "yet), 'computing' (progress, current_step and eta_seconds count its work), 'storing results' (computed, "
-        "its rows being written) or 'worker not responding' (no sign of its worker for half the job lease: it is "
-        "queued again when the lease expires)"
+        "its rows being written: stored_fraction says how far) or 'worker not responding' (no sign of its worker "
+        "for half the job lease: it is queued again when the lease expires)"
     )
     @property
     def stage(self) -> str:

@@ -112,6 +112,9 @@ class Job(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     current_step: Mapped[int | None] = mapped_column(Integer)
     eta_seconds: Mapped[float | None] = mapped_column(Float)
+    # While the worker writes a finished computation's rows: the share written (an estimate, at most 0.99 until
+    # the job succeeds); None before.
+    stored_fraction: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

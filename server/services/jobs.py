@@ -66,6 +66,7 @@ def retry_job(session: Session, *, job: Job) -> Job:
         "progress": 0.0,
         "current_step": None,  # the last attempt's step and estimate are not this one's ("reading the log")
         "eta_seconds": None,
+        "stored_fraction": None,
         "attempts": 0,
         "lease_expires_at": task_deadline(),
     }

@@ -48,7 +48,11 @@ def test_a_job_says_what_it_is_doing_and_gives_an_eta_only_while_computing(
     states = [  # (the row as the worker leaves it, the API's stage and ETA, what the page says)
         ({"status": "running", "progress": 0.0, "current_step": None, "eta_seconds": None}, "reading the log", None),
         ({"status": "running", "progress": 0.5, "current_step": 5, "eta_seconds": 7.2}, "computing", 7.2),
-        ({"status": "running", "progress": 1.0, "current_step": 0, "eta_seconds": 3.0}, "storing results", None),
+        (  # a claim clears the stored share of an earlier attempt: none written yet
+            {"status": "running", "progress": 1.0, "current_step": 0, "eta_seconds": 3.0, "stored_fraction": None},
+            "storing results",
+            None,
+        ),
         ({"status": "cancelled", "progress": 0.5, "current_step": 5, "eta_seconds": 7.2}, "cancelled", None),
         ({"status": "failed", "progress": 0.5, "current_step": 5, "eta_seconds": 7.2}, "failed", None),
     ]
@@ -90,12 +94,23 @@ def test_a_job_says_what_it_is_doing_and_gives_an_eta_only_while_computing(
             page.reload()
         expect(said).to_have_attribute("data-stage", stage, timeout=10_000)  # the next poll, a second later
         expect(said).to_have_text(texts[stage])
+    # Storing the rows has its own progress: the share written, on the API and on the page (text and bar).
+    storing = {"status": "running", "progress": 1.0, "current_step": 0, "eta_seconds": 3.0, "stored_fraction": 0.4}
+    set_job(job_id, **storing)
+    got = api.get(f"/jobs/{job_id}").json()
+    assert (got["stage"], got["stored_fraction"], got["eta_seconds"]) == ("storing results", 0.4, None)
+    page.reload()
+    expect(said).to_have_text("computed · storing results · 40% stored (the tables appear when they are stored)")
+    expect(page.get_by_role("progressbar", name="analysis progress")).to_have_attribute("aria-valuenow", "40")
     page.close()
 
     # A retried job starts from nothing: no step or estimate of the attempt before it.
+    set_job(job_id, status="failed")
     retried = api.post(f"/jobs/{job_id}/retry").json()
     assert (retried["stage"], retried["current_step"], retried["eta_seconds"]) == ("queued", None, None)
-    assert api.wait_job(job_id)["status"] == "succeeded"
+    assert retried["stored_fraction"] is None
+    done = api.wait_job(job_id)
+    assert (done["status"], done["stored_fraction"]) == ("succeeded", 1.0)  # the real worker stored every row
 
 
 def test_the_upload_eta_waits_for_a_measured_speed(browser: Browser, server_url: str) -> None:  # noqa: F811

@@ -119,3 +119,45 @@ def test_windows_on_sqlite(tmp_path: Path) -> None:
         many = _stored_metadata(session, job.id, "val", ["ex3", "ex7", *(f"absent{i}" for i in range(1200))])
         assert few == many == {"ex3": ("0", "train"), "ex7": ("1", "train")}
         session.rollback()
+
+
+def test_storing_results_reports_its_own_progress(tmp_path: Path) -> None:
+    """A finished computation's rows go in with the job's storing progress written in the same transactions:
+    increasing, below 1 while rows are still to come, and the expected count an upper bound of the rows written
+    (windows are counted at full top_k) that is not far above it."""
+    from service_harness import record_log
+
+    from dvemb.engine import ComputeArguments, compute
+    from worker.results_store import store_results
+
+    url = f"sqlite:///{tmp_path / 'dvemb.db'}"
+    upgrade(url)
+    summary = compute(record_log(tmp_path / "log", steps=12, batch=8), tmp_path / "out", ComputeArguments(top_k=5))
+    engine = make_engine(url)
+    with Session(engine) as session:
+        project = Project(name="p")
+        session.add(project)
+        session.flush()
+        run = Run(project_id=project.id, name="r")
+        session.add(run)
+        session.flush()
+        job = Job(run_id=run.id, status="running", options={}, summary=None)
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    seen: list[float] = []
+
+    def progress(session: Session, fraction: float) -> None:
+        seen.append(fraction)
+        session.get(Job, job_id).stored_fraction = fraction  # type: ignore[union-attr]
+
+    writer = ShortTransactions(sessionmaker(bind=engine), fence=lambda _: None, progress=progress)
+    writer.chunk = 40
+    store_results(writer, job_id, tmp_path / "out", summary, {})
+    assert len(seen) >= 5
+    assert seen == sorted(seen)
+    assert seen[0] > 0
+    assert seen[-1] <= 0.99
+    assert writer.rows_expected >= writer.rows_inserted >= 0.5 * writer.rows_expected
+    with Session(engine) as session:
+        assert session.get(Job, job_id).stored_fraction == seen[-1]  # type: ignore[union-attr]

@@ -64,7 +64,8 @@ const STAGE_TEXT = {
 };
 
 /** Where the job stands, in words: the share, step and estimate only while it computes (the API's stage: an ETA
- * only then); "storing results" once computed; nothing that suggests work goes on once it stopped. */
+ * only then); "storing results" once computed, with the share of its rows stored; nothing that suggests work goes
+ * on once it stopped. */
 export function progressText(job) {
   const pct = Math.round(100 * job.progress);
   const stage = job.stage ?? job.status;
@@ -74,11 +75,17 @@ export function progressText(job) {
     return `computing · ${pct}%${step}${eta}`;
   }
   if (stage === "cancelled" || stage === "failed") return `${stage} at ${pct}%`;
+  if (stage === "storing results" && job.stored_fraction != null) {
+    const stored = Math.round(100 * job.stored_fraction);
+    return `computed · storing results · ${stored}% stored (the tables appear when they are stored)`;
+  }
   return STAGE_TEXT[stage] ?? stage;
 }
 
 function progressMarkup(job) {
-  const pct = Math.round(100 * job.progress);
+  // While the rows are stored the bar follows them (the computation is done): it fills again from 0.
+  const storing = (job.stage ?? job.status) === "storing results" && job.stored_fraction != null;
+  const pct = Math.round(100 * (storing ? job.stored_fraction : job.progress));
   return html`<h2>Analysis ${job.id}: <span id="job-status">${job.status}</span></h2>
     <div class="bar" role="progressbar" aria-label="analysis progress" aria-valuenow="${pct}" aria-valuemin="0"
       aria-valuemax="100"><div style="width:${pct}%"></div></div>
