@@ -1,0 +1,176 @@
+"""How many Gauss-Newton rows per example the recorder needs: fidelity against recording cost (BENCHMARKS.md).
+
+The recorder builds the curvature ``M`` from per-example rows at the model's output: for a classifier of at most
+32 classes every class's row by default (``curvature_samples=None``), else ``curvature_samples`` labels sampled
+from the model's prediction (an unbiased, noisier estimate). On the digits MLP of :mod:`bench.default_fidelity`
+(10 classes; SGD at a constant rate, SGD with momentum 0.9, Adam), 3 seeds, the no-options recorder with each
+setting, computed with the engine's defaults, against exact trajectory-specific leave-one-out (mean Spearman
+over test points), and the recorded training's CPU time over the unrecorded training's, measured in the same run
+(interleaved, median over repetitions).
+
+Run from the repository root: ``.venv/bin/python -m bench.curvature_rows`` (``--quick``: one seed, one optimizer,
+BENCHMARKS.md untouched). Writes ``bench/out/curvature_rows.json`` and the BENCHMARKS.md section
+"Curvature rows: fidelity against cost".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import dvemb
+from bench import default_fidelity as fid
+from bench.fidelity import Setup, correlation, ground_truth, sample_pairs
+from bench.markdown import replace_section
+from dvemb.engine import ComputeArguments
+
+SECTION = "Curvature rows: fidelity against cost"
+SAMPLES: list[int | None] = [None, 1, 2, 4]  # None: every class (the default for at most 32 classes)
+RUNS = ("sgd", "momentum", "adam")
+REPEATS = 3  # timed repetitions of each training, interleaved
+
+
+def _label(samples: int | None) -> str:
+    return "every class (10 rows)" if samples is None else f"{samples} sampled label{'s' if samples > 1 else ''}"
+
+
+def _recording(log_dir: Path, samples: int | None) -> fid.RecordingFactory:
+    def make(model: Any, optimizer: Any, scheduler: Any, x: Any, y: Any, setup: Setup) -> fid.Recording:
+        rec = dvemb.Recorder(model, log_dir, loss_reduction="sum", curvature_samples=samples)
+        return fid._plain(rec, ggn_call=False)
+
+    return make
+
+
+def _cpu(fn: Any) -> float:
+    started = time.process_time()  # the recorder's writer thread counts too
+    fn()
+    return time.process_time() - started
+
+
+def run_one(setup: Setup, work: Path) -> dict[str, Any]:
+    """Spearman and cost ratio of every setting for one (optimizer, seed)."""
+    reference, _ = fid.run_training(setup, None)
+    pairs = sample_pairs(setup, reference)
+    truth = ground_truth(reference, pairs)
+    spearman, ratios = {}, {}
+    for samples in SAMPLES:
+        log = work / f"log-{samples}"
+        traj, _ = fid.run_training(setup, _recording(log, samples))
+        if not fid.same_trajectory(reference, traj):
+            raise RuntimeError(f"recording with curvature_samples={samples} changed the training trajectory")
+        est, _ = fid.scores(log, work / "out", pairs, setup, ComputeArguments())
+        spearman[_label(samples)] = correlation(est, truth, spearman=True)
+    for samples in SAMPLES:
+        per_round = []
+        for r in range(REPEATS):
+            plain = _cpu(lambda: fid.run_training(setup, None))
+            log = work / f"timed-{samples}-{r}"
+            recorded = _cpu(lambda log=log, samples=samples: fid.run_training(setup, _recording(log, samples)))
+            per_round.append(recorded / plain)
+        ratios[_label(samples)] = float(np.median(per_round))
+    return {"spearman": spearman, "cost": ratios}
+
+
+def section(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> str:
+    labels = [_label(s) for s in SAMPLES]
+    runs = list(results)
+    lines = [
+        f"## {SECTION}",
+        "",
+        f"Produced by `{meta['command']}` at commit {meta['commit']} on {meta['date']}, {meta['machine']}, "
+        f"torch {torch.__version__}, {meta['seconds']:.0f} s. The digits MLP of bench/default_fidelity.py "
+        f"({meta['steps']} steps of {meta['batch']}, 10 classes), {meta['seeds']} seed(s), {meta['pairs']} sampled "
+        "occurrences against exact leave-one-out; `dvemb.Recorder(model, log_dir, curvature_samples=...)` with "
+        "nothing else (Gauss-Newton rows found at the output, bases fitted by the recorder), computed with the "
+        "engine's defaults. Spearman: mean over test points, mean [min, max] over seeds. Cost: CPU time of the "
+        "whole recorded training (the recorder's writer thread included) over the same training unrecorded, "
+        f"median of {REPEATS} interleaved repetitions, mean over seeds (this MLP's step is under a millisecond, "
+        "so fixed per-step costs weigh heavily: BENCHMARKS.md 'Recorder overhead' times steps on larger models).",
+        "",
+        "| rows per example | "
+        + " | ".join(f"{fid.RUN_LABELS[r]} Spearman" for r in runs)
+        + " | "
+        + " | ".join(f"{fid.RUN_LABELS[r]} cost" for r in runs)
+        + " |",
+        "|---|" + "---:|" * (2 * len(runs)),
+    ]
+    for label in labels:
+        cells = []
+        for run in runs:
+            values = [r["spearman"][label] for r in results[run]]
+            cells.append(f"{np.mean(values):.2f} [{min(values):.2f}, {max(values):.2f}]")
+        for run in runs:
+            cells.append(f"{np.mean([r['cost'][label] for r in results[run]]):.1f}x")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    every = labels[0]
+    for run in runs:
+        best = np.mean([r["spearman"][every] for r in results[run]])
+        for label in labels[1:]:
+            got = np.mean([r["spearman"][label] for r in results[run]])
+            lines.append(f"- {fid.RUN_LABELS[run]}, {label}: {got - best:+.2f} Spearman against every class.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, Adam only, 40 pairs; BENCHMARKS.md untouched")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    seeds, runs = (1, ("adam",)) if args.quick else (args.seeds, RUNS)
+    base = Setup()
+    base = replace(base, pairs=40 if args.quick else base.pairs)
+    started = time.time()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        optimizer, schedule = fid.RUNS[run]
+        for seed in range(seeds):
+            setup = replace(base, seed=seed, optimizer=optimizer, schedule=schedule, lr=fid.RATES[optimizer])
+            with tempfile.TemporaryDirectory() as work:
+                results.setdefault(run, []).append(run_one(setup, Path(work)))
+            print(run, seed, results[run][-1], flush=True)
+    meta = {
+        "command": ".venv/bin/python -m bench.curvature_rows" + (" --quick" if args.quick else ""),
+        "commit": _commit(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.processor() or platform.machine()}, 1 thread",
+        "seconds": time.time() - started,
+        "seeds": seeds,
+        "pairs": base.pairs,
+        "steps": base.steps,
+        "batch": base.batch,
+    }
+    text = section(results, meta)
+    print(text)
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / "curvature_rows.json").write_text(json.dumps({"results": results, "meta": meta}, indent=1))
+    if not args.quick:
+        replace_section(SECTION, text)
+
+
+if __name__ == "__main__":
+    main()
