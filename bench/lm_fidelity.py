@@ -63,7 +63,7 @@ from torch import nn
 
 import dvemb
 from bench.fidelity import correlation
-from bench.markdown import replace_section
+from bench.markdown import replace_block, replace_section
 from dvemb.engine import ComputeArguments, compute, load_results
 
 SECTION = "Transformer LM fidelity"
@@ -712,10 +712,10 @@ def main() -> None:
     if args.from_json:
         saved = json.loads((out / name).read_text())
         s = Settings(**saved["settings"])
-        text = markdown(s, saved["runs"], corpus(s), saved["meta"])
-        print(text)
+        data = corpus(s)
+        print(markdown(s, saved["runs"], data, saved["meta"]))
         if not (args.quick or args.no_write):
-            replace_section(SECTION, text, args.root / "BENCHMARKS.md")
+            _write(s, saved["runs"], data, saved["meta"], args.root)
         return
     seeds = args.seeds or (1 if args.quick else 3)
     started = time.time()
@@ -744,7 +744,37 @@ def main() -> None:
     )
     print(text)
     if not (args.quick or args.no_write):
-        replace_section(SECTION, text, args.root / "BENCHMARKS.md")
+        _write(s, runs, data, meta, args.root)
+
+
+README_START, README_END = "<!-- lm-fidelity:start -->", "<!-- lm-fidelity:end -->"
+#: The README's short table: no options first (docs: README "Accuracy"), then the best and the references.
+README_ROWS = ("plain", "trainer", "recipe", "whole", "grad_dot", "ceiling")
+
+
+def readme_table(runs: list[dict[str, Any]], meta: str) -> str:
+    """The README's rows of this benchmark: mean Spearman over seeds, all occurrences and after the warm-up."""
+    lines = [
+        "| GPT-2 LM (from scratch, AdamW), Spearman against exact leave-one-out | all occurrences | after warm-up |",
+        "|---|---:|---:|",
+    ]
+    for name in README_ROWS:
+        every = np.mean([r["spearman"][name] for r in runs])
+        late = np.mean([r["spearman_after_warmup"][name] for r in runs])
+        lines.append(f"| {LABELS[name]} | {every:.2f} | {late:.2f} |")
+    commit = meta.split("dvemb at ", 1)[1].split(":", 1)[0].split(" ", 1)[0] if "dvemb at " in meta else "?"
+    lines += [
+        "",
+        f"(written by `bench/lm_fidelity.py` at commit {commit}; mean of {len(runs)} seeds, min and max in "
+        "[BENCHMARKS.md](BENCHMARKS.md#transformer-lm-fidelity))",
+    ]
+    return "\n".join(lines)
+
+
+def _write(s: Settings, runs: list[dict[str, Any]], data: Corpus, meta: str, root: Path) -> None:
+    """BENCHMARKS.md's section and the README's short table."""
+    replace_section(SECTION, markdown(s, runs, data, meta), root / "BENCHMARKS.md")
+    replace_block(root / "README.md", README_START, README_END, readme_table(runs, meta))
 
 
 def _version(package: str) -> str:
