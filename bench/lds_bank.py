@@ -79,6 +79,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dvemb.atomic import write_text_atomic
+
 SECTION = "Leave-1%-out LDS (bank)"
 SUBSET_SEED = 4321
 PRETRAIN_SEED = 777
@@ -419,7 +421,7 @@ class Bank:
         }
         if not entry["repeat_is_bit_identical"]:
             raise RuntimeError("two full runs with the same seed differ: the bank's 'same seed and order' fails")
-        _write_atomic(path, json.dumps(entry, indent=1))
+        write_text_atomic(path, json.dumps(entry, indent=1))
         log(f"base run, seed {seed}: {entry['seconds']:.1f} s, query loss {run.query_losses.mean():.3f}")
         return entry
 
@@ -447,12 +449,6 @@ class Bank:
         from safetensors.torch import load_file
 
         return dict(load_file(str(self.dir / f"ckpt-s{seed}-e{epoch}.safetensors")))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def additivity(bank: Bank, log: Callable[[str], None], pairs: int = 3) -> list[float]:
@@ -801,7 +797,7 @@ def score_method(
         if not np.all(np.isfinite(result.scores)):
             info["note"] += "; non-finite scores set to 0"
         np.savez(npz, scores=np.nan_to_num(result.scores))
-    _write_atomic(meta, json.dumps(info, indent=1))
+    write_text_atomic(meta, json.dumps(info, indent=1))
     log(f"method {name}: {info}")
     return (np.load(npz)["scores"] if result.scores is not None else None), info
 
@@ -995,7 +991,7 @@ def main() -> None:
     history_path = bank.dir / "invocations.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else []
     history.append({"wall_seconds": round(elapsed, 1), "at": datetime.now(UTC).isoformat(timespec="seconds")})
-    _write_atomic(history_path, json.dumps(history, indent=1))
+    write_text_atomic(history_path, json.dumps(history, indent=1))
     retrain_cpu = _retrain_seconds(bank.dir)
     commit = _git("rev-parse", "--short", "HEAD")
     python = "bench/.venv-bench/bin/python" if ".venv-bench" in sys.executable else ".venv/bin/python"

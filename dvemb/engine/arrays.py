@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dvemb.atomic import replacing
 
 __all__ = ["open_array", "save_safetensors"]
 
@@ -43,8 +44,7 @@ def save_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[s
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for array in arrays.values():
@@ -54,4 +54,3 @@ def save_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[s
                 f.write(
                     np.ascontiguousarray(flat[start : start + step]).astype(array.dtype.newbyteorder("<")).tobytes()
                 )
-    os.replace(tmp, path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from dvemb import formats
 from dvemb import logformat as fmt
+from dvemb.atomic import replacing
 from dvemb.engine.approximations import approximations, tracked_share
 from dvemb.engine.arrays import open_array, save_safetensors
 from dvemb.engine.embedder import AUTO_FULL_MAX_DIM, Embedder, resolve_blocks
@@ -369,10 +369,9 @@ class _Run:
             settled[name] = self._settle_totals(s)
             state[f"{name}.totals_rows"], state[f"{name}.totals_values"] = settled[name]
         self._flush_arrays()
-        tmp = self.out / (formats.CHECKPOINT + ".tmp")
         meta = {"fingerprint": self.fingerprint, "next_shard": str(next_shard)}
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, self.out / formats.CHECKPOINT)
+        with replacing(self.out / formats.CHECKPOINT) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
         for name, s in self.scorers.items():
             self._apply_totals(s, *settled[name])
 

@@ -39,6 +39,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from dvemb.atomic import replacing, write_text_atomic
 from dvemb.engine.compute import (
     ComputeArguments,
     ProgressCallback,
@@ -138,9 +139,7 @@ def prepare_segments(log_dir: str | Path, out_dir: str | Path, args: ComputeArgu
     dtype = np.float64 if args.accumulate_dtype == "float64" else np.float32
     shape = (embedder.num_seeds, rows, embedder.total_dim)
     np.lib.format.open_memmap(directory / LOCAL_FILE, mode="w+", dtype=dtype, shape=shape).flush()
-    tmp = plan_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(plan.to_json()))
-    os.replace(tmp, plan_path)
+    write_text_atomic(plan_path, json.dumps(plan.to_json()))
     return plan
 
 
@@ -204,10 +203,9 @@ def run_segment(
         "bucket_sums": sums,
         "bucket_counts": counts,
     }
-    tmp = path.with_suffix(".tmp")
     meta = {"plan": plan.fingerprint, "process": f"{socket.gethostname()}:{os.getpid()}"}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return path
 
 

@@ -9,13 +9,13 @@ phase of the results: Spearman, Pearson, top-100 helpful and harmful overlap) an
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dvemb.atomic import write_text_atomic
 from dvemb.engine.removal import centre_steps
 from dvemb.engine.results import load_results
 from dvemb.errors import ConfigError
@@ -136,9 +136,7 @@ def trust(results_dir: str | Path, query_set: str, *, write: bool = True) -> dic
     record["first_order_predictable"] = _predictable(record["probe"])
     record["first_order_verdict"] = _verdict(record["probe"])
     if write:
-        tmp = path / f".{trust_file(query_set)}.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, path / trust_file(query_set))
+        write_text_atomic(path / trust_file(query_set), json.dumps(record, indent=2))
     return record
 
 

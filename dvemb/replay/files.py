@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dvemb.atomic import write_text_atomic
 from dvemb.errors import ConfigError
 
 __all__ = ["FORMAT", "VERSION", "Replay", "load_replay", "replay_files", "rows_digest", "save_replay"]
@@ -68,10 +68,8 @@ def save_replay(replay: Replay, directory: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     scores_name, record_name = replay_files(replay.query_set)
     np.save(path / scores_name, np.ascontiguousarray(replay.scores, dtype=np.float64))
-    tmp = path / f".{record_name}.tmp"
-    tmp.write_text(json.dumps(replay.summary, indent=2))
-    os.replace(tmp, path / record_name)  # the record last: its presence means the replay is complete
-    return path / record_name
+    # The record last: its presence means the replay is complete.
+    return write_text_atomic(path / record_name, json.dumps(replay.summary, indent=2))
 
 
 def load_replay(directory: str | Path, query_set: str) -> Replay:

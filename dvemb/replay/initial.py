@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from dvemb.atomic import write_text_atomic
 from dvemb.errors import ConfigError
 
 __all__ = ["load_initial", "save_initial"]
@@ -80,10 +80,7 @@ def save_initial(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
         "param_groups": groups,
         "state_numbers": numbers,
     }
-    tmp = path / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path / RECORD)
-    return path / RECORD
+    return write_text_atomic(path / RECORD, json.dumps(record, indent=2))
 
 
 def load_initial(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> None:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from dvemb.atomic import replacing
 from dvemb.errors import ConfigError
 from dvemb.replay.optimizers import OptimizerState
 
@@ -39,9 +39,8 @@ def fingerprint(parts: dict[str, Any], tensors: list[torch.Tensor]) -> str:
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 class WorkDirectory:

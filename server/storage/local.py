@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from dvemb.atomic import write_bytes_atomic
 from server.storage.base import PartBusy, PartWriter, Storage
 from server.storage.layout import log_dir, part_path, results_dir
 
@@ -55,9 +56,7 @@ class LocalStorage(Storage):
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data, unique=True)
 
     def put_file(self, key: str, path: Path) -> None:
         target = self.path(key)

@@ -24,6 +24,7 @@ from typing import Any
 import obstore
 from obstore.store import from_url
 
+from dvemb.atomic import replacing, write_bytes_atomic
 from server.storage.base import PartBusy, PartWriter, Storage, walk_files
 from server.storage.layout import log_key, part_key, results_key
 
@@ -97,22 +98,15 @@ def _stamp(item: dict[str, Any]) -> str:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data, unique=True)
 
 
 def _download(store: Any, key: str, target: Path) -> None:
     """Stream the object into ``target`` (written aside, then moved: readers never see half a file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            for chunk in obstore.get(store, key).stream(min_chunk_size=8 << 20):
-                f.write(chunk)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(target, unique=True) as tmp, tmp.open("wb") as f:
+        for chunk in obstore.get(store, key).stream(min_chunk_size=8 << 20):
+            f.write(chunk)
 
 
 class _ObjectPart(PartWriter):
