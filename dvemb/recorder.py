@@ -122,6 +122,10 @@ def _as_id_list(ids: Any) -> list[int] | list[str]:
     return out
 
 
+#: Labels sampled per example for the Gauss-Newton rows under Adam and AdamW (``curvature_samples="auto"``).
+ADAM_CURVATURE_SAMPLES = 1
+
+
 class Recorder:
     """Records projected per-example gradients of a model during training.
 
@@ -140,8 +144,11 @@ class Recorder:
             found automatically during ``loss.backward()``, or given with :meth:`curvature`) or
             ``"empirical"`` (the paper: curvature from the gradients themselves; less faithful,
             BENCHMARKS.md, and no extra backward work).
-        curvature_samples: labels sampled per example in ggn mode; ``None`` uses all classes for
-            (B, C) logits with at most 32 classes and one sample otherwise.
+        curvature_samples: labels sampled per example in ggn mode. ``"auto"`` (default): one under Adam and
+            AdamW with softmax cross-entropy (it cost no fidelity there and a third of the recording:
+            BENCHMARKS.md "Curvature rows: fidelity against cost"), else as ``None``: all classes for (B, C)
+            logits with at most 32 classes (sampling cost plain SGD 0.13-0.35 Spearman on the digits MLP) and
+            one sample otherwise; an int: that many.
         curvature_loss: the loss at the model's output that ggn mode models when it finds the rows
             itself: ``"cross_entropy"`` (default: softmax cross-entropy, checked against the gradient
             that reaches the output at every step; any weighting, ignored positions and reduction) or
@@ -178,7 +185,7 @@ class Recorder:
         proj_dim: ProjDim | Mapping[str, ProjDim] = DEFAULT_PROJ_DIM,
         layers: Sequence[str] | str | None = None,
         curvature: str = "ggn",
-        curvature_samples: int | None = None,
+        curvature_samples: int | str | None = "auto",
         curvature_loss: str = "cross_entropy",
         loss_reduction: str = "mean",
         dtype: str = "float32",
@@ -197,8 +204,10 @@ class Recorder:
         _check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         _check_choice("projection", projection, ("auto", "calibrated", "random"))
         _check_choice("dtype", dtype, tuple(fmt.STORAGE_DTYPES))
-        if curvature_samples is not None and curvature_samples < 1:
-            raise ConfigError(f"curvature_samples must be None or at least 1, got {curvature_samples}")
+        if curvature_samples not in (None, "auto") and not (
+            isinstance(curvature_samples, int) and not isinstance(curvature_samples, bool) and curvature_samples >= 1
+        ):
+            raise ConfigError(f"curvature_samples must be 'auto', None or at least 1, got {curvature_samples!r}")
         if second_moment_rank < 0:
             raise ConfigError(f"second_moment_rank must be 0 (off) or a number of pairs, got {second_moment_rank}")
         if calibration_steps < 0:
@@ -212,7 +221,9 @@ class Recorder:
         self._projection_fixed = False
         self._held: list[HeldStep] = []
         self.curvature_mode = curvature
-        self.curvature_samples = curvature_samples
+        # "auto" is resolved when the optimizer is first seen (rec.step); until then (calibration) all classes.
+        self._samples_auto = curvature_samples == "auto"
+        self.curvature_samples: int | None = None if isinstance(curvature_samples, str) else curvature_samples
         self.curvature_loss = curvature_loss
         self._curvature_problem: str | None = None  # why rows could not be found from the output this step
         self._curvature_sources: set[str] = set()
@@ -832,11 +843,22 @@ class Recorder:
             raise ConfigError(f"{exc}; pass the optimizer that trains the model") from None
         if self._writer.manifest["optimizer"] is None:
             entry = describe_optimizer(self._optimizer)
+            self._resolve_samples(self._optimizer.propagation)
             if self._optimizer.propagation in ("adam", "adamw"):
                 entry["second_moment_rank"] = self.second_moment_rank
                 for layer, tracked in zip(self._writer.manifest["layers"], self._optimizer.tracked, strict=True):
                     layer["second_moment"] = _second_moment_carrier(tracked, self.second_moment_rank)
             self._writer.manifest["optimizer"] = entry
+
+    def _resolve_samples(self, propagation: str) -> None:
+        """``curvature_samples="auto"``: one sampled label under Adam and AdamW with cross-entropy (written to the
+        manifest before any row is), else all classes."""
+        if not self._samples_auto or self.curvature_mode != "ggn" or self.curvature_loss != "cross_entropy":
+            return
+        self._samples_auto = False
+        if propagation in ("adam", "adamw"):
+            self.curvature_samples = ADAM_CURVATURE_SAMPLES
+            self._writer.manifest["curvature"]["samples"] = ADAM_CURVATURE_SAMPLES
 
     def _begin(self, mode: str) -> None:
         self._mode = mode
