@@ -1,0 +1,25 @@
+"""The suite's tiers (issue 26): each test gets exactly one marker from where it lives and what it uses, so
+that ``pytest -m core`` runs the fast tier alone (the library, the engine and the integrations: no database,
+broker or browser) and CI runs them all (README, "Development").
+
+- ``core``: tests/core, tests/integrations and the top-level checks of examples and deployment files;
+- ``service``: the service against real PostgreSQL, Redis and Celery workers (tests/service), and the demo end
+  to end;
+- ``browser``: the dashboard in headless Chromium (any test that uses the ``browser`` fixture).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tiers import TIERS, tier_of
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, what in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: tier, {what}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier_of(item.path, list(getattr(item, "fixturenames", [])))))
