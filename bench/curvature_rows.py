@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import tempfile
 import time
 from dataclasses import replace
@@ -32,7 +31,7 @@ import torch
 import dvemb
 from bench import default_fidelity as fid
 from bench.fidelity import Setup, correlation, ground_truth, sample_pairs
-from bench.markdown import replace_section
+from bench.markdown import measured_commit, replace_section
 from dvemb.engine import ComputeArguments
 
 SECTION = "Curvature rows: fidelity against cost"
@@ -125,15 +124,6 @@ def section(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> s
     return "\n".join(lines)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, Adam only, 40 pairs; BENCHMARKS.md untouched")
@@ -154,7 +144,7 @@ def main() -> None:
             print(run, seed, results[run][-1], flush=True)
     meta = {
         "command": ".venv/bin/python -m bench.curvature_rows" + (" --quick" if args.quick else ""),
-        "commit": _commit(),
+        "commit": measured_commit(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, 1 thread",
         "seconds": time.time() - started,

@@ -46,7 +46,6 @@ import contextlib
 import copy
 import json
 import platform
-import subprocess
 import tempfile
 import time
 import warnings
@@ -74,7 +73,7 @@ from bench.fidelity import (
     same_trajectory,
     sample_pairs,
 )
-from bench.markdown import replace_block, replace_section
+from bench.markdown import measured_commit, replace_block, replace_section
 from bench.optimizer_fidelity import RATES, first_order_ceiling
 from dvemb.engine import ComputeArguments, compute
 
@@ -484,19 +483,6 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def _commit() -> str:
-    """HEAD's short hash, and whether dvemb/ differs from it in the working tree."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "dvemb"], cwd=root, capture_output=True, text=True
-        )
-    except OSError:
-        return "unknown"
-    return head.stdout.strip() + (" (dvemb/ with uncommitted changes)" if dirty.stdout.strip() else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -544,7 +530,7 @@ def main() -> None:
     table = aggregate(runs)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta = (
-        f"at commit {args.commit or _commit()} on {stamp}, {platform.processor() or platform.machine()} ({args.threads} thread, CPU), "
+        f"at commit {args.commit or measured_commit()} on {stamp}, {platform.processor() or platform.machine()} ({args.threads} thread, CPU), "
         f"torch {torch.__version__}, dvemb {dvemb.__version__}, {time.time() - started:.0f} s."
     )
     text = markdown(table, runs, base, seeds, meta)
@@ -556,7 +542,7 @@ def main() -> None:
     print(text)
     if not args.no_write and (args.write or not args.quick):
         replace_section(SECTION, text)
-        write_readme(table, meta_commit := (args.commit or _commit()))
+        write_readme(table, meta_commit := (args.commit or measured_commit()))
         print(f"README.md's fidelity table written (commit {meta_commit})")
 
 

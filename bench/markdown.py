@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -36,3 +37,18 @@ def replace_block(path: Path, start: str, end: str, body: str) -> None:
     if first == -1 or last < first:
         raise SystemExit(f"{path} has no {start} ... {end} block to write into")
     path.write_text(text[:first] + f"{start}\n{body.strip()}\n{end}" + text[last + len(end) :])
+
+
+def measured_commit() -> str:
+    """HEAD's short hash, and whether dvemb/ differs from it in the working tree: the code a benchmark measured."""
+    root = BENCHMARKS.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "dvemb"], cwd=root, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + (" (dvemb/ with uncommitted changes)" if dirty.stdout.strip() else "")

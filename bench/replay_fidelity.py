@@ -31,7 +31,6 @@ import copy
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from dataclasses import replace
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 
 import dvemb
 from bench.fidelity import OPTIMIZERS, Setup, Trajectory, _data, correlation, ground_truth, sample_pairs, train
-from bench.markdown import replace_section
+from bench.markdown import measured_commit, replace_section
 from bench.optimizer_fidelity import LABELS, RATES, first_order_ceiling
 from dvemb.engine import ComputeArguments, compute
 from dvemb.replay import ReplayArguments, ReplaySchedule, replay, save_replay, schedule_from_log, trust
@@ -368,18 +367,6 @@ def _target(runs: dict[str, list[dict[str, Any]]]) -> str:
     return "; ".join(out)
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "dvemb"], cwd=root, capture_output=True, text=True
-        )
-    except OSError:
-        return "unknown"
-    return head.stdout.strip() + (" (dvemb/ with uncommitted changes)" if dirty.stdout.strip() else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=2)
@@ -411,7 +398,7 @@ def main() -> None:
             print("lm", seed, shown, f"{time.time() - started:.0f}s", flush=True)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta = (
-        f"at commit {_commit()} on {stamp}, {platform.processor() or platform.machine()} ({args.threads} thread, CPU), "
+        f"at commit {measured_commit()} on {stamp}, {platform.processor() or platform.machine()} ({args.threads} thread, CPU), "
         f"torch {torch.__version__}, dvemb {dvemb.__version__}, {time.time() - started:.0f} s; load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end (a shared machine: the cost ratios are "
         "timed back to back with the training they are divided by, but they move with the load)."

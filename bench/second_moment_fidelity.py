@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import tempfile
 import time
 from dataclasses import replace
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from bench.fidelity import Setup, correlation, dvemb_scores, ground_truth, sample_pairs, train
-from bench.markdown import replace_section
+from bench.markdown import measured_commit, replace_section
 from bench.optimizer_fidelity import RATES
 
 SECTION = "Adam's second moment under projection"
@@ -115,15 +114,6 @@ def section(results: dict[str, list[dict[str, float]]], meta: dict[str, Any]) ->
     return "\n".join([*lines, "", *verdicts, ""])
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -143,7 +133,7 @@ def main() -> None:
             print(name, seed, {k: round(v, 3) for k, v in results[name][-1].items()}, flush=True)
     meta = {
         "command": ".venv/bin/python -m bench.second_moment_fidelity" + (" --quick" if args.quick else ""),
-        "commit": _commit(),
+        "commit": measured_commit(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} thread",
         "seconds": time.time() - started,
