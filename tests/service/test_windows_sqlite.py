@@ -53,6 +53,20 @@ def results_directory(directory: Path) -> dict[str, object]:
     return summary
 
 
+def add_job(session: Session, status: str, summary: dict[str, object] | None) -> Job:
+    """A job in a run in a project, committed."""
+    project = Project(name="p")
+    session.add(project)
+    session.flush()
+    run = Run(project_id=project.id, name="r")
+    session.add(run)
+    session.flush()
+    job = Job(run_id=run.id, status=status, options={}, summary=summary)
+    session.add(job)
+    session.commit()
+    return job
+
+
 def test_windows_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'dvemb.db'}"
     upgrade(url)
@@ -60,16 +74,7 @@ def test_windows_on_sqlite(tmp_path: Path) -> None:
     results = load_results(tmp_path)
     engine = make_engine(url)
     with Session(engine) as session:
-        project = Project(name="p")
-        session.add(project)
-        session.flush()
-        run = Run(project_id=project.id, name="r")
-        session.add(run)
-        session.flush()
-        job = Job(run_id=run.id, status="succeeded", options={}, summary=summary)
-        session.add(job)
-        session.flush()
-        session.commit()
+        job = add_job(session, "succeeded", summary)
         meta: dict[str, tuple[str | None, str | None]] = {f"ex{i}": (str(i % 3), "train") for i in range(60)}
         fenced: list[int] = []
         writer = ShortTransactions(sessionmaker(bind=engine), fence=lambda _: fenced.append(1))
@@ -135,16 +140,7 @@ def test_storing_results_reports_its_own_progress(tmp_path: Path) -> None:
     summary = compute(record_log(tmp_path / "log", steps=12, batch=8), tmp_path / "out", ComputeArguments(top_k=5))
     engine = make_engine(url)
     with Session(engine) as session:
-        project = Project(name="p")
-        session.add(project)
-        session.flush()
-        run = Run(project_id=project.id, name="r")
-        session.add(run)
-        session.flush()
-        job = Job(run_id=run.id, status="running", options={}, summary=None)
-        session.add(job)
-        session.commit()
-        job_id = job.id
+        job_id = add_job(session, "running", None).id
     seen: list[float] = []
 
     def progress(session: Session, fraction: float) -> None:
