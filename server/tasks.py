@@ -126,9 +126,12 @@ def _drop_outbox(session: Session) -> None:
     session.info.pop("after_commit", None)
 
 
-def worker_command(queues: str = "celery,gpu", concurrency: int = 1) -> list[str]:
-    """The command line of a worker process (the same Celery tasks in every mode)."""
-    return [
+def worker_command(
+    queues: str = "celery,gpu", concurrency: int = 1, *, pool: str | None = None, name: str | None = None
+) -> list[str]:
+    """The command line of a worker process (the same Celery tasks in every mode); ``pool``: Celery's execution
+    pool (default prefork), ``name``: the node name (default Celery's ``celery@host``)."""
+    command = [
         sys.executable,
         "-m",
         "celery",
@@ -143,4 +146,19 @@ def worker_command(queues: str = "celery,gpu", concurrency: int = 1) -> list[str
         "WARNING",
         "--without-gossip",
         "--without-mingle",
+    ]
+    return command + (["-P", pool] if pool else []) + (["-n", name] if name else [])
+
+
+def gpu_worker_commands(devices: list[str], queues: str = GPU_QUEUE) -> list[tuple[list[str], dict[str, str]]]:
+    """One worker process per GPU: (command, environment additions) each. A process sees only its device
+    (``CUDA_VISIBLE_DEVICES``) and runs its tasks in its own main process (Celery's ``solo`` pool): a prefork pool
+    would fork children from a parent, and CUDA initialised before a fork is unusable in the child. The node is
+    named ``gpu<device>@<host>``; by default such a worker takes the ``gpu`` queue only (the computations), so CPU
+    workers (``--queues celery``) validate uploads and GPU workers compute (docs/service.md)."""
+    if not devices or any(not d.strip() or "," in d for d in devices):
+        raise ValueError(f"devices must be a list of GPU indices or UUIDs, got {devices!r}")
+    return [
+        (worker_command(queues, 1, pool="solo", name=f"gpu{d.strip()}@%h"), {"CUDA_VISIBLE_DEVICES": d.strip()})
+        for d in devices
     ]
