@@ -113,6 +113,8 @@ class DvembCallback(TrainerCallback):
         loss_fn: per-example loss ``(logits, labels) -> (B,)`` for queries; default the causal-LM loss
             for (B, L, V) logits, cross-entropy for (B, C).
         recorder_options: keyword arguments for :class:`~dvemb.Recorder` (``proj_dim``, ``layers``, ...).
+        initial_dir: where to keep the model's weights and the optimizer's state as training starts, for an
+            exact replay (:func:`dvemb.integrations.hf_replay.replay_trainer`); None: not kept.
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class DvembCallback(TrainerCallback):
         lookahead: float = 0.1,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         recorder_options: Mapping[str, Any] | None = None,
+        initial_dir: str | Path | None = None,
     ) -> None:
         if not 0.0 <= lookahead < 1.0:
             raise ConfigError(f"lookahead={lookahead} must be a share of the run's steps in [0, 1)")
@@ -145,6 +148,7 @@ class DvembCallback(TrainerCallback):
         self.lookahead = lookahead
         self.loss_fn = loss_fn or _sequence_or_class_loss
         self.recorder_options = dict(recorder_options or {})
+        self.initial_dir = None if initial_dir is None else Path(initial_dir)
         self.recorder: Recorder | None = None
         self.seen: dict[Any, int] = {}  # example id -> dataset index, for the texts
         self._step: Any = None
@@ -191,6 +195,13 @@ class DvembCallback(TrainerCallback):
                 lookahead_steps=steps,
                 lookahead_loss_fn=self.loss_fn,
             )
+        if self.initial_dir is not None:  # after calibration, which restores the model and the optimizer
+            from dvemb.replay import save_initial
+
+            optimizer = kwargs.get("optimizer")
+            if optimizer is None:
+                raise ConfigError("record(trainer, initial_dir=...) needs the Trainer's optimizer at train begin")
+            save_initial(_unwrapped(model), getattr(optimizer, "optimizer", optimizer), self.initial_dir)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -244,6 +255,7 @@ def record(
     calibration_batches: int = 8,
     lookahead: float = 0.1,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    initial_dir: str | Path | None = None,
     **recorder_options: Any,
 ) -> DvembCallback:
     """Attach dvemb to a ``Trainer`` before ``trainer.train()``: the one line a training script needs.
@@ -264,6 +276,9 @@ def record(
             training phase (the README recipe); 0 fits them at initialisation.
         loss_fn: per-example query loss ``(logits, labels) -> (B,)``; default :func:`causal_lm_loss` for
             (B, L, V) logits, cross-entropy for (B, C).
+        initial_dir: keep the model's weights and the optimizer's state as training starts there, for an exact
+            replay of the run (:func:`dvemb.integrations.hf_replay.replay_trainer`; the size of the model and its
+            optimizer state); None: not kept.
         **recorder_options: passed to :class:`~dvemb.Recorder` (``proj_dim``, ``layers``, ``dtype``, ...).
 
     Returns:
@@ -292,6 +307,7 @@ def record(
         lookahead=lookahead,
         loss_fn=loss_fn,
         recorder_options=recorder_options,
+        initial_dir=initial_dir,
     )
     if not isinstance(trainer.model, nn.Module):
         raise ConfigError("record(trainer) needs the Trainer's model")

@@ -1,0 +1,168 @@
+"""Exact replay of a run recorded with :func:`dvemb.integrations.huggingface.record`: the Trainer supplies the
+model, the optimizer's class and groups, the data and its collator; the log supplies the order and the rates.
+
+::
+
+    callback = record(trainer, "runs/gpt2", initial_dir="runs/gpt2-initial")   # keeps the starting point
+    trainer.train()
+    result = replay_trainer(trainer, "runs/gpt2", "runs/gpt2-initial")        # after training, same process
+    save_replay(result, "runs/gpt2-results")                                   # then `dvemb trust` compares
+
+What it rebuilds (docs/replay.md, "A Trainer run"): a copy of the trained model with the kept initial weights, and
+an optimizer of the Trainer's class over the same parameter groups with the kept initial state; the examples of a
+step by their ids, collated as the Trainer collates them (its column filter included); and the loss as the Trainer
+computes it: for a causal LM the summed token losses divided by the labels the Trainer counts per example
+(``num_items_in_batch``: every label not -100 of the unshifted sequence), which is the Trainer's own loss when the
+examples of a batch count equally many labels (fixed-length chunks); otherwise the replayed loss drifts from the
+logged one and the replay's ``loss_gap`` says by how much. A classifier's loss is the mean cross-entropy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+
+from dvemb.errors import ConfigError
+from dvemb.integrations.huggingface import INDEX_KEY, _Indexed, _unwrapped
+from dvemb.layers import widened
+from dvemb.replay import ReplayArguments, load_initial, replay, schedule_from_log
+from dvemb.replay.files import Replay
+
+__all__ = ["replay_trainer", "trainer_loss"]
+
+
+def trainer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) per-example losses whose batch mean is the Trainer's loss: for (B, L, V) logits the summed token
+    cross-entropy (labels shifted by one, -100 ignored) over the example's unshifted label count, for (B, C) the
+    cross-entropy."""
+    if logits.dim() == 3 and labels.dim() == 2:
+        shifted_logits, shifted = widened(logits[:, :-1]), labels[:, 1:]
+        per_token = F.cross_entropy(
+            shifted_logits.flatten(0, 1), shifted.flatten(), reduction="none", ignore_index=-100
+        ).view(shifted.shape)
+        counted = (labels != -100).sum(1).clamp_min(1).to(per_token.dtype)
+        return per_token.sum(1) / counted
+    return F.cross_entropy(widened(logits), labels, reduction="none")
+
+
+def replay_trainer(
+    trainer: Trainer,
+    log_dir: str | Path,
+    initial_dir: str | Path,
+    *,
+    id_column: str | None = None,
+    queries: list[dict[str, Any]] | None = None,
+    arguments: ReplayArguments | None = None,
+    query_set: str = "eval",
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = trainer_loss,
+    work_dir: str | Path | None = None,
+) -> Replay:
+    """Replay a Trainer run recorded with ``record(trainer, log_dir, initial_dir=...)``.
+
+    Args:
+        trainer: the Trainer that ran (its model, optimizer, datasets and collator; not modified).
+        log_dir: the run's gradient log.
+        initial_dir: where ``record(..., initial_dir=)`` kept the starting weights and optimizer state.
+        id_column: the ``id_column`` given to ``record`` (None: the log's ids are dataset indices).
+        queries: query batches (dicts of model inputs with ``labels``); default ``trainer.eval_dataset`` collated
+            in batches of ``per_device_eval_batch_size``.
+        arguments: the replay's options (query columns, removal, checkpoints, probe).
+        query_set: the name the replay is saved under (the results' query set it is compared with).
+        loss_fn: per-example training loss ``(logits, labels) -> (B,)`` whose batch mean is the Trainer's loss.
+        work_dir: checkpoints of a resumable replay (:func:`dvemb.replay.replay`).
+    """
+    dataset: Any = trainer.train_dataset
+    dataset = dataset.dataset if isinstance(dataset, _Indexed) else dataset
+    if dataset is None:
+        raise ConfigError("replay_trainer needs the Trainer's train_dataset")
+    if not isinstance(trainer.model, nn.Module):
+        raise ConfigError("replay_trainer needs the Trainer's model")
+    trained = _unwrapped(trainer.model)
+    model = copy.deepcopy(trained)
+    attention: Any = getattr(model, "set_attn_implementation", None)
+    if attention is not None:
+        attention("eager")  # torch's fused attention kernels have no double backward
+    model.train()
+    optimizer = _fresh_optimizer(trainer, trained, model)
+    load_initial(model, optimizer, initial_dir)
+    collate = trainer._get_collator_with_removed_columns(trainer.data_collator, description="replay")
+    index_of = _index_of(dataset, id_column)
+
+    def examples(ids: list[Any]) -> dict[str, Any]:
+        return _batch(collate([dataset[index_of(i)] for i in ids]))
+
+    def loss(forward: Callable[..., Any], batch: dict[str, Any]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        output = forward(**inputs)
+        logits = output.logits if hasattr(output, "logits") else output
+        return loss_fn(logits, batch["labels"])
+
+    if queries is None:
+        queries = list(_eval_batches(trainer, collate))
+    return replay(
+        model,
+        optimizer,
+        schedule_from_log(log_dir),
+        loss,
+        examples,
+        queries,
+        arguments,
+        query_set=query_set,
+        work_dir=work_dir,
+    )
+
+
+def _fresh_optimizer(trainer: Trainer, trained: nn.Module, copied: nn.Module) -> torch.optim.Optimizer:
+    """The Trainer's optimizer class over ``copied``'s parameters, in the same groups and settings."""
+    used = trainer.optimizer
+    if used is None:
+        raise ConfigError("replay_trainer needs the Trainer's optimizer: call it after trainer.train()")
+    inner = getattr(used, "optimizer", used)  # accelerate's wrapper
+    twin = dict(zip(trained.parameters(), copied.parameters(), strict=True))
+    groups = []
+    for group in inner.param_groups:
+        missing = [p for p in group["params"] if p not in twin]
+        if missing:
+            raise ConfigError("the Trainer's optimizer holds parameters that are not the model's")
+        settings = {k: v for k, v in group.items() if k != "params"}
+        groups.append({**settings, "params": [twin[p] for p in group["params"]]})
+    build: Any = type(inner)  # torch's optimizers take their groups (each with its settings) as the first argument
+    rebuilt: torch.optim.Optimizer = build(groups)
+    return rebuilt
+
+
+def _index_of(dataset: Any, id_column: str | None) -> Callable[[Any], int]:
+    """Example id -> dataset position (the id itself without an id column)."""
+    if id_column is None:
+        return int
+    positions = {}
+    for index in range(len(dataset)):
+        value = dataset[index][id_column]
+        positions[value.item() if isinstance(value, torch.Tensor) else value] = index
+    return positions.__getitem__
+
+
+def _batch(collated: Any) -> dict[str, Any]:
+    batch = {k: v for k, v in dict(collated).items() if k != INDEX_KEY}
+    if "labels" not in batch and "label" in batch:
+        batch["labels"] = batch.pop("label")
+    if "labels" not in batch:
+        raise ConfigError("the collated batches carry no 'labels': the replay needs the training loss's targets")
+    return batch
+
+
+def _eval_batches(trainer: Trainer, collate: Callable[[list[Any]], Any]) -> Iterator[dict[str, Any]]:
+    data: Any = trainer.eval_dataset
+    if data is None:
+        raise ConfigError("replay_trainer: the Trainer has no eval_dataset; pass queries=[batch, ...]")
+    size = trainer.args.per_device_eval_batch_size
+    for number in range(math.ceil(len(data) / size)):
+        yield _batch(collate([data[i] for i in range(number * size, min(len(data), (number + 1) * size))]))

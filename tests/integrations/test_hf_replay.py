@@ -1,0 +1,69 @@
+"""Exact replay of a Trainer run (issue 22): ``record(trainer, log, initial_dir=...)`` keeps the starting point,
+``replay_trainer`` rebuilds the model, the optimizer, the batches and the Trainer's loss from the Trainer and the
+log, and replays the very trajectory the Trainer took: its logged losses to their float32 storage (a loss that
+divides by the shifted tokens instead of the labels the Trainer counts is 4% off)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hf_task import SourceChunks, arguments, tiny_gpt2
+from transformers import Trainer, default_data_collator
+
+import dvemb
+from dvemb.integrations.hf_replay import replay_trainer
+from dvemb.integrations.huggingface import causal_lm_loss, record
+from dvemb.replay import ReplayArguments
+
+
+def _trained(tmp_path: Path, **record_options: object) -> Trainer:
+    trainer = Trainer(
+        model=tiny_gpt2(),
+        args=arguments(tmp_path / "out", 4, steps=6, lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.1),
+        train_dataset=SourceChunks("textwrap.py", 24),
+        eval_dataset=SourceChunks("textwrap.py", 6, offset=24),
+        data_collator=default_data_collator,
+    )
+    record(
+        trainer,
+        tmp_path / "log",
+        id_column="id",
+        calibration_batches=0,
+        dtype="float64",
+        proj_dim=None,
+        **record_options,  # type: ignore[arg-type]
+    )
+    trainer.train()
+    return trainer
+
+
+def test_a_trainer_run_replays_its_own_trajectory(tmp_path: Path) -> None:
+    trainer = _trained(tmp_path, initial_dir=tmp_path / "initial")
+    assert (tmp_path / "initial" / "initial.json").exists()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = replay_trainer(
+        trainer, tmp_path / "log", tmp_path / "initial", id_column="id", arguments=ReplayArguments(query_columns="each")
+    )
+    gap = result.summary["loss_gap"]
+    assert gap is not None and gap < 3e-7, gap  # the replayed losses are the Trainer's, step by step (float32 log)
+    log = dvemb.open_log(tmp_path / "log")
+    rows = sum(log.num_rows(i) for i in range(log.num_shards()))
+    assert result.scores.shape == (rows, 6)  # every occurrence, one column per evaluation example
+    assert np.isfinite(result.scores).all() and np.abs(result.scores).max() > 0
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the Trainer's model is left as it was
+
+
+def test_the_models_own_token_mean_is_not_the_trainers_loss(tmp_path: Path) -> None:
+    trainer = _trained(tmp_path, initial_dir=tmp_path / "initial")
+    wrong = replay_trainer(trainer, tmp_path / "log", tmp_path / "initial", id_column="id", loss_fn=causal_lm_loss)
+    assert wrong.summary["loss_gap"] > 1e-2  # 23/24 of the Trainer's: the gap check would catch it
+
+
+def test_a_run_without_its_starting_point_is_refused_with_the_fix(tmp_path: Path) -> None:
+    trainer = _trained(tmp_path)
+    with pytest.raises(dvemb.ConfigError, match="holds no initial state"):
+        replay_trainer(trainer, tmp_path / "log", tmp_path / "initial", id_column="id")
