@@ -112,6 +112,9 @@ def test_comparisons_refuse_bad_jobs_in_words(api: Api, token: str, tmp_path: Pa
     try:
         assert other.get("/compare/jobs").json()["count"] == 0  # one project's jobs only
         assert other.get(f"/jobs/{a}/export/top", params={"query_set": "val"}).status_code == 404
+        # The examples export authenticates in its one read: another project's job is not found there either.
+        assert other.get(f"/jobs/{a}/export/examples", params={"query_set": "val"}).status_code == 404
+        assert api.get(f"/jobs/{a}/export/examples", params={"query_set": "nope"}).status_code == 404
     finally:
         other.client.close()
 

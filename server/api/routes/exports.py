@@ -9,7 +9,17 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from server.api.cancellable import ClientGone, run_cancellable
-from server.api.deps import DB_INT_MAX, DoneJobDep, IntQuery, ProjectDep, SessionDep, SettingsDep, StorageDep, bearer
+from server.api.deps import (
+    DB_INT_MAX,
+    DoneJobDep,
+    IdPath,
+    IntQuery,
+    ProjectDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    bearer,
+)
 from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids, time_limited
 from server.api.routes.figures import SampleQuery
 from server.api.routes.jobs import ExampleFiltersQuery, ExampleIdQuery, TopFiltersQuery
@@ -54,16 +64,17 @@ def export_top(
 
 @router.get("/jobs/{job_id}/export/examples")
 def export_examples(
-    job: DoneJobDep,
+    job_id: IdPath,
     shown: ExampleFiltersQuery,
     format: FormatQuery = "csv",
     limit: Annotated[int, Query(ge=1, le=DB_INT_MAX, description="the first rows only")] = ALL_ROWS,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """Examples by total influence, ranked as /examples ranks them (rank 0 first), every example by default."""
-    found, _ = reads.ranked_examples(bearer(authorization), job.id, offset=0, limit=limit, **shown.model_dump())
+    """Examples by total influence, ranked as /examples ranks them (rank 0 first), every example by default. The
+    read authenticates the caller and checks the job itself (one statement, as /examples): no second lookup."""
+    found, _ = reads.ranked_examples(bearer(authorization), job_id, offset=0, limit=limit, **shown.model_dump())
     rows = [{"rank": i, **r} for i, r in enumerate(found)]
-    return download(EXAMPLE_COLUMNS, rows, fmt=format, name=f"job{job.id}-{shown.query_set}-examples-{shown.kind}")
+    return download(EXAMPLE_COLUMNS, rows, fmt=format, name=f"job{job_id}-{shown.query_set}-examples-{shown.kind}")
 
 
 @router.get("/jobs/{job_id}/export/curve")
