@@ -111,7 +111,12 @@ def test_adam_and_the_sgd_proxy_are_listed_from_the_job_settings(api: Api, token
     log = record_log(tmp_path / "adam", optimizer_name="adam", curvature="empirical", projection="random")
     result = upload_log(log, server=api.url, token=token, run_name="adam", analyze=True)
     exact = api.wait_job(result["job"]["id"])
-    assert exact["propagation"] == "Adam" and _kinds(exact) == [*EXPECTED, "second-moment-dropped"]
+    # The default carries Adam's second moment over these small layers' own coordinates: nothing dropped.
+    assert exact["propagation"] == "Adam" and _kinds(exact) == EXPECTED
+    asked = {"second_moment_lifted": False}  # turned off through the API: then it is dropped, and listed
+    without = api.wait_job(api.post(f"/runs/{result['run']}/jobs", json=asked).json()["id"])
+    assert _kinds(without) == [*EXPECTED, "second-moment-dropped"]
+    assert "second_moment_lifted=False" in without["approximations"][-1]["detail"]
     proxy = api.wait_job(api.post(f"/runs/{result['run']}/jobs", json={"propagation": "sgd-proxy"}).json()["id"])
     assert _kinds(proxy) == ["sgd-proxy", *EXPECTED]  # the proxy has no second moment to drop
     assert "sgd-proxy' was asked for" in proxy["approximations"][0]["detail"]  # the summary's note says why
