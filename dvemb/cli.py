@@ -161,12 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument(
         "--second-moment-lifted",
-        nargs="?",
-        const="on",
         default="auto",
         choices=["auto", "on", "off"],
         help="Adam: carry that term in small projected layers over their own coordinates: auto (default: while its "
-        "states hold at most 16x the recursion's), on (wherever memory allows; the flag alone), off "
+        "states hold at most 16x the recursion's), on (wherever memory allows), off "
         "(docs/optimizers.md section 3)",
     )
     comp.add_argument(

@@ -25,6 +25,7 @@ import base64
 import copy
 import fnmatch
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -205,7 +206,9 @@ class Recorder:
         _check_choice("projection", projection, ("auto", "calibrated", "random"))
         _check_choice("dtype", dtype, tuple(fmt.STORAGE_DTYPES))
         if curvature_samples not in (None, "auto") and not (
-            isinstance(curvature_samples, int) and not isinstance(curvature_samples, bool) and curvature_samples >= 1
+            isinstance(curvature_samples, numbers.Integral)
+            and not isinstance(curvature_samples, bool)
+            and curvature_samples >= 1
         ):
             raise ConfigError(f"curvature_samples must be 'auto', None or at least 1, got {curvature_samples!r}")
         if second_moment_rank < 0:
@@ -223,7 +226,11 @@ class Recorder:
         self.curvature_mode = curvature
         # "auto" is resolved when the optimizer is first seen (rec.step); until then (calibration) all classes.
         self._samples_auto = curvature_samples == "auto"
-        self.curvature_samples: int | None = None if isinstance(curvature_samples, str) else curvature_samples
+        self.curvature_samples: int | None = (
+            None
+            if isinstance(curvature_samples, str)
+            else (None if curvature_samples is None else int(curvature_samples))
+        )
         self.curvature_loss = curvature_loss
         self._curvature_problem: str | None = None  # why rows could not be found from the output this step
         self._curvature_sources: set[str] = set()
@@ -557,6 +564,7 @@ class Recorder:
             self._check_unique(id_list)
         if optimizer is not None:
             self._watch(optimizer)
+        self._resolve_samples(None)  # a hand-written update (lr=...): every class, fixed for the whole log
         if self._step == 0 and not self._projection_fixed:
             self._first_step_without_calibration()
             self._warn_if_untracked()
@@ -850,7 +858,7 @@ class Recorder:
                     layer["second_moment"] = _second_moment_carrier(tracked, self.second_moment_rank)
             self._writer.manifest["optimizer"] = entry
 
-    def _resolve_samples(self, propagation: str) -> None:
+    def _resolve_samples(self, propagation: str | None) -> None:
         """``curvature_samples="auto"``: one sampled label under Adam and AdamW with cross-entropy (written to the
         manifest before any row is), else all classes."""
         if not self._samples_auto or self.curvature_mode != "ggn" or self.curvature_loss != "cross_entropy":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from celery import Celery
@@ -29,7 +31,9 @@ def refuse_cuda_after_fork() -> None:
     import torch
 
     if torch.cuda._is_in_bad_fork():
-        raise RuntimeError(
+        # Celery logs and swallows what a signal handler raises: the child must exit itself.
+        logging.getLogger(__name__).critical(
             "CUDA was initialised in the worker's parent process before it forked this child: run GPU workers "
             "with `dvemb worker --devices 0,1,...` (one solo-pool process per device), not a prefork pool"
         )
+        os._exit(1)

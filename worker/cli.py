@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import subprocess
+import time
 from typing import Any
 
 _DEFAULT_QUEUES = "celery,gpu"
@@ -15,7 +16,11 @@ def register(sub: Any) -> None:
     worker = sub.add_parser(
         "worker", help="run a Celery worker (set DVEMB_DATABASE_URL, DVEMB_BROKER_URL, DVEMB_STORAGE_DIR)"
     )
-    worker.add_argument("--queues", default=_DEFAULT_QUEUES, help="'gpu' only on GPU machines, 'celery' for validation")
+    worker.add_argument(
+        "--queues",
+        default=None,
+        help="'gpu' only on GPU machines, 'celery' for validation (default: both; with --devices: gpu)",
+    )
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument(
         "--devices",
@@ -30,10 +35,10 @@ def _worker(args: argparse.Namespace) -> int:
     from server.tasks import GPU_QUEUE, gpu_worker_commands, worker_command
 
     if args.devices is None:
-        command = worker_command(args.queues, args.concurrency)
+        command = worker_command(args.queues or _DEFAULT_QUEUES, args.concurrency)
         os.execv(command[0], command)
         return 0
-    queues = GPU_QUEUE if args.queues == _DEFAULT_QUEUES else args.queues
+    queues = args.queues or GPU_QUEUE
     try:
         launches = gpu_worker_commands(args.devices.split(","), queues)
     except ValueError as exc:
@@ -45,8 +50,12 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _run_all(launches: list[tuple[list[str], dict[str, str]]]) -> int:
-    """Run one process per device until all have exited; a signal to this process goes to every one of them."""
-    processes = [subprocess.Popen(command, env={**os.environ, **env}) for command, env in launches]
+    """Run one process per device; a signal to this process goes to every one of them (once: they run in sessions of
+    their own, so a terminal's Ctrl-C does not reach them twice, which Celery would take for a cold shutdown). When
+    one exits, the others are stopped too, so that a supervisor sees the launcher go and restarts it."""
+    processes = [
+        subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True) for command, env in launches
+    ]
 
     def forward(signum: int, _: Any) -> None:
         for process in processes:
@@ -55,4 +64,9 @@ def _run_all(launches: list[tuple[list[str], dict[str, str]]]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
-    return max(process.wait() for process in processes)
+    while all(process.poll() is None for process in processes):
+        time.sleep(0.5)
+    forward(signal.SIGTERM, None)
+    codes = [process.wait() for process in processes]
+    failed = [code for code in codes if code != 0]
+    return 1 if failed else 0

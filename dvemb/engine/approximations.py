@@ -233,7 +233,11 @@ def _second_moment(
         offered = _lift_plan(layers, blocks, False)
         if lifted is False:
             why = "second_moment_lifted=False was asked for, or the computation is segmented (it cannot carry it)"
-        elif lifted is None and any(offered) and not any(plan):
+        elif (
+            lifted is None
+            and any(offered)
+            and lift_ratio(*_lift_inputs(layers, blocks)) > optimizer_maps.LIFT_AUTO_RATIO
+        ):
             ratio = lift_ratio(*_lift_inputs(layers, blocks))
             why = (
                 f"its states would hold {ratio:.0f}x the recursion's own (the default carries it up to "

@@ -192,9 +192,9 @@ class Embedder:
         by_key: dict[tuple[int, ...], list[int]] = {}
         for index, layer in enumerate(self.log.layers):
             p = layer.projection
-            # A lifted layer's state also needs one size of its own coordinates.
-            own = self.lift_sizes[index]
-            key = (p.dim, p.k_out, p.k_in, int(p.is_identity), own) if self.optimizer_exact else (p.dim,)
+            # A lifted layer's state also needs one shape of its own coordinates (64 x 32 and 32 x 64 do not stack).
+            own = (p.out_dim, p.in_dim) if self.lift_sizes[index] else (0, 0)
+            key = (p.dim, p.k_out, p.k_in, int(p.is_identity), *own) if self.optimizer_exact else (p.dim,)
             by_key.setdefault(key, []).append(index)
         return [group(layers, key[0], len(layers)) for key, layers in by_key.items()]
 

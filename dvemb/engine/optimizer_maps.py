@@ -67,8 +67,9 @@ class Preconditioner:
             parameters back; None for a layer stored whole (N = n, the segment's own coordinates).
         lift_cov: with ``lift``, (G, S, N) per step the diagonal ``C = (sqrt(v_hat) + eps)^2`` of the gradients'
             covariance under which a projected gradient change is taken back to the layer's own coordinates,
-            ``L = C P (P^T C P)^-1`` (:func:`reconstruction_gram`).
-        lift_gram: with ``lift``, (G, S, d, d) per step ``(P^T C P)^-1``.
+            ``L = C P (P^T C P)^-1`` (:func:`reconstruction_gram`); float64 whatever the recursion's dtype.
+        lift_gram: with ``lift``, (G, S, d, d) per step ``(P^T C P)^-1``, float64: ``C`` spans about 1e-14 of its
+            range, and the two factors of ``L^T`` applied apart in float32 lost everything (embeddings of 1e31).
         precond_own: with ``lift``, (G, S, N) Adam's exact preconditioner ``D`` in the layer's own coordinates:
             the first moment is carried there too, so that its path and the second moment's keep the exact map's
             cancellation (Adam's first steps).
@@ -101,16 +102,19 @@ class Preconditioner:
         def pair(p: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
             return None if p is None else (p[0].to(device, dtype), p[1].to(device, dtype))
 
+        def own(t: torch.Tensor | None) -> torch.Tensor | None:  # a lifted layer's terms stay float64 (the states')
+            return move(t) if self.lift is None or t is None else t.to(device, torch.float64)
+
         return Preconditioner(
             self.start,
             move(self.diag),
             pair(self.kron),
-            move(self.sigma),
-            move(self.nu),
+            own(self.sigma),
+            own(self.nu),
             pair(self.lift),
-            move(self.lift_cov),
-            move(self.lift_gram),
-            move(self.precond_own),
+            None if self.lift_cov is None else self.lift_cov.to(device, torch.float64),
+            None if self.lift_gram is None else self.lift_gram.to(device, torch.float64),
+            own(self.precond_own),
         )
 
 
@@ -118,9 +122,9 @@ class Preconditioner:
 #: the step's gradient and the preconditioner whole: both moments can be carried in its own coordinates.
 LIFTED = "lifted-moments"
 
-#: The lifted states of a computation hold at most this many numbers together (512 MiB in float32): a layer past
-#: it, in layer order, is left without the term (and the results say so).
-LIFT_STATE_MAX = 1 << 27
+#: The lifted states of a computation hold at most this many numbers together (512 MiB each for the two moments, in
+#: float64, which they run in): a layer past it, in layer order, is left without the term (and the results say so).
+LIFT_STATE_MAX = 1 << 26
 
 
 #: By default (``ComputeArguments.second_moment_lifted=None``) the term is carried only while the lifted states
@@ -402,14 +406,29 @@ def reconstruction_gram(cov: torch.Tensor, p_out: torch.Tensor, p_in: torch.Tens
     gram = torch.matmul(outer.T, inner.reshape(steps, n_out, k_in * k_in))  # (S, k_out^2, k_in^2)
     d = k_out * k_in
     gram = gram.reshape(steps, k_out, k_out, k_in, k_in).permute(0, 1, 3, 2, 4).reshape(steps, d, d)
-    scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-300)
-    # C >= eps^2 > 0, so the Gram matrix is definite for bases of full column rank; the ridge only keeps eps = 0
-    # with never-seen coordinates defined. It must stay far below C's range (eps^2 / max v_hat reaches 1e-14):
-    # a ridge of 1e-13 of the mean diagonal moved full-rank bases' result by 3e-9.
-    gram = gram + (1e-30 * scale)[:, None, None] * torch.eye(d, dtype=gram.dtype)
-    # Through Cholesky: the Gram matrix is symmetric positive definite (and torch's LU inverse failed on some
-    # of a GPT-2's batches with "pivots given to lu_solve must all be greater or equal to 1").
-    return torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    return _definite_inverse(gram)
+
+
+def _definite_inverse(gram: torch.Tensor) -> torch.Tensor:
+    """(S, d, d) inverses of symmetric positive semi-definite matrices, exact where they are numerically definite.
+
+    ``C >= eps^2 > 0``, so the Gram matrix is definite for bases of full column rank, and Cholesky inverts it with
+    no ridge (a ridge of 1e-13 of the mean diagonal moved full-rank bases' result by 3e-9: C spans 1e-14 of its
+    range). Where Cholesky finds it not definite in floating point (coordinates that never see a gradient next to
+    large ones), the inverse is taken over its eigenvalues above 1e-12 of the largest (a pseudo-inverse): the
+    directions it drops carry no gradient. (torch's LU inverse failed on some of a GPT-2's batches with "pivots
+    given to lu_solve must all be greater or equal to 1".)"""
+    factor, info = torch.linalg.cholesky_ex(gram)
+    failed = (info != 0).nonzero().flatten()
+    if len(failed):
+        factor[failed] = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)  # replaced below
+    inverse = torch.cholesky_inverse(factor)
+    if len(failed):
+        values, vectors = torch.linalg.eigh(gram[failed])
+        floor = values.amax(-1, keepdim=True).clamp_min(1e-300) * 1e-12
+        kept = torch.where(values > floor, 1.0 / values.clamp_min(1e-300), torch.zeros_like(values))
+        inverse[failed] = (vectors * kept.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+    return inverse
 
 
 def _layer_tensor(optimizer: dict[str, torch.Tensor], name: str, what: str) -> torch.Tensor:

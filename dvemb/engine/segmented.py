@@ -204,7 +204,7 @@ def run_segment(
         "bucket_counts": counts,
     }
     meta = {"plan": plan.fingerprint, "process": f"{socket.gethostname()}:{os.getpid()}"}
-    with replacing(path) as tmp:
+    with replacing(path, unique=True) as tmp:  # a segment may be written by two workers at once (a takeover)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return path
 

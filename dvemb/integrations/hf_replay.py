@@ -12,9 +12,10 @@ What it rebuilds (docs/replay.md, "A Trainer run"): a copy of the trained model 
 an optimizer of the Trainer's class over the same parameter groups with the kept initial state; the examples of a
 step by their ids, collated as the Trainer collates them (its column filter included); and the loss as the Trainer
 computes it: for a causal LM the summed token losses divided by the labels the Trainer counts per example
-(``num_items_in_batch``: every label not -100 of the unshifted sequence), which is the Trainer's own loss when the
-examples of a batch count equally many labels (fixed-length chunks); otherwise the replayed loss drifts from the
-logged one and the replay's ``loss_gap`` says by how much. A classifier's loss is the mean cross-entropy.
+(``num_items_in_batch``: the labels not -100, shifted for a model whose loss shifts them), which is the Trainer's
+own loss when the examples of a batch count equally many labels (fixed-length chunks); otherwise the replayed loss
+drifts from the logged one and the replay's ``loss_gap`` says by how much. A classifier's loss is the mean
+cross-entropy.
 """
 
 from __future__ import annotations
@@ -39,18 +40,28 @@ from dvemb.replay.files import Replay
 __all__ = ["replay_trainer", "trainer_loss"]
 
 
-def trainer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) per-example losses whose batch mean is the Trainer's loss: for (B, L, V) logits the summed token
-    cross-entropy (labels shifted by one, -100 ignored) over the example's unshifted label count, for (B, C) the
-    cross-entropy."""
-    if logits.dim() == 3 and labels.dim() == 2:
+def trainer_loss(trainer: Trainer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Per-example losses ``(logits, labels) -> (B,)`` whose batch mean is ``trainer``'s loss.
+
+    For (B, L, V) logits: the example's summed token cross-entropy (labels shifted by one, -100 ignored) over the
+    labels the Trainer counts for it, as its ``_get_num_items_in_batch`` does: the shifted labels for a model whose
+    loss shifts them (``*ForCausalLM`` models), all labels otherwise (GPT-2 in transformers 5.25), and the model's
+    own mean over its shifted tokens when the Trainer counts nothing (a model that takes no loss arguments). For
+    (B, C) logits the cross-entropy."""
+    counts = bool(getattr(trainer, "model_accepts_loss_kwargs", False)) or trainer.compute_loss_func is not None
+    shifts = bool(getattr(trainer, "_loss_shifts_labels", False))
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not (logits.dim() == 3 and labels.dim() == 2):
+            return F.cross_entropy(widened(logits), labels, reduction="none")
         shifted_logits, shifted = widened(logits[:, :-1]), labels[:, 1:]
         per_token = F.cross_entropy(
             shifted_logits.flatten(0, 1), shifted.flatten(), reduction="none", ignore_index=-100
         ).view(shifted.shape)
-        counted = (labels != -100).sum(1).clamp_min(1).to(per_token.dtype)
-        return per_token.sum(1) / counted
-    return F.cross_entropy(widened(logits), labels, reduction="none")
+        counted = shifted if (shifts or not counts) else labels
+        return per_token.sum(1) / (counted != -100).sum(1).clamp_min(1).to(per_token.dtype)
+
+    return loss
 
 
 def replay_trainer(
@@ -62,7 +73,7 @@ def replay_trainer(
     queries: list[dict[str, Any]] | None = None,
     arguments: ReplayArguments | None = None,
     query_set: str = "eval",
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = trainer_loss,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     work_dir: str | Path | None = None,
 ) -> Replay:
     """Replay a Trainer run recorded with ``record(trainer, log_dir, initial_dir=...)``.
@@ -76,7 +87,8 @@ def replay_trainer(
             in batches of ``per_device_eval_batch_size``.
         arguments: the replay's options (query columns, removal, checkpoints, probe).
         query_set: the name the replay is saved under (the results' query set it is compared with).
-        loss_fn: per-example training loss ``(logits, labels) -> (B,)`` whose batch mean is the Trainer's loss.
+        loss_fn: per-example training loss ``(logits, labels) -> (B,)`` whose batch mean is the Trainer's loss;
+            default :func:`trainer_loss` of ``trainer``.
         work_dir: checkpoints of a resumable replay (:func:`dvemb.replay.replay`).
     """
     dataset: Any = trainer.train_dataset
@@ -94,6 +106,7 @@ def replay_trainer(
     optimizer = _fresh_optimizer(trainer, trained, model)
     load_initial(model, optimizer, initial_dir)
     collate = trainer._get_collator_with_removed_columns(trainer.data_collator, description="replay")
+    per_example = loss_fn or trainer_loss(trainer)
     index_of = _index_of(dataset, id_column)
 
     def examples(ids: list[Any]) -> dict[str, Any]:
@@ -103,7 +116,7 @@ def replay_trainer(
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         output = forward(**inputs)
         logits = output.logits if hasattr(output, "logits") else output
-        return loss_fn(logits, batch["labels"])
+        return per_example(logits, batch["labels"])
 
     if queries is None:
         queries = list(_eval_batches(trainer, collate))

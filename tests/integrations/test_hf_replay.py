@@ -67,3 +67,31 @@ def test_a_run_without_its_starting_point_is_refused_with_the_fix(tmp_path: Path
     trainer = _trained(tmp_path)
     with pytest.raises(dvemb.ConfigError, match="holds no initial state"):
         replay_trainer(trainer, tmp_path / "log", tmp_path / "initial", id_column="id")
+
+
+def test_the_loss_counts_the_labels_as_the_trainer_does() -> None:
+    """The Trainer's ``num_items_in_batch``: shifted labels for a loss that shifts them (``*ForCausalLM``), all labels
+    for GPT-2 here, and the model's own token mean when the Trainer counts nothing."""
+    from types import SimpleNamespace
+
+    from dvemb.integrations.hf_replay import trainer_loss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 7, dtype=torch.float64), torch.randint(0, 7, (2, 5))
+    labels[1, 3] = -100
+    token_sums = torch.stack(
+        [
+            torch.nn.functional.cross_entropy(logits[b, :-1], labels[b, 1:], ignore_index=-100, reduction="sum")
+            for b in range(2)
+        ]
+    )
+    shifted = (labels[:, 1:] != -100).sum(1).double()
+    every = (labels != -100).sum(1).double()
+    cases = [
+        ({"model_accepts_loss_kwargs": True, "compute_loss_func": None, "_loss_shifts_labels": True}, shifted),
+        ({"model_accepts_loss_kwargs": True, "compute_loss_func": None, "_loss_shifts_labels": False}, every),
+        ({"model_accepts_loss_kwargs": False, "compute_loss_func": None, "_loss_shifts_labels": False}, shifted),
+    ]
+    for settings, counted in cases:
+        got = trainer_loss(SimpleNamespace(**settings))(logits, labels)  # type: ignore[arg-type]
+        torch.testing.assert_close(got, token_sums / counted, rtol=1e-12, atol=0)

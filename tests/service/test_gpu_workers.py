@@ -86,3 +86,29 @@ def test_a_bad_device_list_is_refused(devices: str) -> None:
     )
     assert done.returncode != 0
     assert "devices" in done.stderr
+
+
+def test_one_device_keeps_the_queues_it_is_given(service_env: dict[str, str]) -> None:
+    """docker-compose's single worker runs ``--devices 0 --queues celery,gpu``: it must take validation too."""
+    queues = f"celery-test-{uuid.uuid4().hex[:6]},gpu-test-{uuid.uuid4().hex[:6]}"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dvemb.cli", "worker", "--devices", "0", "--queues", queues],
+        env={**os.environ, **service_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    app = Celery(broker=service_env["DVEMB_BROKER_URL"])
+    name = f"gpu0@{socket.gethostname()}"
+    try:
+        deadline = time.monotonic() + 120
+        while not any(name in reply for reply in app.control.ping(destination=[name], timeout=1.0)):
+            assert time.monotonic() < deadline, "the worker never answered"
+        command = Path(f"/proc/{worker.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert f" -Q {queues} " in command and " -P solo " in command  # the launcher became the worker (one device)
+        assert _environ(worker.pid)["CUDA_VISIBLE_DEVICES"] == "0"
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        app.close()
