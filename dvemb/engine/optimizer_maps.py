@@ -67,9 +67,8 @@ class Preconditioner:
             parameters back; None for a layer stored whole (N = n, the segment's own coordinates).
         lift_cov: with ``lift``, (G, S, N) per step the diagonal ``C = (sqrt(v_hat) + eps)^2`` of the gradients'
             covariance under which a projected gradient change is taken back to the layer's own coordinates,
-            ``L = C P (P^T C P)^-1`` (:func:`reconstruction_gram`); float64 whatever the recursion's dtype.
-        lift_gram: with ``lift``, (G, S, d, d) per step ``(P^T C P)^-1``, float64: ``C`` spans about 1e-14 of its
-            range, and the two factors of ``L^T`` applied apart in float32 lost everything (embeddings of 1e31).
+            ``L = C P (P^T C P)^-1`` (:func:`reconstruction_gram`, formed step by step: (S, d, d) of them at once
+            reached gigabytes for d = 1024 and steps of one example); float64 whatever the recursion's dtype.
         precond_own: with ``lift``, (G, S, N) Adam's exact preconditioner ``D`` in the layer's own coordinates:
             the first moment is carried there too, so that its path and the second moment's keep the exact map's
             cancellation (Adam's first steps).
@@ -82,7 +81,6 @@ class Preconditioner:
     nu: torch.Tensor | None = None
     lift: tuple[torch.Tensor, torch.Tensor] | None = None
     lift_cov: torch.Tensor | None = None
-    lift_gram: torch.Tensor | None = None
     precond_own: torch.Tensor | None = None
 
     @property
@@ -113,7 +111,6 @@ class Preconditioner:
             own(self.nu),
             pair(self.lift),
             None if self.lift_cov is None else self.lift_cov.to(device, torch.float64),
-            None if self.lift_gram is None else self.lift_gram.to(device, torch.float64),
             own(self.precond_own),
         )
 
@@ -365,9 +362,6 @@ def _add_second_moment(
         seg.lift = (torch.stack(p_out), torch.stack(p_in))
         precond = [_layer_tensor(optimizer, layers[i][0], "precond") for i in positions]  # (S, N) each
         seg.lift_cov = torch.stack([d.reciprocal().square() for d in precond])
-        seg.lift_gram = torch.stack(
-            [reconstruction_gram(c, po, pi) for c, po, pi in zip(seg.lift_cov, p_out, p_in, strict=True)]
-        )
     vsens = torch.stack([_layer_tensor(optimizer, layers[i][0], "vsens") for i in positions])  # (G, S, N)
     batch_grad = torch.stack([_layer_tensor(optimizer, layers[i][0], "batch_grad") for i in positions])
     seg.sigma = lr.unsqueeze(-1) * vsens

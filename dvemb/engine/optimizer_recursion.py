@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from dvemb.engine.optimizer_maps import COEFFICIENTS, Preconditioner, StepMaps
+from dvemb.engine.optimizer_maps import COEFFICIENTS, Preconditioner, StepMaps, reconstruction_gram
 from dvemb.engine.recursion import Chunk
 
 __all__ = ["OptimizerRecursion", "apply_preconditioner_t"]
@@ -241,12 +241,15 @@ def _reconstruction_t(seg: Preconditioner, step: int, rows: torch.Tensor) -> tor
     (:func:`dvemb.engine.optimizer_maps.reconstruction_gram`)."""
     assert seg.lift is not None
     assert seg.lift_cov is not None
-    assert seg.lift_gram is not None
     # In float64 whatever the recursion's dtype: (P^T C P)^-1 and P^T C are each far from bounded (C spans 1e-14 of
     # its range); only their product is. Applied apart in float32 they gave embeddings of 1e31 where 0.07 was right.
-    weighted = rows.double().mul_(seg.lift_cov[:, step, :, None])  # a copy unless ``rows`` is float64 already
+    cov = seg.lift_cov[:, step]  # (G, N)
     bases = (seg.lift[0].double(), seg.lift[1].double())
-    return torch.bmm(seg.lift_gram[:, step], _project_rows(bases, weighted))
+    gram = torch.stack(
+        [reconstruction_gram(cov[g : g + 1], bases[0][g], bases[1][g])[0] for g in range(cov.shape[0])]
+    )  # (G, k, k) this step's (P^T C P)^-1
+    weighted = rows.double().mul_(cov[:, :, None])  # a copy unless ``rows`` is float64 already
+    return torch.bmm(gram, _project_rows(bases, weighted))
 
 
 def _project_rows(bases: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
