@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-import dvemb
 from bench import default_fidelity as fid
 from bench.fidelity import Setup, correlation, ground_truth, sample_pairs
 from bench.markdown import measured_commit, replace_section
@@ -45,11 +44,7 @@ def _label(samples: int | None) -> str:
 
 
 def _recording(log_dir: Path, samples: int | None) -> fid.RecordingFactory:
-    def make(model: Any, optimizer: Any, scheduler: Any, x: Any, y: Any, setup: Setup) -> fid.Recording:
-        rec = dvemb.Recorder(model, log_dir, loss_reduction="sum", curvature_samples=samples)
-        return fid._plain(rec, ggn_call=False)
-
-    return make
+    return fid.no_options(log_dir, curvature_samples=samples)
 
 
 def _cpu(fn: Any) -> float:

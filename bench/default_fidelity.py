@@ -189,11 +189,13 @@ def _plain(rec: dvemb.Recorder, *, ggn_call: bool) -> Recording:
     )
 
 
-def no_options(log_dir: Path) -> RecordingFactory:
+def no_options(log_dir: Path, **recorder_options: Any) -> RecordingFactory:
+    """``dvemb.Recorder(model, log_dir)`` and nothing else (``recorder_options``: for a benchmark that varies one)."""
+
     def make(
         model: nn.Module, optimizer: Any, scheduler: Any, x: torch.Tensor, y: torch.Tensor, setup: Setup
     ) -> Recording:
-        return _plain(dvemb.Recorder(model, log_dir, loss_reduction="sum"), ggn_call=False)
+        return _plain(dvemb.Recorder(model, log_dir, loss_reduction="sum", **recorder_options), ggn_call=False)
 
     return make
 

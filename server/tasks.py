@@ -28,6 +28,7 @@ ADHOC_QUERY = "dvemb.adhoc_query"
 WINDOW_TOPK = "dvemb.window_topk"  # a step range's top examples, read from the scores file (default queue)
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "celery"
+ALL_QUEUES = f"{DEFAULT_QUEUE},{GPU_QUEUE}"  # a worker's queues unless told otherwise
 ROUTES = {COMPUTE: {"queue": GPU_QUEUE}, COMPUTE_SEGMENT: {"queue": GPU_QUEUE}, ADHOC_QUERY: {"queue": GPU_QUEUE}}
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def _drop_outbox(session: Session) -> None:
 
 
 def worker_command(
-    queues: str = "celery,gpu", concurrency: int = 1, *, pool: str | None = None, name: str | None = None
+    queues: str = ALL_QUEUES, concurrency: int = 1, *, pool: str | None = None, name: str | None = None
 ) -> list[str]:
     """The command line of a worker process (the same Celery tasks in every mode); ``pool``: Celery's execution
     pool (default prefork), ``name``: the node name (default Celery's ``celery@host``)."""

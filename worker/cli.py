@@ -9,8 +9,6 @@ import subprocess
 import time
 from typing import Any
 
-_DEFAULT_QUEUES = "celery,gpu"
-
 
 def register(sub: Any) -> None:
     worker = sub.add_parser(
@@ -32,10 +30,10 @@ def register(sub: Any) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from server.tasks import GPU_QUEUE, gpu_worker_commands, worker_command
+    from server.tasks import ALL_QUEUES, GPU_QUEUE, gpu_worker_commands, worker_command
 
     if args.devices is None:
-        command = worker_command(args.queues or _DEFAULT_QUEUES, args.concurrency)
+        command = worker_command(args.queues or ALL_QUEUES, args.concurrency)
         os.execv(command[0], command)
         return 0
     queues = args.queues or GPU_QUEUE

@@ -65,13 +65,10 @@ class Preconditioner:
         lift: for a projected layer whose term is carried in its own coordinates (docs/optimizers.md, section 3),
             its bases ``(P_out (G, n_out, k_out), P_in (G, n_in, k_in))``, which project the term's effect on the
             parameters back; None for a layer stored whole (N = n, the segment's own coordinates).
-        lift_cov: with ``lift``, (G, S, N) per step the diagonal ``C = (sqrt(v_hat) + eps)^2`` of the gradients'
-            covariance under which a projected gradient change is taken back to the layer's own coordinates,
-            ``L = C P (P^T C P)^-1`` (:func:`reconstruction_gram`, formed step by step: (S, d, d) of them at once
-            reached gigabytes for d = 1024 and steps of one example); float64 whatever the recursion's dtype.
         precond_own: with ``lift``, (G, S, N) Adam's exact preconditioner ``D`` in the layer's own coordinates:
             the first moment is carried there too, so that its path and the second moment's keep the exact map's
-            cancellation (Adam's first steps).
+            cancellation (Adam's first steps); ``D^-2 = (sqrt(v_hat) + eps)^2`` is also the covariance under which
+            a projected gradient change is taken back to those coordinates (:func:`reconstruction_gram`).
     """
 
     start: int
@@ -80,7 +77,6 @@ class Preconditioner:
     sigma: torch.Tensor | None = None
     nu: torch.Tensor | None = None
     lift: tuple[torch.Tensor, torch.Tensor] | None = None
-    lift_cov: torch.Tensor | None = None
     precond_own: torch.Tensor | None = None
 
     @property
@@ -100,18 +96,14 @@ class Preconditioner:
         def pair(p: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
             return None if p is None else (p[0].to(device, dtype), p[1].to(device, dtype))
 
-        def own(t: torch.Tensor | None) -> torch.Tensor | None:  # a lifted layer's terms stay float64 (the states')
-            return move(t) if self.lift is None or t is None else t.to(device, torch.float64)
-
         return Preconditioner(
             self.start,
             move(self.diag),
             pair(self.kron),
-            own(self.sigma),
-            own(self.nu),
+            move(self.sigma),
+            move(self.nu),
             pair(self.lift),
-            None if self.lift_cov is None else self.lift_cov.to(device, torch.float64),
-            own(self.precond_own),
+            move(self.precond_own),
         )
 
 
@@ -360,14 +352,12 @@ def _add_second_moment(
         p_out = [layers[i][1].p_out(dtype=torch.float64, device=cpu) for i in positions]
         p_in = [layers[i][1].p_in(dtype=torch.float64, device=cpu) for i in positions]
         seg.lift = (torch.stack(p_out), torch.stack(p_in))
-        precond = [_layer_tensor(optimizer, layers[i][0], "precond") for i in positions]  # (S, N) each
-        seg.lift_cov = torch.stack([d.reciprocal().square() for d in precond])
+        # The first moment in the same coordinates, through the exact preconditioner.
+        seg.precond_own = torch.stack([_layer_tensor(optimizer, layers[i][0], "precond") for i in positions])
     vsens = torch.stack([_layer_tensor(optimizer, layers[i][0], "vsens") for i in positions])  # (G, S, N)
     batch_grad = torch.stack([_layer_tensor(optimizer, layers[i][0], "batch_grad") for i in positions])
     seg.sigma = lr.unsqueeze(-1) * vsens
     seg.nu = (2.0 * (1.0 - beta2)).unsqueeze(-1) * batch_grad
-    if seg.lift is not None:  # the first moment in the same coordinates, through the exact preconditioner
-        seg.precond_own = torch.stack([_layer_tensor(optimizer, layers[i][0], "precond") for i in positions])
 
 
 def reconstruction_gram(cov: torch.Tensor, p_out: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:

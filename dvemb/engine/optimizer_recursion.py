@@ -85,19 +85,18 @@ class OptimizerRecursion:
         device: torch.device,
         lifted: dict[int, int] | None = None,
     ) -> None:
-        # A group that carries lifted moments runs in float64 whatever ``dtype``: their sensitivities reach
-        # 1/eps^2 where a coordinate never sees a gradient, and amplify the state's float32 rounding (a small MLP's
-        # embeddings were 22% off in float32); the lifted part's work dominates its time anyway.
+        # A group that carries lifted moments runs in float64 whatever ``dtype`` (its maps arrive in the state's
+        # dtype): their sensitivities reach 1/eps^2 where a coordinate never sees a gradient, the two moments' terms
+        # are large and cancel in Adam's first steps, and the reconstruction's two factors are each far from
+        # bounded (C spans 1e-14 of its range). In float32 a small MLP's embeddings came out 1e16 where 2e-3 was
+        # right; the lifted part's work dominates such a group's time anyway.
         dtype = torch.float64 if lifted else dtype
         self.theta = torch.eye(dim, dtype=dtype, device=device).repeat(groups, 1, 1)  # (G, d, d) R^theta^T
         self.mom = torch.zeros(groups, dim, dim, dtype=dtype, device=device)  # (G, d, d) R^m^T
         self.vmom = torch.zeros(groups, dim, dim, dtype=dtype, device=device)  # (G, d, d) R^v^T (Adam's v term)
         # R^v^T of the lifted segments, over their layers' own N coordinates: (G, N, d) per segment start.
-        # Float64 whatever ``dtype``: in Adam's first steps the two moments' terms are large and cancel, and in
-        # float32 a few coordinates that never see a gradient took the embeddings 5% (of their largest) off.
         self.lifted = {
-            start: torch.zeros(groups, size, dim, dtype=torch.float64, device=device)
-            for start, size in (lifted or {}).items()
+            start: torch.zeros(groups, size, dim, dtype=dtype, device=device) for start, size in (lifted or {}).items()
         }
         self.lifted_mom = {start: torch.zeros_like(state) for start, state in self.lifted.items()}  # R^m^T, the same
         self.log_scale = torch.zeros(groups, dtype=torch.float64)  # R = exp(log_scale) * stored
@@ -184,8 +183,7 @@ class OptimizerRecursion:
             assert seg.sigma is not None
             assert seg.nu is not None
             rows = slice(seg.start, seg.start + seg.size)
-            bases = (seg.lift[0].double(), seg.lift[1].double())
-            lifted_theta = _lift_rows(bases, self.theta[:, rows].double())  # (G, N, d), float64 as the states
+            lifted_theta = _lift_rows(seg.lift, self.theta[:, rows])  # (G, N, d)
             mom, vmom = self.lifted_mom[seg.start], self.lifted[seg.start]
             mom.addcmul_(seg.precond_own[:, step, :, None] * c["a"], lifted_theta, value=-1.0)
             vmom.addcmul_(seg.sigma[:, step, :, None], lifted_theta)
@@ -236,20 +234,19 @@ def _lift_rows(bases: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> 
 
 
 def _reconstruction_t(seg: Preconditioner, step: int, rows: torch.Tensor) -> torch.Tensor:
-    """``L_k^T Z = (P^T C P)^-1 P^T C Z`` for rows Z (G, N, d) in a lifted layer's own coordinates: (G, k, d),
+    """``L_k^T Z = (P^T C P)^-1 P^T C Z`` for rows Z (G, N, d) in a lifted layer's own coordinates (overwritten):
+    (G, k, d),
     with ``L_k`` the step's map of a projected gradient change back to those coordinates
     (:func:`dvemb.engine.optimizer_maps.reconstruction_gram`)."""
     assert seg.lift is not None
-    assert seg.lift_cov is not None
-    # In float64 whatever the recursion's dtype: (P^T C P)^-1 and P^T C are each far from bounded (C spans 1e-14 of
-    # its range); only their product is. Applied apart in float32 they gave embeddings of 1e31 where 0.07 was right.
-    cov = seg.lift_cov[:, step]  # (G, N)
-    bases = (seg.lift[0].double(), seg.lift[1].double())
+    assert seg.precond_own is not None
+    cov = seg.precond_own[:, step].reciprocal().square()  # (G, N) C = (sqrt(v_hat) + eps)^2
+    # Formed step by step: a chunk's (S, d, d) Gram inverses at once reached gigabytes for d = 1024 and steps of one
+    # example.
     gram = torch.stack(
-        [reconstruction_gram(cov[g : g + 1], bases[0][g], bases[1][g])[0] for g in range(cov.shape[0])]
-    )  # (G, k, k) this step's (P^T C P)^-1
-    weighted = rows.double().mul_(cov[:, :, None])  # a copy unless ``rows`` is float64 already
-    return torch.bmm(gram, _project_rows(bases, weighted))
+        [reconstruction_gram(cov[g : g + 1], seg.lift[0][g], seg.lift[1][g])[0] for g in range(cov.shape[0])]
+    ).to(rows.dtype)  # (G, k, k) this step's (P^T C P)^-1
+    return torch.bmm(gram, _project_rows(seg.lift, rows.mul_(cov[:, :, None])))
 
 
 def _project_rows(bases: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:

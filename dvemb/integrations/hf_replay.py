@@ -32,7 +32,7 @@ from torch import nn
 from transformers import Trainer
 
 from dvemb.errors import ConfigError
-from dvemb.integrations.huggingface import INDEX_KEY, _Indexed, _unwrapped
+from dvemb.integrations.huggingface import _collated, _Indexed, _unwrapped, inputs_and_labels
 from dvemb.layers import widened
 from dvemb.replay import ReplayArguments, load_initial, replay, schedule_from_log
 from dvemb.replay.files import Replay
@@ -110,7 +110,7 @@ def replay_trainer(
     index_of = _index_of(dataset, id_column)
 
     def examples(ids: list[Any]) -> dict[str, Any]:
-        return _batch(collate([dataset[index_of(i)] for i in ids]))
+        return _batch(collate([dataset[index_of(i)] for i in ids]), trainer.args.device)
 
     def loss(forward: Callable[..., Any], batch: dict[str, Any]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -163,13 +163,9 @@ def _index_of(dataset: Any, id_column: str | None) -> Callable[[Any], int]:
     return positions.__getitem__
 
 
-def _batch(collated: Any) -> dict[str, Any]:
-    batch = {k: v for k, v in dict(collated).items() if k != INDEX_KEY}
-    if "labels" not in batch and "label" in batch:
-        batch["labels"] = batch.pop("label")
-    if "labels" not in batch:
-        raise ConfigError("the collated batches carry no 'labels': the replay needs the training loss's targets")
-    return batch
+def _batch(collated: Any, device: torch.device) -> dict[str, Any]:
+    inputs, labels = inputs_and_labels(collated, device)
+    return {**inputs, "labels": labels}
 
 
 def _eval_batches(trainer: Trainer, collate: Callable[[list[Any]], Any]) -> Iterator[dict[str, Any]]:
@@ -177,5 +173,5 @@ def _eval_batches(trainer: Trainer, collate: Callable[[list[Any]], Any]) -> Iter
     if data is None:
         raise ConfigError("replay_trainer: the Trainer has no eval_dataset; pass queries=[batch, ...]")
     size = trainer.args.per_device_eval_batch_size
-    for number in range(math.ceil(len(data) / size)):
-        yield _batch(collate([data[i] for i in range(number * size, min(len(data), (number + 1) * size))]))
+    for inputs, labels in _collated(data, collate, size, math.ceil(len(data) / size), trainer):
+        yield {**inputs, "labels": labels}

@@ -374,17 +374,21 @@ def _collated(
     dataset: Any, collate: Callable[[list[Any]], Any], size: int, count: int, trainer: Trainer
 ) -> Iterator[tuple[Any, torch.Tensor]]:
     """``count`` batches of ``dataset`` in order, collated like the Trainer's, as ``(inputs, labels)``."""
-    device = trainer.args.device
     for number in range(min(count, math.ceil(len(dataset) / size))):
         items = [dataset[i] for i in range(number * size, min(len(dataset), (number + 1) * size))]
-        batch = dict(collate(items))
-        labels = batch.pop("labels", None)
-        if labels is None:
-            labels = batch.pop("label", None)
-        if labels is None:
-            raise ConfigError("the collated batches carry no 'labels'; dvemb needs them for query gradients")
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != INDEX_KEY}
-        yield inputs, labels.to(device)
+        yield inputs_and_labels(collate(items), trainer.args.device)
+
+
+def inputs_and_labels(collated: Any, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
+    """A collated batch as ``(model inputs, labels)`` on ``device``, without dvemb's index column."""
+    batch = dict(collated)
+    labels = batch.pop("labels", None)
+    if labels is None:
+        labels = batch.pop("label", None)
+    if labels is None:
+        raise ConfigError("the collated batches carry no 'labels'; dvemb needs them for query gradients")
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != INDEX_KEY}
+    return inputs, labels.to(device)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
