@@ -55,7 +55,10 @@ def _run_all(launches: list[tuple[list[str], dict[str, str]]]) -> int:
         subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True) for command, env in launches
     ]
 
+    asked: list[int] = []  # the signals this process was sent
+
     def forward(signum: int, _: Any) -> None:
+        asked.append(signum)
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signum)
@@ -64,7 +67,9 @@ def _run_all(launches: list[tuple[list[str], dict[str, str]]]) -> int:
         signal.signal(signum, forward)
     while all(process.poll() is None for process in processes):
         time.sleep(0.5)
-    forward(signal.SIGTERM, None)
+    if not asked:  # one exited on its own: stop the others once (a second signal is a cold shutdown to Celery)
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
     codes = [process.wait() for process in processes]
-    failed = [code for code in codes if code != 0]
-    return 1 if failed else 0
+    return 0 if asked and not any(codes) else 1  # a worker that exited unasked is a failure to its supervisor
