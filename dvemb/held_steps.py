@@ -68,8 +68,7 @@ class HeldLayer:
             grads.append(adapter.combine(inputs, adapter.project_backward(self.grads[slot])))
             if self.curvature is not None:
                 outputs = adapter.project_backward(self.curvature[slot])  # (B_s, R, L_s, k)
-                per_row = [adapter.combine(inputs, outputs[:, r]) for r in range(outputs.shape[1])]
-                rows.append(torch.stack(per_row, dim=1))  # (B_s, R, d)
+                rows.append(adapter.combine_rows(inputs, outputs.transpose(0, 1)))  # (B_s, R, d)
         return torch.cat(grads), (torch.cat(rows) if rows else None)
 
 

@@ -96,6 +96,28 @@ class LayerAdapter(ABC):
         projected = torch.einsum("blo,bli->boi", out_side, in_side)  # (B, k_out, k_in)
         return projected.flatten(1)
 
+    def combine_rows(self, forward: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
+        """Projected gradients of R curvature rows at once (one product per layer instead of one per row).
+
+        Args:
+            forward: (B, L, k_f) from :meth:`forward_factor`, shared by every row.
+            backward: (R, B, L, k_b): :meth:`backward_factor` of each row's output gradient.
+
+        Returns:
+            (B, R, k_out * k_in), each row as :meth:`combine` gives it.
+        """
+        if self.forward_is_out:
+            spec, out_side, in_side = "blo,rbli->broi", forward, backward
+        else:
+            spec, out_side, in_side = "rblo,bli->broi", backward, forward
+        if forward.shape[1] == 1:  # one position: an outer product, cheaper as a broadcast than an einsum
+            if self.forward_is_out:
+                product = out_side[None, :, 0, :, None] * in_side[:, :, 0, None, :]  # (R, B, k_out, k_in)
+            else:
+                product = out_side[:, :, 0, :, None] * in_side[None, :, 0, None, :]
+            return product.transpose(0, 1).flatten(2)
+        return torch.einsum(spec, out_side, in_side).flatten(2)
+
     def _matrix(self, side: str, like: torch.Tensor) -> torch.Tensor:
         key = (side, like.dtype, like.device)
         if key not in self._matrices:

@@ -932,16 +932,36 @@ class Recorder:
         (rescaled per example when the step ends)."""
         self._mode = "curvature"  # the training hooks must not take these gradients for the loss's
         try:
-            per_row = _batched_grads(output, list(edges), rows)
+            grads = _batched_grads(output, list(edges), rows)
         finally:
             self._mode = "train"
-        per_layer: list[list[torch.Tensor]] = [[] for _ in self.adapters]
-        for grads in per_row:
-            for index, layer_rows in enumerate(self._rows_from_output_grads(slot_of, grads)):
-                per_layer[index].append(layer_rows)
-        for index, slot in enumerate(slot_of):
-            self._slots[index].curvature[slot] = torch.stack(per_layer[index], dim=1)  # (B, R, d)
-            self._slots[index].curvature_weighted[slot] = weighted
+        for index, layer_rows in enumerate(self._curvature_rows(slot_of, grads, rows.shape[0])):
+            self._slots[index].curvature[slot_of[index]] = layer_rows  # (B, R, d)
+            self._slots[index].curvature_weighted[slot_of[index]] = weighted
+
+    def _curvature_rows(
+        self, slot_of: list[int], output_grads: Sequence[torch.Tensor | None], count: int
+    ) -> list[torch.Tensor]:
+        """(B, R, d) projected curvature rows per layer from the R rows' gradients with respect to the layers'
+        outputs ((R, B, ...) each, None where a row does not reach the layer); (B, R, L, out_dim) unprojected
+        output gradients for a layer whose bases are not fitted yet."""
+        found = []
+        for index, grad in enumerate(output_grads):
+            slots, adapter = self._slots[index], self.adapters[index]
+            forward = slots.forward[slot_of[index]]  # (B, L, k) or, deferred, the raw factor
+            batch = forward.shape[0]
+            if self._deferred[index]:
+                if grad is None:
+                    found.append(forward.new_zeros(batch, count, forward.shape[1], adapter.projection.out_dim))
+                    continue
+                raw = adapter.raw_backward(grad.flatten(0, 1))  # (R*B, L, out_dim)
+                found.append(raw.unflatten(0, (count, batch)).transpose(0, 1))
+            elif grad is None:
+                found.append(forward.new_zeros(batch, count, adapter.projection.dim))
+            else:
+                backward = adapter.backward_factor(grad.flatten(0, 1))  # (R*B, L, k)
+                found.append(adapter.combine_rows(forward, backward.unflatten(0, (count, batch))))
+        return found
 
     def _finish_step(self, ids: list[int] | list[str], lr: float | None, loss_scale: float | None) -> None:
         self._iteration += 1
@@ -1370,25 +1390,26 @@ def _outputs(model: nn.Module, inputs: Any) -> torch.Tensor:
     return logits
 
 
-def _batched_grads(
-    output: GradientEdge, inputs: list[GradientEdge], rows: torch.Tensor
-) -> list[list[torch.Tensor | None]]:
-    """For each of the R ``rows`` (R, *output.shape), the gradients of ``output`` with respect to ``inputs``:
-    one vectorised backward when every operation supports it, else one backward per row."""
+def _batched_grads(output: GradientEdge, inputs: list[GradientEdge], rows: torch.Tensor) -> list[torch.Tensor | None]:
+    """The gradients of ``output`` with respect to ``inputs`` for each of the R ``rows`` (R, *output.shape),
+    stacked per input: (R, *input.shape), None for an input no row reaches. One vectorised backward when
+    every operation supports it, else one backward per row."""
+    if rows.shape[0] == 1:  # one row: a plain backward (vmap's batching has a cost of its own)
+        grads = torch.autograd.grad(output, inputs, grad_outputs=rows[0], retain_graph=True, allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # vmap's "no batching rule, slower fallback" notices
-            batched = torch.autograd.grad(
-                output, inputs, grad_outputs=rows, retain_graph=True, allow_unused=True, is_grads_batched=True
+            return list(
+                torch.autograd.grad(
+                    output, inputs, grad_outputs=rows, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
             )
-        return [[None if g is None else g[r] for g in batched] for r in range(rows.shape[0])]
     except RuntimeError as exc:
         if "second time" in str(exc) or "freed" in str(exc):
             raise
-    return [
-        list(torch.autograd.grad(output, inputs, grad_outputs=row, retain_graph=True, allow_unused=True))
-        for row in rows
-    ]
+    per_row = [torch.autograd.grad(output, inputs, grad_outputs=row, retain_graph=True, allow_unused=True) for row in rows]
+    return [None if grads[0] is None else torch.stack(list(grads)) for grads in zip(*per_row, strict=True)]
 
 
 def _loss_scale(scaler: Any) -> float | None:
