@@ -1408,7 +1408,9 @@ def _batched_grads(output: GradientEdge, inputs: list[GradientEdge], rows: torch
     except RuntimeError as exc:
         if "second time" in str(exc) or "freed" in str(exc):
             raise
-    per_row = [torch.autograd.grad(output, inputs, grad_outputs=row, retain_graph=True, allow_unused=True) for row in rows]
+    per_row = [
+        torch.autograd.grad(output, inputs, grad_outputs=row, retain_graph=True, allow_unused=True) for row in rows
+    ]
     return [None if grads[0] is None else torch.stack(list(grads)) for grads in zip(*per_row, strict=True)]
 
 
