@@ -378,7 +378,8 @@ def _size_table(sizes: list[dict[str, Any]]) -> list[str]:
     names = sorted({name for s in sizes for name in s["files"]})
     lines = [
         "Bytes on disk per occurrence of every results file (sequential engine; the segmented engine writes the same "
-        "files, and while it runs also `segments/local.npy`, seeds x D x 4 bytes per occurrence):",
+        "files, and while it runs also its segments' `segments/segment-JJJJ.local.npy`, seeds x D x 4 bytes per "
+        "occurrence in all):",
         "",
         "| log | steps | " + " | ".join(f"`{n}`" for n in names) + " | all | all without embeddings |",
         "|---|---:|" + "---:|" * (len(names) + 2),

@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, literal, update
@@ -26,7 +27,7 @@ from server.storage import get_storage, log_key
 from server.tasks import COMPUTE_SEGMENT
 from worker.results_store import example_metadata, refresh_statistics, store_results
 from worker.row_writes import ShortTransactions
-from worker.segments import compute_segmented_job, run_segment_task, segments_planned
+from worker.segments import SegmentedJob, compute_segmented_job, run_segment_task, stored_plan
 
 __all__ = ["JobCancelled", "LeaseHeld", "compute_arguments", "run_compute", "run_compute_segment"]
 
@@ -98,7 +99,7 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
     args = compute_arguments(options)
     try:
         with Heartbeat(Job, job_id, JobStatus.RUNNING, lease, mine), storage.local_copy(log_key(run_id)) as log:
-            summary = _compute(job_id, log, out, args, mine, lease)
+            summary = _compute(SegmentedJob(job_id, run_id, log, out, args, storage, lease), mine)
             # The rows are written while the job is still running, in short transactions fenced by this claim;
             # the job becomes 'succeeded' (its rows visible) only in the last one.
             writer = ShortTransactions(factory, _fence(job_id, mine, lease), _stored_fraction(job_id))
@@ -147,8 +148,9 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
             session.commit()
 
 
-def _compute(job_id: int, log: Any, out: Any, args: ComputeArguments, mine: Any, lease: float) -> dict[str, Any]:
+def _compute(job: SegmentedJob, mine: Any) -> dict[str, Any]:
     """The engine in this task, or a segmented job spread over every worker (worker/segments.py)."""
+    job_id, log, out, args = job.job_id, job.log, job.out, job.args
     report = _progress_writer(job_id, mine)
     gradient_log = open_log(log)
     if not is_segmented(gradient_log, args):
@@ -167,7 +169,7 @@ def _compute(job_id: int, log: Any, out: Any, args: ComputeArguments, mine: Any,
 
         app.send_task(COMPUTE_SEGMENT, args=(job_id, index))
 
-    return compute_segmented_job(log, out, args, lease=lease, send_segment=send, progress=segments_done)
+    return compute_segmented_job(job, send_segment=send, progress=segments_done)
 
 
 def run_compute_segment(job_id: int, index: int) -> None:
@@ -180,10 +182,12 @@ def run_compute_segment(job_id: int, index: int) -> None:
         options, run_id = dict(job.options), int(job.run_id)
     args = compute_arguments(options)
     out = storage.results_workdir(run_id, job_id)
-    if not segments_planned(out):
-        return  # the job's own task plans in its directory: on a bucket, on another machine's scratch
+    lease = get_settings().job_lease_seconds
+    probe = SegmentedJob(job_id, run_id, Path(), out, args, storage, lease)
+    if stored_plan(probe) is None:
+        return  # not planned yet (the job's task sends segments after planning), or combined already
     with storage.local_copy(log_key(run_id)) as log:
-        run_segment_task(log, out, args, index, get_settings().job_lease_seconds)
+        run_segment_task(dataclasses.replace(probe, log=log), index)
 
 
 def _in_words(exc: Exception) -> str:

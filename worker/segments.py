@@ -1,13 +1,18 @@
-"""A segmented job on any number of Celery workers (influence checkpointing, dvemb/engine/segmented.py).
+"""A segmented job on any number of Celery workers, on machines that share nothing but the database, the broker and
+the storage (influence checkpointing, dvemb/engine/segmented.py).
 
-The job's own task (which holds the job's lease) plans the segments, sends one ``dvemb.compute_segment``
-task per unfinished segment, and then works through the segments itself: it claims one nobody holds,
-runs it, and repeats; once every segment is finished (by it or by other workers) it combines them.
-A claim is a file created exclusively next to the segment's result and kept fresh by a heartbeat; a
-claim whose worker died goes stale after the job's lease and is taken over. Segment results are
-deterministic and written atomically, so a segment run twice (a race on a stale claim, a task
-delivered twice) costs time, never correctness; a finished segment is never run again, so a killed
-worker's segment reruns alone. With one worker process the job's task simply runs every segment.
+The job's own task (which holds the job's lease) plans the segments, puts the plan into the storage under the job's
+results (``segments/plan.json``) and one row per segment into ``job_segments``, sends one ``dvemb.compute_segment``
+task per unfinished segment, and then works through the segments itself: it claims one nobody holds, runs it, and
+repeats; once every segment is done (by it or by other workers) it fetches the segments' files it lacks from the
+storage and combines them.
+
+A segment is claimed through the database with the jobs' own lease (server/db/leases.py: a compare-and-set, renewed by
+a heartbeat), so a claim whose worker died expires after the job's lease and is taken over. A worker runs its segment
+in its own working directory, puts the segment's two files into the storage, and only then marks it done
+(conditional on its claim). Segment results are deterministic and written atomically, so a segment run twice (a
+takeover race) costs time, never correctness; a done segment is never run again, so a killed worker's segment reruns
+alone. With one worker process the job's task simply runs every segment.
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
-import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import delete, select
+
+from dvemb.atomic import replacing
 from dvemb.engine import ComputeArguments
 from dvemb.engine.segmented import (
     PLAN_FILE,
@@ -31,120 +40,166 @@ from dvemb.engine.segmented import (
     prepare_segments,
     run_segment,
     segment_done,
+    segment_file_names,
 )
+from server.db.leases import Heartbeat, claim, holder
+from server.db.models import JobSegment
+from server.db.session import session_factory
+from server.db.states import SegmentStatus, transition
+from server.storage import Storage, results_key
 
-__all__ = ["compute_segmented_job", "run_segment_task", "segments_planned"]
+__all__ = ["SegmentedJob", "compute_segmented_job", "run_segment_task", "stored_plan"]
 
 logger = logging.getLogger(__name__)
 _POLL_SECONDS = 0.5
 
 
-def _claim_path(out: Path, index: int) -> Path:
-    return out / SEGMENTS_DIR / f"segment-{index:04d}.claim"
+@dataclass(frozen=True)
+class SegmentedJob:
+    """What every worker of a segmented job needs: the job, its log (a local copy), this machine's working
+    directory for its results, the engine's arguments, the storage and the lease."""
 
+    job_id: int
+    run_id: int
+    log: Path
+    out: Path
+    args: ComputeArguments
+    storage: Storage
+    lease: float
 
-class _Claim:
-    """An exclusive claim on one segment, refreshed every third of ``lease`` while held."""
+    def key(self, name: str) -> str:
+        """The storage key of a file of the job's segments."""
+        return results_key(self.run_id, self.job_id, f"{SEGMENTS_DIR}/{name}")
 
-    def __init__(self, path: Path, lease: float) -> None:
-        self.path, self.lease = path, lease
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True, name=f"claim-{path.name}")
-
-    @classmethod
-    def take(cls, path: Path, lease: float) -> _Claim | None:
-        """The claim, or None when a live claim of another worker holds the segment."""
-        try:
-            age = time.time() - path.stat().st_mtime
-            if age < lease:
-                return None
-            path.unlink(missing_ok=True)  # its worker stopped refreshing it: take over
-        except FileNotFoundError:
-            pass
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return None
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-        claim = cls(path, lease)
-        claim.thread.start()
-        return claim
-
-    def _beat(self) -> None:
-        while not self.stopped.wait(self.lease / 3):
-            try:
-                os.utime(self.path)
-            except OSError:
-                return
-
-    def release(self) -> None:
-        self.stopped.set()
-        self.thread.join(self.lease)
-        self.path.unlink(missing_ok=True)
-
-
-def _run_claimed(log: Path, out: Path, args: ComputeArguments, plan: SegmentPlan, index: int, lease: float) -> bool:
-    """Run segment ``index`` if nobody else holds it; True when this call ran it."""
-    claim = _Claim.take(_claim_path(out, index), lease)
-    if claim is None:
-        return False
-    try:
-        if not segment_done(out, plan, index):
-            run_segment(log, out, args, plan, index)
-    finally:
-        claim.release()
-    return True
+    def local(self, name: str) -> Path:
+        """The same file in this machine's working directory."""
+        return self.out / SEGMENTS_DIR / name
 
 
 def compute_segmented_job(
-    log: Path,
-    out: Path,
-    args: ComputeArguments,
-    *,
-    lease: float,
-    send_segment: Callable[[int], None],
-    progress: Callable[[int, int], None],
+    job: SegmentedJob, *, send_segment: Callable[[int], None], progress: Callable[[int, int], None]
 ) -> dict[str, Any]:
-    """The job's own task: plan, hand segments out, work on them, wait for the others, combine.
+    """The job's own task: plan, hand segments out, work on them, wait for the others, fetch, combine.
 
     Args:
-        log, out: the job's gradient log and results directory (shared by every worker).
-        args: the engine's arguments (``args.segments`` > 1).
-        lease: seconds after which a claim that is not refreshed is taken over.
-        send_segment: sends ``dvemb.compute_segment`` for a segment index (errors are logged: this task
-            then runs the segment itself).
-        progress: called with (segments finished, segments) while waiting; may raise to stop.
+        job: the job (``job.args.segments`` > 1).
+        send_segment: sends ``dvemb.compute_segment`` for a segment index (errors are logged: this task then runs
+            the segment itself).
+        progress: called with (segments done, segments) while waiting; may raise to stop.
     """
-    plan = prepare_segments(log, out, args, args.segments)
-    todo = [j for j in range(plan.num_segments) if not segment_done(out, plan, j)]
+    plan = prepare_segments(job.log, job.out, job.args, job.args.segments)
+    job.storage.write_bytes(job.key(PLAN_FILE), json.dumps(plan.to_json()).encode())
+    _plan_rows(job.job_id, plan)
+    todo = _unfinished(job.job_id)
     for index in reversed(todo[1:]):  # the first one this task starts at once
         try:
             send_segment(index)
         except Exception:  # the broker is down: this task runs them
             logger.warning("could not send segment %s; running it here", index, exc_info=True)
     while True:
-        left = [j for j in range(plan.num_segments) if not segment_done(out, plan, j)]
+        left = _unfinished(job.job_id)
         progress(plan.num_segments - len(left), plan.num_segments)
         if not left:
             break
-        if not any(_run_claimed(log, out, args, plan, j, lease) for j in left):
+        if not any(_run_claimed(job, plan, j) for j in left):
             time.sleep(_POLL_SECONDS)  # every unfinished segment is running elsewhere
-    return combine_segments(log, out, args, plan)
+    _fetch_segments(job, plan)
+    summary = combine_segments(job.log, job.out, job.args, plan)
+    job.storage.delete_prefix(results_key(job.run_id, job.job_id, SEGMENTS_DIR))
+    with session_factory()() as session:
+        session.execute(delete(JobSegment).where(JobSegment.job_id == job.job_id))
+        session.commit()
+    return summary
 
 
-def segments_planned(out: Path) -> bool:
-    """Whether a segmented job's plan is in ``out`` (its own task wrote it there and has not finished)."""
-    return (out / SEGMENTS_DIR / PLAN_FILE).exists()
+def stored_plan(job: SegmentedJob) -> SegmentPlan | None:
+    """The plan the job's own task stored, or None (not planned yet, or the job has combined its segments)."""
+    try:
+        stored = json.loads(job.storage.read_bytes(job.key(PLAN_FILE)))
+    except FileNotFoundError:
+        return None
+    return SegmentPlan(tuple(stored["boundaries"]), str(stored["fingerprint"]))
 
 
-def run_segment_task(log: Path, out: Path, args: ComputeArguments, index: int, lease: float) -> None:
-    """A ``dvemb.compute_segment`` task: run the segment unless it is finished or held by another worker."""
-    plan_path = out / SEGMENTS_DIR / PLAN_FILE
-    if not plan_path.exists():
-        return  # the job finished (the plan is removed with the scratch files) or was cancelled
-    stored = json.loads(plan_path.read_text())
-    plan = SegmentPlan(tuple(stored["boundaries"]), str(stored["fingerprint"]))
-    if index >= plan.num_segments or segment_done(out, plan, index):
-        return
-    _run_claimed(log, out, args, plan, index, lease)
+def run_segment_task(job: SegmentedJob, index: int) -> None:
+    """A ``dvemb.compute_segment`` task: run the segment unless it is done or held by another worker."""
+    plan = stored_plan(job)
+    if plan is None or index >= plan.num_segments:
+        return  # the job finished (its segments are removed once combined), was cancelled, or is re-planning
+    if _run_claimed(job, plan, index) and not job.storage.workdir_is_shared:
+        for name in segment_file_names(index):  # in the storage now: this machine's copy is no longer needed
+            job.local(name).unlink(missing_ok=True)
+
+
+def _process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _plan_rows(job_id: int, plan: SegmentPlan) -> None:
+    """One waiting row per segment of ``plan``, unless the rows of this plan are there (a resumed job keeps its done
+    segments); rows of another plan are replaced."""
+    with session_factory()() as session:
+        rows = session.scalars(select(JobSegment).where(JobSegment.job_id == job_id)).all()
+        if len(rows) == plan.num_segments and all(row.plan == plan.fingerprint for row in rows):
+            return
+        session.execute(delete(JobSegment).where(JobSegment.job_id == job_id))
+        session.add_all(
+            JobSegment(job_id=job_id, segment=j, plan=plan.fingerprint, status=SegmentStatus.WAITING)
+            for j in range(plan.num_segments)
+        )
+        session.commit()
+
+
+def _unfinished(job_id: int) -> list[int]:
+    with session_factory()() as session:
+        return list(
+            session.scalars(
+                select(JobSegment.segment)
+                .where(JobSegment.job_id == job_id, JobSegment.status != SegmentStatus.DONE)
+                .order_by(JobSegment.segment)
+            )
+        )
+
+
+def _run_claimed(job: SegmentedJob, plan: SegmentPlan, index: int) -> bool:
+    """Run segment ``index`` if nobody else holds it and it is not done; True when this call ran it."""
+    factory = session_factory()
+    with factory() as session:
+        row = session.scalars(
+            select(JobSegment).where(
+                JobSegment.job_id == job.job_id, JobSegment.segment == index, JobSegment.plan == plan.fingerprint
+            )
+        ).first()
+        claimed = row is not None and claim(
+            session,
+            row,
+            working=SegmentStatus.RUNNING,
+            waiting=SegmentStatus.WAITING,
+            lease=job.lease,
+            process=_process(),
+        )
+        session.commit()
+        if not claimed:
+            return False
+        assert row is not None
+        row_id, mine = row.id, holder(row)
+    with Heartbeat(JobSegment, row_id, SegmentStatus.RUNNING, job.lease, mine):
+        run_segment(job.log, job.out, job.args, plan, index)
+        for name in segment_file_names(index):  # the done marker (the .safetensors) last
+            job.storage.put_file(job.key(name), job.local(name))
+    with factory() as session:
+        row = session.get(JobSegment, row_id)
+        if row is not None:  # a worker that took the segment over meanwhile marks it done itself
+            transition(session, row, SegmentStatus.DONE, when=mine)
+        session.commit()
+    return True
+
+
+def _fetch_segments(job: SegmentedJob, plan: SegmentPlan) -> None:
+    """Copy into this machine's working directory the files of the segments other machines ran."""
+    for index in range(plan.num_segments):
+        if segment_done(job.out, plan, index):
+            continue
+        for name in segment_file_names(index):
+            with replacing(job.local(name), unique=True) as tmp:
+                shutil.copyfile(job.storage.local_file(job.key(name)), tmp)

@@ -4,12 +4,13 @@ A segmented computation has three stages, each usable alone (the service runs th
 ``dvemb compute --segments K --workers W`` as a process pool):
 
 1. :func:`prepare_segments` plans the boundaries (evenly spaced steps, plus every step at which a
-   checkpoint query set was recorded) and creates the scratch file of local embeddings,
-   ``segments/local.npy`` of shape (seeds, R, D).
-2. :func:`run_segment` runs the recursion over one segment's steps from the identity, writes its
-   rows' local embeddings into the scratch file and its propagator, per-step metadata and
-   per-decile sums to ``segments/segment-JJJJ.safetensors``. Segments are independent; a finished
-   one is never redone, a killed one reruns alone.
+   checkpoint query set was recorded) in ``segments/plan.json``.
+2. :func:`run_segment` runs the recursion over one segment's steps from the identity and writes two
+   files of its own (:func:`segment_file_names`): its rows' local embeddings,
+   ``segments/segment-JJJJ.local.npy`` (seeds, rows, D), then, last, its propagator, per-step metadata
+   and per-decile sums, ``segments/segment-JJJJ.safetensors``. Segments are independent and share no
+   file, so they can run on machines that share no filesystem (the service moves the two files
+   through its storage, worker/segments.py); a finished one is never redone, a killed one reruns alone.
 3. :func:`combine_segments` walks the segments from the last to the first, scores each against the
    query vectors carried back over the later segments (:mod:`dvemb.engine.propagators`), rebuilds
    full embeddings when asked, and writes the same results as the sequential engine, plus the
@@ -48,6 +49,7 @@ from dvemb.engine.compute import (
     _Run,
     make_embedder,
 )
+from dvemb.engine.embedder import Embedder
 from dvemb.engine.propagators import QueryState, SegmentPropagator, propagator_from_state
 from dvemb.engine.query_sets import checkpoint_series
 from dvemb.engine.removal import centre_steps
@@ -64,10 +66,10 @@ __all__ = [
     "prepare_segments",
     "run_segment",
     "segment_done",
+    "segment_file_names",
 ]
 
 SEGMENTS_DIR = "segments"
-LOCAL_FILE = "local.npy"
 PLAN_FILE = "plan.json"
 #: Value dynamics groups training occurrences by the tenth of training they were used in.
 DYNAMICS_BUCKETS = 10
@@ -103,8 +105,18 @@ def _directory(out: Path) -> Path:
     return out / SEGMENTS_DIR
 
 
+def segment_file_names(index: int) -> tuple[str, str]:
+    """The files segment ``index`` writes in ``segments/``: its local embeddings, then (last: its presence with the
+    plan's fingerprint says the segment is finished) its propagator and metadata."""
+    return f"segment-{index:04d}.local.npy", f"segment-{index:04d}.safetensors"
+
+
 def _segment_file(out: Path, index: int) -> Path:
-    return _directory(out) / f"segment-{index:04d}.safetensors"
+    return _directory(out) / segment_file_names(index)[1]
+
+
+def _local_file(out: Path, index: int) -> Path:
+    return _directory(out) / segment_file_names(index)[0]
 
 
 def _resolved(log: GradientLog, args: ComputeArguments) -> tuple[str, str]:
@@ -115,7 +127,7 @@ def _resolved(log: GradientLog, args: ComputeArguments) -> tuple[str, str]:
 
 
 def prepare_segments(log_dir: str | Path, out_dir: str | Path, args: ComputeArguments, segments: int) -> SegmentPlan:
-    """Plan the segments and create the scratch file of local embeddings (kept when the plan is unchanged).
+    """Plan the segments (finished segments are kept when the plan is unchanged).
 
     Returns:
         The plan (also written to ``segments/plan.json``).
@@ -133,12 +145,7 @@ def prepare_segments(log_dir: str | Path, out_dir: str | Path, args: ComputeArgu
         return plan
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    mode, propagation = _resolved(log, args)
-    embedder = make_embedder(log, args, mode, propagation, seeded=True)
-    rows = sum(log.num_rows(i) for i in range(log.num_shards()))
-    dtype = np.float64 if args.accumulate_dtype == "float64" else np.float32
-    shape = (embedder.num_seeds, rows, embedder.total_dim)
-    np.lib.format.open_memmap(directory / LOCAL_FILE, mode="w+", dtype=dtype, shape=shape).flush()
+    _resolved(log, args)  # a log the options cannot compute is refused before any segment runs
     write_text_atomic(plan_path, json.dumps(plan.to_json()))
     return plan
 
@@ -164,37 +171,30 @@ def run_segment(
     path = _segment_file(out, index)
     if segment_done(out, plan, index):
         return path
+    _directory(out).mkdir(parents=True, exist_ok=True)
     log = open_log(log_dir)
     mode, propagation = _resolved(log, args)
     embedder = make_embedder(log, args, mode, propagation, seeded=True)
     first, stop = plan.boundaries[index], plan.boundaries[index + 1]
-    local = np.load(_directory(out) / LOCAL_FILE, mmap_mode="r+")  # (S, R, D)
-    total_steps = max(log.num_steps, 1)
-    count = stop - first
-    lr = torch.zeros(count, dtype=torch.float64)
-    batch = torch.zeros(count, dtype=torch.int64)
-    loss = torch.full((count,), float("nan"), dtype=torch.float64)
-    sums = torch.zeros(embedder.num_seeds, DYNAMICS_BUCKETS, embedder.total_dim, dtype=torch.float64)
-    counts = torch.zeros(DYNAMICS_BUCKETS, dtype=torch.int64)
     shard_offsets = np.cumsum([0, *(log.num_rows(i) for i in range(log.num_shards()))])
-    for shard_index in range(log.num_shards() - 1, -1, -1):
-        entry = log.manifest["shards"][shard_index]
-        if int(entry["last_step"]) < first or int(entry["first_step"]) >= stop:
-            continue
-        shard = log.read_shard(shard_index)
-        base = int(shard.steps[0])
-        lo, hi = max(first - base, 0), min(stop - base, len(shard.steps))
-        lr[base + lo - first : base + hi - first] = shard.lr[lo:hi, 0]
-        batch[base + lo - first : base + hi - first] = shard.batch_size[lo:hi]
-        loss[base + lo - first : base + hi - first] = shard.loss[lo:hi]
-        offset = int(shard_offsets[shard_index])
-        for s0, s1, r0, r1 in embedder.chunks(shard, lo, hi):
-            embedding = embedder.embed(shard, s0, s1, r0, r1)  # (S, n, D)
-            local[:, offset + r0 : offset + r1] = embedding.cpu().numpy()
-            bucket = (shard.row_step[r0:r1] * DYNAMICS_BUCKETS) // total_steps
-            sums.index_add_(1, bucket, embedding.double().cpu())
-            counts += torch.bincount(bucket, minlength=DYNAMICS_BUCKETS)
-    local.flush()
+    overlapping = [
+        i
+        for i, entry in enumerate(log.manifest["shards"])
+        if int(entry["last_step"]) >= first and int(entry["first_step"]) < stop
+    ]
+    # The local file's row 0 is the first row of the segment's first shard: its rows of earlier steps (at most one
+    # shard's) stay zero, so that the rows' places need no shard read before the recursion.
+    row_base = int(shard_offsets[overlapping[0]]) if overlapping else 0
+    rows = int(shard_offsets[overlapping[-1] + 1]) - row_base if overlapping else 0
+    dtype = np.float64 if args.accumulate_dtype == "float64" else np.float32
+    with replacing(_local_file(out, index), unique=True) as local_path:  # two workers may run it (a takeover)
+        local = np.lib.format.open_memmap(
+            local_path, mode="w+", dtype=dtype, shape=(embedder.num_seeds, rows, embedder.total_dim)
+        )
+        places = {i: int(shard_offsets[i]) - row_base for i in overlapping}
+        sums, counts, lr, batch, loss = _run_steps(log, embedder, first, stop, places, local)
+        local.flush()
+        del local
     tensors = {
         **embedder.state(),
         "lr": lr,
@@ -202,11 +202,42 @@ def run_segment(
         "loss": loss,
         "bucket_sums": sums,
         "bucket_counts": counts,
+        "local_row_base": torch.tensor(row_base, dtype=torch.int64),
     }
     meta = {"plan": plan.fingerprint, "process": f"{socket.gethostname()}:{os.getpid()}"}
     with replacing(path, unique=True) as tmp:  # a segment may be written by two workers at once (a takeover)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return path
+
+
+def _run_steps(
+    log: GradientLog, embedder: Embedder, first: int, stop: int, shards: dict[int, int], local: np.ndarray
+) -> tuple[torch.Tensor, ...]:
+    """The recursion over steps ``first..stop-1``, last shard first; ``shards`` maps each shard that holds them to
+    the row of ``local`` (S, rows, D) where its rows go. Returns the per-decile sums and counts and the steps'
+    rates, batch sizes and losses."""
+    total_steps = max(log.num_steps, 1)
+    count = stop - first
+    lr = torch.zeros(count, dtype=torch.float64)
+    batch = torch.zeros(count, dtype=torch.int64)
+    loss = torch.full((count,), float("nan"), dtype=torch.float64)
+    sums = torch.zeros(embedder.num_seeds, DYNAMICS_BUCKETS, embedder.total_dim, dtype=torch.float64)
+    counts = torch.zeros(DYNAMICS_BUCKETS, dtype=torch.int64)
+    for shard_index in sorted(shards, reverse=True):
+        shard = log.read_shard(shard_index)
+        base = int(shard.steps[0])
+        lo, hi = max(first - base, 0), min(stop - base, len(shard.steps))
+        lr[base + lo - first : base + hi - first] = shard.lr[lo:hi, 0]
+        batch[base + lo - first : base + hi - first] = shard.batch_size[lo:hi]
+        loss[base + lo - first : base + hi - first] = shard.loss[lo:hi]
+        offset = shards[shard_index]
+        for s0, s1, r0, r1 in embedder.chunks(shard, lo, hi):
+            embedding = embedder.embed(shard, s0, s1, r0, r1)  # (S, n, D)
+            local[:, offset + r0 : offset + r1] = embedding.cpu().numpy()
+            bucket = (shard.row_step[r0:r1] * DYNAMICS_BUCKETS) // total_steps
+            sums.index_add_(1, bucket, embedding.double().cpu())
+            counts += torch.bincount(bucket, minlength=DYNAMICS_BUCKETS)
+    return sums, counts, lr, batch, loss
 
 
 class _CombinedRun(_Run):
@@ -222,7 +253,6 @@ class _CombinedRun(_Run):
         started = time.monotonic()
         self._open_arrays(resume=False)
         self._write_index()
-        local = np.load(_directory(self.out) / LOCAL_FILE, mmap_mode="r")  # (S, R, D)
         states = {name: QueryState(self.seeded, s.matrix) for name, s in self.scorers.items()}
         rebuild = QueryState.identity(self.seeded) if self.embeddings is not None else None
         series = self._series_states()
@@ -236,7 +266,9 @@ class _CombinedRun(_Run):
             first, stop = bounds[index], bounds[index + 1]
             self.step_lr[first:stop], self.step_batch[first:stop] = segment["lr"], segment["batch_size"].double()
             self.step_loss[first:stop] = segment["loss"]
-            self._score_segment(local, first, stop, states, rebuild)
+            local = np.load(_local_file(self.out, index), mmap_mode="r")  # (S, rows, D) from the row below
+            self._score_segment(local, int(segment["local_row_base"]), first, stop, states, rebuild)
+            del local
             for scorer in self.scorers.values():
                 self._apply_totals(scorer, *self._settle_totals(scorer))
             for dyn in series.values():
@@ -272,8 +304,15 @@ class _CombinedRun(_Run):
         return self._finish(time.monotonic() - started, extra)
 
     def _score_segment(
-        self, local: np.ndarray, first: int, stop: int, states: dict[str, QueryState], rebuild: QueryState | None
+        self,
+        local: np.ndarray,
+        row_base: int,
+        first: int,
+        stop: int,
+        states: dict[str, QueryState],
+        rebuild: QueryState | None,
     ) -> None:
+        """Score the rows of steps ``first..stop-1``; ``local`` (S, rows, D) holds them from global row ``row_base``."""
         row_step = self.row_step.numpy()
         lo, hi = np.searchsorted(row_step, [first, stop])
         start = int(lo)
@@ -283,7 +322,7 @@ class _CombinedRun(_Run):
                 end = int(np.searchsorted(row_step, row_step[end], side="left"))
                 if end <= start:
                     end = int(np.searchsorted(row_step, row_step[start], side="right"))
-            chunk = torch.from_numpy(np.array(local[:, start:end]))  # (S, n, D), a writable copy
+            chunk = torch.from_numpy(np.array(local[:, start - row_base : end - row_base]))  # (S, n, D), a copy
             rows = torch.arange(start, end)
             row_steps = self.row_step[start:end]
             steps = torch.arange(int(row_steps[0]), int(row_steps[-1]) + 1)

@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dvemb.formats import Summary
-from server.db.states import FileStatus, JobStatus, QueryStatus, RunStatus
+from server.db.states import FileStatus, JobStatus, QueryStatus, RunStatus, SegmentStatus
 
 
 def _now() -> dt.datetime:
@@ -142,6 +142,26 @@ class Job(Base):
         (None also when the summary predates the list)."""
         results = self.results
         return results.approximations_json() if results is not None else None
+
+
+class JobSegment(Base):
+    """One segment of a segmented job: who computes it (a lease, server/db/leases.py, as for jobs), and whether it is
+    done (its two files are then in storage under the job's results, ``segments/``; worker/segments.py). The rows
+    of a job are made by its own task when it plans the segments and removed once it has combined them."""
+
+    __tablename__ = "job_segments"
+    __table_args__ = (UniqueConstraint("job_id", "segment", name="uq_job_segments_segment"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    segment: Mapped[int] = mapped_column(Integer)  # its index in the plan
+    plan: Mapped[str] = mapped_column(String(64))  # the plan's fingerprint (dvemb.engine.segmented.SegmentPlan)
+    # waiting -> running -> done
+    status: Mapped[str] = mapped_column(String(20), default=SegmentStatus.WAITING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    process: Mapped[str | None] = mapped_column(String(300))  # host:pid of the worker that holds or finished it
+    error: Mapped[str | None] = mapped_column(Text)  # cleared by every claim (server/db/leases.claim)
 
 
 class TopKRow(Base):

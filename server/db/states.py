@@ -11,6 +11,7 @@ one function that makes a move.
     Job:    queued ──▶ running ──▶ succeeded | failed | cancelled;   queued ──▶ cancelled;
             failed | cancelled ──▶ queued (retry);   running ──▶ queued (a lost worker's redelivery)
     Query:  queued ──▶ succeeded | failed
+    Segment: waiting ──▶ running ──▶ done;   running ──▶ running (a lost worker's segment taken over)
 
 :func:`transition` is a compare-and-set: one ``UPDATE ... WHERE id = :id AND status IN (allowed sources)``,
 so two writers racing (a cancel and the worker's claim, two validators) cannot overwrite each other, on
@@ -27,7 +28,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
-__all__ = ["FileStatus", "JobStatus", "QueryStatus", "RunStatus", "can_move", "transition"]
+__all__ = ["FileStatus", "JobStatus", "QueryStatus", "RunStatus", "SegmentStatus", "can_move", "transition"]
 
 
 class RunStatus(StrEnum):
@@ -57,6 +58,14 @@ class QueryStatus(StrEnum):
     QUEUED = "queued"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+
+
+class SegmentStatus(StrEnum):
+    """One segment of a segmented job (worker/segments.py)."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
 
 
 #: For each status, the statuses a resource may move to from it (a status may be "moved" to itself when the
@@ -90,6 +99,11 @@ ALLOWED: dict[type[StrEnum], dict[str, frozenset[str]]] = {
         QueryStatus.QUEUED: frozenset({QueryStatus.SUCCEEDED, QueryStatus.FAILED}),
         QueryStatus.SUCCEEDED: frozenset(),
         QueryStatus.FAILED: frozenset(),
+    },
+    SegmentStatus: {
+        SegmentStatus.WAITING: frozenset({SegmentStatus.RUNNING}),
+        SegmentStatus.RUNNING: frozenset({SegmentStatus.RUNNING, SegmentStatus.DONE}),
+        SegmentStatus.DONE: frozenset(),
     },
 }
 

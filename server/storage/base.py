@@ -56,6 +56,9 @@ class Storage(ABC):
     url: str
     #: Local directories whose paths may appear in error messages (stripped from what users see).
     private_dirs: tuple[Path, ...]
+    #: Whether :meth:`results_workdir` is the results directory itself, the same for every process (a local
+    #: storage); else each machine has its own, and its files reach the others only through the storage.
+    workdir_is_shared: bool = False
 
     # Objects.
 

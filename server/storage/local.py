@@ -39,6 +39,8 @@ class _FilePart(PartWriter):
 class LocalStorage(Storage):
     """Runs' files under ``root``."""
 
+    workdir_is_shared = True
+
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.url = str(self.root)

@@ -33,8 +33,11 @@ TUS = {"Tus-Resumable": "1.0.0"}
 
 
 class _BucketService:
-    def __init__(self, url: str, token: str, bucket_url: str, dirs: dict[str, Path]) -> None:
+    def __init__(
+        self, url: str, token: str, bucket_url: str, dirs: dict[str, Path], workers: list[Worker], database: str
+    ) -> None:
         self.url, self.token, self.bucket_url, self.dirs = url, token, bucket_url, dirs
+        self.workers, self.database = workers, database
 
     def keys(self, prefix: str = "") -> list[str]:
         store = from_url(self.bucket_url.rsplit("/", 1)[0])  # the bucket's root: keys start with the prefix
@@ -50,7 +53,9 @@ def bucket_service(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
         yield from _serve_from_a_bucket(s3_server, tmp_path_factory.mktemp("machines"))
 
 
-def _serve_from_a_bucket(s3_server: S3Server, tmp_path: Path) -> Iterator[_BucketService]:
+def _serve_from_a_bucket(s3_server: S3Server, tmp_path: Path, workers: int = 1) -> Iterator[_BucketService]:
+    """The service on a bucket: its own database, Redis, API process and ``workers`` worker processes, each with a
+    data and scratch directory of its own (``dirs['api']``, ``dirs['worker']``, ``dirs['worker-1']``...)."""
     from test_broker_outage import RedisServer
 
     bucket_url = f"s3://{s3_server.bucket(f'dvemb-{uuid.uuid4().hex[:10]}')}/service"
@@ -69,7 +74,8 @@ def _serve_from_a_bucket(s3_server: S3Server, tmp_path: Path) -> Iterator[_Bucke
         DVEMB_JOB_LEASE_SECONDS="3",
         OMP_NUM_THREADS="1",
     )
-    dirs = {"api": tmp_path / "api-machine", "worker": tmp_path / "worker-machine"}
+    names = ["worker", *(f"worker-{i}" for i in range(1, workers))]
+    dirs = {"api": tmp_path / "api-machine", **{name: tmp_path / f"{name}-machine" for name in names}}
     api_env = {**base, "DVEMB_DATA_DIR": str(dirs["api"])}
     made = subprocess.run(
         [sys.executable, "-m", "dvemb.cli", "token", "--project", "bucket"],
@@ -85,14 +91,16 @@ def _serve_from_a_bucket(s3_server: S3Server, tmp_path: Path) -> Iterator[_Bucke
         [sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port), "--log-level", "warning"],
         env=api_env,
     )
-    worker = Worker({**base, "DVEMB_DATA_DIR": str(dirs["worker"])})
+    machines = [Worker({**base, "DVEMB_DATA_DIR": str(dirs[name])}) for name in names]
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _answers(url), 60, "the API did not start")
-        worker.start()
-        yield _BucketService(url, token, bucket_url, dirs)
+        for machine in machines:
+            machine.start()
+        yield _BucketService(url, token, bucket_url, dirs, machines, database)
     finally:
-        worker.stop()
+        for machine in machines:
+            machine.stop()
         api.terminate()
         api.wait(timeout=30)
         redis_server.stop()
