@@ -1,8 +1,10 @@
 """How many Gauss-Newton rows per example the recorder needs: fidelity against recording cost (BENCHMARKS.md).
 
 The recorder builds the curvature ``M`` from per-example rows at the model's output: for a classifier of at most
-32 classes every class's row by default (``curvature_samples=None``), else ``curvature_samples`` labels sampled
-from the model's prediction (an unbiased, noisier estimate). On the digits MLP of :mod:`bench.default_fidelity`
+32 classes every class's row by default (``curvature_samples=None``), else ``curvature_samples`` rows: the most
+probable classes' rows and one random-sign combination of the others' (an unbiased, noisier estimate,
+dvemb/curvature.py). Next to it, as many labels sampled from the model's prediction (``(p - e_y) / sqrt(n)``,
+``y ~ p``), the recorder's estimator before this one, put back in this process only (``--no-labels`` skips it). On the digits MLP of :mod:`bench.default_fidelity`
 (10 classes; SGD at a constant rate, SGD with momentum 0.9, Adam), 3 seeds, the no-options recorder with each
 setting, computed with the engine's defaults, against exact trajectory-specific leave-one-out (mean Spearman
 over test points), and the recorded training's CPU time over the unrecorded training's, measured in the same run
@@ -20,6 +22,8 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,20 +35,64 @@ import torch
 from bench import default_fidelity as fid
 from bench.fidelity import Setup, correlation, ground_truth, sample_pairs
 from bench.markdown import measured_commit, replace_section
+from dvemb import output_curvature
+from dvemb.curvature import ESTIMATOR, cross_entropy_factor_rows
 from dvemb.engine import ComputeArguments
 
 SECTION = "Curvature rows: fidelity against cost"
 SAMPLES: list[int | None] = [None, 1, 2, 4]  # None: every class (the default for at most 32 classes)
+LABELS = "labels"  # the settings of SAMPLES[1:] again, with sampled labels
 RUNS = ("sgd", "momentum", "adam")
 REPEATS = 3  # timed repetitions of each training, interleaved
 
 
-def _label(samples: int | None) -> str:
-    return "every class (10 rows)" if samples is None else f"{samples} sampled label{'s' if samples > 1 else ''}"
+def _label(samples: int | None, estimator: str = ESTIMATOR) -> str:
+    if samples is None:
+        return "every class (10 rows)"
+    if estimator == LABELS:
+        return f"{samples} sampled label{'s' if samples > 1 else ''} (the estimator before)"
+    return f"{samples} row{'s' if samples > 1 else ''} (top classes + signs)"
 
 
 def _recording(log_dir: Path, samples: int | None) -> fid.RecordingFactory:
     return fid.no_options(log_dir, curvature_samples=samples)
+
+
+def _sampled_label_rows(
+    logits: torch.Tensor, weights: torch.Tensor, *, samples: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The recorder's rows before its current estimator: ``sqrt(c / n) (p - e_y)`` with ``n`` labels ``y ~ p``
+    (every class's rows when ``samples`` is None, as now)."""
+    if samples is None:
+        return cross_entropy_factor_rows(logits, weights, samples=None, generator=generator)
+    z = logits.detach()
+    work = torch.float64 if z.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(z.to(work), dim=-1)
+    root = weights.to(device=z.device, dtype=work).sqrt().unsqueeze(-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    drawn = torch.multinomial(flat, samples, replacement=True, generator=generator)  # (N, n)
+    one_hot = torch.nn.functional.one_hot(drawn.T, probs.shape[-1]).to(work)  # (n, N, V)
+    rows = (flat.unsqueeze(0) - one_hot).reshape(samples, *probs.shape) / samples**0.5
+    return (rows * root.unsqueeze(0)).to(z.dtype)
+
+
+@contextmanager
+def _estimator(name: str) -> Iterator[None]:
+    """Record with ``name``'s rows: the current estimator, or sampled labels (patched into dvemb.output_curvature,
+    where the recorder takes its rows from, for the block only)."""
+    if name != LABELS:
+        yield
+        return
+    original = output_curvature.cross_entropy_factor_rows  # type: ignore[attr-defined]
+    output_curvature.cross_entropy_factor_rows = _sampled_label_rows  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        output_curvature.cross_entropy_factor_rows = original  # type: ignore[attr-defined]
+
+
+def _settings(labels: bool) -> list[tuple[int | None, str]]:
+    return [(s, ESTIMATOR) for s in SAMPLES] + ([(s, LABELS) for s in SAMPLES[1:]] if labels else [])
 
 
 def _cpu(fn: Any) -> float:
@@ -53,32 +101,34 @@ def _cpu(fn: Any) -> float:
     return time.process_time() - started
 
 
-def run_one(setup: Setup, work: Path) -> dict[str, Any]:
+def run_one(setup: Setup, work: Path, labels: bool) -> dict[str, Any]:
     """Spearman and cost ratio of every setting for one (optimizer, seed)."""
     reference, _ = fid.run_training(setup, None)
     pairs = sample_pairs(setup, reference)
     truth = ground_truth(reference, pairs)
     spearman, ratios = {}, {}
-    for samples in SAMPLES:
-        log = work / f"log-{samples}"
-        traj, _ = fid.run_training(setup, _recording(log, samples))
+    for samples, estimator in _settings(labels):
+        log = work / f"log-{samples}-{estimator}"
+        with _estimator(estimator):
+            traj, _ = fid.run_training(setup, _recording(log, samples))
         if not fid.same_trajectory(reference, traj):
             raise RuntimeError(f"recording with curvature_samples={samples} changed the training trajectory")
         est, _ = fid.scores(log, work / "out", pairs, setup, ComputeArguments())
-        spearman[_label(samples)] = correlation(est, truth, spearman=True)
-    for samples in SAMPLES:
+        spearman[_label(samples, estimator)] = correlation(est, truth, spearman=True)
+    for samples, estimator in _settings(labels):
         per_round = []
         for r in range(REPEATS):
             plain = _cpu(lambda: fid.run_training(setup, None))
-            log = work / f"timed-{samples}-{r}"
-            recorded = _cpu(lambda log=log, samples=samples: fid.run_training(setup, _recording(log, samples)))
+            log = work / f"timed-{samples}-{estimator}-{r}"
+            with _estimator(estimator):
+                recorded = _cpu(lambda log=log, samples=samples: fid.run_training(setup, _recording(log, samples)))
             per_round.append(recorded / plain)
-        ratios[_label(samples)] = float(np.median(per_round))
+        ratios[_label(samples, estimator)] = float(np.median(per_round))
     return {"spearman": spearman, "cost": ratios}
 
 
 def section(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> str:
-    labels = [_label(s) for s in SAMPLES]
+    labels = [_label(s, e) for s, e in _settings(meta["labels"])]
     runs = list(results)
     lines = [
         f"## {SECTION}",
@@ -88,7 +138,9 @@ def section(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> s
         f"({meta['steps']} steps of {meta['batch']}, 10 classes), {meta['seeds']} seed(s), {meta['pairs']} sampled "
         "occurrences against exact leave-one-out; `dvemb.Recorder(model, log_dir, curvature_samples=...)` with "
         "nothing else (Gauss-Newton rows found at the output, bases fitted by the recorder), computed with the "
-        "engine's defaults. Spearman: mean over test points, mean [min, max] over seeds. Cost: CPU time of the "
+        "engine's defaults. Rows: every class's, or the most probable classes' rows and one random-sign "
+        "combination of the others' (the recorder's estimator), or as many labels sampled from the model's "
+        "prediction (its estimator before, put back in the benchmark's process). Spearman: mean over test points, mean [min, max] over seeds. Cost: CPU time of the "
         "whole recorded training (the recorder's writer thread included) over the same training unrecorded, "
         f"median of {REPEATS} interleaved repetitions, mean over seeds (this MLP's step is under a millisecond, "
         "so fixed per-step costs weigh heavily: BENCHMARKS.md 'Recorder overhead' times steps on larger models).",
@@ -123,6 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, Adam only, 40 pairs; BENCHMARKS.md untouched")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--no-labels", action="store_true", help="leave out the sampled-label rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds, runs = (1, ("adam",)) if args.quick else (args.seeds, RUNS)
@@ -135,7 +188,7 @@ def main() -> None:
         for seed in range(seeds):
             setup = replace(base, seed=seed, optimizer=optimizer, schedule=schedule, lr=fid.RATES[optimizer])
             with tempfile.TemporaryDirectory() as work:
-                results.setdefault(run, []).append(run_one(setup, Path(work)))
+                results.setdefault(run, []).append(run_one(setup, Path(work), not args.no_labels))
             print(run, seed, results[run][-1], flush=True)
     meta = {
         "command": ".venv/bin/python -m bench.curvature_rows" + (" --quick" if args.quick else ""),
@@ -147,6 +200,7 @@ def main() -> None:
         "pairs": base.pairs,
         "steps": base.steps,
         "batch": base.batch,
+        "labels": not args.no_labels,
     }
     text = section(results, meta)
     print(text)

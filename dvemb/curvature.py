@@ -6,9 +6,15 @@ the loss with label ``c``. Back-propagating the rows below through the network t
 factors ``f`` of the Gauss-Newton matrix, ``GGN = sum f f^T``:
 
 - all classes (classification logits (B, C) with few classes): ``sqrt(p_c) (p - e_c)`` for every c;
-- sampled labels ``y ~ p`` (any logits, one row per sample): ``(p - e_y) / sqrt(n)``, an unbiased
-  estimate ``E[f f^T] = GGN``. For sequence logits (B, L, V) labels are drawn at every position
-  independently (cross terms vanish in expectation).
+- ``n`` rows (any logits): the ``n - 1`` most probable classes' rows exactly, and one random-sign combination of
+  the others' rows, ``sum_{c not kept} s_c sqrt(p_c) (p - e_c)`` with independent signs ``s_c = +-1``, whose
+  expected outer product is their sum: an unbiased estimate ``E[sum f f^T] = GGN`` (:data:`ESTIMATOR`). Its
+  noise is only that of the least probable classes, where most of the probability sits on a few; against as many
+  labels sampled from ``p`` (``(p - e_y) / sqrt(n)``, ``y ~ p``: the estimator before this one, in logs without
+  ``curvature.estimator``) BENCHMARKS.md "Curvature rows: fidelity against cost" measures both. For sequence
+  logits (B, L, V) every position gets its own classes and signs,
+  and every kept class's row a random sign of its own at every position: an example's factor sums its positions'
+  rows, and the products of two positions' rows vanish only in expectation.
 
 A loss that weights its positions (``c`` per position: ``1/L`` for a per-example mean over positions, the
 loss's own weights when they are read off its gradient, :mod:`dvemb.output_curvature`) has Hessian
@@ -21,10 +27,12 @@ import math
 
 import torch
 
-__all__ = ["ALL_CLASSES_UP_TO", "cross_entropy_factor_rows", "logit_factor_rows", "rows_per_example"]
+__all__ = ["ALL_CLASSES_UP_TO", "ESTIMATOR", "cross_entropy_factor_rows", "logit_factor_rows", "rows_per_example"]
 
 #: Classes up to which every class of (B, C) logits gets its own row (the exact GGN); one sample beyond.
 ALL_CLASSES_UP_TO = 32
+#: The manifest's name of the estimator of sampled rows (``curvature.estimator``): see the module docstring.
+ESTIMATOR = "top-classes+signs"
 
 
 def rows_per_example(samples: int | None, logits: torch.Tensor) -> int | None:
@@ -43,12 +51,15 @@ def cross_entropy_factor_rows(
     Args:
         logits: (B, [L,] V) logits.
         weights: (B, [L]) weight ``c >= 0`` of every position in the loss.
-        samples: sampled labels per position, or None for one row per class (2-D logits only).
-        generator: random generator for the sampled labels (same device as ``logits``).
+        samples: rows per position (the most probable classes and a random-sign combination of the others), or
+            None for one row per class (2-D logits only).
+        generator: random generator for the signs (same device as ``logits``).
 
     Returns:
         (R, *logits.shape) rows in the logits' dtype: ``sqrt(c p_k) (p - e_k)`` for every class k (R = C), or
-        ``sqrt(c / n) (p - e_y)`` with ``y ~ p`` (R = n = ``samples``).
+        ``s_k sqrt(c p_k) (p - e_k)`` for the ``R - 1`` most probable classes k of each position and then
+        ``sqrt(c) sum_j s_j sqrt(p_j) (p - e_j)`` over its other classes j, random signs ``s`` (R = min(``samples``,
+        V)).
     """
     z = logits.detach()
     work = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -61,10 +72,20 @@ def cross_entropy_factor_rows(
         eye = torch.eye(classes, dtype=work, device=z.device)
         rows = probs.sqrt().T.unsqueeze(-1) * (probs.unsqueeze(0) - eye.view(classes, 1, classes))  # (C, B, C)
         return (rows * root.unsqueeze(0)).to(z.dtype)
-    flat = probs.reshape(-1, classes)  # (B*L, V)
-    drawn = torch.multinomial(flat, samples, replacement=True, generator=generator)  # (B*L, n)
-    one_hot = torch.nn.functional.one_hot(drawn.T, classes).to(work)  # (n, B*L, V)
-    rows = (flat.unsqueeze(0) - one_hot).reshape(samples, *probs.shape) / math.sqrt(samples)
+    flat = probs.reshape(-1, classes)  # (N, V), N = B*L positions
+    kept = min(samples, classes) - 1
+    top = flat.topk(kept, dim=-1).indices  # (N, k): each position's most probable classes
+    exact = flat.gather(-1, top).T.sqrt().unsqueeze(-1) * (
+        flat.unsqueeze(0) - torch.nn.functional.one_hot(top.T, classes).to(work)
+    )  # (k, N, V): sqrt(p_k) (p - e_k)
+    signs = torch.randint(0, 2, (kept + 1, *flat.shape), generator=generator, device=z.device).to(work) * 2 - 1
+    others = torch.ones_like(flat).scatter_(-1, top, 0.0)  # (N, V): 1 for the classes not kept
+    weighted = signs[-1] * flat.sqrt() * others  # s_j sqrt(p_j)
+    rest = flat * weighted.sum(-1, keepdim=True) - weighted  # (N, V): sum_j s_j sqrt(p_j) (p - e_j)
+    # A kept class's row gets a random sign of its own at every position: an example's factor sums its positions'
+    # rows, and only independent signs make the products of two positions' rows vanish in expectation.
+    exact = exact * signs[:kept, :, :1]
+    rows = torch.cat([exact, rest.unsqueeze(0)]).reshape(kept + 1, *probs.shape)
     return (rows * root.unsqueeze(0)).to(z.dtype)
 
 
@@ -79,12 +100,12 @@ def logit_factor_rows(
 
     Args:
         logits: (B, C) or (B, L, V) logits of the per-example softmax cross-entropy loss.
-        samples: number of sampled labels per example, or None for all classes (2-D logits only).
+        samples: rows per example (:func:`cross_entropy_factor_rows`), or None for all classes (2-D logits only).
         position_reduction: ``"mean"`` or ``"sum"``: how a sequence example's loss combines positions.
-        generator: random generator for the sampled labels (same device as ``logits``).
+        generator: random generator for the signs (same device as ``logits``).
 
     Returns:
-        R tensors shaped like ``logits`` (R = C for all classes, else ``samples``); back-propagating
+        R tensors shaped like ``logits`` (R = C for all classes, else min(``samples``, V)); back-propagating
         each gives one factor row per example.
     """
     positions = 1 if logits.dim() == 2 else math.prod(logits.shape[1:-1])

@@ -43,7 +43,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from dvemb import logformat as fmt
 from dvemb.calibration import FactorCovariance, calibrated_projection
-from dvemb.curvature import logit_factor_rows, rows_per_example
+from dvemb.curvature import ESTIMATOR, logit_factor_rows, rows_per_example
 from dvemb.errors import ConfigError, RecorderError
 from dvemb.formats import LayerEntry, check_ids, repeated_in_step, unsafe_character
 from dvemb.held_steps import HeldLayer, HeldStep
@@ -145,7 +145,8 @@ class Recorder:
             found automatically during ``loss.backward()``, or given with :meth:`curvature`) or
             ``"empirical"`` (the paper: curvature from the gradients themselves; less faithful,
             BENCHMARKS.md, and no extra backward work).
-        curvature_samples: labels sampled per example in ggn mode. ``"auto"`` (default): one under Adam and
+        curvature_samples: rows per example in ggn mode (the most probable classes' rows, then one random-sign
+            combination of the others', an unbiased estimate: dvemb.curvature). ``"auto"`` (default): one under Adam and
             AdamW with softmax cross-entropy (it cost no fidelity there and a third of the recording:
             BENCHMARKS.md "Curvature rows: fidelity against cost"), else as ``None``: all classes for (B, C)
             logits with at most 32 classes (sampling cost plain SGD 0.13-0.35 Spearman on the digits MLP) and
@@ -859,7 +860,7 @@ class Recorder:
             self._writer.manifest["optimizer"] = entry
 
     def _resolve_samples(self, propagation: str | None) -> None:
-        """``curvature_samples="auto"``: one sampled label under Adam and AdamW with cross-entropy (written to the
+        """``curvature_samples="auto"``: one row under Adam and AdamW with cross-entropy (written to the
         manifest before any row is), else all classes."""
         if not self._samples_auto or self.curvature_mode != "ggn" or self.curvature_loss != "cross_entropy":
             return
@@ -1005,6 +1006,7 @@ class Recorder:
             held_rows = [layer.curvature[0] for layer in held.values() if layer.curvature]
             some_rows = next(iter(curvature.values())) if curvature else held_rows[0]
             entry["rows_per_example"] = int(some_rows.shape[1])
+            entry["estimator"] = _estimator(self.curvature_loss, self.curvature_samples, entry["rows_per_example"])
             entry["source"] = "+".join(sorted(self._curvature_sources))
             entry["loss"] = self.curvature_loss if "output" in self._curvature_sources else "cross_entropy"
         record = StepRecord(self._step, ids, lrs, decays, self._loss, grads, curvature, optimizer_state)
@@ -1412,6 +1414,14 @@ def _batched_grads(output: GradientEdge, inputs: list[GradientEdge], rows: torch
         torch.autograd.grad(output, inputs, grad_outputs=row, retain_graph=True, allow_unused=True) for row in rows
     ]
     return [None if grads[0] is None else torch.stack(list(grads)) for grads in zip(*per_row, strict=True)]
+
+
+def _estimator(loss: str, samples: int | None, rows: int) -> str:
+    """The manifest's ``curvature.estimator``: ``"classes"`` (every class's row, the exact Gauss-Newton factors),
+    :data:`dvemb.curvature.ESTIMATOR` (cross-entropy rows sampled), ``"signs"`` (mean squared error, sampled)."""
+    if samples is None and rows > 1:
+        return "classes" if loss == "cross_entropy" else "outputs"
+    return ESTIMATOR if loss == "cross_entropy" else "signs"
 
 
 def _loss_scale(scaler: Any) -> float | None:

@@ -13,7 +13,8 @@ retraining first. The kinds (stable keys; BENCHMARKS.md measures each):
   sides or on a side too large to fit (``MAX_FITTED_SIDE``).
 - ``untracked-parameters``: under 80% of the trainable parameters are tracked (``tracked_parameters /
   total_parameters``); influence through the others is not counted.
-- ``curvature-sampled``: Gauss-Newton factors from labels sampled from the model's prediction, not all classes.
+- ``curvature-sampled``: Gauss-Newton factors from fewer rows than classes (the most probable classes and a
+  random-sign combination of the others; sampled labels in logs before it), not every class.
 - ``second-moment-dropped``: under Adam or AdamW, how removing an example changes the second moment is not
   modelled (in projected layers whose log does not carry it: over ``LIFTED_SECOND_MOMENT_MAX`` coordinates
   without the recorder's singular pairs, or in a segmented computation; anywhere with ``second_moment=False``).
@@ -28,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dvemb.calibration import MAX_FITTED_SIDE
+from dvemb.curvature import ESTIMATOR
 from dvemb.engine import optimizer_maps
 from dvemb.engine.optimizer_maps import LIFT_STATE_MAX, LIFTED, lift_plan, lift_ratio
 from dvemb.formats import Approximation
@@ -194,6 +196,16 @@ def _sampled(curvature: str, manifest: Mapping[str, Any]) -> Approximation | Non
         if mse or info.get("rows_per_example") != 1:
             return None
         samples = 1
+    fix = "record with a larger curvature_samples (Recorder(curvature_samples=...)) to reduce the noise."
+    if not mse and info.get("estimator") == ESTIMATOR:
+        kept = "" if samples == 1 else f"the {samples - 1} most probable classes' rows and "
+        return Approximation(
+            "curvature-sampled",
+            f"{samples} curvature row{'s' if samples > 1 else ''} per example instead of every class",
+            f"The Gauss-Newton curvature uses {kept}one random-sign combination of the "
+            f"{'other ' if samples > 1 else ''}classes' rows per example instead of every class's row, an unbiased "
+            f"but noisy estimate: {fix}",
+        )
     if mse:
         what, instead = ("random direction" if samples == 1 else "random directions"), "every output"
     else:
@@ -203,8 +215,7 @@ def _sampled(curvature: str, manifest: Mapping[str, Any]) -> Approximation | Non
         "curvature-sampled",
         f"{samples} sampled {what} in the curvature",
         f"The Gauss-Newton curvature uses {samples} {what} per example sampled from the model's prediction "
-        f"instead of {instead}, an unbiased but noisy estimate: record with a larger curvature_samples "
-        "(Recorder(curvature_samples=...)) to reduce the noise.",
+        f"instead of {instead}, an unbiased but noisy estimate: {fix}",
     )
 
 

@@ -12,6 +12,7 @@ from reference import ce_mean_over_positions, layer_matrix, per_example_ggn, per
 from torch import nn
 
 import dvemb
+from dvemb.curvature import ESTIMATOR, cross_entropy_factor_rows
 
 
 def _record_factors(
@@ -53,18 +54,58 @@ def test_all_class_factors_give_the_exact_ggn(log_dir: Path, proj_dim: object) -
         assert (shard.grads[layer.name] - grads).abs().max() < 1e-10 * grads.abs().max()
 
 
-def test_sampled_factors_are_unbiased_for_sequences(log_dir: Path) -> None:
-    """Sampled labels at every position: the mean of f f^T converges to (1/L) sum_t J_t^T H_t J_t."""
+def test_sampled_rows_through_the_recorder_are_unbiased_for_sequences(log_dir: Path) -> None:
+    """One row per example (the default beyond 32 classes), recorded for many copies of two sequences: the mean of
+    f f^T over the copies converges to (1/L) sum_t J_t^T H_t J_t (a wrong 1/sqrt(L) scale, or rows whose products
+    between positions do not vanish, are off by far more)."""
     model = TinyLM(vocab=5, width=3, hidden=3)
+    torch.manual_seed(0)
     tokens, targets = torch.randint(1, 5, (2, 3)), torch.randint(0, 5, (2, 3))
-    samples = 3000
-    shard = _record_factors(model, log_dir, tokens, targets, proj_dim=None, curvature_samples=samples, layers=["head"])
-    factors = shard.curvature["head"]  # (N, samples, d)
-    assert factors.shape[1] == samples
-    estimate = torch.einsum("nsd,nse->nde", factors, factors)
+    copies = 3000
+    shard = _record_factors(
+        model,
+        log_dir,
+        tokens.repeat(copies, 1),
+        targets.repeat(copies, 1),
+        proj_dim=None,
+        curvature_samples=1,
+        layers=["head"],
+    )
+    factors = shard.curvature["head"]  # (2 * copies, 1, d)
+    assert factors.shape[1] == 1
+    assert dvemb.open_log(log_dir).manifest["curvature"]["estimator"] == ESTIMATOR
+    products = torch.einsum("nsd,nse->nde", factors, factors).view(copies, 2, *factors.shape[2:], -1)
+    estimate = products.mean(0)  # (2, d, d)
     exact = per_example_ggn(model, "head", tokens)
     rel = (estimate - exact).norm() / exact.norm()
-    assert rel < 0.08, f"Monte Carlo estimate is off by {rel:.3f} (a wrong 1/sqrt(L) scale gives > 0.5)"
+    assert rel < 0.08, f"Monte Carlo estimate is off by {rel:.3f}"
+
+
+@pytest.mark.parametrize("samples", [1, 2, 3, 5])
+def test_fewer_rows_are_an_unbiased_estimate(samples: int) -> None:
+    """The most probable classes and a random-sign combination of the others: the mean over draws of sum f f^T,
+    f an example's rows over all its positions, converges to the block-diagonal c_t (diag p_t - p_t p_t^T)
+    (Monte Carlo error about 1/sqrt(draws); dropping a class, a sign row without its sqrt(p), or kept rows
+    without signs of their own, whose products between positions stay, are off by more than 10%)."""
+    torch.manual_seed(0)
+    batch, positions, vocab = 3, 2, 5
+    logits = torch.randn(batch, positions, vocab, dtype=torch.float64) * 2
+    weights = torch.rand(batch, positions, dtype=torch.float64)
+    p = torch.softmax(logits, -1)
+    blocks = weights[..., None, None] * (torch.diag_embed(p) - p[..., :, None] * p[..., None, :])  # (B, L, V, V)
+    exact = torch.zeros(batch, positions * vocab, positions * vocab, dtype=torch.float64)
+    for t in range(positions):
+        exact[:, t * vocab : (t + 1) * vocab, t * vocab : (t + 1) * vocab] = blocks[:, t]
+    generator = torch.Generator().manual_seed(1)
+    draws = 4000
+    total = torch.zeros_like(exact)
+    for _ in range(draws):
+        rows = cross_entropy_factor_rows(logits, weights, samples=samples, generator=generator)  # (R, B, L, V)
+        assert rows.shape[0] == min(samples, vocab)
+        joint = rows.flatten(2)  # (R, B, L*V): an example's rows at all its positions together
+        total += torch.einsum("rbi,rbj->bij", joint, joint)
+    error = ((total / draws - exact).norm() / exact.norm()).item()
+    assert error < 0.05, f"{samples} rows: the estimate is off by {error:.3f}"
 
 
 def test_curvature_after_a_plain_backward_says_how_to_fix_it(log_dir: Path) -> None:
