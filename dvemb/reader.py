@@ -688,9 +688,11 @@ class GradientLog:
         )
 
     def iter_examples(self) -> Iterator[dict[str, Any]]:
-        """Yield example metadata records (id, and any of text, label, source, image as uint8 array)."""
-        for entry in self.manifest.get("example_files", []):
-            yield from self._example_records(entry)
+        """Yield example metadata records (id, and any of text, label, source, image as uint8 array), every rank's
+        files in rank order."""
+        for manifest in self.rank_manifests:
+            for entry in manifest.get("example_files", []):
+                yield from self._example_records(entry)
 
     def _example_records(self, entry: dict[str, Any], path: Path | None = None) -> Iterator[dict[str, Any]]:
         path = self._checked_file(entry, path)
@@ -722,7 +724,7 @@ class GradientLog:
             if query_set["file"] == name:
                 self.load_query_set(str(query_set["name"]), path)
                 return
-        for entry in self.manifest.get("example_files", []):
+        for entry in (e for m in self.rank_manifests for e in m.get("example_files", [])):
             if entry["file"] == name:
                 for _ in self._example_records(entry, path):
                     pass

@@ -476,7 +476,19 @@ class Recorder:
             )
             return
         edges = [s.outputs[i] for s, i in zip(self._slots, slot_of, strict=True)]
-        logits.register_hook(partial(self._on_logits_grad, logits.detach(), get_gradient_edge(logits), slot_of, edges))
+        source = _cast_source(logits)
+        if source is None:
+            logits.register_hook(
+                partial(self._on_logits_grad, logits.detach(), get_gradient_edge(logits), slot_of, edges)
+            )
+            return
+        # The output is a dtype cast of the logits the loss was computed from (accelerate's autocast wrapper returns
+        # float32 copies of a model's bfloat16 / float16 outputs, while the model's own loss used the originals): the
+        # rows start where the loss's gradient arrives, at the cast's source, before its node runs.
+        on_grad = partial(self._on_logits_grad, logits.detach(), source, slot_of, edges)
+        source.node.register_prehook(
+            lambda grads: on_grad(grads[source.output_nr]) if grads[source.output_nr] is not None else None
+        )
 
     def _on_logits_grad(
         self,
@@ -501,7 +513,7 @@ class Recorder:
         generator = torch.Generator(device=logits.device).manual_seed(self.seed * 1_000_003 + self._step)
         rows = output_factor_rows(
             logits, loss=self.curvature_loss, weights=weights, samples=self.curvature_samples, generator=generator
-        )  # (R, *logits.shape)
+        ).to(grad.dtype)  # (R, *logits.shape), in the dtype of the tensor they are back-propagated from
         weighted = self.curvature_loss == "cross_entropy"
         self._store_curvature(logits_edge, slot_of, [e for e in edges if e is not None], rows, weighted=weighted)
         self._curvature_sources.add("output")
@@ -1414,6 +1426,19 @@ def _batched_grads(output: GradientEdge, inputs: list[GradientEdge], rows: torch
         torch.autograd.grad(output, inputs, grad_outputs=row, retain_graph=True, allow_unused=True) for row in rows
     ]
     return [None if grads[0] is None else torch.stack(list(grads)) for grads in zip(*per_row, strict=True)]
+
+
+def _cast_source(tensor: torch.Tensor) -> GradientEdge | None:
+    """Where ``tensor``'s gradient goes when ``tensor`` is only a dtype cast of another (``x.float()``, the float32
+    copies accelerate's mixed precision returns): the first gradient edge that is not a cast; None when ``tensor``
+    is no cast."""
+    node, found = tensor.grad_fn, None
+    while node is not None and type(node).__name__ == "ToCopyBackward0" and len(node.next_functions) == 1:
+        parent, output_nr = node.next_functions[0]
+        if parent is None:
+            break
+        found, node = GradientEdge(parent, output_nr), parent
+    return found
 
 
 def _estimator(loss: str, samples: int | None, rows: int) -> str:

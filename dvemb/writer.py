@@ -387,7 +387,7 @@ class LogWriter:
     def _write_examples(self) -> None:
         self._wait()
         index = len(self.manifest["example_files"])
-        final = self.directory / formats.examples_file_name(index)
+        final = self.directory / formats.examples_file_name(index, self.rank)
         tmp = final.with_name(final.name + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for record in self._examples:

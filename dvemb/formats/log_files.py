@@ -53,7 +53,7 @@ LOG_FILE_NAME = re.compile(
     r"|shards(\.rank[0-9]{1,4})?\.jsonl"
     r"|shard-r[0-9]{1,4}-[0-9]{6}\.safetensors"
     r"|queries-[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.safetensors"
-    r"|examples-[0-9]{6}\.jsonl"
+    r"|examples-[0-9]{6}(\.rank[0-9]{1,4})?\.jsonl"
     r"|projection\.safetensors)$"
 )
 
@@ -91,9 +91,10 @@ def query_file_name(name: str) -> str:
     return f"queries-{name}.safetensors"
 
 
-def examples_file_name(index: int) -> str:
-    """File name of the ``index``-th example-metadata file."""
-    return f"examples-{index:06d}.jsonl"
+def examples_file_name(index: int, rank: int = 0) -> str:
+    """File name of a rank's ``index``-th example-metadata file (rank 0 owns ``examples-NNNNNN.jsonl``; every rank
+    of a distributed run describes its own examples into the one directory, so the names must differ)."""
+    return f"examples-{index:06d}.jsonl" if rank == 0 else f"examples-{index:06d}.rank{rank}.jsonl"
 
 
 def listed_files(manifests: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -21,6 +21,7 @@ cross-entropy.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ from dvemb.layers import widened
 from dvemb.replay import ReplayArguments, load_initial, replay, schedule_from_log
 from dvemb.replay.files import Replay
 
-__all__ = ["replay_trainer", "trainer_loss"]
+__all__ = ["mixed_precision", "replay_trainer", "trainer_loss"]
 
 
 def trainer_loss(trainer: Trainer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -85,7 +86,9 @@ def replay_trainer(
         id_column: the ``id_column`` given to ``record`` (None: the log's ids are dataset indices).
         queries: query batches (dicts of model inputs with ``labels``); default ``trainer.eval_dataset`` collated
             in batches of ``per_device_eval_batch_size``.
-        arguments: the replay's options (query columns, removal, checkpoints, probe).
+        arguments: the replay's options (query columns, removal, checkpoints, probe). Unless they set
+            ``autocast``, the Trainer's mixed precision is replayed as it trained: ``bf16=True`` gives
+            ``autocast="bfloat16"``, ``fp16=True`` ``"float16"``.
         query_set: the name the replay is saved under (the results' query set it is compared with).
         loss_fn: per-example training loss ``(logits, labels) -> (B,)`` whose batch mean is the Trainer's loss;
             default :func:`trainer_loss` of ``trainer``.
@@ -99,6 +102,10 @@ def replay_trainer(
         raise ConfigError("replay_trainer needs the Trainer's model")
     trained = _unwrapped(trainer.model)
     model = copy.deepcopy(trained)
+    # Mixed precision: accelerate replaced the model's forward by one under its own autocast that returns float32
+    # copies; the replay applies the run's autocast itself (ReplayArguments.autocast), so the copy gets its class's.
+    model.__dict__.pop("forward", None)
+    model.__dict__.pop("_original_forward", None)
     attention: Any = getattr(model, "set_attn_implementation", None)
     if attention is not None:
         attention("eager")  # torch's fused attention kernels have no double backward
@@ -120,6 +127,9 @@ def replay_trainer(
 
     if queries is None:
         queries = list(_eval_batches(trainer, collate))
+    arguments = arguments or ReplayArguments()
+    if arguments.autocast is None:
+        arguments = dataclasses.replace(arguments, autocast=mixed_precision(trainer))
     return replay(
         model,
         optimizer,
@@ -131,6 +141,15 @@ def replay_trainer(
         query_set=query_set,
         work_dir=work_dir,
     )
+
+
+def mixed_precision(trainer: Trainer) -> str | None:
+    """The autocast dtype the Trainer trained under (``ReplayArguments.autocast``), or None."""
+    if getattr(trainer.args, "bf16", False):
+        return "bfloat16"
+    if getattr(trainer.args, "fp16", False):
+        return "float16"
+    return None
 
 
 def _fresh_optimizer(trainer: Trainer, trained: nn.Module, copied: nn.Module) -> torch.optim.Optimizer:

@@ -104,6 +104,7 @@ def replay(
         "checkpoint_every": replayer.every,
         "micro_batches": args.micro_batches,
         "dtype": str(replayer.initial.params[0].dtype).removeprefix("torch."),
+        "autocast": args.autocast,
         "loss_gap": replayer.loss_gap(),
         "seconds": {
             "forward": timings.forward,

@@ -40,6 +40,10 @@ REMOVALS = ("auto", "batch", "weight")
 QUERY_COLUMNS = ("mean", "each")
 
 
+#: ``ReplayArguments.autocast`` names and their dtypes.
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass(frozen=True)
 class ReplayArguments:
     """Options of a replay.
@@ -56,6 +60,10 @@ class ReplayArguments:
             each costs ``len(probe_scales)`` retrainings of the tail of the run); 0: no probe.
         probe_scales: multiples of the removal that the probe retrains with.
         seed: chooses the probed occurrences.
+        autocast: ``"bfloat16"`` or ``"float16"``: every loss (training steps, queries, probe) is evaluated under
+            ``torch.autocast`` of that dtype on the parameters' device, as a run trained with mixed precision
+            evaluated it, so that the replay follows the recorded run (its derivatives are then taken through the
+            same low-precision operations); None (default): in the parameters' dtype.
     """
 
     removal: str = "auto"
@@ -66,8 +74,14 @@ class ReplayArguments:
     probe: int = 0
     probe_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     seed: int = 0
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise ConfigError(
+                f"autocast={self.autocast!r}: use one of {sorted(AUTOCAST_DTYPES)} (the run's mixed-precision dtype), "
+                "or None for the parameters' own dtype"
+            )
         if self.removal not in REMOVALS:
             raise ConfigError(f"removal={self.removal!r} is not one of {REMOVALS}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
@@ -143,6 +157,7 @@ class Replayer:
             examples,
             reduction=schedule.loss_reduction,
             micro_batches=self.arguments.micro_batches,
+            autocast=AUTOCAST_DTYPES.get(self.arguments.autocast or ""),
         )
         self.queries = list(queries)
         if not self.queries:
@@ -171,6 +186,7 @@ class Replayer:
             "every": self.every,
             "micro_batches": self.arguments.micro_batches,
             "query_columns": self.arguments.query_columns,
+            "autocast": self.arguments.autocast,
             "optimizer": [repr(x) for x in self.optimizer.settings],
             "counts": list(self.initial.optimizer.counts),
         }
@@ -251,10 +267,9 @@ class Replayer:
 
     def query_losses(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """(K,) the query columns' losses at ``params`` (differentiable when ``params`` require grad)."""
-        forward = self.step.forward_at(params)
         per_example = []
         for batch in self.queries:
-            losses = self.step.loss_fn(forward, batch)
+            losses = self.step.evaluate(params, batch)
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 raise ConfigError("loss_fn must return one loss per query example (reduction='none')")
             per_example.append(losses)

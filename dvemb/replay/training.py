@@ -79,6 +79,8 @@ class TrainingStep:
         loss_fn, examples: see the module docstring.
         reduction: ``"mean"`` or ``"sum"``.
         micro_batches: parts each step's examples are evaluated in (gradient accumulation).
+        autocast: evaluate ``loss_fn`` under ``torch.autocast`` of this dtype (a run trained with mixed precision);
+            None: as it is.
     """
 
     def __init__(
@@ -90,12 +92,20 @@ class TrainingStep:
         *,
         reduction: str,
         micro_batches: int = 1,
+        autocast: torch.dtype | None = None,
     ) -> None:
         if micro_batches < 1:
             raise ConfigError(f"micro_batches={micro_batches}: use 1 or more")
         self.model, self.names = model, list(names)
         self.loss_fn, self.examples = loss_fn, examples
         self.reduction, self.micro_batches = reduction, micro_batches
+        self.autocast = autocast
+
+    def evaluate(self, params: Sequence[torch.Tensor], batch: Any) -> Any:
+        """``loss_fn`` of ``batch`` at ``params``, under the run's autocast when it had one."""
+        device = params[0].device.type if params else "cpu"
+        with torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            return self.loss_fn(self.forward_at(params), batch)
 
     def forward_at(self, params: Sequence[torch.Tensor]) -> Callable[..., Any]:
         """The model as a function of its inputs at ``params``."""
@@ -110,7 +120,7 @@ class TrainingStep:
 
     def losses(self, params: Sequence[torch.Tensor], ids: Sequence[Any]) -> torch.Tensor:
         """(b,) per-example losses of ``ids`` at ``params``."""
-        out = self.loss_fn(self.forward_at(params), self.examples(list(ids)))
+        out = self.evaluate(params, self.examples(list(ids)))
         if not isinstance(out, torch.Tensor) or out.shape != (len(ids),):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ReplayError(

@@ -21,8 +21,8 @@ def check_log_file_name(name: str) -> str:
     if not is_log_file_name(name):
         raise BadRequest(
             f"file name {name!r} is not a gradient-log file name (manifest.json, shards.jsonl, "
-            "shard-rR-NNNNNN.safetensors, queries-NAME.safetensors, examples-NNNNNN.jsonl, projection.safetensors); "
-            "paths are not accepted"
+            "shard-rR-NNNNNN.safetensors, queries-NAME.safetensors, examples-NNNNNN[.rankR].jsonl, "
+            "projection.safetensors); paths are not accepted"
         )
     return name
 

@@ -36,6 +36,7 @@ _SCRIPT = textwrap.dedent(
         rec.calibrate([(x[s, local], y[s, local]) for s in range(4)])
     for step in range(4):
         ids = [6 * step + i for i in range(6)][local]
+        rec.describe(ids, texts=[f"example {i}" for i in ids])  # every rank describes its own examples
         with rec.step(ids, optimizer):
             F.cross_entropy(trained(x[step, local]), y[step, local]).backward()
             optimizer.step()
@@ -78,6 +79,15 @@ def test_two_ranks_merge_into_the_single_process_log(tmp_path: Path, optimizer: 
 
     ddp, single = dvemb.open_log(tmp_path / "ddp"), dvemb.open_log(tmp_path / "single")
     assert ddp.world_size == 2 and (tmp_path / "ddp" / "manifest.rank1.json").exists()
+    # Each rank's example metadata in files of its own (one name for both raced and overwrote each other), read
+    # together, each file whole (its sha256 in its rank's manifest).
+    described = sorted((tmp_path / "ddp").glob("examples-*.jsonl"))
+    assert [p.name for p in described] == ["examples-000000.jsonl", "examples-000000.rank1.jsonl"]
+    for path in described:
+        ddp.validate_file(path.name, path)
+    texts = {record["id"]: record["text"] for record in ddp.iter_examples()}
+    assert texts == {record["id"]: record["text"] for record in single.iter_examples()}
+    assert len(texts) == 24
     assert ddp.complete and ddp.num_steps == single.num_steps == 4 and ddp.num_shards() == 2
     for merged, reference in zip(ddp.iter_shards(), single.iter_shards(), strict=True):
         assert merged.example_ids == reference.example_ids  # rank 0's rows, then rank 1's, step by step

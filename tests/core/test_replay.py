@@ -624,3 +624,50 @@ def test_options_and_schedules_are_validated_with_the_fix() -> None:
             [(x[:5], y[:5])],
             ReplayArguments(query_columns="each", max_queries=4),
         )
+
+
+@pytest.mark.parametrize("name", ["sgd-decay", "adamw"])
+def test_a_mixed_precision_run_is_replayed_as_trained(name: str) -> None:
+    """A run trained in float32 under bfloat16 autocast: the replay with ``autocast="bfloat16"`` follows it bit for
+    bit (its final weights equal the trained ones), without it the replay drifts by bfloat16's rounding; the scores
+    are finite, and the option is validated."""
+    x, y = (t.float() if t.is_floating_point() else t for t in _data(n=24, d=6, classes=3))
+    order = _order(n=24, batch=8, epochs=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).float()  # autocast casts float32 only
+    initial = copy.deepcopy(model)
+    optimizer = OPTIMIZERS[name](model.parameters())
+    for t, ids in enumerate(order):
+        for group in optimizer.param_groups:
+            group["lr"] = LRS[t]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x[ids]), y[ids])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = torch.cat([p.detach().flatten() for p in model.parameters()])
+    schedule = ReplaySchedule(order, [[lr] for lr in LRS[: len(order)]], "mean")
+
+    def replayed(autocast: str | None) -> tuple[torch.Tensor, Any]:
+        fresh = copy.deepcopy(initial)
+        replayer = Replayer(
+            fresh,
+            OPTIMIZERS[name](fresh.parameters()),
+            schedule,
+            _loss_fn,
+            lambda ids: (x[ids], y[ids]),
+            [(x[:6], y[:6])],
+            ReplayArguments(autocast=autocast),
+        )
+        final = replayer.forward()
+        return torch.cat([p.flatten() for p in final.params]), replayer
+
+    as_trained, replayer = replayed("bfloat16")
+    in_float32, _ = replayed(None)
+    assert torch.equal(as_trained, trained)  # bit for bit: the same operations in the same precision
+    assert (in_float32 - trained).abs().max() > 1e-5 * trained.abs().max()  # bfloat16's rounding, left out
+    scores, _ = replayer.adjoint()
+    assert scores.shape[0] == sum(len(ids) for ids in order)
+    assert torch.isfinite(torch.as_tensor(scores)).all()
+    with pytest.raises(dvemb.ConfigError, match="bfloat16"):
+        ReplayArguments(autocast="bf16")

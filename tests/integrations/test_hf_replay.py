@@ -19,10 +19,15 @@ from dvemb.integrations.huggingface import causal_lm_loss, record
 from dvemb.replay import ReplayArguments
 
 
-def _trained(tmp_path: Path, **record_options: object) -> Trainer:
+def _trained(tmp_path: Path, bf16: bool = False, **record_options: object) -> Trainer:
+    model = tiny_gpt2(torch.float32 if bf16 else torch.float64)  # autocast casts float32 only
+    if bf16:  # the replay's attention (it needs double backward), which in bfloat16 rounds unlike the fused kernel
+        model.set_attn_implementation("eager")
     trainer = Trainer(
-        model=tiny_gpt2(),
-        args=arguments(tmp_path / "out", 4, steps=6, lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.1),
+        model=model,
+        args=arguments(
+            tmp_path / "out", 4, steps=6, lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.1, bf16=bf16
+        ),
         train_dataset=SourceChunks("textwrap.py", 24),
         eval_dataset=SourceChunks("textwrap.py", 6, offset=24),
         data_collator=default_data_collator,
@@ -55,6 +60,24 @@ def test_a_trainer_run_replays_its_own_trajectory(tmp_path: Path) -> None:
     assert np.isfinite(result.scores).all() and np.abs(result.scores).max() > 0
     after = dict(trainer.model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before)  # the Trainer's model is left as it was
+
+
+def test_a_bf16_trainer_run_is_replayed_under_its_autocast(tmp_path: Path) -> None:
+    """``bf16=True`` (autocast on the CPU, float32 weights): the default recorder finds its Gauss-Newton rows
+    although accelerate returns float32 copies of the logits that the loss never saw; the replay takes the Trainer's
+    mixed precision and follows its losses to their float32 storage; under float16 it drifts by far more."""
+    trainer = _trained(tmp_path, bf16=True, initial_dir=tmp_path / "initial")
+    shard = next(dvemb.open_log(tmp_path / "log").iter_shards())
+    for name, rows in shard.curvature.items():
+        assert torch.isfinite(rows).all() and rows.abs().max() > 0, name
+    result = replay_trainer(trainer, tmp_path / "log", tmp_path / "initial", id_column="id")
+    assert result.summary["autocast"] == "bfloat16"
+    assert result.summary["loss_gap"] is not None and result.summary["loss_gap"] < 3e-7, result.summary["loss_gap"]
+    assert np.isfinite(result.scores).all()
+    other = replay_trainer(
+        trainer, tmp_path / "log", tmp_path / "initial", id_column="id", arguments=ReplayArguments(autocast="float16")
+    )
+    assert other.summary["loss_gap"] > 3e-6, other.summary["loss_gap"]  # float16 rounds where bfloat16 ran
 
 
 def test_the_models_own_token_mean_is_not_the_trainers_loss(tmp_path: Path) -> None:
