@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import spearmanr
 from service_harness import Api, make_token, record_log
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from dvemb.client import upload_log
 
@@ -189,3 +193,42 @@ def test_api_docs_and_favicon_are_served_without_a_cdn(api: Api) -> None:
     assert "cdn" not in docs.text.lower() and "https://" not in docs.text
     for path in ("/static/swagger-ui/swagger-ui-bundle.js", "/static/swagger-ui/swagger-ui.css", "/favicon.ico"):
         assert api.client.get(f"{api.url}{path}").status_code == 200, path
+
+
+@contextmanager
+def _token_lookups() -> Iterator[list[str]]:
+    """The SQL statements that read the API tokens while the block runs (the API serves from this process)."""
+    seen: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "api_tokens" in statement:
+            seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", note)
+
+
+def test_an_export_authenticates_its_caller_once(api: Api, token: str, tmp_path: Path) -> None:
+    """/export/top and /export/examples read the token once per request (the read's own statement, or the window's
+    lookup), and a wrong token is still refused."""
+    job = analysed(api, token, tmp_path, "export-auth")
+    window = api.post(f"/jobs/{job}/windows", json={"query_set": "val", "step_min": 0, "step_max": 3})
+    assert window.status_code == 200, window.text
+    requests = {
+        "top": (f"/jobs/{job}/export/top", {"query_set": "val", "kind": "helpful"}),
+        "window": (
+            f"/jobs/{job}/export/top",
+            {"query_set": "val", "kind": "helpful", "window_id": window.json()["id"]},
+        ),
+        "examples": (f"/jobs/{job}/export/examples", {"query_set": "val", "kind": "helpful"}),
+    }
+    for name, (path, params) in requests.items():
+        with _token_lookups() as seen:
+            response = api.get(path, params=params)
+        assert response.status_code == 200, (name, response.text)
+        assert len(seen) == 1, (name, seen)
+        stranger = api.client.get(path, params=params, headers={"Authorization": "Bearer nope"})
+        assert stranger.status_code == 401, (name, stranger.text)

@@ -19,6 +19,8 @@ from server.api.deps import (
     SettingsDep,
     StorageDep,
     bearer,
+    done_job,
+    project_job,
 )
 from server.api.routes.compare import DifferQuery, JobsQuery, TopQuery, job_ids, time_limited
 from server.api.routes.figures import SampleQuery
@@ -30,6 +32,7 @@ from server.figures import moving_average
 from server.services import compare as comparing
 from server.services import figures as data
 from server.services import reads, results, selection, windows
+from server.services.auth import project_for_token
 from server.services.tables import ExportFormat, download
 
 router = APIRouter(tags=["exports"])
@@ -44,22 +47,25 @@ PHASE_COLUMNS = ["phase", "first_step", "last_step", "share_abs_per_lr", "share_
 
 @router.get("/jobs/{job_id}/export/top")
 def export_top(
-    job: DoneJobDep,
+    job_id: IdPath,
     session: SessionDep,
     shown: TopFiltersQuery,
     format: FormatQuery = "csv",
     window_id: Annotated[int | None, Query(ge=1, le=DB_INT_MAX, description="a window's own top rows")] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """The "Top training examples" table: every row of /top (or of /windows/{window_id}/top) for these filters."""
+    """The "Top training examples" table: every row of /top (or of /windows/{window_id}/top) for these filters.
+    The caller is authenticated once: by the window's lookup, or by the one statement that reads /top's rows."""
+    token = bearer(authorization)
     if window_id is not None:
+        job = done_job(project_job(job_id, session, project_for_token(session, token=token)))
         window = windows.get_window(session, job=job, window_id=window_id)
         rows, _ = windows.window_rows(
             session, job=job, window=window, query=shown.query, kind=shown.kind, offset=0, limit=ALL_ROWS
         )
     else:
-        _, rows, _ = reads.top_rows(bearer(authorization), job.id, offset=0, limit=ALL_ROWS, **shown.model_dump())
-    return download(TOP_COLUMNS, rows, fmt=format, name=f"job{job.id}-{shown.query_set}-top-{shown.kind}")
+        _, rows, _ = reads.top_rows(token, job_id, offset=0, limit=ALL_ROWS, **shown.model_dump())
+    return download(TOP_COLUMNS, rows, fmt=format, name=f"job{job_id}-{shown.query_set}-top-{shown.kind}")
 
 
 @router.get("/jobs/{job_id}/export/examples")
