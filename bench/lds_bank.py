@@ -295,9 +295,12 @@ def train(
     record: dict[str, Any] | None = None,
     init: dict[str, torch.Tensor] | None = None,
     pretrain: bool = False,
+    before_step: Callable[[nn.Module, list[int], float, int], None] | None = None,
 ) -> Run:
     """One Trainer run without the ``removed`` examples, from ``init`` (the pretrained state) when given;
-    ``record``: ``record(trainer, **record)`` attached; ``pretrain``: the pretraining run instead."""
+    ``record``: ``record(trainer, **record)`` attached; ``pretrain``: the pretraining run instead; ``before_step``:
+    called before every step with the model, the step's example indices, its learning rate and its epoch (a peer
+    that caches per-step gradients)."""
     import transformers
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -327,9 +330,18 @@ def train(
     checkpoints: list[dict[str, torch.Tensor]] = []
     lrs: list[list[float]] = [[]]
 
+    batches: list[list[int]] = []  # the indices of every batch collated, in training order
+    collate = skipping_collator(removed)
+
+    def collate_and_note(features: list[dict[str, Any]]) -> dict[str, Any]:
+        batches.append([int(f["bank_index"]) for f in features if f.get("bank_index") not in removed])
+        return collate(features)
+
     class Epochs(TrainerCallback):
-        def on_step_begin(self, *a: Any, optimizer: Any = None, **k: Any) -> None:
+        def on_step_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **k: Any) -> None:
             lrs[-1].append(float(optimizer.param_groups[0]["lr"]))
+            if before_step is not None:  # the batch the step trains on was collated already (in order)
+                before_step(model, batches[state.global_step], lrs[-1][-1], int(state.epoch or 0))
 
         def on_epoch_end(self, *a: Any, **k: Any) -> None:
             checkpoints.append({n: p.detach().clone() for n, p in model.named_parameters()})
@@ -340,7 +352,7 @@ def train(
         args=args,
         train_dataset=_Examples(pretraining_sequences(s, data.vocab) if pretrain else data.train, indexed=True),
         eval_dataset=_Examples(data.queries, indexed=False),
-        data_collator=skipping_collator(removed),
+        data_collator=collate_and_note,
         callbacks=[Epochs()],
     )
     trainer.remove_callback(PrinterCallback)  # its end-of-training line, once per retrain
@@ -652,6 +664,52 @@ def method_dattri_tracin(bank: Bank, base: dict[str, Any]) -> Scored:
     )
 
 
+#: dattri DVEmb's projected size: dvemb's default on this model (256 per tracked weight: 9 weights, 2,304) rounded
+#: down to a power of two for dattri's projector.
+DATTRI_DVEMB_DIM = 2048
+
+
+def method_dattri_dvemb(bank: Bank, base: dict[str, Any]) -> Scored:
+    """dattri's own DVEmb (its ``DVEmbAttributor``) on the base run: per-sample gradients of every parameter at
+    every step's parameters, randomly projected (``factorization_type="none"``: its Kronecker factorization hooks
+    ``nn.Linear`` layers only, which GPT-2's ``Conv1D`` layers are not), cached before each step of the very
+    Trainer run the bank's base is (checked bit for bit), then its recursion (SGD's, the step's rate over the batch
+    size) and its scores."""
+    from dattri.algorithm.dvemb import DVEmbAttributor
+
+    s, data = bank.s, bank.data
+    task, task_model = _dattri_task(bank, [bank.checkpoint(s.seed, 0)], margin=False)
+    attributor = DVEmbAttributor(task=task, proj_dim=DATTRI_DVEMB_DIM, factorization_type="none")
+    attributor.model = task_model  # the task's model: its parameters are set to the run's before every step
+    cached = [0.0]
+
+    def cache(model: nn.Module, indices: list[int], lr: float, epoch: int) -> None:
+        started = time.process_time()
+        task_model.load_state_dict(model.state_dict())
+        attributor.cache_gradients(epoch, (data.train[indices],), torch.tensor(indices), lr)
+        cached[0] += time.process_time() - started
+
+    run = train(s, data, s.seed, frozenset(), bank.dir / "work", init=bank.init, before_step=cache)
+    if digest(run.final) != base["digest"]:
+        raise RuntimeError("the run with dattri's caching did not take the base run's parameters bit for bit")
+
+    def scores() -> np.ndarray:
+        attributor.cache()
+        _, test_loader = _loaders(bank)
+        found = attributor.attribute(test_loader).double().numpy()  # (max index + 1, Q), positive: helped
+        out = np.zeros((s.train_size, s.query_size))
+        out[: found.shape[0]] = found
+        return out
+
+    values, compute_seconds = _timed(scores)
+    return Scored(
+        values,
+        {"record": cached[0], "compute": compute_seconds},
+        f"`DVEmbAttributor(task, proj_dim={DATTRI_DVEMB_DIM}, factorization_type='none')`, "
+        "`cache_gradients(epoch, batch, indices, lr)` before every Trainer step, `cache()`, `attribute(queries)`",
+    )
+
+
 def method_dattri_trak(bank: Bank, base: dict[str, Any]) -> Scored:
     from dattri.algorithm.trak import TRAKAttributor
 
@@ -756,6 +814,11 @@ METHODS: dict[str, tuple[str, Callable[..., Scored]]] = {
     "grad_dot": ("gradient dot product (final model, every parameter)", method_grad_dot),
     "dattri_tracin": ("dattri 0.3 `TracInAttributor` (TracIn, epoch checkpoints)", method_dattri_tracin),
     "dattri_trak": ("dattri 0.3 `TRAKAttributor` (TRAK, one model)", method_dattri_trak),
+    "dattri_dvemb": (
+        "dattri 0.3 `DVEmbAttributor` (data value embeddings as dattri computes them: every parameter's per-sample "
+        f"gradient projected to {DATTRI_DVEMB_DIM}, SGD's recursion)",
+        method_dattri_dvemb,
+    ),
     "bergson_trackstar": (
         "Bergson 2.5 TrackStar (`bergson trackstar`, its defaults: projection 16, no optimizer state)",
         lambda bank, base: _bergson(bank, "trackstar", "--projection_dim", "16", "--precision", "fp32"),
