@@ -43,7 +43,12 @@ RESULTS_VERSION = 1
 #: Working files of a running computation (removed when it finishes).
 SCRATCH_DIR = "scratch"
 _INDEX = ("row_step", "example_index", "epoch")
-DEFAULT_BLOCK_ROWS = 256
+
+
+def default_block_rows(width: int) -> int:
+    """Rows per chunk for a recursion whose widest block is ``width``: 128 up to 2048, 512 beyond (BENCHMARKS.md
+    "Engine speed" sweeps 64 to 512 rows: 128 ran fastest at d = 256 and 1024, 512 at d = 4096)."""
+    return 128 if width <= 2048 else 512
 
 
 @dataclass(frozen=True)
@@ -59,10 +64,9 @@ class ComputeArguments:
             +0.1 Spearman against exact retraining, at ``(4 D^2)`` flops per row for ``D`` in total).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         accumulate_dtype: ``"float32"`` or ``"float64"`` for ``M`` and the recursion.
-        block_rows: curvature rows processed together (whole steps; capped by memory). ``None`` means
-            256: the blocked recursion does about ``4 d^2 + 2 n d`` flops per row, so large chunks add
-            Gram and solve work, while tiny ones run many small, slow products; 128 to 256 rows ran fastest
-            for d = 256 to 1024 on the benchmark machine (BENCHMARKS.md).
+        block_rows: curvature rows processed together (whole steps; capped by memory). ``None`` follows the
+            recursion's width (:func:`default_block_rows`): the blocked recursion does about ``4 d^2 + 2 n d`` flops
+            per row, so large chunks add Gram and solve work, while tiny ones run many small, slow products.
         top_k: helpful and harmful examples kept per query and per query set.
         query_sets: names to score, or ``None`` for all query sets of the log.
         save_embeddings: write every occurrence's embedding to ``embeddings.npy``.
@@ -598,14 +602,16 @@ def make_embedder(
 ) -> Embedder:
     """The embedder of a computation with these options (``mode`` and ``propagation`` resolved)."""
     total_dim = sum(layer.dim for layer in log.layers)
+    blocks = resolve_blocks(args.blocks, log, total_dim)
+    width = total_dim if blocks == "full" else max((layer.dim for layer in log.layers), default=1)
     return Embedder(
         log,
         mode=mode,
         propagation=propagation,
-        blocks=resolve_blocks(args.blocks, log, total_dim),
+        blocks=blocks,
         dtype=torch.float64 if args.accumulate_dtype == "float64" else torch.float32,
         device=_device(args),
-        block_rows=args.block_rows or DEFAULT_BLOCK_ROWS,
+        block_rows=args.block_rows or default_block_rows(width),
         second_moment=args.second_moment,
         projected_preconditioner=args.projected_preconditioner,
         seeded=seeded,
