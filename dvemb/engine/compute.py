@@ -27,7 +27,7 @@ from dvemb import logformat as fmt
 from dvemb.atomic import replacing
 from dvemb.engine.approximations import approximations, tracked_share
 from dvemb.engine.arrays import open_array, save_safetensors
-from dvemb.engine.embedder import AUTO_FULL_MAX_DIM, Embedder, resolve_blocks
+from dvemb.engine.embedder import AUTO_FULL_MAX_DIM, Embedder, non_finite, resolve_blocks
 from dvemb.engine.phases import find_phases
 from dvemb.engine.query_sets import checkpoint_series, final_query_sets
 from dvemb.engine.removal import REMOVALS, centre_steps, resolve_removal
@@ -436,10 +436,13 @@ class _Run:
         self.step_lr[shard.steps], self.step_batch[shard.steps] = shard.lr[:, 0], shard.batch_size.double()
         self.step_loss[shard.steps] = shard.loss
         for s0, s1, r0, r1 in self.embedder.chunks(shard):
-            embedding = self.embedder.embed(shard, s0, s1, r0, r1)[0]  # (n, D), "weight" removal
+            # With query sets the scores are checked, not the embeddings (non-finite either way, 100x fewer numbers).
+            embedding = self.embedder.embed(shard, s0, s1, r0, r1, check_finite=not self.scorers)[0]  # (n, D)
             rows = slice(row_offset + r0, row_offset + r1)
             for scorer in self.scorers.values():
                 scores = (embedding @ scorer.matrix.T).double().cpu()  # (n, Q): positive = the example helped
+                if not bool(torch.isfinite(scores).all()):
+                    raise non_finite(int(shard.steps[s0]), int(shard.steps[s1 - 1]))
                 self._score_rows(
                     scorer, scores, torch.arange(rows.start, rows.stop), shard.row_step[r0:r1], shard.steps[s0:s1]
                 )

@@ -65,6 +65,15 @@ def recursion_state(recursion: Recursion) -> dict[str, torch.Tensor]:
     return {"Mt": recursion.Mt, "log_scale": recursion.log_scale}
 
 
+def non_finite(first_step: int, last_step: int) -> NumericalError:
+    """The error of a non-finite embedding (or score) of steps ``first_step`` to ``last_step``."""
+    return NumericalError(
+        f"non-finite embedding at steps {first_step} to {last_step}: the learning rate may be too "
+        "large for the curvature (the product of (I - lr H) factors overflows), or float16 storage overflowed; "
+        "try accumulate_dtype='float64' or re-record with a smaller learning rate or dtype='float32'"
+    )
+
+
 def resolve_blocks(requested: str, log: GradientLog, total_dim: int) -> str:
     """The block structure of ``M`` that a computation uses: ``requested`` unless it is ``"auto"``.
 
@@ -222,8 +231,12 @@ class Embedder:
         widest = max(len(g.layers) for g in self.groups)
         return max(1, min(self.block_rows, int((2**30 / (8 * widest)) ** 0.5)))
 
-    def embed(self, shard: ShardData, s0: int, s1: int, r0: int, r1: int) -> torch.Tensor:
+    def embed(self, shard: ShardData, s0: int, s1: int, r0: int, r1: int, *, check_finite: bool = True) -> torch.Tensor:
         """Embeddings of the rows ``r0:r1`` (steps ``s0:s1`` of the shard, later than any seen before).
+
+        ``check_finite``: raise :class:`NumericalError` on a non-finite embedding; a caller that scores every
+        embedding checks the scores instead (a non-finite coordinate makes every score non-finite, and the scores
+        are about a hundred times fewer numbers).
 
         Returns:
             (seeds, n, D) embeddings, D the concatenated projected dimension (seeds is 1 unless seeded).
@@ -261,12 +274,8 @@ class Embedder:
                 else:
                     for position, layer in enumerate(group.layers):
                         embedding[seed, :, self.offsets[layer] : self.offsets[layer + 1]] = out[position]
-        if not bool(torch.isfinite(embedding).all()):
-            raise NumericalError(
-                f"non-finite embedding at steps {int(steps[0])} to {int(steps[-1])}: the learning rate may be too "
-                "large for the curvature (the product of (I - lr H) factors overflows), or float16 storage overflowed; "
-                "try accumulate_dtype='float64' or re-record with a smaller learning rate or dtype='float32'"
-            )
+        if check_finite and not bool(torch.isfinite(embedding).all()):
+            raise non_finite(int(steps[0]), int(steps[-1]))
         return embedding
 
     def _group_view(self, embedding: torch.Tensor, group: Group) -> torch.Tensor | None:

@@ -339,16 +339,21 @@ def test_engine_errors(tmp_path: Path) -> None:
         ComputeArguments(second_moment_lifted="on")  # type: ignore[arg-type]
 
 
-def test_divergent_learning_rate_stops_with_the_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("queries", [False, True], ids=["embeddings-checked", "scores-checked"])
+def test_divergent_learning_rate_stops_with_the_step(tmp_path: Path, queries: bool) -> None:
+    """Without query sets the embeddings are checked; with them, the scores (every score of a non-finite embedding
+    is non-finite): either way the computation stops naming the steps."""
     model = mlp()
     rec = dvemb.Recorder(model, tmp_path / "log", proj_dim=None, loss_reduction="sum")
     x = torch.randn(8, 6) * 30
     for step in range(40):
         with rec.step([step], lr=1e6):  # recorded rate far beyond the curvature's stability limit
             F.cross_entropy(model(x[step % 8 : step % 8 + 1]), torch.tensor([step % 3]), reduction="sum").backward()
+    if queries:
+        rec.record_queries("val", [(x[:4], torch.tensor([0, 1, 2, 0]))])
     rec.close()
     with pytest.raises(dvemb.NumericalError, match="non-finite embedding at steps"):
-        compute(tmp_path / "log", tmp_path / "out")
+        compute(tmp_path / "log", tmp_path / "out", ComputeArguments(save_embeddings=False))
 
 
 def test_results_reader(tmp_path: Path) -> None:
