@@ -845,9 +845,12 @@ class Recorder:
                 "steps": len(self._held),
             },
         }
-        for entry, adapter in zip(self._writer.manifest["layers"], self.layers, strict=True):
-            entry["basis"] = "calibrated" if adapter.projection.calibrated else "seeded"
-            entry["k_out"], entry["k_in"] = adapter.projection.k_out, adapter.projection.k_in
+        self._writer.build.fit_bases(
+            [
+                ("calibrated" if a.projection.calibrated else "seeded", a.projection.k_out, a.projection.k_in)
+                for a in self.layers
+            ]
+        )
         self._writer.write_projection(tensors, info)
         self._projection_fixed = True
 
@@ -862,14 +865,14 @@ class Recorder:
             )
         except ValueError as exc:
             raise ConfigError(f"{exc}; pass the optimizer that trains the model") from None
-        if self._writer.manifest["optimizer"] is None:
+        if self._writer.build.optimizer is None:
             entry = describe_optimizer(self._optimizer)
             self._resolve_samples(self._optimizer.propagation)
+            carriers = None
             if self._optimizer.propagation in ("adam", "adamw"):
                 entry["second_moment_rank"] = self.second_moment_rank
-                for layer, tracked in zip(self._writer.manifest["layers"], self._optimizer.tracked, strict=True):
-                    layer["second_moment"] = _second_moment_carrier(tracked, self.second_moment_rank)
-            self._writer.manifest["optimizer"] = entry
+                carriers = [_second_moment_carrier(t, self.second_moment_rank) for t in self._optimizer.tracked]
+            self._writer.build.describe_optimizer(entry, carriers)
 
     def _resolve_samples(self, propagation: str | None) -> None:
         """``curvature_samples="auto"``: one row under Adam and AdamW with cross-entropy (written to the
@@ -879,7 +882,7 @@ class Recorder:
         self._samples_auto = False
         if propagation in ("adam", "adamw"):
             self.curvature_samples = ADAM_CURVATURE_SAMPLES
-            self._writer.manifest["curvature"]["samples"] = ADAM_CURVATURE_SAMPLES
+            self._writer.build.set_curvature_samples(ADAM_CURVATURE_SAMPLES)
 
     def _begin(self, mode: str) -> None:
         self._mode = mode
@@ -980,7 +983,7 @@ class Recorder:
         self._iteration += 1
         if loss_scale is not None and self._optimizer is not None and not self._optimizer.stepped():
             # The scaler found inf/NaN and skipped optimizer.step(): no update happened, nothing to attribute.
-            self._writer.manifest.setdefault("skipped_steps", []).append(self._iteration - 1)
+            self._writer.build.skip_step(self._iteration - 1)
             self._optimizer.take_step_values(require_step=False)
             return
         pairs = list(zip(self.adapters, self._slots, strict=True))
@@ -1013,14 +1016,15 @@ class Recorder:
             optimizer_state = self._optimizer_tensors(state)
         else:
             lrs, decays = [float(lr or 0.0)] * len(self.layers), [0.0] * len(self.layers)
-        if ggn and self._writer.manifest["curvature"]["rows_per_example"] is None:
-            entry = self._writer.manifest["curvature"]
+        if ggn and not self._writer.build.curvature_described:
             held_rows = [layer.curvature[0] for layer in held.values() if layer.curvature]
-            some_rows = next(iter(curvature.values())) if curvature else held_rows[0]
-            entry["rows_per_example"] = int(some_rows.shape[1])
-            entry["estimator"] = _estimator(self.curvature_loss, self.curvature_samples, entry["rows_per_example"])
-            entry["source"] = "+".join(sorted(self._curvature_sources))
-            entry["loss"] = self.curvature_loss if "output" in self._curvature_sources else "cross_entropy"
+            per_example = int((next(iter(curvature.values())) if curvature else held_rows[0]).shape[1])
+            self._writer.build.describe_curvature_rows(
+                rows_per_example=per_example,
+                estimator=_estimator(self.curvature_loss, self.curvature_samples, per_example),
+                sources=sorted(self._curvature_sources),
+                loss=self.curvature_loss if "output" in self._curvature_sources else "cross_entropy",
+            )
         record = StepRecord(self._step, ids, lrs, decays, self._loss, grads, curvature, optimizer_state)
         if held:
             self._held.append(HeldStep(record, held))
@@ -1262,7 +1266,7 @@ class Recorder:
         self._release_held()
         updates: dict[str, Any] = {"num_steps": self._step}
         if self._optimizer is not None:
-            optimizer_entry = dict(self._writer.manifest["optimizer"] or {})
+            optimizer_entry = self._writer.build.optimizer or {}
             optimizer_entry["final_state"] = self._optimizer.state_summary()
             updates["optimizer"] = optimizer_entry
             self._optimizer.remove()

@@ -30,6 +30,7 @@ from dvemb import formats
 from dvemb import logformat as fmt
 from dvemb.errors import ConfigError
 from dvemb.formats import index_line, index_name
+from dvemb.formats.manifest_builder import ManifestBuilder
 
 __all__ = ["LogWriter", "StepRecord", "sha256_file", "write_json_atomic"]
 
@@ -142,6 +143,8 @@ class LogWriter:
             "query_sets": [],
             "example_files": [],
         }
+        #: The run-level fields a recorder describes while recording (dvemb.formats.manifest_builder).
+        self.build = ManifestBuilder(self.manifest)
         self._index_path = self.directory / index_name(rank)
         self._index_bytes = 0  # bytes of complete records in the index
         self._num_shards = 0  # shards listed in the index (touched by the background thread only)
