@@ -274,7 +274,7 @@ class Recorder:
 
     def _make_adapters(self, layers: Sequence[str] | str | None, proj_dim: Any) -> tuple[list[LayerAdapter], list[int]]:
         """The adapters of the recorded modules, and for each the index of the adapter that owns its weight."""
-        named = [(n, m) for n, m in self.model.named_modules() if n]
+        named = [(n, m) for n, m in _uncompiled(self.model).named_modules() if n]
         chosen = _chosen_modules(named, layers)
         for name, module in chosen:
             if adapter_type(module) is None:
@@ -646,7 +646,7 @@ class Recorder:
         """Modules holding trainable parameters that are not recorded: ``(name, type, parameters)``, largest first."""
         recorded = {id(a.module) for a in self.adapters}
         found = []
-        for name, module in self.model.named_modules():
+        for name, module in _uncompiled(self.model).named_modules():
             count = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
             if count and id(module) not in recorded:
                 found.append((name or "(the model itself)", type(module).__name__, count))
@@ -658,7 +658,7 @@ class Recorder:
             return
         largest = self.untracked_modules()[:3]
         named = ", ".join(f"{name} ({kind}, {count:,} parameters)" for name, kind, count in largest)
-        modules = dict(self.model.named_modules())
+        modules = dict(_uncompiled(self.model).named_modules())
         supported = [name for name, _, _ in largest if name in modules and adapter_type(modules[name]) is not None]
         fix = (
             f"layers='all' (or layers=[...] naming {supported[0]!r}) records the supported ones"
@@ -1359,6 +1359,13 @@ def _tracked(adapter: LayerAdapter) -> TrackedParameters:
         whole=adapter.projection.is_identity,
         transpose=adapter.kind == "conv1d",
     )
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its layers' names without the ``_orig_mod.`` prefix, as the user knows
+    them), or ``model`` itself. Hooks on the wrapped modules run in the compiled model (tested)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
 
 
 def _chosen_modules(

@@ -259,3 +259,33 @@ def test_an_example_twice_in_one_step_is_refused_before_the_step_runs(log_dir: P
         optimizer.zero_grad()
     rec.close()
     assert dvemb.open_log(log_dir).num_steps == 1
+
+
+# dynamo itself reads .grad of a non-leaf tensor while tracing a Linear around the hooks' graph breaks (a warning that
+# this suite turns into an error; torch's own, not dvemb's).
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_a_compiled_model_records_as_the_model_it_compiled(tmp_path: Path) -> None:
+    """``torch.compile(model)``: the layers keep the names the user knows (no ``_orig_mod.`` prefix) and the log's
+    gradient and Gauss-Newton rows equal the uncompiled model's, bit for bit (dynamo's eager backend: the wrapper
+    and its guards, without a C++ build)."""
+
+    def record(compiled: bool) -> dvemb.ShardData:
+        torch.manual_seed(0)
+        model = mlp()
+        trained = torch.compile(model, backend="eager") if compiled else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(8, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+        rec = dvemb.Recorder(trained, tmp_path / ("compiled" if compiled else "plain"), proj_dim=None)
+        for step in range(3):
+            with rec.step(list(range(8 * step, 8 * step + 8)), optimizer):
+                F.cross_entropy(trained(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        rec.close()
+        return next(dvemb.open_log(tmp_path / ("compiled" if compiled else "plain")).iter_shards())
+
+    plain, compiled = record(False), record(True)
+    assert list(compiled.grads) == list(plain.grads) and not any("_orig_mod" in name for name in compiled.grads)
+    for name in plain.grads:
+        assert torch.equal(compiled.grads[name], plain.grads[name])
+        assert torch.equal(compiled.curvature[name], plain.curvature[name])
