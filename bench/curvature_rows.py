@@ -2,7 +2,7 @@
 
 The recorder builds the curvature ``M`` from per-example rows at the model's output: for a classifier of at most
 32 classes every class's row by default (``curvature_samples=None``), else ``curvature_samples`` rows: the most
-probable classes' rows and one random-sign combination of the others' (an unbiased, noisier estimate,
+probable classes' rows and one of a label drawn from the others (an unbiased, noisier estimate,
 dvemb/curvature.py). Next to it, as many labels sampled from the model's prediction (``(p - e_y) / sqrt(n)``,
 ``y ~ p``), the recorder's estimator before this one, put back in this process only (``--no-labels`` skips it). On the digits MLP of :mod:`bench.default_fidelity`
 (10 classes; SGD at a constant rate, SGD with momentum 0.9, Adam), 3 seeds, the no-options recorder with each
@@ -51,7 +51,7 @@ def _label(samples: int | None, estimator: str = ESTIMATOR) -> str:
         return "every class (10 rows)"
     if estimator == LABELS:
         return f"{samples} sampled label{'s' if samples > 1 else ''} (the estimator before)"
-    return f"{samples} row{'s' if samples > 1 else ''} (top classes + signs)"
+    return f"{samples} row{'s' if samples > 1 else ''} (top classes + one label)"
 
 
 def _recording(log_dir: Path, samples: int | None) -> fid.RecordingFactory:
@@ -138,8 +138,8 @@ def section(results: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> s
         f"({meta['steps']} steps of {meta['batch']}, 10 classes), {meta['seeds']} seed(s), {meta['pairs']} sampled "
         "occurrences against exact leave-one-out; `dvemb.Recorder(model, log_dir, curvature_samples=...)` with "
         "nothing else (Gauss-Newton rows found at the output, bases fitted by the recorder), computed with the "
-        "engine's defaults. Rows: every class's, or the most probable classes' rows and one random-sign "
-        "combination of the others' (the recorder's estimator), or as many labels sampled from the model's "
+        "engine's defaults. Rows: every class's, or the most probable classes' rows and one of a label drawn "
+        "from the others (the recorder's estimator; with one row, a label sampled from the prediction), or as many labels sampled from the model's "
         "prediction (its estimator before, put back in the benchmark's process). Spearman: mean over test points, mean [min, max] over seeds. Cost: CPU time of the "
         "whole recorded training (the recorder's writer thread included) over the same training unrecorded, "
         f"median of {REPEATS} interleaved repetitions, mean over seeds (this MLP's step is under a millisecond, "

@@ -6,15 +6,15 @@ the loss with label ``c``. Back-propagating the rows below through the network t
 factors ``f`` of the Gauss-Newton matrix, ``GGN = sum f f^T``:
 
 - all classes (classification logits (B, C) with few classes): ``sqrt(p_c) (p - e_c)`` for every c;
-- ``n`` rows (any logits): the ``n - 1`` most probable classes' rows exactly, and one random-sign combination of
-  the others' rows, ``sum_{c not kept} s_c sqrt(p_c) (p - e_c)`` with independent signs ``s_c = +-1``, whose
-  expected outer product is their sum: an unbiased estimate ``E[sum f f^T] = GGN`` (:data:`ESTIMATOR`). Its
-  noise is only that of the least probable classes, where most of the probability sits on a few; against as many
-  labels sampled from ``p`` (``(p - e_y) / sqrt(n)``, ``y ~ p``: the estimator before this one, in logs without
-  ``curvature.estimator``) BENCHMARKS.md "Curvature rows: fidelity against cost" measures both. For sequence
-  logits (B, L, V) every position gets its own classes and signs,
-  and every kept class's row a random sign of its own at every position: an example's factor sums its positions'
-  rows, and the products of two positions' rows vanish only in expectation.
+- ``n`` rows (any logits): the ``n - 1`` most probable classes' rows exactly, and one row for all the others, a
+  label ``y`` drawn from them (``P(y) = p_y / m``, ``m`` their total probability) as ``sqrt(m) (p - e_y)``, whose
+  expected outer product is their sum: an unbiased estimate ``E[sum f f^T] = GGN`` (:data:`ESTIMATOR`). With one
+  row it is the label sampled from the prediction, ``(p - e_y)``, ``y ~ p``; with more, its noise is only that of
+  the least probable classes, where most of the probability sits on a few (BENCHMARKS.md "Curvature rows:
+  fidelity against cost" measures it next to as many sampled labels, ``(p - e_y) / sqrt(n)``, the estimator
+  before this one, in logs without ``curvature.estimator``). For sequence logits (B, L, V) every position gets its
+  own classes and label, and, once classes are kept, every row a random sign of its own at every position: an
+  example's factor sums its positions' rows, and the products of two positions' rows must vanish in expectation.
 
 A loss that weights its positions (``c`` per position: ``1/L`` for a per-example mean over positions, the
 loss's own weights when they are read off its gradient, :mod:`dvemb.output_curvature`) has Hessian
@@ -32,7 +32,7 @@ __all__ = ["ALL_CLASSES_UP_TO", "ESTIMATOR", "cross_entropy_factor_rows", "logit
 #: Classes up to which every class of (B, C) logits gets its own row (the exact GGN); one sample beyond.
 ALL_CLASSES_UP_TO = 32
 #: The manifest's name of the estimator of sampled rows (``curvature.estimator``): see the module docstring.
-ESTIMATOR = "top-classes+signs"
+ESTIMATOR = "top-classes+label"
 
 
 def rows_per_example(samples: int | None, logits: torch.Tensor) -> int | None:
@@ -51,15 +51,15 @@ def cross_entropy_factor_rows(
     Args:
         logits: (B, [L,] V) logits.
         weights: (B, [L]) weight ``c >= 0`` of every position in the loss.
-        samples: rows per position (the most probable classes and a random-sign combination of the others), or
-            None for one row per class (2-D logits only).
-        generator: random generator for the signs (same device as ``logits``).
+        samples: rows per position (the most probable classes, and one label drawn from the others), or None
+            for one row per class (2-D logits only).
+        generator: random generator for the labels and signs (same device as ``logits``).
 
     Returns:
         (R, *logits.shape) rows in the logits' dtype: ``sqrt(c p_k) (p - e_k)`` for every class k (R = C), or
         ``s_k sqrt(c p_k) (p - e_k)`` for the ``R - 1`` most probable classes k of each position and then
-        ``sqrt(c) sum_j s_j sqrt(p_j) (p - e_j)`` over its other classes j, random signs ``s`` (R = min(``samples``,
-        V)).
+        ``s sqrt(c m) (p - e_y)`` with ``y`` drawn from its other classes, random signs ``s`` once classes are kept
+        (R = min(``samples``, V)).
     """
     z = logits.detach()
     work = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -78,14 +78,16 @@ def cross_entropy_factor_rows(
     exact = flat.gather(-1, top).T.sqrt().unsqueeze(-1) * (
         flat.unsqueeze(0) - torch.nn.functional.one_hot(top.T, classes).to(work)
     )  # (k, N, V): sqrt(p_k) (p - e_k)
-    signs = torch.randint(0, 2, (kept + 1, *flat.shape), generator=generator, device=z.device).to(work) * 2 - 1
-    others = torch.ones_like(flat).scatter_(-1, top, 0.0)  # (N, V): 1 for the classes not kept
-    weighted = signs[-1] * flat.sqrt() * others  # s_j sqrt(p_j)
-    rest = flat * weighted.sum(-1, keepdim=True) - weighted  # (N, V): sum_j s_j sqrt(p_j) (p - e_j)
-    # A kept class's row gets a random sign of its own at every position: an example's factor sums its positions'
-    # rows, and only independent signs make the products of two positions' rows vanish in expectation.
-    exact = exact * signs[:kept, :, :1]
-    rows = torch.cat([exact, rest.unsqueeze(0)]).reshape(kept + 1, *probs.shape)
+    rest = flat.scatter(-1, top, 0.0)  # (N, V): the probabilities of the classes not kept
+    mass = rest.sum(-1, keepdim=True)  # (N, 1)
+    drawn = torch.multinomial(rest + (mass <= 0).to(work), 1, generator=generator)  # (N, 1): y ~ rest / mass
+    other = mass.sqrt() * (flat - torch.nn.functional.one_hot(drawn[:, 0], classes).to(work))  # (N, V)
+    if kept:
+        # An example's factor sums its positions' rows: random signs make the products of two positions' rows
+        # vanish in expectation (a kept class's row is not random, the rest's is not zero-mean once classes are kept).
+        signs = torch.randint(0, 2, (kept + 1, flat.shape[0], 1), generator=generator, device=z.device).to(work) * 2 - 1
+        exact, other = exact * signs[:kept], other * signs[kept]
+    rows = torch.cat([exact, other.unsqueeze(0)]).reshape(kept + 1, *probs.shape)
     return (rows * root.unsqueeze(0)).to(z.dtype)
 
 

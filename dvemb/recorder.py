@@ -145,8 +145,8 @@ class Recorder:
             found automatically during ``loss.backward()``, or given with :meth:`curvature`) or
             ``"empirical"`` (the paper: curvature from the gradients themselves; less faithful,
             BENCHMARKS.md, and no extra backward work).
-        curvature_samples: rows per example in ggn mode (the most probable classes' rows, then one random-sign
-            combination of the others', an unbiased estimate: dvemb.curvature). ``"auto"`` (default): one under Adam and
+        curvature_samples: rows per example in ggn mode (the most probable classes' rows, then one of a label
+            drawn from the others, an unbiased estimate: dvemb.curvature). ``"auto"`` (default): one under Adam and
             AdamW with softmax cross-entropy (it cost no fidelity there and a third of the recording:
             BENCHMARKS.md "Curvature rows: fidelity against cost"), else as ``None``: all classes for (B, C)
             logits with at most 32 classes (sampling cost plain SGD 0.13-0.35 Spearman on the digits MLP) and

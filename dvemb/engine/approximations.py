@@ -14,7 +14,7 @@ retraining first. The kinds (stable keys; BENCHMARKS.md measures each):
 - ``untracked-parameters``: under 80% of the trainable parameters are tracked (``tracked_parameters /
   total_parameters``); influence through the others is not counted.
 - ``curvature-sampled``: Gauss-Newton factors from fewer rows than classes (the most probable classes and a
-  random-sign combination of the others; sampled labels in logs before it), not every class.
+  label drawn from the others; labels sampled from the prediction in logs before it), not every class.
 - ``second-moment-dropped``: under Adam or AdamW, how removing an example changes the second moment is not
   modelled (in projected layers whose log does not carry it: over ``LIFTED_SECOND_MOMENT_MAX`` coordinates
   without the recorder's singular pairs, or in a segmented computation; anywhere with ``second_moment=False``).
@@ -202,9 +202,9 @@ def _sampled(curvature: str, manifest: Mapping[str, Any]) -> Approximation | Non
         return Approximation(
             "curvature-sampled",
             f"{samples} curvature row{'s' if samples > 1 else ''} per example instead of every class",
-            f"The Gauss-Newton curvature uses {kept}one random-sign combination of the "
-            f"{'other ' if samples > 1 else ''}classes' rows per example instead of every class's row, an unbiased "
-            f"but noisy estimate: {fix}",
+            f"The Gauss-Newton curvature uses {kept}one row of a label drawn from the "
+            f"{'other ' if samples > 1 else ''}classes (by the model's own prediction) per example instead of every "
+            f"class's row, an unbiased but noisy estimate: {fix}",
         )
     if mse:
         what, instead = ("random direction" if samples == 1 else "random directions"), "every output"

@@ -83,10 +83,10 @@ def test_sampled_rows_through_the_recorder_are_unbiased_for_sequences(log_dir: P
 
 @pytest.mark.parametrize("samples", [1, 2, 3, 5])
 def test_fewer_rows_are_an_unbiased_estimate(samples: int) -> None:
-    """The most probable classes and a random-sign combination of the others: the mean over draws of sum f f^T,
-    f an example's rows over all its positions, converges to the block-diagonal c_t (diag p_t - p_t p_t^T)
-    (Monte Carlo error about 1/sqrt(draws); dropping a class, a sign row without its sqrt(p), or kept rows
-    without signs of their own, whose products between positions stay, are off by more than 10%)."""
+    """The most probable classes and one label drawn from the others: the mean over draws of sum f f^T, f an
+    example's rows over all its positions, converges to the block-diagonal c_t (diag p_t - p_t p_t^T) (Monte Carlo
+    error about 1/sqrt(draws); dropping a class, the rest's row without its sqrt(m), or rows without signs of their
+    own once classes are kept, whose products between positions stay, are off by more than 10%)."""
     torch.manual_seed(0)
     batch, positions, vocab = 3, 2, 5
     logits = torch.randn(batch, positions, vocab, dtype=torch.float64) * 2
