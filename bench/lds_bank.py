@@ -334,7 +334,8 @@ def train(
     collate = skipping_collator(removed)
 
     def collate_and_note(features: list[dict[str, Any]]) -> dict[str, Any]:
-        batches.append([int(f["bank_index"]) for f in features if f.get("bank_index") not in removed])
+        if before_step is not None and all("bank_index" in f for f in features):  # training batches, not queries
+            batches.append([int(f["bank_index"]) for f in features if f["bank_index"] not in removed])
         return collate(features)
 
     class Epochs(TrainerCallback):
