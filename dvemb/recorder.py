@@ -501,10 +501,15 @@ class Recorder:
         """Computes the slot's curvature rows from the loss's gradient at the logits (explicit rows win)."""
         if self._mode != "train" or all(s.curvature[i] is not None for s, i in zip(self._slots, slot_of, strict=True)):
             return
+        # From a cast's source the gradient may live on another device (a model-parallel run's output moved to the
+        # first device): the rows are made where they are back-propagated from.
+        logits = logits.to(grad.device)
         weights = None
         if self.curvature_loss == "cross_entropy":
             weights, misfit = cross_entropy_weights(logits, grad)
-            if misfit > tolerance_for(logits.dtype):
+            # The looser of the two dtypes' tolerances: from a cast's source the gradient is bfloat16 or float16 while
+            # the logits seen are their float32 copy (rounding the gradient alone misfits by about 1e-3).
+            if misfit > max(tolerance_for(logits.dtype), tolerance_for(grad.dtype)):
                 self._curvature_problem = (
                     "the gradient that reached the model's output is not softmax cross-entropy's c (p - onehot) "
                     f"(relative misfit {misfit:.2g}; label smoothing, a loss on another tensor, or another loss)"

@@ -105,10 +105,12 @@ def compute_segmented_job(
             time.sleep(_POLL_SECONDS)  # every unfinished segment is running elsewhere
     _fetch_segments(job, plan)
     summary = combine_segments(job.log, job.out, job.args, plan)
-    job.storage.delete_prefix(results_key(job.run_id, job.job_id, SEGMENTS_DIR))
+    # The rows first: a worker killed between the two leaves files that a retry's new plan overwrites, never rows
+    # marked done whose files are gone.
     with session_factory()() as session:
         session.execute(delete(JobSegment).where(JobSegment.job_id == job.job_id))
         session.commit()
+    job.storage.delete_prefix(results_key(job.run_id, job.job_id, SEGMENTS_DIR))
     return summary
 
 
@@ -126,9 +128,7 @@ def run_segment_task(job: SegmentedJob, index: int) -> None:
     plan = stored_plan(job)
     if plan is None or index >= plan.num_segments:
         return  # the job finished (its segments are removed once combined), was cancelled, or is re-planning
-    if _run_claimed(job, plan, index) and not job.storage.workdir_is_shared:
-        for name in segment_file_names(index):  # in the storage now: this machine's copy is no longer needed
-            job.local(name).unlink(missing_ok=True)
+    _run_claimed(job, plan, index, keep_local=job.storage.workdir_is_shared)
 
 
 def _process() -> str:
@@ -161,8 +161,11 @@ def _unfinished(job_id: int) -> list[int]:
         )
 
 
-def _run_claimed(job: SegmentedJob, plan: SegmentPlan, index: int) -> bool:
-    """Run segment ``index`` if nobody else holds it and it is not done; True when this call ran it."""
+def _run_claimed(job: SegmentedJob, plan: SegmentPlan, index: int, *, keep_local: bool = True) -> bool:
+    """Run segment ``index`` if nobody else holds it and it is not done; True when this call ran it.
+    ``keep_local``: False for a helper on a bucket, whose copies go once they are in the storage, before the segment
+    is marked done (a job's task on the same machine, seeing it done, then fetches it rather than finding files
+    that are about to go)."""
     factory = session_factory()
     with factory() as session:
         row = session.scalars(
@@ -187,6 +190,9 @@ def _run_claimed(job: SegmentedJob, plan: SegmentPlan, index: int) -> bool:
         run_segment(job.log, job.out, job.args, plan, index)
         for name in segment_file_names(index):  # the done marker (the .safetensors) last
             job.storage.put_file(job.key(name), job.local(name))
+        if not keep_local:
+            for name in segment_file_names(index):
+                job.local(name).unlink(missing_ok=True)
     with factory() as session:
         row = session.get(JobSegment, row_id)
         if row is not None:  # a worker that took the segment over meanwhile marks it done itself

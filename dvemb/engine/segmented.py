@@ -70,6 +70,9 @@ __all__ = [
 ]
 
 SEGMENTS_DIR = "segments"
+#: In every plan's fingerprint: segment files of another layout (before each segment had its own local embeddings
+#: and ``local_row_base``) are not taken for finished ones.
+SEGMENT_FORMAT = "segments-v2"
 PLAN_FILE = "plan.json"
 #: Value dynamics groups training occurrences by the tenth of training they were used in.
 DYNAMICS_BUCKETS = 10
@@ -97,7 +100,7 @@ def _plan(log: GradientLog, args: ComputeArguments, segments: int) -> SegmentPla
     even = {round(i * steps / segments) for i in range(segments + 1)}
     checkpoints = {step for entries in checkpoint_series(log).values() for step, _ in entries}
     bounds = sorted({0, steps} | {b for b in even | checkpoints if 0 < b < steps})
-    payload = _fingerprint(log, args) + json.dumps(bounds)
+    payload = _fingerprint(log, args) + json.dumps(bounds) + SEGMENT_FORMAT
     return SegmentPlan(tuple(bounds), hashlib.sha256(payload.encode()).hexdigest())
 
 
