@@ -318,7 +318,7 @@ class Recorder:
             "world_size": self.world_size,
             "dvemb_version": __version__,
             "torch_version": torch.__version__,
-            "model": type(self.model).__name__,
+            "model": type(_uncompiled(self.model)).__name__,
             "loss_reduction": self.loss_reduction,
             "curvature": {
                 "mode": self.curvature_mode,

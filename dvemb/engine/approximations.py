@@ -197,6 +197,9 @@ def _sampled(curvature: str, manifest: Mapping[str, Any]) -> Approximation | Non
             return None
         samples = 1
     fix = "record with a larger curvature_samples (Recorder(curvature_samples=...)) to reduce the noise."
+    rows = _int(info.get("rows_per_example"), 0)
+    if not mse and info.get("estimator") == ESTIMATOR and 0 < rows < samples:
+        return None  # capped at the classes: every class's row is there (exact)
     if not mse and info.get("estimator") == ESTIMATOR:
         kept = "" if samples == 1 else f"the {samples - 1} most probable classes' rows and "
         return Approximation(

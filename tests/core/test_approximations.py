@@ -74,6 +74,8 @@ def test_empirical_curvature_is_listed_with_the_fix_the_log_allows() -> None:
         ({"mode": "ggn", "samples": None, "rows_per_example": 1, "loss": "mse"}, None),  # maybe one output: exact
         ({"mode": "ggn", "samples": None, "rows_per_example": None}, None),  # no step recorded
         ({"mode": "ggn"}, None),  # an older log
+        # As many rows asked as there are classes or more: capped at the classes, every class's row (exact).
+        ({"mode": "ggn", "samples": 50, "rows_per_example": 5, "estimator": "top-classes+label"}, None),
     ],
 )
 def test_sampled_curvature_labels_are_listed_with_their_count(curvature: dict[str, Any], expected: int | None) -> None:

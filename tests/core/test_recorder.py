@@ -285,6 +285,7 @@ def test_a_compiled_model_records_as_the_model_it_compiled(tmp_path: Path) -> No
         return next(dvemb.open_log(tmp_path / ("compiled" if compiled else "plain")).iter_shards())
 
     plain, compiled = record(False), record(True)
+    assert dvemb.open_log(tmp_path / "compiled").manifest["model"] == "Sequential"  # not dynamo's OptimizedModule
     assert list(compiled.grads) == list(plain.grads) and not any("_orig_mod" in name for name in compiled.grads)
     for name in plain.grads:
         assert torch.equal(compiled.grads[name], plain.grads[name])
