@@ -167,6 +167,13 @@ def test_a_single_process_log_still_ends_ready(api: Api, token: str, tmp_path: P
     for name in ("manifest.json", *sorted(p.name for p in log.iterdir() if p.name != "manifest.json")):
         if not name.startswith("."):
             assert _upload(api, run_id, log / name).status_code == 204, name
+    # Every file of one rank: the run becomes ready once each is judged. A file that arrived while the manifest was
+    # still being validated waits for it with a note ("settled" for _settled) and is judged right after, so wait for
+    # the verdicts themselves (a loaded machine took longer than that first look).
+    deadline = time.monotonic() + 60
     run = _settled(api, run_id)
+    while run["status"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        run = api.get(f"/runs/{run_id}").json()
     assert run["status"] == "ready" and run["missing_files"] == [], run
     assert json.loads((log / "manifest.json").read_text())["world_size"] == 1
