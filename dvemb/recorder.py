@@ -420,19 +420,9 @@ class Recorder:
         self, slot_of: list[int], output_grads: Sequence[torch.Tensor | None]
     ) -> list[torch.Tensor]:
         """(B, d) projected rows per layer from gradients with respect to the layers' outputs ((B, L, out_dim)
-        unprojected output gradients for a layer whose bases are not fitted yet)."""
-        rows = []
-        for index, grad in enumerate(output_grads):
-            slots, adapter = self._slots[index], self.adapters[index]
-            forward = slots.forward[slot_of[index]]
-            if self._deferred[index]:
-                shape = (forward.shape[0], forward.shape[1], adapter.projection.out_dim)
-                rows.append(forward.new_zeros(shape) if grad is None else adapter.raw_backward(grad))
-            elif grad is None:
-                rows.append(forward.new_zeros(forward.shape[0], adapter.projection.dim))
-            else:
-                rows.append(adapter.combine(forward, adapter.backward_factor(grad)))
-        return rows
+        unprojected output gradients for a layer whose bases are not fitted yet): :meth:`_curvature_rows` of one row."""
+        single = [None if grad is None else grad.unsqueeze(0) for grad in output_grads]
+        return [rows[:, 0] for rows in self._curvature_rows(slot_of, single, 1)]
 
     def _latest_outputs(self, what: str) -> tuple[list[int], list[GradientEdge]]:
         slot_of: list[int] = []
@@ -963,9 +953,9 @@ class Recorder:
     def _curvature_rows(
         self, slot_of: list[int], output_grads: Sequence[torch.Tensor | None], count: int
     ) -> list[torch.Tensor]:
-        """(B, R, d) projected curvature rows per layer from the R rows' gradients with respect to the layers'
-        outputs ((R, B, ...) each, None where a row does not reach the layer); (B, R, L, out_dim) unprojected
-        output gradients for a layer whose bases are not fitted yet."""
+        """(B, R, d) projected rows per layer (curvature rows, or with R = 1 a query's) from the R rows' gradients
+        with respect to the layers' outputs ((R, B, ...) each, None where a row does not reach the layer);
+        (B, R, L, out_dim) unprojected output gradients for a layer whose bases are not fitted yet."""
         found = []
         for index, grad in enumerate(output_grads):
             slots, adapter = self._slots[index], self.adapters[index]
