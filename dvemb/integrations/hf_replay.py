@@ -28,17 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
 from dvemb.errors import ConfigError
 from dvemb.integrations.huggingface import _collated, _Indexed, _unwrapped, inputs_and_labels
-from dvemb.layers import widened
 from dvemb.replay import ReplayArguments, load_initial, replay, schedule_from_log
+from dvemb.replay.bundle import write_bundle
 from dvemb.replay.files import Replay
+from dvemb.replay.losses import per_example_loss
 
-__all__ = ["mixed_precision", "replay_trainer", "trainer_loss"]
+__all__ = ["bundle_trainer", "mixed_precision", "replay_trainer", "token_count", "trainer_loss"]
 
 
 def trainer_loss(trainer: Trainer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -49,20 +49,15 @@ def trainer_loss(trainer: Trainer) -> Callable[[torch.Tensor, torch.Tensor], tor
     loss shifts them (``*ForCausalLM`` models), all labels otherwise (GPT-2 in transformers 5.25), and the model's
     own mean over its shifted tokens when the Trainer counts nothing (a model that takes no loss arguments). For
     (B, C) logits the cross-entropy."""
+    return per_example_loss("causal_lm", token_count(trainer))
+
+
+def token_count(trainer: Trainer) -> str:
+    """How ``trainer`` counts a causal LM's labels (``dvemb.replay.losses``): ``"shifted"`` for a model whose loss
+    shifts them or when it counts nothing (the model's own mean), ``"labels"`` otherwise."""
     counts = bool(getattr(trainer, "model_accepts_loss_kwargs", False)) or trainer.compute_loss_func is not None
     shifts = bool(getattr(trainer, "_loss_shifts_labels", False))
-
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not (logits.dim() == 3 and labels.dim() == 2):
-            return F.cross_entropy(widened(logits), labels, reduction="none")
-        shifted_logits, shifted = widened(logits[:, :-1]), labels[:, 1:]
-        per_token = F.cross_entropy(
-            shifted_logits.flatten(0, 1), shifted.flatten(), reduction="none", ignore_index=-100
-        ).view(shifted.shape)
-        counted = shifted if (shifts or not counts) else labels
-        return per_token.sum(1) / (counted != -100).sum(1).clamp_min(1).to(per_token.dtype)
-
-    return loss
+    return "shifted" if (shifts or not counts) else "labels"
 
 
 def replay_trainer(
@@ -94,24 +89,7 @@ def replay_trainer(
             default :func:`trainer_loss` of ``trainer``.
         work_dir: checkpoints of a resumable replay (:func:`dvemb.replay.replay`).
     """
-    dataset: Any = trainer.train_dataset
-    dataset = dataset.dataset if isinstance(dataset, _Indexed) else dataset
-    if dataset is None:
-        raise ConfigError("replay_trainer needs the Trainer's train_dataset")
-    if not isinstance(trainer.model, nn.Module):
-        raise ConfigError("replay_trainer needs the Trainer's model")
-    trained = _unwrapped(trainer.model)
-    model = copy.deepcopy(trained)
-    # Mixed precision: accelerate replaced the model's forward by one under its own autocast that returns float32
-    # copies; the replay applies the run's autocast itself (ReplayArguments.autocast), so the copy gets its class's.
-    model.__dict__.pop("forward", None)
-    model.__dict__.pop("_original_forward", None)
-    attention: Any = getattr(model, "set_attn_implementation", None)
-    if attention is not None:
-        attention("eager")  # torch's fused attention kernels have no double backward
-    model.train()
-    optimizer = _fresh_optimizer(trainer, trained, model)
-    load_initial(model, optimizer, initial_dir)
+    dataset, model, optimizer = _starting_point(trainer, initial_dir)
     collate = trainer._get_collator_with_removed_columns(trainer.data_collator, description="replay")
     per_example = loss_fn or trainer_loss(trainer)
     index_of = _index_of(dataset, id_column)
@@ -141,6 +119,77 @@ def replay_trainer(
         query_set=query_set,
         work_dir=work_dir,
     )
+
+
+def bundle_trainer(
+    trainer: Trainer,
+    initial_dir: str | Path,
+    path: str | Path,
+    *,
+    id_column: str | None = None,
+    query_set: str = "eval",
+    queries: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a replay bundle of a Trainer run recorded with ``record(trainer, log_dir, initial_dir=...)``, for the
+    service to replay (``dvemb.replay.bundle``; docs/replay.md, "In the service"): the kept starting point, every
+    training example collated by the Trainer's collator (they must collate to one shape: fixed-length chunks, or
+    padding to a fixed length), the evaluation set as the query set ``query_set``, and the Trainer's loss.
+
+    Args:
+        trainer: the Trainer that ran (after ``trainer.train()``; not modified).
+        initial_dir: where ``record(..., initial_dir=)`` kept the starting weights and optimizer state.
+        path: the bundle file (``<log>/replay-bundle.safetensors`` is uploaded with the log by ``dvemb upload``).
+        id_column: the ``id_column`` given to ``record`` (None: the log's ids are dataset indices).
+        query_set: the name of the query set (the results' query set it stands for: ``eval`` for the one-liner's).
+        queries: the query set's fields (``input_ids``, ``labels``...); default the Trainer's ``eval_dataset``.
+    """
+    dataset, model, optimizer = _starting_point(trainer, initial_dir)
+    collate = trainer._get_collator_with_removed_columns(trainer.data_collator, description="replay")
+    cpu = torch.device("cpu")
+    rows = [dataset[i] for i in range(len(dataset))]
+    if id_column is None:
+        ids: list[Any] = list(range(len(dataset)))
+    else:
+        ids = [r[id_column].item() if isinstance(r[id_column], torch.Tensor) else r[id_column] for r in rows]
+    examples = _batch(collate(rows), cpu)
+    if queries is None:
+        batches = list(_eval_batches(trainer, collate))
+        queries = {k: torch.cat([b[k].to(cpu) for b in batches]) for k in batches[0]}
+    return write_bundle(
+        path,
+        model=model,
+        optimizer=optimizer,
+        ids=ids,
+        examples=examples,
+        query_sets={query_set: queries},
+        loss="causal_lm",
+        token_count=token_count(trainer),
+        autocast=mixed_precision(trainer),
+    )
+
+
+def _starting_point(trainer: Trainer, initial_dir: str | Path) -> tuple[Any, nn.Module, torch.optim.Optimizer]:
+    """The Trainer's training set, and a copy of its model with an optimizer of its class, both as kept in
+    ``initial_dir`` (eager attention; the model's own forward, not accelerate's wrapper)."""
+    dataset: Any = trainer.train_dataset
+    dataset = dataset.dataset if isinstance(dataset, _Indexed) else dataset
+    if dataset is None:
+        raise ConfigError("replay_trainer needs the Trainer's train_dataset")
+    if not isinstance(trainer.model, nn.Module):
+        raise ConfigError("replay_trainer needs the Trainer's model")
+    trained = _unwrapped(trainer.model)
+    model = copy.deepcopy(trained)
+    # Mixed precision: accelerate replaced the model's forward by one under its own autocast that returns float32
+    # copies; the replay applies the run's autocast itself (ReplayArguments.autocast), so the copy gets its class's.
+    model.__dict__.pop("forward", None)
+    model.__dict__.pop("_original_forward", None)
+    attention: Any = getattr(model, "set_attn_implementation", None)
+    if attention is not None:
+        attention("eager")  # torch's fused attention kernels have no double backward
+    model.train()
+    optimizer = _fresh_optimizer(trainer, trained, model)
+    load_initial(model, optimizer, initial_dir)
+    return dataset, model, optimizer
 
 
 def mixed_precision(trainer: Trainer) -> str | None:

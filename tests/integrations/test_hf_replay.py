@@ -14,9 +14,10 @@ from hf_task import SourceChunks, arguments, tiny_gpt2
 from transformers import Trainer, default_data_collator
 
 import dvemb
-from dvemb.integrations.hf_replay import replay_trainer
+from dvemb.integrations.hf_replay import bundle_trainer, replay_trainer
 from dvemb.integrations.huggingface import causal_lm_loss, record
-from dvemb.replay import ReplayArguments
+from dvemb.replay import ReplayArguments, replay, schedule_from_log
+from dvemb.replay.bundle import BUNDLE_NAME, open_bundle
 
 
 def _trained(tmp_path: Path, bf16: bool = False, **record_options: object) -> Trainer:
@@ -118,3 +119,20 @@ def test_the_loss_counts_the_labels_as_the_trainer_does() -> None:
     for settings, counted in cases:
         got = trainer_loss(SimpleNamespace(**settings))(logits, labels)  # type: ignore[arg-type]
         torch.testing.assert_close(got, token_sums / counted, rtol=1e-12, atol=0)
+
+
+def test_a_trainer_runs_bundle_replays_as_replay_trainer_does(tmp_path: Path) -> None:
+    """The bundle the service replays (``bundle_trainer``): the model rebuilt from its config, the examples by id and
+    the Trainer's loss give replay_trainer's scores (to round-off) and its loss gap."""
+    trainer = _trained(tmp_path, initial_dir=tmp_path / "initial")
+    direct = replay_trainer(trainer, tmp_path / "log", tmp_path / "initial", id_column="id")
+    path = bundle_trainer(trainer, tmp_path / "initial", tmp_path / "log" / BUNDLE_NAME, id_column="id")
+    built = open_bundle(path)
+    assert type(built.model).__name__ == "GPT2LMHeadModel" and set(built.query_sets) == {"eval"}
+    assert built.model.lm_head.weight is built.model.transformer.wte.weight  # tied as the config says
+    rebuilt = replay(
+        built.model, built.optimizer, schedule_from_log(tmp_path / "log"), built.loss_fn, built.examples,
+        built.query_sets["eval"], ReplayArguments(), query_set="eval",
+    )  # fmt: skip
+    assert np.abs(rebuilt.scores - direct.scores).max() <= 1e-9 * np.abs(direct.scores).max()
+    assert rebuilt.summary["loss_gap"] < 3e-7
