@@ -31,10 +31,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.leases import requeue_expired, resend_overdue
-from server.db.models import Job, LogFile, OutboxTask
-from server.db.states import FileStatus, JobStatus
+from server.db.models import Job, LogFile, OutboxTask, ReplayJob
+from server.db.states import FileStatus, JobStatus, ReplayStatus
 from server.settings import get_settings
-from server.tasks import COMPUTE, VALIDATE_FILE, send_outboxed
+from server.tasks import COMPUTE, REPLAY, VALIDATE_FILE, send_outboxed
 
 __all__ = [
     "Reconciler",
@@ -42,6 +42,7 @@ __all__ = [
     "release_lost_worker",
     "requeue_expired_files",
     "requeue_expired_jobs",
+    "requeue_expired_replays",
     "resend_overdue_tasks",
     "send_due_tasks",
 ]
@@ -56,6 +57,15 @@ def requeue_expired_jobs(factory: sessionmaker[Session]) -> int:
     moved = requeue_expired(factory, Job, working=JobStatus.RUNNING, waiting=JobStatus.QUEUED, task=COMPUTE)
     for job_id in moved:
         logger.warning("job %s lost its worker (lease expired): queued again", job_id)
+    return len(moved)
+
+
+def requeue_expired_replays(factory: sessionmaker[Session]) -> int:
+    """Queue again every running replay whose lease has expired; its next worker resumes from the checkpoints the
+    last one left in storage (worker/replays.py). Returns how many."""
+    moved = requeue_expired(factory, ReplayJob, working=ReplayStatus.RUNNING, waiting=ReplayStatus.QUEUED, task=REPLAY)
+    for replay_id in moved:
+        logger.warning("replay %s lost its worker (lease expired): queued again", replay_id)
     return len(moved)
 
 
@@ -75,14 +85,15 @@ def release_lost_worker(factory: sessionmaker[Session]) -> int:
     Returns how many rows were queued again."""
     now = dt.datetime.now(dt.UTC)
     with factory() as session:
-        for model, working in ((Job, JobStatus.RUNNING), (LogFile, FileStatus.VALIDATING)):
+        lost = ((Job, JobStatus.RUNNING), (LogFile, FileStatus.VALIDATING), (ReplayJob, ReplayStatus.RUNNING))
+        for model, working in lost:
             session.execute(
                 update(model)
                 .where(model.status == working, model.lease_expires_at.is_not(None), model.lease_expires_at > now)
                 .values(lease_expires_at=now - dt.timedelta(microseconds=1))
             )
         session.commit()
-    return requeue_expired_jobs(factory) + requeue_expired_files(factory)
+    return requeue_expired_jobs(factory) + requeue_expired_files(factory) + requeue_expired_replays(factory)
 
 
 def resend_overdue_tasks(factory: sessionmaker[Session]) -> int:
@@ -92,10 +103,11 @@ def resend_overdue_tasks(factory: sessionmaker[Session]) -> int:
     files = resend_overdue(
         factory, LogFile, waiting=FileStatus.RECEIVED, task=VALIDATE_FILE, expects_task=LogFile.error.is_(None)
     )
-    for kind, ids in (("job", jobs), ("file", files)):
+    replays = resend_overdue(factory, ReplayJob, waiting=ReplayStatus.QUEUED, task=REPLAY)
+    for kind, ids in (("job", jobs), ("file", files), ("replay", replays)):
         for row_id in ids:
             logger.warning("%s %s waited past its deadline for a worker: its task is sent again", kind, row_id)
-    return len(jobs) + len(files)
+    return len(jobs) + len(files) + len(replays)
 
 
 def send_due_tasks(factory: sessionmaker[Session]) -> int:
@@ -134,6 +146,7 @@ def reconcile_once(factory: sessionmaker[Session]) -> None:
     entries."""
     requeue_expired_jobs(factory)
     requeue_expired_files(factory)
+    requeue_expired_replays(factory)
     resend_overdue_tasks(factory)
     send_due_tasks(factory)
 

@@ -25,11 +25,17 @@ VALIDATE_FILE = "dvemb.validate_file"
 COMPUTE = "dvemb.compute"
 COMPUTE_SEGMENT = "dvemb.compute_segment"  # one segment of a segmented job (worker/segments.py)
 ADHOC_QUERY = "dvemb.adhoc_query"
+REPLAY = "dvemb.replay"  # an exact replay of a job's run from its replay bundle (worker/replays.py)
 WINDOW_TOPK = "dvemb.window_topk"  # a step range's top examples, read from the scores file (default queue)
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "celery"
 ALL_QUEUES = f"{DEFAULT_QUEUE},{GPU_QUEUE}"  # a worker's queues unless told otherwise
-ROUTES = {COMPUTE: {"queue": GPU_QUEUE}, COMPUTE_SEGMENT: {"queue": GPU_QUEUE}, ADHOC_QUERY: {"queue": GPU_QUEUE}}
+ROUTES = {
+    COMPUTE: {"queue": GPU_QUEUE},
+    COMPUTE_SEGMENT: {"queue": GPU_QUEUE},
+    ADHOC_QUERY: {"queue": GPU_QUEUE},
+    REPLAY: {"queue": GPU_QUEUE},
+}
 
 logger = logging.getLogger(__name__)
 

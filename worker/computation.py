@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from dvemb.engine import ComputeArguments, ComputeProgress, compute
 from dvemb.engine.compute import is_segmented, prepare_out
 from dvemb.errors import DvembError
-from dvemb.formats import Summary
+from dvemb.formats import Summary, is_replay_bundle_name
 from dvemb.reader import open_log
 from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, hold, holder
 from server.db.models import Job, Run
@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 class JobCancelled(Exception):
     """The job was cancelled through the API while computing, or another attempt took it over."""
+
+
+def _log_only(name: str) -> bool:
+    """The files a computation reads: the log without its replay bundle (a model and a data set, read by replays)."""
+    return not is_replay_bundle_name(name)
 
 
 def compute_arguments(options: dict[str, Any]) -> ComputeArguments:
@@ -98,7 +103,10 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
     out = storage.results_workdir(run_id, job_id)
     args = compute_arguments(options)
     try:
-        with Heartbeat(Job, job_id, JobStatus.RUNNING, lease, mine), storage.local_copy(log_key(run_id)) as log:
+        with (
+            Heartbeat(Job, job_id, JobStatus.RUNNING, lease, mine),
+            storage.local_copy(log_key(run_id), keep=_log_only) as log,
+        ):
             summary = _compute(SegmentedJob(job_id, run_id, log, out, args, storage, lease), mine)
             # The rows are written while the job is still running, in short transactions fenced by this claim;
             # the job becomes 'succeeded' (its rows visible) only in the last one.
@@ -186,7 +194,7 @@ def run_compute_segment(job_id: int, index: int) -> None:
     probe = SegmentedJob(job_id, run_id, Path(), out, args, storage, lease)
     if stored_plan(probe) is None:
         return  # not planned yet (the job's task sends segments after planning), or combined already
-    with storage.local_copy(log_key(run_id)) as log:
+    with storage.local_copy(log_key(run_id), keep=_log_only) as log:
         run_segment_task(dataclasses.replace(probe, log=log), index)
 
 

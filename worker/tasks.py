@@ -6,10 +6,11 @@ from celery import Task
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from server.db.leases import LeaseHeld
-from server.tasks import ADHOC_QUERY, COMPUTE, COMPUTE_SEGMENT, VALIDATE_FILE, WINDOW_TOPK
+from server.tasks import ADHOC_QUERY, COMPUTE, COMPUTE_SEGMENT, REPLAY, VALIDATE_FILE, WINDOW_TOPK
 from worker.adhoc import run_adhoc_query
 from worker.celery_app import app
 from worker.computation import run_compute, run_compute_segment
+from worker.replays import run_replay
 from worker.validation import run_validate_file
 from worker.windows import run_window_topk
 
@@ -54,6 +55,14 @@ def compute_segment(job_id: int, index: int) -> None:
 @app.task(name=ADHOC_QUERY, **RELIABLE)
 def adhoc_query(query_id: int) -> None:
     run_adhoc_query(query_id)
+
+
+@app.task(name=REPLAY, bind=True, **RELIABLE)
+def replay_job(self: Task, replay_id: int) -> None:
+    try:
+        run_replay(replay_id, transient_retries_left=_retries_left(self))
+    except LeaseHeld as held:  # as compute_job
+        replay_job.apply_async((replay_id,), countdown=held.seconds)
 
 
 @app.task(name=WINDOW_TOPK, **RELIABLE)

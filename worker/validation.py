@@ -24,10 +24,12 @@ from dvemb.formats import (
     index_name,
     is_index_name,
     is_manifest_name,
+    is_replay_bundle_name,
     manifest_names,
     rank_manifest_name,
 )
 from dvemb.reader import GradientLog, check_index_file, check_manifest_file, check_rank_manifest
+from dvemb.replay.bundle import check_bundle
 from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, hold, holder, lock_run, task_deadline
 from server.db.models import LogFile, Run
 from server.db.run_files import missing_files
@@ -102,7 +104,13 @@ def _validate(session: Session, upload: LogFile, mine: Any, lease: float) -> boo
     storage = get_storage()
     with storage.received(upload.run_id, upload.upload_id, upload.name) as part:  # a local copy on a bucket
         try:
-            if is_manifest_name(upload.name) or is_index_name(upload.name):  # a manifest, or a rank's shard index
+            if is_replay_bundle_name(upload.name):  # needs no manifest: judged on its own (dvemb.replay.bundle)
+                check_bundle(part)
+                run = _hold(session, upload, mine, lease)
+                if run is None:
+                    return False
+                storage.publish(run.id, upload.upload_id, upload.name, part)
+            elif is_manifest_name(upload.name) or is_index_name(upload.name):  # a manifest, or a rank's shard index
                 run = _hold(session, upload, mine, lease)  # held while the manifests are staged: judged together
                 if run is None:
                     return False

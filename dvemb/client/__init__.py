@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dvemb.client.upload import UploadError, upload_agreement, upload_log, wait_for_job
+    from dvemb.client.upload import UploadError, start_replay, upload_agreement, upload_log, wait_for_job
 
-__all__ = ["UploadError", "upload_agreement", "upload_log", "wait_for_job"]
+__all__ = ["UploadError", "start_replay", "upload_agreement", "upload_log", "wait_for_job"]
 
 
 def __getattr__(name: str) -> Any:

@@ -28,6 +28,39 @@ def register(sub: Any) -> None:
     agreement.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
     agreement.add_argument("--token", default=os.environ.get("DVEMB_TOKEN"), help="API token (or DVEMB_TOKEN)")
     agreement.set_defaults(func=_upload_agreement)
+    replayed = sub.add_parser(
+        "request-replay",
+        help="have the service replay an analysis's run exactly from its replay bundle, and store the agreement",
+    )
+    replayed.add_argument("--job", type=int, required=True, help="the service's analysis (job id)")
+    replayed.add_argument("--query-set", required=True, help="the query set to replay (one of the analysis's)")
+    replayed.add_argument("--probe", type=int, default=0, help="occurrences probed for linearity (0-32)")
+    replayed.add_argument("--wait", action="store_true", help="follow the replay until it ends")
+    replayed.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
+    replayed.add_argument("--token", default=os.environ.get("DVEMB_TOKEN"), help="API token (or DVEMB_TOKEN)")
+    replayed.set_defaults(func=_request_replay)
+
+
+def _request_replay(args: argparse.Namespace) -> int:
+    try:
+        from dvemb.client.upload import UploadError, start_replay
+    except ImportError as exc:
+        print(f"dvemb request-replay needs the client extra ({exc.name} is missing): pip install 'dvemb[client]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if not args.token:
+        print("dvemb request-replay: --token (or DVEMB_TOKEN) is required", file=sys.stderr)
+        return 2
+    try:
+        replay = start_replay(
+            server=args.server, token=args.token, job=args.job, query_set=args.query_set, probe=args.probe,
+            wait=args.wait,
+        )  # fmt: skip
+    except UploadError as exc:
+        print(f"dvemb request-replay: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(replay, indent=2))
+    return 0 if replay["status"] != "failed" else 1
 
 
 def _upload_agreement(args: argparse.Namespace) -> int:

@@ -15,7 +15,14 @@ from tusclient.exceptions import TusCommunicationError
 from tusclient.storage.filestorage import FileStorage
 
 from dvemb.errors import DvembError
-from dvemb.formats import MANIFEST, is_index_name, is_log_file_name, is_manifest_name
+from dvemb.formats import (
+    MANIFEST,
+    REPLAY_BUNDLE,
+    is_index_name,
+    is_log_file_name,
+    is_manifest_name,
+    is_replay_bundle_name,
+)
 
 CHUNK = 8 << 20
 _QUOTA_WAIT_S = 10  # the server's Retry-After for the project's quota of files waiting for validation
@@ -77,15 +84,20 @@ def _files(log_dir: Path) -> list[Path]:
     # Manifests and shard indexes first: each data file is then validated as it arrives. Sent before them, data
     # files wait for them and count toward the project's quota of files waiting for the validator (a log of more
     # files than the quota would never get through); the run is complete only once every listed file is in.
-    return sorted(files, key=lambda p: not (is_manifest_name(p.name) or is_index_name(p.name)))
+    # The replay bundle (a model and a data set: the largest file) last: the log is complete without it.
+    return sorted(
+        files,
+        key=lambda p: (not (is_manifest_name(p.name) or is_index_name(p.name)), is_replay_bundle_name(p.name)),
+    )
 
 
-def _run_id(api: _Api, name: str) -> int:
-    """The run to upload into: a new one, or one of that name whose upload is unfinished (resume)."""
+def _run_id(api: _Api, name: str, bundle: bool) -> int:
+    """The run to upload into: a new one, or one of that name whose upload is unfinished (resume), or complete when
+    the log directory holds a replay bundle (``bundle``: added to the complete run)."""
     for run in api.call("GET", "/runs", params={"search": name, "limit": 500})["data"]:
         if run["name"] != name:
             continue
-        if run["status"] == "ready":
+        if run["status"] == "ready" and not bundle:
             raise UploadError(
                 f"run {name!r} already exists on {api.server} with a complete log; upload under another name with "
                 "--run NAME, or delete that run first"
@@ -111,7 +123,7 @@ def upload_log(log_dir: Path, *, server: str, token: str, run_name: str, analyze
     log_dir = Path(log_dir)
     _check_log_dir(log_dir)  # before anything is created on the server
     api = _Api(server, token)
-    run_id = _run_id(api, run_name)
+    run_id = _run_id(api, run_name, bundle=(log_dir / REPLAY_BUNDLE).is_file())
     tus = tus_client.TusClient(f"{api.server}/api/v1/runs/{run_id}/uploads", headers=api.headers)
     storage = FileStorage(str(log_dir / ".dvemb-upload.json"))
     # Files the run already holds (valid, or being validated: a resumed upload) are not sent again.
@@ -144,7 +156,7 @@ def _settled_run(api: _Api, run_id: int, timeout: float = 3600) -> dict[str, Any
     while True:
         run: dict[str, Any] = api.call("GET", f"/runs/{run_id}")
         pending = [f for f in run["files"] if f["status"] in ("received", "validating")]
-        if time.monotonic() > deadline or run["status"] == "ready":
+        if time.monotonic() > deadline or (run["status"] == "ready" and not pending):  # a bundle too is judged
             return run
         if not pending and run["missing_files"]:
             return run  # judged, and something is missing or was rejected
@@ -289,3 +301,33 @@ def upload_agreement(trust_file: Path, *, server: str, token: str, job: int) -> 
     api = _Api(server, token)
     stored: dict[str, Any] = api.call("PUT", f"/jobs/{job}/replay-agreement/{record['query_set']}", json=record)
     return stored
+
+
+def start_replay(
+    *,
+    server: str,
+    token: str,
+    job: int,
+    query_set: str,
+    probe: int = 0,
+    wait: bool = False,
+    poll_s: float = 1.0,
+) -> dict[str, Any]:
+    """Ask the service to replay the run of analysis ``job`` exactly on ``query_set``, from the run's replay bundle
+    (uploaded with the log; docs/replay.md, "In the service"); with ``wait``, follow it until it ends.
+
+    Returns:
+        the replay (``status``, ``progress``, once done its ``summary``); its agreement is then in the analysis's
+        summary (``replay_agreements``).
+
+    Raises:
+        UploadError: the service refused (no bundle: 409; a query set the analysis has no scores of: 404).
+    """
+    api = _Api(server, token)
+    body = {"query_set": query_set, "probe": probe}
+    started: dict[str, Any] = api.call("POST", f"/jobs/{job}/replays", json=body)
+    while wait and started["status"] not in ("succeeded", "failed"):
+        time.sleep(poll_s)
+        started = api.call("GET", f"/jobs/{job}/replays/{started['id']}")
+        sys.stderr.write(f"\rreplay {started['id']}: {started['status']} {100 * float(started['progress']):5.1f}%   ")
+    return started

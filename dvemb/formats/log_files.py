@@ -23,12 +23,14 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "PROJECTION_FILE",
     "QUERY_SET_NAME",
+    "REPLAY_BUNDLE",
     "examples_file_name",
     "index_name",
     "index_rank",
     "is_index_name",
     "is_log_file_name",
     "is_manifest_name",
+    "is_replay_bundle_name",
     "listed_files",
     "manifest_names",
     "query_file_name",
@@ -44,6 +46,9 @@ MAX_MANIFEST_BYTES = 16 << 20
 MAX_INDEX_BYTES = 256 << 20
 EXAMPLE_FILES_GLOB = "examples-*.jsonl"
 PROJECTION_FILE = "projection.safetensors"
+#: What a worker needs to replay the run exactly (dvemb.replay.bundle): uploaded with the log, not listed by its
+#: manifest, and accepted also once the run is complete.
+REPLAY_BUNDLE = "replay-bundle.safetensors"
 QUERY_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MANIFEST_NAME = re.compile(r"manifest(\.rank[0-9]{1,4})?\.json")
 INDEX_NAME = re.compile(r"shards(\.rank[0-9]{1,4})?\.jsonl")
@@ -54,7 +59,8 @@ LOG_FILE_NAME = re.compile(
     r"|shard-r[0-9]{1,4}-[0-9]{6}\.safetensors"
     r"|queries-[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.safetensors"
     r"|examples-[0-9]{6}(\.rank[0-9]{1,4})?\.jsonl"
-    r"|projection\.safetensors)$"
+    r"|projection\.safetensors"
+    r"|replay-bundle\.safetensors)$"
 )
 
 
@@ -127,6 +133,11 @@ def is_manifest_name(name: str) -> bool:
 def is_index_name(name: str) -> bool:
     """True for ``shards.jsonl`` and ``shards.rank{R}.jsonl``."""
     return INDEX_NAME.fullmatch(name) is not None
+
+
+def is_replay_bundle_name(name: str) -> bool:
+    """True for the name of a run's replay bundle (:data:`REPLAY_BUNDLE`)."""
+    return name == REPLAY_BUNDLE
 
 
 def is_log_file_name(name: str) -> bool:

@@ -81,6 +81,7 @@ class Summary:
     top_k: int
     save_embeddings: bool
     propagation_label: str | None
+    removal: str  # what removing an occurrence meant: "batch" or "weight" (the engine's; "weight" before it said)
     query_sets: dict[str, QuerySetSummary]
     approximations: tuple[Approximation, ...]
     approximations_known: bool  # False: an older summary, written before the engine listed them
@@ -100,6 +101,7 @@ class Summary:
                 top_k=int(arguments["top_k"]),
                 save_embeddings=bool(arguments.get("save_embeddings", True)),
                 propagation_label=data.get("propagation_label"),
+                removal=str(data.get("removal", "weight")),
                 query_sets={str(n): QuerySetSummary.from_json(str(n), q) for n, q in sets.items()},
                 approximations=_approximations(data.get("approximations")),
                 approximations_known=data.get("approximations") is not None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ def replay(
     *,
     query_set: str = "replay",
     work_dir: str | Path | None = None,
+    on_saved: Callable[[Path], None] | None = None,
 ) -> Replay:
     """The exact first-order influence of every training occurrence on the queries.
 
@@ -66,13 +67,17 @@ def replay(
         work_dir: where to keep checkpoints and finished adjoint segments (dvemb/replay/resume.py); a replay killed
             mid-way and run again with the same directory resumes from its last checkpoint or segment. None:
             memory only.
+        on_saved: called with the path of each file written to ``work_dir`` (a service worker copies it to its
+            storage, so that a replay taken over on another machine resumes from it).
 
     Returns:
         the replay: (R, K) scores in the engine's row order and the record (docs/results.md).
     """
     args = arguments or ReplayArguments()
     started = time.perf_counter()
-    replayer = Replayer(model, optimizer, schedule, loss_fn, examples, queries, args, work_dir=work_dir)
+    replayer = Replayer(
+        model, optimizer, schedule, loss_fn, examples, queries, args, work_dir=work_dir, on_saved=on_saved
+    )
     replayer.forward()
     training_steps = replayer.timings.steps_replayed
     weight_scores, query_losses = replayer.adjoint()

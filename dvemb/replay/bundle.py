@@ -34,6 +34,7 @@ from torch import nn
 
 from dvemb.atomic import replacing
 from dvemb.errors import ConfigError
+from dvemb.formats import REPLAY_BUNDLE
 from dvemb.replay.bundle_models import build_model, describe_model
 from dvemb.replay.initial import _plain
 from dvemb.replay.losses import LOSSES, TOKEN_COUNTS, per_example_loss
@@ -50,7 +51,7 @@ __all__ = [
     "write_bundle",
 ]
 
-BUNDLE_NAME = "replay-bundle.safetensors"
+BUNDLE_NAME = REPLAY_BUNDLE
 FORMAT = "dvemb-replay-bundle"
 VERSION = 1
 METADATA_KEY = FORMAT

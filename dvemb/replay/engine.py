@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,8 @@ class Replayer:
         loss_fn, examples: the step as a function (:mod:`dvemb.replay.training`).
         queries: query batches for ``loss_fn`` (each gives per-example losses).
         arguments: options.
+        work_dir: where checkpoints and finished adjoint segments are kept (resuming); None: memory only.
+        on_saved: called with each file written to ``work_dir`` (:class:`dvemb.replay.resume.WorkDirectory`).
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class Replayer:
         arguments: ReplayArguments | None = None,
         *,
         work_dir: str | Path | None = None,
+        on_saved: Callable[[Path], None] | None = None,
     ) -> None:
         self.arguments = arguments or ReplayArguments()
         check_replayable(model)
@@ -172,7 +175,7 @@ class Replayer:
         self.losses: list[float] = []
         self.timings = Timings()
         self.pull = Puller()
-        self.work = None if work_dir is None else WorkDirectory(work_dir, self._fingerprint())
+        self.work = None if work_dir is None else WorkDirectory(work_dir, self._fingerprint(), on_saved)
 
     def _fingerprint(self) -> str:
         """What makes this replay's numbers: schedule, options, update rules, initial state and queries."""

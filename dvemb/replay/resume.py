@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,12 @@ class WorkDirectory:
     Args:
         directory: created if needed.
         digest: :func:`fingerprint` of the replay; a directory holding another replay's files is refused.
+        on_saved: called with each file's path once it is written (a worker copies it to its storage, so that
+            another machine can resume).
     """
 
-    def __init__(self, directory: str | Path, digest: str) -> None:
+    def __init__(self, directory: str | Path, digest: str, on_saved: Callable[[Path], None] | None = None) -> None:
+        self.on_saved = on_saved
         self.path = Path(directory)
         self.path.mkdir(parents=True, exist_ok=True)
         marker = self.path / FINGERPRINT
@@ -64,6 +68,11 @@ class WorkDirectory:
                 )
         else:
             marker.write_text(json.dumps({"format": "dvemb-replay-work", "version": 1, "fingerprint": digest}))
+            self._saved(marker)
+
+    def _saved(self, path: Path) -> None:
+        if self.on_saved is not None:
+            self.on_saved(path)
 
     def state_file(self, step: int | None) -> Path:
         """The file of the state entering ``step`` (None: after the last step)."""
@@ -78,6 +87,7 @@ class WorkDirectory:
         tensors["counts"] = torch.tensor(opt.counts, dtype=torch.int64)
         tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
         _save(tensors, self.state_file(step))
+        self._saved(self.state_file(step))
 
     def load_state(
         self, step: int | None, like: tuple[tuple[torch.Tensor, ...], OptimizerState]
@@ -99,6 +109,7 @@ class WorkDirectory:
         tensors["segment"] = torch.tensor([segment], dtype=torch.int64)
         tensors["scores"] = scores
         _save(tensors, self.path / ADJOINT)
+        self._saved(self.path / ADJOINT)
 
     def load_adjoint(self, count: int) -> tuple[int, list[torch.Tensor], torch.Tensor] | None:
         """``(segment, lam, scores)`` of the last finished segment (``count`` sensitivities), or None."""

@@ -278,3 +278,40 @@ class ReplayAgreementIn(BaseModel):
     replay_loss_gap: float | None = None
     first_order_predictable: bool | None = None
     first_order_verdict: Literal["predictable", "partly predictable", "not predictable"] | None = None
+
+
+class ReplayCreate(BaseModel):
+    """An exact replay of the job's run on one of its query sets, from the run's replay bundle (docs/replay.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query_set: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    probe: int = Field(
+        default=0, ge=0, le=32, description="occurrences whose removal is retrained (the linearity probe); 0: none"
+    )
+    checkpoint_every: int | None = Field(
+        default=None, ge=1, description="steps between kept states; default ceil(sqrt(steps))"
+    )
+
+
+class ReplayPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    job_id: int
+    query_set: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    options: dict[str, Any]
+    progress: float = Field(description="share of the replay done: its forward pass is the first half")
+    summary: dict[str, Any] | None = Field(
+        description="once succeeded: the replay's record (removal, steps, seconds, cost over training, loss gap, the "
+        "probe's medians); its agreement with the job's scores is the set's replay agreement"
+    )
+    error: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+class ReplaysPublic(BaseModel):
+    data: list[ReplayPublic]
+    count: int

@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dvemb.formats import Summary
-from server.db.states import FileStatus, JobStatus, QueryStatus, RunStatus, SegmentStatus
+from server.db.states import FileStatus, JobStatus, QueryStatus, ReplayStatus, RunStatus, SegmentStatus
 
 
 def _now() -> dt.datetime:
@@ -244,6 +244,28 @@ class ReplayAgreement(Base):
     query_set: Mapped[str] = mapped_column(String(64))
     record: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ReplayJob(Base):
+    """An exact replay of a job's run on one query set, computed by a worker from the run's replay bundle
+    (worker/replays.py; docs/replay.md, "In the service"); when it succeeds its agreement with the job's scores is
+    stored as the set's :class:`ReplayAgreement`. Leased like a job (server/db/leases.py); a replay taken over after
+    its worker died resumes from the checkpoints it left in storage."""
+
+    __tablename__ = "replay_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    query_set: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20), default=ReplayStatus.QUEUED)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the replay's record, less its probe's rows
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class OutboxTask(Base):

@@ -12,6 +12,7 @@ one function that makes a move.
             failed | cancelled ──▶ queued (retry);   running ──▶ queued (a lost worker's redelivery)
     Query:  queued ──▶ succeeded | failed
     Segment: waiting ──▶ running ──▶ done;   running ──▶ running (a lost worker's segment taken over)
+    Replay: queued ──▶ running ──▶ succeeded | failed;   running ──▶ queued (a lost worker's replay, resumed)
 
 :func:`transition` is a compare-and-set: one ``UPDATE ... WHERE id = :id AND status IN (allowed sources)``,
 so two writers racing (a cancel and the worker's claim, two validators) cannot overwrite each other, on
@@ -28,7 +29,16 @@ from sqlalchemy import update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
-__all__ = ["FileStatus", "JobStatus", "QueryStatus", "RunStatus", "SegmentStatus", "can_move", "transition"]
+__all__ = [
+    "FileStatus",
+    "JobStatus",
+    "QueryStatus",
+    "ReplayStatus",
+    "RunStatus",
+    "SegmentStatus",
+    "can_move",
+    "transition",
+]
 
 
 class RunStatus(StrEnum):
@@ -56,6 +66,15 @@ class JobStatus(StrEnum):
 
 class QueryStatus(StrEnum):
     QUEUED = "queued"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class ReplayStatus(StrEnum):
+    """An exact replay of a job's run on one query set (worker/replays.py)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
 
@@ -99,6 +118,14 @@ ALLOWED: dict[type[StrEnum], dict[str, frozenset[str]]] = {
         QueryStatus.QUEUED: frozenset({QueryStatus.SUCCEEDED, QueryStatus.FAILED}),
         QueryStatus.SUCCEEDED: frozenset(),
         QueryStatus.FAILED: frozenset(),
+    },
+    ReplayStatus: {
+        ReplayStatus.QUEUED: frozenset({ReplayStatus.RUNNING, ReplayStatus.FAILED}),
+        ReplayStatus.RUNNING: frozenset(
+            {ReplayStatus.RUNNING, ReplayStatus.SUCCEEDED, ReplayStatus.FAILED, ReplayStatus.QUEUED}
+        ),
+        ReplayStatus.SUCCEEDED: frozenset(),
+        ReplayStatus.FAILED: frozenset(),
     },
     SegmentStatus: {
         SegmentStatus.WAITING: frozenset({SegmentStatus.RUNNING}),

@@ -14,7 +14,7 @@ import secrets
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from dvemb.formats import MAX_MANIFEST_BYTES, is_index_name, is_manifest_name
+from dvemb.formats import MAX_MANIFEST_BYTES, is_index_name, is_manifest_name, is_replay_bundle_name
 from server.db.leases import lock_run, task_deadline
 from server.db.models import LogFile, Run
 from server.db.states import FileStatus, RunStatus, transition
@@ -51,7 +51,10 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
     if locked is None:
         raise NotFound(f"run {run.id} not found (deleted meanwhile)")
     run = locked
-    if run.status == RunStatus.READY:
+    # The replay bundle is not part of the log its manifest lists: it may come once the run is complete, and it
+    # never makes a complete run incomplete.
+    bundle = is_replay_bundle_name(name)
+    if run.status == RunStatus.READY and not bundle:
         # A complete run cannot change: an extra file would only be rejected, and used to leave the run
         # 'uploading' for ever.
         raise Conflict(
@@ -92,7 +95,8 @@ def create_upload(session: Session, *, run: Run, name: str, length: int, setting
     upload = LogFile(run_id=run.id, name=name, upload_id=secrets.token_hex(16), size_bytes=length, offset=0)
     session.add(upload)
     session.flush()
-    transition(session, run, RunStatus.UPLOADING)
+    if not (bundle and run.status == RunStatus.READY):
+        transition(session, run, RunStatus.UPLOADING)
     get_storage().create_part(run.id, upload.upload_id)
     if length == 0:
         finish_upload(session, upload=upload)

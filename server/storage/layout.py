@@ -22,7 +22,7 @@ def check_log_file_name(name: str) -> str:
         raise BadRequest(
             f"file name {name!r} is not a gradient-log file name (manifest.json, shards.jsonl, "
             "shard-rR-NNNNNN.safetensors, queries-NAME.safetensors, examples-NNNNNN[.rankR].jsonl, "
-            "projection.safetensors); paths are not accepted"
+            "projection.safetensors, replay-bundle.safetensors); paths are not accepted"
         )
     return name
 

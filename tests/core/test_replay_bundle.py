@@ -20,8 +20,6 @@ from dvemb.errors import ConfigError
 from dvemb.replay import ReplayArguments, replay, schedule_from_log
 from dvemb.replay.bundle import check_bundle, open_bundle, read_spec, write_bundle
 
-pytestmark = pytest.mark.core
-
 
 def _model(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)

@@ -23,9 +23,19 @@ from server.api.deps import (
     StorageDep,
     bearer,
 )
-from server.api.schemas import ExamplesPublic, JobCreate, JobPublic, JobsPublic, ReplayAgreementIn, TopPublic
+from server.api.schemas import (
+    ExamplesPublic,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    ReplayAgreementIn,
+    ReplayCreate,
+    ReplayPublic,
+    ReplaysPublic,
+    TopPublic,
+)
 from server.services import jobs as service
-from server.services import reads, replay_agreements, results, windows
+from server.services import reads, replay_agreements, replays, results, windows
 from server.services.figures import example_metadata
 
 router = APIRouter(tags=["jobs"])
@@ -74,6 +84,28 @@ def put_replay_agreement(
     """Attach ``dvemb trust``'s record (how far this run's fast scores agree with its exact replay on a query set;
     docs/replay.md) to the analysis, replacing an earlier one; 409 when it was measured on other scores."""
     return replay_agreements.put_agreement(session, job=job, query_set=query_set, record=body)
+
+
+@router.post("/jobs/{job_id}/replays", status_code=202)
+def start_replay(body: ReplayCreate, job: DoneJobDep, session: SessionDep) -> ReplayPublic:
+    """Replay the job's run exactly on one of its query sets, on a worker, from the run's replay bundle
+    (``replay-bundle.safetensors``, uploaded with the log); when it succeeds, its agreement with this job's scores
+    is the set's replay agreement (docs/replay.md, "In the service"). 409 without a validated bundle."""
+    options = body.model_dump(exclude={"query_set"}, exclude_none=True)
+    return ReplayPublic.model_validate(
+        replays.start_replay(session, job=job, query_set=body.query_set, options=options)
+    )
+
+
+@router.get("/jobs/{job_id}/replays")
+def list_replays(job: DoneJobDep, session: SessionDep) -> ReplaysPublic:
+    found = replays.list_replays(session, job=job)
+    return ReplaysPublic(data=[ReplayPublic.model_validate(r) for r in found], count=len(found))
+
+
+@router.get("/jobs/{job_id}/replays/{replay_id}")
+def get_replay(replay_id: IdPath, job: DoneJobDep, session: SessionDep) -> ReplayPublic:
+    return ReplayPublic.model_validate(replays.get_replay(session, job=job, replay_id=replay_id))
 
 
 @router.get("/jobs/{job_id}/replay-agreement")
