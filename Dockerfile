@@ -16,7 +16,8 @@ COPY migrations ./migrations
 COPY demo ./demo
 # The dashboard: index.html, style.css and the ES modules (no build step; node_modules is for linting only).
 COPY frontend ./frontend
-RUN pip install --no-cache-dir ".[server,client]"
+# huggingface: workers rebuild a transformers model from a replay bundle's config (docs/replay.md, "In the service").
+RUN pip install --no-cache-dir ".[server,client,huggingface]"
 
 ENV DVEMB_DATA_DIR=/data
 EXPOSE 8000

@@ -35,12 +35,11 @@ from dvemb.replay import ReplayArguments, replay, save_replay, schedule_from_log
 from dvemb.replay.bundle import open_bundle
 from dvemb.replay.comparison import trust_file
 from dvemb.replay.files import replay_files
-from server.api.schemas import ReplayAgreementIn
+from server.db.agreements import store_agreement
 from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, hold, holder
 from server.db.models import Job, ReplayJob
 from server.db.session import session_factory
 from server.db.states import ReplayStatus, transition
-from server.services.replay_agreements import put_agreement
 from server.settings import get_settings
 from server.storage import Storage, get_storage, log_key, results_key
 
@@ -96,7 +95,7 @@ def run_replay(replay_id: int, transient_retries_left: int = 0) -> None:
             if job is None or not hold(session, ReplayJob, replay_id, ReplayStatus.RUNNING, mine, lease):
                 session.rollback()
                 return
-            put_agreement(session, job=job, query_set=query_set, record=ReplayAgreementIn.model_validate(record))
+            store_agreement(session, job_id=job_id, query_set=query_set, record=record)
             row = session.get(ReplayJob, replay_id)
             assert row is not None
             transition(

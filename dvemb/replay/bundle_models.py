@@ -11,7 +11,9 @@ Anything else is refused with the way out: replay on your side (``dvemb replay``
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -29,7 +31,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "identity": nn.Identity,
 }
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-_TASKS = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification"}
+_TRANSFORMERS = "dvemb.integrations.hf_bundle_models"
 _ELSEWHERE = "replay this run on your side (dvemb replay) and upload the agreement (dvemb upload-agreement)"
 
 
@@ -42,28 +44,15 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     dtype = _dtype_name(model)
     if isinstance(model, nn.Sequential):
         return {"kind": "sequential", "layers": [_layer(m) for m in model], "dtype": dtype}
-    config: Any = getattr(model, "config", None)
-    task = _transformers_task(model) if config is not None and hasattr(config, "to_dict") else None
+    plugin = _transformers()
+    task = plugin.task_of(model) if plugin is not None else None
     if task is not None:
+        config: Any = getattr(model, "config", None)
         return {"kind": "transformers", "task": task, "config": config.to_dict(), "dtype": dtype}
     raise ConfigError(
         f"a {type(model).__name__} cannot be described for the service (a torch.nn.Sequential of common layers, or a "
         f"transformers model that AutoModelForCausalLM or AutoModelForSequenceClassification builds, can); {_ELSEWHERE}"
     )
-
-
-def _transformers_task(model: nn.Module) -> str | None:
-    """The task whose auto class builds exactly ``model``'s class from its config, or None."""
-    try:
-        from transformers.models.auto import modeling_auto
-    except ImportError:
-        return None
-    mappings = {
-        "causal-lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        "sequence-classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    }
-    model_type = str(getattr(model.config, "model_type", ""))
-    return next((t for t, names in mappings.items() if names.get(model_type) == type(model).__name__), None)
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
@@ -153,23 +142,21 @@ def _build_layer(layer: Any) -> nn.Module:
     return builders[kind]()
 
 
+def _transformers() -> ModuleType | None:
+    """The Hugging Face part (dvemb.integrations.hf_bundle_models), imported by name on use: the core never imports
+    transformers; None where it is not installed."""
+    try:
+        return importlib.import_module(_TRANSFORMERS)
+    except ImportError:
+        return None
+
+
 def _transformers_model(spec: dict[str, Any]) -> nn.Module:
     task, config = spec.get("task"), spec.get("config")
-    if task not in _TASKS or not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ConfigError(
-            f"replay bundle: a transformers model needs a task ({', '.join(_TASKS)}) and a config with its model_type"
-        )
-    try:
-        import transformers
-    except ImportError as error:
-        raise ConfigError(
-            "replay bundle: this worker has no transformers (pip install 'dvemb[huggingface]')"
-        ) from error
-    settings = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
-    try:
-        built = transformers.AutoConfig.for_model(config["model_type"], **settings)
-        auto = getattr(transformers, _TASKS[task])
-        model: nn.Module = auto.from_config(built, attn_implementation="eager")
-    except (ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"replay bundle: transformers cannot build this model: {error}") from error
+    plugin = _transformers()
+    if plugin is None:
+        raise ConfigError("replay bundle: this worker has no transformers (pip install 'dvemb[huggingface]')")
+    if not isinstance(task, str) or not isinstance(config, dict):
+        raise ConfigError("replay bundle: a transformers model needs a task and a config")
+    model: nn.Module = plugin.build(task, config)
     return model

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.api.schemas import ReplayAgreementIn
+from server.db.agreements import store_agreement
 from server.db.models import Job, ReplayAgreement
 from server.errors import BadRequest, Conflict
 from server.services import results
@@ -22,12 +23,12 @@ def put_agreement(session: Session, *, job: Job, query_set: str, record: ReplayA
     if record.query_set != query_set:
         raise BadRequest(f"the record is about query set {record.query_set!r}, not {query_set!r}")
     results.check_query_set(job, query_set)
-    summary = job.summary or {}
+    summary = results.summary_of(job)
     expected = {
-        "occurrences": (record.all.occurrences, summary.get("occurrences")),
-        "steps": (record.steps, summary.get("steps")),
-        "removal": (record.removal, summary.get("removal", "weight")),
-        "propagation": (record.propagation, summary.get("propagation")),
+        "occurrences": (record.all.occurrences, summary.occurrences),
+        "steps": (record.steps, summary.steps),
+        "removal": (record.removal, summary.removal),
+        "propagation": (record.propagation, summary.propagation),
     }
     differ = [
         f"{name} {mine!r} (this analysis: {theirs!r})" for name, (mine, theirs) in expected.items() if mine != theirs
@@ -39,11 +40,7 @@ def put_agreement(session: Session, *, job: Job, query_set: str, record: ReplayA
             + "; run `dvemb compute` with this analysis's options on the same log, replay it, then `dvemb trust`"
         )
     stored = record.model_dump(mode="json")
-    session.execute(
-        delete(ReplayAgreement).where(ReplayAgreement.job_id == job.id, ReplayAgreement.query_set == query_set)
-    )
-    session.add(ReplayAgreement(job_id=job.id, query_set=query_set, record=stored))
-    session.flush()
+    store_agreement(session, job_id=job.id, query_set=query_set, record=stored)
     return stored
 
 
