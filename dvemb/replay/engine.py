@@ -103,6 +103,22 @@ class TrainState:
     params: tuple[torch.Tensor, ...]
     optimizer: OptimizerState
 
+    def copy(self) -> TrainState:
+        """A copy in tensors of its own."""
+        return TrainState(
+            tuple(p.clone() for p in self.params), self.optimizer.with_flat([t.clone() for t in self.optimizer.flat()])
+        )
+
+    def copy_into(self, into: TrainState) -> TrainState:
+        """This state written into ``into``'s tensors (same shapes; no new memory, whose first touch costs as much
+        as an optimizer step on this machine); the filled state."""
+        with torch.no_grad():
+            for mine, theirs in zip(
+                (*self.params, *self.optimizer.flat()), (*into.params, *into.optimizer.flat()), strict=True
+            ):
+                theirs.copy_(mine)
+        return TrainState(into.params, into.optimizer.with_flat(into.optimizer.flat(), self.optimizer.counts))
+
 
 @dataclass
 class Timings:
@@ -206,6 +222,15 @@ class Replayer:
         self.timings.steps_replayed += 1
         return TrainState(tuple(params), opt), loss
 
+    def advance_in_place(self, state: TrainState, t: int) -> tuple[TrainState, float]:
+        """:meth:`advance` written into ``state``'s own tensors (as training does: no new memory per step)."""
+        grads, loss = self.step.gradient(state.params, list(self.schedule.step_ids[t]))
+        opt = self.optimizer.step_in_place(
+            state.params, grads, state.optimizer, self.schedule.group_lrs(t, self.groups)
+        )
+        self.timings.steps_replayed += 1
+        return TrainState(state.params, opt), loss
+
     def forward(self) -> TrainState:
         """Replay the whole run, keeping a checkpoint every ``checkpoint_every`` steps; the final state.
 
@@ -218,12 +243,14 @@ class Replayer:
             first, state = self._resume_forward(self.work)
             if self.final is not None:
                 return self.final
+        # One working state updated in place, as training updates its own; the checkpoints are copies of it.
+        state = state.copy()
         for t in range(first, self.schedule.num_steps):
             if t % self.every == 0:
-                self.checkpoints[t] = state
+                self.checkpoints[t] = state.copy()
                 if self.work is not None and (t > first or t == 0):
                     self.work.save_state(t, state.params, state.optimizer, self.losses)
-            state, loss = self.advance(state, t)
+            state, loss = self.advance_in_place(state, t)
             self.losses.append(loss)
         self.final = state
         if self.work is not None:
@@ -324,13 +351,16 @@ class Replayer:
             lam = [x.to(final.params[0].device) for x in lam]
             lam_params, lam_slots = lam[: len(lam_params)], lam[len(lam_params) :]
             segments = [s for s in segments if s < segment]
+        spare: list[TrainState] = []  # the last segment's recomputed states, whose memory the next one reuses
         for start in segments:
             states = [self.checkpoints[start]]
             for t in range(start, min(start + self.every, T) - 1):
-                states.append(self.advance(states[-1], t)[0])
+                into = states[-1].copy_into(spare.pop()) if spare else states[-1].copy()
+                states.append(self.advance_in_place(into, t)[0])
             for t in range(min(start + self.every, T) - 1, start - 1, -1):
                 lam_params, lam_slots, step_scores = self.step_adjoint(states[t - start], t, lam_params, lam_slots)
                 scores[offsets[t] : offsets[t + 1]] = step_scores.to(torch.float64)
+            spare = states[1:]
             if self.work is not None:
                 self.work.save_adjoint(start, [*lam_params, *lam_slots], scores)
         self.timings.adjoint += time.perf_counter() - started

@@ -158,48 +158,64 @@ class FunctionalOptimizer:
         state: OptimizerState,
         lrs: Sequence[float],
     ) -> tuple[list[torch.Tensor], OptimizerState]:
-        """:meth:`step`'s values without a graph: torch.optim's in-place single-tensor code run on copies (the
-        inputs are not modified), a third of the temporaries of the out-of-place form."""
-        new_params, new_slots, new_counts = [], [], []
+        """:meth:`step`'s values without a graph, on copies (the inputs are not modified)."""
+        copies = [p.clone() if g is not None else p for p, g in zip(params, grads, strict=True)]
+        slots = [
+            tuple(t.clone() for t in slot) if g is not None else slot
+            for slot, g in zip(state.slots, grads, strict=True)
+        ]
+        return copies, self.step_in_place(copies, grads, OptimizerState(tuple(slots), state.counts), lrs)
+
+    def step_in_place(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor | None],
+        state: OptimizerState,
+        lrs: Sequence[float],
+    ) -> OptimizerState:
+        """:meth:`step`'s values without a graph, written into ``params`` and ``state``'s tensors as torch.optim's
+        single-tensor code writes them (same operations in the same order); the state after the step (SGD's first
+        momentum buffer is a new tensor)."""
+        new_slots, new_counts = [], []
         with torch.no_grad():
             for i, (p, g) in enumerate(zip(params, grads, strict=True)):
                 slot, count = state.slots[i], state.counts[i]
                 if g is not None:
                     s, lr = self.settings[i], float(lrs[self.groups[i]])
-                    step = _sgd_no_grad if s.kind == "sgd" else _adam_no_grad
-                    p, slot = step(s, p, g, slot, count, lr)
+                    step = _sgd_in_place if s.kind == "sgd" else _adam_in_place
+                    slot = step(s, p, g, slot, count, lr)
                     count += 1
-                new_params.append(p)
                 new_slots.append(slot)
                 new_counts.append(count)
-        return new_params, OptimizerState(tuple(new_slots), tuple(new_counts))
+        return OptimizerState(tuple(new_slots), tuple(new_counts))
 
 
-def _sgd_no_grad(
+def _sgd_in_place(
     s: GroupSettings, p: torch.Tensor, g: torch.Tensor, slot: tuple[torch.Tensor, ...], count: int, lr: float
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+) -> tuple[torch.Tensor, ...]:
     d_p = g.add(p, alpha=s.weight_decay) if s.weight_decay != 0 else g
     if s.momentum == 0:
-        return p.add(d_p, alpha=-lr), ()
-    buf = d_p.clone() if count == 0 else slot[0].clone().mul_(s.momentum).add_(d_p, alpha=1 - s.dampening)
+        p.add_(d_p, alpha=-lr)
+        return ()
+    buf = d_p.clone() if count == 0 else slot[0].mul_(s.momentum).add_(d_p, alpha=1 - s.dampening)
     d_p = d_p.add(buf, alpha=s.momentum) if s.nesterov else buf
-    return p.add(d_p, alpha=-lr), (buf,)
+    p.add_(d_p, alpha=-lr)
+    return (buf,)
 
 
-def _adam_no_grad(
+def _adam_in_place(
     s: GroupSettings, p: torch.Tensor, g: torch.Tensor, slot: tuple[torch.Tensor, ...], count: int, lr: float
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+) -> tuple[torch.Tensor, ...]:
     step = count + 1
-    p = p.clone()
     if s.kind == "adamw":
         p.mul_(1 - lr * s.weight_decay)
     elif s.weight_decay != 0:
         g = g.add(p, alpha=s.weight_decay)
-    exp_avg = slot[0].clone().lerp_(g, 1 - s.beta1)
-    exp_avg_sq = slot[1].clone().mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
+    exp_avg = slot[0].lerp_(g, 1 - s.beta1)
+    exp_avg_sq = slot[1].mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
     denom = (exp_avg_sq.sqrt() / (1 - s.beta2**step) ** 0.5).add_(s.eps)
     p.addcdiv_(exp_avg, denom, value=-lr / (1 - s.beta1**step))
-    return p, (exp_avg, exp_avg_sq)
+    return (exp_avg, exp_avg_sq)
 
 
 def _group_settings(name: str, group: dict[str, Any]) -> GroupSettings:
