@@ -495,17 +495,18 @@ def bench_model(
 def profile(args: argparse.Namespace) -> None:
     """Where the empirical recorder's extra time goes: wrapped recorder functions, then cProfile."""
     from dvemb import layers as dl
-    from dvemb import recorder as dr
     from dvemb import writer as dw
+    from dvemb.recording import hooks, steps
 
+    # The recorder's parts (dvemb/recording/): its hooks, its step bookkeeping and the id conversion steps use.
     targets = [
-        (dr.Recorder, "_on_forward"),
-        (dr.Recorder, "_on_output_grad"),
-        (dr.Recorder, "_finish_step"),
-        (dr.Recorder, "_check_finite"),
-        (dr.Recorder, "_collect"),
+        (hooks.LayerHooks, "_on_forward"),
+        (hooks.LayerHooks, "_on_output_grad"),
+        (steps.StepBook, "finish"),
+        (steps.StepBook, "_check_finite"),
+        (steps.StepBook, "_collect"),
         (dw.LogWriter, "accept_step"),
-        (dr, "_as_id_list"),
+        (steps, "as_id_list"),
         (dl.LinearAdapter, "forward_factor"),
         (dl.LinearAdapter, "backward_factor"),
         (dl.LayerAdapter, "combine"),
@@ -514,7 +515,7 @@ def profile(args: argparse.Namespace) -> None:
 
     def wrap(owner: Any, attr: str) -> None:
         fn = getattr(owner, attr)
-        key = f"{getattr(owner, '__name__', owner)}.{attr}".replace("dvemb.recorder.", "")
+        key = f"{getattr(owner, '__name__', owner)}.{attr}".replace("dvemb.recording.", "")
 
         @functools.wraps(fn)
         def timed(*a: Any, **k: Any) -> Any:

@@ -41,14 +41,14 @@ def _inspect(args: argparse.Namespace) -> int:
         "verified": bool(args.verify),
         "steps": log.num_steps,
         "world_size": log.world_size,
-        "dtype": log.manifest["dtype"],
+        "dtype": log.info.dtype,
         "loss_reduction": log.loss_reduction,
-        "curvature": log.manifest["curvature"],
-        "optimizer": (log.manifest.get("optimizer") or {}).get("type"),
-        "format_version": log.manifest["version"],
+        "curvature": log.info.curvature,
+        "optimizer": log.info.optimizer.get("type"),
+        "format_version": log.info.version,
         "propagation": log.propagation,
-        "tracked_parameters": log.manifest.get("tracked_parameters"),
-        "total_parameters": log.manifest.get("total_parameters"),
+        "tracked_parameters": log.info.tracked_parameters,
+        "total_parameters": log.info.total_parameters,
         "layers": [{"name": layer.name, "kind": layer.kind, "dim": layer.dim} for layer in log.layers],
         "shards": log.num_shards(),
         "query_sets": log.query_set_names(),
@@ -78,6 +78,7 @@ def _progress_printer() -> Callable[[ComputeProgress], None]:
 
 def _compute(args: argparse.Namespace) -> int:
     from dvemb.engine import ComputeArguments, compute
+    from dvemb.formats import Summary
 
     out = Path(args.out)
     existing = next(p for p in (out, *out.parents) if p.exists())  # the results go under it
@@ -102,19 +103,19 @@ def _compute(args: argparse.Namespace) -> int:
         embeddings_dtype=args.embeddings_dtype,
     )
     progress = None if args.quiet else _progress_printer()
-    summary = compute(
-        args.log_dir, args.out, arguments, progress=progress, overwrite=args.overwrite, workers=args.workers
+    summary = Summary.from_json(
+        compute(args.log_dir, args.out, arguments, progress=progress, overwrite=args.overwrite, workers=args.workers)
     )
     brief = {
         "results": str(args.out),
-        "steps": summary["steps"],
-        "occurrences": summary["occurrences"],
-        "curvature": summary["curvature"],
-        "propagation": summary["propagation_label"],
-        "seconds": round(summary["seconds"], 2),
-        "segments": summary.get("segments", 1),
-        "note": summary["note"],
-        "phases": {name: q["phases"]["ranges"] for name, q in summary["query_sets"].items()},
+        "steps": summary.steps,
+        "occurrences": summary.occurrences,
+        "curvature": summary.curvature,
+        "propagation": summary.propagation_label,
+        "seconds": round(summary.seconds or 0.0, 2),
+        "segments": summary.segments,
+        "note": summary.note,
+        "phases": {name: q.phases["ranges"] for name, q in summary.query_sets.items()},
     }
     print(json.dumps(brief, indent=2))
     return 0

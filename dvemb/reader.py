@@ -310,13 +310,26 @@ class GradientLog:
         listed = [_with_shard_list(self.directory, rank, m) for rank, m in enumerate(on_disk)]
         self.rank_manifests = [manifest for manifest, _ in listed]
         self._torn_index_bytes = sum(torn for _, torn in listed)
-        self.manifest = self.rank_manifests[0]
+        self.manifest = self.rank_manifests[0]  # the JSON as written (with its shard list); ``info``: typed
+        self._info: Manifest | None = None
         manifest_path = self.directory / fmt.MANIFEST
         # Names and sizes, enough to check every file; a calibrated projection's bases load on first use.
         self._shapes = layers_from_manifest(self.manifest, manifest_path)
         self._layers: list[LayerInfo] | None = None
         self.dtype = fmt.STORAGE_DTYPES[self.manifest["dtype"]]
         self._check_shard_list()
+
+    @property
+    def info(self) -> Manifest:
+        """Rank 0's manifest, typed (dvemb.formats.Manifest), with its shard list (version 3: read from its index)."""
+        if self._info is None:
+            self._info = Manifest.from_json(self.manifest, max_world_size=MAX_WORLD_SIZE)
+        return self._info
+
+    @property
+    def rank_infos(self) -> list[Manifest]:
+        """Every rank's manifest, typed, with its shard list."""
+        return [self.info] + [Manifest.from_json(m, max_world_size=MAX_WORLD_SIZE) for m in self.rank_manifests[1:]]
 
     @property
     def layers(self) -> list[LayerInfo]:

@@ -27,7 +27,7 @@ def _top(args: argparse.Namespace) -> int:
     from dvemb.errors import ConfigError
 
     results = load_results(args.results_dir)
-    sets = list(results.summary["query_sets"])
+    sets = results.query_sets
     query_set = args.query_set or sets[0]
     if args.k < 1:
         raise ConfigError(f"-k {args.k}: give at least 1 row per kind")

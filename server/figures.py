@@ -283,7 +283,7 @@ def dynamics_figure(dynamics: dict[str, Any], *, title: str = "") -> dict[str, A
     occurrences on each later checkpoint.
 
     Args:
-        dynamics: a series of ``summary["dynamics"]``: ``checkpoints`` (C,), ``buckets`` (10 x [first, last]
+        dynamics: a series of the summary's ``dynamics``: ``checkpoints`` (C,), ``buckets`` (10 x [first, last]
             step), ``mean`` (C x 10, null where nothing of the bucket was trained before the checkpoint).
     """
     checkpoints = list(dynamics["checkpoints"])

@@ -413,7 +413,7 @@ class _Run:
             resume_from = self.log.num_shards() - 1
             self._save_checkpoint(resume_from)
         done_steps = self.num_steps - (
-            int(self.log.manifest["shards"][resume_from]["last_step"]) + 1 if resume_from >= 0 else 0
+            (self.log.info.shards or ())[resume_from].last_step + 1 if resume_from >= 0 else 0
         )
         for index in range(resume_from, -1, -1):
             shard = self.log.read_shard(index)
@@ -542,11 +542,11 @@ class _Run:
                 "phases": phases.to_dict(),
                 "mean_influence": float(s.step_mean.mean()) if self.num_steps else 0.0,
             }
-        optimizer = self.log.manifest.get("optimizer") or {}
+        optimizer = self.log.info.optimizer
         proxy = self.propagation == "proxy"
         note = _propagation_note(self.log, self.propagation)
         approximated = approximations(
-            self.log.manifest,
+            self.log.info.to_json(),
             curvature=self.mode,
             propagation=self.propagation,
             blocks=self.blocks,
@@ -639,11 +639,11 @@ def _propagation_note(log: GradientLog, propagation: str) -> str | None:
     """Why the SGD proxy is used, or None when influence follows the optimizer."""
     if propagation != "proxy":
         return None
-    optimizer = log.manifest.get("optimizer") or {}
+    optimizer = log.info.optimizer
     kind = optimizer.get("type")
     if log.propagation != "proxy":
         why = "propagation='sgd-proxy' was asked for"
-    elif int(log.manifest["version"]) < 2:
+    elif log.info.version < 2:
         why = "the log is format version 1, which records no optimizer state (re-record it with this dvemb)"
     else:
         why = optimizer.get("proxy_reason") or f"{kind} is not modelled"

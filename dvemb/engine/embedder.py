@@ -86,7 +86,7 @@ def resolve_blocks(requested: str, log: GradientLog, total_dim: int) -> str:
         return requested
     if total_dim > AUTO_FULL_MAX_DIM:
         return "layer"
-    optimizer = log.manifest.get("optimizer") or {}
+    optimizer = log.info.optimizer
     groups = optimizer.get("param_groups") or []
     used = {int(g) for g in optimizer.get("layer_groups") or range(len(groups))}
     settings = {json.dumps(groups[g], sort_keys=True) for g in used if g < len(groups)}
@@ -160,7 +160,7 @@ class Embedder:
         lifting = self.lift_second_moment is not False and self.second_moment and not self.seeded
         if self.propagation not in ("adam", "adamw") or not lifting:
             return [0] * len(self.layer_dims)
-        entries = self.log.manifest.get("layers") or []
+        entries = self.log.info.layers
         sizes = [lifted_size(entries[i], layer.projection) for i, layer in enumerate(self.log.layers)]
         full = self.blocks == "full"
         widths = [self.total_dim] * len(sizes) if full else list(self.layer_dims)
@@ -303,7 +303,7 @@ class Embedder:
         return (rate[:1], decay[:1]) if self.blocks == "full" else (rate, decay)
 
     def _maps(self, shard: ShardData, s0: int, s1: int, layers: list[int]) -> StepMaps:
-        optimizer_entry = self.log.manifest.get("optimizer") or {}
+        optimizer_entry = self.log.info.optimizer
         maps = step_maps(
             {k: v[s0:s1] for k, v in shard.optimizer.items()},
             shard.lr[s0:s1],

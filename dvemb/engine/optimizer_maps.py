@@ -20,14 +20,13 @@ the step's curvature rows and ``D_k`` a diagonal preconditioner (the identity fo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from dvemb import logformat as fmt
 from dvemb.errors import NumericalError
+from dvemb.formats import LayerEntry
 from dvemb.projection import LayerProjection
 
 __all__ = [
@@ -152,7 +151,7 @@ def lift_ratio(sizes: list[int], state_dims: list[int], own_state: int) -> float
     return sum(s * d for s, d in zip(sizes, state_dims, strict=True)) / max(own_state, 1)
 
 
-def lifted_size(layer: Mapping[str, Any], projection: LayerProjection) -> int:
+def lifted_size(layer: LayerEntry, projection: LayerProjection) -> int:
     """Coordinates over which a projected layer's second-moment term is carried (its own: ``n_out * n_in``),
     or 0 when the log does not carry it for this layer (a layer stored whole carries it exactly, not lifted).
 
@@ -164,7 +163,7 @@ def lifted_size(layer: Mapping[str, Any], projection: LayerProjection) -> int:
     if projection.is_identity:
         return 0
     size = projection.out_dim * projection.in_dim
-    return size if layer.get("second_moment") == LIFTED else 0
+    return size if layer.second_moment == LIFTED else 0
 
 
 @dataclass

@@ -19,8 +19,8 @@ def checkpoint_series(log: GradientLog) -> dict[str, list[tuple[int, str]]]:
     ``{series}`` recorded at ``T``. Other sets recorded before ``T`` form a series of their own name.
     """
     series: dict[str, list[tuple[int, str]]] = {}
-    for entry in log.manifest.get("query_sets", []):
-        step, name = int(entry["step"]), str(entry["name"])
+    for entry in log.info.query_sets:
+        step, name = entry.step, entry.name
         if step >= log.num_steps:
             continue
         match = _CHECKPOINT_SUFFIX.match(name)
@@ -30,4 +30,4 @@ def checkpoint_series(log: GradientLog) -> dict[str, list[tuple[int, str]]]:
 
 def final_query_sets(log: GradientLog) -> list[str]:
     """Query sets recorded at the end of training (scored by the engine)."""
-    return [str(q["name"]) for q in log.manifest.get("query_sets", []) if int(q["step"]) >= log.num_steps]
+    return [q.name for q in log.info.query_sets if q.step >= log.num_steps]

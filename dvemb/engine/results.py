@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from dvemb import formats
 from dvemb import logformat as fmt
 from dvemb.errors import ConfigError
+from dvemb.formats import QuerySetSummary, Summary
 
 __all__ = ["Results", "load_results"]
 
@@ -39,11 +40,21 @@ class Results:
     example_index: torch.Tensor
     epoch: torch.Tensor
 
-    def _query_set(self, name: str) -> dict[str, Any]:
-        sets = self.summary["query_sets"]
+    @property
+    def info(self) -> Summary:
+        """The summary, typed (dvemb.formats.Summary)."""
+        return Summary.from_json(self.summary)
+
+    @property
+    def query_sets(self) -> list[str]:
+        """The query sets scored, in the summary's order."""
+        return list(self.info.query_sets)
+
+    def _query_set(self, name: str) -> QuerySetSummary:
+        sets = self.info.query_sets
         if name not in sets:
             raise ConfigError(f"no results for query set {name!r}; computed sets are {sorted(sets)}")
-        return sets[name]  # type: ignore[no-any-return]
+        return sets[name]
 
     def top(
         self, query_set: str, *, kind: str = "helpful", query: int | None = None, k: int = 10
@@ -59,8 +70,8 @@ class Results:
         if kind not in KINDS:
             raise ConfigError(f"kind={kind!r} is not one of {KINDS}")
         info = self._query_set(query_set)
-        if query is not None and not 0 <= query < info["num_queries"]:
-            raise ConfigError(f"query {query} is out of range 0..{info['num_queries'] - 1}")
+        if query is not None and not 0 <= query < info.num_queries:
+            raise ConfigError(f"query {query} is out of range 0..{info.num_queries - 1}")
         table = load_file(str(self.directory / formats.topk_file(query_set)))
         mask = (table["query"] == (-1 if query is None else query)) & (table["kind"] == KINDS.index(kind))
         mask &= table["score"] > 0 if kind == "helpful" else table["score"] < 0
@@ -84,7 +95,7 @@ class Results:
 
     def phases(self, query_set: str) -> dict[str, Any]:
         """Phase summary of a query set (boundaries, ranges, shares)."""
-        return self._query_set(query_set)["phases"]  # type: ignore[no-any-return]
+        return self._query_set(query_set).phases
 
     def totals(self, query_set: str) -> np.ndarray:
         """(N, Q) total influence of each example (sum over its occurrences) on each query."""

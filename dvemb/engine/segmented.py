@@ -181,9 +181,7 @@ def run_segment(
     first, stop = plan.boundaries[index], plan.boundaries[index + 1]
     shard_offsets = np.cumsum([0, *(log.num_rows(i) for i in range(log.num_shards()))])
     overlapping = [
-        i
-        for i, entry in enumerate(log.manifest["shards"])
-        if int(entry["last_step"]) >= first and int(entry["first_step"]) < stop
+        i for i, entry in enumerate(log.info.shards or ()) if entry.last_step >= first and entry.first_step < stop
     ]
     # The local file's row 0 is the first row of the segment's first shard: its rows of earlier steps (at most one
     # shard's) stay zero, so that the rows' places need no shard read before the recursion.

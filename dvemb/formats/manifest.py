@@ -60,6 +60,9 @@ class LayerEntry:
     basis: str = "seeded"
     parameters: int | None = None
     tied: tuple[str, ...] = ()
+    #: How the log carries Adam's second moment for this layer (``"both"``, ``"factors"``, ``"none"``...); None:
+    #: the key is absent (logs before it, or no Adam).
+    second_moment: str | None = None
 
     @property
     def dim(self) -> int:
@@ -86,6 +89,7 @@ class LayerEntry:
                 basis=str(entry.get("basis", "seeded")),
                 parameters=entry.get("parameters"),
                 tied=tuple(_str(f"{where} tied", t, LAYER_NAME) for t in entry.get("tied") or ()),
+                second_moment=None if entry.get("second_moment") is None else str(entry["second_moment"]),
             )
         except KeyError as exc:
             raise ManifestError(f"{where} lacks {exc.args[0]!r}") from None
@@ -98,6 +102,8 @@ class LayerEntry:
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["tied"] = list(self.tied)
+        if self.second_moment is None:
+            del out["second_moment"]  # absent in the file: absent again
         return out
 
 
@@ -233,6 +239,62 @@ class Manifest:
     def total_dim(self) -> int:
         """Length of the concatenated projected vector of all layers."""
         return sum(layer.dim for layer in self.layers)
+
+    # Fields kept in ``other`` (written by dvemb.formats.manifest_builder; docs/format.md), typed for readers.
+
+    @property
+    def model(self) -> str | None:
+        """The recorded model's class name, when the recorder knew it."""
+        value = self.other.get("model")
+        return value if isinstance(value, str) else None
+
+    @property
+    def curvature(self) -> dict[str, Any]:
+        """The curvature entry (``mode``, ``samples``, ``rows_per_example``, ``estimator``...); empty when absent."""
+        value = self.other.get("curvature")
+        return dict(value) if isinstance(value, dict) else {}
+
+    @property
+    def curvature_mode(self) -> str | None:
+        """``"ggn"``, ``"empirical"``..., or None for a log that does not say."""
+        mode = self.curvature.get("mode")
+        return str(mode) if mode is not None else None
+
+    @property
+    def optimizer(self) -> dict[str, Any]:
+        """The optimizer entry (``type``, ``propagation``, groups, second moments); empty when not recorded."""
+        value = self.other.get("optimizer")
+        return dict(value) if isinstance(value, dict) else {}
+
+    @property
+    def tracked_parameters(self) -> int | None:
+        """Parameters of the tracked layers (None: not recorded)."""
+        value = self.other.get("tracked_parameters")
+        return int(value) if isinstance(value, int) else None
+
+    @property
+    def total_parameters(self) -> int | None:
+        """Parameters of the whole model (None: not recorded)."""
+        value = self.other.get("total_parameters")
+        return int(value) if isinstance(value, int) else None
+
+    @property
+    def id_type(self) -> str | None:
+        """``"int"`` or ``"str"``: the type of the example ids (None before the first step)."""
+        value = self.other.get("id_type")
+        return str(value) if value is not None else None
+
+    @property
+    def example_files(self) -> list[dict[str, Any]]:
+        """The example-metadata files' entries (``file``, ``bytes``, ``sha256``...)."""
+        value = self.other.get("example_files")
+        return [dict(e) for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+    @property
+    def projection_files(self) -> list[dict[str, Any]]:
+        """The projection files' entries (learned bases), if any."""
+        value = self.other.get("projection_files")
+        return [dict(e) for e in value if isinstance(e, dict)] if isinstance(value, list) else []
 
     @classmethod
     def from_json(cls, data: Any, *, max_world_size: int = 4096) -> Manifest:

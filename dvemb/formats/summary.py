@@ -41,6 +41,10 @@ class Approximation:
         return {"kind": self.kind, "label": self.label, "detail": self.detail}
 
 
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 def _approximations(data: Any) -> tuple[Approximation, ...]:
     """The summary's ``approximations`` (none in a summary written before the field existed)."""
     if data is None:
@@ -58,6 +62,7 @@ class QuerySetSummary:
     num_queries: int
     boundaries: tuple[int, int]  # first step of the basin, first step of the late phase
     phases: dict[str, Any]
+    query_ids: tuple[int | str, ...] = ()  # each query's id (the query example's), in column order
 
     @classmethod
     def from_json(cls, name: str, data: Any) -> QuerySetSummary:
@@ -68,7 +73,14 @@ class QuerySetSummary:
             raise SummaryError(f"query set {name!r}: needs num_queries and phases.boundaries [basin, late]") from None
         if num < 1 or not 0 <= first <= second:
             raise SummaryError(f"query set {name!r}: {num} queries, boundaries {[first, second]}")
-        return cls(name=name, num_queries=num, boundaries=(first, second), phases=dict(data["phases"]))
+        ids = data.get("query_ids") or ()
+        return cls(
+            name=name,
+            num_queries=num,
+            boundaries=(first, second),
+            phases=dict(data["phases"]),
+            query_ids=tuple(i if isinstance(i, int | str) else str(i) for i in ids),
+        )
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,13 @@ class Summary:
     save_embeddings: bool
     propagation_label: str | None
     removal: str  # what removing an occurrence meant: "batch" or "weight" (the engine's; "weight" before it said)
+    propagation: str | None  # the propagation's name ("adamw", "sgd"...)
+    curvature: str | None  # the curvature the log recorded ("ggn", "empirical"...)
+    fingerprint: str | None  # of the log and options the scores were computed from
+    seconds: float | None  # the computation's wall time
+    segments: int  # steps ranges computed apart and combined (1: one pass)
+    note: str | None  # what the engine wants the reader to know (None: nothing)
+    dynamics: dict[str, Any]  # value dynamics by series (docs/results.md; empty without checkpoint query sets)
     query_sets: dict[str, QuerySetSummary]
     approximations: tuple[Approximation, ...]
     approximations_known: bool  # False: an older summary, written before the engine listed them
@@ -102,6 +121,13 @@ class Summary:
                 save_embeddings=bool(arguments.get("save_embeddings", True)),
                 propagation_label=data.get("propagation_label"),
                 removal=str(data.get("removal", "weight")),
+                propagation=_optional_str(data.get("propagation")),
+                curvature=_optional_str(data.get("curvature")),
+                fingerprint=_optional_str(data.get("fingerprint")),
+                seconds=float(data["seconds"]) if data.get("seconds") is not None else None,
+                segments=int(data.get("segments", 1)),
+                note=_optional_str(data.get("note")),
+                dynamics=dict(data.get("dynamics") or {}),
                 query_sets={str(n): QuerySetSummary.from_json(str(n), q) for n, q in sets.items()},
                 approximations=_approximations(data.get("approximations")),
                 approximations_known=data.get("approximations") is not None,

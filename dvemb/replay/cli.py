@@ -67,8 +67,8 @@ def _replay(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
     )
     save_replay(result, args.out)
-    report: dict[str, Any] = {k: v for k, v in result.summary.items() if k not in ("probe", "query_losses")}
-    report["probe"] = {k: v for k, v in result.summary["probe"].items() if k != "records"}
+    report: dict[str, Any] = {k: v for k, v in result.record.items() if k not in ("probe", "query_losses")}
+    report["probe"] = {k: v for k, v in result.record["probe"].items() if k != "records"}
     if not args.no_trust and (Path(args.out) / "summary.json").exists():
         report["trust"] = trust(args.out, args.query_set)
         print(describe(report["trust"]), file=sys.stderr)

@@ -112,26 +112,27 @@ def trust(results_dir: str | Path, query_set: str, *, write: bool = True) -> dic
     fast = np.asarray(results.scores(query_set), dtype=np.float64)
     steps = results.row_step.tolist()
     ids = [results.example_ids[i] for i in results.example_index.tolist()]
-    if replay.summary["rows_digest"] != rows_digest(steps, ids):
+    if replay.record["rows_digest"] != rows_digest(steps, ids):
         raise ConfigError(
             f"the replay of {query_set!r} scores other occurrences than the results in {path} "
             "(another run, order or log)"
         )
-    exact, removal = _same_removal(replay.scores, replay.removal, results.summary.get("removal", "weight"), steps)
+    summary = results.info
+    exact, removal = _same_removal(replay.scores, replay.removal, summary.removal, steps)
     fast_mean, exact_mean = fast.mean(1), exact.mean(1)
     record: dict[str, Any] = {
         "format": "dvemb-trust",
         "version": 1,
         "query_set": query_set,
         "removal": removal,
-        "propagation": results.summary.get("propagation"),
-        "steps": results.summary.get("steps"),
-        "fingerprint": results.summary.get("fingerprint"),
+        "propagation": summary.propagation,
+        "steps": summary.steps,
+        "fingerprint": summary.fingerprint,
         "all": agreement(fast_mean, exact_mean),
         "phases": _per_phase(results.phases(query_set), np.asarray(steps), fast_mean, exact_mean),
         "per_query_spearman": _per_query(fast, exact),
-        "probe": {k: v for k, v in replay.summary["probe"].items() if k != "records"},
-        "replay_loss_gap": replay.summary.get("loss_gap"),
+        "probe": {k: v for k, v in replay.record["probe"].items() if k != "records"},
+        "replay_loss_gap": replay.record.get("loss_gap"),
     }
     record["first_order_predictable"] = _predictable(record["probe"])
     record["first_order_verdict"] = _verdict(record["probe"])

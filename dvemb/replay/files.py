@@ -42,9 +42,14 @@ class Replay:
     summary: dict[str, Any]
 
     @property
+    def record(self) -> dict[str, Any]:
+        """The JSON record (``replay-<set>.json``; the ``summary`` field, by its file's name)."""
+        return self.summary
+
+    @property
     def removal(self) -> str:
         """``"batch"`` or ``"weight"``."""
-        return str(self.summary["removal"])
+        return str(self.record["removal"])
 
 
 def replay_files(query_set: str) -> tuple[str, str]:
@@ -78,12 +83,12 @@ def load_replay(directory: str | Path, query_set: str) -> Replay:
     scores_name, record_name = replay_files(query_set)
     if not (path / record_name).exists():
         raise ConfigError(f"{path} holds no replay of query set {query_set!r} ({record_name} is missing)")
-    summary = json.loads((path / record_name).read_text())
-    if summary.get("format") != FORMAT or summary.get("version") != VERSION:
+    record = json.loads((path / record_name).read_text())
+    if record.get("format") != FORMAT or record.get("version") != VERSION:
         raise ConfigError(f"{path / record_name} is not a {FORMAT} version {VERSION} record")
     scores = np.load(path / scores_name, allow_pickle=False)
-    if scores.ndim != 2 or scores.shape[0] != summary["occurrences"]:
+    if scores.ndim != 2 or scores.shape[0] != record["occurrences"]:
         raise ConfigError(
-            f"{path / scores_name} has shape {scores.shape}; the record says {summary['occurrences']} rows"
+            f"{path / scores_name} has shape {scores.shape}; the record says {record['occurrences']} rows"
         )
-    return Replay(query_set=query_set, scores=scores, summary=summary)
+    return Replay(query_set=query_set, scores=scores, summary=record)

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from dvemb.formats import Summary
+from dvemb.formats import Manifest, Summary
 from server.db.states import FileStatus, JobStatus, QueryStatus, ReplayStatus, RunStatus, SegmentStatus
 
 
@@ -79,6 +79,12 @@ class Run(Base):
     num_examples: Mapped[int | None] = mapped_column(Integer)
     manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+    @property
+    def rank_manifests(self) -> list[Manifest]:
+        """Every rank's manifest, typed (dvemb.formats.Manifest), once the validator has accepted them all (empty
+        before). The column keeps them as JSON: ``{"ranks": [...]}``, written by worker/validation.py."""
+        return [Manifest.from_json(m) for m in (self.manifest or {}).get("ranks") or []]
 
 
 class LogFile(Base):

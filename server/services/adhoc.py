@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from dvemb.formats import Manifest
 from server.db.models import AdhocQuery, Job, Run
 from server.db.states import JobStatus
 
@@ -24,10 +23,8 @@ MAX_ANSWER_ROWS = 10_000  # queries x top_k, per kind: the answer is stored and 
 
 def layer_dims(run: Run) -> list[tuple[str, int]]:
     """(layer name, projected size) in manifest order (the run's manifest was validated on upload)."""
-    ranks = (run.manifest or {}).get("ranks") or []
-    if not ranks:
-        return []
-    return [(layer.name, layer.dim) for layer in Manifest.from_json(ranks[0]).layers]
+    ranks = run.rank_manifests
+    return [(layer.name, layer.dim) for layer in ranks[0].layers] if ranks else []
 
 
 def create_query(

@@ -80,8 +80,9 @@ def scores_by_phase(*, job: Job, query_set: str, sample: int, storage: Storage) 
 
 
 def dynamics(job: Job) -> dict[str, Any]:
-    """The job's value dynamics by series (``summary["dynamics"]``; empty when the log recorded no checkpoint)."""
-    return dict((job.summary or {}).get("dynamics") or {})
+    """The job's value dynamics by series (the summary's ``dynamics``; empty when the log recorded no checkpoint)."""
+    summary = job.results
+    return dict(summary.dynamics) if summary is not None else {}
 
 
 def dynamics_series(job: Job, series: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dvemb.formats import Manifest
 from server.db.leases import task_deadline
 from server.db.models import Job, Project, Run
 from server.db.run_files import missing_files
@@ -32,8 +31,8 @@ def start_job(session: Session, *, project: Project, run_id: int, options: dict[
     missing = missing_files(session, run=run)
     if run.status != RunStatus.READY or missing:
         raise Conflict(f"run {run.name!r} is not ready to analyse: missing or unvalidated files {missing[:5]}")
-    ranks = (run.manifest or {}).get("ranks", [])
-    available = {q.name for q in Manifest.from_json(ranks[0]).query_sets} if ranks else set()
+    ranks = run.rank_manifests
+    available = {q.name for q in ranks[0].query_sets} if ranks else set()
     unknown = sorted(set(options.get("query_sets") or []) - available)
     if unknown:
         raise Conflict(f"query set(s) {unknown} are not in this run's log, which has {sorted(available)}")

@@ -235,9 +235,9 @@ def _job_steps() -> Any:
     """The job's number of steps (at least 1, as the ORM read takes it), read from its summary by the statement
     itself: an uncorrelated subquery on its own alias of the job, so the database evaluates it once, not per
     curve point."""
-    job = aliased(Job)
-    steps = job.summary["steps"].as_integer()
-    return select(case((steps > 0, steps), else_=1)).where(job.id == bindparam("job_id")).scalar_subquery()
+    alias = aliased(Job)
+    steps = alias.summary["steps"].as_integer()
+    return select(case((steps > 0, steps), else_=1)).where(alias.id == bindparam("job_id")).scalar_subquery()
 
 
 @lru_cache(maxsize=1)

@@ -189,14 +189,15 @@ def test_auto_blocks_choose_full_m_for_one_optimizer_setting(tmp_path: Path, lay
 
 
 def test_auto_blocks_fall_back_to_layers_above_the_size_limit() -> None:
-    one_group = SimpleNamespace(manifest={"optimizer": {"param_groups": [{"lr": 0.1}], "layer_groups": [0, 0]}})
+    # Logs whose typed manifest (GradientLog.info) holds only the optimizer entry; the last one records none.
+    one_group = SimpleNamespace(info=SimpleNamespace(optimizer={"param_groups": [{"lr": 0.1}], "layer_groups": [0, 0]}))
     two_groups = SimpleNamespace(
-        manifest={"optimizer": {"param_groups": [{"lr": 0.1}, {"lr": 0.2}], "layer_groups": [0, 1]}}
+        info=SimpleNamespace(optimizer={"param_groups": [{"lr": 0.1}, {"lr": 0.2}], "layer_groups": [0, 1]})
     )
     unused_group = SimpleNamespace(
-        manifest={"optimizer": {"param_groups": [{"lr": 0.1}, {"lr": 0.2}], "layer_groups": [1, 1]}}
+        info=SimpleNamespace(optimizer={"param_groups": [{"lr": 0.1}, {"lr": 0.2}], "layer_groups": [1, 1]})
     )
-    hand_written = SimpleNamespace(manifest={"optimizer": None})
+    hand_written = SimpleNamespace(info=SimpleNamespace(optimizer={}))
     assert resolve_blocks("auto", one_group, AUTO_FULL_MAX_DIM) == "full"  # type: ignore[arg-type]
     assert resolve_blocks("auto", one_group, AUTO_FULL_MAX_DIM + 1) == "layer"  # type: ignore[arg-type]
     assert resolve_blocks("auto", two_groups, 64) == "layer"  # type: ignore[arg-type]

@@ -35,7 +35,7 @@ def phase_figure(
     else:
         curve = data.query_curve(job=job, query_set=query_set, query=query, points=points, storage=storage)
     phases = results.phases(session, job=job, query_set=query_set)
-    ids = (job.summary or {}).get("query_sets", {}).get(query_set, {}).get("query_ids") or []
+    ids = results.summary_of(job).query_set(query_set).query_ids
     name = ids[query] if query is not None and query < len(ids) else query  # the query's id, not its index
     title = query_set + ("" if query is None else f", query {name}")
     return figures.phase_figure(curve, phases, view=view, smooth=smooth, title=title)
