@@ -39,6 +39,31 @@ def test_the_typed_manifest_reads_what_the_writer_writes_and_gives_it_back(log_d
     assert set(formats.listed_files([data])) == {p.name for p in log_dir.iterdir() if formats.is_log_file_name(p.name)}
 
 
+def test_the_typed_manifest_gives_back_an_adamw_log_and_the_shipped_one(log_dir: Path) -> None:
+    """Fields the typed manifest models beyond the basics (each layer's ``second_moment``, the optimizer, curvature,
+    parameter counts, the id type) come back as written, and read typed."""
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    rec = dvemb.Recorder(model, log_dir, curvature="ggn")
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    for _ in range(2):
+        with rec.step([1, 2, 3, 4], optimizer):
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    rec.close()
+    data = json.loads((log_dir / formats.MANIFEST).read_text())
+    manifest = Manifest.from_json(data)
+    assert manifest.to_json() == data
+    assert any(layer.second_moment is not None for layer in manifest.layers)
+    assert manifest.optimizer["type"] == "AdamW" and manifest.curvature_mode == "ggn" and manifest.id_type == "int"
+    assert manifest.tracked_parameters == data["tracked_parameters"] and manifest.model == data["model"]
+    log = dvemb.open_log(log_dir)
+    assert log.info.layers == manifest.layers and log.info.num_steps == 2
+    shipped = json.loads((Path(__file__).parent / "data" / "log_v2" / formats.MANIFEST).read_text())
+    assert Manifest.from_json(shipped).to_json() == shipped
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
