@@ -23,6 +23,7 @@ from dvemb.formats import (
     is_manifest_name,
     is_replay_bundle_name,
 )
+from dvemb.formats.statuses import JOB_FINISHED, REPLAY_FINISHED
 
 CHUNK = 8 << 20
 _QUOTA_WAIT_S = 10  # the server's Retry-After for the project's quota of files waiting for validation
@@ -272,7 +273,7 @@ def wait_for_job(server: str, token: str, job_id: int, poll_s: float = 1.0) -> d
         job: dict[str, Any] = api.call("GET", f"/jobs/{job_id}")
         sys.stderr.write(f"\rjob {job_id}: {job['status']} {100 * float(job.get('progress') or 0):5.1f}%   ")
         sys.stderr.flush()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if job["status"] in JOB_FINISHED:
             sys.stderr.write("\n")
             return job
         time.sleep(poll_s)
@@ -326,7 +327,7 @@ def start_replay(
     api = _Api(server, token)
     body = {"query_set": query_set, "probe": probe}
     started: dict[str, Any] = api.call("POST", f"/jobs/{job}/replays", json=body)
-    while wait and started["status"] not in ("succeeded", "failed"):
+    while wait and started["status"] not in REPLAY_FINISHED:
         time.sleep(poll_s)
         started = api.call("GET", f"/jobs/{job}/replays/{started['id']}")
         sys.stderr.write(f"\rreplay {started['id']}: {started['status']} {100 * float(started['progress']):5.1f}%   ")

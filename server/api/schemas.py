@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
+from dvemb.formats.statuses import FileStatus, JobStatus, ReplayStatus, RunStatus
 from server.settings import get_settings
 
 
@@ -19,7 +20,7 @@ class RunPublic(BaseModel):
 
     id: int
     name: str
-    status: str
+    status: RunStatus
     size_bytes: int
     num_steps: int | None
     num_examples: int | None
@@ -38,7 +39,7 @@ class LogFilePublic(BaseModel):
     upload_id: str
     size_bytes: int
     offset: int
-    status: str
+    status: FileStatus
     error: str | None
 
 
@@ -116,7 +117,7 @@ class JobPublic(BaseModel):
 
     id: int
     run_id: int
-    status: str
+    status: JobStatus
     options: dict[str, Any]
     progress: float
     current_step: int | None
@@ -300,7 +301,7 @@ class ReplayPublic(BaseModel):
     id: int
     job_id: int
     query_set: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: ReplayStatus
     options: dict[str, Any]
     progress: float = Field(description="share of the replay done: its forward pass is the first half")
     summary: dict[str, Any] | None = Field(

@@ -29,6 +29,9 @@ from sqlalchemy import update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
+# The statuses are part of the API's contract: they live with the formats, where the client reads them too.
+from dvemb.formats.statuses import FileStatus, JobStatus, QueryStatus, ReplayStatus, RunStatus, SegmentStatus
+
 __all__ = [
     "FileStatus",
     "JobStatus",
@@ -39,52 +42,6 @@ __all__ = [
     "can_move",
     "transition",
 ]
-
-
-class RunStatus(StrEnum):
-    CREATED = "created"
-    UPLOADING = "uploading"
-    READY = "ready"
-    FAILED = "failed"
-
-
-class FileStatus(StrEnum):
-    UPLOADING = "uploading"
-    RECEIVED = "received"
-    VALIDATING = "validating"
-    READY = "ready"
-    REJECTED = "rejected"
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class QueryStatus(StrEnum):
-    QUEUED = "queued"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-class ReplayStatus(StrEnum):
-    """An exact replay of a job's run on one query set (worker/replays.py)."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-class SegmentStatus(StrEnum):
-    """One segment of a segmented job (worker/segments.py)."""
-
-    WAITING = "waiting"
-    RUNNING = "running"
-    DONE = "done"
 
 
 #: For each status, the statuses a resource may move to from it (a status may be "moved" to itself when the
