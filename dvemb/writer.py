@@ -28,6 +28,7 @@ from safetensors.torch import save, save_file
 
 from dvemb import formats
 from dvemb import logformat as fmt
+from dvemb.atomic import replacing, write_bytes_atomic
 from dvemb.errors import ConfigError
 from dvemb.formats import index_line, index_name
 from dvemb.formats.manifest_builder import ManifestBuilder
@@ -75,23 +76,10 @@ def _record_bytes(record: StepRecord) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON to ``path`` through a fsynced temporary file and an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with replacing(path, durable=True) as tmp, tmp.open("w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
@@ -219,23 +207,12 @@ class LogWriter:
         self._index_bytes += len(line)
 
     def _write_bytes_atomic(self, name: str, data: bytes) -> None:
-        final = self.directory / name
-        tmp = final.with_name(name + ".tmp")
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        write_bytes_atomic(self.directory / name, data, durable=True)
 
     def _write_tensors_atomic(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
         final = self.directory / name
-        tmp = final.with_name(name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        with replacing(final, durable=True) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         return final
 
     # -- steps ------------------------------------------------------------------------------------
@@ -391,13 +368,9 @@ class LogWriter:
         self._wait()
         index = len(self.manifest["example_files"])
         final = self.directory / formats.examples_file_name(index, self.rank)
-        tmp = final.with_name(final.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+        with replacing(final, durable=True) as tmp, tmp.open("w", encoding="utf-8") as f:
             for record in self._examples:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
         entry = _file_entry(final)
         entry["num_examples"] = len(self._examples)
         self.manifest["example_files"].append(entry)
