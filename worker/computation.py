@@ -12,13 +12,14 @@ from typing import Any
 
 from sqlalchemy import func, literal, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from dvemb.engine import ComputeArguments, ComputeProgress, compute
 from dvemb.engine.compute import is_segmented, prepare_out
 from dvemb.errors import DvembError
 from dvemb.formats import Summary, is_replay_bundle_name
 from dvemb.reader import open_log
-from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, hold, holder
+from server.db.leases import Lease, LeaseHeld, hold
 from server.db.models import Job, Run
 from server.db.session import session_factory
 from server.db.states import JobStatus, transition
@@ -64,96 +65,97 @@ def run_compute(job_id: int, transient_retries_left: int = 0) -> None:
     storage = get_storage()
     factory = session_factory()
     lease = get_settings().job_lease_seconds
-    with factory() as session:
-        now = dt.datetime.now(dt.UTC)
-        # Claim the job conditionally: a cancel committed after we would have read the row must not be
-        # overwritten by a plain write of 'running' (the job would then run to 'succeeded'); a running job is
-        # taken over only when its lease has expired (its worker died), never while its worker computes it.
-        job = session.get(Job, job_id)
-        claimed = job is not None and claim(
-            session,
-            job,
-            working=JobStatus.RUNNING,
-            waiting=JobStatus.QUEUED,
-            lease=lease,
-            started_at=func.coalesce(Job.started_at, literal(now, Job.__table__.c.started_at.type)),
-            stored_fraction=None,  # an earlier attempt's rows are deleted and written again
-        )
-        session.commit()
-        if not claimed:
-            if job is not None and job.status == JobStatus.RUNNING:
-                raise LeaseHeld(lease)  # delivered again while another worker computes it
-            return  # done, cancelled or deleted: nothing to do (idempotent re-delivery)
-        assert job is not None
-        limit = get_settings().task_max_attempts
-        if job.attempts > limit:  # each attempt ended with its worker gone (killed, out of memory): stop looping
-            problem = (
-                f"the job was started {limit} times and its worker stopped each time before it finished (out of "
-                "memory? killed?); retry it once the cause is fixed, or with fewer query sets or a smaller top_k"
-            )
-            transition(session, job, JobStatus.FAILED, error=problem, finished_at=dt.datetime.now(dt.UTC))
-            session.commit()
+    now = dt.datetime.now(dt.UTC)
+    # Claimed conditionally (server/db/leases.py, Lease): a cancel committed after we would have read the row must
+    # not be overwritten by a plain write of 'running' (the job would then run to 'succeeded'); a running job is
+    # taken over only when its lease has expired (its worker died), never while its worker computes it (LeaseHeld).
+    # Every later write of this attempt is conditional on the claim's token (held.mine), so a worker whose lease was
+    # taken over (or whose job was cancelled and retried) can no longer write anything. A transient database error
+    # (OperationalError: a hiccup, a lock timeout) hands the claim back uncounted: the cap is for workers that die.
+    with Lease(
+        Job,
+        job_id,
+        working=JobStatus.RUNNING,
+        waiting=JobStatus.QUEUED,
+        lease=lease,
+        transient_retries_left=transient_retries_left,
+        gave_up=_gave_up,
+        fail=_fail_over_cap,
+        started_at=func.coalesce(Job.started_at, literal(now, Job.__table__.c.started_at.type)),
+        stored_fraction=None,  # an earlier attempt's rows are deleted and written again
+    ) as held:
+        if not held:
+            return  # done, cancelled, deleted, or past the attempt cap: nothing to do (idempotent re-delivery)
+        mine, options, run_id = held.mine, dict(held.row.options), int(held.row.run_id)
+        # On a bucket: the log is copied to this machine (a bounded cache), the results are computed in its scratch
+        # directory (where a redelivered task on this machine resumes from the checkpoint) and put back once
+        # complete.
+        out = storage.results_workdir(run_id, job_id)
+        args = compute_arguments(options)
+        try:
+            _compute_and_store(SegmentedJob(job_id, run_id, Path(), out, args, storage, lease), mine)
+        except JobCancelled:
             return
-        options, run_id = dict(job.options), int(job.run_id)
-        # This claim's token: every later write of this attempt is conditional on it, so a worker whose lease was
-        # taken over (or whose job was cancelled and retried) can no longer write anything.
-        mine = holder(job)
-    # On a bucket: the log is copied to this machine (a bounded cache), the results are computed in its scratch
-    # directory (where a redelivered task on this machine resumes from the checkpoint) and put back once complete.
-    out = storage.results_workdir(run_id, job_id)
-    args = compute_arguments(options)
-    try:
-        with (
-            Heartbeat(Job, job_id, JobStatus.RUNNING, lease, mine),
-            storage.local_copy(log_key(run_id), keep=_log_only) as log,
-        ):
-            summary = _compute(SegmentedJob(job_id, run_id, log, out, args, storage, lease), mine)
-            # The rows are written while the job is still running, in short transactions fenced by this claim;
-            # the job becomes 'succeeded' (its rows visible) only in the last one.
-            writer = ShortTransactions(factory, _fence(job_id, mine, lease), _stored_fraction(job_id))
-            store_results(writer, job_id, out, summary, example_metadata(log))
-            storage.save_results(run_id, job_id, out)  # before the job is visible as succeeded
-            # Before the job is visible as succeeded: its first comparison is planned with the new rows counted.
-            refresh_statistics(factory)
+        except OperationalError:
+            raise  # transient: the lease hands the claim back and the task retries
+        except Exception as exc:  # the job fails with the reason in words rather than staying 'running'
+            problem = storage.public_message(_in_words(exc))
             with factory() as session:
-                # Conditional: a cancel that lands while the rows are written wins (the rows are then unused).
                 job = session.get(Job, job_id)
-                done = job is not None and transition(
-                    session,
-                    job,
-                    JobStatus.SUCCEEDED,
-                    when=mine,
-                    summary=summary,
-                    progress=1.0,
-                    eta_seconds=0.0,
-                    stored_fraction=1.0,
-                    finished_at=dt.datetime.now(dt.UTC),
-                )
-                if not done:
-                    session.rollback()
-                    return
-                # The runs list shows how many examples the run trained on (known once a computation read it).
-                examples = Summary.from_json(summary).examples
-                session.execute(update(Run).where(Run.id == run_id).values(num_examples=examples))
+                if job is not None:  # a cancel that came first, or another attempt, stands
+                    now = dt.datetime.now(dt.UTC)
+                    transition(session, job, JobStatus.FAILED, when=mine, error=problem, finished_at=now)
                 session.commit()
-            storage.release_workdir(run_id, job_id)
-    except JobCancelled:
-        return
-    except OperationalError:
-        # Transient (a database hiccup, a lock timeout): the task retries, and this attempt does not count toward
-        # the cap, which is for workers that die; the last retry leaves the lease to expire (the reconciler then
-        # queues the job again, and that attempt counts), so a database error that persists still ends.
-        if transient_retries_left > 0:
-            hand_back(factory, Job, job_id, JobStatus.RUNNING, mine)
-        raise
-    except Exception as exc:  # the job fails with the reason in words rather than staying 'running'
-        problem = storage.public_message(_in_words(exc))
+
+
+def _compute_and_store(job: SegmentedJob, mine: Any) -> None:
+    """The claimed job's computation, its rows and results stored, and the job 'succeeded' (unless a cancel won)."""
+    factory = session_factory()
+    storage, job_id, run_id, out = job.storage, job.job_id, job.run_id, job.out
+    with storage.local_copy(log_key(run_id), keep=_log_only) as log:
+        summary = _compute(dataclasses.replace(job, log=log), mine)
+        # The rows are written while the job is still running, in short transactions fenced by this claim;
+        # the job becomes 'succeeded' (its rows visible) only in the last one.
+        writer = ShortTransactions(factory, _fence(job_id, mine, job.lease), _stored_fraction(job_id))
+        store_results(writer, job_id, out, summary, example_metadata(log))
+        storage.save_results(run_id, job_id, out)  # before the job is visible as succeeded
+        # Before the job is visible as succeeded: its first comparison is planned with the new rows counted.
+        refresh_statistics(factory)
         with factory() as session:
-            job = session.get(Job, job_id)
-            if job is not None:  # a cancel that came first, or another attempt, stands
-                now = dt.datetime.now(dt.UTC)
-                transition(session, job, JobStatus.FAILED, when=mine, error=problem, finished_at=now)
+            # Conditional: a cancel that lands while the rows are written wins (the rows are then unused).
+            row = session.get(Job, job_id)
+            done = row is not None and transition(
+                session,
+                row,
+                JobStatus.SUCCEEDED,
+                when=mine,
+                summary=summary,
+                progress=1.0,
+                eta_seconds=0.0,
+                stored_fraction=1.0,
+                finished_at=dt.datetime.now(dt.UTC),
+            )
+            if not done:
+                session.rollback()
+                return
+            # The runs list shows how many examples the run trained on (known once a computation read it).
+            examples = Summary.from_json(summary).examples
+            session.execute(update(Run).where(Run.id == run_id).values(num_examples=examples))
             session.commit()
+        storage.release_workdir(run_id, job_id)
+
+
+def _gave_up(cap: int) -> str:
+    return (
+        f"the job was started {cap} times and its worker stopped each time before it finished (out of "
+        "memory? killed?); retry it once the cause is fixed, or with fewer query sets or a smaller top_k"
+    )
+
+
+def _fail_over_cap(session: Session, job: Job, mine: Any, problem: str) -> None:
+    """Each attempt ended with its worker gone (killed, out of memory): the job fails rather than loop."""
+    transition(session, job, JobStatus.FAILED, error=problem, finished_at=dt.datetime.now(dt.UTC))
+    session.commit()
 
 
 def _compute(job: SegmentedJob, mine: Any) -> dict[str, Any]:

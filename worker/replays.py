@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from sqlalchemy import update
-from sqlalchemy.exc import OperationalError
 
 from dvemb.errors import DvembError
 from dvemb.formats import (
@@ -36,7 +35,7 @@ from dvemb.replay.bundle import open_bundle
 from dvemb.replay.comparison import trust_file
 from dvemb.replay.files import replay_files
 from server.db.agreements import store_agreement
-from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, hold, holder
+from server.db.leases import Lease, hold
 from server.db.models import Job, ReplayJob
 from server.db.session import session_factory
 from server.db.states import ReplayStatus, transition
@@ -60,62 +59,58 @@ def run_replay(replay_id: int, transient_retries_left: int = 0) -> None:
         LeaseHeld: another worker is replaying it (its lease is alive): the task should come back later.
     """
     factory = session_factory()
-    settings = get_settings()
-    lease = settings.job_lease_seconds
-    with factory() as session:
-        row = session.get(ReplayJob, replay_id)
-        claimed = row is not None and claim(
-            session, row, working=ReplayStatus.RUNNING, waiting=ReplayStatus.QUEUED, lease=lease
-        )
-        session.commit()
-        if not claimed:
-            if row is not None and row.status == ReplayStatus.RUNNING:
-                raise LeaseHeld(lease)
-            return  # done, failed or deleted
-        assert row is not None
-        mine = holder(row)
-        if row.attempts > settings.task_max_attempts:
-            _fail(
-                replay_id,
-                mine,
-                f"the replay was started {settings.task_max_attempts} times and its worker stopped each time before "
-                "it finished (out of memory? killed?); ask again with a larger checkpoint_every once the cause is "
-                "fixed",
-            )
-            return
-        job = session.get(Job, row.job_id)
-        assert job is not None
-        run_id, job_id, query_set, options = int(job.run_id), int(job.id), row.query_set, dict(row.options)
-        removal = Summary.from_json(job.summary).removal if job.summary else "auto"
-    try:
-        with Heartbeat(ReplayJob, replay_id, ReplayStatus.RUNNING, lease, mine):
-            record, summary = _replay(get_storage(), run_id, job_id, replay_id, query_set, options, removal, mine)
+    lease = get_settings().job_lease_seconds
+    # The jobs' lease (server/db/leases.py, Lease): claimed once, taken over when its worker died, failed at the
+    # attempt cap, every write fenced by the claim's token; a transient database error hands the claim back.
+    with Lease(
+        ReplayJob,
+        replay_id,
+        working=ReplayStatus.RUNNING,
+        waiting=ReplayStatus.QUEUED,
+        lease=lease,
+        transient_retries_left=transient_retries_left,
+        gave_up=_gave_up,
+        fail=lambda _session, row, mine, problem: _fail(row.id, mine, problem),
+    ) as held:
+        if not held:
+            return  # done, failed, deleted, or past the attempt cap
+        mine, query_set, options = held.mine, held.row.query_set, dict(held.row.options)
         with factory() as session:
-            job = session.get(Job, job_id)
-            if job is None or not hold(session, ReplayJob, replay_id, ReplayStatus.RUNNING, mine, lease):
-                session.rollback()
-                return
-            store_agreement(session, job_id=job_id, query_set=query_set, record=record)
-            row = session.get(ReplayJob, replay_id)
-            assert row is not None
-            transition(
-                session,
-                row,
-                ReplayStatus.SUCCEEDED,
-                when=mine,
-                summary=summary,
-                progress=1.0,
-                lease_expires_at=None,
-                finished_at=dt.datetime.now(dt.UTC),
-            )
-            session.commit()
-        get_storage().delete_prefix(work_key(run_id, job_id, query_set))
-    except OperationalError:
-        if transient_retries_left > 0:
-            hand_back(factory, ReplayJob, replay_id, ReplayStatus.RUNNING, mine)
-        raise
-    except DvembError as error:  # the bundle, the log or the options: the user's to fix, said in words
-        _fail(replay_id, mine, get_storage().public_message(str(error)))
+            job = session.get(Job, held.row.job_id)
+            assert job is not None
+            run_id, job_id = int(job.run_id), int(job.id)
+            removal = Summary.from_json(job.summary).removal if job.summary else "auto"
+        try:
+            record, summary = _replay(get_storage(), run_id, job_id, replay_id, query_set, options, removal, mine)
+            with factory() as session:
+                job = session.get(Job, job_id)
+                if job is None or not hold(session, ReplayJob, replay_id, ReplayStatus.RUNNING, mine, lease):
+                    session.rollback()
+                    return
+                store_agreement(session, job_id=job_id, query_set=query_set, record=record)
+                row = session.get(ReplayJob, replay_id)
+                assert row is not None
+                transition(
+                    session,
+                    row,
+                    ReplayStatus.SUCCEEDED,
+                    when=mine,
+                    summary=summary,
+                    progress=1.0,
+                    lease_expires_at=None,
+                    finished_at=dt.datetime.now(dt.UTC),
+                )
+                session.commit()
+            get_storage().delete_prefix(work_key(run_id, job_id, query_set))
+        except DvembError as error:  # the bundle, the log or the options: the user's to fix, said in words
+            _fail(replay_id, mine, get_storage().public_message(str(error)))
+
+
+def _gave_up(cap: int) -> str:
+    return (
+        f"the replay was started {cap} times and its worker stopped each time before it finished (out of memory? "
+        "killed?); ask again with a larger checkpoint_every once the cause is fixed"
+    )
 
 
 def _replay(

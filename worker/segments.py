@@ -7,9 +7,9 @@ task per unfinished segment, and then works through the segments itself: it clai
 repeats; once every segment is done (by it or by other workers) it fetches the segments' files it lacks from the
 storage and combines them.
 
-A segment is claimed through the database with the jobs' own lease (server/db/leases.py: a compare-and-set, renewed by
-a heartbeat), so a claim whose worker died expires after the job's lease and is taken over. A worker runs its segment
-in its own working directory, puts the segment's two files into the storage, and only then marks it done
+A segment is claimed through the database with the jobs' own lease (server/db/leases.py, Lease: a compare-and-set,
+renewed by a heartbeat), so a claim whose worker died expires after the job's lease and is taken over. A worker runs
+its segment in its own working directory, puts the segment's two files into the storage, and only then marks it done
 (conditional on its claim). Segment results are deterministic and written atomically, so a segment run twice (a
 takeover race) costs time, never correctness; a done segment is never run again, so a killed worker's segment reruns
 alone. With one worker process the job's task simply runs every segment.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, select
 
 from dvemb.atomic import replacing
 from dvemb.engine import ComputeArguments
@@ -42,7 +42,7 @@ from dvemb.engine.segmented import (
     segment_done,
     segment_file_names,
 )
-from server.db.leases import Heartbeat, claim, holder
+from server.db.leases import Lease
 from server.db.models import JobSegment
 from server.db.session import session_factory
 from server.db.states import SegmentStatus, transition
@@ -166,38 +166,35 @@ def _run_claimed(job: SegmentedJob, plan: SegmentPlan, index: int, *, keep_local
     ``keep_local``: False for a helper on a bucket, whose copies go once they are in the storage, before the segment
     is marked done (a job's task on the same machine, seeing it done, then fetches it rather than finding files
     that are about to go)."""
-    factory = session_factory()
-    with factory() as session:
-        row = session.scalars(
-            select(JobSegment).where(
-                JobSegment.job_id == job.job_id, JobSegment.segment == index, JobSegment.plan == plan.fingerprint
-            )
-        ).first()
-        claimed = row is not None and claim(
-            session,
-            row,
-            working=SegmentStatus.RUNNING,
-            waiting=SegmentStatus.WAITING,
-            lease=job.lease,
-            process=_process(),
-        )
-        session.commit()
-        if not claimed:
+    # The jobs' Lease (server/db/leases.py), with what a segment did before it: one that another live worker holds
+    # is skipped, not waited for (raise_if_held=False: the caller moves on to another segment, or polls); it has
+    # no attempt cap of its own (no gave_up: the job's cap counts the job's own task, which takes over a segment
+    # whose worker died); and no claim of a segment is handed back after a database error (no retries given: a
+    # helper's dvemb.compute_segment task passes none, and the job's own task hands back the job's claim,
+    # worker/computation.py); the segment's lease expires and it is run again.
+    segment = and_(JobSegment.job_id == job.job_id, JobSegment.segment == index, JobSegment.plan == plan.fingerprint)
+    with Lease(
+        JobSegment,
+        segment,
+        working=SegmentStatus.RUNNING,
+        waiting=SegmentStatus.WAITING,
+        lease=job.lease,
+        raise_if_held=False,
+        process=_process(),
+    ) as held:
+        if not held:
             return False
-        assert row is not None
-        row_id, mine = row.id, holder(row)
-    with Heartbeat(JobSegment, row_id, SegmentStatus.RUNNING, job.lease, mine):
         run_segment(job.log, job.out, job.args, plan, index)
         for name in segment_file_names(index):  # the done marker (the .safetensors) last
             job.storage.put_file(job.key(name), job.local(name))
         if not keep_local:
             for name in segment_file_names(index):
                 job.local(name).unlink(missing_ok=True)
-    with factory() as session:
-        row = session.get(JobSegment, row_id)
-        if row is not None:  # a worker that took the segment over meanwhile marks it done itself
-            transition(session, row, SegmentStatus.DONE, when=mine)
-        session.commit()
+        with session_factory()() as session:
+            row = session.get(JobSegment, held.row.id)
+            if row is not None:  # a worker that took the segment over meanwhile marks it done itself
+                transition(session, row, SegmentStatus.DONE, when=held.mine)
+            session.commit()
     return True
 
 

@@ -30,7 +30,7 @@ from dvemb.formats import (
 )
 from dvemb.reader import GradientLog, check_index_file, check_manifest_file, check_rank_manifest
 from dvemb.replay.bundle import check_bundle
-from server.db.leases import Heartbeat, LeaseHeld, claim, hand_back, hold, holder, lock_run, task_deadline
+from server.db.leases import Heartbeat, Lease, hold, lock_run, take, task_deadline
 from server.db.models import LogFile, Run
 from server.db.run_files import missing_files
 from server.db.session import session_factory
@@ -49,46 +49,44 @@ def run_validate_file(file_id: int, transient_retries_left: int = 0) -> None:
     Raises:
         LeaseHeld: another validator holds the file (its lease is alive): the task should come back later.
     """
-    settings = get_settings()
-    factory = session_factory()
-    lease = settings.job_lease_seconds
-    with factory() as session:
-        upload = _claim(session, file_id, lease)
-        if upload is None:
-            return
-        # This claim's token: a validator whose file was taken over (its lease expired) writes no verdict.
-        mine = holder(upload)
-        if upload.attempts > settings.task_max_attempts:  # each validator died on it (out of memory? killed?)
-            _reject(session, upload, mine, _gave_up(settings.task_max_attempts))
-            return
+    lease = get_settings().job_lease_seconds
+    # The claim (server/db/leases.py, Lease): of two tasks for the file (a redelivery, a re-trigger), one validates;
+    # a file whose validator died (its lease expired) is taken over, and one that killed every validator is
+    # rejected (the cap). Its token: a validator whose file was taken over writes no verdict. Any database error is
+    # the database's fault, not the file's (a lost connection, a lock timeout, or a bug): the file is not rejected
+    # for it, nor told SQL; the claim is handed back uncounted and the task retries.
+    with (
+        session_factory()() as session,
+        Lease(
+            LogFile,
+            file_id,
+            working=FileStatus.VALIDATING,
+            waiting=FileStatus.RECEIVED,
+            lease=lease,
+            transient_retries_left=transient_retries_left,
+            transient=SQLAlchemyError,
+            gave_up=_gave_up,
+            fail=_reject,
+            session=session,  # the verdict is written in the claim's session
+            heartbeat=Heartbeat,  # (this module's name for it: a test stops the beats)
+        ) as held,
+    ):
+        if not held:
+            return  # judged, deleted, or rejected at the attempt cap
+        upload = held.row
         run_id = upload.run_id
-        try:
-            with Heartbeat(LogFile, file_id, FileStatus.VALIDATING, lease, mine):  # a large file takes a while
-                ready = _validate(session, upload, mine, lease)
-        except SQLAlchemyError:
-            # The database's fault, not the file's (a lost connection, a lock timeout, or a bug): the file is not
-            # rejected for it, nor told SQL. The task retries, and this attempt does not count toward the cap,
-            # which is for validators that die; the last retry leaves the lease to expire (the reconciler then
-            # queues the file again, and that attempt counts), so an error that persists still ends.
-            session.rollback()
-            if transient_retries_left > 0:
-                hand_back(factory, LogFile, file_id, FileStatus.VALIDATING, mine)
-            raise
+        ready = _validate(session, upload, held.mine, lease)  # a large file takes a while: the lease beats
     if ready:
         _settle_run(run_id)
 
 
 def _claim(session: Session, file_id: int, lease: float) -> LogFile | None:
-    """The file, claimed: of two tasks for it (a redelivery, a re-trigger), one validates; a file whose
-    validator died (its lease expired) is taken over. None when there is nothing to do (judged, deleted)."""
-    upload = session.get(LogFile, file_id)
-    claimed = upload is not None and claim(
-        session, upload, working=FileStatus.VALIDATING, waiting=FileStatus.RECEIVED, lease=lease
+    """The file, claimed (the first step of run_validate_file's Lease); None when there is nothing to do (judged,
+    deleted)."""
+    upload: LogFile | None = take(
+        session, LogFile, file_id, working=FileStatus.VALIDATING, waiting=FileStatus.RECEIVED, lease=lease
     )
-    session.commit()
-    if not claimed and upload is not None and upload.status == FileStatus.VALIDATING:
-        raise LeaseHeld(lease)  # delivered again while its validator works on it
-    return upload if claimed else None
+    return upload
 
 
 def _gave_up(cap: int) -> str:

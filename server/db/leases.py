@@ -12,6 +12,9 @@ Jobs (worker/computation.py) and uploaded files (worker/validation.py) share one
   database that only the holder may do (moving or deleting a file's bytes) comes after it, so a taken-over
   worker does nothing, and a worker taking the row over waits for that transaction;
 * :func:`hand_back` gives an attempt back uncounted after a transient database error;
+* :class:`Lease` puts these together for a worker's task, in one ``with`` block: it claims the row (:func:`take`),
+  enforces the attempt cap, gives the block the claim's token, beats for the block and hands the claim back after
+  a transient error (jobs, files, replays and segments: worker/);
 * :func:`requeue_expired` (the API's reconciler) moves rows whose lease expired back to their waiting status
   and queues their task; the attempt cap stops a row that kills every worker;
 * :func:`task_deadline` and :func:`resend_overdue`: a row waiting for its task (a ``queued`` job, a ``received``
@@ -31,11 +34,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from enum import StrEnum
+from types import TracebackType
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select, true, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.models import Run
@@ -46,6 +52,7 @@ from server.tasks import enqueue_after_commit
 
 __all__ = [
     "Heartbeat",
+    "Lease",
     "LeaseHeld",
     "claim",
     "hand_back",
@@ -54,6 +61,7 @@ __all__ = [
     "lock_run",
     "requeue_expired",
     "resend_overdue",
+    "take",
     "task_deadline",
 ]
 
@@ -94,6 +102,34 @@ def claim(session: Session, row: Any, *, working: StrEnum, waiting: StrEnum, lea
         lease_expires_at=now + dt.timedelta(seconds=lease),
         **{"error": None, **values},
     )
+
+
+def take(
+    session: Session,
+    model: Any,
+    key: int | ColumnElement[bool],
+    *,
+    working: StrEnum,
+    waiting: StrEnum,
+    lease: float,
+    raise_if_held: bool = True,
+    **values: Any,
+) -> Any | None:
+    """The row of ``model`` with id ``key`` (or the first one ``key``, a condition, finds), claimed (:func:`claim`,
+    with ``values``) and committed; None when there is nothing to do (done, failed, cancelled, deleted).
+
+    Raises:
+        LeaseHeld: another worker holds the row and its lease is alive (the task should come back later); with
+            ``raise_if_held=False`` the answer is None instead (the caller moves on to other work).
+    """
+    row = session.get(model, key) if isinstance(key, int) else session.scalars(select(model).where(key)).first()
+    claimed = row is not None and claim(session, row, working=working, waiting=waiting, lease=lease, **values)
+    session.commit()
+    if claimed:
+        return row
+    if raise_if_held and row is not None and row.status == working:
+        raise LeaseHeld(lease)  # delivered again while its worker works on it
+    return None
 
 
 def holder(row: Any) -> ColumnElement[bool]:
@@ -159,6 +195,121 @@ def hand_back(factory: sessionmaker[Session], model: Any, row_id: int, working: 
             session.commit()
     except SQLAlchemyError:
         logger.warning("could not hand %s %s back after a database error", model.__tablename__, row_id, exc_info=True)
+
+
+class Lease:
+    """One worker's claim of a row for a ``with`` block: claim, attempt cap, token, heartbeat, hand back.
+
+    ``__enter__`` claims the row (:func:`take`, in a short session of its own, or in ``session``) and returns the
+    lease, which is falsy when there is nothing to do: the row is done, failed, cancelled or deleted, or (with
+    ``gave_up``) its attempts passed DVEMB_TASK_MAX_ATTEMPTS, each of its workers having died on it; the row is
+    then failed by ``fail(session, row, mine, gave_up(cap))`` in the claim's session, in the caller's words.
+    Otherwise :attr:`row` is the claimed row (read when claimed; detached unless ``session`` was given) and
+    :attr:`mine` the claim's token (:func:`holder`): every write of the attempt is conditional on it. A
+    :class:`Heartbeat` renews the lease for the block. When the block ends with a ``transient`` error (by default
+    ``OperationalError``: a database hiccup, a lock timeout) and the task has ``transient_retries_left``, the
+    claim is handed back uncounted (:func:`hand_back`; ``session`` is rolled back first: it may hold the row's
+    lock); the error goes on either way, for the task to retry. The last retry leaves the lease to expire (the
+    reconciler queues the row again, and that attempt counts), so an error that persists still ends.
+
+    Usage::
+
+        with Lease(Job, job_id, working=JobStatus.RUNNING, waiting=JobStatus.QUEUED, lease=30.0) as held:
+            if not held:
+                return
+            ...  # writes conditional on held.mine
+
+    Args:
+        model, key: the row's model, and its id or a condition that finds it (a segment's row).
+        working, waiting, lease, values: as for :func:`claim` (``values`` are written with the claim).
+        transient_retries_left: how many more times the task will be retried after a ``transient`` error.
+        transient: the errors after which the claim is handed back.
+        gave_up: the failure message once the row's attempts passed the cap (given the cap); None: no cap.
+        fail: records that failure, ``fail(session, row, mine, message)`` (required with ``gave_up``).
+        raise_if_held: raise :class:`LeaseHeld` when a live worker holds the row (False: the lease is falsy).
+        session: the session to claim in, kept by the caller for the block (else a short one of the lease's own).
+        heartbeat: what renews the lease for the block, called as ``heartbeat(model, id, working, lease, mine)``.
+
+    Raises:
+        LeaseHeld: on entering, when another worker holds the row and its lease is alive (unless
+            ``raise_if_held=False``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        key: int | ColumnElement[bool],
+        *,
+        working: StrEnum,
+        waiting: StrEnum,
+        lease: float,
+        transient_retries_left: int = 0,
+        transient: type[Exception] | tuple[type[Exception], ...] = OperationalError,
+        gave_up: Callable[[int], str] | None = None,
+        fail: Callable[[Session, Any, Any, str], None] | None = None,
+        raise_if_held: bool = True,
+        session: Session | None = None,
+        heartbeat: Callable[..., AbstractContextManager[Any]] = Heartbeat,
+        **values: Any,
+    ) -> None:
+        if gave_up is not None and fail is None:
+            raise ValueError("an attempt cap (gave_up) needs fail to record the failure")
+        self.model, self.key, self.working, self.waiting, self.lease = model, key, working, waiting, lease
+        self.transient_retries_left, self.transient = transient_retries_left, transient
+        self.gave_up, self.fail, self.raise_if_held = gave_up, fail, raise_if_held
+        self.session, self.heartbeat, self.values = session, heartbeat, values
+        self.row: Any = None
+        self.mine: Any = None
+        self.held = False
+        self._beat: AbstractContextManager[Any] | None = None
+
+    def __bool__(self) -> bool:
+        """Whether the block has work to do: the row is claimed and under the attempt cap."""
+        return self.held
+
+    def __enter__(self) -> Lease:
+        if self.session is not None:
+            self._claim(self.session)
+        else:
+            with session_factory()() as session:
+                self._claim(session)
+        if self.held:
+            self._beat = self.heartbeat(self.model, self.row.id, self.working, self.lease, self.mine)
+            self._beat.__enter__()
+        return self
+
+    def _claim(self, session: Session) -> None:
+        self.row = take(
+            session,
+            self.model,
+            self.key,
+            working=self.working,
+            waiting=self.waiting,
+            lease=self.lease,
+            raise_if_held=self.raise_if_held,
+            **self.values,
+        )
+        if self.row is None:
+            return
+        self.mine = holder(self.row)
+        cap = get_settings().task_max_attempts
+        if self.gave_up is not None and self.row.attempts > cap:  # each worker died on it (out of memory? killed?)
+            assert self.fail is not None
+            self.fail(session, self.row, self.mine, self.gave_up(cap))
+            return
+        self.held = True
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if self._beat is not None:
+            self._beat.__exit__(kind, error, traceback)
+            self._beat = None
+        if self.held and isinstance(error, self.transient):
+            if self.session is not None:
+                self.session.rollback()
+            if self.transient_retries_left > 0:
+                hand_back(session_factory(), self.model, self.row.id, self.working, self.mine)
 
 
 def requeue_expired(
