@@ -173,10 +173,8 @@ def _replay(
         for name in (*replay_files(query_set), trust_file(query_set)):
             storage.put_file(results_key(run_id, job_id, name), out / name)
     shutil.rmtree(work, ignore_errors=True)
-    summary = dict(result.summary)
-    summary["probe"] = {k: v for k, v in summary["probe"].items() if k != "records"}
-    summary["device"] = device
-    return record, summary
+    probe = {k: v for k, v in result.record["probe"].items() if k != "records"}
+    return record, {**result.record, "probe": probe, "device": device}
 
 
 class _Progress:

@@ -225,9 +225,10 @@ def _accept_manifest(session: Session, storage: Storage, run: Run, upload: LogFi
         check_index_file(part, upload.name)
     else:
         manifest = check_manifest_file(part)
-        expected = rank_manifest_name(int(manifest["rank"]))
+        rank = Manifest.from_json(manifest).rank
+        expected = rank_manifest_name(rank)
         if upload.name != expected:
-            raise DvembError(f"{upload.name} holds the manifest of rank {manifest['rank']}; upload it as {expected}")
+            raise DvembError(f"{upload.name} holds the manifest of rank {rank}; upload it as {expected}")
         with _staged(storage, run.id) as staging:
             _check_rank_fits(staging, upload.name, manifest)
     storage.put_file(staging_key(run.id, upload.name), part)
@@ -267,18 +268,20 @@ def _accept_manifest(session: Session, storage: Storage, run: Run, upload: LogFi
 def _check_rank_fits(staging: Any, name: str, manifest: dict[str, Any]) -> None:
     """A rank's manifest belongs with rank 0's (its world size, dtype, layers...: the reader's rule), checked as
     soon as both are staged: a manifest once validated cannot be replaced."""
+    typed = Manifest.from_json(manifest)
     if name != MANIFEST:
         main = staging / MANIFEST
         if main.exists():
-            world = json.loads(main.read_text())["world_size"]
-            if int(manifest["rank"]) >= world:
+            first = json.loads(main.read_text())
+            world = Manifest.from_json(first).world_size
+            if typed.rank >= world:
                 raise DvembError(
-                    f"{name} is the manifest of rank {manifest['rank']}, but {MANIFEST} records a world size of "
+                    f"{name} is the manifest of rank {typed.rank}, but {MANIFEST} records a world size of "
                     f"{world}: it belongs to another run"
                 )
-            check_rank_manifest(json.loads(main.read_text()), manifest, int(manifest["rank"]), name)
+            check_rank_manifest(first, manifest, typed.rank, name)
         return
-    for rank in range(1, int(manifest["world_size"])):
+    for rank in range(1, typed.world_size):
         other = staging / rank_manifest_name(rank)
         if other.exists():
             check_rank_manifest(manifest, json.loads(other.read_text()), rank, other.name)
@@ -294,9 +297,14 @@ def _stored_manifests(staged: list[dict[str, Any]], listing: list[dict[str, Any]
     if listing is None:
         return staged
     return [
-        manifest if (manifest.get("shard_index") or {}).get("num_shards") is not None else listed
+        manifest if _index_sealed(Manifest.from_json(manifest)) else listed
         for manifest, listed in zip(staged, listing, strict=True)
     ]
+
+
+def _index_sealed(manifest: Manifest) -> bool:
+    """Whether the manifest names a shard index with its shard count (a closed log's)."""
+    return manifest.shard_index is not None and manifest.shard_index.num_shards is not None
 
 
 def _all_files_ready(session: Session, run: Run) -> bool:
