@@ -41,8 +41,12 @@ the sum over its removed examples):
 - peers, in bench/.venv-bench only (``bash bench/setup.sh``): dattri's ``TracInAttributor`` (the epochs' end
   checkpoints weighted by their epoch's mean learning rate, its default 512-dimensional projection) and
   ``TRAKAttributor`` (final model, its default projection, log-odds of the geometric-mean token probability as
-  the output function); Bergson's TrackStar / EK-FAC where its pipeline runs (see the section for what did).
-  A peer that does not install or run is reported with the reason, never replaced.
+  the output function); Bergson's command line: TrackStar, EK-FAC and EK-FAC + ASTRA on the final model, SOURCE
+  (``bergson approxunrolling``, Adam-preconditioned) on the Trainer's own checkpoints of the base run, and MAGIC
+  (``bergson magic``: exact metagradients; bergson retrains the model itself with its own functional trainer from
+  the bank's pretrained start, on the base run's batches in their order, with the bank's AdamW settings as far as
+  its options go; how far its run lands from the bank's is measured and reported). A peer that does not install
+  or run is reported with the reason, never replaced.
 
 Storage (``bench/out/lds_bank/<bank>/``, resumable): ``base-s<seed>.json`` (the full run's query losses, its
 time and its final parameters' digest), ``retrain-s<seed>-<i>.npy`` (one subset's query losses),
@@ -296,11 +300,13 @@ def train(
     init: dict[str, torch.Tensor] | None = None,
     pretrain: bool = False,
     before_step: Callable[[nn.Module, list[int], float, int], None] | None = None,
+    save_steps: int = 0,
 ) -> Run:
     """One Trainer run without the ``removed`` examples, from ``init`` (the pretrained state) when given;
     ``record``: ``record(trainer, **record)`` attached; ``pretrain``: the pretraining run instead; ``before_step``:
     called before every step with the model, the step's example indices, its learning rate and its epoch (a peer
-    that caches per-step gradients)."""
+    that caches per-step gradients); ``save_steps``: the Trainer's own checkpoints (model, ``optimizer.pt``) every
+    that many steps, under ``work/checkpoints``."""
     import transformers
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -309,7 +315,7 @@ def train(
     if init is not None:
         model.load_state_dict(init, strict=False)
     args = TrainingArguments(
-        output_dir=str(work / "trainer"),
+        output_dir=str(work / ("checkpoints" if save_steps else "trainer")),
         per_device_train_batch_size=s.batch,
         per_device_eval_batch_size=s.batch,
         num_train_epochs=s.pretrain_epochs if pretrain else s.epochs,
@@ -320,7 +326,8 @@ def train(
         max_grad_norm=0.0,  # no clipping: dvemb does not model it
         seed=seed,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         logging_strategy="no",
         eval_strategy="no",
         disable_tqdm=True,
@@ -488,9 +495,10 @@ def from_scratch(s: Settings) -> Settings:
 
 @dataclass
 class Scored:
-    scores: np.ndarray | None  # (N, Q), positive: helped
+    scores: np.ndarray | None  # (N, Q), positive: helped; (N, queries) when only the first queries were scored
     seconds: dict[str, float]  # cost parts (CPU seconds of this process)
     note: str = ""
+    queries: int | None = None  # only the first this many queries scored (a method too slow for all of them)
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -735,44 +743,92 @@ def method_dattri_trak(bank: Bank, base: dict[str, Any]) -> Scored:
     return Scored(scores, {"compute": seconds}, "final model, dattri's default projection")
 
 
+def _save_char_model(bank: Bank, params: dict[str, torch.Tensor], where: Path) -> None:
+    """The bank's GPT-2 with ``params`` (``save_pretrained``) and a character-level tokenizer beside it, so that
+    bergson's loaders find one (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    s, data = bank.s, bank.data
+    model = make_model(s, len(data.vocab), s.seed)
+    model.load_state_dict(params, strict=False)
+    model.save_pretrained(where)
+    tokenizer = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(data.vocab)}, unk_token=data.vocab[0]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=data.vocab[0], pad_token=data.vocab[0])
+    fast.save_pretrained(where)
+
+
 def _bergson_inputs(bank: Bank) -> Path:
     """The final model (``save_pretrained``, with a character-level tokenizer so that its loader finds one) and
     the pre-tokenized training and query sets (``save_to_disk``), as bergson's command line reads them."""
     from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     s, data = bank.s, bank.data
     where = bank.dir / "work" / "bergson-inputs"
     if (where / "ready").exists():
         return where
-    model = make_model(s, len(data.vocab), s.seed)
-    model.load_state_dict(bank.checkpoint(s.seed, s.epochs - 1), strict=False)
-    model.save_pretrained(where / "model")
-    tokenizer = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(data.vocab)}, unk_token=data.vocab[0]))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=data.vocab[0], pad_token=data.vocab[0])
-    fast.save_pretrained(where / "model")
+    _save_char_model(bank, bank.checkpoint(s.seed, s.epochs - 1), where / "model")
     for name, x in (("train", data.train), ("query", data.queries)):
         Dataset.from_dict({"input_ids": x.tolist()}).save_to_disk(str(where / name))
     (where / "ready").touch()
     return where
 
 
-def _bergson(bank: Bank, command: str, *options: str) -> Scored:
-    """``bergson <command>`` on the final model as its command line runs it; its (N, Q) scores read back."""
+def _run_bergson(bank: Bank, tag: str, argv: list[str]) -> float:
+    """Runs one bergson command line (``argv``), its output kept in ``work/bergson-<tag>.log``; its CPU seconds."""
     import resource
-    import shutil
     import subprocess
 
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",  # one thread, as the rest of the bench
+    }
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, cwd=OUT.parent.parent)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    (bank.dir / "work" / f"bergson-{tag}.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"bergson {tag} exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+    return float((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime))
+
+
+def _bergson_scores(run_dir: Path) -> np.ndarray:
+    """(rows, scores) of a bergson score directory (``<run>/scores``), as float64, oriented as this table's
+    (positive: helped). Bergson's pipelines store their scores either way round (EK-FAC's and TrackStar's with
+    ``higher_is_better: true``, SOURCE's loss-signed, MAGIC's the derivative of the loss): its own loader
+    (``load_scores_loss_signed``: negative = lowers the query's loss) reads every one, negated here."""
+    from bergson.data import load_scores_loss_signed
+
+    scores, _ = load_scores_loss_signed(str(run_dir / "scores"))
+    values = -scores.double().numpy()
+    return values.reshape(len(values), -1)
+
+
+def _bergson_executable() -> Path:
     executable = Path(sys.executable).parent / "bergson"
     if not executable.exists():
         raise ImportError(f"no bergson command next to {sys.executable}")
+    return executable
+
+
+def _bergson(bank: Bank, command: str, *options: str, tag: str = "", main: str = "") -> Scored:
+    """``bergson <command>`` on the final model as its command line runs it; its (N, Q) scores read back.
+    ``main``: a function of this module that runs bergson's command line instead (a workaround)."""
+    import shutil
+
+    executable = _bergson_executable()
     inputs = _bergson_inputs(bank)
-    run_dir = bank.dir / "work" / f"bergson-{command}"
+    tag = tag or command
+    run_dir = bank.dir / "work" / f"bergson-{tag}"
     shutil.rmtree(run_dir, ignore_errors=True)
+    launcher = [sys.executable, "-c", f"from bench.lds_bank import {main}; {main}()"] if main else [str(executable)]
     argv = [
-        str(executable),
+        *launcher,
         command,
         str(run_dir),
         "--model",
@@ -785,19 +841,351 @@ def _bergson(bank: Bank, command: str, *options: str) -> Scored:
         str(bank.s.n_positions),  # bergson refuses more tokens per batch than the model's context
         *options,
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    (bank.dir / "work" / f"bergson-{command}.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"bergson {command} exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
-    info = json.loads((run_dir / "scores" / "info.json").read_text())
-    dtype = np.dtype({k: info["dtype"][k] for k in ("names", "formats", "offsets", "itemsize")})
-    table = np.memmap(run_dir / "scores" / "scores.bin", dtype=dtype, mode="r", shape=(info["num_rows"],))
-    scores = np.stack([np.asarray(table[f"score_{q}"], dtype=np.float64) for q in range(info["num_scores"])], 1)
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    cpu = _run_bergson(bank, tag, argv)
+    scores = _bergson_scores(run_dir)
     return Scored(scores, {"compute": cpu}, f"`bergson {command} {' '.join(options)}`".replace(" `", "`"))
+
+
+#: ASTRA's refinement of the EK-FAC row's inverse-Hessian-vector products, one score column per query: Bergson's
+#: own WikiText settings (examples/compare_wikitext/ekfac_astra.yaml: the paper's schedule, EK-FAC damping 0.1 as
+#: the EK-FAC row's) but the step size, tuned by the logged objective as its documentation advises: its 0.1 and
+#: 0.01 diverge on this bank (the objective grows to NaN), 0.001 lowers it.
+ASTRA_OPTIONS = (
+    "--num_steps",
+    "300",
+    "--lr",
+    "0.001",
+    "--momentum",
+    "0.9",
+    "--astra.batch_size",
+    "16",
+    "--micro_batch_size",
+    "8",
+    "--lr_decay",
+    "0.9",
+    "--lr_decay_interval",
+    "100",
+)
+
+
+def _astra_main() -> None:
+    """``bergson`` (its own command line, from ``sys.argv``) with ASTRA's CPU crash worked around: bergson 2.5.1's
+    ``Astra._read_row`` returns each query's starting solution as a view of the read-only memory-mapped EK-FAC
+    solutions (``.to(device, float32)`` copies only onto another device or dtype; they are stored as float32), and
+    ``refine`` then updates it in place (``x[n].sub_``): on CPU the process dies of a segmentation fault at the
+    first step (rc -11). The rows are copied here; nothing else changes."""
+    from bergson.__main__ import main as bergson_main
+    from bergson.hessians import astra
+
+    read_row = astra.Astra._read_row
+
+    def copied_row(self: Any, mmap: Any, offsets: Any, row: int) -> dict[str, torch.Tensor]:
+        return {n: x.clone() for n, x in read_row(self, mmap, offsets, row).items()}
+
+    astra.Astra._read_row = copied_row  # type: ignore[method-assign]
+    torch.set_num_threads(1)
+    bergson_main()
+
+
+def _trainer_order(bank: Bank, base: dict[str, Any]) -> list[list[int]]:
+    """The example indices of every step of the base run, in order (the Trainer's shuffled sampler for the bank's
+    seed), noted on a repeat of the base run (checked bit for bit)."""
+    s = bank.s
+    order: list[list[int]] = []
+    run = train(
+        s,
+        bank.data,
+        s.seed,
+        frozenset(),
+        bank.dir / "work",
+        init=bank.init,
+        before_step=lambda model, indices, lr, epoch: order.append(list(indices)),
+    )
+    if digest(run.final) != base["digest"]:
+        raise RuntimeError("the run that noted the Trainer's order did not take the base run's parameters")
+    if len(order) != s.steps or any(len(b) != s.batch for b in order):
+        raise RuntimeError(f"the Trainer's order has {len(order)} steps, expected {s.steps} of {s.batch}")
+    return order
+
+
+def _magic_inputs(bank: Bank, base: dict[str, Any]) -> Path:
+    """MAGIC's inputs: the pretrained start every run of the bank begins from (``save_pretrained`` with the
+    character-level tokenizer), the training set as the base run saw it (every epoch's rows in the Trainer's
+    order, one row per occurrence; ``order.json`` the example of every row) and the queries."""
+    from datasets import Dataset
+
+    s, data = bank.s, bank.data
+    where = bank.dir / "work" / "magic-inputs"
+    if (where / "ready").exists():
+        return where
+    flat = [i for batch in _trainer_order(bank, base) for i in batch]
+    _save_char_model(bank, bank.init or make_model(s, len(data.vocab), s.seed).state_dict(), where / "model")
+    Dataset.from_dict({"input_ids": data.train[flat].tolist()}).save_to_disk(str(where / "train"))
+    (where / "order.json").write_text(json.dumps(flat))
+    Dataset.from_dict({"input_ids": data.queries.tolist()}).save_to_disk(str(where / "query"))
+    (where / "ready").touch()
+    return where
+
+
+#: MAGIC's queries: ``None`` for all of them, else the first this many (``--magic-queries``: MAGIC runs one
+#: backward through the whole run per query; an interrupted run resumes, its scored queries kept).
+MAGIC_QUERIES: int | None = None
+
+
+def _magic_main() -> None:
+    """``bergson magic`` (its own command line, from ``sys.argv``) with one change: the training rows are taken in
+    the order given (the bank's Trainer order, passed as one epoch) instead of bergson reshuffling them per epoch
+    (``bergson.magic.cli.shuffled_epochs``, which has no option to keep an order). Its CPU seconds are appended to
+    ``<run>/bank-cpu-seconds.jsonl`` when it ends or is stopped (SIGTERM), so that a resumed run's cost adds up."""
+    import resource
+    import signal
+
+    import bergson.magic.cli as magic_cli
+    from bergson.__main__ import main as bergson_main
+
+    run_dir = Path(sys.argv[2])
+
+    def note_cpu() -> None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with (run_dir / "bank-cpu-seconds.jsonl").open("a") as f:
+            f.write(json.dumps(usage.ru_utime + usage.ru_stime) + "\n")
+
+    def stopped(signum: int, frame: Any) -> None:
+        note_cpu()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
+
+    def keep_order(dataset: Any, seed: int, num_epochs: int) -> Any:
+        if num_epochs != 1:
+            raise ValueError("the bank's order is passed as one epoch")
+        return dataset
+
+    magic_cli.shuffled_epochs = keep_order
+    torch.set_num_threads(1)
+    bergson_main()
+    note_cpu()
+
+
+def method_magic(bank: Bank, base: dict[str, Any]) -> Scored:
+    """Bergson's MAGIC (``bergson magic``, exact metagradients through its own twice-differentiable trainer):
+    bergson retrains the model itself from the bank's pretrained start on the base run's batches in the base run's
+    order, with the bank's AdamW settings and schedule, then one backward through the whole run per query
+    (``--aggregation none``). Its scores are the derivative of the query's loss with respect to each
+    example's weight (negative: helped); the table's convention is the opposite (see :func:`_bergson_scores`). How its
+    run relates to the bank's is measured: its final query losses against the base run's. Resumable
+    (``--resume``: its forward checkpoints and scored queries are kept); :data:`MAGIC_QUERIES` limits it to the
+    first queries."""
+    import shutil
+
+    from datasets import Dataset
+
+    s, data = bank.s, bank.data
+    _bergson_executable()
+    inputs = _magic_inputs(bank, base)
+    run_dir = bank.dir / "work" / "bergson-magic"
+    queries = min(MAGIC_QUERIES or s.query_size, s.query_size)
+    query_dir = inputs / "query"
+    if queries < s.query_size:
+        query_dir = inputs / f"query-first-{queries}"
+        if not query_dir.exists():
+            Dataset.from_dict({"input_ids": data.queries[:queries].tolist()}).save_to_disk(str(query_dir))
+    options = [
+        "--aggregation",
+        "none",
+        "--batch_size",
+        str(s.batch),
+        "--num_epochs",
+        "1",
+        "--seed",
+        str(s.seed),
+        "--lr",
+        str(s.lr),
+        "--lr_scheduler_type",
+        "linear",
+        "--warmup_steps",
+        str(s.warmup_steps),
+        "--adam_beta1",
+        "0.9",
+        "--adam_beta2",
+        "0.999",
+        "--adam_eps",
+        "1e-08",
+        "--weight_decay",
+        str(s.weight_decay),
+        "--save_mode",
+        "all",
+        "--save_models",
+        "true",
+        "--precision",
+        "fp32",
+    ]
+    # A run with other options is not resumed.
+    stamp = run_dir / "bank-options.json"
+    if not stamp.exists() or json.loads(stamp.read_text()) != options:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        stamp.write_text(json.dumps(options))
+    argv = [
+        sys.executable,
+        "-c",
+        "from bench.lds_bank import _magic_main; _magic_main()",
+        "magic",
+        str(run_dir),
+        "--model",
+        str(inputs / "model"),
+        "--data.dataset",
+        str(inputs / "train"),
+        "--query.dataset",
+        str(query_dir),
+        *options,
+        "--resume",
+        "true",
+        "--wandb_project",
+        "",
+    ]
+    shutil.rmtree(run_dir / "scores", ignore_errors=True)
+    _run_bergson(bank, "magic", argv)
+    # Every invocation's CPU seconds (a resumed run's earlier ones included).
+    cpu = sum(float(x) for x in (run_dir / "bank-cpu-seconds.jsonl").read_text().split())
+    # MAGIC weights every row (occurrence; bergson drops other columns such as doc_ids): an example's score is
+    # the sum over its occurrences, the derivative with respect to one weight shared by them.
+    rows = _bergson_scores(run_dir)  # -(d query loss / d row weight)
+    flat = json.loads((inputs / "order.json").read_text())
+    if rows.shape != (len(flat), queries):
+        raise RuntimeError(f"MAGIC's scores are {rows.shape}, expected {(len(flat), queries)}")
+    scores = np.zeros((s.train_size, queries))
+    np.add.at(scores, np.asarray(flat), rows)
+    # How MAGIC's own run relates to the bank's: its trained model's query losses against the base run's.
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "retrained" / "base", dtype=torch.float32)
+    gap = np.abs(query_losses(trained, data.queries) - np.asarray(base["query_losses"]))
+    final = {n: p.detach() for n, p in trained.named_parameters()}
+    reference = bank.checkpoint(s.seed, s.epochs - 1)
+
+    def distance(names: list[str]) -> float:
+        return float(
+            torch.sqrt(sum(((final[n] - reference[n]) ** 2).sum() for n in names))
+            / torch.sqrt(sum((reference[n] ** 2).sum() for n in names))
+        )
+
+    tied = "transformer.wte.weight"
+    others = [n for n in reference if n != tied]
+    note = (
+        f"`bergson magic {' '.join(options)}` on the base run's {s.steps} batches in its order (one epoch of "
+        f"{s.epochs * s.train_size} rows, `doc_ids` the example), from the bank's pretrained start; MAGIC retrains "
+        "with its own functional trainer (torchopt AdamW: weight decay on every parameter, the Trainer's spares "
+        "biases and LayerNorms; eps_root 1e-17; loss the batch's mean over its shifted tokens, the Trainer's "
+        "divides by all its labels; eager attention; the tied embedding / LM head is one tensor under two names "
+        "in its parameter dict and is stepped under each (on a toy tied model its first step is 1.11x torch "
+        "AdamW's)): its final embedding is "
+        f"{distance([tied]):.1e} (relative) from the base run's, its other parameters {distance(others):.1e}, its "
+        f"query losses {gap.mean():.1e} (mean abs, max {gap.max():.1e}) from the base run's (the bank's removal "
+        "effects: see |mean| above); scores -d loss / d weight, summed over an example's occurrences"
+        + (
+            f"; only the first {queries} of the {s.query_size} queries (one backward through the whole run each; "
+            "what the time budget allowed), its cost theirs"
+            if queries < s.query_size
+            else ""
+        )
+    )
+    return Scored(scores, {"compute": cpu}, note, queries if queries < s.query_size else None)
+
+
+#: SOURCE's checkpoints: every this many steps of the base run (6 checkpoints, 2 per segment, as Bergson's
+#: WikiText SOURCE example).
+SOURCE_EVERY = 25
+SOURCE_SEGMENTS = 3
+
+
+def _source_inputs(bank: Bank, base: dict[str, Any]) -> list[Path]:
+    """The Trainer's own checkpoints of the base run every :data:`SOURCE_EVERY` steps (the model and the
+    optimizer's ``optimizer.pt``, Adam's second moments included), the run checked bit for bit against the base
+    run, each with the character-level tokenizer beside it."""
+    import shutil
+
+    s = bank.s
+    work = bank.dir / "work"
+    where = work / "checkpoints"
+    if not (where / "ready").exists():
+        shutil.rmtree(where, ignore_errors=True)
+        run = train(s, bank.data, s.seed, frozenset(), work, init=bank.init, save_steps=SOURCE_EVERY)
+        if digest(run.final) != base["digest"]:
+            raise RuntimeError("the run that saved SOURCE's checkpoints did not take the base run's parameters")
+        (where / "run.json").write_text(json.dumps({"seconds": run.seconds}))
+        _save_char_model(bank, bank.checkpoint(s.seed, 0), work / "tokenizer")
+        for checkpoint in where.glob("checkpoint-*"):
+            for f in (work / "tokenizer").glob("*token*"):
+                shutil.copy(f, checkpoint / f.name)
+        (where / "ready").touch()
+    checkpoints = sorted(where.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if [int(p.name.split("-")[1]) for p in checkpoints] != list(range(SOURCE_EVERY, s.steps + 1, SOURCE_EVERY)):
+        raise RuntimeError(f"unexpected checkpoints {[p.name for p in checkpoints]}")
+    return checkpoints
+
+
+def method_source(bank: Bank, base: dict[str, Any]) -> Scored:
+    """Bergson's SOURCE (``bergson approxunrolling``, approximate unrolled differentiation, Bae et al. 2024) with
+    the Adam preconditioner (their App. C; Bergson's leaderboard row "SOURCE (Adam, EKFAC)"): EK-FAC factors at
+    each checkpoint of the base run, averaged per segment, the per-segment learning rate times steps from the
+    base run's schedule."""
+    import shutil
+
+    s = bank.s
+    executable = _bergson_executable()
+    inputs = _bergson_inputs(bank)
+    checkpoints = _source_inputs(bank, base)
+    per_segment = s.steps // SOURCE_SEGMENTS
+    if s.steps % SOURCE_SEGMENTS or per_segment % SOURCE_EVERY or s.steps // s.epochs != per_segment:
+        raise RuntimeError("SOURCE's segments are taken to be the bank's epochs")
+    run_dir = bank.dir / "work" / "bergson-source"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    options = [
+        "--method",
+        "kfac",
+        "--ev_correction",
+        "true",
+        "--segments",
+        str(SOURCE_SEGMENTS),
+        "--use_adam_preconditioner",
+        "true",
+        "--lr_list",
+        *[repr(float(lr)) for lr in base["epoch_lrs"]],
+        "--step_size_list",
+        *[str(per_segment)] * SOURCE_SEGMENTS,
+    ]
+    argv = [
+        str(executable),
+        "approxunrolling",
+        str(run_dir),
+        "--model",
+        str(checkpoints[-1]),
+        "--tokenizer",
+        str(inputs / "model"),
+        "--data.dataset",
+        str(inputs / "train"),
+        "--query.dataset",
+        str(inputs / "query"),
+        "--token_batch_size",
+        str(s.n_positions),
+        "--precision",
+        "fp32",
+        "--checkpoints",
+        *[str(c) for c in checkpoints],
+        *options,
+    ]
+    cpu = _run_bergson(bank, "source", argv)
+    scores = _bergson_scores(run_dir)
+    saving = json.loads((checkpoints[0].parent / "run.json").read_text())["seconds"] - base["seconds"]
+    note = (
+        f"`bergson approxunrolling {' '.join(options[:8])} --lr_list <the base run's mean lr of each epoch> "
+        f"--step_size_list {per_segment} ...` on the Trainer's own checkpoints of the base run every "
+        f"{SOURCE_EVERY} steps (model and `optimizer.pt`; {len(checkpoints)} checkpoints, segments = epochs; "
+        "`record`: that run's time over the plain run's)"
+    )
+    return Scored(scores, {"record": saving, "compute": cpu}, note)
 
 
 METHODS: dict[str, tuple[str, Callable[..., Scored]]] = {
@@ -828,6 +1216,31 @@ METHODS: dict[str, tuple[str, Callable[..., Scored]]] = {
         "Bergson 2.5 EK-FAC (`bergson ekfac --method kfac --hessian_cfg.ev_correction true`, its other defaults)",
         lambda bank, base: _bergson(bank, "ekfac", "--method", "kfac", "--hessian_cfg.ev_correction", "true"),
     ),
+    "bergson_ekfac_astra": (
+        "Bergson 2.5 EK-FAC + ASTRA (the EK-FAC row's command, its inverse-Hessian-vector products refined by 300 "
+        "steps of ASTRA's preconditioned SGD per query, step size 0.001: Bergson's WikiText 0.1 diverges here; "
+        "run through `_astra_main`, which copies each query's starting row: on CPU bergson 2.5.1 updates a view of "
+        "its read-only memory map in place and dies of a segmentation fault at the first step)",
+        lambda bank, base: _bergson(
+            bank,
+            "ekfac",
+            "--method",
+            "kfac",
+            "--hessian_cfg.ev_correction",
+            "true",
+            *ASTRA_OPTIONS,
+            tag="ekfac-astra",
+            main="_astra_main",
+        ),
+    ),
+    "bergson_source": (
+        "Bergson 2.5 SOURCE (`bergson approxunrolling`, Adam-preconditioned, EK-FAC, 6 checkpoints in 3 segments)",
+        method_source,
+    ),
+    "bergson_magic": (
+        "Bergson 2.5 MAGIC (`bergson magic`, exact metagradients through its own retraining, one backward per query)",
+        method_magic,
+    ),
 }
 
 
@@ -855,6 +1268,7 @@ def score_method(
     info = {
         "seconds": result.seconds,
         "note": result.note,
+        **({"queries": result.queries} if result.queries else {}),
         "dvemb": _git("rev-parse", "--short", "HEAD") + (" with uncommitted changes in dvemb/" if dirty else ""),
     }
     if result.scores is not None:
@@ -939,23 +1353,35 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {label} | {note} | | | |")
             continue
         cost = ", ".join(f"{k} {v:.1f}" for k, v in row["seconds"].items())
+        subset = f" (first {row['queries']} of {s.query_size} queries)" if row.get("queries") else ""
         total = sum(row["seconds"].values())
         lines.append(
-            f"| {label} | {row['lds']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] | {row['cross_lds']:.3f} "
-            f"[{row['cross_ci'][0]:.3f}, {row['cross_ci'][1]:.3f}] | {cost} | {total / train_seconds:.2f}x |"
+            f"| {label} | {row['lds']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]{subset} | {row['cross_lds']:.3f} "
+            f"[{row['cross_ci'][0]:.3f}, {row['cross_ci'][1]:.3f}]{subset} | {cost} | {total / train_seconds:.2f}x |"
         )
     lines += [
         "",
         f"One training run: {train_seconds:.1f} CPU s. Cost: `record` is the recorded run's time over the "
         "unrecorded one, `compute` the method's own computation after training (all queries at once). Notes: "
         + "; ".join(
-            f"{k}: {v['note']}" + (f" (dvemb at {v['dvemb']})" if k.startswith("dvemb") and v.get("dvemb") else "")
+            f"{k}: {v['note']}"
+            + (f" (dvemb at {v['dvemb']})" if k.startswith("dvemb") and v.get("dvemb") else "")
+            + (
+                f" (the others' LDS on the same {v['queries']} queries: "
+                + ", ".join(f"{o} {x:.3f}" for o, x in v["others_on_its_queries"].items())
+                + ")"
+                if v.get("others_on_its_queries")
+                else ""
+            )
             for k, v in rows.items()
             if v.get("note") and "lds" in v
         )
         + ".",
     ]
-    peers = {k: v for k, v in scored.items() if k.startswith(("dattri", "bergson", "grad_dot"))}
+    # MAGIC is no one-pass peer: it retrains the model and runs one backward through the whole run per query.
+    peers = {
+        k: v for k, v in scored.items() if k.startswith(("dattri", "bergson", "grad_dot")) and k != "bergson_magic"
+    }
     if "dvemb" in scored and peers:
         top = max(peers, key=lambda k: peers[k]["lds"])
         above = scored["dvemb"]["lds"] > peers[top]["lds"]
@@ -978,8 +1404,25 @@ def markdown(report: dict[str, Any]) -> str:
                 if {"dvemb_proj1024", "dvemb_replay"} <= set(scored)
                 else ""
             )
-            + ". Bergson's pipelines track the 8 `Conv1D` layers of the "
-            "blocks (not the tied embedding / LM head, which dvemb also tracks); dattri's and the gradient dot "
+            + (
+                f"; Bergson's MAGIC (exact metagradients too, through its own retraining, which lands near but not on "
+                f"the bank's run: see its note) scores {scored['bergson_magic']['lds']:.3f}"
+                + (
+                    " against dvemb's exact replay's "
+                    + (
+                        f"{scored['bergson_magic']['others_on_its_queries']['dvemb_replay']:.3f} on the same "
+                        f"{scored['bergson_magic']['queries']} queries"
+                        if "dvemb_replay" in scored["bergson_magic"].get("others_on_its_queries", {})
+                        else f"{scored['dvemb_replay']['lds']:.3f}"
+                    )
+                    if "dvemb_replay" in scored
+                    else ""
+                )
+                if "bergson_magic" in scored
+                else ""
+            )
+            + ". Bergson's TrackStar, EK-FAC, ASTRA and SOURCE pipelines track the 8 `Conv1D` layers of the "
+            "blocks (not the tied embedding / LM head, which dvemb also tracks); MAGIC, dattri's and the gradient dot "
             "product take every parameter.",
         ]
     add = report.get("non_additivity")
@@ -1010,8 +1453,13 @@ def main() -> None:
         "--methods-only", action="store_true", help="compute the missing methods' scores and stop (no retrains)"
     )
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
+    parser.add_argument(
+        "--magic-queries", type=int, default=None, help="MAGIC on the first this many queries only (default: all)"
+    )
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
     args = parser.parse_args()
+    global MAGIC_QUERIES
+    MAGIC_QUERIES = args.magic_queries
     _quiet_progress_bars()
     torch.set_num_threads(1)
     s = QUICK if args.quick else Settings()
@@ -1049,8 +1497,17 @@ def main() -> None:
         scores, info = stored
         rows[name] = dict(info)
         if scores is not None:
-            rows[name].update(evaluate(scores, subsets, actual, cross_subsets, cross))
+            k = info.get("queries") or s.query_size  # a method that scored only the first k queries
+            rows[name].update(evaluate(scores, subsets, actual[:, :k], cross_subsets, cross[:, :k]))
             log(f"{name}: LDS {rows[name]['lds']:.3f}, cross-seed {rows[name]['cross_lds']:.3f}")
+    for name, row in rows.items():  # the others on the same first queries, for comparison
+        if row.get("queries") and "lds" in row:
+            k = row["queries"]
+            row["others_on_its_queries"] = {
+                other: round(evaluate(stored[0][:, :k], subsets, actual[:, :k], cross_subsets, cross[:, :k])["lds"], 3)
+                for other, stored in results.items()
+                if other != name and stored is not None and stored[0] is not None and not stored[1].get("queries")
+            }
     elapsed = time.time() - started
     history_path = bank.dir / "invocations.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else []
@@ -1061,7 +1518,9 @@ def main() -> None:
     python = "bench/.venv-bench/bin/python" if ".venv-bench" in sys.executable else ".venv/bin/python"
     report = {
         "settings": asdict(s),
-        "command": f"{python} -m bench.lds_bank" + (" --quick" if args.quick else ""),
+        "command": f"{python} -m bench.lds_bank"
+        + (" --quick" if args.quick else "")
+        + (f" --magic-queries {args.magic_queries}" if args.magic_queries else ""),
         "meta": (
             f"on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, {platform.processor() or platform.machine()}, one "
             f"thread (a shared 2-core machine), torch {torch.__version__}, transformers {_version('transformers')}, "
@@ -1108,7 +1567,8 @@ def readme_table(report: dict[str, Any]) -> str:
     ]
     for name in order:
         label = METHODS[name][0] if name in METHODS else name
-        lines.append(f"| {label} | {rows[name]['lds']:.3f} | {rows[name]['cross_lds']:.3f} |")
+        subset = f" (first {rows[name]['queries']} queries)" if rows[name].get("queries") else ""
+        lines.append(f"| {label} | {rows[name]['lds']:.3f}{subset} | {rows[name]['cross_lds']:.3f}{subset} |")
     lines += ["", f"(written by `{report['command']}`; intervals, costs and settings in BENCHMARKS.md)"]
     return "\n".join(lines)
 
