@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.markdown import replace_section
-from bench.service_bench import Postgres
+from bench.harness import Postgres, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"

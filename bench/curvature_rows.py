@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ import torch
 
 from bench import default_fidelity as fid
 from bench.fidelity import Setup, correlation, ground_truth, sample_pairs
-from bench.markdown import measured_commit, replace_section
+from bench.harness import machine, measured_commit, replace_section, utc_stamp
 from dvemb import output_curvature
 from dvemb.curvature import ESTIMATOR, cross_entropy_factor_rows
 from dvemb.engine import ComputeArguments
@@ -193,8 +191,8 @@ def main() -> None:
     meta = {
         "command": ".venv/bin/python -m bench.curvature_rows" + (" --quick" if args.quick else ""),
         "commit": measured_commit(),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, 1 thread",
+        "date": utc_stamp(),
+        "machine": f"{machine()}, 1 thread",
         "seconds": time.time() - started,
         "seeds": seeds,
         "pairs": base.pairs,

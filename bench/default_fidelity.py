@@ -45,13 +45,11 @@ import argparse
 import contextlib
 import copy
 import json
-import platform
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +71,7 @@ from bench.fidelity import (
     same_trajectory,
     sample_pairs,
 )
-from bench.markdown import measured_commit, replace_block, replace_section
+from bench.harness import measured_commit, provenance, replace_block, replace_section
 from bench.optimizer_fidelity import RATES, first_order_ceiling
 from dvemb.engine import ComputeArguments, compute
 
@@ -530,9 +528,8 @@ def main() -> None:
                 flush=True,
             )
     table = aggregate(runs)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta = (
-        f"at commit {args.commit or measured_commit()} on {stamp}, {platform.processor() or platform.machine()} ({args.threads} thread, CPU), "
+        f"{provenance(commit=args.commit or measured_commit())} ({args.threads} thread, CPU), "
         f"torch {torch.__version__}, dvemb {dvemb.__version__}, {time.time() - started:.0f} s."
     )
     text = markdown(table, runs, base, seeds, meta)

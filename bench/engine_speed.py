@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.markdown import replace_section
+from bench.harness import machine, replace_section, utc_stamp
 from dvemb.engine import BlockedRecursion, Chunk, ComputeArguments, compute
 from dvemb.engine.compute import default_block_rows
 from dvemb.writer import LogWriter
@@ -276,8 +275,8 @@ def main() -> None:
         "end_to_end": e2e,
         "rounds": options.rounds,
         "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "date": utc_stamp(),
         "seconds": time.time() - started,
         "load": (load_before, os.getloadavg()[0]),
     }

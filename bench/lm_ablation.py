@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +50,7 @@ import torch
 
 import dvemb
 from bench.fidelity import correlation
+from bench.harness import provenance, replace_section
 from bench.lm_fidelity import (
     QUICK,
     Corpus,
@@ -74,7 +73,6 @@ from bench.lm_fidelity import (
     sample_pairs,
     trainer_run,
 )
-from bench.markdown import replace_section
 from dvemb.engine import ComputeArguments, compute, load_results
 
 SECTION = "Transformer LM fidelity: where it is lost"
@@ -816,7 +814,7 @@ def main() -> None:
         commit = _git("rev-parse", "--short", "HEAD")
         dirty = _git("status", "--porcelain", "--", ".")
         meta = (
-            f"on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, {platform.processor() or platform.machine()}, "
+            f"{provenance()}, "
             f"one thread, torch {torch.__version__}, transformers {_version('transformers')}, dvemb at {commit}"
             + (" (with uncommitted changes in dvemb/)" if dirty not in ("", "?") else "")
             + f", {seeds} seeds: {elapsed:.0f} s ({elapsed / 60:.1f} min)."

@@ -53,7 +53,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ from torch import nn
 
 import dvemb
 from bench.fidelity import correlation
-from bench.markdown import replace_block, replace_section
+from bench.harness import provenance, replace_block, replace_section
 from dvemb.engine import ComputeArguments, compute, load_results
 
 SECTION = "Transformer LM fidelity"
@@ -732,7 +731,7 @@ def main() -> None:
     commit = _git("rev-parse", "--short", "HEAD")
     dirty = _git("status", "--porcelain", "--", ".")
     meta = (
-        f"on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, {platform.processor() or platform.machine()}, "
+        f"{provenance()}, "
         f"one thread, torch {torch.__version__}, transformers {_version('transformers')}, dvemb at {commit}"
         + (" (with uncommitted changes in dvemb/)" if dirty not in ("", "?") else "")
         + f": {elapsed:.0f} s ({elapsed / 60:.1f} min)."

@@ -7,12 +7,12 @@ Run (from the repository root, with PostgreSQL on 127.0.0.1:5432 and Redis on 12
     .venv/bin/python -m bench.load_bench --quick    # 10 s per phase, leaves BENCHMARKS.md alone
 
 Set-up: a throwaway PostgreSQL database made by the migrations, Redis db 11 as the broker (flushed at the
-start and the end), the API as one ``uvicorn server.main:app`` process (bench/service_bench.py's
+start and the end), the API as one ``uvicorn server.main:app`` process (bench/harness.py's
 ApiProcess), and real Celery workers (``server.tasks.worker_command``): one on the ``gpu`` queue that
 computes analyses, one on the ``celery`` queue that validates uploads (with a single worker on both
 queues, a running compute would hold every upload's validation behind it). A small real log (the
 service tests' ``record_log``) is uploaded into a run that becomes ready; a succeeded job with aggregate
-rows (bench/service_bench.py's ``insert_results``) is inserted directly for the top-k reads. Before the
+rows (bench/harness.py's ``insert_results``) is inserted directly for the top-k reads. Before the
 window, jobs are started on the ready run so the compute worker is busy all along; clients keep
 starting more.
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import datetime as dt
 import io
 import json
 import os
@@ -42,7 +41,6 @@ import platform
 import random
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,11 +50,22 @@ from typing import Any
 
 import httpx
 
-from bench.markdown import replace_section
-from bench.service_bench import ApiProcess, Postgres, cpu_model, insert_results, loadavg, percentile
+from bench.harness import (
+    OUT,
+    ROOT,
+    ApiProcess,
+    CeleryWorker,
+    Postgres,
+    api_token,
+    cpu_model,
+    insert_results,
+    loadavg,
+    met,
+    percentile,
+    replace_section,
+    utc_stamp,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
 SECTION = "Service under mixed load"
 REDIS_DB = 11
 STALLED = 40
@@ -67,40 +76,8 @@ OK_STATUSES = {202, 409}
 KEEPALIVE_S = 4.0  # the clients drop idle connections before uvicorn does (--timeout-keep-alive 5 s)
 
 
-class Worker:
-    """One Celery worker process on ``queues`` (as the service tests start it)."""
-
-    def __init__(self, env: dict[str, str], queues: str) -> None:
-        from server.tasks import worker_command
-
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            [*worker_command(queues, 1), "--loglevel", "INFO"],
-            cwd=ROOT,
-            env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 90
-        while b" ready." not in self.output().encode():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the {queues} worker did not start: {self.output()}")
-            time.sleep(0.3)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+#: the Celery worker process (the shared one, bench/harness.py); the name stays importable from here
+Worker = CeleryWorker
 
 
 def fix_summary(engine: Any, job_id: int) -> None:
@@ -314,8 +291,6 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from dvemb.client.upload import upload_log
     from server.db.models import Job
     from server.db.session import make_engine
-    from server.migrate import upgrade
-    from server.services.auth import create_token, get_or_create_project
 
     db = Postgres()
     api: ApiProcess | None = None
@@ -325,11 +300,8 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         db.create()
         result["database"] = db.version()
-        upgrade(db.url)
+        token = api_token(db.url)
         engine = make_engine(db.url)
-        with Session(engine) as session:
-            token = create_token(session, project=get_or_create_project(session, name="bench"))
-            session.commit()
         (work / "storage").mkdir()
         (work / "data").mkdir()
         env = {
@@ -465,10 +437,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def met(flag: bool) -> str:
-    return "**met**" if flag else "**NOT met**"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="seconds per phase")
@@ -486,7 +454,7 @@ def main() -> None:
         command += f" --seconds {args.seconds:g}"
     meta = {
         "command": command,
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_stamp(),
         "cpus": os.cpu_count(),
         "cpu": cpu_model(),
         "python": platform.python_version(),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from typing import Any
 
 import torch
 
-from bench.markdown import replace_section
+from bench.harness import machine, replace_section
 from dvemb import logformat
 from dvemb import reader as reader_v3
 from dvemb import writer as writer_v3
@@ -174,7 +173,7 @@ def markdown(meta: list[dict[str, Any]], reading: dict[str, Any], command: str, 
     lines = [
         "## Gradient-log metadata and shard reading",
         "",
-        f"Command: `{command}` ({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"Command: `{command}` ({machine()}, {torch.get_num_threads()} "
         f"threads, {time.strftime('%Y-%m-%d')}). Version 2 is the writer and reader at `{BASELINE[:7]}`, run in the "
         "same process on the same steps (bench/log_metadata.py).",
         "",

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +48,7 @@ from bench.fidelity import (
     sample_pairs,
     train,
 )
-from bench.markdown import replace_section
+from bench.harness import provenance, replace_section
 
 RATES = {"sgd": 0.02, "momentum": 0.002, "adam": 0.001, "adamw": 0.001}
 LABELS = {"sgd": "SGD", "momentum": "SGD momentum 0.9", "adam": "Adam", "adamw": "AdamW (wd 0.1)"}
@@ -229,11 +227,7 @@ def main() -> None:
                 flush=True,
             )
     table = aggregate(runs)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    meta = (
-        f"on {stamp}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{time.time() - started:.0f} s."
-    )
+    meta = f"{provenance()}, torch {torch.__version__}, {time.time() - started:.0f} s."
     text = markdown(table, base, args.seeds, meta)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)

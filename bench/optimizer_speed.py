@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from torch import nn
 
 import dvemb
 from bench.engine_speed import synthetic_writer
-from bench.markdown import replace_section
+from bench.harness import provenance, replace_section
 from bench.recorder_overhead import Batch, ce_loss, digits_task, lm_task
 from dvemb import logformat as fmt
 from dvemb.engine import ComputeArguments, compute
@@ -246,8 +244,7 @@ def main() -> None:
         model, batches, args.rounds, args.steps, 0.02
     )
     eng = engine_times(args.engine_steps, args.batch, args.repeats)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    meta = f"on {stamp}, {platform.processor() or platform.machine()}, 2 torch threads, torch {torch.__version__}, {time.time() - started:.0f} s."
+    meta = f"{provenance()}, 2 torch threads, torch {torch.__version__}, {time.time() - started:.0f} s."
     text = markdown(rec, eng, args, meta)
     OUT.mkdir(exist_ok=True)
     (OUT / "optimizer_speed.json").write_text(json.dumps({"recorder": rec, "engine": eng}, indent=1))

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ import torch
 
 import dvemb
 from bench.fidelity import Setup, correlation, dvemb_scores, ground_truth, same_trajectory, sample_pairs, train
-from bench.markdown import replace_section
+from bench.harness import provenance, replace_section
 from bench.recorder_overhead import ce_loss, lm_task
 from dvemb.engine.compute import AUTO_FULL_MAX_DIM
 
@@ -168,8 +166,7 @@ def main() -> None:
             runs.setdefault(schedule, []).append(result)
             print(schedule, seed, {k: round(v, 3) for k, v in result.items()}, flush=True)
     cost = overhead(args.rounds, 6)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    meta = f"on {stamp}, {platform.processor() or platform.machine()}, torch {torch.__version__}, {time.time() - started:.0f} s."
+    meta = f"{provenance()}, torch {torch.__version__}, {time.time() - started:.0f} s."
     text = markdown(runs, cost, meta, base)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)

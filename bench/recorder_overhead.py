@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
-import datetime as dt
 import functools
 import gc
 import inspect
@@ -61,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dvemb
-from bench.markdown import replace_section
+from bench.harness import cpu_model, replace_section, utc_stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
@@ -666,16 +665,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -787,7 +778,7 @@ def main() -> int:
         command += " " + " ".join(sys.argv[1:])
     meta = {
         "command": command,
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_stamp(),
         "machine": machine(),
         "peer": peer_reason if peer_ok else f"unavailable ({peer_reason})",
         "warmup": args.warmup,

@@ -30,11 +30,9 @@ import argparse
 import copy
 import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +42,7 @@ import torch.nn.functional as F
 
 import dvemb
 from bench.fidelity import OPTIMIZERS, Setup, Trajectory, _data, correlation, ground_truth, sample_pairs, train
-from bench.markdown import measured_commit, replace_section
+from bench.harness import measured_commit, provenance, replace_section
 from bench.optimizer_fidelity import LABELS, RATES, first_order_ceiling
 from dvemb.engine import ComputeArguments, compute
 from dvemb.replay import ReplayArguments, ReplaySchedule, replay, save_replay, schedule_from_log, trust
@@ -396,9 +394,8 @@ def main() -> None:
             runs.setdefault("lm", []).append(result)
             shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items() if k != "phases"}
             print("lm", seed, shown, f"{time.time() - started:.0f}s", flush=True)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta = (
-        f"at commit {measured_commit()} on {stamp}, {platform.processor() or platform.machine()} ({args.threads} thread, CPU), "
+        f"{provenance(commit=measured_commit())} ({args.threads} thread, CPU), "
         f"torch {torch.__version__}, dvemb {dvemb.__version__}, {time.time() - started:.0f} s; load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end (a shared machine: the cost ratios are "
         "timed back to back with the training they are divided by, but they move with the load)."

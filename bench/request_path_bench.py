@@ -6,7 +6,7 @@ Run (from the repository root, with PostgreSQL on 127.0.0.1:5432)::
     .venv/bin/python -m bench.request_path_bench
 
 A throwaway PostgreSQL database is made by the migrations; a succeeded job is inserted as
-worker/results_store.py stores one (bench.service_bench.insert_results: 100 queries + the set mean x 2 kinds x
+worker/results_store.py stores one (bench.harness.insert_results: 100 queries + the set mean x 2 kinds x
 top_k 100 = 20,200 top-k rows, 100,000 example totals, 10,000 curve points). Two servers, each
 ``uvicorn APP --workers 4``: the API (``server.main:app``), and the peer (``bench.bare_app:app``: one sync
 handler returning a JSONResponse of the API's own answer to a top-k request, captured first; no auth, no
@@ -25,12 +25,9 @@ against the bare app's ``/examples`` serving that answer; it writes the section 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,19 +35,19 @@ from typing import Any
 
 import httpx
 
-from bench.markdown import replace_section
-from bench.service_bench import (
+from bench.harness import (
     OUT,
-    ROOT,
+    ApiProcess,
     Postgres,
+    api_token,
     cpu_model,
-    free_port,
     insert_results,
-    load,
     loadavg,
     percentile,
-    proc_cpu_seconds,
+    replace_section,
+    utc_stamp,
 )
+from bench.service_bench import load
 
 CLIENTS, WORKERS = 16, 4
 #: endpoint -> (path under /api/v1 for a random draw, its label, the BENCHMARKS.md section)
@@ -69,61 +66,25 @@ ENDPOINTS = {
 TARGETS = {"p50_ms": 50.0, "p99_ms": 100.0, "cpu_ratio": 3.0}
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and of all its descendants (uvicorn's master and its workers)."""
-    total, pending = 0.0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            total += proc_cpu_seconds(current)
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
+class Uvicorn(ApiProcess):
+    """``uvicorn APP --workers N`` as a process tree (bench/harness.py's ApiProcess), ready once ``probe`` answers
+    200, then 2 s more: every worker up, not just the first."""
 
-
-class Uvicorn:
-    """``uvicorn APP --workers N`` as a process tree, ready once ``probe`` answers 200."""
+    stop_timeout = 30.0
 
     def __init__(self, app: str, env: dict[str, str], probe: str, headers: dict[str, str]) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        command = [
-            sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
-            "--workers", str(WORKERS), "--log-level", "warning",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}{probe}", headers=headers, timeout=2).status_code == 200:
-                    time.sleep(2)  # every worker up, not just the first
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"{app} did not start")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        super().__init__(env, app=app, workers=WORKERS, probe=probe, headers=headers, timeout=90, poll=0.3, settle=2)
 
 
 def measure(server: Uvicorn, token: str, path: Any, *, clients: int, seconds: float, seed: int) -> dict[str, Any]:
     state = load(server.url, token, path, clients=clients, seconds=seconds, seed=seed)
-    cpu = tree_cpu_seconds(server.process.pid)
+    cpu = server.cpu_seconds()
     start = time.perf_counter()
     state["deadline"][0] = start + seconds
     for thread in state["threads"]:
         thread.join()
     wall = time.perf_counter() - start
-    cpu = tree_cpu_seconds(server.process.pid) - cpu
+    cpu = server.cpu_seconds() - cpu
     return {
         "latencies": [x for own in state["latencies"] for x in own],
         "wall": wall,
@@ -160,8 +121,7 @@ def main() -> None:
 
     from server.db.models import Run
     from server.db.session import make_engine
-    from server.migrate import upgrade
-    from server.services.auth import create_token, get_or_create_project
+    from server.services.auth import get_or_create_project
 
     started = time.time()
     db = Postgres()
@@ -169,10 +129,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dvemb-request-path-"))
     api = bare = None
     try:
-        upgrade(db.url)
+        token = api_token(db.url)
         engine = make_engine(db.url)
         with Session(engine) as session:
-            token = create_token(session, project=get_or_create_project(session, name="bench"))
             run = Run(project_id=get_or_create_project(session, name="bench").id, name="bench", status="ready")
             session.add(run)
             session.commit()
@@ -222,7 +181,7 @@ def main() -> None:
             "endpoint": args.endpoint,
             "label": label,
             "section": section,
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": utc_stamp(),
             "duration_s": time.time() - started,
             "cpus": os.cpu_count(),
             "cpu": cpu_model(),

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import statistics
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi.routing import serialize_response
 from fastapi.utils import create_model_field
 from starlette.responses import JSONResponse
 
-from bench.markdown import measured_commit, replace_section
+from bench.harness import measured_commit, provenance, replace_section
 from server.api.schemas import ExamplesPublic, TopPublic
 
 SECTION = "Response validation on the hot reads"
@@ -105,8 +103,7 @@ def main() -> None:
     lines = [
         f"## {SECTION}",
         "",
-        f"Produced by `.venv/bin/python -m bench.response_validation` at commit {measured_commit()} on "
-        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, {platform.processor() or platform.machine()}, "
+        f"Produced by `.venv/bin/python -m bench.response_validation` {provenance(commit=measured_commit())}, "
         f"{time.time() - started:.0f} s: CPU per response of a page of {ROWS} rows, median of {args.rounds} "
         f"interleaved rounds of {args.calls}. 'as answered': the `JSONResponse` the hot routes return; 'validated': "
         "FastAPI's `serialize_response` against the route's declared model (what a route returning the dict with "

@@ -23,7 +23,6 @@ import platform
 import tempfile
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from bench.fidelity import Setup, correlation, dvemb_scores, ground_truth, sample_pairs, train
-from bench.markdown import measured_commit, replace_section
+from bench.harness import measured_commit, replace_section, utc_stamp
 from bench.optimizer_fidelity import RATES
 
 SECTION = "Adam's second moment under projection"
@@ -134,7 +133,7 @@ def main() -> None:
     meta = {
         "command": ".venv/bin/python -m bench.second_moment_fidelity" + (" --quick" if args.quick else ""),
         "commit": measured_commit(),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_stamp(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} thread",
         "seconds": time.time() - started,
         "hidden": base.hidden,

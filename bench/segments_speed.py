@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from bench.markdown import replace_section
+from bench.harness import replace_section, utc_stamp
 from bench.optimizer_speed import write_log
 from dvemb.engine import ComputeArguments, compute
 from dvemb.engine.segmented import combine_segments, prepare_segments, run_segment
@@ -216,7 +216,7 @@ def main() -> None:
         "raw": raw,
         "summary": summarise(raw),
         "rounds": options.rounds,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_stamp(),
         "seconds": time.time() - started,
         "load": (load_before, os.getloadavg()[0]),
         "torch": torch.__version__,

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import datetime as dt
 import importlib.util
 import json
 import os
@@ -46,14 +45,10 @@ import platform
 import random
 import shutil
 import socket
-import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,202 +56,34 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.markdown import replace_section
+# The scaffolding lives in bench/harness.py; these names stay importable from here (other scripts use them).
+from bench.harness import OUT as OUT
+from bench.harness import PG_ADMIN as PG_ADMIN
+from bench.harness import QUIET_PATTERN as QUIET_PATTERN
+from bench.harness import ROOT as ROOT
+from bench.harness import ApiProcess as ApiProcess
+from bench.harness import Postgres as Postgres
+from bench.harness import Sqlite as Sqlite
+from bench.harness import api_token
+from bench.harness import busy_processes as busy_processes
+from bench.harness import cpu_model as cpu_model
+from bench.harness import free_port as free_port
+from bench.harness import insert_results as insert_results
+from bench.harness import loadavg as loadavg
+from bench.harness import met as met
+from bench.harness import own_cpu_seconds as own_cpu_seconds
+from bench.harness import percentile as percentile
+from bench.harness import proc_cpu_seconds as proc_cpu_seconds
+from bench.harness import proc_status as proc_status
+from bench.harness import replace_section as replace_section
+from bench.harness import reset_peak as reset_peak
+from bench.harness import utc_stamp as utc_stamp
+from bench.harness import wait_until_quiet as wait_until_quiet
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 REDIS_DB = 9
 BLOCK = 8 << 20  # bytes per generated block and per disk write
-QUIET_PATTERN = "pytest|recorder_overhead|engine_speed|fidelity"
 TARGETS = {"upload_mb_s": 200.0, "growth_mb": 100.0, "p50_ms": 50.0, "p99_ms": 200.0}
 MB = 1e6  # MB are decimal megabytes throughout (MiB where written MiB)
-
-
-# ---------------------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process, in bytes."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) * 1024
-    return values
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset VmHWM to the current RSS (Linux clear_refs '5'); False where not allowed."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def loadavg() -> float:
-    return os.getloadavg()[0]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def busy_processes() -> list[str]:
-    found = subprocess.run(["pgrep", "-af", QUIET_PATTERN], capture_output=True, text=True).stdout
-    return [line for line in found.splitlines() if line.strip()]
-
-
-def wait_until_quiet(max_minutes: float, poll_s: float = 20.0) -> dict[str, Any]:
-    """Poll until no other benchmark or test run is found (or give up after ``max_minutes``)."""
-    start = time.monotonic()
-    first = busy_processes()
-    seen = list(first)
-    while True:
-        busy = busy_processes()
-        if not busy:
-            return {"waited_s": round(time.monotonic() - start), "gave_up": False, "busy_at_start": first}
-        seen = busy
-        if time.monotonic() - start >= max_minutes * 60:
-            return {
-                "waited_s": round(time.monotonic() - start),
-                "gave_up": True,
-                "busy_at_start": first,
-                "busy_at_end": seen,
-            }
-        print(f"waiting for a quiet machine: {len(busy)} busy process(es), e.g. {busy[0][:100]}", flush=True)
-        time.sleep(poll_s)
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
-
-
-# ------------------------------------------------------------------------------------- databases
-
-
-class Postgres:
-    name = "postgres"
-
-    def __init__(self) -> None:
-        self.db = f"dvemb_bench_{uuid.uuid4().hex[:10]}"
-        self.url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}"
-
-    def create(self) -> None:
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self.db}"')
-
-    def drop(self) -> None:
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
-
-    def sessions(self) -> int:
-        """Connections ever opened to the database (pg_stat_database.sessions, flushed within ~1 s)."""
-        import psycopg
-
-        time.sleep(1.2)
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            row = conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s", (self.db,)).fetchone()
-        return int(row[0]) if row else 0
-
-    def version(self) -> str:
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN) as conn:
-            row = conn.execute("SHOW server_version").fetchone()
-        return f"PostgreSQL {row[0] if row else '?'}"
-
-
-class Sqlite:
-    name = "sqlite"
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / "dvemb.db"
-        self.url = f"sqlite:///{self.path}"
-
-    def create(self) -> None:
-        pass
-
-    def sessions(self) -> int | None:
-        return None
-
-    def drop(self) -> None:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-
-    def version(self) -> str:
-        return f"SQLite {sqlite3.sqlite_version}"
-
-
-# ------------------------------------------------------------------------------------- the server
-
-
-class ApiProcess:
-    """``uvicorn server.main:app`` as a separate process."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        command = [
-            sys.executable, "-m", "uvicorn", "server.main:app",
-            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        self.pid = self.process.pid
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {self.process.returncode}: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/api/v1/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"uvicorn did not answer in 60 s: {self.output()}")
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
 
 
 # ----------------------------------------------------------------------------------------- upload
@@ -389,105 +216,6 @@ def loopback(size: int, block: bytes) -> dict[str, Any]:
     server.close()
     assert received[0] == size
     return {"seconds": seconds, "mb_s": size / MB / seconds}
-
-
-# ---------------------------------------------------------------------------------------- results
-
-
-def insert_results(url: str, run_id: int, *, queries: int, top_k: int, examples: int, steps: int) -> dict[str, Any]:
-    """A succeeded job with aggregate rows shaped as worker/results_store.py stores them."""
-    from sqlalchemy import insert, text
-
-    from server.db.models import CurvePoint, ExampleTotal, Job, PhaseSummaryRow, TopKRow
-    from server.db.session import make_engine
-
-    rng = np.random.default_rng(0)
-    bounds = [steps // 10, steps * 8 // 10]
-    phases = {
-        "boundaries": bounds,
-        "ranges": {"early": [0, bounds[0] - 1], "basin": [bounds[0], bounds[1] - 1], "late": [bounds[1], steps - 1]},
-        "share_abs": {"early": 0.3, "basin": 0.5, "late": 0.2},
-        "share_abs_per_lr": {"early": 0.2, "basin": 0.6, "late": 0.2},
-        "mean_per_lr": {"early": 0.01, "basin": 0.001, "late": 0.005},
-    }
-    summary = {
-        "steps": steps,
-        "occurrences": 10 * examples,  # every example occurs 10 times (the ExampleTotal rows below)
-        "examples": examples,
-        "arguments": {"top_k": top_k, "curvature": "empirical", "blocks": "layer"},
-        "query_sets": {"val": {"num_queries": queries, "phases": phases}},
-    }
-    engine = make_engine(url)
-    start = time.perf_counter()
-
-    def phase(step: int) -> str:
-        return "early" if step < bounds[0] else "basin" if step < bounds[1] else "late"
-
-    with engine.begin() as conn:
-        job_id = conn.execute(
-            insert(Job).returning(Job.id),
-            {
-                "run_id": run_id,
-                "status": "succeeded",
-                "options": {"top_k": top_k},
-                "progress": 1.0,
-                "attempts": 1,
-                "summary": summary,
-                "created_at": dt.datetime.now(dt.UTC),
-                "finished_at": dt.datetime.now(dt.UTC),
-            },
-        ).scalar_one()
-        top_rows = []
-        for query in range(-1, queries):
-            for kind, sign in (("helpful", 1.0), ("harmful", -1.0)):
-                scores = np.sort(rng.exponential(size=top_k))[::-1] * sign
-                occ = rng.integers(0, examples * 10, size=top_k)
-                for rank in range(top_k):
-                    step = int(occ[rank] * steps // (examples * 10))
-                    ex = int(occ[rank] % examples)
-                    top_rows.append(
-                        {
-                            "job_id": job_id, "query_set": "val", "query": query, "kind": kind, "rank": rank + 1,
-                            "score": float(scores[rank]), "row": int(occ[rank]), "step": step,
-                            "epoch": int(occ[rank] // examples), "example_id": str(ex), "phase": phase(step),
-                            "label": str(ex % 10), "source": "train",
-                        }
-                    )  # fmt: skip
-        totals = rng.normal(size=examples)
-        example_rows = [
-            {
-                "job_id": job_id, "query_set": "val", "example_id": str(i), "total": float(totals[i]),
-                "occurrences": 10, "label": str(i % 10), "source": "train",
-            }
-            for i in range(examples)
-        ]  # fmt: skip
-        curve_rows = [
-            {
-                "job_id": job_id, "query_set": "val", "step": s, "lr": 0.01, "mean": float(v),
-                "mean_per_lr": float(v) * 100, "abs_sum": abs(float(v)) * 10, "loss": 1.0,
-            }
-            for s, v in enumerate(rng.normal(size=steps))
-        ]  # fmt: skip
-        for model, rows in ((TopKRow, top_rows), (ExampleTotal, example_rows), (CurvePoint, curve_rows)):
-            for i in range(0, len(rows), 5000):
-                conn.execute(insert(model), rows[i : i + 5000])
-        conn.execute(insert(PhaseSummaryRow), {"job_id": job_id, "query_set": "val", "summary": phases})
-    insert_s = time.perf_counter() - start
-    analyzed = False
-    if engine.dialect.name == "postgresql":  # what autovacuum does shortly after a worker's bulk insert
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("ANALYZE"))
-        analyzed = True
-    engine.dispose()
-    return {
-        "job_id": job_id,
-        "topk_rows": len(top_rows),
-        "example_totals": len(example_rows),
-        "occurrences": 10 * len(example_rows),
-        "curve_points": len(curve_rows),
-        "insert_seconds": insert_s,
-        "analyzed": analyzed,
-    }
 
 
 def sql_timing(url: str, job_id: int, repeats: int = 30) -> dict[str, Any]:
@@ -681,22 +409,11 @@ def query_bench(
 
 
 def bench_database(db: Postgres | Sqlite, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from sqlalchemy.orm import Session
-
-    from server.db.session import make_engine
-    from server.migrate import upgrade
-    from server.services.auth import create_token, get_or_create_project
-
     storage, data = work / f"storage-{db.name}", work / f"data-{db.name}"
     storage.mkdir()
     data.mkdir()
     db.create()
-    upgrade(db.url)
-    engine = make_engine(db.url)
-    with Session(engine) as session:
-        token = create_token(session, project=get_or_create_project(session, name="bench"))
-        session.commit()
-    engine.dispose()
+    token = api_token(db.url)
     env = {
         "DVEMB_DATABASE_URL": db.url,
         "DVEMB_STORAGE_DIR": str(storage),
@@ -785,10 +502,6 @@ def tables(results: dict[str, Any]) -> str:
                     f"{r['sql'][endpoint + '_ms']:.2f} |" + (f" ({s['errors']} errors)" if s["errors"] else "")
                 )
     return "\n".join(lines)
-
-
-def met(flag: bool) -> str:
-    return "**met**" if flag else "**NOT met**"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -900,7 +613,7 @@ def main() -> None:
     started = time.time()
     meta = {
         "command": ".venv/bin/python -m bench.service_bench" + (" --quick" if args.quick else ""),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_stamp(),
         "cpus": os.cpu_count(),
         "cpu": cpu_model(),
         "python": platform.python_version(),

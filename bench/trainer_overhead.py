@@ -42,7 +42,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
@@ -67,7 +66,7 @@ from transformers import (
     default_data_collator,
 )
 
-from bench.markdown import replace_section
+from bench.harness import replace_section, utc_stamp
 from bench.recorder_overhead import machine
 from dvemb.integrations.huggingface import record
 
@@ -582,7 +581,7 @@ def main() -> int:
         notes.append(f"bergson: {by['bergson']['note']}.")
     meta = {
         "command": command,
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_stamp(),
         "machine": machine(),
         "transformers": transformers.__version__,
         "peer": results["peer"] if results["peer_available"] else f"unavailable ({results['peer']})",

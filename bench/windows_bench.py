@@ -37,7 +37,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -50,12 +49,18 @@ import httpx
 import numpy as np
 from safetensors.numpy import save_file
 
-from bench.load_bench import Worker
-from bench.markdown import replace_section
-from bench.service_bench import ApiProcess, Postgres, percentile
+from bench.harness import (
+    OUT,
+    ApiProcess,
+    CeleryWorker,
+    Postgres,
+    machine,
+    percentile,
+    replace_section,
+    synthetic_phases,
+    synthetic_summary,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
 SECTION = "Top examples per window"
 REDIS_DB = int(os.environ.get("DVEMB_BENCH_REDIS_DB", "12"))  # flushed by nobody else: not a test suite's
 TOP_K = 100
@@ -74,24 +79,16 @@ def synthetic_job(url: str, storage: Path, *, rows: int, queries: int, steps: in
     from server.storage import results_dir
 
     examples = rows // EPOCHS
-    bounds = [steps // 10, steps * 8 // 10]
-    phases = {
-        "boundaries": bounds,
-        "ranges": {"early": [0, bounds[0] - 1], "basin": [bounds[0], bounds[1] - 1], "late": [bounds[1], steps - 1]},
-        "share_abs": {"early": 0.3, "basin": 0.5, "late": 0.2},
-        "share_abs_per_lr": {"early": 0.2, "basin": 0.6, "late": 0.2},
-        "mean_per_lr": {"early": 0.01, "basin": 0.001, "late": 0.005},
-    }
-    summary = {
-        "format": "dvemb-results",
-        "version": 1,
-        "steps": steps,
-        "occurrences": rows,
-        "examples": examples,
-        "arguments": {"top_k": TOP_K},
-        "propagation_label": "exact SGD",
-        "query_sets": {"val": {"num_queries": queries, "query_ids": list(range(queries)), "phases": phases}},
-    }
+    phases = synthetic_phases(steps)
+    summary = synthetic_summary(
+        steps=steps,
+        occurrences=rows,
+        examples=examples,
+        queries=queries,
+        arguments={"top_k": TOP_K},
+        phases=phases,
+        results_file=True,
+    )
     engine = make_engine(url)
     with Session(engine) as session:
         token = create_token(session, project=get_or_create_project(session, name="bench"))
@@ -350,7 +347,7 @@ def main() -> None:
         print(f"synthetic job written in {job['write_s']:.1f} s", flush=True)
         stored = store_stored_windows(db.url, job)
         print(f"stored windows: {stored}", flush=True)
-        api, worker = ApiProcess(env), Worker(env, "celery")
+        api, worker = ApiProcess(env), CeleryWorker(env, "celery")
         headers = {"Authorization": f"Bearer {job['token']}"}
         with httpx.Client(base_url=f"{api.url}/api/v1", headers=headers, timeout=120) as client:
             cached = cached_latency(client, job["job_id"], queries, args.requests)
@@ -361,7 +358,7 @@ def main() -> None:
         print(f"page load: {page}", flush=True)
         results = {
             "date": dt.date.today().isoformat(),
-            "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+            "machine": f"{os.cpu_count()} cores, {machine()}",
             "size": {"rows": rows, "queries": queries, "steps": steps, "scores_gb": rows * queries * 4 / 1e9,
                      "write_s": job["write_s"]},
             "stored": stored,

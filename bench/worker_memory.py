@@ -77,7 +77,7 @@ class Database:
     def __init__(self) -> None:
         from sqlalchemy.orm import Session
 
-        from bench.service_bench import Postgres
+        from bench.harness import Postgres
         from server.db.models import Project
         from server.db.session import make_engine
         from server.migrate import upgrade
