@@ -12,8 +12,8 @@ accumulation). Per run:
   over test points of the Spearman correlation with :func:`bench.fidelity.ground_truth` (the example dropped from its
   batch and training replayed with torch.optim). The removal is ``"weight"`` (a summed loss: the example's term
   dropped), which is what the ground truth does.
-- **cost**: the replay's seconds (forward with checkpoints every ``ceil(sqrt(T))`` steps, adjoint, no probe) over
-  the seconds of the same training as a plain torch.optim loop, for one query column (the mean test loss:
+- **cost**: the replay's CPU seconds (forward with checkpoints every ``ceil(sqrt(T))`` steps, adjoint, no probe)
+  over the CPU seconds of the same training as a plain torch.optim loop, for one query column (the mean test loss:
   ``query_columns="mean"``) and for the 40 columns.
 - **fast vs replay** (what ``trust-<set>.json`` says for the run): :func:`dvemb.replay.trust` on the computed results
   and the 40-column replay: Spearman over all occurrences of the set's mean score, top-100 helpful and harmful
@@ -62,14 +62,14 @@ def _initial(traj: Trajectory, setup: Setup) -> tuple[torch.nn.Module, torch.opt
 def _plain_training_seconds(traj: Trajectory, setup: Setup) -> float:
     """The same training as a plain torch.optim loop (no recorder), timed."""
     model, optimizer = _initial(traj, setup)
-    started = time.perf_counter()
+    started = time.process_time()
     for batch, lr in zip(traj.batches, traj.lrs, strict=True):
         for group in optimizer.param_groups:
             group["lr"] = lr
         F.cross_entropy(model(traj.x[batch]), traj.y[batch], reduction="sum").backward()
         optimizer.step()
         optimizer.zero_grad()
-    return time.perf_counter() - started
+    return time.process_time() - started
 
 
 def _replay(traj: Trajectory, setup: Setup, log: Path, columns: str, probe: int) -> Any:
@@ -101,7 +101,7 @@ def run_one(setup: Setup, work: Path) -> dict[str, Any]:
     record = trust(work / "out", "test")
 
     def cost(r: Any) -> float:
-        return float((r.summary["seconds"]["forward"] + r.summary["seconds"]["adjoint"]) / training)
+        return float((r.summary["cpu_seconds"]["forward"] + r.summary["cpu_seconds"]["adjoint"]) / training)
 
     ceiling = first_order_ceiling(traj, pairs)
     return {
@@ -148,12 +148,12 @@ def wide_cost(optimizer: str, seed: int = 0, hidden: int = 1024, batch: int = 64
 
     def training() -> float:
         model, opt = initial()
-        started = time.perf_counter()
+        started = time.process_time()
         for ids in step_ids:
             F.cross_entropy(model(x[ids]), y[ids]).backward()
             opt.step()
             opt.zero_grad()
-        return time.perf_counter() - started
+        return time.process_time() - started
 
     seconds = min(training() for _ in range(2))
     out = {"wide_training_seconds": seconds}
@@ -168,7 +168,7 @@ def wide_cost(optimizer: str, seed: int = 0, hidden: int = 1024, batch: int = 64
             [(x_test, y_test)],
             ReplayArguments(checkpoint_every=every),
         )
-        out[name] = float((r.summary["seconds"]["forward"] + r.summary["seconds"]["adjoint"]) / seconds)
+        out[name] = float((r.summary["cpu_seconds"]["forward"] + r.summary["cpu_seconds"]["adjoint"]) / seconds)
     return out
 
 
@@ -191,9 +191,9 @@ def lm_one(seed: int, quick: bool, work: Path, pairs: int | None = None) -> dict
     ref = lm.plain_run(s, data, seed, order, mode="reference")
     training = float("inf")
     for _ in range(2):  # the same training unrecorded, without keeping the optimizer's states: timed
-        started = time.perf_counter()
+        started = time.process_time()
         lm.plain_run(s, data, seed, order, mode="timed")
-        training = min(training, time.perf_counter() - started)
+        training = min(training, time.process_time() - started)
     recorded = lm.plain_run(s, data, seed, order, work / "log", mode="plain")
     if not lm.same_trajectory(recorded, ref):
         raise RuntimeError("recording changed the LM's training trajectory")
@@ -233,7 +233,7 @@ def lm_one(seed: int, quick: bool, work: Path, pairs: int | None = None) -> dict
     record = trust(work / "out", "test")
 
     def cost(r: Any) -> float:
-        return float((r.summary["seconds"]["forward"] + r.summary["seconds"]["adjoint"]) / training)
+        return float((r.summary["cpu_seconds"]["forward"] + r.summary["cpu_seconds"]["adjoint"]) / training)
 
     return {
         "replay_vs_loo": correlation(estimate, truth, spearman=True),
@@ -279,8 +279,8 @@ def markdown(runs: dict[str, list[dict[str, Any]]], setup: Setup, seeds: int, me
         "(one query column each), against the example dropped from its batch and training replayed with torch.optim;",
         "- **first-order ceiling**: `bench/optimizer_fidelity.py`'s central differences (h = 1e-4) of real retraining "
         "in the example's loss weight, the same derivative the replay computes;",
-        "- **cost**: replay seconds (forward with checkpoints every ceil(sqrt(T)) steps, then the adjoint) over the same "
-        "training as a plain torch.optim loop, for 1 query column (the mean test loss) and for 40; the digits MLP is "
+        "- **cost**: replay CPU seconds (forward with checkpoints every ceil(sqrt(T)) steps, then the adjoint) over the "
+        "same training's as a plain torch.optim loop, for 1 query column (the mean test loss) and for 40; the digits MLP is "
         "so small that per-step overhead dominates, so the cost is also measured on a **wider MLP** (float32, "
         "64-1024-1024-10, tanh, batch 64, 100 steps, mean loss, 1 query column), with the default checkpoints and with "
         "every state kept (`checkpoint_every=1`: no recomputation);",
@@ -398,7 +398,8 @@ def main() -> None:
         f"{provenance(commit=measured_commit())} ({args.threads} thread, CPU), "
         f"torch {torch.__version__}, dvemb {dvemb.__version__}, {time.time() - started:.0f} s; load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end (a shared machine: the cost ratios are "
-        "timed back to back with the training they are divided by, but they move with the load)."
+        "ratios of this process's CPU time, the replay's over the training's, so other processes' load moves them "
+        "little)."
     )
     text = markdown(runs, base, seeds, meta)
     out = Path(__file__).parent / "out"

@@ -117,7 +117,9 @@ def replay(
             "probe": probe_seconds,
             "total": time.perf_counter() - started,
         },
-        "cost_over_training": (timings.forward + timings.adjoint) / max(timings.forward, 1e-12),
+        # CPU seconds of this process: the forward and adjoint passes (other processes' load does not count).
+        "cpu_seconds": {"forward": timings.forward_cpu, "adjoint": timings.adjoint_cpu},
+        "cost_over_training": (timings.forward_cpu + timings.adjoint_cpu) / max(timings.forward_cpu, 1e-12),
         "forward_steps": training_steps,
         "queries_batched": replayer.pull.batched,
         "probe": {"scales": list(args.probe_scales), **summarise_probe(records), "records": records},

@@ -122,11 +122,14 @@ class TrainState:
 
 @dataclass
 class Timings:
-    """Seconds spent in each pass."""
+    """Seconds spent in each pass: wall time, and this process's CPU time (``*_cpu``: what a cost ratio on a shared
+    machine is taken from, since other processes' load does not count in it)."""
 
     forward: float = 0.0
     adjoint: float = 0.0
     probe: float = 0.0
+    forward_cpu: float = 0.0
+    adjoint_cpu: float = 0.0
     steps_replayed: int = 0
 
 
@@ -237,7 +240,7 @@ class Replayer:
         With a work directory the checkpoints are also written there, and a forward pass found there (whole, or up
         to its last checkpoint) is read back instead of replayed.
         """
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         state, self.losses, first = self.initial, [], 0
         if self.work is not None:
             first, state = self._resume_forward(self.work)
@@ -256,6 +259,7 @@ class Replayer:
         if self.work is not None:
             self.work.save_state(None, state.params, state.optimizer, self.losses)
         self.timings.forward += time.perf_counter() - started
+        self.timings.forward_cpu += time.process_time() - cpu_started
         return state
 
     def _resume_forward(self, work: WorkDirectory) -> tuple[int, TrainState]:
@@ -334,7 +338,7 @@ class Replayer:
             occurrence raises query k's loss, it helped), and (K,) the query losses at the final parameters.
         """
         final = self.final if self.final is not None else self.forward()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         lam_params, final_losses = self.query_gradients(final.params)
         K = len(final_losses)
         lam_slots = [torch.zeros((K, *t.shape), dtype=t.dtype, device=t.device) for t in final.optimizer.flat()]
@@ -364,6 +368,7 @@ class Replayer:
             if self.work is not None:
                 self.work.save_adjoint(start, [*lam_params, *lam_slots], scores)
         self.timings.adjoint += time.perf_counter() - started
+        self.timings.adjoint_cpu += time.process_time() - cpu_started
         return scores, final_losses
 
     def step_adjoint(
