@@ -18,7 +18,6 @@ BENCHMARKS.md untouched). Writes ``bench/out/curvature_rows.json`` and the BENCH
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ import torch
 
 from bench import default_fidelity as fid
 from bench.fidelity import Setup, correlation, ground_truth, sample_pairs
-from bench.harness import machine, measured_commit, replace_section, utc_stamp
+from bench.harness import machine, measured_commit, replace_section, save_json, utc_stamp
 from dvemb import output_curvature
 from dvemb.curvature import ESTIMATOR, cross_entropy_factor_rows
 from dvemb.engine import ComputeArguments
@@ -202,9 +201,7 @@ def main() -> None:
     }
     text = section(results, meta)
     print(text)
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "curvature_rows.json").write_text(json.dumps({"results": results, "meta": meta}, indent=1))
+    save_json("curvature_rows.json", {"results": results, "meta": meta})
     if not args.quick:
         replace_section(SECTION, text)
 

@@ -71,7 +71,7 @@ from bench.fidelity import (
     same_trajectory,
     sample_pairs,
 )
-from bench.harness import measured_commit, provenance, replace_block, replace_section
+from bench.harness import measured_commit, provenance, replace_block, replace_section, save_json
 from bench.optimizer_fidelity import RATES, first_order_ceiling
 from dvemb.engine import ComputeArguments, compute
 
@@ -533,10 +533,8 @@ def main() -> None:
         f"torch {torch.__version__}, dvemb {dvemb.__version__}, {time.time() - started:.0f} s."
     )
     text = markdown(table, runs, base, seeds, meta)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "default_fidelity.json").write_text(
-        json.dumps({"setup": asdict(base), "seeds": seeds, "runs": runs, "table": table, "markdown": text}, indent=1)
+    save_json(
+        "default_fidelity.json", {"setup": asdict(base), "seeds": seeds, "runs": runs, "table": table, "markdown": text}
     )
     print(text)
     if not args.no_write and (args.write or not args.quick):

@@ -11,6 +11,7 @@ describes the machine, the same way for all of them, so their figures stay compa
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -27,42 +28,11 @@ from typing import IO, Any
 
 import numpy as np
 
-from bench.markdown import BENCHMARKS, measured_commit, replace_block, replace_section
-
-__all__ = [
-    "BENCHMARKS",
-    "OUT",
-    "PG_ADMIN",
-    "QUIET_PATTERN",
-    "ROOT",
-    "ApiProcess",
-    "CeleryWorker",
-    "ManagedProcess",
-    "Postgres",
-    "Sqlite",
-    "api_token",
-    "busy_processes",
-    "cpu_model",
-    "free_port",
-    "insert_results",
-    "loadavg",
-    "machine",
-    "measured_commit",
-    "met",
-    "own_cpu_seconds",
-    "percentile",
-    "proc_cpu_seconds",
-    "proc_status",
-    "provenance",
-    "replace_block",
-    "replace_section",
-    "reset_peak",
-    "synthetic_phases",
-    "synthetic_summary",
-    "tree_cpu_seconds",
-    "utc_stamp",
-    "wait_until_quiet",
-]
+# BENCHMARKS.md writing (bench/markdown.py), re-exported: a benchmark takes it from here with the rest
+from bench.markdown import BENCHMARKS as BENCHMARKS
+from bench.markdown import measured_commit as measured_commit
+from bench.markdown import replace_block as replace_block
+from bench.markdown import replace_section as replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -195,6 +165,14 @@ def percentile(values: Sequence[float], q: float) -> float:
 def met(flag: bool) -> str:
     """A verdict against a target, as the sections print it."""
     return "**met**" if flag else "**NOT met**"
+
+
+def save_json(name: str, data: Any, *, indent: int = 1) -> Path:
+    """Write a benchmark's measurements to ``bench/out/NAME`` (git-ignored); returns the path."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / name
+    path.write_text(json.dumps(data, indent=indent, default=str))
+    return path
 
 
 # ------------------------------------------------------------------------------------ managed processes

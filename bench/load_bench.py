@@ -51,7 +51,6 @@ from typing import Any
 import httpx
 
 from bench.harness import (
-    OUT,
     ROOT,
     ApiProcess,
     CeleryWorker,
@@ -63,6 +62,7 @@ from bench.harness import (
     met,
     percentile,
     replace_section,
+    save_json,
     utc_stamp,
 )
 
@@ -481,9 +481,7 @@ def main() -> None:
         }
         for phase, out in results["phases"].items()
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    out = OUT / ("load_bench.quick.json" if args.quick else "load_bench.json")
-    out.write_text(json.dumps(results, indent=2, default=str))
+    out = save_json("load_bench.quick.json" if args.quick else "load_bench.json", results, indent=2)
     print(f"wrote {out.relative_to(ROOT)}")
     text = markdown(results)
     print(text)

@@ -27,7 +27,6 @@ Run from the repository root: ``.venv/bin/python -m bench.optimizer_fidelity``. 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import replace
@@ -48,7 +47,7 @@ from bench.fidelity import (
     sample_pairs,
     train,
 )
-from bench.harness import provenance, replace_section
+from bench.harness import provenance, replace_section, save_json
 
 RATES = {"sgd": 0.02, "momentum": 0.002, "adam": 0.001, "adamw": 0.001}
 LABELS = {"sgd": "SGD", "momentum": "SGD momentum 0.9", "adam": "Adam", "adamw": "AdamW (wd 0.1)"}
@@ -229,9 +228,7 @@ def main() -> None:
     table = aggregate(runs)
     meta = f"{provenance()}, torch {torch.__version__}, {time.time() - started:.0f} s."
     text = markdown(table, base, args.seeds, meta)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "optimizer_fidelity.json").write_text(json.dumps({"runs": runs, "table": table}, indent=1))
+    save_json("optimizer_fidelity.json", {"runs": runs, "table": table})
     print(text)
     if not args.no_write:
         replace_section(SECTION, text)

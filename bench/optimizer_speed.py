@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -30,14 +29,13 @@ from torch import nn
 
 import dvemb
 from bench.engine_speed import synthetic_writer
-from bench.harness import provenance, replace_section
+from bench.harness import provenance, replace_section, save_json
 from bench.recorder_overhead import Batch, ce_loss, digits_task, lm_task
 from dvemb import logformat as fmt
 from dvemb.engine import ComputeArguments, compute
 from dvemb.writer import StepRecord
 
 SECTION = "Optimizer-exact speed"
-OUT = Path(__file__).parent / "out"
 
 
 # -- recorder -------------------------------------------------------------------------------------
@@ -246,8 +244,7 @@ def main() -> None:
     eng = engine_times(args.engine_steps, args.batch, args.repeats)
     meta = f"{provenance()}, 2 torch threads, torch {torch.__version__}, {time.time() - started:.0f} s."
     text = markdown(rec, eng, args, meta)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "optimizer_speed.json").write_text(json.dumps({"recorder": rec, "engine": eng}, indent=1))
+    save_json("optimizer_speed.json", {"recorder": rec, "engine": eng})
     print(text)
     if not args.no_write:
         replace_section(SECTION, text)

@@ -17,7 +17,6 @@ Run from the repository root: ``.venv/bin/python -m bench.projection_fidelity``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -29,7 +28,7 @@ import torch
 
 import dvemb
 from bench.fidelity import Setup, correlation, dvemb_scores, ground_truth, same_trajectory, sample_pairs, train
-from bench.harness import provenance, replace_section
+from bench.harness import provenance, replace_section, save_json
 from bench.recorder_overhead import ce_loss, lm_task
 from dvemb.engine.compute import AUTO_FULL_MAX_DIM
 
@@ -168,9 +167,7 @@ def main() -> None:
     cost = overhead(args.rounds, 6)
     meta = f"{provenance()}, torch {torch.__version__}, {time.time() - started:.0f} s."
     text = markdown(runs, cost, meta, base)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "projection_fidelity.json").write_text(json.dumps({"runs": runs, "overhead": cost}, indent=1))
+    save_json("projection_fidelity.json", {"runs": runs, "overhead": cost})
     print(text)
     if not args.no_write:
         replace_section(SECTION, text)

@@ -40,7 +40,6 @@ import functools
 import gc
 import inspect
 import io
-import json
 import os
 import platform
 import pstats
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dvemb
-from bench.harness import cpu_model, replace_section, utc_stamp
+from bench.harness import cpu_model, replace_section, save_json, utc_stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench" / "out"
@@ -793,9 +792,10 @@ def main() -> int:
     print("\n" + table(rows, markdown=False) + "\n")
     for v in lines:
         print(v)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    out = OUT_DIR / ("recorder_overhead.quick.json" if args.quick else "recorder_overhead.json")
-    out.write_text(json.dumps({"meta": meta, "results": rows, "verdicts": lines}, indent=1))
+    out = save_json(
+        "recorder_overhead.quick.json" if args.quick else "recorder_overhead.json",
+        {"meta": meta, "results": rows, "verdicts": lines},
+    )
     print(f"\nwritten: {out}")
     if not (args.quick or args.no_markdown):
         print(f"written: {write_benchmarks_md(meta, rows, lines)}")

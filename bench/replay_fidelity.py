@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import tempfile
 import time
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 
 import dvemb
 from bench.fidelity import OPTIMIZERS, Setup, Trajectory, _data, correlation, ground_truth, sample_pairs, train
-from bench.harness import measured_commit, provenance, replace_section
+from bench.harness import measured_commit, provenance, replace_section, save_json
 from bench.optimizer_fidelity import LABELS, RATES, first_order_ceiling
 from dvemb.engine import ComputeArguments, compute
 from dvemb.replay import ReplayArguments, ReplaySchedule, replay, save_replay, schedule_from_log, trust
@@ -402,9 +401,7 @@ def main() -> None:
         "little)."
     )
     text = markdown(runs, base, seeds, meta)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "replay_fidelity.json").write_text(json.dumps({"seeds": seeds, "runs": runs, "markdown": text}, indent=1))
+    save_json("replay_fidelity.json", {"seeds": seeds, "runs": runs, "markdown": text})
     print(text)
     if not args.quick:
         replace_section(SECTION, text)

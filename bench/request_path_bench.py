@@ -25,7 +25,6 @@ against the bare app's ``/examples`` serving that answer; it writes the section 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import tempfile
@@ -36,7 +35,6 @@ from typing import Any
 import httpx
 
 from bench.harness import (
-    OUT,
     ApiProcess,
     Postgres,
     api_token,
@@ -45,6 +43,7 @@ from bench.harness import (
     loadavg,
     percentile,
     replace_section,
+    save_json,
     utc_stamp,
 )
 from bench.service_bench import load
@@ -199,9 +198,8 @@ def main() -> None:
             "cpu_ratio": ratio < TARGETS["cpu_ratio"],
         },
     }
-    OUT.mkdir(parents=True, exist_ok=True)
     name = f"request_path_bench{'' if args.endpoint == 'top' else '-' + args.endpoint}{'.quick' if args.quick else ''}.json"
-    (OUT / name).write_text(json.dumps(results, indent=2))
+    save_json(name, results, indent=2)
     text = markdown(results)
     print(text)
     if not args.quick:

@@ -18,7 +18,6 @@ BENCHMARKS.md untouched). Writes ``bench/out/second_moment_fidelity.json`` and t
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from bench.fidelity import Setup, correlation, dvemb_scores, ground_truth, sample_pairs, train
-from bench.harness import measured_commit, replace_section, utc_stamp
+from bench.harness import measured_commit, replace_section, save_json, utc_stamp
 from bench.optimizer_fidelity import RATES
 
 SECTION = "Adam's second moment under projection"
@@ -143,9 +142,7 @@ def main() -> None:
     }
     text = section(results, meta)
     print(text)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "second_moment_fidelity.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    save_json("second_moment_fidelity.json", {"meta": meta, "results": results})
     if not args.quick:
         replace_section(SECTION, text)
 

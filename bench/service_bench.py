@@ -39,7 +39,6 @@ import argparse
 import base64
 import contextlib
 import importlib.util
-import json
 import os
 import platform
 import random
@@ -64,7 +63,7 @@ from bench.harness import ROOT as ROOT
 from bench.harness import ApiProcess as ApiProcess
 from bench.harness import Postgres as Postgres
 from bench.harness import Sqlite as Sqlite
-from bench.harness import api_token
+from bench.harness import api_token, save_json
 from bench.harness import busy_processes as busy_processes
 from bench.harness import cpu_model as cpu_model
 from bench.harness import free_port as free_port
@@ -656,9 +655,7 @@ def main() -> None:
     print()
     for name, v in results["verdicts"].items():
         print(name, {k: ("met" if ok else "NOT met") for k, ok in v.items()})
-    OUT.mkdir(parents=True, exist_ok=True)
-    out = OUT / ("service_bench.quick.json" if args.quick else "service_bench.json")
-    out.write_text(json.dumps(results, indent=2, default=str))
+    out = save_json("service_bench.quick.json" if args.quick else "service_bench.json", results, indent=2)
     print(f"wrote {out.relative_to(ROOT)}")
     if not args.quick and not args.no_markdown:
         write_markdown(markdown(results))

@@ -66,12 +66,11 @@ from transformers import (
     default_data_collator,
 )
 
-from bench.harness import replace_section, utc_stamp
+from bench.harness import replace_section, save_json, utc_stamp
 from bench.recorder_overhead import machine
 from dvemb.integrations.huggingface import record
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT_DIR = ROOT / "bench" / "out"
 SECTION = "Trainer callback overhead"
 COMMAND = "bash bench/setup.sh && bench/.venv-bench/bin/python -m bench.trainer_overhead"
 THREADS = 2
@@ -598,9 +597,10 @@ def main() -> int:
     print("\n" + "\n".join(table(rows)) + "\n")
     for line in lines:
         print(line)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    out = OUT_DIR / ("trainer_overhead.quick.json" if args.quick else "trainer_overhead.json")
-    out.write_text(json.dumps({"meta": meta, "results": rows, "verdicts": lines}, indent=1))
+    out = save_json(
+        "trainer_overhead.quick.json" if args.quick else "trainer_overhead.json",
+        {"meta": meta, "results": rows, "verdicts": lines},
+    )
     print(f"\nwritten: {out}")
     if not (args.quick or args.no_markdown):
         print(f"written: {replace_section(SECTION, markdown(meta, rows, lines))}")

@@ -50,13 +50,13 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from bench.harness import (
-    OUT,
     ApiProcess,
     CeleryWorker,
     Postgres,
     machine,
     percentile,
     replace_section,
+    save_json,
     synthetic_phases,
     synthetic_summary,
 )
@@ -366,9 +366,7 @@ def main() -> None:
             "on_demand": demand,
             "page_load": page,
         }  # fmt: skip
-        OUT.mkdir(parents=True, exist_ok=True)
-        name = "windows_bench.quick.json" if args.quick else "windows_bench.json"
-        (OUT / name).write_text(json.dumps(results, indent=2))
+        save_json("windows_bench.quick.json" if args.quick else "windows_bench.json", results, indent=2)
         command = ".venv/bin/python -m bench.windows_bench" + (" --quick" if args.quick else "")
         section = markdown(results, command)
         print(section)
