@@ -24,15 +24,12 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.harness import Postgres, replace_section
+from bench.harness import Postgres, replace_section, save_json
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
 SECTION = "Comparing runs"
 STEPS = 10_000
 
@@ -179,8 +176,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "date": dt.date.today().isoformat(),
     }
-    OUT.mkdir(exist_ok=True)
-    (OUT / "compare_bench.json").write_text(json.dumps(results, indent=2))
+    save_json("compare_bench.json", results, indent=2)
     print(json.dumps(results, indent=2))
     if not args.quick:
         replace_section(

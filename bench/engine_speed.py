@@ -25,12 +25,10 @@ from typing import Any
 
 import torch
 
-from bench.harness import machine, replace_section, utc_stamp
+from bench.harness import OUT, machine, replace_section, save_json, utc_stamp
 from dvemb.engine import BlockedRecursion, Chunk, ComputeArguments, compute
 from dvemb.engine.compute import default_block_rows
 from dvemb.writer import LogWriter
-
-OUT = Path(__file__).parent / "out"
 
 
 def gemm_rate(n: int, d: int, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
@@ -280,7 +278,7 @@ def main() -> None:
         "seconds": time.time() - started,
         "load": (load_before, os.getloadavg()[0]),
     }
-    (OUT / "engine_speed.json").write_text(json.dumps(results, indent=1))
+    save_json("engine_speed.json", results)
     write_markdown(results)
 
 

@@ -22,7 +22,6 @@ formats, so this needs the git history.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -36,13 +35,11 @@ from typing import Any
 
 import torch
 
-from bench.harness import machine, replace_section
+from bench.harness import ROOT, machine, replace_section, save_json
 from dvemb import logformat
 from dvemb import reader as reader_v3
 from dvemb import writer as writer_v3
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = Path(__file__).parent / "out"
 BASELINE = "e300f16e8c39c04d6cc75768697f74ef0ed5b93a"  # the last commit writing format version 2
 
 
@@ -239,8 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="dvemb-log-metadata-") as tmp:
         meta = metadata_rows(Path(tmp), args.counts, dims)
         reading = reading_rows(Path(tmp), dims, args.shard_mb, args.read_shards, args.rounds)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "log_metadata.json").write_text(json.dumps({"metadata": meta, "reading": reading}, indent=1))
+    save_json("log_metadata.json", {"metadata": meta, "reading": reading})
     if not args.no_markdown:
         command = ".venv/bin/python -m bench.log_metadata" + (" " + " ".join(argv) if argv else "")
         replace_section("Gradient-log metadata and shard reading", markdown(meta, reading, command, dims))

@@ -37,13 +37,11 @@ from typing import Any
 
 import torch
 
-from bench.harness import replace_section, utc_stamp
+from bench.harness import ROOT, replace_section, save_json, utc_stamp
 from bench.optimizer_speed import write_log
 from dvemb.engine import ComputeArguments, compute
 from dvemb.engine.segmented import combine_segments, prepare_segments, run_segment
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
 BATCH = 32
 STEPS = {"sgd": 800, "adamw": 300}
 JOBS = [(1, 1), (2, 1), (4, 1), (2, 2), (4, 2)]  # (segments, workers)
@@ -222,8 +220,7 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
-    OUT.mkdir(exist_ok=True)
-    (OUT / "segments_speed.json").write_text(json.dumps(results, indent=1))
+    save_json("segments_speed.json", results)
     write_markdown(results)
     print("\n".join(reading(results["summary"])))
 
