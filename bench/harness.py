@@ -227,7 +227,7 @@ class ManagedProcess:
         return self.process.poll() is None
 
     def output(self, tail: int = 4000) -> str:
-        """The last ``tail`` characters of the process's log ('' once stopped)."""
+        """The last ``tail`` characters of the process's log (after ``stop()``: the tail it had then)."""
         if self.log.closed:
             return self._final
         self.log.seek(0)
