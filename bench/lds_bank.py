@@ -968,6 +968,40 @@ def _magic_main() -> None:
     note_cpu()
 
 
+def _tied_first_step() -> float:
+    """How bergson's MAGIC trainer steps a tied weight: the first AdamW step of a toy model whose two linear layers
+    share one weight, bergson's (``Trainer.initialize`` / ``_apply_update``) over torch's ``AdamW`` (1.0: the same
+    step)."""
+    import torchopt
+    from bergson.distributed import grad_tree
+    from bergson.magic.swap import swap_parameters
+    from bergson.magic.trainer import Trainer
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x)).sum()
+
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(4, 3)
+    start = model.a.weight.detach().clone()
+    reference = Tied()
+    reference.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=0.1, weight_decay=0.0)
+    reference(x).backward()
+    optimizer.step()
+    trainer, state = Trainer.initialize(model, torchopt.adamw(0.1, weight_decay=0.0))
+    with swap_parameters(trainer.model, state.params, state.buffers) as params:
+        grads = grad_tree(trainer.model(x), params)
+    stepped = trainer._apply_update(state, grads, inplace=True)
+    ours = (stepped.params["a.weight"] - start).abs().mean()
+    return float(ours / (reference.a.weight.detach() - start).abs().mean())
+
+
 def method_magic(bank: Bank, base: dict[str, Any]) -> Scored:
     """Bergson's MAGIC (``bergson magic``, exact metagradients through its own twice-differentiable trainer):
     bergson retrains the model itself from the bank's pretrained start on the base run's batches in the base run's
@@ -1048,7 +1082,8 @@ def method_magic(bank: Bank, base: dict[str, Any]) -> Scored:
     shutil.rmtree(run_dir / "scores", ignore_errors=True)
     _run_bergson(bank, "magic", argv)
     # Every invocation's CPU seconds (a resumed run's earlier ones included).
-    cpu = sum(float(x) for x in (run_dir / "bank-cpu-seconds.jsonl").read_text().split())
+    invocations = [float(x) for x in (run_dir / "bank-cpu-seconds.jsonl").read_text().split()]
+    cpu = sum(invocations)
     # MAGIC weights every row (occurrence; bergson drops other columns such as doc_ids): an example's score is
     # the sum over its occurrences, the derivative with respect to one weight shared by them.
     rows = _bergson_scores(run_dir)  # -(d query loss / d row weight)
@@ -1075,12 +1110,12 @@ def method_magic(bank: Bank, base: dict[str, Any]) -> Scored:
     others = [n for n in reference if n != tied]
     note = (
         f"`bergson magic {' '.join(options)}` on the base run's {s.steps} batches in its order (one epoch of "
-        f"{s.epochs * s.train_size} rows, `doc_ids` the example), from the bank's pretrained start; MAGIC retrains "
+        f"{s.epochs * s.train_size} rows, one per occurrence), from the bank's pretrained start; MAGIC retrains "
         "with its own functional trainer (torchopt AdamW: weight decay on every parameter, the Trainer's spares "
         "biases and LayerNorms; eps_root 1e-17; loss the batch's mean over its shifted tokens, the Trainer's "
         "divides by all its labels; eager attention; the tied embedding / LM head is one tensor under two names "
-        "in its parameter dict and is stepped under each (on a toy tied model its first step is 1.11x torch "
-        "AdamW's)): its final embedding is "
+        f"in its parameter dict and is stepped under each (on a toy tied model its first step is "
+        f"{_tied_first_step():.2f}x torch AdamW's)): its final embedding is "
         f"{distance([tied]):.1e} (relative) from the base run's, its other parameters {distance(others):.1e}, its "
         f"query losses {gap.mean():.1e} (mean abs, max {gap.max():.1e}) from the base run's (the bank's removal "
         "effects: see |mean| above); scores -d loss / d weight, summed over an example's occurrences"
@@ -1088,6 +1123,12 @@ def method_magic(bank: Bank, base: dict[str, Any]) -> Scored:
             f"; only the first {queries} of the {s.query_size} queries (one backward through the whole run each; "
             "what the time budget allowed), its cost theirs"
             if queries < s.query_size
+            else ""
+        )
+        + (
+            f"; its cost: the CPU seconds of the {len(invocations)} invocations of its resumable run (stopped and "
+            "resumed; a resumed invocation reuses the checkpoints and scored queries, and adds its start-up)"
+            if len(invocations) > 1
             else ""
         )
     )
@@ -1218,9 +1259,7 @@ METHODS: dict[str, tuple[str, Callable[..., Scored]]] = {
     ),
     "bergson_ekfac_astra": (
         "Bergson 2.5 EK-FAC + ASTRA (the EK-FAC row's command, its inverse-Hessian-vector products refined by 300 "
-        "steps of ASTRA's preconditioned SGD per query, step size 0.001: Bergson's WikiText 0.1 diverges here; "
-        "run through `_astra_main`, which copies each query's starting row: on CPU bergson 2.5.1 updates a view of "
-        "its read-only memory map in place and dies of a segmentation fault at the first step)",
+        "steps of ASTRA's preconditioned SGD per query, step size 0.001)",
         lambda bank, base: _bergson(
             bank,
             "ekfac",
@@ -1424,6 +1463,17 @@ def markdown(report: dict[str, Any]) -> str:
             + ". Bergson's TrackStar, EK-FAC, ASTRA and SOURCE pipelines track the 8 `Conv1D` layers of the "
             "blocks (not the tied embedding / LM head, which dvemb also tracks); MAGIC, dattri's and the gradient dot "
             "product take every parameter.",
+        ]
+    if "bergson_ekfac_astra" in rows:
+        lines += [
+            "",
+            "EK-FAC + ASTRA runs through `bench.lds_bank._astra_main`, bergson's command line with one workaround: on "
+            "CPU, bergson 2.5.1's ASTRA (`Astra._read_row`) hands each query's starting solution over as a view of "
+            "its read-only memory-mapped EK-FAC solutions (`.to(device, float32)` copies only to another device or "
+            "dtype) and `refine` updates it in place, so the process dies of a segmentation fault (rc -11) at the "
+            "first step; the rows are copied, nothing else changes. Its step size is 0.001: Bergson's WikiText "
+            "setting (0.1) and 0.01 make ASTRA's logged objective grow to NaN on this bank, 0.001 lowers it (its "
+            "documentation: tune the step by that objective).",
         ]
     add = report.get("non_additivity")
     if add:
