@@ -19,7 +19,6 @@ one, ``inputs``; a ``transformers`` model takes them by name).
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -36,7 +35,7 @@ from dvemb.atomic import replacing
 from dvemb.errors import ConfigError
 from dvemb.formats import REPLAY_BUNDLE
 from dvemb.replay.bundle_models import build_model, describe_model
-from dvemb.replay.initial import _plain
+from dvemb.replay.initial import load_optimizer_state, optimizer_state_parts, saved_groups
 from dvemb.replay.losses import LOSSES, TOKEN_COUNTS, per_example_loss
 from dvemb.replay.optimizers import SUPPORTED
 from dvemb.replay.training import Examples, LossFn, check_replayable
@@ -102,21 +101,13 @@ def write_bundle(
         "query_sets": {name: _rows(fields, f"query set {name!r}") for name, fields in query_sets.items()},
         "replay": {"autocast": autocast, "micro_batches": int(micro_batches)},
     }
-    tensors: dict[str, torch.Tensor] = {}
-    state = optimizer.state_dict()
-    numbers: dict[str, Any] = {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value
-            else:
-                numbers[f"{index}.{key}"] = _plain(value)
+    tensors, numbers, groups = optimizer_state_parts(optimizer)
     name_of = {id(p): name for name, p in model.named_parameters()}
     if any(id(p) not in name_of for g in optimizer.param_groups for p in g["params"]):
         raise ConfigError("the optimizer holds parameters that are not the model's")
     spec["optimizer"] = {
         "class": type(optimizer).__name__,
-        "param_groups": [{k: (v if k == "params" else _plain(v)) for k, v in g.items()} for g in state["param_groups"]],
+        "param_groups": groups,
         # The model's name of each parameter of each group (the state's indices are the optimizer's numbering).
         "param_names": [[name_of[id(p)] for p in g["params"]] for g in optimizer.param_groups],
         "state_numbers": numbers,
@@ -202,7 +193,7 @@ def open_bundle(path: str | Path, device: str | torch.device = "cpu") -> BuiltBu
     _tie(model, spec.get("tied", []))
     _load_weights(model, _section(tensors, "model."))
     model.train()
-    optimizer = _optimizer(spec["optimizer"], model, _section(tensors, "optimizer."))
+    optimizer = _optimizer(spec["optimizer"], model, {n: t for n, t in tensors.items() if n.startswith("optimizer.")})
     fields = {k: v.to(device) for k, v in _section(tensors, "examples.").items()}
     row_of = {_key(i): row for row, i in enumerate(spec["ids"])}
 
@@ -387,7 +378,7 @@ def _optimizer(spec: dict[str, Any], model: nn.Module, state_tensors: dict[str, 
     with, and its saved state."""
     parameters = dict(model.named_parameters())
     names = spec.get("param_names")
-    saved = groups_as_saved(spec)
+    saved = saved_groups(spec["param_groups"])
     if not isinstance(names, list) or len(names) != len(saved):
         raise ConfigError("replay bundle: the optimizer's parameter names do not match its groups")
     groups = []
@@ -400,21 +391,9 @@ def _optimizer(spec: dict[str, Any], model: nn.Module, state_tensors: dict[str, 
     build: Any = getattr(torch.optim, spec["class"])
     try:
         optimizer: torch.optim.Optimizer = build(groups)
-        state: dict[int, dict[str, Any]] = {}
-        for name, value in state_tensors.items():
-            index, key = name.split(".", 1)
-            state.setdefault(int(index), {})[key] = value
-        for name, value in spec["state_numbers"].items():
-            index, key = name.split(".", 1)
-            state.setdefault(int(index), {})[key] = value
-        optimizer.load_state_dict({"state": state, "param_groups": copy.deepcopy(saved)})
+        load_optimizer_state(optimizer, state_tensors, spec["state_numbers"], spec["param_groups"])
     except (TypeError, ValueError, KeyError, RuntimeError) as error:
         raise ConfigError(
             f"replay bundle: the optimizer cannot be rebuilt ({type(error).__name__}: {error})"
         ) from error
     return optimizer
-
-
-def groups_as_saved(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The saved parameter groups as ``Optimizer.load_state_dict`` takes them (betas as tuples)."""
-    return [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in spec["param_groups"]]

@@ -52,15 +52,11 @@ def _plain(value: Any) -> Any:
     raise ConfigError(f"optimizer hyperparameter of type {type(value).__name__} cannot be kept as JSON")
 
 
-def save_initial(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> Path:
-    """Keep ``model``'s weights and ``optimizer``'s state as they are now (call it before the first step).
-
-    Returns:
-        the record's path.
-    """
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(path / WEIGHTS))
+def optimizer_state_parts(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[dict[str, Any]]]:
+    """The optimizer's state as safetensors and JSON: its state tensors (``optimizer.<param index>.<key>``), the
+    numbers of its state that are not tensors (``<param index>.<key>``) and its parameter groups as JSON."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     numbers: dict[str, Any] = {}
@@ -70,8 +66,43 @@ def save_initial(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
                 tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 numbers[f"{index}.{key}"] = _plain(value)
-    save_file(tensors, str(path / OPTIMIZER))
     groups = [{k: (v if k == "params" else _plain(v)) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, numbers, groups
+
+
+def saved_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Parameter groups kept as JSON, as ``Optimizer.load_state_dict`` takes them (betas as tuples)."""
+    return [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    numbers: dict[str, Any],
+    groups: list[dict[str, Any]],
+) -> None:
+    """Put :func:`optimizer_state_parts`'s parts back into ``optimizer`` (``tensors`` keyed ``optimizer.<i>.<key>``)."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in numbers.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": saved_groups(groups)})
+
+
+def save_initial(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> Path:
+    """Keep ``model``'s weights and ``optimizer``'s state as they are now (call it before the first step).
+
+    Returns:
+        the record's path.
+    """
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path / WEIGHTS))
+    tensors, numbers, groups = optimizer_state_parts(optimizer)
+    save_file(tensors, str(path / OPTIMIZER))
     record = {
         "format": FORMAT,
         "version": 1,
@@ -107,13 +138,4 @@ def load_initial(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
         raise ConfigError(f"the kept weights do not fit the model: {error}") from error
     if missing or unexpected:
         raise ConfigError(f"the kept weights do not fit the model: missing {missing}, unexpected {unexpected}")
-    tensors = load_file(str(path / OPTIMIZER))
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    for name, value in record["state_numbers"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in record["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    load_optimizer_state(optimizer, load_file(str(path / OPTIMIZER)), record["state_numbers"], record["param_groups"])
