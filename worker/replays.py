@@ -33,6 +33,7 @@ from dvemb.formats import (
 from dvemb.replay import ReplayArguments, replay, save_replay, schedule_from_log, trust
 from dvemb.replay.bundle import open_bundle
 from dvemb.replay.comparison import trust_file
+from dvemb.replay.engine import checkpoint_spacing
 from dvemb.replay.files import replay_files
 from server.db.agreements import store_agreement
 from server.db.leases import Lease, hold
@@ -183,7 +184,7 @@ class _Progress:
 
     def __init__(self, replay_id: int, mine: Any, steps: int, every: int | None) -> None:
         self.replay_id, self.mine, self.steps = replay_id, mine, steps
-        self.segments = math.ceil(steps / (every or max(1, math.ceil(math.sqrt(steps)))))
+        self.segments = math.ceil(steps / checkpoint_spacing(steps, every))
         self.adjoint_saves = 0
 
     def saved(self, name: str) -> None:

@@ -96,6 +96,11 @@ class ReplayArguments:
             raise ConfigError(f"probe_scales={self.probe_scales}: positive multiples, 1.0 among them")
 
 
+def checkpoint_spacing(steps: int, asked: int | None = None) -> int:
+    """Steps between kept states: ``asked``, or ``ceil(sqrt(steps))`` (memory about ``2 sqrt(steps)`` states)."""
+    return asked or max(1, math.ceil(math.sqrt(steps)))
+
+
 @dataclass(frozen=True)
 class TrainState:
     """The state entering a step: the trained parameters and the optimizer's state."""
@@ -188,7 +193,7 @@ class Replayer:
         if self.removal == "auto":
             self.removal = "batch" if schedule.loss_reduction == "mean" else "weight"
         T = schedule.num_steps
-        self.every = self.arguments.checkpoint_every or max(1, math.ceil(math.sqrt(T)))
+        self.every = checkpoint_spacing(T, self.arguments.checkpoint_every)
         self.checkpoints: dict[int, TrainState] = {}
         self.final: TrainState | None = None
         self.losses: list[float] = []
