@@ -1,12 +1,9 @@
 """One step of the adjoint pass: the queries' sensitivities pulled back through one training step (docs/replay.md §2).
 
-Two ways, same numbers:
-
-- :func:`fused_step_adjoint` (one micro-batch): the optimizer's update is built on top of the gradient's own graph
-  (``create_graph=True``), and one backward pass per query through both returns the update's transpose, the
-  Hessian-vector product ``H u`` and every example's ``d J / d w_z`` at once;
-- :func:`split_step_adjoint` (several micro-batches): the update is pulled back first (giving ``u = d J / d g``),
-  then each micro-batch's gradient graph is rebuilt and pulled back with ``u`` (memory of one micro-batch).
+:func:`step_adjoint`: the optimizer's update is pulled back by its written-out transpose
+(:meth:`~dvemb.replay.optimizers.FunctionalOptimizer.pull_back`, giving ``u = d J / d g``), then the gradient's graph
+(``create_graph=True``; with micro-batches, each micro-batch's in turn, memory of one) is pulled back with ``u``: one
+backward pass returns the Hessian-vector product ``H u`` and every example's ``d J / d w_z`` at once.
 
 :class:`Puller` does the vector-Jacobian products for K queries at once (``is_grads_batched``: a vmap over the
 backward pass) and falls back to one query at a time where an operation has no batching rule.
@@ -22,7 +19,7 @@ import torch
 from dvemb.replay.optimizers import FunctionalOptimizer, OptimizerState
 from dvemb.replay.training import ReplayError, TrainingStep
 
-__all__ = ["Puller", "fused_step_adjoint", "split_step_adjoint"]
+__all__ = ["Puller", "step_adjoint"]
 
 
 class Puller:
@@ -87,11 +84,7 @@ def _zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-def _leaves(params: Sequence[torch.Tensor], opt: OptimizerState) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    return [p.detach().requires_grad_(True) for p in params], [s.detach().requires_grad_(True) for s in opt.flat()]
-
-
-def fused_step_adjoint(
+def step_adjoint(
     step: TrainingStep,
     optimizer: FunctionalOptimizer,
     params: Sequence[torch.Tensor],
@@ -102,7 +95,7 @@ def fused_step_adjoint(
     pull: Puller,
     t: int,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Step ``t`` pulled back in one backward pass per query (a step of one micro-batch).
+    """Step ``t`` pulled back: the update's written-out transpose, then one Hessian-vector pass per micro-batch.
 
     Args:
         step, optimizer: the training step and the update.
@@ -116,46 +109,32 @@ def fused_step_adjoint(
     Returns:
         the same sensitivities for the state entering the step, and (K, B) ``d J / d w_z``.
     """
-    leaves, slots = _leaves(params, opt)
-    w = torch.ones(len(ids), dtype=leaves[0].dtype, device=leaves[0].device, requires_grad=True)
-    grads, _ = step.part_gradient(leaves, ids, w, len(ids), create_graph=True)
-    new_params, new_opt = optimizer.step(leaves, grads, opt.with_flat(slots), lrs)
-    pulled = pull([*new_params, *new_opt.flat()], [*leaves, *slots, w], lam, t)
-    return [x.detach() for x in pulled[:-1]], pulled[-1].detach()
-
-
-def split_step_adjoint(
-    step: TrainingStep,
-    optimizer: FunctionalOptimizer,
-    params: Sequence[torch.Tensor],
-    opt: OptimizerState,
-    ids: Sequence[object],
-    lrs: Sequence[float],
-    lam: Sequence[torch.Tensor],
-    pull: Puller,
-    t: int,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`fused_step_adjoint` for a step of several micro-batches, one micro-batch's graph at a time."""
-    leaves, slots = _leaves(params, opt)
+    leaves = [p.detach().requires_grad_(True) for p in params]
     ids = list(ids)
     B = len(ids)
-    grads = step.gradient(leaves, ids)[0]
-    g_leaves = [None if g is None else g.detach().requires_grad_(True) for g in grads]
-    present = [i for i, g in enumerate(g_leaves) if g is not None]
-    new_params, new_opt = optimizer.step(leaves, g_leaves, opt.with_flat(slots), lrs)
-    pulled = pull([*new_params, *new_opt.flat()], [*leaves, *slots, *(g for g in g_leaves if g is not None)], lam, t)
-    P, S = len(leaves), len(slots)
-    out = pulled[: P + S]  # the update's own transpose; H u is added below
-    u = dict(zip(present, pulled[P + S :], strict=True))  # d J / d g_t
+    parts = step.parts(B)
+    kept: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
+    if len(parts) == 1:  # one micro-batch: its gradient's graph is the one the Hessian-vector product needs
+        w = torch.ones(B, dtype=leaves[0].dtype, device=leaves[0].device, requires_grad=True)
+        grads, _ = step.part_gradient(leaves, ids, w, B, create_graph=True)
+        kept = (w, grads)
+    else:
+        grads = step.gradient(leaves, ids)[0]
+    a_theta, a_slots, u = optimizer.pull_back(params, [None if g is None else g.detach() for g in grads], opt, lrs, lam)
     K = lam[0].shape[0]
     dw = _zeros((K, B), leaves[0])
-    for part in step.parts(B):
-        w = torch.ones(part.stop - part.start, dtype=leaves[0].dtype, device=leaves[0].device, requires_grad=True)
-        part_grads, _ = step.part_gradient(leaves, ids[part], w, B, create_graph=True)
-        used = [i for i in present if part_grads[i] is not None]
-        outs = [g for i in used if (g := part_grads[i]) is not None]
-        second = pull(outs, [*leaves, w], [u[i] for i in used], t)
-        for i in range(P):
-            out[i] = out[i] + second[i]
-        dw[:, part] = second[-1]
-    return [x.detach() for x in out], dw.detach()
+    for part in parts:
+        if kept is None:
+            w = torch.ones(part.stop - part.start, dtype=leaves[0].dtype, device=leaves[0].device, requires_grad=True)
+            part_grads, _ = step.part_gradient(leaves, ids[part], w, B, create_graph=True)
+        else:
+            w, part_grads = kept
+        pairs = [(g, c) for g, c in zip(part_grads, u, strict=True) if g is not None and c is not None]
+        if not pairs:
+            continue
+        hvp = pull([g for g, _ in pairs], [*leaves, w], [c for _, c in pairs], t)
+        for i, x in enumerate(hvp[:-1]):
+            # in place unless the update passed the incoming sensitivity through unchanged (it is the caller's)
+            a_theta[i] = a_theta[i].add_(x) if a_theta[i] is not lam[i] else a_theta[i] + x
+        dw[:, part] = hvp[-1]
+    return [x.detach() for x in (*a_theta, *a_slots)], dw.detach()

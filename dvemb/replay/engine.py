@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dvemb.errors import ConfigError
-from dvemb.replay.adjoint import Puller, fused_step_adjoint, split_step_adjoint
+from dvemb.replay.adjoint import Puller, step_adjoint
 from dvemb.replay.files import rows_digest
 from dvemb.replay.optimizers import FunctionalOptimizer, OptimizerState
 from dvemb.replay.resume import WorkDirectory, fingerprint
@@ -390,8 +390,7 @@ class Replayer:
             the same for the state entering step t, and (B, K) ``-d J / d w_z`` of the step's examples.
         """
         ids = list(self.schedule.step_ids[t])
-        pull_back = fused_step_adjoint if len(self.step.parts(len(ids))) == 1 else split_step_adjoint
-        lam, dw = pull_back(
+        lam, dw = step_adjoint(
             self.step,
             self.optimizer,
             state.params,
