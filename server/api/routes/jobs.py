@@ -39,6 +39,9 @@ from server.services import reads, replay_agreements, replays, results, windows
 from server.services.figures import example_metadata
 
 router = APIRouter(tags=["jobs"])
+# The hot reads (top-k rows, ranked examples, curve: one SQL statement each, server/services/reads.py), matched
+# before every other route (server/main.py includes this router first).
+hot_reads = APIRouter(tags=["jobs"])
 
 
 @router.post("/runs/{run_id}/jobs", status_code=201)
@@ -142,7 +145,7 @@ ExampleFiltersQuery = Annotated[ExampleFilters, Query()]
 TopFiltersQuery = Annotated[TopFilters, Query()]
 
 
-@router.get("/jobs/{job_id}/top", response_model=TopPublic)
+@hot_reads.get("/jobs/{job_id}/top", response_model=TopPublic)
 def top(
     job_id: IdPath,
     shown: TopFiltersQuery,
@@ -168,7 +171,7 @@ def top(
     )
 
 
-@router.get("/jobs/{job_id}/examples", response_model=ExamplesPublic)
+@hot_reads.get("/jobs/{job_id}/examples", response_model=ExamplesPublic)
 def ranked_examples(
     job_id: IdPath,
     shown: ExampleFiltersQuery,
@@ -182,7 +185,7 @@ def ranked_examples(
     return JSONResponse({"data": rows, "count": count})
 
 
-@router.get("/jobs/{job_id}/curve", response_model=dict[str, list[float | None]])
+@hot_reads.get("/jobs/{job_id}/curve", response_model=dict[str, list[float | None]])
 def curve(
     job_id: IdPath,
     query_set: str,
