@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 .venv/bin/lint-imports
 # Manifests and summaries are read through their typed objects outside the modules that parse them (issue 26).
 .venv/bin/python scripts/check_typed_access.py
+# The dashboard compares statuses with frontend/js/statuses.js, written from dvemb/formats/statuses.py (issue 26).
+.venv/bin/python scripts/write_statuses_js.py --check
 # The dashboard's JavaScript (frontend/): Prettier's formatting and ESLint, as pinned in frontend/package-lock.json.
 if command -v npx >/dev/null 2>&1; then
     if [ ! -x frontend/node_modules/.bin/eslint ] || [ ! -x frontend/node_modules/.bin/prettier ]; then

@@ -6,4 +6,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/services.sh
 bash scripts/check.sh
-.venv/bin/python -m pytest "$@"
+# Two processes (pytest-xdist), one test file each at a time: much of the suite waits on its Celery workers, API
+# servers and browser, so two overlap on two cores (DVEMB_TEST_PROCESSES=1 runs it in one process). Each process
+# makes its own PostgreSQL database and claims its own Redis database (tests/service/service_harness.py).
+processes="${DVEMB_TEST_PROCESSES:-2}"
+if [ "$processes" -gt 1 ]; then
+    .venv/bin/python -m pytest -n "$processes" --dist loadfile "$@"
+else
+    .venv/bin/python -m pytest "$@"
+fi

@@ -26,6 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dvemb.formats import Manifest, Summary
 from server.db.states import FileStatus, JobStatus, QueryStatus, ReplayStatus, RunStatus, SegmentStatus
+from server.db.status_column import StatusColumn
 
 
 def _now() -> dt.datetime:
@@ -73,7 +74,9 @@ class Run(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(20), default=RunStatus.CREATED)  # lifecycle: server/db/states.py
+    status: Mapped[RunStatus] = mapped_column(
+        StatusColumn(RunStatus), default=RunStatus.CREATED
+    )  # lifecycle: server/db/states.py
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     num_steps: Mapped[int | None] = mapped_column(Integer)
     num_examples: Mapped[int | None] = mapped_column(Integer)
@@ -98,7 +101,7 @@ class LogFile(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     offset: Mapped[int] = mapped_column(BigInteger, default=0)
     # uploading -> received -> validating -> ready | rejected
-    status: Mapped[str] = mapped_column(String(20), default=FileStatus.UPLOADING)
+    status: Mapped[FileStatus] = mapped_column(StatusColumn(FileStatus), default=FileStatus.UPLOADING)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     # While validating: until when its validator holds it (renewed by a heartbeat; server/db/leases.py); while
@@ -113,7 +116,7 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED)
+    status: Mapped[JobStatus] = mapped_column(StatusColumn(JobStatus), default=JobStatus.QUEUED)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     current_step: Mapped[int | None] = mapped_column(Integer)
@@ -163,7 +166,7 @@ class JobSegment(Base):
     segment: Mapped[int] = mapped_column(Integer)  # its index in the plan
     plan: Mapped[str] = mapped_column(String(64))  # the plan's fingerprint (dvemb.engine.segmented.SegmentPlan)
     # waiting -> running -> done
-    status: Mapped[str] = mapped_column(String(20), default=SegmentStatus.WAITING)
+    status: Mapped[SegmentStatus] = mapped_column(StatusColumn(SegmentStatus), default=SegmentStatus.WAITING)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     process: Mapped[str | None] = mapped_column(String(300))  # host:pid of the worker that holds or finished it
@@ -263,7 +266,7 @@ class ReplayJob(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     query_set: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(20), default=ReplayStatus.QUEUED)
+    status: Mapped[ReplayStatus] = mapped_column(StatusColumn(ReplayStatus), default=ReplayStatus.QUEUED)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the replay's record, less its probe's rows
@@ -297,7 +300,7 @@ class AdhocQuery(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(20), default=QueryStatus.QUEUED)
+    status: Mapped[QueryStatus] = mapped_column(StatusColumn(QueryStatus), default=QueryStatus.QUEUED)
     num_queries: Mapped[int] = mapped_column(Integer)
     top_k: Mapped[int] = mapped_column(Integer)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -45,6 +45,19 @@ def claim_redis_db() -> int:
     never take each other's tasks. Claims are keys in database 0 holding the claimer's pid, deleted at exit and
     taken over when that process is gone; the choice is exported so that the suite's subprocesses share it."""
     given = os.environ.get("DVEMB_TEST_REDIS_DB")
+    # The process that claimed it exports its xdist worker id with it: pytest-xdist's controller loads this module
+    # too (when paths under tests/service are named), and its workers, which inherit its environment, must each
+    # claim their own; the subprocesses a worker starts share the worker's.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    claimer = os.environ.get("DVEMB_TEST_REDIS_DB_CLAIMER")
+    if given is not None and claimer is not None and claimer != worker:
+        given = None
+    elif given is not None and claimer is None and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        raise RuntimeError(
+            f"DVEMB_TEST_REDIS_DB={given} is set by hand for {os.environ['PYTEST_XDIST_WORKER_COUNT']} test processes, "
+            "which would take each other's tasks: unset it (each process claims its own) or run one process "
+            "(DVEMB_TEST_PROCESSES=1 bash scripts/test.sh, or pytest without -n)"
+        )
     client = redis.Redis(host="127.0.0.1", port=6379, db=0)
     if given is not None:  # chosen by hand: claimed too when free, so that other suites pass it over
         if client.set(_CLAIM.format(int(given)), os.getpid(), nx=True, ex=12 * 3600):
@@ -58,6 +71,7 @@ def claim_redis_db() -> int:
         if client.set(key, os.getpid(), nx=True, ex=12 * 3600):
             atexit.register(release_redis_db, db)
             os.environ["DVEMB_TEST_REDIS_DB"] = str(db)
+            os.environ["DVEMB_TEST_REDIS_DB_CLAIMER"] = worker
             return db
     raise RuntimeError(
         f"Redis databases {SUITE_REDIS_DBS.start}-{SUITE_REDIS_DBS.stop - 1} are all held by running test suites; "

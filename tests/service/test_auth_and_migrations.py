@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +14,11 @@ import pytest
 from alembic import command
 from service_harness import Api, make_token
 from sqlalchemy import create_engine, select, text
+from sqlalchemy.exc import StatementError
+from sqlalchemy.orm import Session
 
-from server.db.models import LogFile
+from dvemb.formats.statuses import RunStatus
+from server.db.models import LogFile, Project, Run
 from server.migrate import alembic_config, downgrade, upgrade
 
 
@@ -169,3 +173,36 @@ def test_request_bodies_are_capped(api: Api) -> None:
     assert streamed.status_code == 413 and "DVEMB_MAX_REQUEST_BYTES" in streamed.json()["detail"]
     assert api.get("/runs").json()["count"] == 0
     assert api.post("/runs", json={"name": "small"}).status_code == 201
+
+
+@pytest.mark.parametrize("database", ["postgres", "sqlite"])
+def test_status_columns_hand_out_their_enum_and_refuse_other_values(
+    database: str, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The status columns (server/db/status_column.py) store the same strings as before (no migration), read back as
+    the enum's members, and refuse a value outside the enum before anything is written (issue 26)."""
+    url = service_env["DVEMB_DATABASE_URL"] if database == "postgres" else f"sqlite:///{tmp_path / 'dvemb.db'}"
+    if database == "sqlite":
+        upgrade(url)
+    engine = create_engine(url)
+    name = f"typed-{uuid.uuid4().hex[:8]}"
+    try:
+        with Session(engine) as session, session.begin():
+            project = Project(name=name)
+            session.add(project)
+            session.flush()
+            project_id = project.id
+            session.add(Run(project_id=project_id, name="r", status="ready"))
+        with engine.connect() as conn:  # stored as the plain string
+            stored = conn.execute(text("SELECT status FROM runs WHERE project_id = :p"), {"p": project_id}).scalar()
+        assert stored == "ready" and type(stored) is str
+        with Session(engine) as session:
+            run = session.scalars(select(Run).where(Run.project_id == project_id)).one()
+            assert run.status is RunStatus.READY
+            run.status = "finished"  # type: ignore[assignment]  (what a typo would do)
+            with pytest.raises(StatementError, match="'finished' is not a RunStatus: one of created, uploading, ready"):
+                session.commit()
+            session.rollback()
+            assert session.scalars(select(Run.status).where(Run.project_id == project_id)).one() is RunStatus.READY
+    finally:
+        engine.dispose()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 from service_harness import _CLAIM, REDIS_DB
 
@@ -21,3 +22,26 @@ def test_a_second_suite_claims_another_redis_database_and_gives_it_back() -> Non
     assert theirs == exported and theirs != REDIS_DB
     assert redis.Redis(host="127.0.0.1", port=6379, db=0).get(_CLAIM.format(theirs)) is None  # released at exit
     assert redis.Redis(host="127.0.0.1", port=6379, db=0).get(_CLAIM.format(REDIS_DB)) is not None  # ours is held
+
+
+def _claimed_in_a_child(env: dict[str, str]) -> int:
+    here = Path(__file__).resolve().parent
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(here), str(here.parents[1])])}
+    code = "import service_harness as h; print(h.REDIS_DB)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120)
+    return int(out.stdout)
+
+
+def test_each_test_process_claims_its_own_and_its_subprocesses_share_it() -> None:
+    """pytest-xdist's controller loads the harness too and its workers inherit its environment: a worker claims a
+    database of its own instead of the controller's, while a process started by a worker shares the worker's."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DVEMB_TEST_REDIS_DB", "PYTEST_XDIST"))}
+    claimed = {"DVEMB_TEST_REDIS_DB": str(REDIS_DB), "DVEMB_TEST_REDIS_DB_CLAIMER": "gw0"}
+    inherited_by_another_worker = {**base, **claimed, "PYTEST_XDIST_WORKER": "gw1", "PYTEST_XDIST_WORKER_COUNT": "2"}
+    assert _claimed_in_a_child(inherited_by_another_worker) != REDIS_DB
+    started_by_that_worker = {**base, **claimed, "PYTEST_XDIST_WORKER": "gw0", "PYTEST_XDIST_WORKER_COUNT": "2"}
+    assert _claimed_in_a_child(started_by_that_worker) == REDIS_DB
+    by_hand = {**base, "DVEMB_TEST_REDIS_DB": "9", "PYTEST_XDIST_WORKER": "gw0", "PYTEST_XDIST_WORKER_COUNT": "2"}
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        _claimed_in_a_child(by_hand)
+    assert "is set by hand for 2 test processes" in failed.value.stderr

@@ -9,8 +9,9 @@ import { table } from "../table.js";
 import { showResults } from "./results.js";
 import { showSummaryCard } from "./summary.js";
 import { approximationMarker } from "./trust.js";
+import { JobStatus } from "../statuses.js";
 
-const LIVE = ["queued", "running"];
+const LIVE = [JobStatus.QUEUED, JobStatus.RUNNING];
 
 /** The form that starts an analysis; an option left at "default" takes the engine's default. */
 export const analyseForm = () => html`<form id="analyze-form" class="controls">
@@ -40,7 +41,7 @@ const optionsText = (options) =>
 function actions(job, runId, shownId) {
   const show = job.id === shownId ? html`<b>shown</b>` : html`<a href="#/runs/${runId}?job=${job.id}">show</a>`;
   const cancel = LIVE.includes(job.status) ? html` <button type="button" data-cancel="${job.id}">Cancel</button>` : "";
-  const retry = ["failed", "cancelled"].includes(job.status)
+  const retry = [JobStatus.FAILED, JobStatus.CANCELLED].includes(job.status)
     ? html` <button type="button" data-retry="${job.id}">Retry</button>`
     : "";
   return html`${show}${cancel}${retry}`;
@@ -58,9 +59,9 @@ const jobColumns = (runId, shownId) => [
 const STAGE_TEXT = {
   "reading the log": "reading the log",
   "storing results": "computed · storing results (the tables appear when they are stored)",
-  queued: "queued: waiting for a worker",
+  [JobStatus.QUEUED]: "queued: waiting for a worker",
   "worker not responding": "worker not responding: the analysis is queued again if it stays silent",
-  succeeded: "done",
+  [JobStatus.SUCCEEDED]: "done",
 };
 
 /** Where the job stands, in words: the share, step and estimate only while it computes (the API's stage: an ETA
@@ -74,7 +75,7 @@ export function progressText(job) {
     const eta = job.eta_seconds != null ? ` · ETA ${Math.round(job.eta_seconds)} s` : "";
     return `computing · ${pct}%${step}${eta}`;
   }
-  if (stage === "cancelled" || stage === "failed") return `${stage} at ${pct}%`;
+  if (stage === JobStatus.CANCELLED || stage === JobStatus.FAILED) return `${stage} at ${pct}%`;
   if (stage === "storing results" && job.stored_fraction != null) {
     const stored = Math.round(100 * job.stored_fraction);
     return `computed · storing results · ${stored}% stored (the tables appear when they are stored)`;
@@ -119,13 +120,13 @@ export async function followJobs(current, runId, jobs, shownId, drawn = null) {
     byId("job").hidden = false;
     render(byId("job"), progressMarkup(shown));
   }
-  if (shown?.status === "succeeded" && drawn !== shown.id) {
+  if (shown?.status === JobStatus.SUCCEEDED && drawn !== shown.id) {
     await Promise.all([showSummaryCard(current, shown), showResults(current, shown)]);
   }
   if (jobs.some((j) => LIVE.includes(j.status))) {
     state.pollTimer = setTimeout(async () => {
       const fresh = (await api(`/runs/${runId}/jobs`)).data;
-      await followJobs(current, runId, fresh, shownId, shown?.status === "succeeded" ? shown.id : drawn);
+      await followJobs(current, runId, fresh, shownId, shown?.status === JobStatus.SUCCEEDED ? shown.id : drawn);
     }, 1000);
   }
 }

@@ -8,6 +8,7 @@ import { table } from "../table.js";
 import { viewParams } from "../url.js";
 import { analyseForm, followJobs, readOptions } from "./job.js";
 import { uploadFiles } from "./upload.js";
+import { FileStatus, RunStatus } from "../statuses.js";
 
 const FILE_COLUMNS = [
   { head: "file", cell: (f) => f.name },
@@ -20,9 +21,11 @@ function missing(names) {
   return html`<p class="muted">missing: ${names.slice(0, 8).join(", ")}${names.length > 8 ? "…" : ""}</p>`;
 }
 
-const uploadPanel = (run) => html`<details id="upload-panel" class="panel"${attrs({ open: run.status !== "ready" })}>
+const isReady = (run) => run.status === RunStatus.READY;
+
+const uploadPanel = (run) => html`<details id="upload-panel" class="panel"${attrs({ open: !isReady(run) })}>
     <summary><h2>Upload a gradient log</h2>
-      <span class="muted">${run.files.length} file(s)${run.status === "ready" ? ", complete" : ""}</span></summary>
+      <span class="muted">${run.files.length} file(s)${isReady(run) ? ", complete" : ""}</span></summary>
     <div id="dropzone" class="dropzone" tabindex="0">
       Drop the log's files here, or <label>pick files <input id="file-input" type="file" multiple /></label>
       or <label>a directory <input id="dir-input" type="file" webkitdirectory /></label>
@@ -42,7 +45,7 @@ const page = (run) => html`<h1>${run.name} <span class="muted">(${run.status})</
   <section>
     <h2>Analyses</h2>
     <div id="jobs"></div>
-    ${run.status === "ready" ? analyseForm() : html`<p class="muted">Analyses start once the log is complete.</p>`}
+    ${isReady(run) ? analyseForm() : html`<p class="muted">Analyses start once the log is complete.</p>`}
   </section>
   <section id="job" hidden></section>
   <div id="results"></div>`;
@@ -92,7 +95,7 @@ function bindDelete(run) {
   });
 }
 
-const VALIDATING = ["received", "validating"];
+const VALIDATING = [FileStatus.RECEIVED, FileStatus.VALIDATING];
 
 /** Shows a run's page with its analyses; the one shown is ?job= or the latest. While files wait for their verdict,
  * the page is drawn again every second (unless an upload is under way in it). Nothing is drawn once current() is

@@ -6,6 +6,7 @@ import { byId } from "../dom.js";
 import { html, render } from "../html.js";
 import { latestOnPage } from "../latest.js";
 import { controls } from "./controls.js";
+import { QueryStatus } from "../statuses.js";
 
 const GROUPS = [
   ["phase", "Phase"],
@@ -48,10 +49,10 @@ export async function chosenWindow(jobId, lastStep) {
     wait_seconds: 10,
   };
   let window = await postJson(`/jobs/${jobId}/windows`, body);
-  while (window.status === "queued") {
+  while (window.status === QueryStatus.QUEUED) {
     await sleep(500);
     window = await api(`/jobs/${jobId}/windows/${window.id}`);
   }
-  if (window.status === "failed") throw new ApiError("window_failed", window.error, 409);
+  if (window.status === QueryStatus.FAILED) throw new ApiError("window_failed", window.error, 409);
   return window;
 }
