@@ -45,7 +45,10 @@ def test_a_database_outage_is_a_503_in_the_documented_shape(tmp_path: Path) -> N
         detail = _shaped(health, 503, "unavailable")
         assert "database cannot be reached" in detail and health.headers["Retry-After"] == "5"
         auth = {"Authorization": "Bearer dvemb_anything"}
-        for method, path in (("GET", "/runs"), ("POST", "/runs"), ("GET", "/jobs/1"), ("DELETE", "/runs/1")):
+        # The hot reads too: on PostgreSQL they run on the pool's DBAPI connection (server/services/reads.py), whose
+        # driver errors must come out as the same 503.
+        hot = [("GET", f"/jobs/1/{read}?query_set=val") for read in ("top", "examples", "curve")]
+        for method, path in (("GET", "/runs"), ("POST", "/runs"), ("GET", "/jobs/1"), ("DELETE", "/runs/1"), *hot):
             kwargs = {"json": {"name": "x"}} if method == "POST" else {}
             _shaped(httpx.request(method, f"{url}{path}", headers=auth, **kwargs), 503, "unavailable")
     finally:
