@@ -3,6 +3,7 @@ Celery worker process and the API served by uvicorn on a free port."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -13,15 +14,25 @@ import psycopg
 import pytest
 import redis
 import uvicorn
-from service_harness import PG_ADMIN, REDIS_DB, Api, S3Server, Worker, free_port, make_token
+from service_harness import (
+    PG_ADMIN,
+    REDIS_DB,
+    Api,
+    S3Server,
+    Worker,
+    drop_abandoned_databases,
+    free_port,
+    make_token,
+)
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    name = f"dvemb_test_{uuid.uuid4().hex[:10]}"
+    name = f"dvemb_test_{os.getpid()}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        drop_abandoned_databases(conn)
         conn.execute(f'CREATE DATABASE "{name}"')
     yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:

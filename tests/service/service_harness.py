@@ -39,6 +39,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def drop_abandoned_databases(conn: Any) -> list[str]:
+    """Drop the test databases of suites that were killed before their teardown (named ``dvemb_test_<pid>_<hex>``
+    by the session that made them; that process gone and nobody connected), so that killed runs do not pile up
+    databases on a developer's PostgreSQL. Returns the names dropped.
+
+    Args:
+        conn: an autocommit psycopg connection to the maintenance database.
+    """
+    dropped = []
+    names = conn.execute(
+        "SELECT datname FROM pg_database d WHERE datname ~ '^dvemb_test_[0-9]+_[0-9a-f]+$' "
+        "AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)"
+    ).fetchall()
+    for (name,) in names:
+        if not _alive(int(name.split("_")[2])):
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')  # without FORCE: a database someone opened stays
+            dropped.append(name)
+    return dropped
+
+
 def claim_redis_db() -> int:
     """The Redis database this suite flushes: ``DVEMB_TEST_REDIS_DB`` when set, else the first of
     :data:`SUITE_REDIS_DBS` that no other running suite holds, so that two copies of the suite on one machine

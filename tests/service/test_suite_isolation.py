@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
-from service_harness import _CLAIM, REDIS_DB
+from service_harness import _CLAIM, PG_ADMIN, REDIS_DB, drop_abandoned_databases
 
 
 def test_a_second_suite_claims_another_redis_database_and_gives_it_back() -> None:
@@ -45,3 +46,22 @@ def test_each_test_process_claims_its_own_and_its_subprocesses_share_it() -> Non
     with pytest.raises(subprocess.CalledProcessError) as failed:
         _claimed_in_a_child(by_hand)
     assert "is set by hand for 2 test processes" in failed.value.stderr
+
+
+def test_databases_of_killed_suites_are_dropped_and_live_ones_kept() -> None:
+    """A suite killed before its teardown leaves its PostgreSQL database behind; the next session drops it, and
+    never one whose suite still runs."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    abandoned, live = f"dvemb_test_{gone.pid}_dead000000", f"dvemb_test_{os.getpid()}_a11ce00000"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        for name in (abandoned, live):
+            conn.execute(f'CREATE DATABASE "{name}"')
+        try:
+            dropped = drop_abandoned_databases(conn)
+            assert abandoned in dropped and live not in dropped
+            left = {row[0] for row in conn.execute("SELECT datname FROM pg_database").fetchall()}
+            assert abandoned not in left and live in left
+        finally:
+            for name in (abandoned, live):
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
