@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.harness import ROOT, loadavg, save_json, utc_stamp
+from bench.harness import ROOT, loadavg, replace_block, save_json, utc_stamp
 
 README = ROOT / "README.md"
 MARKERS = ("<!-- ci-time -->", "<!-- /ci-time -->")
@@ -79,9 +79,7 @@ def main() -> None:
     print(f"status {status}, {wall:.0f} s wall, {cpu:.0f} s CPU, {summary} (log: {log})")
     if status != 0:
         raise SystemExit(f".ci/run failed ({status}): the README is left as it is; see {log}")
-    text = README.read_text()
-    start, end = (text.index(marker) for marker in MARKERS)
-    README.write_text(text[: start + len(MARKERS[0])] + sentence(commit, wall, cpu, load, summary) + text[end:])
+    replace_block(README, *MARKERS, sentence(commit, wall, cpu, load, summary))
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ class FunctionalOptimizer:
                     continue
                 s, lr = self.settings[i], float(lrs[self.groups[i]])
                 if s.kind == "sgd":
-                    lp, lslot, u = _sgd_pull_back(s, p, lam_p[i], ls, count, lr)
+                    lp, lslot, u = _sgd_pull_back(s, lam_p[i], ls, count, lr)
                 else:
                     lp, lslot, u = _adam_pull_back(s, p, g, slot, count + 1, lr, lam_p[i], ls)
                 out_p.append(lp)
@@ -351,9 +351,10 @@ def _adam(
 
 
 def _sgd_pull_back(
-    s: GroupSettings, p: torch.Tensor, lt: torch.Tensor, ls: Sequence[torch.Tensor], count: int, lr: float
+    s: GroupSettings, lt: torch.Tensor, ls: Sequence[torch.Tensor], count: int, lr: float
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """:func:`_sgd`'s transpose: ``(a_theta, [a_buffer], u)`` from ``lt`` (K, *shape) and the buffer's ``ls``."""
+    slots: list[torch.Tensor] = []
     if s.momentum == 0:
         u = lt * -lr
     else:
@@ -364,7 +365,7 @@ def _sgd_pull_back(
         # Before its first step the buffer does not exist (its zeros do not reach the update).
         slots = [torch.zeros_like(lb) if count == 0 else lb.mul_(s.momentum)]
     a_theta = torch.add(lt, u, alpha=s.weight_decay) if s.weight_decay != 0 else lt
-    return a_theta, ([] if s.momentum == 0 else slots), u
+    return a_theta, slots, u
 
 
 def _adam_pull_back(
