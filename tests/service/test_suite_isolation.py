@@ -65,3 +65,21 @@ def test_databases_of_killed_suites_are_dropped_and_live_ones_kept() -> None:
         finally:
             for name in (abandoned, live):
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def test_test_processes_share_the_cores_instead_of_oversubscribing_them() -> None:
+    """Under pytest-xdist each process runs its share of the cores' math threads and passes it on to what it starts
+    (tests/conftest.py); alone, a process keeps PyTorch's default."""
+    import torch
+
+    from tests.conftest import threads_per_process
+
+    assert [threads_per_process(2, n) for n in (1, 2, 3)] == [2, 1, 1]
+    assert threads_per_process(16, 2) == 8 and threads_per_process(1, 0) == 1
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= 1:
+        return  # one process: nothing to share (the unit checks above still run)
+    chosen = int(os.environ["OMP_NUM_THREADS"])
+    assert torch.get_num_threads() == chosen
+    code = "import torch; print(torch.get_num_threads())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert int(child.stdout) == chosen  # a Celery worker or a training subprocess inherits the share
