@@ -19,8 +19,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The CPU build lies on this machine's disk; an unpinned torch would download a CUDA build of several GB.
-.venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[dev,client,server,huggingface]"
+.venv/bin/python -m pip install --quiet --no-compile "torch==2.13.0"
+.venv/bin/python -m pip install --quiet --no-compile "torch==2.13.0" -e ".[dev,client,server,huggingface]"
+# Bytecode for every installed module, compiled on all cores: pip compiles one file at a time (92 s of CPU here, most
+# of a fresh set-up); compiling lazily instead would not help where PYTHONDONTWRITEBYTECODE is set, since every
+# process would then compile torch again. Quick when everything is compiled already.
+.venv/bin/python -m compileall -q -j 0 "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 # Prettier and ESLint for the dashboard, exactly as frontend/package-lock.json pins them (scripts/check.sh runs
 # them). `npm ci` runs only when the lock file changed since the last install; skipped where npm is missing.
 if command -v npm >/dev/null 2>&1; then

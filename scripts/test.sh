@@ -8,10 +8,13 @@ bash scripts/services.sh
 bash scripts/check.sh
 # Two processes (pytest-xdist), one test file each at a time: much of the suite waits on its Celery workers, API
 # servers and browser, so two overlap on two cores (DVEMB_TEST_PROCESSES=1 runs it in one process). Each process
-# makes its own PostgreSQL database and claims its own Redis database (tests/service/service_harness.py).
+# makes its own PostgreSQL database and claims its own Redis database (tests/service/service_harness.py), and uses
+# its share of the cores' math threads (tests/conftest.py). The files that take longest go first, in the order
+# tests/conftest.py gives (--no-loadscope-reorder: xdist would order them by their number of tests). Three
+# processes on two cores were no faster (647 s against 626 s) and starved a job's lease heartbeat.
 processes="${DVEMB_TEST_PROCESSES:-2}"
 if [ "$processes" -gt 1 ]; then
-    .venv/bin/python -m pytest -n "$processes" --dist loadfile "$@"
+    .venv/bin/python -m pytest -n "$processes" --dist loadfile --no-loadscope-reorder "$@"
 else
     .venv/bin/python -m pytest "$@"
 fi
