@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 from service_harness import Api, free_port, record_log
 
 from dvemb.client import upload_log
@@ -202,3 +203,25 @@ def test_the_api_answers_while_a_job_stores_many_rows(tmp_path: Path) -> None:
         # One transaction took 5.3 s on this test's rows (measured on the old code); the bound leaves room for a
         # loaded machine (2 shared cores: a bare POST /runs takes 0.2-0.4 s here while the job computes).
         assert max(slowest.values()) < 2.0, slowest
+
+
+def test_the_embedded_broker_is_polled_often(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu's filesystem transport looks for a task once a second by default, so every task of the embedded
+    service waited half a second on average before it started; the worker's transport, built from our
+    configuration, polls every tenth of a second."""
+    from celery import Celery
+
+    from server.settings import get_settings
+    from server.tasks import FILESYSTEM_POLLING_SECONDS, configure
+
+    for name in [k for k in os.environ if k.startswith("DVEMB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DVEMB_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    try:
+        app = configure(Celery("polling-check"), get_settings())
+        with app.connection_for_write() as connection:
+            assert connection.transport.driver_type == "filesystem"
+            assert connection.transport.polling_interval == FILESYSTEM_POLLING_SECONDS <= 0.1
+    finally:
+        get_settings.cache_clear()
