@@ -11,7 +11,7 @@ bash scripts/check.sh
 # makes its own PostgreSQL database and claims its own Redis database (tests/service/service_harness.py), and uses
 # its share of the cores' math threads (tests/conftest.py). The files that take longest go first, in the order
 # tests/conftest.py gives (--no-loadscope-reorder: xdist would order them by their number of tests). Three
-# processes on two cores were no faster (647 s against 626 s) and starved a job's lease heartbeat.
+# processes on two cores were no faster (647 s against 626 s), and a replay test lost its lease once under that load.
 processes="${DVEMB_TEST_PROCESSES:-2}"
 if [ "$processes" -gt 1 ]; then
     .venv/bin/python -m pytest -n "$processes" --dist loadfile --no-loadscope-reorder "$@"
