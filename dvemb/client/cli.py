@@ -18,6 +18,13 @@ def register(sub: Any) -> None:
     upload.add_argument("--run", help="run name (default: the log directory's name)")
     upload.add_argument("--analyze", action="store_true", help="start an analysis once uploaded")
     upload.add_argument("--wait", action="store_true", help="with --analyze, wait for the analysis to finish")
+    upload.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data files sent at once (default 4; manifests and shard indexes always go first, one at a time)",
+    )
     upload.set_defaults(func=_upload)
     agreement = sub.add_parser(
         "upload-agreement",
@@ -95,7 +102,7 @@ def _upload(args: argparse.Namespace) -> int:
     if not args.token:
         print("dvemb upload: --token (or DVEMB_TOKEN) is required", file=sys.stderr)
         return 2
-    from dvemb.client.upload import UploadError
+    from dvemb.client.upload import PARALLEL_UPLOADS, UploadError
 
     log_dir = Path(args.log_dir)
     try:
@@ -105,6 +112,7 @@ def _upload(args: argparse.Namespace) -> int:
             token=args.token,
             run_name=args.run or log_dir.resolve().name,
             analyze=args.analyze,
+            parallel=PARALLEL_UPLOADS if args.parallel is None else args.parallel,
         )
         if args.analyze and args.wait and result.get("job"):
             result["job"] = wait_for_job(args.server, args.token, result["job"]["id"])

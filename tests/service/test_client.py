@@ -16,6 +16,7 @@ import pytest
 from service_harness import Api, Worker, free_port, record_log
 
 from dvemb.client import UploadError, upload_log
+from dvemb.formats import is_log_file_name
 
 
 def test_a_wrong_token_is_named(api: Api, tmp_path: Path) -> None:
@@ -63,6 +64,31 @@ def test_the_cli_prints_one_line(api: Api, tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
     assert done.stderr.startswith("dvemb upload: error:")
+
+
+def test_the_cli_refuses_a_parallel_count_below_one_in_one_line(api: Api, token: str, tmp_path: Path) -> None:
+    log = record_log(tmp_path / "log")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dvemb.cli",
+            "upload",
+            str(log),
+            "--server",
+            api.url,
+            "--token",
+            token,
+            "--parallel",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "at least one file at a time" in done.stderr
+    assert api.get("/runs").json()["count"] == 0
 
 
 def test_stale_resume_urls_are_forgotten(api: Api, token: str, tmp_path: Path) -> None:
@@ -187,3 +213,65 @@ def test_the_client_waits_out_the_projects_quota(
     err = capsys.readouterr().err
     assert result["status"] == "ready" and result["rejected"] == {}, (result, err)
     assert "busy validating this project's files (429)" in err
+
+
+def _recording_sends(monkeypatch: pytest.MonkeyPatch, fail_on: str | None = None) -> list[tuple[str, str, float]]:
+    """Each file's send as ("start"|"end", name, time); ``fail_on`` names a file whose send fails."""
+    from dvemb.client import upload as client_upload
+
+    events: list[tuple[str, str, float]] = []
+    send = client_upload._Sender.send
+
+    def recorded(self: client_upload._Sender, path: Path) -> None:
+        events.append(("start", path.name, time.monotonic()))
+        if path.name == fail_on:
+            raise UploadError(f"lost the connection while uploading {path.name}")
+        send(self, path)
+        events.append(("end", path.name, time.monotonic()))
+
+    monkeypatch.setattr(client_upload._Sender, "send", recorded)
+    return events
+
+
+def test_data_files_go_up_several_at_a_time_after_the_manifests(
+    api: Api, token: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file's last request waits for its verdict, so data files are sent four at a time (the default); the
+    manifest and the shard index still go first, each finished before any data file starts."""
+    log = record_log(tmp_path / "log", steps=24, shard_steps=1)
+    events = _recording_sends(monkeypatch)
+    result = upload_log(log, server=api.url, token=token, run_name="parallel")
+    assert result["status"] == "ready" and result["rejected"] == {}, result
+    files = api.get(f"/runs/{result['run']}").json()["files"]
+    assert len(files) == len([p for p in log.iterdir() if is_log_file_name(p.name)]) >= 27
+    assert {f["status"] for f in files} == {"ready"}
+    heads = {"manifest.json", "shards.jsonl"}
+    last_head_end = max(t for kind, name, t in events if kind == "end" and name in heads)
+    assert all(t > last_head_end for kind, name, t in events if kind == "start" and name not in heads)
+    in_flight, most = 0, 0
+    for kind, _, _ in sorted(events, key=lambda e: e[2]):
+        in_flight += 1 if kind == "start" else -1
+        most = max(most, in_flight)
+    assert most == 4, most
+
+
+def test_the_first_failed_file_stops_the_upload(
+    api: Api, token: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that cannot be sent stops the others (files not started are not sent) and its error is raised."""
+    log = record_log(tmp_path / "log", steps=24, shard_steps=1)
+    events = _recording_sends(monkeypatch, fail_on="shard-r0-000001.safetensors")
+    with pytest.raises(UploadError, match="lost the connection while uploading shard-r0-000001"):
+        upload_log(log, server=api.url, token=token, run_name="stopped", parallel=2)
+    started = [name for kind, name, _ in events if kind == "start"]
+    assert len(started) < 27 - 8, started  # at most the two under way and the next two went on
+
+
+@pytest.mark.parametrize("parallel", [0, -1, 1.5, True])
+def test_a_parallel_count_below_one_is_refused_before_anything_is_sent(
+    api: Api, token: str, tmp_path: Path, parallel: object
+) -> None:
+    log = record_log(tmp_path / "log")
+    with pytest.raises(UploadError, match="at least one file at a time"):
+        upload_log(log, server=api.url, token=token, run_name="none", parallel=parallel)  # type: ignore[arg-type]
+    assert api.get("/runs").json()["count"] == 0
