@@ -3,6 +3,10 @@
 # and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Python writes each module's bytecode when it is first imported, so the suite's processes compile what they import
+# once (about 1,300 modules for torch, transformers, celery, fastapi and sqlalchemy: 4.7 s of CPU) instead of set-up
+# compiling all 19,000 installed files up front (43 s on two cores) or every process compiling torch again.
+unset PYTHONDONTWRITEBYTECODE
 bash scripts/setup.sh
 bash scripts/services.sh
 bash scripts/check.sh

@@ -48,8 +48,8 @@ def _serve(tmp_path: Path, **settings: str) -> Iterator[tuple[subprocess.Popen[s
                 time.sleep(0.1)
         yield serve, url, token
     finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGTERM)
+        if serve.poll() is None:  # a test that stops it gracefully does so itself (test_dvemb_serve_embedded)
+            os.killpg(serve.pid, signal.SIGKILL)  # the server, its worker and the worker's pool: no 5-7 s shutdown
             serve.wait(timeout=60)
         if serve.stdout is not None:
             serve.stdout.close()

@@ -48,6 +48,14 @@ def _long_run(api: Api, token: str, tmp_path: Path, name: str) -> int:
     return int(result["run"])
 
 
+def _short_run(api: Api, token: str, tmp_path: Path, name: str) -> int:
+    """A run for the tests that call the task in this process on a job's row set up by hand: no worker races them,
+    so the job need not last (the default small log: 12 steps)."""
+    result = upload_log(record_log(tmp_path / name), server=api.url, token=token, run_name=name)
+    assert result["status"] == "ready", result
+    return int(result["run"])
+
+
 def test_killed_worker_resumes_with_identical_rows(api: Api, token: str, worker: Worker, tmp_path: Path) -> None:
     run_id = _long_run(api, token, tmp_path, "long")
     reference = api.wait_job(api.post(f"/runs/{run_id}/jobs", json={"top_k": 20}).json()["id"])
@@ -99,7 +107,7 @@ def test_a_job_that_keeps_losing_its_worker_fails_with_the_reason(
     from server.settings import get_settings
     from worker.computation import run_compute
 
-    run_id = _long_run(api, token, tmp_path, "doomed")
+    run_id = _short_run(api, token, tmp_path, "doomed")
     worker.kill()  # no real worker takes the task while the row is set up
     try:
         job_id = api.post(f"/runs/{run_id}/jobs", json={}).json()["id"]
@@ -131,7 +139,7 @@ def test_a_job_whose_lease_is_alive_is_not_computed_twice(api: Api, token: str, 
     from server.db.models import Job
     from worker.computation import LeaseHeld, run_compute
 
-    run_id = _long_run(api, token, tmp_path, "lease")
+    run_id = _short_run(api, token, tmp_path, "lease")
     worker.kill()
     try:
         job_id = api.post(f"/runs/{run_id}/jobs", json={"top_k": 20}).json()["id"]
