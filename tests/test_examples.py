@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import dvemb
+from tests.bare_env import bare_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,7 +22,7 @@ def test_example_records_a_valid_log(tmp_path: Path, script: str, log: str) -> N
         check=True,
         timeout=300,
         capture_output=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        env=bare_env(str(ROOT)),
     )
     recorded = dvemb.open_log(tmp_path / log)
     recorded.validate()

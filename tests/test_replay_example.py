@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.bare_env import bare_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_replay_example_and_its_entry_point(tmp_path: Path) -> None:
-    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'examples'}", "PATH": "/usr/bin:/bin"}
+    env = bare_env(f"{ROOT}{os.pathsep}{ROOT / 'examples'}")
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "replay_trust.py")],
         cwd=tmp_path,
