@@ -17,25 +17,26 @@ import pytest
 from tests.tiers import TIERS, tier_of
 
 #: Files whose tests take longest (seconds of wall time each in a run of the suite in two processes, from the
-#: per-test durations: 190 s for the first down to 40 s for the last), started first so that the suite's two
+#: per-test durations: 80 s for the first down to 21 s for the last), started first so that the suite's two
 #: processes (scripts/test.sh: ``-n 2 --dist loadfile --no-loadscope-reorder``, one file per process at a time)
 #: finish together instead of one running a long file alone at the end. pytest-xdist orders files by their number of
 #: tests unless told not to. Order only: every test runs either way.
 SLOW_FILES_FIRST = (
     "tests/service/test_embedded.py",
+    "tests/service/test_dashboard_views.py",
     "tests/service/test_jobs.py",
     "tests/test_demo.py",
-    "tests/service/test_dashboard_views.py",
-    "tests/service/test_segmented_jobs.py",
-    "tests/test_examples.py",
-    "tests/service/test_segments_on_a_bucket.py",
     "tests/service/test_dashboard_legible.py",
     "tests/core/test_fidelity.py",
-    "tests/service/test_uploads.py",
+    "tests/service/test_segments_on_a_bucket.py",
     "tests/service/test_replay_jobs.py",
-    "tests/core/test_distributed.py",
-    "tests/service/test_validation_recovery.py",
     "tests/integrations/test_huggingface.py",
+    "tests/service/test_client.py",
+    "tests/service/test_segmented_jobs.py",
+    "tests/service/test_uploads.py",
+    "tests/service/test_validation_recovery.py",
+    "tests/service/test_fuzz.py",
+    "tests/service/test_broker_outage.py",
 )
 
 
