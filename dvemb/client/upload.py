@@ -4,10 +4,10 @@ interrupted uploads (their URLs are kept in ``LOG_DIR/.dvemb-upload.json``), wit
 from __future__ import annotations
 
 import json
+import queue
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -150,11 +150,11 @@ def upload_log(
     held = {f["name"] for f in api.call("GET", f"/runs/{run_id}")["files"] if f["status"] in _HELD}
     files = [p for p in _files(log_dir) if p.name not in held]
     rejected: dict[str, str] = {}
-    sender = _Sender(tus, _LockedStorage(storage), files, rejected, scope=f"{api.server}|{run_id}", server=api.server)
+    resume = _LockedStorage(storage)
     try:
-        sender.send_all(parallel)
-    finally:
-        storage.close()
+        _Sender(tus, resume, files, rejected, scope=f"{api.server}|{run_id}", server=api.server).send_all(parallel)
+    finally:  # waits for a write under way; threads still running (Ctrl-C) find it closed and write nothing more
+        resume.close()
     sys.stderr.write("\n")
     run = _settled_run(api, run_id)
     rejected.update({f["name"]: f["error"] for f in run["files"] if f["status"] == "rejected"})
@@ -192,8 +192,10 @@ _HELD = ("ready", "received", "validating")
 class _Sender:
     """Sends a log's files: manifests and shard indexes first, one at a time (each data file is then judged as it
     arrives), then the data files ``parallel`` at a time, then the replay bundle (the log is complete without it).
-    Threads share the resume store (locked) and the progress bar; the first failure stops the rest (files not
-    started are not sent; a file under way finishes) and is raised."""
+
+    The threads share the resume store (locked) and the progress bar. The first failure stops the others at their
+    next chunk (a file not started is not sent; one under way keeps its resume entry, so a later run resumes it) and
+    is raised once they have stopped. Ctrl-C stops at once: the threads are daemons, what they were sending resumes."""
 
     def __init__(
         self, tus: Any, storage: _LockedStorage, files: list[Path], rejected: dict[str, str], *, scope: str, server: str
@@ -204,32 +206,63 @@ class _Sender:
         self.sent: dict[str, int] = {}  # bytes of each file sent so far, and their sum: the progress bar's
         self.sent_total = 0
         self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.failure: BaseException | None = None
 
     def send_all(self, parallel: int) -> None:
         first = [p for p in self.files if is_manifest_name(p.name) or is_index_name(p.name)]
         last = [p for p in self.files if is_replay_bundle_name(p.name)]
         apart = {*first, *last}
-        data = [p for p in self.files if p not in apart]
         for path in first:
             self.send(path)
-        pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="dvemb-upload")
-        try:
-            futures = [pool.submit(self.send, path) for path in data]
-            wait(futures, return_when="FIRST_EXCEPTION")
-            for future in futures:
-                if future.done() and future.exception() is not None:
-                    future.result()  # raises the first failure
-        finally:  # also on Ctrl-C: files not started are dropped, those under way finish
-            pool.shutdown(wait=True, cancel_futures=True)
+        self.send_parallel([p for p in self.files if p not in apart], parallel)
         for path in last:
             self.send(path)
+
+    def send_parallel(self, paths: list[Path], parallel: int) -> None:
+        todo: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        for path in paths:
+            todo.put(path)
+        threads = [
+            threading.Thread(target=self._work, args=(todo,), daemon=True, name=f"dvemb-upload-{i}")
+            for i in range(min(parallel, len(paths)))
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.2)  # a join with a timeout: Ctrl-C reaches this thread at once
+        except BaseException:
+            self.stop.set()
+            raise
+        if self.failure is not None:
+            raise self.failure
+
+    def _work(self, todo: queue.SimpleQueue[Path]) -> None:
+        while not self.stop.is_set():
+            try:
+                path = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.send(path)
+            except BaseException as exc:  # kept for the main thread, which raises it
+                with self.lock:
+                    self.failure = self.failure or exc
+                self.stop.set()
+                return
 
     def send(self, path: Path) -> None:
         fingerprint = _NameFingerprint(path, self.scope)
         with path.open("rb") as f:  # our own stream: tuspy leaves the files it opens unclosed
             try:
-                uploader = _uploader(self.tus, self.storage, f, path.name, fingerprint)
+                uploader = _uploader(self.tus, self.storage, f, path.name, fingerprint, self.stop)
+                if uploader is None:
+                    return  # stopped while waiting out the quota
                 while uploader.offset < uploader.get_file_size():
+                    if self.stop.is_set():
+                        return  # stopped by another file's failure: this one resumes next time
                     uploader.upload_chunk()
                     self.progress(path, uploader.offset)
             except TusCommunicationError as exc:
@@ -247,22 +280,31 @@ class _Sender:
 
 
 class _LockedStorage(Storage):
-    """tuspy's resume store (a TinyDB file), one thread at a time."""
+    """tuspy's resume store (a TinyDB file), one thread at a time; once closed, reads find nothing and writes do
+    nothing (a daemon thread still sending after Ctrl-C must not write into a closed, or half-written, file)."""
 
     def __init__(self, storage: Any) -> None:
-        self._storage, self._lock = storage, threading.Lock()
+        self._storage, self._lock, self._closed = storage, threading.Lock(), False
 
     def get_item(self, key: str) -> Any:
         with self._lock:
-            return self._storage.get_item(key)
+            return None if self._closed else self._storage.get_item(key)
 
     def set_item(self, key: str, value: str) -> None:
         with self._lock:
-            self._storage.set_item(key, value)
+            if not self._closed:
+                self._storage.set_item(key, value)
 
     def remove_item(self, key: str) -> None:
         with self._lock:
-            self._storage.remove_item(key)
+            if not self._closed:
+                self._storage.remove_item(key)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._storage.close()
 
 
 def _refused(exc: TusCommunicationError, name: str, server: str, rejected: dict[str, str]) -> None:
@@ -276,12 +318,26 @@ def _refused(exc: TusCommunicationError, name: str, server: str, rejected: dict[
         raise UploadError(f"{server} refused the token (401) while uploading {name}: pass a token of this server")
     if exc.status_code == 409:
         return  # the run already holds the file, or it is being validated: the run's status tells the rest
+    if exc.status_code >= 500:  # the server's trouble, not the file's: never reported as a rejection
+        raise UploadError(
+            f"{server} failed while receiving {name} ({exc.status_code}); run the same command again later (uploads "
+            "resume)"
+        ) from None
     rejected[name] = _detail(exc.response_content) if exc.response_content else str(exc)
 
 
-def _uploader(tus: Any, storage: Any, stream: Any, name: str, fingerprint: _NameFingerprint, tries: int = 30) -> Any:
+def _uploader(
+    tus: Any,
+    storage: Any,
+    stream: Any,
+    name: str,
+    fingerprint: _NameFingerprint,
+    stop: threading.Event,
+    tries: int = 30,
+) -> Any:
     """A tus uploader for one file: resuming its stored upload when the server still has it (a stale one is
-    forgotten: the server was reset, or the upload replaced), waiting out the project's quota (429)."""
+    forgotten: the server was reset, or the upload replaced), waiting out the project's quota (429); None when
+    ``stop`` is set while it waits."""
     for _ in range(tries):
         try:
             uploader = tus.uploader(
@@ -307,7 +363,8 @@ def _uploader(tus: Any, storage: Any, stream: Any, name: str, fingerprint: _Name
             # The project's quota of files waiting for the validator: wait for some verdicts (the server's
             # Retry-After), then ask again.
             sys.stderr.write(f"\n{name}: the server is busy validating this project's files (429); waiting\n")
-            time.sleep(_QUOTA_WAIT_S)
+            if stop.wait(_QUOTA_WAIT_S):
+                return None
     raise UploadError(f"{name}: the server kept refusing new uploads (429); try again later")
 
 

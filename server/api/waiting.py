@@ -6,33 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
 from server.db.states import QueryStatus
 
+#: Seconds between two looks at the row. Looking sooner first (0.01 s, doubling) was tried: every waiting request
+#: then read the database several times in its first tenth of a second, and 45 clients waiting on one API at once
+#: grew its connection pool to the full 40, enough with a second API on the same PostgreSQL to exhaust its
+#: connections ("too many clients"); uploads of many files gain more from sending four at a time (dvemb upload).
+POLL_S = 0.1
+
 
 def answered(found: dict[str, Any]) -> bool:
     """An ad-hoc query's or a window's answer is in once its status is no longer queued."""
     return bool(found["status"] != QueryStatus.QUEUED)
-
-
-#: Seconds between the first two looks at the row; each wait doubles it, up to :data:`LONGEST_POLL_S`.
-FIRST_POLL_S = 0.01
-LONGEST_POLL_S = 0.1
-
-
-def poll_delays() -> Iterator[float]:
-    """Seconds to wait before each next look: 0.01, 0.02, 0.04, 0.08, then 0.1 for ever. Most answers (a file's
-    validation, a small ad-hoc query) come within a few hundredths of a second: looking every 0.1 s from the start
-    added 0.05 s on average to each, which a log of many files paid once per file (its upload waits for each
-    verdict), while a long wait still costs one short read every 0.1 s."""
-    delay = FIRST_POLL_S
-    while True:
-        yield delay
-        delay = min(2 * delay, LONGEST_POLL_S)
 
 
 async def wait_answer(
@@ -44,9 +34,8 @@ async def wait_answer(
 ) -> dict[str, Any]:
     """``answer(item_id)`` once ``settled`` says so, or as it is after ``seconds``."""
     deadline = time.monotonic() + seconds
-    delays = poll_delays()
     while True:
         found = await run_in_threadpool(answer, item_id)
         if settled(found) or time.monotonic() >= deadline:
             return found
-        await asyncio.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+        await asyncio.sleep(POLL_S)

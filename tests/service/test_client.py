@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import subprocess
@@ -264,7 +265,9 @@ def test_the_first_failed_file_stops_the_upload(
     with pytest.raises(UploadError, match="lost the connection while uploading shard-r0-000001"):
         upload_log(log, server=api.url, token=token, run_name="stopped", parallel=2)
     started = [name for kind, name, _ in events if kind == "start"]
-    assert len(started) < 27 - 8, started  # at most the two under way and the next two went on
+    # The fifth data file failed (examples, projection, queries, shard 0, shard 1): the other thread finished the
+    # file it was sending and stopped; nothing later in the list went on.
+    assert len(started) <= 2 + 6 and "shard-r0-000004.safetensors" not in started, started
 
 
 @pytest.mark.parametrize("parallel", [0, -1, 1.5, True])
@@ -275,3 +278,60 @@ def test_a_parallel_count_below_one_is_refused_before_anything_is_sent(
     with pytest.raises(UploadError, match="at least one file at a time"):
         upload_log(log, server=api.url, token=token, run_name="none", parallel=parallel)  # type: ignore[arg-type]
     assert api.get("/runs").json()["count"] == 0
+
+
+def test_ctrl_c_stops_at_once_and_the_next_run_resumes(
+    api: Api, token: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a file's request hangs (a verdict slow to come, a stalled server) stops the upload at once: the
+    sending threads are not waited for. The resume file stays readable, and the next run completes the log."""
+    import _thread
+
+    from dvemb.client import upload as client_upload
+
+    log = record_log(tmp_path / "log", steps=24, shard_steps=1)
+    send, hung, release = client_upload._Sender.send, threading.Event(), threading.Event()
+
+    def hanging(self: client_upload._Sender, path: Path) -> None:
+        if path.name == "shard-r0-000002.safetensors":
+            hung.set()
+            _thread.interrupt_main()  # Ctrl-C, while this thread's request hangs
+            release.wait(60)
+            return
+        send(self, path)
+
+    monkeypatch.setattr(client_upload._Sender, "send", hanging)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            upload_log(log, server=api.url, token=token, run_name="interrupted")
+        assert hung.is_set() and not release.is_set()
+        assert time.monotonic() - started < 30  # not the 60 s the hung request would have held it
+    finally:
+        release.set()
+    json.loads((log / ".dvemb-upload.json").read_text())  # readable: nothing was written into it once closed
+    monkeypatch.setattr(client_upload._Sender, "send", send)
+    result = upload_log(log, server=api.url, token=token, run_name="interrupted")
+    assert result["status"] == "ready" and result["rejected"] == {}, result
+
+
+def test_a_server_error_is_never_reported_as_a_rejected_file() -> None:
+    """A 5xx answer while a file goes up is the server's trouble: the upload stops saying so (run it again, it
+    resumes) instead of listing the file as rejected and leaving the run incomplete."""
+    from tusclient.exceptions import TusCommunicationError
+
+    from dvemb.client.upload import _refused
+
+    rejected: dict[str, str] = {}
+    for status in (500, 502, 503):
+        with pytest.raises(
+            UploadError, match=rf"failed while receiving shard-r0-000000.safetensors \({status}\).*resume"
+        ):
+            _refused(TusCommunicationError("boom", status, b"{}"), "shard-r0-000000.safetensors", "http://s", rejected)
+    _refused(
+        TusCommunicationError("bad", 400, b'{"error": "bad_request", "detail": "rejected: no"}'),
+        "f",
+        "http://s",
+        rejected,
+    )
+    assert rejected == {"f": "rejected: no"}
