@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -301,6 +302,8 @@ def test_ctrl_c_stops_at_once_and_the_next_run_resumes(
         send(self, path)
 
     monkeypatch.setattr(client_upload._Sender, "send", hanging)
+    # Ctrl-C as a terminal sends it: pytest-xdist's processes ignore SIGINT, where interrupt_main() does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -309,6 +312,7 @@ def test_ctrl_c_stops_at_once_and_the_next_run_resumes(
         assert time.monotonic() - started < 30  # not the 60 s the hung request would have held it
     finally:
         release.set()
+        signal.signal(signal.SIGINT, previous)
     json.loads((log / ".dvemb-upload.json").read_text())  # readable: nothing was written into it once closed
     monkeypatch.setattr(client_upload._Sender, "send", send)
     result = upload_log(log, server=api.url, token=token, run_name="interrupted")
