@@ -88,16 +88,17 @@ def _detail(content: bytes | None) -> str:
     return str(body.get("detail", text)) if isinstance(body, dict) else text
 
 
-def _files(log_dir: Path) -> list[Path]:
+def _files(log_dir: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """The log's files in the order they go up: (manifests and shard indexes, data files, the replay bundle)."""
     files = sorted(p for p in log_dir.iterdir() if p.is_file() and is_log_file_name(p.name))
     # Manifests and shard indexes first: each data file is then validated as it arrives. Sent before them, data
     # files wait for them and count toward the project's quota of files waiting for the validator (a log of more
     # files than the quota would never get through); the run is complete only once every listed file is in.
     # The replay bundle (a model and a data set: the largest file) last: the log is complete without it.
-    return sorted(
-        files,
-        key=lambda p: (not (is_manifest_name(p.name) or is_index_name(p.name)), is_replay_bundle_name(p.name)),
-    )
+    first = [p for p in files if is_manifest_name(p.name) or is_index_name(p.name)]
+    last = [p for p in files if is_replay_bundle_name(p.name)]
+    apart = {*first, *last}
+    return first, [p for p in files if p not in apart], last
 
 
 def _run_id(api: _Api, name: str, bundle: bool) -> int:
@@ -148,11 +149,14 @@ def upload_log(
     storage = FileStorage(str(log_dir / ".dvemb-upload.json"))
     # Files the run already holds (valid, or being validated: a resumed upload) are not sent again.
     held = {f["name"] for f in api.call("GET", f"/runs/{run_id}")["files"] if f["status"] in _HELD}
-    files = [p for p in _files(log_dir) if p.name not in held]
+    first, data, last = ([p for p in group if p.name not in held] for group in _files(log_dir))
     rejected: dict[str, str] = {}
     resume = _LockedStorage(storage)
     try:
-        _Sender(tus, resume, files, rejected, scope=f"{api.server}|{run_id}", server=api.server).send_all(parallel)
+        sender = _Sender(
+            tus, resume, [*first, *data, *last], rejected, scope=f"{api.server}|{run_id}", server=api.server
+        )
+        sender.send_all(first, data, last, parallel)
     finally:  # waits for a write under way; threads still running (Ctrl-C) find it closed and write nothing more
         resume.close()
     sys.stderr.write("\n")
@@ -209,13 +213,10 @@ class _Sender:
         self.stop = threading.Event()
         self.failure: BaseException | None = None
 
-    def send_all(self, parallel: int) -> None:
-        first = [p for p in self.files if is_manifest_name(p.name) or is_index_name(p.name)]
-        last = [p for p in self.files if is_replay_bundle_name(p.name)]
-        apart = {*first, *last}
+    def send_all(self, first: list[Path], data: list[Path], last: list[Path], parallel: int) -> None:
         for path in first:
             self.send(path)
-        self.send_parallel([p for p in self.files if p not in apart], parallel)
+        self.send_parallel(data, parallel)
         for path in last:
             self.send(path)
 
