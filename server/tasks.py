@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
-from functools import lru_cache
 from typing import Any
 
 from celery import Celery
@@ -19,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from server.db.models import OutboxTask
+from server.once import made_once
 from server.settings import Settings, get_settings
 
 VALIDATE_FILE = "dvemb.validate_file"
@@ -81,7 +81,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
     return app
 
 
-@lru_cache
+@made_once
 def sender() -> Celery:
     """The API's (and the reconciler's) Celery app. A send gives up quickly when the broker is down: the task
     waits in the outbox instead of a request waiting on the broker."""

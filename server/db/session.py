@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import lru_cache
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 
+from server.once import made_once
 from server.settings import get_settings
 
 
@@ -30,13 +30,13 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
 
 
-@lru_cache
+@made_once
 def get_engine() -> Engine:
     """The process's engine for the configured database."""
     return make_engine(get_settings().database)
 
 
-@lru_cache
+@made_once
 def get_read_engine() -> Engine:
     """The engine of the hot reads (server/services/reads.py): on PostgreSQL in autocommit, without a ping per
     checkout (a request is one statement: no BEGIN, ROLLBACK or ping round trips around it; a connection found

@@ -5,9 +5,9 @@ read by anything but the validator); only validated files are moved into ``log/`
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
+from server.once import made_once
 from server.settings import get_settings
 from server.storage.base import PartBusy, PartWriter, Storage
 from server.storage.layout import (
@@ -70,7 +70,7 @@ def open_storage(url: str | None, *, directory: Path, scratch: Path, cache_bytes
     )
 
 
-@lru_cache
+@made_once
 def _cached(url: str | None, directory: Path, scratch: Path, cache_bytes: int) -> Storage:
     return open_storage(url, directory=directory, scratch=scratch, cache_bytes=cache_bytes)
 
