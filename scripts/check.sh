@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 .venv/bin/python scripts/check_typed_access.py
 # The dashboard compares statuses with frontend/js/statuses.js, written from dvemb/formats/statuses.py (issue 26).
 .venv/bin/python scripts/write_statuses_js.py --check
+# BENCHMARKS.md's digest is what its sections say (bench/markdown.py), never edited by hand.
+.venv/bin/python -m bench.digest --check
 # The dashboard's JavaScript (frontend/): Prettier's formatting and ESLint, as pinned in frontend/package-lock.json.
 if command -v npx >/dev/null 2>&1; then
     if [ ! -x frontend/node_modules/.bin/eslint ] || [ ! -x frontend/node_modules/.bin/prettier ]; then
