@@ -9,7 +9,8 @@
     ├── TooManyRequests     429  over a per-project quota (the message names it and when to come back)
     ├── UnsupportedMedia    415  wrong content type for a tus PATCH
     ├── TimedOut            504  the database stopped the request's statements at its time limit
-    └── Unavailable         503  the database cannot be reached (an outage): retry later
+    └── Unavailable         503  the database cannot be reached (an outage), or this process's connections to it are
+                                 all in use (busy): retry later
 422 is left to FastAPI's payload validation. Everything else takes the same shape too: the framework's own errors
 (unknown route, method not allowed, a body that cannot be parsed: 400), a database outage (503), and any error
 nobody foresaw (500, its traceback in the log, never in the answer).
@@ -23,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.db.session import timed_out
@@ -91,6 +93,12 @@ _OUTAGE = (
 )
 
 
+_BUSY = (
+    "every database connection of this API process is in use (DVEMB_DATABASE_POOL_SIZE and "
+    "DVEMB_DATABASE_MAX_OVERFLOW bound them): retry in a few seconds"
+)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Render ServiceError and validation errors as ``{"error", "detail"}``."""
 
@@ -134,6 +142,14 @@ def install_handlers(app: FastAPI) -> None:
             return JSONResponse(body, status_code=TimedOut.status_code)
         _log.warning("database unreachable: %s", type(exc.orig).__name__ if exc.orig is not None else exc)
         body = {"error": Unavailable.error, "detail": _OUTAGE}
+        return JSONResponse(body, status_code=Unavailable.status_code, headers={"Retry-After": "5"})
+
+    @app.exception_handler(PoolTimeout)
+    async def _connections_spent(_: Request, exc: PoolTimeout) -> JSONResponse:
+        # Every connection of this API process's pool was in use for DVEMB_DATABASE_POOL_TIMEOUT_SECONDS: the
+        # server is busy, not broken; the client retries (docs/service.md, "Database connections").
+        _log.warning("database pool spent: %s", exc)
+        body = {"error": Unavailable.error, "detail": _BUSY}
         return JSONResponse(body, status_code=Unavailable.status_code, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)

@@ -22,6 +22,14 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("dvemb-data")
     database_url: str | None = None
+    # PostgreSQL connections of one process: each of its two pools (the ORM's and the hot reads') keeps up to
+    # pool_size and opens up to max_overflow more under load, so a process holds at most
+    # 2 x (pool_size + max_overflow); a request finding its pool spent waits pool_timeout_seconds, then is answered
+    # 503 (busy). Size them so that every API process and worker together stay under the server's max_connections
+    # (docs/service.md, "Database connections").
+    database_pool_size: int = Field(default=20, ge=1)
+    database_max_overflow: int = Field(default=20, ge=0)
+    database_pool_timeout_seconds: float = Field(default=30.0, gt=0)
     broker_url: str | None = None
     storage_dir: Path | None = None
     storage_url: str | None = None  # s3://bucket/prefix: logs and results in an S3-compatible bucket (endpoint and

@@ -53,3 +53,23 @@ def test_the_image_holds_every_package_and_the_dashboard() -> None:
     assert packages <= copied, packages - copied
     assert "frontend" in copied
     assert "frontend/node_modules" in (ROOT / ".dockerignore").read_text().split()
+
+
+def _default(value: str) -> int:
+    """The default of a compose value written ``${NAME:-default}`` (or the value itself)."""
+    return int(value.split(":-")[1].rstrip("}")) if value.startswith("${") else int(value)
+
+
+def test_the_api_processes_pools_fit_under_the_databases_connections() -> None:
+    """Every API process may hold 2 x (pool size + overflow) PostgreSQL connections (server/db/session.py): the
+    compose file's API processes together, with room for the workers and the migration, stay under the
+    max_connections its PostgreSQL starts with (docs/service.md, "Database connections")."""
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    api = services["api"]
+    processes = int(api["command"][api["command"].index("--workers") + 1])
+    env = api["environment"]
+    per_process = 2 * (_default(env["DVEMB_DATABASE_POOL_SIZE"]) + _default(env["DVEMB_DATABASE_MAX_OVERFLOW"]))
+    command = services["postgres"]["command"]
+    limit = int(next(c.split("=")[1] for c in command if c.startswith("max_connections=")))
+    workers_room = 4 * 10  # `--scale worker=4` as the file suggests, a few connections per worker process
+    assert processes * per_process + workers_room <= limit, (processes, per_process, limit)

@@ -26,8 +26,18 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    # Enough connections for a busy API process (the default 5 + 10 made new connections under 16 clients).
-    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, **pool_options())
+
+
+def pool_options() -> dict[str, float]:
+    """The PostgreSQL pools' bounds from the settings (DVEMB_DATABASE_POOL_SIZE, _MAX_OVERFLOW, _POOL_TIMEOUT_SECONDS;
+    by default 20 + 20: SQLAlchemy's 5 + 10 made new connections under 16 clients)."""
+    settings = get_settings()
+    return {
+        "pool_size": settings.database_pool_size,
+        "max_overflow": settings.database_max_overflow,
+        "pool_timeout": settings.database_pool_timeout_seconds,
+    }
 
 
 @made_once
@@ -47,7 +57,7 @@ def get_read_engine() -> Engine:
     # A hot read is one statement in autocommit: its time limit is the connection's (no SET LOCAL round trip).
     limit = round(get_settings().read_timeout_seconds * 1000)
     options = {"options": f"-c statement_timeout={limit}"} if limit > 0 else {}
-    return create_engine(url, isolation_level="AUTOCOMMIT", pool_size=20, max_overflow=20, connect_args=options)
+    return create_engine(url, isolation_level="AUTOCOMMIT", connect_args=options, **pool_options())
 
 
 # PostgreSQL's SQLSTATE of a statement cancelled at statement_timeout (query_canceled).

@@ -1,6 +1,6 @@
 """Every error answer has the documented ``{"error", "detail"}`` shape (issue 21, partly held): during a database
-outage (a plain-text 500 before), for a deeply nested JSON body (FastAPI's ``{"detail"}`` only), an unknown route
-and a method not allowed."""
+outage (a plain-text 500 before), for a deeply nested JSON body (FastAPI's ``{"detail"}`` only), an unknown route,
+a method not allowed, and an API process whose database connections are all in use."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from service_harness import Api, free_port
+from service_harness import Api, free_port, wait_until
+from sqlalchemy import Connection
 
 
 def _shaped(response: httpx.Response, status: int, error: str) -> str:
@@ -65,3 +67,56 @@ def test_a_deeply_nested_body_and_framework_errors_keep_the_shape(api: Api) -> N
     _shaped(api.get("/no-such-route"), 404, "not_found")
     _shaped(api.delete("/health"), 405, "method_not_allowed")
     assert api.get("/runs").status_code == 200  # the API goes on
+
+
+def test_a_process_whose_connections_are_all_in_use_answers_503_busy_and_recovers(
+    service_env: dict[str, str], token: str, tmp_path: Path
+) -> None:
+    """An API process with one pooled connection (DVEMB_DATABASE_POOL_SIZE=1, no overflow): while a request holds it
+    (waiting on a locked table), the next request waits DVEMB_DATABASE_POOL_TIMEOUT_SECONDS for it, then is answered
+    503 `unavailable` naming the settings (a 500 before); once the connection is back, requests succeed again."""
+    from server.db.session import get_engine
+
+    port = free_port()
+    env = {**os.environ, **service_env}
+    env.update(
+        DVEMB_DATABASE_POOL_SIZE="1",
+        DVEMB_DATABASE_MAX_OVERFLOW="0",
+        DVEMB_DATABASE_POOL_TIMEOUT_SECONDS="0.5",
+        DVEMB_RECONCILE_SECONDS="0",  # no reconciler taking the one connection between requests
+        DVEMB_READ_TIMEOUT_SECONDS="60",
+        DVEMB_DATA_DIR=str(tmp_path / "data"),
+    )
+    command = [sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port), "--log-level", "critical"]
+    api = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    url, auth = f"http://127.0.0.1:{port}/api/v1", {"Authorization": f"Bearer {token}"}
+    try:
+        for _ in range(300):
+            try:
+                assert httpx.get(f"{url}/runs", headers=auth).status_code == 200
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        with get_engine().connect() as locker, httpx.Client(base_url=url, headers=auth, timeout=120) as client:
+            locker.exec_driver_sql("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")
+            with ThreadPoolExecutor(1) as pool:
+                holding = pool.submit(client.get, "/runs")  # holds the process's one connection, waiting on the lock
+                wait_until(lambda: _waiting_on_runs(locker) == 1, 60, "the first request waiting on the lock")
+                detail = _shaped(client.get("/runs"), 503, "unavailable")
+                assert "DVEMB_DATABASE_POOL_SIZE" in detail and "retry" in detail
+                locker.rollback()  # the lock goes: the first request ends and gives its connection back
+                assert holding.result().status_code == 200
+            assert client.get("/runs").status_code == 200
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+
+
+def _waiting_on_runs(conn: Connection) -> int:
+    """How many other sessions wait for a lock on the runs table."""
+    return int(
+        conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            "WHERE c.relname = 'runs' AND NOT l.granted AND l.pid <> pg_backend_pid()"
+        ).scalar_one()
+    )
