@@ -1,14 +1,18 @@
 """Progress that tells the truth (issue 24.5), through the API and in a real headless Chromium: a job that has
 computed and is storing its results says "storing results" (not "running 100% · step 0"), an estimate of the time
 left is given only while a job computes (never once it is cancelled, failed or storing), a retried job starts
-without its last attempt's step, and the first upload estimate waits for enough bytes to be measured."""
+without its last attempt's step, the first upload estimate waits for enough bytes to be measured, and the upload
+sends data files several at a time once the manifests are in."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 from playwright.sync_api import Browser, expect
 from service_harness import Api, record_log, settings_env
@@ -132,4 +136,73 @@ def test_the_upload_eta_waits_for_a_measured_speed(browser: Browser, server_url:
     assert texts[:3] == ["0% · 2.0 kB of 26.0 MB", "12% · 3.0 MB of 26.0 MB", "32% · 8.4 MB of 26.0 MB"]
     assert texts[3] == "32% · 4.2 MB/s · ETA 4 s"
     assert texts[4] == "30% · 8.0 kB/s · ETA 4 s"
+    page.close()
+
+
+def test_in_parallel_keeps_the_order_and_the_limit(browser: Browser, server_url: str) -> None:  # noqa: F811
+    page = browser.new_page()
+    page.goto(server_url + "/")
+    started, most, limit = page.evaluate(
+        """async () => {
+        const { inParallel, PARALLEL_UPLOADS } = await import("/js/views/upload.js");
+        const started = [];
+        let active = 0, most = 0;
+        await inParallel([...Array(10).keys()], PARALLEL_UPLOADS, async (i) => {
+          started.push(i);
+          active += 1;
+          most = Math.max(most, active);
+          await new Promise((r) => setTimeout(r, 20 + ((i * 7) % 5) * 10));  // uneven lengths
+          active -= 1;
+        });
+        return [started, most, PARALLEL_UPLOADS];
+      }"""
+    )
+    assert started == list(range(10)) and limit == 4 and most == 4
+    page.close()
+
+
+def test_the_dashboard_sends_manifests_first_then_data_files_several_at_a_time(
+    browser: Browser,  # noqa: F811
+    api: Api,
+    token: str,
+    server_url: str,
+    tmp_path: Path,
+) -> None:
+    """Through the run page's file input: every manifest and shard index has gone up before the first data file
+    starts, then data files overlap (at most four PATCHes in flight; one at a time before), and the log is whole."""
+    log = record_log(tmp_path / "log", steps=24, batch=8, shard_steps=2)  # 12 shards, each judged as it arrives
+    files = sorted(p for p in log.iterdir() if not p.name.startswith("."))
+    run = api.post("/runs", json={"name": "parallel-browser"}).json()["id"]
+    page = browser.new_page()
+    names: dict[str, str] = {}  # upload URL -> file name
+    events: list[tuple[str, str]] = []  # ("start" | "end", file name) of each PATCH, in the order they happened
+
+    def created(response: Any) -> None:
+        request = response.request
+        if request.method == "POST" and "/uploads" in request.url and response.status == 201:
+            name = base64.b64decode(request.headers["upload-metadata"].split()[1]).decode()
+            names[urljoin(request.url, response.headers["location"])] = name
+
+    def patched(kind: str) -> Callable[[Any], None]:
+        return lambda request: events.append((kind, names[request.url])) if request.method == "PATCH" else None
+
+    page.on("response", created)
+    page.on("request", patched("start"))
+    page.on("requestfinished", patched("end"))
+    page.on("requestfailed", patched("end"))
+    page.goto(server_url + "/")
+    sign_in(page, token)
+    page.goto(f"{server_url}/#/runs/{run}")
+    page.set_input_files("#file-input", [str(p) for p in files])
+    expect(page.get_by_role("button", name="Start analysis")).to_be_visible(timeout=120_000)
+    first = {p.name for p in files if p.name.startswith(("manifest", "shards."))}
+    assert first and {n for _, n in events} == {p.name for p in files}
+    first_data = next(i for i, (_, n) in enumerate(events) if n not in first)
+    assert {n for kind, n in events[:first_data] if kind == "end"} == first  # all of them done before any data
+    in_flight, most = 0, 0
+    for kind, _ in events[first_data:]:
+        in_flight += 1 if kind == "start" else -1
+        most = max(most, in_flight)
+    assert 2 <= most <= 4, events
+    assert api.get(f"/runs/{run}").json()["status"] == "ready"
     page.close()

@@ -58,9 +58,28 @@ function showFinished(progress, failed) {
   }
 }
 
-/** Uploads the files into the run one after the other (manifests and shard indexes first: each data file is then
- * judged as it arrives). When every file went up, onDone() runs half a second later (the page is drawn again); when
- * one was refused, the page stays as it is, so that the reasons stay in view. */
+/** Data files sent at once, as `dvemb upload` does: each file's last request waits for the validator's verdict, so
+ * one file at a time left the connection idle while the validator worked (an 80-shard log: 14.3 s one by one, 6.4 s
+ * four at a time with the CLI). */
+export const PARALLEL_UPLOADS = 4;
+
+/** Runs work(item) for every item, at most `limit` at a time, in the items' order; resolves when all have ended. */
+export async function inParallel(items, limit, work) {
+  let next = 0;
+  const lane = async () => {
+    while (next < items.length) {
+      const item = items[next];
+      next += 1;
+      await work(item);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, lane));
+}
+
+/** Uploads the files into the run: manifests and shard indexes first, one after the other (each data file is then
+ * judged as it arrives), then the data files PARALLEL_UPLOADS at a time. A refused file does not stop the others.
+ * When every file went up, onDone() runs half a second later (the page is drawn again); when one was refused, the
+ * page stays as it is, so that the reasons stay in view. */
 export async function uploadFiles(runId, files, onDone) {
   const progress = {
     total: files.reduce((sum, f) => sum + f.size, 0),
@@ -70,13 +89,27 @@ export async function uploadFiles(runId, files, onDone) {
   };
   files.sort((a, b) => isManifest(b) - isManifest(a));
   render(byId("upload-files"), html`${files.map(fileItem)}`);
-  let done = 0;
+  const sentOf = files.map(() => 0); // bytes of each file sent so far
+  let sent = 0;
   let failed = 0;
-  for (const [i, file] of files.entries()) {
+  const upload = async (i) => {
     const verdict = document.querySelector(`#file-${i} .verdict`);
-    if (!(await uploadOne(runId, file, verdict, (offset) => showProgress(progress, done + offset)))) failed += 1;
-    done += file.size;
-  }
+    const onProgress = (offset) => {
+      sent += offset - sentOf[i];
+      sentOf[i] = offset;
+      showProgress(progress, sent);
+    };
+    if (!(await uploadOne(runId, files[i], verdict, onProgress))) failed += 1;
+    onProgress(files[i].size);
+  };
+  const indexes = files.map((_, i) => i);
+  const first = indexes.filter((i) => isManifest(files[i]));
+  await inParallel(first, 1, upload);
+  await inParallel(
+    indexes.filter((i) => !isManifest(files[i])),
+    PARALLEL_UPLOADS,
+    upload,
+  );
   showFinished(progress, failed);
   if (!failed) setTimeout(onDone, 500);
 }
