@@ -11,8 +11,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dvemb.errors import ConfigError
 
 
 class Settings(BaseSettings):
@@ -90,5 +93,19 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process's settings (cached; tests clear the cache after changing the environment)."""
-    return Settings()
+    """The process's settings (cached; tests clear the cache after changing the environment).
+
+    Raises:
+        ConfigError: a ``DVEMB_*`` variable holds a value the service cannot use; the message names each variable,
+            the value found and what is expected (pydantic's own message names the field, not the variable).
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        found = "; ".join(_in_words(error) for error in exc.errors())
+        raise ConfigError(f"{found} (docs/service.md lists the settings)") from None
+
+
+def _in_words(error: ErrorDetails) -> str:
+    variable = "DVEMB_" + "_".join(str(part) for part in error["loc"]).upper()
+    return f"{variable}={error.get('input')!r}: {error['msg'].lower()}"
