@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from server.bad_settings import refusing_bad_settings
+
 
 def register(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the API with a local worker (embedded: SQLite, local storage)")
@@ -18,11 +20,11 @@ def register(sub: Any) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--no-worker", action="store_true", help="do not start a local worker (distributed mode)")
     serve.add_argument("--project", default="default")
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=refusing_bad_settings(_serve))
     token = sub.add_parser("token", help="create an API token for a project (prints it once)")
     token.add_argument("--project", default="default")
     token.add_argument("--name", default="cli")
-    token.set_defaults(func=_token)
+    token.set_defaults(func=refusing_bad_settings(_token))
 
 
 def prepare() -> None:

@@ -15,7 +15,9 @@ from pydantic import Field, ValidationError
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dvemb.errors import ConfigError
+
+class SettingsError(ValueError):
+    """A ``DVEMB_*`` variable holds a value the service cannot use (the message names it and what is expected)."""
 
 
 class Settings(BaseSettings):
@@ -96,14 +98,14 @@ def get_settings() -> Settings:
     """The process's settings (cached; tests clear the cache after changing the environment).
 
     Raises:
-        ConfigError: a ``DVEMB_*`` variable holds a value the service cannot use; the message names each variable,
+        SettingsError: a ``DVEMB_*`` variable holds a value the service cannot use; the message names each variable,
             the value found and what is expected (pydantic's own message names the field, not the variable).
     """
     try:
         return Settings()
     except ValidationError as exc:
         found = "; ".join(_in_words(error) for error in exc.errors())
-        raise ConfigError(f"{found} (docs/service.md lists the settings)") from None
+        raise SettingsError(f"{found} (docs/service.md lists the settings)") from None
 
 
 def _in_words(error: ErrorDetails) -> str:

@@ -9,6 +9,8 @@ import subprocess
 import time
 from typing import Any
 
+from server.bad_settings import refusing_bad_settings
+
 
 def register(sub: Any) -> None:
     worker = sub.add_parser(
@@ -26,11 +28,14 @@ def register(sub: Any) -> None:
         "its own (CUDA_VISIBLE_DEVICES), with Celery's solo pool (no fork after CUDA starts), on the 'gpu' queue "
         "unless --queues says otherwise",
     )
-    worker.set_defaults(func=_worker)
+    worker.set_defaults(func=refusing_bad_settings(_worker))
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from server.settings import get_settings
     from server.tasks import ALL_QUEUES, GPU_QUEUE, gpu_worker_commands, worker_command
+
+    get_settings()  # a bad setting is refused here, in one line, before any worker process starts
 
     if args.devices is None:
         command = worker_command(args.queues or ALL_QUEUES, args.concurrency)

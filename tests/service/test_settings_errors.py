@@ -1,5 +1,5 @@
 """A bad service setting is refused at start-up in one line that names the DVEMB_* variable, the value found and
-what is expected (pydantic's own message names a Python field), from the library and from `dvemb serve`."""
+what is expected (pydantic's own message names a Python field), from the library, `dvemb serve` and `dvemb worker`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dvemb.errors import ConfigError
-from server.settings import get_settings
+from server.settings import SettingsError, get_settings
 
 
 def test_get_settings_names_each_bad_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -19,7 +18,7 @@ def test_get_settings_names_each_bad_variable(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("DVEMB_READ_TIMEOUT_SECONDS", "soon")
     get_settings.cache_clear()
     try:
-        with pytest.raises(ConfigError) as raised:
+        with pytest.raises(SettingsError) as raised:
             get_settings()
     finally:
         monkeypatch.undo()
@@ -30,11 +29,12 @@ def test_get_settings_names_each_bad_variable(monkeypatch: pytest.MonkeyPatch) -
     assert message.endswith("(docs/service.md lists the settings)") and "\n" not in message
 
 
-def test_dvemb_serve_refuses_a_bad_setting_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["serve", "--no-worker", "--port", "0"], ["worker"]])
+def test_the_commands_refuse_a_bad_setting_in_one_line(tmp_path: Path, command: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVEMB_")}
     env.update(DVEMB_DATA_DIR=str(tmp_path), DVEMB_DATABASE_MAX_OVERFLOW="-1")
     done = subprocess.run(
-        [sys.executable, "-m", "dvemb.cli", "serve", "--no-worker", "--port", "0"],
+        [sys.executable, "-m", "dvemb.cli", *command],
         env=env,
         capture_output=True,
         text=True,
