@@ -182,3 +182,27 @@ def test_a_comparison_whose_client_left_is_cancelled_at_once(api: Api, token: st
         assert time.monotonic() - left < 10
     fine = api.get("/compare", params=params)  # and the API still compares
     assert fine.status_code == 200 and fine.json()["pairs"][0]["shared_examples"] == 64
+
+
+def test_hot_reads_whose_pooled_connections_died_are_retried_once(api: Api, token: str, tmp_path: Path) -> None:
+    """The hot reads run on the pool's raw DBAPI connection without a ping per checkout (server/services/reads.py):
+    a connection the database ended while it sat in the pool (a restart, a proxy or a network cut) is found dead by
+    the read itself, dropped, and the read runs again once on a new connection: the client sees an ordinary 200."""
+    from server.db.session import get_engine
+
+    job = analysed(api, token, tmp_path, "dead")
+    reads = [(f"/jobs/{job}/{read}", {"query_set": "val"}) for read in ("top", "examples", "curve")]
+    before = [api.get(path, params=params) for path, params in reads]
+    assert [r.status_code for r in before] == [200, 200, 200]
+    for path, params in reads:
+        with get_engine().connect() as conn:  # every idle connection of this database but this one: the read pool's
+            ended = conn.scalar(
+                text(
+                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND state = 'idle' AND pid <> pg_backend_pid()) ended"
+                )
+            )
+        assert ended and ended > 0
+        again = api.get(path, params=params)
+        assert again.status_code == 200, (path, again.text)
+    assert [api.get(path, params=params).json() for path, params in reads] == [r.json() for r in before]
