@@ -2,10 +2,10 @@
 
 ``functools.lru_cache`` is thread-safe for its table but not for the call it caches: threads that miss at the
 same moment each call the function, and all but one result are dropped. For an engine that is a connection pool
-made, used for one request and dropped holding its connection until a garbage collection closes it (seen: the
-dashboard's first results page fired its reads together and made eight read engines in one API process; the
-collected pools' connections showed up as ``ResourceWarning`` in whatever test ran next). :func:`made_once` makes
-the first callers wait for one creation instead.
+made, used for one request and dropped holding its connection until a garbage collection closes it (measured:
+eight threads asking for the read engine at once in a fresh process made eight engines; the dashboard's first
+results page fires its reads together, and the dropped pools' connections showed up as ``ResourceWarning`` in
+whatever test ran next). :func:`made_once` makes the first callers wait for one creation instead.
 """
 
 from __future__ import annotations
