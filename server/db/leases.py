@@ -37,6 +37,7 @@ import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from enum import StrEnum
+from time import monotonic
 from types import TracebackType
 from typing import Any
 
@@ -168,7 +169,20 @@ class Heartbeat:
         self.thread.join(self.lease)
 
     def _beat(self) -> None:
+        last = monotonic()
         while not self.stopped.wait(self.lease / 3):
+            now = monotonic()
+            if now - last > self.lease * 2 / 3:  # one renewal missed: a third more and the row is taken over
+                logger.warning(
+                    "the lease of %s %s was renewed %.1f s after the last (lease %g s): this process is starved of "
+                    "CPU, and another worker takes the row over (counting an attempt) once a renewal comes later than "
+                    "the lease; raise DVEMB_JOB_LEASE_SECONDS on a machine this loaded",
+                    self.model.__tablename__,
+                    self.row_id,
+                    now - last,
+                    self.lease,
+                )
+            last = now
             try:
                 with session_factory()() as session:
                     hold(session, self.model, self.row_id, self.working, self.mine, self.lease)
