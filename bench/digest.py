@@ -20,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the digest is not what the sections say")
     args = parser.parse_args(argv)
     text = BENCHMARKS.read_text()
-    if DIGEST_START not in text or DIGEST_END not in text:
-        print(f"{BENCHMARKS} has no digest markers ({DIGEST_START} ... {DIGEST_END})", file=sys.stderr)
+    first, last = text.find(DIGEST_START), text.find(DIGEST_END)
+    if first == -1 or last < first:
+        print(f"{BENCHMARKS} needs the digest markers, in this order: {DIGEST_START} ... {DIGEST_END}", file=sys.stderr)
         return 1
     rebuilt = with_digest(text)
     if args.check:

@@ -154,7 +154,10 @@ def _fetch(statement: Select[Any], params: dict[str, Any]) -> Sequence[Sequence[
         except error as exc:
             gone = engine.dialect.is_disconnect(exc, connection, cursor)
             if gone:
-                connection.invalidate(exc)
+                # As SQLAlchemy's Connection does on a disconnect: every connection of this one's generation is
+                # recycled at its next checkout (after a restart they are all dead; the retry would take the next
+                # dead one), and this one is dropped now.
+                engine.pool._invalidate(connection, exc)
             if attempt == 2 or not gone:
                 raise DBAPIError.instance(
                     compiled.sql, values, exc, error, connection_invalidated=gone, dialect=engine.dialect

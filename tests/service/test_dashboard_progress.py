@@ -142,7 +142,7 @@ def test_the_upload_eta_waits_for_a_measured_speed(browser: Browser, server_url:
 def test_in_parallel_keeps_the_order_and_the_limit(browser: Browser, server_url: str) -> None:  # noqa: F811
     page = browser.new_page()
     page.goto(server_url + "/")
-    started, most, limit = page.evaluate(
+    result = page.evaluate(
         """async () => {
         const { inParallel, PARALLEL_UPLOADS } = await import("/js/views/upload.js");
         const started = [];
@@ -154,10 +154,27 @@ def test_in_parallel_keeps_the_order_and_the_limit(browser: Browser, server_url:
           await new Promise((r) => setTimeout(r, 20 + ((i * 7) % 5) * 10));  // uneven lengths
           active -= 1;
         });
-        return [started, most, PARALLEL_UPLOADS];
+        const begun = [];
+        let ended = 0;
+        let raised = null;
+        try {
+          await inParallel([...Array(10).keys()], 2, async (i) => {
+            begun.push(i);
+            await new Promise((r) => setTimeout(r, i === 2 ? 10 : 60));
+            ended += 1;
+            if (i === 2) throw new Error("refused");
+          });
+        } catch (err) {
+          raised = `${err.message} after ${ended} ended`;
+        }
+        return [started, most, PARALLEL_UPLOADS, begun, raised];
       }"""
     )
+    started, most, limit, begun, raised = result
     assert started == list(range(10)) and limit == 4 and most == 4
+    # Two lanes: 0 and 1 end at 60 ms, then 2 (failing at 70 ms) and 3 start; nothing starts after the failure, and
+    # its error comes once 3, in flight, has ended.
+    assert begun == [0, 1, 2, 3] and raised == "refused after 4 ended"
     page.close()
 
 

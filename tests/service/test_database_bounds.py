@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -186,15 +188,21 @@ def test_a_comparison_whose_client_left_is_cancelled_at_once(api: Api, token: st
 
 def test_hot_reads_whose_pooled_connections_died_are_retried_once(api: Api, token: str, tmp_path: Path) -> None:
     """The hot reads run on the pool's raw DBAPI connection without a ping per checkout (server/services/reads.py):
-    a connection the database ended while it sat in the pool (a restart, a proxy or a network cut) is found dead by
-    the read itself, dropped, and the read runs again once on a new connection: the client sees an ordinary 200."""
-    from server.db.session import get_engine
+    connections the database ended while they sat in the pool (a restart, a proxy or a network cut) are found dead
+    by the read itself, the pool's connections of that generation are recycled (not only the one found dead: the
+    retry would take the next dead one), and the read runs again once: the client sees an ordinary 200."""
+    from server.db.session import get_engine, get_read_engine
 
     job = analysed(api, token, tmp_path, "dead")
     reads = [(f"/jobs/{job}/{read}", {"query_set": "val"}) for read in ("top", "examples", "curve")]
     before = [api.get(path, params=params) for path, params in reads]
     assert [r.status_code for r in before] == [200, 200, 200]
     for path, params in reads:
+        with ThreadPoolExecutor(6) as pool:  # reads at once: the pool keeps several connections, all to be ended
+            fetch = partial(api.get, path, params=params)
+            answers = [f.result() for f in [pool.submit(fetch) for _ in range(6)]]
+        assert {r.status_code for r in answers} == {200}
+        assert get_read_engine().pool.checkedin() >= 2  # type: ignore[attr-defined]
         with get_engine().connect() as conn:  # every idle connection of this database but this one: the read pool's
             ended = conn.scalar(
                 text(

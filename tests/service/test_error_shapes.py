@@ -91,12 +91,7 @@ def test_a_process_whose_connections_are_all_in_use_answers_503_busy_and_recover
     api = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     url, auth = f"http://127.0.0.1:{port}/api/v1", {"Authorization": f"Bearer {token}"}
     try:
-        for _ in range(300):
-            try:
-                assert httpx.get(f"{url}/runs", headers=auth).status_code == 200
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until(lambda: _answers(f"{url}/runs", auth), 120, "the API process to answer")
         with get_engine().connect() as locker, httpx.Client(base_url=url, headers=auth, timeout=120) as client:
             locker.exec_driver_sql("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")
             with ThreadPoolExecutor(1) as pool:
@@ -110,6 +105,13 @@ def test_a_process_whose_connections_are_all_in_use_answers_503_busy_and_recover
     finally:
         api.terminate()
         api.wait(timeout=30)
+
+
+def _answers(url: str, headers: dict[str, str]) -> bool:
+    try:
+        return httpx.get(url, headers=headers).status_code == 200
+    except httpx.TransportError:  # not listening yet
+        return False
 
 
 def _waiting_on_runs(conn: Connection) -> int:

@@ -100,7 +100,7 @@ print(json.dumps(seen))
 def test_the_service_makes_each_resource_once_under_concurrent_first_calls(tmp_path: Path) -> None:
     env = {
         **os.environ,
-        "DVEMB_DATABASE": "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",  # engines connect lazily
+        "DVEMB_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",  # engines connect lazily
         "DVEMB_DATA_DIR": str(tmp_path),
     }
     env.pop("DVEMB_STORAGE_URL", None)

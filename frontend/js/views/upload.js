@@ -63,17 +63,25 @@ function showFinished(progress, failed) {
  * four at a time with the CLI). */
 export const PARALLEL_UPLOADS = 4;
 
-/** Runs work(item) for every item, at most `limit` at a time, in the items' order; resolves when all have ended. */
+/** Runs work(item) for every item, at most `limit` at a time, in the items' order; resolves when all have ended.
+ * When work throws, no further item is started and the error is raised once the others have ended. */
 export async function inParallel(items, limit, work) {
   let next = 0;
   const lane = async () => {
     while (next < items.length) {
       const item = items[next];
       next += 1;
-      await work(item);
+      try {
+        await work(item);
+      } catch (err) {
+        next = items.length;
+        throw err;
+      }
     }
   };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, lane));
+  const lanes = await Promise.allSettled(Array.from({ length: Math.min(limit, items.length) }, lane));
+  const failed = lanes.find((settled) => settled.status === "rejected");
+  if (failed) throw failed.reason;
 }
 
 /** Uploads the files into the run: manifests and shard indexes first, one after the other (each data file is then
