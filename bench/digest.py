@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.markdown import BENCHMARKS, DIGEST_END, DIGEST_START, with_digest
+from bench.markdown import BENCHMARKS, DIGEST_END, DIGEST_START, markers, with_digest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,8 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the digest is not what the sections say")
     args = parser.parse_args(argv)
     text = BENCHMARKS.read_text()
-    first, last = text.find(DIGEST_START), text.find(DIGEST_END)
-    if first == -1 or last < first:
+    if markers(text, DIGEST_START, DIGEST_END) is None:
         print(f"{BENCHMARKS} needs the digest markers, in this order: {DIGEST_START} ... {DIGEST_END}", file=sys.stderr)
         return 1
     rebuilt = with_digest(text)

@@ -85,23 +85,34 @@ def digest(text: str) -> str:
     return "\n".join(lines)
 
 
+def markers(text: str, start: str, end: str) -> tuple[int, int] | None:
+    """Where the ``start`` and ``end`` markers of a block are in ``text``; None unless both are there, in order."""
+    first, last = text.find(start), text.find(end)
+    return (first, last) if first != -1 and last >= first else None
+
+
+def _with_block(text: str, start: str, end: str, body: str, where: tuple[int, int]) -> str:
+    first, last = where
+    return text[:first] + f"{start}\n{body.strip()}\n{end}" + text[last + len(end) :]
+
+
 def with_digest(text: str) -> str:
     """``text`` with the block between :data:`DIGEST_START` and :data:`DIGEST_END` rebuilt (unchanged without
     the markers)."""
-    first, last = text.find(DIGEST_START), text.find(DIGEST_END)
-    if first == -1 or last < first:
+    where = markers(text, DIGEST_START, DIGEST_END)
+    if where is None:
         return text
-    return text[:first] + f"{DIGEST_START}\n{digest(text[last:])}\n" + text[last:]
+    return _with_block(text, DIGEST_START, DIGEST_END, digest(text[where[1] :]), where)
 
 
 def replace_block(path: Path, start: str, end: str, body: str) -> None:
     """Replace what lies between the ``start`` and ``end`` markers of ``path`` (markers kept): the README's
     figures are written by the benchmark that measured them, never by hand."""
     text = path.read_text()
-    first, last = text.find(start), text.find(end)
-    if first == -1 or last < first:
+    where = markers(text, start, end)
+    if where is None:
         raise SystemExit(f"{path} has no {start} ... {end} block to write into")
-    path.write_text(text[:first] + f"{start}\n{body.strip()}\n{end}" + text[last + len(end) :])
+    path.write_text(_with_block(text, start, end, body, where))
 
 
 def measured_commit() -> str:

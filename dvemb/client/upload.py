@@ -153,9 +153,7 @@ def upload_log(
     rejected: dict[str, str] = {}
     resume = _LockedStorage(storage)
     try:
-        sender = _Sender(
-            tus, resume, [*first, *data, *last], rejected, scope=f"{api.server}|{run_id}", server=api.server
-        )
+        sender = _Sender(tus, resume, rejected, scope=f"{api.server}|{run_id}", server=api.server)
         sender.send_all(first, data, last, parallel)
     finally:  # waits for a write under way; threads still running (Ctrl-C) find it closed and write nothing more
         resume.close()
@@ -201,12 +199,10 @@ class _Sender:
     next chunk (a file not started is not sent; one under way keeps its resume entry, so a later run resumes it) and
     is raised once they have stopped. Ctrl-C stops at once: the threads are daemons, what they were sending resumes."""
 
-    def __init__(
-        self, tus: Any, storage: _LockedStorage, files: list[Path], rejected: dict[str, str], *, scope: str, server: str
-    ) -> None:
-        self.tus, self.storage, self.files, self.rejected = tus, storage, files, rejected
+    def __init__(self, tus: Any, storage: _LockedStorage, rejected: dict[str, str], *, scope: str, server: str) -> None:
+        self.tus, self.storage, self.rejected = tus, storage, rejected
         self.scope, self.server = scope, server
-        self.total = sum(p.stat().st_size for p in files)
+        self.total = 0  # bytes of every file to send (send_all)
         self.sent: dict[str, int] = {}  # bytes of each file sent so far, and their sum: the progress bar's
         self.sent_total = 0
         self.lock = threading.Lock()
@@ -214,6 +210,7 @@ class _Sender:
         self.failure: BaseException | None = None
 
     def send_all(self, first: list[Path], data: list[Path], last: list[Path], parallel: int) -> None:
+        self.total = sum(p.stat().st_size for p in (*first, *data, *last))
         for path in first:
             self.send(path)
         self.send_parallel(data, parallel)

@@ -133,6 +133,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextmanager
+def api_process(env: dict[str, str], *, log_level: str = "warning") -> Iterator[str]:
+    """The API served by uvicorn in a process of its own with environment ``env``; yields its URL
+    (``http://127.0.0.1:PORT``) once it answers HTTP (any status: a database outage answers 503), and terminates it
+    on exit."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port), "--log-level", log_level]
+    process = subprocess.Popen(command, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers_http(url), 120, "the API process did not start")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _answers_http(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/api/v1/health", timeout=2)
+    except httpx.TransportError:  # not listening yet
+        return False
+    return True
+
+
 class Worker:
     """A real Celery worker process that tests can kill and restart."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from service_harness import PG_ADMIN, Api, Worker, free_port, record_log, wait_until
+from service_harness import PG_ADMIN, Api, Worker, api_process, free_port, record_log, wait_until
 
 from dvemb.client import upload_log
 
@@ -87,20 +87,15 @@ def own_services(tmp_path: Path) -> Iterator[tuple[str, str, RedisServer]]:
         check=True,
     )
     token = made.stdout.strip().splitlines()[-1]
-    port = free_port()
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port), "--log-level", "warning"], env=env
-    )
     worker = Worker(env)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _accepts(port), 60, "the API did not start")
-        worker.start()
-        yield url, token, redis_server
+        with api_process(env) as url:
+            worker.start()
+            try:
+                yield url, token, redis_server
+            finally:
+                worker.stop()
     finally:
-        worker.stop()
-        api.terminate()
-        api.wait(timeout=30)
         redis_server.stop()
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

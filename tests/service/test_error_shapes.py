@@ -5,14 +5,11 @@ a method not allowed, and an API process whose database connections are all in u
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from service_harness import Api, free_port, wait_until
+from service_harness import Api, api_process, free_port, wait_until
 from sqlalchemy import Connection
 
 
@@ -27,23 +24,16 @@ def _shaped(response: httpx.Response, status: int, error: str) -> str:
 
 def test_a_database_outage_is_a_503_in_the_documented_shape(tmp_path: Path) -> None:
     """The API of a PostgreSQL that is down (nothing listens on its port): every request that needs it."""
-    port, dead = free_port(), free_port()
+    dead = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVEMB_")}
     env.update(
         DVEMB_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{dead}/down",
         DVEMB_DATA_DIR=str(tmp_path / "data"),
         DVEMB_BROKER_URL="memory://",
     )
-    command = [sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port), "--log-level", "critical"]
-    api = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api/v1"
-    try:
-        for _ in range(300):
-            try:
-                health = httpx.get(f"{url}/health")
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with api_process(env, log_level="critical") as server:
+        url = f"{server}/api/v1"
+        health = httpx.get(f"{url}/health")
         detail = _shaped(health, 503, "unavailable")
         assert "database cannot be reached" in detail and health.headers["Retry-After"] == "5"
         auth = {"Authorization": "Bearer dvemb_anything"}
@@ -53,9 +43,6 @@ def test_a_database_outage_is_a_503_in_the_documented_shape(tmp_path: Path) -> N
         for method, path in (("GET", "/runs"), ("POST", "/runs"), ("GET", "/jobs/1"), ("DELETE", "/runs/1"), *hot):
             kwargs = {"json": {"name": "x"}} if method == "POST" else {}
             _shaped(httpx.request(method, f"{url}{path}", headers=auth, **kwargs), 503, "unavailable")
-    finally:
-        api.terminate()
-        api.wait(timeout=30)
 
 
 def test_a_deeply_nested_body_and_framework_errors_keep_the_shape(api: Api) -> None:
@@ -77,7 +64,6 @@ def test_a_process_whose_connections_are_all_in_use_answers_503_busy_and_recover
     503 `unavailable` naming the settings (a 500 before); once the connection is back, requests succeed again."""
     from server.db.session import get_engine
 
-    port = free_port()
     env = {**os.environ, **service_env}
     env.update(
         DVEMB_DATABASE_POOL_SIZE="1",
@@ -87,31 +73,22 @@ def test_a_process_whose_connections_are_all_in_use_answers_503_busy_and_recover
         DVEMB_READ_TIMEOUT_SECONDS="60",
         DVEMB_DATA_DIR=str(tmp_path / "data"),
     )
-    command = [sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port), "--log-level", "critical"]
-    api = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
-    url, auth = f"http://127.0.0.1:{port}/api/v1", {"Authorization": f"Bearer {token}"}
-    try:
-        wait_until(lambda: _answers(f"{url}/runs", auth), 120, "the API process to answer")
-        with get_engine().connect() as locker, httpx.Client(base_url=url, headers=auth, timeout=120) as client:
-            locker.exec_driver_sql("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")
-            with ThreadPoolExecutor(1) as pool:
-                holding = pool.submit(client.get, "/runs")  # holds the process's one connection, waiting on the lock
-                wait_until(lambda: _waiting_on_runs(locker) == 1, 60, "the first request waiting on the lock")
-                detail = _shaped(client.get("/runs"), 503, "unavailable")
-                assert "DVEMB_DATABASE_POOL_SIZE" in detail and "retry" in detail
-                locker.rollback()  # the lock goes: the first request ends and gives its connection back
-                assert holding.result().status_code == 200
-            assert client.get("/runs").status_code == 200
-    finally:
-        api.terminate()
-        api.wait(timeout=30)
-
-
-def _answers(url: str, headers: dict[str, str]) -> bool:
-    try:
-        return httpx.get(url, headers=headers).status_code == 200
-    except httpx.TransportError:  # not listening yet
-        return False
+    auth = {"Authorization": f"Bearer {token}"}
+    with (
+        api_process(env, log_level="critical") as server,
+        get_engine().connect() as locker,
+        httpx.Client(base_url=f"{server}/api/v1", headers=auth, timeout=120) as client,
+    ):
+        assert client.get("/runs").status_code == 200
+        locker.exec_driver_sql("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")
+        with ThreadPoolExecutor(1) as pool:
+            holding = pool.submit(client.get, "/runs")  # holds the process's one connection, waiting on the lock
+            wait_until(lambda: _waiting_on_runs(locker) == 1, 60, "the first request waiting on the lock")
+            detail = _shaped(client.get("/runs"), 503, "unavailable")
+            assert "DVEMB_DATABASE_POOL_SIZE" in detail and "retry" in detail
+            locker.rollback()  # the lock goes: the first request ends and gives its connection back
+            assert holding.result().status_code == 200
+        assert client.get("/runs").status_code == 200
 
 
 def _waiting_on_runs(conn: Connection) -> int:

@@ -24,7 +24,7 @@ import obstore
 import psycopg
 import pytest
 from obstore.store import from_url
-from service_harness import PG_ADMIN, Api, S3Server, Worker, free_port, record_log, wait_until
+from service_harness import PG_ADMIN, Api, S3Server, Worker, api_process, free_port, record_log, wait_until
 
 from dvemb import open_log
 from dvemb.client import upload_log
@@ -86,35 +86,20 @@ def _serve_from_a_bucket(s3_server: S3Server, tmp_path: Path, workers: int = 1) 
         check=True,
     )
     token = made.stdout.strip().splitlines()[-1]
-    port = free_port()
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "server.main:app", "--port", str(port), "--log-level", "warning"],
-        env=api_env,
-    )
     machines = [Worker({**base, "DVEMB_DATA_DIR": str(dirs[name])}) for name in names]
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(url), 60, "the API did not start")
-        for machine in machines:
-            machine.start()
-        yield _BucketService(url, token, bucket_url, dirs, machines, database)
+        with api_process(api_env) as url:
+            try:
+                for machine in machines:
+                    machine.start()
+                yield _BucketService(url, token, bucket_url, dirs, machines, database)
+            finally:
+                for machine in machines:
+                    machine.stop()
     finally:
-        for machine in machines:
-            machine.stop()
-        api.terminate()
-        api.wait(timeout=30)
         redis_server.stop()
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-
-
-def _answers(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _reads(api: Api, job_id: int, log: Path) -> dict[str, Any]:
